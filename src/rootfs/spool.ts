@@ -1,0 +1,131 @@
+/**
+ * The spool: one append-only host file holding the contents of every regular
+ * file read from image layers, so the tree can reference them without
+ * keeping them in memory and without ever creating a layer's paths on the
+ * host. Each file's bytes start on a 4096-byte boundary (the erofs block
+ * size), so the image writer reads whole, aligned blocks.
+ */
+
+import { open, rm, type FileHandle } from "node:fs/promises";
+import { DiskFullError, ImageError } from "../errors.js";
+import type { ContentRef } from "./tree.js";
+
+/** Alignment of each file's first byte in the spool. */
+export const SPOOL_ALIGN = 4096;
+const BUFFER_BYTES = 1 << 20;
+
+/** Turns ENOSPC/EDQUOT into {@link DiskFullError}, anything else into ImageError. */
+export function ioError(what: string, path: string, err: unknown): Error {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  if (code === "ENOSPC" || code === "EDQUOT") return new DiskFullError(`No space left while ${what} ${path}: free disk space (or quota) and retry`, path, { cause: err });
+  if (err instanceof Error && "code" in err && typeof (err as { code: unknown }).code === "string" && (err as { code: string }).code.startsWith("ERR_SM_")) return err;
+  return new ImageError(`I/O error while ${what} ${path}: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+}
+
+/** An append-only content store backed by one host file. */
+export class Spool {
+  private buf = Buffer.alloc(BUFFER_BYTES);
+  private used = 0;
+  /** File offset of buf[0]. */
+  private bufStart = 0;
+  private closed = false;
+
+  private constructor(readonly path: string, private readonly fh: FileHandle) {}
+
+  /** Creates (or truncates) the spool file at `path`. */
+  static async create(path: string): Promise<Spool> {
+    let fh: FileHandle;
+    try {
+      fh = await open(path, "w+", 0o600);
+    } catch (err) {
+      throw ioError("creating the spool file", path, err);
+    }
+    return new Spool(path, fh);
+  }
+
+  /** Bytes written so far, including alignment padding. */
+  get size(): number {
+    return this.bufStart + this.used;
+  }
+
+  /**
+   * Appends one file's contents, streamed from `chunks`, which must yield
+   * exactly `size` bytes. Returns where they are; null for an empty file.
+   * The bytes are readable from `path` once {@link flush} has run.
+   */
+  async append(chunks: AsyncIterable<Buffer>, size: number): Promise<ContentRef | null> {
+    if (this.closed) throw new ImageError(`Spool ${this.path} is closed`);
+    if (size === 0) {
+      for await (const c of chunks) if (c.length > 0) throw new ImageError("spool: more bytes than announced");
+      return null;
+    }
+    const pad = (SPOOL_ALIGN - (this.size % SPOOL_ALIGN)) % SPOOL_ALIGN;
+    if (pad > 0) await this.put(Buffer.alloc(pad));
+    const offset = this.size;
+    let got = 0;
+    for await (const c of chunks) {
+      got += c.length;
+      if (got > size) throw new ImageError(`spool: file body longer than its announced ${size} bytes`);
+      await this.put(c);
+    }
+    if (got !== size) throw new ImageError(`spool: file body is ${got} bytes, ${size} announced`);
+    return { path: this.path, offset, size };
+  }
+
+  private async put(c: Buffer): Promise<void> {
+    if (this.used + c.length <= this.buf.length) {
+      c.copy(this.buf, this.used);
+      this.used += c.length;
+      return;
+    }
+    await this.flush();
+    if (c.length >= this.buf.length) {
+      await this.writeAt(c, this.bufStart);
+      this.bufStart += c.length;
+    } else {
+      c.copy(this.buf, 0);
+      this.used = c.length;
+    }
+  }
+
+  private async writeAt(data: Buffer, pos: number): Promise<void> {
+    let done = 0;
+    try {
+      while (done < data.length) {
+        const { bytesWritten } = await this.fh.write(data, done, data.length - done, pos + done);
+        done += bytesWritten;
+      }
+    } catch (err) {
+      throw ioError("writing the spool file", this.path, err);
+    }
+  }
+
+  /** Writes buffered bytes to the file. */
+  async flush(): Promise<void> {
+    if (this.used === 0) return;
+    await this.writeAt(this.buf.subarray(0, this.used), this.bufStart);
+    this.bufStart += this.used;
+    this.used = 0;
+  }
+
+  /** Flushes and closes the file (idempotent). References stay valid. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    try {
+      await this.flush();
+    } finally {
+      this.closed = true;
+      this.buf = Buffer.alloc(0);
+      await this.fh.close();
+    }
+  }
+
+  /** Closes and deletes the spool file. */
+  async remove(): Promise<void> {
+    try {
+      await this.close();
+    } finally {
+      await rm(this.path, { force: true });
+    }
+  }
+}
