@@ -1,0 +1,396 @@
+//! Starting processes: PATH resolution, environment merging, pipes or a pty,
+//! a cgroup per exec, and the spawn itself.
+//!
+//! Root processes start with posix_spawn (glibc implements it with
+//! CLONE_VM|CLONE_VFORK: no page-table copy, the cheapest start under TCG);
+//! processes of another user need setuid/setgid, which posix_spawn cannot do,
+//! and start through fork + execve.
+
+use crate::sys::{self, cstring, Fd};
+use crate::users::Identity;
+use std::ffi::{CStr, CString};
+use std::fs;
+use std::io;
+use std::os::raw::{c_char, c_int};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Merges `overlay` (KEY=VALUE entries) over `base`: a key in the overlay
+/// replaces the base entry in place; new keys are appended in order.
+pub fn merge_env(base: &[Vec<u8>], overlay: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    fn key(e: &[u8]) -> &[u8] {
+        match e.iter().position(|b| *b == b'=') {
+            Some(i) => &e[..i],
+            None => e,
+        }
+    }
+    let mut out: Vec<Vec<u8>> = Vec::with_capacity(base.len() + overlay.len());
+    for e in base.iter().chain(overlay.iter()) {
+        let k = key(e);
+        if let Some(slot) = out.iter_mut().find(|x| key(x) == k) {
+            *slot = e.clone();
+        } else {
+            out.push(e.clone());
+        }
+    }
+    out
+}
+
+pub fn env_get<'a>(env: &'a [Vec<u8>], name: &[u8]) -> Option<&'a [u8]> {
+    env.iter().find_map(|e| {
+        if e.len() > name.len() && e.starts_with(name) && e[name.len()] == b'=' {
+            Some(&e[name.len() + 1..])
+        } else {
+            None
+        }
+    })
+}
+
+/// Why a program could not be started, in shell terms.
+pub struct NotRunnable {
+    pub exit_code: i32,
+    pub message: String,
+}
+
+fn is_executable_file(p: &Path) -> Option<bool> {
+    match fs::metadata(p) {
+        Ok(m) if m.is_file() => Some(m.permissions().mode() & 0o111 != 0),
+        Ok(_) => Some(false),
+        Err(_) => None,
+    }
+}
+
+/// Resolves argv[0] through PATH as execvp would; names with a '/' are used as
+/// they are (relative to `cwd`).
+pub fn resolve_program(argv0: &[u8], env: &[Vec<u8>], cwd: &[u8]) -> Result<CString, NotRunnable> {
+    use std::os::unix::ffi::OsStrExt;
+    let shown = String::from_utf8_lossy(argv0).into_owned();
+    if argv0.is_empty() {
+        return Err(NotRunnable { exit_code: 127, message: "empty program name".into() });
+    }
+    if argv0.contains(&b'/') {
+        let p = if argv0[0] == b'/' {
+            PathBuf::from(std::ffi::OsStr::from_bytes(argv0))
+        } else {
+            Path::new(std::ffi::OsStr::from_bytes(cwd)).join(std::ffi::OsStr::from_bytes(argv0))
+        };
+        return match is_executable_file(&p) {
+            Some(true) => cstring(argv0).map_err(|_| NotRunnable { exit_code: 127, message: format!("{}: bad name", shown) }),
+            Some(false) => Err(NotRunnable { exit_code: 126, message: format!("{}: Permission denied", shown) }),
+            None => Err(NotRunnable { exit_code: 127, message: format!("{}: No such file or directory", shown) }),
+        };
+    }
+    let path = env_get(env, b"PATH").unwrap_or(DEFAULT_PATH);
+    let mut denied = false;
+    for dir in path.split(|b| *b == b':') {
+        let dir: &[u8] = if dir.is_empty() { b"." } else { dir };
+        let mut full = dir.to_vec();
+        full.push(b'/');
+        full.extend_from_slice(argv0);
+        let p = if full[0] == b'/' {
+            PathBuf::from(std::ffi::OsStr::from_bytes(&full))
+        } else {
+            Path::new(std::ffi::OsStr::from_bytes(cwd)).join(std::ffi::OsStr::from_bytes(&full))
+        };
+        match is_executable_file(&p) {
+            Some(true) => {
+                return cstring(p.as_os_str().as_bytes())
+                    .map_err(|_| NotRunnable { exit_code: 127, message: format!("{}: bad name", shown) })
+            }
+            Some(false) => denied = true,
+            None => {}
+        }
+    }
+    if denied {
+        Err(NotRunnable { exit_code: 126, message: format!("{}: Permission denied", shown) })
+    } else {
+        Err(NotRunnable { exit_code: 127, message: format!("{}: command not found", shown) })
+    }
+}
+
+/// A pseudo-terminal: the agent keeps the master, the child opens the slave.
+pub struct Pty {
+    pub master: Fd,
+    pub slave_path: CString,
+}
+
+pub fn open_pty(cols: u16, rows: u16) -> io::Result<Pty> {
+    let fd = sys::cvt(unsafe { sys::posix_openpt(sys::O_RDWR | sys::O_NOCTTY | sys::O_CLOEXEC) })?;
+    let master = Fd(fd);
+    sys::cvt(unsafe { sys::grantpt(master.raw()) })?;
+    sys::cvt(unsafe { sys::unlockpt(master.raw()) })?;
+    let mut buf = [0 as c_char; 128];
+    let r = unsafe { sys::ptsname_r(master.raw(), buf.as_mut_ptr(), buf.len()) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    let slave_path = unsafe { CStr::from_ptr(buf.as_ptr()) }.to_owned();
+    set_winsize(&master, cols, rows)?;
+    master.set_nonblocking()?;
+    Ok(Pty { master, slave_path })
+}
+
+pub fn set_winsize(fd: &Fd, cols: u16, rows: u16) -> io::Result<()> {
+    let ws = sys::Winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    sys::cvt(unsafe { sys::ioctl(fd.raw(), sys::TIOCSWINSZ, &ws as *const sys::Winsize) })?;
+    Ok(())
+}
+
+/// Where the child's standard streams go.
+pub enum Stdio<'a> {
+    /// stdin, stdout, stderr file descriptors (stdin None = /dev/null).
+    Pipes { stdin: Option<c_int>, stdout: c_int, stderr: c_int },
+    /// All three on the pty slave, which becomes the controlling terminal.
+    Tty { slave: &'a CStr },
+    /// stdin /dev/null, stdout and stderr to this fd (the console).
+    Detached { out: c_int },
+}
+
+pub struct SpawnSpec<'a> {
+    pub program: &'a CStr,
+    pub argv: &'a [CString],
+    pub env: &'a [CString],
+    pub cwd: &'a CStr,
+    pub stdio: Stdio<'a>,
+    pub identity: &'a Identity,
+    /// cgroup directory whose cgroup.procs the child joins before exec.
+    pub cgroup: Option<&'a Path>,
+}
+
+fn ptr_array(v: &[CString]) -> Vec<*const c_char> {
+    let mut p: Vec<*const c_char> = v.iter().map(|s| s.as_ptr()).collect();
+    p.push(std::ptr::null());
+    p
+}
+
+/// Starts a process; returns its pid. The child is the leader of a new
+/// session (and so of its own process group), with default signal dispositions
+/// and an empty signal mask.
+pub fn spawn(spec: &SpawnSpec) -> io::Result<i32> {
+    if spec.identity.uid == 0 && spec.identity.gid == 0 {
+        spawn_posix(spec)
+    } else {
+        spawn_fork(spec)
+    }
+}
+
+fn spawn_posix(spec: &SpawnSpec) -> io::Result<i32> {
+    let argv = ptr_array(spec.argv);
+    let envp = ptr_array(spec.env);
+    let devnull = CString::new("/dev/null").unwrap();
+    unsafe {
+        let mut fa: sys::FileActions = std::mem::zeroed();
+        let mut attr: sys::SpawnAttr = std::mem::zeroed();
+        sys::posix_spawn_file_actions_init(&mut fa);
+        sys::posix_spawnattr_init(&mut attr);
+        match &spec.stdio {
+            Stdio::Pipes { stdin, stdout, stderr } => {
+                match stdin {
+                    Some(fd) => sys::posix_spawn_file_actions_adddup2(&mut fa, *fd, 0),
+                    None => sys::posix_spawn_file_actions_addopen(&mut fa, 0, devnull.as_ptr(), sys::O_RDONLY, 0),
+                };
+                sys::posix_spawn_file_actions_adddup2(&mut fa, *stdout, 1);
+                sys::posix_spawn_file_actions_adddup2(&mut fa, *stderr, 2);
+            }
+            Stdio::Tty { slave } => {
+                // A session leader opening a tty without O_NOCTTY acquires it
+                // as its controlling terminal.
+                sys::posix_spawn_file_actions_addopen(&mut fa, 0, slave.as_ptr(), sys::O_RDWR, 0);
+                sys::posix_spawn_file_actions_adddup2(&mut fa, 0, 1);
+                sys::posix_spawn_file_actions_adddup2(&mut fa, 0, 2);
+            }
+            Stdio::Detached { out } => {
+                sys::posix_spawn_file_actions_addopen(&mut fa, 0, devnull.as_ptr(), sys::O_RDONLY, 0);
+                sys::posix_spawn_file_actions_adddup2(&mut fa, *out, 1);
+                sys::posix_spawn_file_actions_adddup2(&mut fa, *out, 2);
+            }
+        }
+        sys::posix_spawn_file_actions_addchdir_np(&mut fa, spec.cwd.as_ptr());
+        let empty = sys::empty_sigset();
+        let full = sys::full_sigset();
+        sys::posix_spawnattr_setsigmask(&mut attr, &empty);
+        sys::posix_spawnattr_setsigdefault(&mut attr, &full);
+        sys::posix_spawnattr_setflags(
+            &mut attr,
+            sys::POSIX_SPAWN_SETSID | sys::POSIX_SPAWN_SETSIGMASK | sys::POSIX_SPAWN_SETSIGDEF,
+        );
+        // The child inherits the cgroup of its parent at clone time: the agent
+        // steps into the exec's cgroup for the duration of the spawn.
+        let joined = match spec.cgroup {
+            Some(cg) => fs::write(cg.join("cgroup.procs"), b"0").is_ok(),
+            None => false,
+        };
+        let mut pid: sys::pid_t = 0;
+        let r = sys::posix_spawn(&mut pid, spec.program.as_ptr(), &fa, &attr, argv.as_ptr(), envp.as_ptr());
+        if joined {
+            let _ = fs::write("/sys/fs/cgroup/cgroup.procs", b"0");
+        }
+        sys::posix_spawn_file_actions_destroy(&mut fa);
+        sys::posix_spawnattr_destroy(&mut attr);
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        Ok(pid)
+    }
+}
+
+fn spawn_fork(spec: &SpawnSpec) -> io::Result<i32> {
+    let argv = ptr_array(spec.argv);
+    let envp = ptr_array(spec.env);
+    let devnull = CString::new("/dev/null").unwrap();
+    let procs = match spec.cgroup {
+        Some(cg) => Some(cstring(cg.join("cgroup.procs").as_os_str().to_string_lossy().as_bytes())?),
+        None => None,
+    };
+    let groups: Vec<sys::gid_t> = spec.identity.groups.clone();
+    // Reports an exec failure (errno) from the child; closed by a successful exec.
+    let (err_r, err_w) = sys::pipe(0)?;
+    let pid = unsafe { sys::fork() };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // Child: async-signal-safe calls only, no allocation.
+        unsafe {
+            let fail = |code: i32| -> ! {
+                let e = *errno_ptr();
+                let b = e.to_le_bytes();
+                sys::write(err_w.raw(), b.as_ptr() as *const _, 4);
+                sys::_exit(code)
+            };
+            let empty = sys::empty_sigset();
+            sys::sigprocmask(sys::SIG_SETMASK, &empty, std::ptr::null_mut());
+            for sig in 1..32 {
+                sys::signal(sig, 0);
+            }
+            if let Some(p) = &procs {
+                let fd = sys::open(p.as_ptr(), sys::O_WRONLY | sys::O_CLOEXEC);
+                if fd >= 0 {
+                    sys::write(fd, b"0".as_ptr() as *const _, 1);
+                    sys::close(fd);
+                }
+            }
+            sys::setsid();
+            match &spec.stdio {
+                Stdio::Pipes { stdin, stdout, stderr } => {
+                    match stdin {
+                        Some(fd) => {
+                            sys::dup2(*fd, 0);
+                        }
+                        None => {
+                            let fd = sys::open(devnull.as_ptr(), sys::O_RDONLY);
+                            if fd >= 0 && fd != 0 {
+                                sys::dup2(fd, 0);
+                                sys::close(fd);
+                            }
+                        }
+                    }
+                    sys::dup2(*stdout, 1);
+                    sys::dup2(*stderr, 2);
+                }
+                Stdio::Tty { slave } => {
+                    let fd = sys::open(slave.as_ptr(), sys::O_RDWR);
+                    if fd < 0 {
+                        fail(126);
+                    }
+                    sys::ioctl(fd, sys::TIOCSCTTY, 0);
+                    sys::dup2(fd, 0);
+                    sys::dup2(fd, 1);
+                    sys::dup2(fd, 2);
+                    if fd > 2 {
+                        sys::close(fd);
+                    }
+                }
+                Stdio::Detached { out } => {
+                    let fd = sys::open(devnull.as_ptr(), sys::O_RDONLY);
+                    if fd >= 0 && fd != 0 {
+                        sys::dup2(fd, 0);
+                        sys::close(fd);
+                    }
+                    sys::dup2(*out, 1);
+                    sys::dup2(*out, 2);
+                }
+            }
+            if sys::chdir(spec.cwd.as_ptr()) != 0 {
+                fail(126);
+            }
+            if sys::setgroups(groups.len(), groups.as_ptr()) != 0 {
+                fail(126);
+            }
+            if sys::setgid(spec.identity.gid) != 0 {
+                fail(126);
+            }
+            if sys::setuid(spec.identity.uid) != 0 {
+                fail(126);
+            }
+            sys::execve(spec.program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            fail(127);
+        }
+    }
+    drop(err_w);
+    let mut b = [0u8; 4];
+    let n = err_r.read(&mut b).unwrap_or(0);
+    if n == 4 {
+        let mut status = 0;
+        unsafe { sys::waitpid(pid, &mut status, 0) };
+        return Err(io::Error::from_raw_os_error(i32::from_le_bytes(b)));
+    }
+    Ok(pid)
+}
+
+extern "C" {
+    fn __errno_location() -> *mut c_int;
+}
+
+unsafe fn errno_ptr() -> *mut c_int {
+    __errno_location()
+}
+
+/// Per-exec cgroups under /sys/fs/cgroup: the tree's peak memory
+/// (memory.peak) and a reliable kill of every process in it (cgroup.kill).
+pub struct Cgroups {
+    pub enabled: bool,
+    counter: u64,
+    /// cgroups whose rmdir failed because processes still live in them.
+    lingering: Vec<PathBuf>,
+}
+
+impl Cgroups {
+    pub fn new(enabled: bool) -> Cgroups {
+        Cgroups { enabled, counter: 0, lingering: Vec::new() }
+    }
+
+    pub fn create(&mut self, prefix: &str) -> Option<PathBuf> {
+        if !self.enabled {
+            return None;
+        }
+        self.counter += 1;
+        let p = PathBuf::from(format!("/sys/fs/cgroup/{}-{}", prefix, self.counter));
+        match fs::create_dir(&p) {
+            Ok(()) => Some(p),
+            Err(_) => None,
+        }
+    }
+
+    /// Kills every process in the cgroup. Returns false when cgroup.kill is
+    /// not available (the caller falls back to the process group).
+    pub fn kill(cg: &Path) -> bool {
+        fs::write(cg.join("cgroup.kill"), b"1").is_ok()
+    }
+
+    pub fn peak_kib(cg: &Path) -> Option<u64> {
+        let s = fs::read_to_string(cg.join("memory.peak")).ok()?;
+        s.trim().parse::<u64>().ok().map(|b| b / 1024)
+    }
+
+    pub fn remove(&mut self, cg: PathBuf) {
+        if fs::remove_dir(&cg).is_err() {
+            self.lingering.push(cg);
+        }
+        if !self.lingering.is_empty() {
+            self.lingering.retain(|p| fs::remove_dir(p).is_err() && p.exists());
+        }
+    }
+}

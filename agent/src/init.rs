@@ -1,0 +1,263 @@
+//! Guest boot: what PID 1 does before it serves the host.
+//!
+//! initramfs (rootfs) → /dev, /proc, /sys → kernel modules in modules.dep
+//! order → root filesystem image (read-only, erofs) from /dev/vda with a
+//! tmpfs overlay on top → switch root → /dev/pts, /dev/shm, /tmp, /run,
+//! cgroup2 → hostname, loopback.
+
+use crate::log;
+use crate::sys::{self, cstring};
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::raw::c_ulong;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// What boot achieved; reported to the host in HELLO_ACK.
+pub struct BootReport {
+    pub error: Option<String>,
+    pub cgroups: bool,
+    pub port_name: String,
+}
+
+impl BootReport {
+    pub fn not_init() -> BootReport {
+        BootReport { error: None, cgroups: false, port_name: "sm.agent".to_string() }
+    }
+}
+
+struct Cmdline {
+    root: String,
+    rootfstype: String,
+    port: String,
+    hostname: String,
+    cgroups: bool,
+}
+
+fn parse_cmdline() -> Cmdline {
+    let text = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let mut c = Cmdline {
+        root: "/dev/vda".to_string(),
+        rootfstype: "erofs".to_string(),
+        port: "sm.agent".to_string(),
+        hostname: "supermachine".to_string(),
+        cgroups: true,
+    };
+    for word in text.split_whitespace() {
+        if let Some((k, v)) = word.split_once('=') {
+            match k {
+                "sm.root" => c.root = v.to_string(),
+                "sm.rootfstype" => c.rootfstype = v.to_string(),
+                "sm.port" => c.port = v.to_string(),
+                "sm.hostname" => c.hostname = v.to_string(),
+                "sm.cgroups" => c.cgroups = v != "0" && v != "off",
+                _ => {}
+            }
+        }
+    }
+    c
+}
+
+pub fn mount(src: &str, target: &str, fstype: &str, flags: c_ulong, data: &str) -> io::Result<()> {
+    let s = cstring(src.as_bytes())?;
+    let t = cstring(target.as_bytes())?;
+    let f = cstring(fstype.as_bytes())?;
+    let d = cstring(data.as_bytes())?;
+    let dp = if data.is_empty() { std::ptr::null() } else { d.as_ptr() as *const _ };
+    sys::cvt(unsafe { sys::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, dp) })
+        .map(|_| ())
+        .map_err(|e| io::Error::new(e.kind(), format!("mount {} on {} ({}): {}", src, target, fstype, e)))
+}
+
+fn mkdir_p(path: &str) {
+    let _ = fs::create_dir_all(path);
+}
+
+/// Loads the modules listed in /lib/modules/order (dependency order, one file
+/// name per line) with finit_module. Already-loaded modules are fine.
+fn load_modules() -> Result<(), String> {
+    let order = match fs::read_to_string("/lib/modules/order") {
+        Ok(s) => s,
+        Err(_) => return Ok(()),
+    };
+    let mut failures = Vec::new();
+    for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = format!("/lib/modules/{}", name);
+        let c = match cstring(path.as_bytes()) {
+            Ok(c) => c,
+            Err(_) => continue,
+        };
+        let fd = match sys::open_path(&c, sys::O_RDONLY, 0) {
+            Ok(fd) => fd,
+            Err(e) => {
+                failures.push(format!("{}: {}", name, e));
+                continue;
+            }
+        };
+        let empty = CString::new("").unwrap();
+        let r = unsafe { sys::syscall(sys::SYS_FINIT_MODULE, fd.raw() as i64, empty.as_ptr(), 0i64) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(sys::EEXIST) {
+                failures.push(format!("{}: {}", name, e));
+            }
+        }
+        // The module file is no longer needed; free the initramfs memory.
+        let _ = fs::remove_file(&path);
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("kernel modules failed to load: {}", failures.join("; ")))
+    }
+}
+
+fn wait_for(path: &str, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if Path::new(path).exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Path::new(path).exists()
+}
+
+fn mount_root(c: &Cmdline) -> Result<(), String> {
+    if c.root == "none" {
+        return Ok(());
+    }
+    if !wait_for(&c.root, Duration::from_secs(10)) {
+        return Err(format!("root disk {} did not appear", c.root));
+    }
+    mkdir_p("/mnt/lower");
+    mkdir_p("/mnt/rw");
+    mkdir_p("/mnt/root");
+    mount(&c.root, "/mnt/lower", &c.rootfstype, sys::MS_RDONLY, "").map_err(|e| e.to_string())?;
+    mount("tmpfs", "/mnt/rw", "tmpfs", 0, "mode=0755").map_err(|e| e.to_string())?;
+    mkdir_p("/mnt/rw/upper");
+    mkdir_p("/mnt/rw/work");
+    mount("overlay", "/mnt/root", "overlay", 0, "lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work")
+        .map_err(|e| e.to_string())?;
+    for d in ["dev", "proc", "sys"] {
+        let target = format!("/mnt/root/{}", d);
+        mkdir_p(&target);
+        mount(&format!("/{}", d), &target, "", sys::MS_MOVE, "").map_err(|e| e.to_string())?;
+    }
+    std::env::set_current_dir("/mnt/root").map_err(|e| e.to_string())?;
+    mount(".", "/", "", sys::MS_MOVE, "").map_err(|e| e.to_string())?;
+    let dot = CString::new(".").unwrap();
+    sys::cvt(unsafe { sys::chroot(dot.as_ptr()) }).map_err(|e| format!("chroot: {}", e))?;
+    std::env::set_current_dir("/").map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn mount_runtime_dirs() -> Vec<String> {
+    let mut errors = Vec::new();
+    let mut m = |src: &str, target: &str, fstype: &str, flags: c_ulong, data: &str| {
+        mkdir_p(target);
+        if let Err(e) = mount(src, target, fstype, flags, data) {
+            errors.push(e.to_string());
+        }
+    };
+    m("devpts", "/dev/pts", "devpts", sys::MS_NOSUID | sys::MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5");
+    m("tmpfs", "/dev/shm", "tmpfs", sys::MS_NOSUID | sys::MS_NODEV, "mode=1777");
+    m("tmpfs", "/tmp", "tmpfs", sys::MS_NOSUID | sys::MS_NODEV, "mode=1777");
+    m("tmpfs", "/run", "tmpfs", sys::MS_NOSUID | sys::MS_NODEV, "mode=0755");
+    m("cgroup2", "/sys/fs/cgroup", "cgroup2", sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOEXEC, "");
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, link);
+    }
+    if !Path::new("/dev/ptmx").exists() {
+        let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    }
+    errors
+}
+
+pub fn set_hostname(name: &[u8]) -> io::Result<()> {
+    sys::cvt(unsafe { sys::sethostname(name.as_ptr() as *const _, name.len()) })?;
+    Ok(())
+}
+
+fn loopback_up() -> io::Result<()> {
+    let fd = sys::cvt(unsafe { sys::socket(sys::AF_INET, sys::SOCK_DGRAM | sys::SOCK_CLOEXEC, 0) })?;
+    let fd = sys::Fd(fd);
+    let mut req = sys::Ifreq { ifr_name: [0; 16], ifr_flags: 0, _pad: [0; 22] };
+    req.ifr_name[..2].copy_from_slice(b"lo");
+    sys::cvt(unsafe { sys::ioctl(fd.raw(), sys::SIOCGIFFLAGS, &mut req as *mut sys::Ifreq) })?;
+    req.ifr_flags |= sys::IFF_UP | sys::IFF_RUNNING;
+    sys::cvt(unsafe { sys::ioctl(fd.raw(), sys::SIOCSIFFLAGS, &mut req as *mut sys::Ifreq) })?;
+    Ok(())
+}
+
+fn enable_cgroups() -> bool {
+    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        return false;
+    }
+    let controllers = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
+    let wanted: Vec<&str> = ["memory", "pids"].iter().copied().filter(|c| controllers.split_whitespace().any(|x| x == *c)).collect();
+    let spec: Vec<String> = wanted.iter().map(|c| format!("+{}", c)).collect();
+    if !spec.is_empty() {
+        let _ = fs::write("/sys/fs/cgroup/cgroup.subtree_control", spec.join(" "));
+    }
+    // cgroup.kill (5.14+) is what makes a tree kill reliable.
+    true
+}
+
+fn default_etc_files(hostname: &str) {
+    if !Path::new("/etc/hosts").exists() {
+        let _ = fs::create_dir_all("/etc");
+        let _ = fs::write(
+            "/etc/hosts",
+            format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n", hostname),
+        );
+    }
+}
+
+/// Boots the guest. Never fails outright: problems are collected so the
+/// agent can still answer the host and say what went wrong.
+pub fn boot() -> BootReport {
+    let mut errors: Vec<String> = Vec::new();
+    unsafe {
+        // Writes to a closed pipe or socket must fail with EPIPE, not kill PID 1.
+        sys::signal(sys::SIGPIPE, sys::SIG_IGN);
+    }
+    mkdir_p("/dev");
+    mkdir_p("/proc");
+    mkdir_p("/sys");
+    for (src, target, fstype) in [("devtmpfs", "/dev", "devtmpfs"), ("proc", "/proc", "proc"), ("sysfs", "/sys", "sysfs")] {
+        if let Err(e) = mount(src, target, fstype, sys::MS_NOSUID, if fstype == "devtmpfs" { "mode=0755" } else { "" }) {
+            errors.push(e.to_string());
+        }
+    }
+    let c = parse_cmdline();
+    if let Err(e) = load_modules() {
+        errors.push(e);
+    }
+    if let Err(e) = mount_root(&c) {
+        errors.push(format!("root filesystem: {}", e));
+    }
+    errors.extend(mount_runtime_dirs());
+    if let Err(e) = set_hostname(c.hostname.as_bytes()) {
+        errors.push(format!("sethostname: {}", e));
+    }
+    if let Err(e) = loopback_up() {
+        errors.push(format!("loopback: {}", e));
+    }
+    default_etc_files(&c.hostname);
+    let cgroups = c.cgroups && enable_cgroups();
+    if !errors.is_empty() {
+        log!("boot: {}", errors.join("; "));
+    }
+    BootReport {
+        error: if errors.is_empty() { None } else { Some(errors.join("; ")) },
+        cgroups,
+        port_name: c.port,
+    }
+}

@@ -1,0 +1,239 @@
+/**
+ * Frame and record codec (docs/protocol.md). Pure functions over Buffers;
+ * the incremental {@link FrameReader} treats its input as hostile: a length
+ * over the limit is rejected from the 4 length bytes, before any allocation.
+ */
+
+import { HEADER_LEN, MAX_PAYLOAD } from "./constants.js";
+
+export interface Frame {
+  type: number;
+  flags: number;
+  stream: number;
+  payload: Buffer;
+}
+
+export type DecodeErrorKind =
+  | "length-too-small"
+  | "length-too-large"
+  | "reserved-nonzero"
+  | "field-overrun"
+  | "field-size";
+
+/** A rule of the frame format was broken. */
+export class DecodeError extends Error {
+  readonly kind: DecodeErrorKind;
+  constructor(kind: DecodeErrorKind, message: string) {
+    super(message);
+    this.kind = kind;
+    this.name = "DecodeError";
+  }
+}
+
+export function encodeFrame(type: number, flags: number, stream: number, payload: Uint8Array = EMPTY): Buffer {
+  if (payload.length > MAX_PAYLOAD) throw new RangeError(`payload of ${payload.length} bytes exceeds ${MAX_PAYLOAD}`);
+  const out = Buffer.allocUnsafe(HEADER_LEN + payload.length);
+  out.writeUInt32LE(8 + payload.length, 0);
+  out[4] = type;
+  out[5] = flags;
+  out.writeUInt16LE(0, 6);
+  out.writeUInt32LE(stream >>> 0, 8);
+  out.set(payload, HEADER_LEN);
+  return out;
+}
+
+const EMPTY = Buffer.alloc(0);
+
+/**
+ * Parses one frame at the start of `buf`. Returns undefined when more bytes
+ * are needed. The payload is a view into `buf` (no copy).
+ */
+export function parseFrame(buf: Buffer): { frame: Frame; used: number } | undefined {
+  if (buf.length < 4) return undefined;
+  const len = buf.readUInt32LE(0);
+  if (len < 8) throw new DecodeError("length-too-small", `frame length ${len} below minimum 8`);
+  if (len > 8 + MAX_PAYLOAD) throw new DecodeError("length-too-large", `frame length ${len} above maximum ${8 + MAX_PAYLOAD}`);
+  const total = 4 + len;
+  if (buf.length < total) return undefined;
+  const reserved = buf.readUInt16LE(6);
+  if (reserved !== 0) throw new DecodeError("reserved-nonzero", `reserved header field is ${reserved}, must be 0`);
+  return {
+    frame: { type: buf[4]!, flags: buf[5]!, stream: buf.readUInt32LE(8), payload: buf.subarray(HEADER_LEN, total) },
+    used: total,
+  };
+}
+
+/**
+ * Incremental frame parser for a byte stream. Buffers at most one frame
+ * (≤ 12 + MAX_PAYLOAD bytes) plus one incoming chunk.
+ */
+export class FrameReader {
+  private chunks: Buffer[] = [];
+  private buffered = 0;
+
+  /** Feeds bytes; returns the complete frames. Throws DecodeError on a bad frame. */
+  push(chunk: Buffer): Frame[] {
+    const frames: Frame[] = [];
+    if (this.buffered === 0) {
+      // Fast path: parse straight from the chunk.
+      let off = 0;
+      while (off < chunk.length) {
+        const r = parseFrame(chunk.subarray(off));
+        if (!r) break;
+        frames.push(r.frame);
+        off += r.used;
+      }
+      if (off < chunk.length) {
+        this.chunks.push(chunk.subarray(off));
+        this.buffered = chunk.length - off;
+        this.checkHeader();
+      }
+      return frames;
+    }
+    this.chunks.push(chunk);
+    this.buffered += chunk.length;
+    this.checkHeader();
+    let need = this.needed();
+    while (need !== undefined && this.buffered >= need) {
+      const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks, this.buffered);
+      let off = 0;
+      while (off < all.length) {
+        const r = parseFrame(all.subarray(off));
+        if (!r) break;
+        frames.push(r.frame);
+        off += r.used;
+      }
+      const rest = all.subarray(off);
+      this.chunks = rest.length ? [rest] : [];
+      this.buffered = rest.length;
+      this.checkHeader();
+      need = this.needed();
+      if (need === undefined || this.buffered < need) break;
+    }
+    return frames;
+  }
+
+  /** Bytes held for an incomplete frame. */
+  get pending(): number {
+    return this.buffered;
+  }
+
+  private needed(): number | undefined {
+    if (this.buffered < 4) return undefined;
+    const head = this.chunks[0]!.length >= 4 ? this.chunks[0]! : Buffer.concat(this.chunks, this.buffered);
+    return 4 + head.readUInt32LE(0);
+  }
+
+  /** Validates the length field as soon as it is complete. */
+  private checkHeader(): void {
+    if (this.buffered < 4) return;
+    const head = this.chunks[0]!.length >= 4 ? this.chunks[0]! : Buffer.concat(this.chunks, this.buffered);
+    const len = head.readUInt32LE(0);
+    if (len < 8) throw new DecodeError("length-too-small", `frame length ${len} below minimum 8`);
+    if (len > 8 + MAX_PAYLOAD) throw new DecodeError("length-too-large", `frame length ${len} above maximum ${8 + MAX_PAYLOAD}`);
+  }
+}
+
+// ---------------------------------------------------------------- records
+
+export type Field = [tag: number, value: Buffer];
+
+/** Splits a record payload into fields; throws DecodeError on an overrun. */
+export function decodeFields(payload: Buffer): Field[] {
+  const out: Field[] = [];
+  let off = 0;
+  while (off < payload.length) {
+    const tag = payload[off]!;
+    if (payload.length - off < 5) throw new DecodeError("field-overrun", `field ${tag} header cut short`);
+    const vlen = payload.readUInt32LE(off + 1);
+    if (payload.length - off - 5 < vlen) throw new DecodeError("field-overrun", `field ${tag} runs past the end of the payload`);
+    out.push([tag, payload.subarray(off + 5, off + 5 + vlen)]);
+    off += 5 + vlen;
+  }
+  return out;
+}
+
+/** Typed, validated access to a decoded record. Unknown tags are ignored. */
+export class RecordReader {
+  readonly fields: Field[];
+  constructor(payload: Buffer) {
+    this.fields = decodeFields(payload);
+  }
+  all(tag: number): Buffer[] {
+    return this.fields.filter((f) => f[0] === tag).map((f) => f[1]);
+  }
+  bytes(tag: number): Buffer | undefined {
+    let v: Buffer | undefined;
+    for (const f of this.fields) if (f[0] === tag) v = f[1];
+    return v;
+  }
+  str(tag: number, maxBytes = 4096): string | undefined {
+    const b = this.bytes(tag);
+    if (b === undefined) return undefined;
+    return b.subarray(0, maxBytes).toString("utf8");
+  }
+  u32(tag: number): number | undefined {
+    const b = this.bytes(tag);
+    if (b === undefined) return undefined;
+    if (b.length !== 4) throw new DecodeError("field-size", `field ${tag} has ${b.length} bytes, expected 4`);
+    return b.readUInt32LE(0);
+  }
+  i32(tag: number): number | undefined {
+    const b = this.bytes(tag);
+    if (b === undefined) return undefined;
+    if (b.length !== 4) throw new DecodeError("field-size", `field ${tag} has ${b.length} bytes, expected 4`);
+    return b.readInt32LE(0);
+  }
+  u64(tag: number): bigint | undefined {
+    const b = this.bytes(tag);
+    if (b === undefined) return undefined;
+    if (b.length !== 8) throw new DecodeError("field-size", `field ${tag} has ${b.length} bytes, expected 8`);
+    return b.readBigUInt64LE(0);
+  }
+  bool(tag: number): boolean | undefined {
+    const b = this.bytes(tag);
+    if (b === undefined) return undefined;
+    if (b.length !== 1 || b[0]! > 1) throw new DecodeError("field-size", `field ${tag} is not a bool`);
+    return b[0] === 1;
+  }
+}
+
+/** Builds a record payload. */
+export class RecordBuilder {
+  private parts: Buffer[] = [];
+  private size = 0;
+
+  bytes(tag: number, value: Uint8Array | string): this {
+    const v = typeof value === "string" ? Buffer.from(value, "utf8") : value;
+    const head = Buffer.allocUnsafe(5);
+    head[0] = tag;
+    head.writeUInt32LE(v.length, 1);
+    this.parts.push(head, Buffer.from(v.buffer, v.byteOffset, v.byteLength));
+    this.size += 5 + v.length;
+    return this;
+  }
+  u32(tag: number, v: number): this {
+    const b = Buffer.allocUnsafe(4);
+    b.writeUInt32LE(v >>> 0, 0);
+    return this.bytes(tag, b);
+  }
+  i32(tag: number, v: number): this {
+    const b = Buffer.allocUnsafe(4);
+    b.writeInt32LE(v | 0, 0);
+    return this.bytes(tag, b);
+  }
+  u64(tag: number, v: bigint | number): this {
+    const b = Buffer.allocUnsafe(8);
+    b.writeBigUInt64LE(BigInt(v), 0);
+    return this.bytes(tag, b);
+  }
+  bool(tag: number, v: boolean): this {
+    return this.bytes(tag, Buffer.from([v ? 1 : 0]));
+  }
+  get length(): number {
+    return this.size;
+  }
+  build(): Buffer {
+    return Buffer.concat(this.parts, this.size);
+  }
+}
