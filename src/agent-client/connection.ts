@@ -1,0 +1,846 @@
+/**
+ * The host end of the agent protocol (docs/protocol.md): one unix socket,
+ * many multiplexed streams, credit-based flow control both ways.
+ *
+ * Everything read from the socket comes from the guest and is hostile. Each
+ * frame is checked (type allowed for the stream, stream id ever opened, data
+ * within the window we granted, sizes); any violation destroys the connection
+ * with a ProtocolError, and the VM owning it is killed by its owner. No guest
+ * input can make this class buffer more than what the host asked for.
+ */
+
+import { randomBytes } from "node:crypto";
+import { connect, type Socket } from "node:net";
+import { AgentError, ClosedError, ProtocolError, TimeoutError } from "../errors.js";
+import { DecodeError, FrameReader, RecordBuilder, RecordReader, encodeFrame, type Frame } from "../protocol/codec.js";
+import {
+  Channel,
+  DATA_CHUNK,
+  INITIAL_WINDOW,
+  MAGIC,
+  MAX_PAYLOAD,
+  MsgType,
+  PROTOCOL_VERSION,
+  Tag,
+  typeName,
+} from "../protocol/constants.js";
+
+export const HOST_VERSION = "0.1.0";
+
+export interface HelloInfo {
+  protocolVersion: number;
+  agentVersion: string;
+  features: string[];
+  maxPayload: number;
+  bootError?: string;
+}
+
+export interface ExitInfo {
+  exitCode: number;
+  signal: number | null;
+  timedOut: boolean;
+  peakRssKib: number | null;
+}
+
+/** Bytes of one output channel, as the guest sent them. */
+export type OutputChannel = typeof Channel.STDOUT | typeof Channel.STDERR;
+
+abstract class StreamBase {
+  done = false;
+  constructor(
+    readonly conn: AgentConnection,
+    readonly id: number,
+  ) {}
+  /** Handles a frame from the guest; returns a violation message or undefined. */
+  abstract onFrame(f: Frame): string | undefined;
+  /** The connection died: reject what is pending. */
+  abstract fail(err: Error): void;
+  protected finish(): void {
+    this.done = true;
+    this.conn._release(this.id);
+  }
+}
+
+/** Flow-controlled sender on channel 0 (host → guest). */
+class Sender {
+  credit = INITIAL_WINDOW;
+  private waiters: (() => void)[] = [];
+  private chain: Promise<void> = Promise.resolve();
+  failed: Error | undefined;
+  closed = false;
+
+  constructor(
+    private conn: AgentConnection,
+    private id: number,
+  ) {}
+
+  grant(n: number): string | undefined {
+    if (this.credit + n > 0x7fffffff) return "window overflow";
+    this.credit += n;
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+    return undefined;
+  }
+
+  fail(e: Error): void {
+    this.failed = e;
+    const w = this.waiters;
+    this.waiters = [];
+    for (const f of w) f();
+  }
+
+  /** Queues bytes; resolves when the guest has room for all of them. */
+  write(data: Uint8Array): Promise<void> {
+    const next = this.chain.then(() => this.doWrite(data));
+    this.chain = next.catch(() => undefined);
+    return next;
+  }
+
+  end(): Promise<void> {
+    const next = this.chain.then(() => {
+      if (this.failed) throw this.failed;
+      if (this.closed) return;
+      this.closed = true;
+      this.conn._send(MsgType.EOF, Channel.STDIN, this.id);
+    });
+    this.chain = next.catch(() => undefined);
+    return next;
+  }
+
+  private async doWrite(data: Uint8Array): Promise<void> {
+    let off = 0;
+    while (off < data.length) {
+      if (this.failed) throw this.failed;
+      if (this.closed) throw new ClosedError("stdin was already closed");
+      if (this.credit === 0) {
+        await new Promise<void>((r) => this.waiters.push(r));
+        continue;
+      }
+      const n = Math.min(this.credit, DATA_CHUNK, data.length - off);
+      this.conn._send(MsgType.DATA, Channel.STDIN, this.id, data.subarray(off, off + n));
+      this.credit -= n;
+      off += n;
+    }
+    if (this.failed) throw this.failed;
+  }
+}
+
+/** Receiver accounting for one guest → host channel. */
+class Receiver {
+  /** Bytes the guest may still send (granted minus received). */
+  allowed = INITIAL_WINDOW;
+  eof = false;
+  received = 0;
+
+  take(n: number): string | undefined {
+    if (this.eof) return "data after EOF";
+    if (n > this.allowed) return `data beyond the flow-control window (${n} > ${this.allowed})`;
+    this.allowed -= n;
+    this.received += n;
+    return undefined;
+  }
+}
+
+export interface ExecRequest {
+  argv: readonly Uint8Array[];
+  env?: readonly Uint8Array[];
+  cwd?: Uint8Array;
+  timeoutMs?: number;
+  tty?: { cols: number; rows: number };
+  chain?: readonly Uint8Array[];
+  stdin?: boolean;
+  user?: string;
+  reportStarted?: boolean;
+}
+
+/**
+ * A process in the guest. Output arrives through `onData`; the consumer
+ * credits what it has consumed with {@link ack} (collect mode acks at once).
+ */
+export class ExecStream extends StreamBase {
+  readonly exit: Promise<ExitInfo>;
+  readonly started: Promise<number>;
+  onData: (ch: OutputChannel, chunk: Buffer) => void = () => undefined;
+  onEof: (ch: OutputChannel) => void = () => undefined;
+  private out = { 1: new Receiver(), 2: new Receiver() };
+  private stdin: Sender;
+  private resolveExit!: (e: ExitInfo) => void;
+  private rejectExit!: (e: Error) => void;
+  private resolveStarted!: (pid: number) => void;
+  private rejectStarted!: (e: Error) => void;
+
+  constructor(conn: AgentConnection, id: number) {
+    super(conn, id);
+    this.stdin = new Sender(conn, id);
+    this.exit = new Promise((res, rej) => {
+      this.resolveExit = res;
+      this.rejectExit = rej;
+    });
+    this.started = new Promise((res, rej) => {
+      this.resolveStarted = res;
+      this.rejectStarted = rej;
+    });
+    // Callers that never look at these must not trigger unhandled rejections.
+    this.exit.catch(() => undefined);
+    this.started.catch(() => undefined);
+  }
+
+  onFrame(f: Frame): string | undefined {
+    switch (f.type) {
+      case MsgType.STARTED: {
+        const r = new RecordReader(f.payload);
+        const pid = r.u32(Tag.STARTED.pid);
+        if (pid === undefined) return "STARTED without pid";
+        this.resolveStarted(pid);
+        return undefined;
+      }
+      case MsgType.DATA: {
+        if (f.flags !== 1 && f.flags !== 2) return `DATA on channel ${f.flags} of an exec`;
+        const ch = f.flags as OutputChannel;
+        const bad = this.out[ch].take(f.payload.length);
+        if (bad) return bad;
+        // The frame's payload is a view into a socket chunk: copy so the
+        // consumer never pins large chunks.
+        if (f.payload.length) this.onData(ch, Buffer.from(f.payload));
+        return undefined;
+      }
+      case MsgType.EOF: {
+        if (f.flags !== 1 && f.flags !== 2) return `EOF on channel ${f.flags} of an exec`;
+        const ch = f.flags as OutputChannel;
+        if (this.out[ch].eof) return "EOF twice";
+        this.out[ch].eof = true;
+        this.onEof(ch);
+        return undefined;
+      }
+      case MsgType.WINDOW: {
+        if (f.flags !== 0 || f.payload.length !== 4) return "bad WINDOW";
+        return this.stdin.grant(f.payload.readUInt32LE(0));
+      }
+      case MsgType.EXIT: {
+        const r = new RecordReader(f.payload);
+        const exitCode = r.i32(Tag.EXIT.exit_code);
+        if (exitCode === undefined) return "EXIT without exit_code";
+        if (exitCode < -1 || exitCode > 255) return `EXIT with exit_code ${exitCode}`;
+        const signal = r.u32(Tag.EXIT.signal);
+        if (signal !== undefined && signal > 64) return `EXIT with signal ${signal}`;
+        const peak = r.u64(Tag.EXIT.peak_rss_kib);
+        for (const ch of [1, 2] as const) {
+          if (!this.out[ch].eof) {
+            this.out[ch].eof = true;
+            this.onEof(ch);
+          }
+        }
+        this.finish();
+        this.stdin.fail(new ClosedError("the process has exited"));
+        this.rejectStarted(new ClosedError("the process exited before reporting its pid"));
+        this.resolveExit({
+          exitCode,
+          signal: signal ?? null,
+          timedOut: r.bool(Tag.EXIT.timed_out) ?? false,
+          peakRssKib: peak === undefined ? null : Number(peak > 0xffffffffffffn ? 0xffffffffffffn : peak),
+        });
+        return undefined;
+      }
+      case MsgType.ERROR: {
+        const e = agentErrorFrom(f.payload);
+        this.finish();
+        this.fail(e);
+        return undefined;
+      }
+      default:
+        return `${typeName(f.type) ?? f.type} on an exec stream`;
+    }
+  }
+
+  fail(err: Error): void {
+    this.stdin.fail(err);
+    this.rejectStarted(err);
+    this.rejectExit(err);
+  }
+
+  /** Credits `n` consumed bytes of `ch` back to the guest. */
+  ack(ch: OutputChannel, n: number): void {
+    if (this.done || n <= 0) return;
+    this.out[ch].allowed += n;
+    this.conn._send(MsgType.WINDOW, ch, this.id, u32(n));
+  }
+
+  /** Bytes received so far on a channel. */
+  received(ch: OutputChannel): number {
+    return this.out[ch].received;
+  }
+
+  writeStdin(data: Uint8Array): Promise<void> {
+    if (this.done) return Promise.reject(new ClosedError("the process has exited"));
+    return this.stdin.write(data);
+  }
+
+  closeStdin(): Promise<void> {
+    if (this.done) return Promise.resolve();
+    return this.stdin.end();
+  }
+
+  signal(signum: number): void {
+    if (this.done) return;
+    this.conn._send(MsgType.SIGNAL, 0, this.id, new RecordBuilder().u32(Tag.SIGNAL.signum, signum).build());
+  }
+
+  resize(cols: number, rows: number): void {
+    if (this.done) return;
+    this.conn._send(MsgType.RESIZE, 0, this.id, new RecordBuilder().u32(Tag.RESIZE.cols, cols).u32(Tag.RESIZE.rows, rows).build());
+  }
+
+  /** Kills the process tree; the stream still ends with EXIT. */
+  cancel(): void {
+    if (this.done) return;
+    this.conn._send(MsgType.CANCEL, 0, this.id);
+  }
+}
+
+/** A request answered by one OK (with a record) or ERROR. */
+class RequestStream extends StreamBase {
+  readonly reply: Promise<RecordReader>;
+  private resolve!: (r: RecordReader) => void;
+  private reject!: (e: Error) => void;
+  constructor(conn: AgentConnection, id: number) {
+    super(conn, id);
+    this.reply = new Promise((res, rej) => {
+      this.resolve = res;
+      this.reject = rej;
+    });
+    this.reply.catch(() => undefined);
+  }
+  onFrame(f: Frame): string | undefined {
+    if (f.type === MsgType.OK) {
+      const r = new RecordReader(f.payload);
+      this.finish();
+      this.resolve(r);
+      return undefined;
+    }
+    if (f.type === MsgType.ERROR) {
+      this.finish();
+      this.reject(agentErrorFrom(f.payload));
+      return undefined;
+    }
+    return `${typeName(f.type) ?? f.type} on a request stream`;
+  }
+  fail(err: Error): void {
+    this.reject(err);
+  }
+}
+
+class WriteFileStream extends RequestStream {
+  readonly sender: Sender;
+  constructor(conn: AgentConnection, id: number) {
+    super(conn, id);
+    this.sender = new Sender(conn, id);
+  }
+  override onFrame(f: Frame): string | undefined {
+    if (f.type === MsgType.WINDOW) {
+      if (f.flags !== 0 || f.payload.length !== 4) return "bad WINDOW";
+      return this.sender.grant(f.payload.readUInt32LE(0));
+    }
+    const r = super.onFrame(f);
+    if (this.done) this.sender.fail(new ClosedError("the transfer has ended"));
+    return r;
+  }
+  override fail(err: Error): void {
+    this.sender.fail(err);
+    super.fail(err);
+  }
+}
+
+class ReadFileStream extends RequestStream {
+  private recv = new Receiver();
+  private chunks: Buffer[] = [];
+  constructor(
+    conn: AgentConnection,
+    id: number,
+    private maxSize: number,
+  ) {
+    super(conn, id);
+  }
+  override onFrame(f: Frame): string | undefined {
+    if (f.type === MsgType.DATA) {
+      if (f.flags !== 1) return `DATA on channel ${f.flags} of a file read`;
+      const bad = this.recv.take(f.payload.length);
+      if (bad) return bad;
+      if (this.recv.received > this.maxSize) return `file read returned more than the ${this.maxSize}-byte limit`;
+      this.chunks.push(Buffer.from(f.payload));
+      this.recv.allowed += f.payload.length;
+      this.conn._send(MsgType.WINDOW, 1, this.id, u32(f.payload.length));
+      return undefined;
+    }
+    if (f.type === MsgType.EOF) {
+      if (f.flags !== 1 || this.recv.eof) return "bad EOF on a file read";
+      this.recv.eof = true;
+      return undefined;
+    }
+    if (f.type === MsgType.OK) {
+      const size = new RecordReader(f.payload).u64(Tag.READ_FILE_OK.size);
+      if (size === undefined || Number(size) !== this.recv.received || !this.recv.eof) return "file read OK does not match the data received";
+    }
+    return super.onFrame(f);
+  }
+  content(): Buffer {
+    return Buffer.concat(this.chunks);
+  }
+}
+
+/** A TCP connection to a port inside the guest. */
+export class TcpStream extends StreamBase {
+  readonly connected: Promise<void>;
+  /** Resolves when the stream has ended: "closed" (both sides done) or "reset". */
+  readonly ended: Promise<"closed" | "reset">;
+  onData: (chunk: Buffer) => void = () => undefined;
+  onEof: () => void = () => undefined;
+  private recv = new Receiver();
+  readonly sender: Sender;
+  private resolveConnected!: () => void;
+  private rejectConnected!: (e: Error) => void;
+  private resolveEnded!: (how: "closed" | "reset") => void;
+  private rejectEnded!: (e: Error) => void;
+
+  constructor(conn: AgentConnection, id: number) {
+    super(conn, id);
+    this.sender = new Sender(conn, id);
+    this.connected = new Promise((res, rej) => {
+      this.resolveConnected = res;
+      this.rejectConnected = rej;
+    });
+    this.ended = new Promise((res, rej) => {
+      this.resolveEnded = res;
+      this.rejectEnded = rej;
+    });
+    this.connected.catch(() => undefined);
+    this.ended.catch(() => undefined);
+  }
+
+  onFrame(f: Frame): string | undefined {
+    switch (f.type) {
+      case MsgType.STARTED:
+        this.resolveConnected();
+        return undefined;
+      case MsgType.DATA: {
+        if (f.flags !== 1) return `DATA on channel ${f.flags} of a TCP stream`;
+        const bad = this.recv.take(f.payload.length);
+        if (bad) return bad;
+        if (f.payload.length) this.onData(Buffer.from(f.payload));
+        return undefined;
+      }
+      case MsgType.EOF:
+        if (f.flags !== 1 || this.recv.eof) return "bad EOF on a TCP stream";
+        this.recv.eof = true;
+        this.onEof();
+        return undefined;
+      case MsgType.WINDOW:
+        if (f.flags !== 0 || f.payload.length !== 4) return "bad WINDOW";
+        return this.sender.grant(f.payload.readUInt32LE(0));
+      case MsgType.OK:
+        this.finish();
+        this.sender.fail(new ClosedError("the connection has ended"));
+        this.resolveConnected();
+        this.resolveEnded("closed");
+        return undefined;
+      case MsgType.RESET:
+        this.finish();
+        this.sender.fail(new ClosedError("the connection was reset"));
+        this.rejectConnected(new AgentError(6, "connection reset"));
+        this.resolveEnded("reset");
+        return undefined;
+      case MsgType.ERROR: {
+        const e = agentErrorFrom(f.payload);
+        this.finish();
+        this.fail(e);
+        return undefined;
+      }
+      default:
+        return `${typeName(f.type) ?? f.type} on a TCP stream`;
+    }
+  }
+
+  fail(err: Error): void {
+    this.sender.fail(err);
+    this.rejectConnected(err);
+    this.rejectEnded(err);
+  }
+
+  ack(n: number): void {
+    if (this.done || n <= 0) return;
+    this.recv.allowed += n;
+    this.conn._send(MsgType.WINDOW, 1, this.id, u32(n));
+  }
+
+  write(data: Uint8Array): Promise<void> {
+    return this.sender.write(data);
+  }
+
+  end(): Promise<void> {
+    return this.sender.end();
+  }
+
+  /** Aborts the connection (the guest socket is reset). */
+  reset(): void {
+    if (this.done) return;
+    this.conn._send(MsgType.CANCEL, 0, this.id);
+  }
+}
+
+function u32(n: number): Buffer {
+  const b = Buffer.allocUnsafe(4);
+  b.writeUInt32LE(n >>> 0, 0);
+  return b;
+}
+
+function agentErrorFrom(payload: Buffer): AgentError {
+  let code = 0;
+  let message = "(no message)";
+  try {
+    const r = new RecordReader(payload);
+    code = r.u32(Tag.ERROR.code) ?? 0;
+    message = r.str(Tag.ERROR.message, 4096) ?? message;
+  } catch {
+    message = "(malformed error record)";
+  }
+  return new AgentError(code, message);
+}
+
+export interface ConnectOptions {
+  /** Overall deadline for connecting and the handshake. */
+  timeoutMs: number;
+  signal?: AbortSignal;
+  /** Resolves when the other end (QEMU) is gone: connecting stops. */
+  gone?: Promise<unknown>;
+}
+
+const ALLOWED_FROM_AGENT = new Set<number>([
+  MsgType.HELLO_ACK,
+  MsgType.PONG,
+  MsgType.STARTED,
+  MsgType.EXIT,
+  MsgType.DATA,
+  MsgType.EOF,
+  MsgType.WINDOW,
+  MsgType.RESET,
+  MsgType.OK,
+  MsgType.ERROR,
+]);
+
+export class AgentConnection {
+  private sock: Socket;
+  private reader = new FrameReader();
+  private streams = new Map<number, StreamBase>();
+  private nextId = 1;
+  private pings = new Map<string, () => void>();
+  private hello: ((h: HelloInfo) => void) | undefined;
+  private helloFail: ((e: Error) => void) | undefined;
+  private corked = false;
+  private error: Error | undefined;
+  info: HelloInfo | undefined;
+  /** Called once when the connection dies (protocol violation, socket closed, destroy). */
+  onFatal: (err: Error) => void = () => undefined;
+
+  private constructor(sock: Socket) {
+    this.sock = sock;
+    sock.setNoDelay?.(true);
+    sock.on("data", (chunk: Buffer) => this.onChunk(chunk));
+    sock.on("error", (e) => this.destroy(new ClosedError(`agent connection failed: ${e.message}`, { cause: e })));
+    sock.on("close", () => this.destroy(new ClosedError("the agent connection closed")));
+  }
+
+  /**
+   * Connects to the agent socket (retrying while QEMU creates it) and runs
+   * the handshake.
+   */
+  static async connect(path: string, o: ConnectOptions): Promise<AgentConnection> {
+    const deadline = Date.now() + o.timeoutMs;
+    let gone = false;
+    o.gone?.then(() => (gone = true), () => (gone = true));
+    let sock: Socket | undefined;
+    for (;;) {
+      if (o.signal?.aborted) throw o.signal.reason;
+      if (gone) throw new ClosedError("QEMU exited before the agent socket accepted a connection");
+      if (Date.now() > deadline) throw new TimeoutError(`could not connect to the agent socket ${path} within ${o.timeoutMs} ms`, o.timeoutMs);
+      try {
+        sock = await new Promise<Socket>((resolve, reject) => {
+          const s = connect(path);
+          s.once("connect", () => {
+            s.removeAllListeners("error");
+            resolve(s);
+          });
+          s.once("error", reject);
+        });
+        break;
+      } catch (e) {
+        const code = (e as NodeJS.ErrnoException).code;
+        if (code !== "ENOENT" && code !== "ECONNREFUSED") throw e;
+        await new Promise((r) => setTimeout(r, 5));
+      }
+    }
+    const conn = new AgentConnection(sock);
+    try {
+      await conn.handshake(Math.max(1, deadline - Date.now()), o.signal, o.gone);
+    } catch (e) {
+      conn.destroy(e as Error);
+      throw e;
+    }
+    return conn;
+  }
+
+  /** Sends HELLO and waits for HELLO_ACK. */
+  private handshake(timeoutMs: number, signal?: AbortSignal, gone?: Promise<unknown>): Promise<HelloInfo> {
+    return new Promise<HelloInfo>((resolve, reject) => {
+      const timer = setTimeout(
+        () => reject(new TimeoutError(`the guest agent did not answer within ${timeoutMs} ms of boot (raise bootTimeoutMs)`, timeoutMs)),
+        timeoutMs,
+      );
+      const cleanup = () => {
+        clearTimeout(timer);
+        signal?.removeEventListener("abort", onAbort);
+      };
+      const onAbort = () => {
+        cleanup();
+        reject(signal!.reason);
+      };
+      signal?.addEventListener("abort", onAbort, { once: true });
+      gone?.then(() => {
+        cleanup();
+        reject(new ClosedError("QEMU exited during boot"));
+      }, () => undefined);
+      this.hello = (h) => {
+        cleanup();
+        this.info = h;
+        resolve(h);
+      };
+      this.helloFail = (e) => {
+        cleanup();
+        reject(e);
+      };
+      const rec = new RecordBuilder()
+        .bytes(Tag.HELLO.magic, MAGIC)
+        .u32(Tag.HELLO.min_version, PROTOCOL_VERSION)
+        .u32(Tag.HELLO.max_version, PROTOCOL_VERSION)
+        .bytes(Tag.HELLO.host_version, HOST_VERSION);
+      this._send(MsgType.HELLO, 0, 0, rec.build());
+    });
+  }
+
+  get closed(): boolean {
+    return this.error !== undefined;
+  }
+
+  get closeReason(): Error | undefined {
+    return this.error;
+  }
+
+  /** Destroys the connection and fails every open stream with `err`. */
+  destroy(err: Error): void {
+    if (this.error) return;
+    this.error = err;
+    this.sock.destroy();
+    for (const s of this.streams.values()) s.fail(err);
+    this.streams.clear();
+    for (const p of this.pings.values()) p();
+    this.pings.clear();
+    this.helloFail?.(err);
+    this.onFatal(err);
+  }
+
+  private violation(message: string): void {
+    this.destroy(new ProtocolError(`protocol violation by the guest: ${message}; the VM was stopped`));
+  }
+
+  private onChunk(chunk: Buffer): void {
+    if (this.error) return;
+    let frames: Frame[];
+    try {
+      frames = this.reader.push(chunk);
+    } catch (e) {
+      this.violation(e instanceof DecodeError ? e.message : String(e));
+      return;
+    }
+    for (const f of frames) {
+      if (this.error) return;
+      try {
+        const bad = this.dispatch(f);
+        if (bad) {
+          this.violation(`${bad} (stream ${f.stream}, ${typeName(f.type) ?? `type ${f.type}`})`);
+          return;
+        }
+      } catch (e) {
+        this.violation(e instanceof DecodeError ? e.message : `bad frame: ${String(e)}`);
+        return;
+      }
+    }
+  }
+
+  private dispatch(f: Frame): string | undefined {
+    if (!ALLOWED_FROM_AGENT.has(f.type)) return `message type ${f.type} is not allowed from the agent`;
+    if (f.stream === 0) return this.session(f);
+    if (f.stream >= this.nextId) return "frame for a stream the host never opened";
+    const s = this.streams.get(f.stream);
+    // A stream the host already finished: late frames (racing a CANCEL) drop.
+    if (!s) return undefined;
+    return s.onFrame(f);
+  }
+
+  private session(f: Frame): string | undefined {
+    switch (f.type) {
+      case MsgType.HELLO_ACK: {
+        if (!this.hello) return "unexpected HELLO_ACK";
+        const r = new RecordReader(f.payload);
+        const magic = r.bytes(Tag.HELLO_ACK.magic);
+        if (!magic || !magic.equals(MAGIC)) return "HELLO_ACK with a bad magic";
+        const version = r.u32(Tag.HELLO_ACK.version);
+        if (version !== PROTOCOL_VERSION) return `agent chose protocol version ${version}, host speaks ${PROTOCOL_VERSION}`;
+        const maxPayload = r.u32(Tag.HELLO_ACK.max_payload) ?? MAX_PAYLOAD;
+        const bootError = r.str(Tag.HELLO_ACK.boot_error, 4096);
+        const h: HelloInfo = {
+          protocolVersion: version,
+          agentVersion: (r.str(Tag.HELLO_ACK.agent_version, 64) ?? "?").replace(/[^\x20-\x7e]/g, "?"),
+          features: r
+            .all(Tag.HELLO_ACK.feature)
+            .slice(0, 64)
+            .map((b) => b.subarray(0, 64).toString("latin1")),
+          maxPayload,
+          ...(bootError ? { bootError } : {}),
+        };
+        const cb = this.hello;
+        this.hello = undefined;
+        this.helloFail = undefined;
+        cb(h);
+        return undefined;
+      }
+      case MsgType.PONG: {
+        const key = f.payload.toString("hex");
+        const p = this.pings.get(key);
+        if (!p) return "PONG that answers no PING";
+        this.pings.delete(key);
+        p();
+        return undefined;
+      }
+      case MsgType.ERROR: {
+        const e = agentErrorFrom(f.payload);
+        if (this.helloFail) {
+          const cb = this.helloFail;
+          this.hello = undefined;
+          this.helloFail = undefined;
+          cb(new ProtocolError(`the agent refused the session: ${e.message}`));
+          return undefined;
+        }
+        return `agent reported a session error: ${e.message}`;
+      }
+      default:
+        return `${typeName(f.type)} on stream 0`;
+    }
+  }
+
+  /** @internal Sends one frame (coalesced with others in the same tick). */
+  _send(type: number, flags: number, stream: number, payload?: Uint8Array): void {
+    if (this.error) return;
+    if (!this.corked) {
+      this.corked = true;
+      this.sock.cork();
+      process.nextTick(() => {
+        this.corked = false;
+        this.sock.uncork();
+      });
+    }
+    this.sock.write(encodeFrame(type, flags, stream, payload));
+  }
+
+  /** @internal */
+  _release(id: number): void {
+    this.streams.delete(id);
+  }
+
+  private open<T extends StreamBase>(make: (id: number) => T): T {
+    if (this.error) throw this.error;
+    if (this.nextId > 0xfffffff0) throw new ClosedError("stream ids exhausted on this connection");
+    const id = this.nextId++;
+    const s = make(id);
+    this.streams.set(id, s);
+    return s;
+  }
+
+  /** Round trip through the agent; resolves with the time it took (ms). */
+  ping(): Promise<number> {
+    if (this.error) return Promise.reject(this.error);
+    const payload = randomBytes(8);
+    const t0 = process.hrtime.bigint();
+    return new Promise((resolve, reject) => {
+      this.pings.set(payload.toString("hex"), () => {
+        if (this.error) reject(this.error);
+        else resolve(Number(process.hrtime.bigint() - t0) / 1e6);
+      });
+      this._send(MsgType.PING, 0, 0, payload);
+    });
+  }
+
+  /** Sends a request that is answered by OK or ERROR. */
+  request(type: number, record: RecordBuilder = new RecordBuilder()): Promise<RecordReader> {
+    const s = this.open((id) => new RequestStream(this, id));
+    this._send(type, 0, s.id, record.build());
+    return s.reply;
+  }
+
+  exec(req: ExecRequest): ExecStream {
+    const r = new RecordBuilder();
+    for (const a of req.argv) r.bytes(Tag.EXEC.argv, a);
+    for (const e of req.env ?? []) r.bytes(Tag.EXEC.env, e);
+    if (req.cwd) r.bytes(Tag.EXEC.cwd, req.cwd);
+    if (req.timeoutMs) r.u64(Tag.EXEC.timeout_ms, req.timeoutMs);
+    if (req.tty) {
+      r.bool(Tag.EXEC.tty, true).u32(Tag.EXEC.cols, req.tty.cols).u32(Tag.EXEC.rows, req.tty.rows);
+    }
+    for (const c of req.chain ?? []) r.bytes(Tag.EXEC.chain, c);
+    if (req.stdin) r.bool(Tag.EXEC.stdin, true);
+    if (req.user) r.bytes(Tag.EXEC.user, req.user);
+    if (req.reportStarted) r.bool(Tag.EXEC.report_started, true);
+    if (r.length > MAX_PAYLOAD) throw new RangeError(`the exec request is ${r.length} bytes, over the ${MAX_PAYLOAD}-byte frame limit (shorten argv/env)`);
+    const s = this.open((id) => new ExecStream(this, id));
+    this._send(MsgType.EXEC, 0, s.id, r.build());
+    return s;
+  }
+
+  async writeFile(path: Uint8Array, data: Uint8Array, mode: number, mkdirs: boolean): Promise<void> {
+    const s = this.open((id) => new WriteFileStream(this, id));
+    this._send(
+      MsgType.WRITE_FILE,
+      0,
+      s.id,
+      new RecordBuilder()
+        .bytes(Tag.WRITE_FILE.path, path)
+        .u32(Tag.WRITE_FILE.mode, mode)
+        .u64(Tag.WRITE_FILE.size, data.length)
+        .bool(Tag.WRITE_FILE.mkdirs, mkdirs)
+        .build(),
+    );
+    const sent = s.sender.write(data).then(() => s.sender.end());
+    // If the agent refuses early (too large, bad path), its ERROR ends the
+    // stream and the sender stops; the reply carries the reason.
+    sent.catch(() => undefined);
+    await s.reply;
+  }
+
+  async readFile(path: Uint8Array, maxSize: number): Promise<Buffer> {
+    const s = this.open((id) => new ReadFileStream(this, id, maxSize));
+    this._send(MsgType.READ_FILE, 0, s.id, new RecordBuilder().bytes(Tag.READ_FILE.path, path).u64(Tag.READ_FILE.max_size, maxSize).build());
+    await s.reply;
+    return s.content();
+  }
+
+  tcpConnect(port: number, addr?: string): TcpStream {
+    const r = new RecordBuilder().u32(Tag.TCP_CONNECT.port, port);
+    if (addr) r.bytes(Tag.TCP_CONNECT.addr, addr);
+    const s = this.open((id) => new TcpStream(this, id));
+    this._send(MsgType.TCP_CONNECT, 0, s.id, r.build());
+    return s;
+  }
+
+  /** Number of open streams (for tests and stats). */
+  get openStreams(): number {
+    return this.streams.size;
+  }
+}

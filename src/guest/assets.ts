@@ -1,0 +1,148 @@
+/**
+ * Everything a VM boots from, located and versioned: kernel, initramfs
+ * (agent as /init + kernel modules in load order), and the kernel command
+ * line.
+ */
+
+import { createHash } from "node:crypto";
+import { existsSync, readFileSync } from "node:fs";
+import { mkdir, rename, writeFile, unlink } from "node:fs/promises";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { MissingAssetError } from "../errors.js";
+import { defaultCacheDir } from "../paths.js";
+import type { Accelerator } from "../vmm/accel.js";
+import { buildCpio, S_IFCHR, S_IFDIR, S_IFREG, type CpioEntry } from "./cpio.js";
+import { locateKernel, type KernelAssets } from "./kernel.js";
+
+/** Root of this package (where agent/ and package.json live). */
+export const PACKAGE_ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "..");
+
+export function agentTargetTriple(arch: string = process.arch): string {
+  return arch === "arm64" ? "aarch64-unknown-linux-gnu" : "x86_64-unknown-linux-gnu";
+}
+
+export function defaultAgentPath(): string {
+  return join(PACKAGE_ROOT, "agent", "target", agentTargetTriple(), "release", "supermachine-agent");
+}
+
+export function locateAgent(explicit?: string): string {
+  const p = explicit ?? process.env.SUPERMACHINE_AGENT ?? defaultAgentPath();
+  if (!existsSync(p)) {
+    throw new MissingAssetError(
+      "agent",
+      `the guest agent binary ${p} does not exist. Run \`npm run setup\` (it builds agent/ with cargo), or set SUPERMACHINE_AGENT to a static supermachine-agent binary.`,
+    );
+  }
+  return p;
+}
+
+export interface BootAssets {
+  kernel: string;
+  initrd: string;
+  /** Hash of kernel id + initramfs content: part of every snapshot key. */
+  id: string;
+  kernelId: string;
+}
+
+export interface AssetOptions {
+  cacheDir?: string;
+  kernel?: string;
+  modulesDir?: string;
+  agentPath?: string;
+}
+
+/** Bumped when the initramfs layout changes. */
+const INITRAMFS_FORMAT = 1;
+
+const memo = new Map<string, Promise<BootAssets>>();
+
+/**
+ * Resolves kernel + initramfs, building (and caching) the initramfs when the
+ * agent or the modules changed. Cheap after the first call in a process.
+ */
+export function bootAssets(o: AssetOptions = {}): Promise<BootAssets> {
+  const cacheDir = o.cacheDir ?? defaultCacheDir();
+  const key = JSON.stringify([cacheDir, o.kernel, o.modulesDir, o.agentPath, process.env.SUPERMACHINE_KERNEL, process.env.SUPERMACHINE_MODULES, process.env.SUPERMACHINE_AGENT]);
+  let p = memo.get(key);
+  if (!p) {
+    p = resolveAssets(cacheDir, o);
+    memo.set(key, p);
+    p.catch(() => memo.delete(key));
+  }
+  return p;
+}
+
+async function resolveAssets(cacheDir: string, o: AssetOptions): Promise<BootAssets> {
+  const k: KernelAssets = locateKernel(cacheDir, { ...(o.kernel ? { kernel: o.kernel } : {}), ...(o.modulesDir ? { modulesDir: o.modulesDir } : {}) });
+  const agent = readFileSync(locateAgent(o.agentPath));
+  const entries: CpioEntry[] = [
+    { name: "dev", mode: S_IFDIR | 0o755 },
+    { name: "dev/console", mode: S_IFCHR | 0o600, rdevMajor: 5, rdevMinor: 1 },
+    { name: "proc", mode: S_IFDIR | 0o755 },
+    { name: "sys", mode: S_IFDIR | 0o755 },
+    { name: "mnt", mode: S_IFDIR | 0o755 },
+    { name: "lib", mode: S_IFDIR | 0o755 },
+    { name: "lib/modules", mode: S_IFDIR | 0o755 },
+    { name: "init", mode: S_IFREG | 0o755, data: agent },
+  ];
+  if (k.modulesDir) {
+    const orderFile = join(k.modulesDir, "order");
+    const order = existsSync(orderFile) ? readFileSync(orderFile, "utf8").split("\n").map((s) => s.trim()).filter(Boolean) : [];
+    for (const name of order) {
+      if (!/^[A-Za-z0-9_.-]+\.ko$/.test(name)) throw new MissingAssetError("kernel", `bad module name ${JSON.stringify(name)} in ${orderFile}`);
+      entries.push({ name: `lib/modules/${name}`, mode: S_IFREG | 0o644, data: readFileSync(join(k.modulesDir, name)) });
+    }
+    entries.push({ name: "lib/modules/order", mode: S_IFREG | 0o644, data: Buffer.from(order.join("\n") + "\n") });
+  }
+  const cpio = buildCpio(entries);
+  const hash = createHash("sha256").update(`initramfs-v${INITRAMFS_FORMAT}\0`).update(cpio).digest("hex");
+  const dir = join(cacheDir, "initramfs");
+  const initrd = join(dir, `${hash.slice(0, 32)}.cpio`);
+  if (!existsSync(initrd)) {
+    await mkdir(dir, { recursive: true });
+    const tmp = `${initrd}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`;
+    try {
+      await writeFile(tmp, cpio);
+      await rename(tmp, initrd);
+    } catch (e) {
+      await unlink(tmp).catch(() => undefined);
+      throw e;
+    }
+  }
+  const id = createHash("sha256").update(k.id).update("\0").update(hash).digest("hex").slice(0, 32);
+  return { kernel: k.kernel, initrd, id, kernelId: k.id };
+}
+
+export interface CmdlineOptions {
+  accel: Accelerator;
+  hostname?: string;
+  hasRootfs: boolean;
+}
+
+/** The guest kernel command line. */
+export function kernelCmdline(o: CmdlineOptions): string {
+  const parts = [
+    "console=ttyS0",
+    "quiet",
+    "loglevel=4",
+    // A guest panic ends QEMU at once (with -no-reboot) instead of hanging.
+    "panic=-1",
+    "8250.nr_uarts=1",
+    "cryptomgr.notests",
+    // The guest is the sandbox: hardening that protects guest processes from
+    // each other costs a lot under emulation and buys the host nothing.
+    "mitigations=off",
+    "init_on_alloc=0",
+    "audit=0",
+    "lsm=landlock,lockdown,yama",
+    "nokaslr",
+  ];
+  if (o.accel === "tcg") {
+    // TCG's TSC is stable; skip calibration waits and watchdog checks.
+    parts.push("tsc=reliable", "no_timer_check");
+  }
+  parts.push(`sm.root=${o.hasRootfs ? "/dev/vda" : "none"}`);
+  if (o.hostname) parts.push(`sm.hostname=${o.hostname}`);
+  return parts.join(" ");
+}

@@ -1,0 +1,12 @@
+/**
+ * @supermachine/core for Linux: run any OCI/Docker image as a
+ * hardware-isolated microVM (QEMU microvm on KVM, or TCG where the host has
+ * no hardware virtualization).
+ */
+
+export * from "./errors.js";
+export { Vm, type VmBootOptions, type GuestConfig } from "./vm/vm.js";
+export { ExecChild } from "./vm/exec-child.js";
+export { TcpForwarder } from "./vm/tcp-forwarder.js";
+export type { ExecOptions, ExecOutput, ExecWaitResult, StagedFileMode, Winsize } from "./vm/options.js";
+export { chooseAccelerator, type Accelerator, type AcceleratorOption, type AcceleratorChoice } from "./vmm/accel.js";

@@ -1,0 +1,124 @@
+/**
+ * TcpForwarder: 127.0.0.1:hostPort on the host, each accepted connection a
+ * stream to 127.0.0.1:guestPort inside the guest over the agent channel,
+ * with half-close and backpressure both ways.
+ */
+
+import { createServer, type Server, type Socket } from "node:net";
+import type { AgentConnection, TcpStream } from "../agent-client/connection.js";
+
+export class TcpForwarder {
+  /** e.g. "127.0.0.1:54321" */
+  readonly localAddr: string;
+  private server: Server;
+  private sockets = new Set<Socket>();
+  private stopped = false;
+
+  private constructor(server: Server, localAddr: string) {
+    this.server = server;
+    this.localAddr = localAddr;
+  }
+
+  /** @internal Use vm.exposeTcp(). */
+  static async listen(conn: () => AgentConnection, hostPort: number, guestPort: number): Promise<TcpForwarder> {
+    let fwd: TcpForwarder | undefined;
+    const server = createServer({ allowHalfOpen: true, pauseOnConnect: true }, (sock) => {
+      if (!fwd || fwd.stopped) {
+        sock.destroy();
+        return;
+      }
+      fwd.bridge(conn, sock, guestPort);
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen({ host: "127.0.0.1", port: hostPort, exclusive: true }, () => {
+        server.removeListener("error", reject);
+        resolve();
+      });
+    });
+    const addr = server.address();
+    const port = typeof addr === "object" && addr ? addr.port : hostPort;
+    fwd = new TcpForwarder(server, `127.0.0.1:${port}`);
+    return fwd;
+  }
+
+  /** Connections being forwarded right now. */
+  get activeConnections(): number {
+    return this.sockets.size;
+  }
+
+  private bridge(getConn: () => AgentConnection, sock: Socket, guestPort: number): void {
+    this.sockets.add(sock);
+    sock.once("close", () => this.sockets.delete(sock));
+    let tcp: TcpStream;
+    try {
+      tcp = getConn().tcpConnect(guestPort);
+    } catch {
+      sock.resetAndDestroy();
+      return;
+    }
+    let finished = false;
+    // Guest → host: credit the guest only once the host socket took the bytes.
+    tcp.onData = (chunk) => {
+      sock.write(chunk, () => tcp.ack(chunk.length));
+    };
+    tcp.onEof = () => sock.end();
+    tcp.ended.then(
+      (how) => {
+        finished = true;
+        if (how === "reset") sock.resetAndDestroy();
+        else if (!sock.writableEnded) sock.end();
+      },
+      () => {
+        finished = true;
+        sock.resetAndDestroy();
+      },
+    );
+    tcp.connected.then(
+      () => {
+        // Host → guest: pause the socket while the guest's window is full.
+        sock.on("data", (chunk: Buffer) => {
+          sock.pause();
+          tcp.write(chunk).then(
+            () => sock.resume(),
+            () => sock.destroy(),
+          );
+        });
+        sock.on("end", () => {
+          tcp.end().catch(() => undefined);
+        });
+        sock.resume();
+      },
+      () => sock.resetAndDestroy(),
+    );
+    sock.on("error", () => {
+      if (!finished) tcp.reset();
+    });
+    sock.on("close", () => {
+      if (!finished) tcp.reset();
+    });
+  }
+
+  /**
+   * Stops accepting connections (new ones are refused); connections in flight
+   * finish on their own. Idempotent.
+   */
+  async stop(): Promise<void> {
+    if (this.stopped) return;
+    this.stopped = true;
+    await new Promise<void>((resolve) => {
+      this.server.close(() => undefined);
+      // close() stops listening at once; its callback waits for open
+      // connections, which we let finish without waiting for them.
+      setImmediate(resolve);
+    });
+  }
+
+  /** @internal Stops and drops every connection (VM released). */
+  destroy(): void {
+    this.stopped = true;
+    this.server.close(() => undefined);
+    for (const s of this.sockets) s.destroy();
+    this.sockets.clear();
+  }
+}

@@ -1,0 +1,551 @@
+/**
+ * Vm: one running microVM — its QEMU process, its agent connection, its
+ * runtime directory — and the seed's Vm API on top.
+ *
+ * Lifecycle (cf. undici's dispatcher): `ready` → `close()` (graceful: waits
+ * for operations in flight) or `destroy()` (at once) → `closed`. A guest that
+ * dies on its own goes to `dead`. Both are idempotent; any operation after
+ * them throws ClosedError (or GuestDiedError with the console tail).
+ */
+
+import { randomBytes, randomUUID } from "node:crypto";
+import { AgentConnection, type ExecStream } from "../agent-client/connection.js";
+import {
+  AbortError,
+  AgentError,
+  ClosedError,
+  FileTooLargeError,
+  GuestDiedError,
+  OutputLimitError,
+  SupermachineError,
+  TimeoutError,
+  invalidOption,
+} from "../errors.js";
+import { bootAssets, kernelCmdline } from "../guest/assets.js";
+import { defaultCacheDir } from "../paths.js";
+import { RecordBuilder } from "../protocol/codec.js";
+import { FILE_LIMIT, MsgType, Tag, WireError } from "../protocol/constants.js";
+import { directoryImage } from "../rootfs/cache.js";
+import { chooseAccelerator, warnTcgOnce, type Accelerator, type AcceleratorOption } from "../vmm/accel.js";
+import { QemuProcess } from "../vmm/qemu.js";
+import { ExecChild } from "./exec-child.js";
+import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutput, type ValidExec } from "./options.js";
+import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
+import { TcpForwarder } from "./tcp-forwarder.js";
+
+/** What the image says about how to run things in it (OCI config). */
+export interface GuestConfig {
+  /** KEY=VALUE entries. */
+  env?: readonly string[];
+  workingDir?: string;
+  user?: string;
+}
+
+export interface VmBootOptions {
+  /** Host directory to boot as the root filesystem (built into a cached erofs image). */
+  rootfs?: string;
+  /** A prebuilt erofs root filesystem image. */
+  rootfsImage?: string;
+  /** Guest-visible memory ceiling in MiB. @default 256 */
+  memoryMib?: number;
+  /** @default 1 */
+  vcpus?: number;
+  /** @default "auto" (or SUPERMACHINE_ACCEL) */
+  accel?: AcceleratorOption;
+  /** Image environment, working directory and user. */
+  config?: GuestConfig;
+  /** @default "sm-" + 8 random hex digits */
+  hostname?: string;
+  /** Deadline for QEMU start + kernel boot + agent handshake. @default 120000 under TCG, 30000 under KVM */
+  bootTimeoutMs?: number;
+  signal?: AbortSignal;
+  cacheDir?: string;
+  kernel?: string;
+  modulesDir?: string;
+  agentPath?: string;
+  qemuBinary?: string;
+}
+
+type State = "ready" | "closing" | "closed" | "dead";
+
+const HOSTNAME_RE = /^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$/;
+
+function positiveInt(v: unknown, name: string, dflt: number, max: number): number {
+  if (v === undefined) return dflt;
+  if (typeof v !== "number" || !Number.isInteger(v) || v < 1 || v > max) throw invalidOption(name, `an integer in 1..${max}`, v);
+  return v;
+}
+
+function guestPath(p: unknown, name: string): Buffer {
+  if (typeof p !== "string" || !p.startsWith("/") || p.includes("\0")) throw invalidOption(name, "an absolute guest path", p);
+  return Buffer.from(p, "utf8");
+}
+
+/** Turns an agent ERROR for a file operation into the right typed error. */
+function fileError(e: unknown, path: string): unknown {
+  if (e instanceof AgentError && e.agentCode === WireError.TOO_LARGE) {
+    const m = /is (\d+) bytes/.exec(e.message);
+    return new FileTooLargeError(`${path}: ${e.message} (the readFile/writeFile limit is 4 MiB)`, m ? Number(m[1]) : -1, FILE_LIMIT, { cause: e });
+  }
+  return e;
+}
+
+export class Vm {
+  readonly id: string;
+  /** The accelerator this VM runs on. */
+  readonly accelerator: Accelerator;
+  /** Why that accelerator was chosen. */
+  readonly acceleratorReason: string;
+  readonly memoryMib: number;
+  readonly vcpus: number;
+  /** @internal */ readonly qemu: QemuProcess;
+  /** @internal */ readonly conn: AgentConnection;
+  /** @internal */ readonly runtimeDir: string;
+  private state: State = "ready";
+  private deathError: SupermachineError | undefined;
+  private inflight = 0;
+  private idleWaiters: (() => void)[] = [];
+  private forwarders = new Set<TcpForwarder>();
+  private closing: Promise<void> | undefined;
+  /** @internal Set by a Pool: what release() does instead of closing. */
+  _onRelease: ((vm: Vm) => Promise<void>) | undefined;
+  /** @internal Called once when the guest dies on its own. */
+  _onDeath: ((vm: Vm, err: SupermachineError) => void) | undefined;
+
+  /** @internal */
+  constructor(p: {
+    id: string;
+    accel: Accelerator;
+    reason: string;
+    memoryMib: number;
+    vcpus: number;
+    qemu: QemuProcess;
+    conn: AgentConnection;
+    runtimeDir: string;
+  }) {
+    this.id = p.id;
+    this.accelerator = p.accel;
+    this.acceleratorReason = p.reason;
+    this.memoryMib = p.memoryMib;
+    this.vcpus = p.vcpus;
+    this.qemu = p.qemu;
+    this.conn = p.conn;
+    this.runtimeDir = p.runtimeDir;
+    p.conn.onFatal = (err) => this.died(err);
+    void p.qemu.exited.then((ex) => {
+      if (this.state === "ready" || this.state === "closing") {
+        this.died(new GuestDiedError(`the VM ${this.id} stopped: QEMU exited (${ex.signal ?? `code ${ex.code}`})`, this.qemu.consoleTail()));
+      }
+    });
+  }
+
+  /**
+   * Boots a VM from a root filesystem directory or image: QEMU microvm, our
+   * kernel and initramfs, the agent as PID 1.
+   */
+  static async boot(o: VmBootOptions = {}): Promise<Vm> {
+    if (typeof o !== "object" || o === null) throw invalidOption("options", "an object", o);
+    const memoryMib = positiveInt(o.memoryMib, "memoryMib", 256, 1 << 20);
+    const vcpus = positiveInt(o.vcpus, "vcpus", 1, 64);
+    if (o.hostname !== undefined && (typeof o.hostname !== "string" || !HOSTNAME_RE.test(o.hostname))) {
+      throw invalidOption("hostname", "a hostname (letters, digits, '.', '-')", o.hostname);
+    }
+    if (o.rootfs !== undefined && o.rootfsImage !== undefined) throw invalidOption("rootfs", "either rootfs or rootfsImage, not both", o.rootfs);
+    const choice = chooseAccelerator(o.accel);
+    warnTcgOnce(choice);
+    const bootTimeoutMs = positiveInt(o.bootTimeoutMs, "bootTimeoutMs", choice.accel === "tcg" ? 120_000 : 30_000, 3_600_000);
+    const cacheDir = o.cacheDir ?? defaultCacheDir();
+    const assets = await bootAssets({
+      cacheDir,
+      ...(o.kernel ? { kernel: o.kernel } : {}),
+      ...(o.modulesDir ? { modulesDir: o.modulesDir } : {}),
+      ...(o.agentPath ? { agentPath: o.agentPath } : {}),
+    });
+    const rootfsImage = o.rootfs !== undefined ? await directoryImage(o.rootfs, cacheDir, o.signal ? { signal: o.signal } : {}) : o.rootfsImage;
+    const id = randomBytes(4).toString("hex");
+    const hostname = o.hostname ?? `sm-${id}`;
+    const dir = createRuntimeDir();
+    let qemu: QemuProcess | undefined;
+    try {
+      qemu = await QemuProcess.start({
+        ...(o.qemuBinary ? { qemuBinary: o.qemuBinary } : {}),
+        accel: choice.accel,
+        memoryMib,
+        vcpus,
+        kernel: assets.kernel,
+        initrd: assets.initrd,
+        cmdline: kernelCmdline({ accel: choice.accel, hostname, hasRootfs: rootfsImage !== undefined }),
+        ...(rootfsImage ? { rootfs: rootfsImage } : {}),
+        dir,
+        name: `sm-${id}`,
+      });
+      const conn = await AgentConnection.connect(qemu.agentSocket, {
+        timeoutMs: bootTimeoutMs,
+        gone: qemu.exited,
+        ...(o.signal ? { signal: o.signal } : {}),
+      }).catch((e: unknown) => {
+        if (e instanceof ClosedError) throw new GuestDiedError(`the VM did not boot: ${e.message}`, qemu!.consoleTail(), { cause: e });
+        if (e instanceof TimeoutError) throw new TimeoutError(`${e.message}\n--- guest console (tail) ---\n${qemu!.consoleTail()}`, e.timeoutMs, { cause: e });
+        throw e;
+      });
+      if (conn.info?.bootError) {
+        conn.destroy(new ClosedError("boot failed"));
+        throw new GuestDiedError(`the guest failed to boot: ${conn.info.bootError}`, qemu.consoleTail());
+      }
+      const vm = new Vm({ id, accel: choice.accel, reason: choice.reason, memoryMib, vcpus, qemu, conn, runtimeDir: dir });
+      await vm.configure({ hostname, ...(o.config ? { config: o.config } : {}) });
+      return vm;
+    } catch (e) {
+      if (qemu) await qemu.stop();
+      await removeRuntimeDir(dir);
+      if (o.signal?.aborted) throw new AbortError("VM boot aborted", { cause: o.signal.reason });
+      throw e;
+    }
+  }
+
+  /** @internal Sends CONFIGURE: identity, clock, entropy, image config. */
+  async configure(p: { hostname?: string; config?: GuestConfig; identity?: boolean }): Promise<string> {
+    const r = new RecordBuilder();
+    for (const e of p.config?.env ?? []) r.bytes(Tag.CONFIGURE.env, e);
+    if (p.config?.workingDir) r.bytes(Tag.CONFIGURE.cwd, p.config.workingDir);
+    if (p.config?.user) r.bytes(Tag.CONFIGURE.user, p.config.user);
+    if (p.hostname) r.bytes(Tag.CONFIGURE.hostname, p.hostname);
+    if (p.identity !== false) {
+      r.u64(Tag.CONFIGURE.time_ns, BigInt(Date.now()) * 1_000_000n);
+      r.bytes(Tag.CONFIGURE.entropy, randomBytes(64));
+      r.bytes(Tag.CONFIGURE.machine_id, randomBytes(16).toString("hex"));
+      r.bytes(Tag.CONFIGURE.boot_id, randomUUID());
+    }
+    const ok = await this.conn.request(MsgType.CONFIGURE, r);
+    return (ok.str(Tag.CONFIGURE_OK.boot_id, 64) ?? "").replace(/[^0-9a-f-]/g, "");
+  }
+
+  /** QEMU's pid (for diagnostics). */
+  get pid(): number | undefined {
+    return this.qemu.pid;
+  }
+
+  /** Escape hatch: the unix socket of the agent channel (in use by this Vm). */
+  get vsockPath(): string {
+    return this.qemu.agentSocket;
+  }
+
+  /** Escape hatch: the socket exec requests travel on (the agent channel). */
+  get execPath(): string {
+    return this.qemu.agentSocket;
+  }
+
+  /** Version of the guest agent, from the handshake. */
+  get agentVersion(): string {
+    return this.conn.info?.agentVersion ?? "?";
+  }
+
+  /** "ready", "closing", "closed" or "dead". */
+  get status(): State {
+    return this.state;
+  }
+
+  /** The last lines printed by the guest console and QEMU. */
+  consoleTail(maxBytes = 4096): string {
+    return this.qemu.consoleTail(maxBytes);
+  }
+
+  private died(err: Error): void {
+    if (this.state === "closed" || this.state === "dead") return;
+    const e =
+      err instanceof SupermachineError && !(err instanceof ClosedError)
+        ? err
+        : new GuestDiedError(`the VM ${this.id} stopped: ${err.message}`, this.qemu.consoleTail(), { cause: err });
+    this.state = "dead";
+    this.deathError = e;
+    this.conn.destroy(e);
+    this.qemu.kill("SIGKILL");
+    for (const f of this.forwarders) f.destroy();
+    this.forwarders.clear();
+    void this.qemu.exited.then(() => removeRuntimeDir(this.runtimeDir));
+    const w = this.idleWaiters;
+    this.idleWaiters = [];
+    for (const f of w) f();
+    this._onDeath?.(this, e);
+  }
+
+  /** @internal Throws when the VM cannot take new work. */
+  ensureUsable(): void {
+    if (this.state === "ready") return;
+    if (this.state === "dead") throw this.deathError!;
+    throw new ClosedError(`the VM ${this.id} is ${this.state}; acquire or boot a new one`);
+  }
+
+  private async track<T>(f: () => Promise<T>): Promise<T> {
+    this.ensureUsable();
+    this.inflight++;
+    try {
+      return await f();
+    } catch (e) {
+      // Operations cut short by the VM dying report why it died.
+      if (this.state === "dead" && e instanceof ClosedError) throw this.deathError!;
+      throw e;
+    } finally {
+      this.inflight--;
+      if (this.inflight === 0) {
+        const w = this.idleWaiters;
+        this.idleWaiters = [];
+        for (const f of w) f();
+      }
+    }
+  }
+
+  private async stage(files: ValidExec["files"]): Promise<void> {
+    await Promise.all(files.map((f) => this.conn.writeFile(f.path, f.data, f.mode, true).catch((e: unknown) => {
+      throw fileError(e, Buffer.from(f.path).toString("utf8"));
+    })));
+  }
+
+  private startExec(v: ValidExec, spawn: boolean): ExecStream {
+    return this.conn.exec({
+      argv: v.argv,
+      env: v.env,
+      ...(v.cwd ? { cwd: v.cwd } : {}),
+      ...(v.timeoutMs ? { timeoutMs: v.timeoutMs } : {}),
+      ...(v.chain ? { chain: v.chain } : {}),
+      ...(v.tty ? { tty: v.tty } : {}),
+      ...(v.user ? { user: v.user } : {}),
+      stdin: spawn,
+      reportStarted: spawn,
+    });
+  }
+
+  /** Runs a command to completion and collects its output (byte-exact). */
+  exec(options: ExecOptions): Promise<ExecOutput> {
+    let v: ValidExec;
+    try {
+      v = validateExec(options, DEFAULT_EXEC_TIMEOUT_MS);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return this.track(async () => {
+      if (v.signal?.aborted) throw new AbortError("exec aborted before it started", { cause: v.signal.reason });
+      await this.stage(v.files);
+      const s = this.startExec(v, false);
+      const out: Buffer[] = [];
+      const err: Buffer[] = [];
+      let total = 0;
+      let overLimit = false;
+      s.onData = (ch, chunk) => {
+        if (overLimit) return;
+        total += chunk.length;
+        if (total > v.maxOutputBytes) {
+          overLimit = true;
+          s.cancel();
+          return;
+        }
+        (ch === 1 ? out : err).push(chunk);
+        s.ack(ch, chunk.length);
+      };
+      const timers: NodeJS.Timeout[] = [];
+      let onAbort: (() => void) | undefined;
+      try {
+        const guard = new Promise<never>((_, reject) => {
+          if (v.timeoutMs) {
+            // The agent enforces timeoutMs; this is the host's safety net
+            // for an agent that stopped answering.
+            timers.push(setTimeout(() => s.cancel(), v.timeoutMs + 10_000));
+            timers.push(
+              setTimeout(
+                () => reject(new TimeoutError(`exec ${JSON.stringify(String(options.argv[0]))} did not end ${v.timeoutMs + 30_000} ms after it started; the guest agent is not answering`, v.timeoutMs)),
+                v.timeoutMs + 30_000,
+              ),
+            );
+          }
+          if (v.signal) {
+            onAbort = () => {
+              s.cancel();
+              reject(new AbortError("exec aborted", { cause: v.signal!.reason }));
+            };
+            v.signal.addEventListener("abort", onAbort, { once: true });
+          }
+        });
+        guard.catch(() => undefined);
+        const exit = await Promise.race([s.exit, guard]);
+        const stdout = Buffer.concat(out);
+        const stderr = Buffer.concat(err);
+        if (overLimit) {
+          throw new OutputLimitError(
+            `exec output exceeded maxOutputBytes (${v.maxOutputBytes} bytes); the process was killed. Raise maxOutputBytes or use spawn() to stream`,
+            stdout,
+            stderr,
+            v.maxOutputBytes,
+          );
+        }
+        return { stdout, stderr, exitCode: exit.exitCode, timedOut: exit.timedOut, peakRssKib: exit.peakRssKib };
+      } finally {
+        for (const t of timers) clearTimeout(t);
+        if (onAbort) v.signal?.removeEventListener("abort", onAbort);
+      }
+    });
+  }
+
+  /** Starts a process and streams its I/O (see ExecChild). */
+  spawn(options: ExecOptions): Promise<ExecChild> {
+    let v: ValidExec;
+    try {
+      v = validateExec(options, 0);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    this.ensureUsable();
+    this.inflight++;
+    let settled = false;
+    const done = () => {
+      if (settled) return;
+      settled = true;
+      this.inflight--;
+      if (this.inflight === 0) {
+        const w = this.idleWaiters;
+        this.idleWaiters = [];
+        for (const f of w) f();
+      }
+    };
+    return (async () => {
+      try {
+        if (v.signal?.aborted) throw new AbortError("spawn aborted before it started", { cause: v.signal.reason });
+        await this.stage(v.files);
+        const s = this.startExec(v, true);
+        if (v.signal) {
+          const onAbort = () => s.cancel();
+          v.signal.addEventListener("abort", onAbort, { once: true });
+          s.exit.finally(() => v.signal!.removeEventListener("abort", onAbort)).catch(() => undefined);
+        }
+        const pid = await s.started.catch(async (e: unknown) => {
+          // A program that could not start still "ran": 127/126 via EXIT.
+          if (e instanceof ClosedError) return 0;
+          throw e;
+        });
+        return new ExecChild(s, pid, done);
+      } catch (e) {
+        done();
+        if (this.state === "dead" && e instanceof ClosedError) throw this.deathError!;
+        throw e;
+      }
+    })();
+  }
+
+  /** Writes a file in the guest (≤ 4 MiB; parent directories are created). */
+  writeFile(path: string, bytes: Uint8Array): Promise<void> {
+    let p: Buffer;
+    try {
+      p = guestPath(path, "path");
+      if (!(bytes instanceof Uint8Array)) throw invalidOption("bytes", "a Buffer or Uint8Array", bytes);
+      if (bytes.length > FILE_LIMIT) {
+        throw new FileTooLargeError(`writeFile ${path}: ${bytes.length} bytes is over the ${FILE_LIMIT}-byte (4 MiB) limit; write a smaller file or split it`, bytes.length, FILE_LIMIT);
+      }
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return this.track(() => this.conn.writeFile(p, bytes, 0o644, true).catch((e: unknown) => {
+      throw fileError(e, path);
+    }));
+  }
+
+  /** Reads a file from the guest (≤ 4 MiB). */
+  readFile(path: string): Promise<Buffer> {
+    let p: Buffer;
+    try {
+      p = guestPath(path, "path");
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return this.track(() => this.conn.readFile(p, FILE_LIMIT).catch((e: unknown) => {
+      throw fileError(e, path);
+    }));
+  }
+
+  /** Delivers a signal to the workload (the image's entrypoint process). */
+  workloadSignal(signum: number): Promise<void> {
+    if (!Number.isInteger(signum) || signum < 1 || signum > 64) return Promise.reject(invalidOption("signum", "a signal number 1..64", signum));
+    return this.track(async () => {
+      await this.conn.request(MsgType.WORKLOAD_SIGNAL, new RecordBuilder().u32(Tag.WORKLOAD_SIGNAL.signum, signum));
+    });
+  }
+
+  /** Forwards 127.0.0.1:hostPort (0 = any free port) to guestPort inside the VM. */
+  async exposeTcp(hostPort: number, guestPort: number): Promise<TcpForwarder> {
+    if (!Number.isInteger(hostPort) || hostPort < 0 || hostPort > 65535) throw invalidOption("hostPort", "a port number 0..65535", hostPort);
+    if (!Number.isInteger(guestPort) || guestPort < 1 || guestPort > 65535) throw invalidOption("guestPort", "a port number 1..65535", guestPort);
+    this.ensureUsable();
+    const f = await TcpForwarder.listen(() => {
+      this.ensureUsable();
+      return this.conn;
+    }, hostPort, guestPort);
+    if (this.state !== "ready") {
+      f.destroy();
+      this.ensureUsable();
+    }
+    this.forwarders.add(f);
+    return f;
+  }
+
+  /** Agent round trip in ms (an extension, for health checks and benchmarks). */
+  ping(): Promise<number> {
+    return this.track(() => this.conn.ping());
+  }
+
+  /**
+   * Gives the VM back: to its pool (which restores or reuses it), or, for a
+   * VM booted on its own, closes it. Releasing twice is harmless.
+   */
+  async release(): Promise<void> {
+    for (const f of this.forwarders) f.destroy();
+    this.forwarders.clear();
+    if (this._onRelease) {
+      const hook = this._onRelease;
+      this._onRelease = undefined;
+      await hook(this);
+      return;
+    }
+    await this.close();
+  }
+
+  /** Alias of release(). */
+  dispose(): Promise<void> {
+    return this.release();
+  }
+
+  async [Symbol.asyncDispose](): Promise<void> {
+    await this.release();
+  }
+
+  /** Waits for operations in flight, then stops the VM. Idempotent. */
+  close(): Promise<void> {
+    if (this.closing) return this.closing;
+    if (this.state === "dead" || this.state === "closed") {
+      this.state = this.state === "dead" ? "dead" : "closed";
+      this.closing = this.qemu.exited.then(() => removeRuntimeDir(this.runtimeDir));
+      return this.closing;
+    }
+    this.state = "closing";
+    this.closing = (async () => {
+      if (this.inflight > 0) await new Promise<void>((r) => this.idleWaiters.push(r));
+      await this.shutdown(new ClosedError(`the VM ${this.id} was closed`));
+    })();
+    return this.closing;
+  }
+
+  /** Stops the VM at once; operations in flight fail with `err` (default ClosedError). Idempotent. */
+  destroy(err?: Error): Promise<void> {
+    if (this.state === "closed" || this.state === "dead") return this.closing ?? this.close();
+    const e = err ?? new ClosedError(`the VM ${this.id} was destroyed`);
+    this.closing = this.shutdown(e);
+    return this.closing;
+  }
+
+  private async shutdown(err: Error): Promise<void> {
+    this.state = "closed";
+    for (const f of this.forwarders) f.destroy();
+    this.forwarders.clear();
+    this.conn.onFatal = () => undefined;
+    this.conn.destroy(err);
+    await this.qemu.stop();
+    await removeRuntimeDir(this.runtimeDir);
+  }
+}

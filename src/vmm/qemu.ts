@@ -1,0 +1,219 @@
+/**
+ * The QEMU process of one VM: command line, start, console capture, stop.
+ *
+ * QEMU runs the `microvm` machine with `-nodefaults`, the seccomp sandbox,
+ * and only: an ISA serial console, a virtio-serial port for the agent, a
+ * read-only virtio-blk root disk, and QMP on a unix socket. It is started
+ * through `setpriv --pdeathsig KILL`, so it dies with the Node process even
+ * when that one is SIGKILLed; a process 'exit' hook covers the rest.
+ */
+
+import { spawn, type ChildProcess } from "node:child_process";
+import { existsSync } from "node:fs";
+import { delimiter, join } from "node:path";
+import { MissingAssetError, QemuError } from "../errors.js";
+import type { Accelerator } from "./accel.js";
+
+export interface QemuLaunch {
+  /** Path of qemu-system-*; default from SUPERMACHINE_QEMU or PATH. */
+  qemuBinary?: string;
+  accel: Accelerator;
+  memoryMib: number;
+  vcpus: number;
+  kernel: string;
+  initrd: string;
+  cmdline: string;
+  /** Read-only root filesystem image (virtio-blk). */
+  rootfs?: string;
+  /** Directory for the sockets (short path: unix sockets are ≤ 107 bytes). */
+  dir: string;
+  /** Guest RAM in a file (for snapshots): shared or private (copy-on-write). */
+  memoryFile?: { path: string; share: boolean };
+  /** Start paused, waiting for `migrate-incoming` (snapshot restore). */
+  incoming?: boolean;
+  /** Process name shown by ps (≤ 15 chars). */
+  name: string;
+}
+
+export interface QemuExit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+const CONSOLE_TAIL = 64 * 1024;
+
+const live = new Set<ChildProcess>();
+let hooked = false;
+
+function hookExit(): void {
+  if (hooked) return;
+  hooked = true;
+  process.on("exit", () => {
+    for (const c of live) {
+      try {
+        c.kill("SIGKILL");
+      } catch {
+        /* already gone */
+      }
+    }
+  });
+}
+
+/** PIDs of QEMU processes this Node process started and that still run. */
+export function liveQemuPids(): number[] {
+  return [...live].map((c) => c.pid).filter((p): p is number => typeof p === "number");
+}
+
+function which(cmd: string): string | undefined {
+  for (const dir of (process.env.PATH ?? "/usr/bin:/bin").split(delimiter)) {
+    const p = join(dir, cmd);
+    if (existsSync(p)) return p;
+  }
+  return undefined;
+}
+
+export function qemuBinaryName(arch: string = process.arch): string {
+  return arch === "arm64" ? "qemu-system-aarch64" : "qemu-system-x86_64";
+}
+
+/** Finds the QEMU binary or throws MissingAssetError naming the fix. */
+export function findQemu(explicit?: string): string {
+  const p = explicit ?? process.env.SUPERMACHINE_QEMU;
+  if (p) {
+    if (!existsSync(p)) throw new MissingAssetError("qemu", `QEMU binary ${p} (from ${explicit ? "the qemuBinary option" : "SUPERMACHINE_QEMU"}) does not exist.`);
+    return p;
+  }
+  const name = qemuBinaryName();
+  const found = which(name);
+  if (!found) {
+    throw new MissingAssetError(
+      "qemu",
+      `${name} is not installed. Run \`npm run setup\` (Debian/Ubuntu: apt-get install qemu-system-x86), or point SUPERMACHINE_QEMU at a QEMU binary.`,
+    );
+  }
+  return found;
+}
+
+/** Builds QEMU's argument vector. Pure, for tests. */
+export function qemuArgs(l: QemuLaunch): string[] {
+  const a: string[] = [];
+  a.push("-name", `${l.name},process=${l.name.slice(0, 15)}`);
+  a.push("-M", "microvm,x-option-roms=off,isa-serial=on,acpi=on");
+  if (l.accel === "kvm") a.push("-accel", "kvm", "-cpu", "host");
+  // tb-size bounds TCG's translation cache (and so QEMU's RSS).
+  else a.push("-accel", "tcg,tb-size=64", "-cpu", "max");
+  if (l.memoryFile) {
+    a.push("-m", `${l.memoryMib}M`);
+    a.push(
+      "-object",
+      `memory-backend-file,id=ram,size=${l.memoryMib}M,mem-path=${l.memoryFile.path},share=${l.memoryFile.share ? "on" : "off"}`,
+    );
+    a.push("-machine", "memory-backend=ram");
+  } else {
+    a.push("-m", `${l.memoryMib}M`);
+  }
+  a.push("-smp", String(l.vcpus));
+  a.push("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot");
+  a.push("-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+  a.push("-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con");
+  a.push("-kernel", l.kernel, "-initrd", l.initrd, "-append", l.cmdline);
+  a.push("-device", "virtio-serial-device,max_ports=2");
+  a.push("-chardev", `socket,id=agent,path=${join(l.dir, "agent.sock")},server=on,wait=off`);
+  a.push("-device", "virtserialport,chardev=agent,name=sm.agent");
+  if (l.rootfs) {
+    a.push("-drive", `id=root,file=${l.rootfs},format=raw,if=none,readonly=on`);
+    a.push("-device", "virtio-blk-device,drive=root");
+  }
+  a.push("-qmp", `unix:${join(l.dir, "qmp.sock")},server=on,wait=off`);
+  if (l.incoming) a.push("-incoming", "defer");
+  return a;
+}
+
+export class QemuProcess {
+  readonly child: ChildProcess;
+  readonly agentSocket: string;
+  readonly qmpSocket: string;
+  /** Resolves when QEMU has exited (never rejects). */
+  readonly exited: Promise<QemuExit>;
+  private tail: Buffer[] = [];
+  private tailBytes = 0;
+  private exitInfo: QemuExit | undefined;
+
+  private constructor(child: ChildProcess, l: QemuLaunch) {
+    this.child = child;
+    this.agentSocket = join(l.dir, "agent.sock");
+    this.qmpSocket = join(l.dir, "qmp.sock");
+    const onData = (b: Buffer) => this.keep(b);
+    child.stdout?.on("data", onData);
+    child.stderr?.on("data", onData);
+    this.exited = new Promise((resolve) => {
+      child.once("exit", (code, signal) => {
+        live.delete(child);
+        this.exitInfo = { code, signal };
+        resolve(this.exitInfo);
+      });
+    });
+  }
+
+  /** Starts QEMU. Spawn failures (binary missing) throw. */
+  static async start(l: QemuLaunch): Promise<QemuProcess> {
+    const qemu = findQemu(l.qemuBinary);
+    const args = qemuArgs(l);
+    const setpriv = which("setpriv");
+    const [cmd, argv] = setpriv ? [setpriv, ["--pdeathsig", "KILL", "--", qemu, ...args]] : [qemu, args];
+    hookExit();
+    const child = spawn(cmd, argv, { stdio: ["ignore", "pipe", "pipe"] });
+    live.add(child);
+    const proc = new QemuProcess(child, l);
+    await new Promise<void>((resolve, reject) => {
+      child.once("spawn", resolve);
+      child.once("error", (e: NodeJS.ErrnoException) => {
+        live.delete(child);
+        reject(
+          e.code === "ENOENT"
+            ? new MissingAssetError("qemu", `cannot run ${cmd}: not found. Run \`npm run setup\` or set SUPERMACHINE_QEMU.`, { cause: e })
+            : new QemuError(`cannot start QEMU: ${e.message}`, { cause: e }),
+        );
+      });
+    });
+    return proc;
+  }
+
+  get pid(): number | undefined {
+    return this.child.pid;
+  }
+
+  get exitStatus(): QemuExit | undefined {
+    return this.exitInfo;
+  }
+
+  private keep(b: Buffer): void {
+    this.tail.push(b);
+    this.tailBytes += b.length;
+    while (this.tailBytes - this.tail[0]!.length >= CONSOLE_TAIL) {
+      this.tailBytes -= this.tail.shift()!.length;
+    }
+  }
+
+  /** The last ~64 KiB the guest console and QEMU printed. */
+  consoleTail(maxBytes = 4096): string {
+    const all = Buffer.concat(this.tail);
+    return all.subarray(Math.max(0, all.length - maxBytes)).toString("utf8");
+  }
+
+  /** Sends a signal; harmless after exit. */
+  kill(signal: NodeJS.Signals = "SIGKILL"): void {
+    if (this.exitInfo) return;
+    try {
+      this.child.kill(signal);
+    } catch {
+      /* already gone */
+    }
+  }
+
+  /** Kills QEMU and waits for it to be gone. */
+  async stop(): Promise<QemuExit> {
+    this.kill("SIGKILL");
+    return this.exited;
+  }
+}
