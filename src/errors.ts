@@ -52,7 +52,7 @@ export class SupermachineError extends Error {
     return this.constructor.name;
   }
 
-  static [Symbol.hasInstance](value: unknown): boolean {
+  static override [Symbol.hasInstance](value: unknown): boolean {
     if (typeof value !== "object" || value === null) return false;
     if (!(value as Record<symbol, unknown>)[BRAND]) return false;
     // For subclasses, fall back to the prototype chain *and* the class name so
@@ -188,4 +188,96 @@ export function invalidOption(option: string, expected: string, received: unknow
   }
   if (shown.length > 200) shown = `${shown.slice(0, 200)}…`;
   return new TypeError(`Invalid option ${option}: expected ${expected}, received ${shown}`);
+}
+
+/**
+ * An image layer (a tar stream) is malformed or tries something the root
+ * filesystem builder refuses (escaping the root, writing through a symlink,
+ * hard-linking a missing file). `layer` is the layer's index in the image
+ * (0 = base), `entry` the offending tar entry name when known.
+ */
+export class LayerError extends SupermachineError {
+  readonly layer: number | undefined;
+  readonly entry: string | undefined;
+  constructor(message: string, details?: { layer?: number; entry?: string }, options?: SupermachineErrorOptions) {
+    super("ERR_SM_LAYER", message, options);
+    this.layer = details?.layer;
+    this.entry = details?.entry;
+  }
+}
+
+/** The disk filled up (ENOSPC/EDQUOT) while writing `path`; free space and retry. */
+export class DiskFullError extends SupermachineError {
+  readonly path: string;
+  constructor(message: string, path: string, options?: SupermachineErrorOptions) {
+    super("ERR_SM_DISK_FULL", message, options);
+    this.path = path;
+  }
+}
+
+/**
+ * A registry answered with an error, could not be reached, or sent something
+ * malformed. `registry` is the host[:port] that was asked, `status` the HTTP
+ * status when there was one.
+ */
+export class RegistryError extends SupermachineError {
+  readonly registry: string;
+  readonly status: number | undefined;
+  constructor(message: string, registry: string, status?: number, options?: SupermachineErrorOptions) {
+    super("ERR_SM_REGISTRY", message, options);
+    this.registry = registry;
+    this.status = status;
+  }
+}
+
+/**
+ * A registry refused our credentials, or wanted some and we had none.
+ * `credentialSource` says where credentials were looked for and which were
+ * used: "none", "config.json auths (<path>)", "credential helper <name>", …
+ */
+export class AuthError extends SupermachineError {
+  readonly registry: string;
+  readonly credentialSource: string;
+  constructor(message: string, registry: string, credentialSource: string, options?: SupermachineErrorOptions) {
+    super("ERR_SM_AUTH", message, options);
+    this.registry = registry;
+    this.credentialSource = credentialSource;
+  }
+}
+
+/** An image, tag, manifest or blob does not exist where it was looked for. */
+export class NotFoundError extends SupermachineError {
+  /** The image reference (or source) that was asked for. */
+  readonly ref: string;
+  /** The registry host, or the source ("oci:DIR", "cache", "docker daemon"). */
+  readonly where: string;
+  constructor(message: string, ref: string, where: string, options?: SupermachineErrorOptions) {
+    super("ERR_SM_NOT_FOUND", message, options);
+    this.ref = ref;
+    this.where = where;
+  }
+}
+
+/** Content did not hash to the digest that names it; the bytes were discarded. */
+export class DigestMismatchError extends SupermachineError {
+  readonly expected: string;
+  readonly actual: string;
+  constructor(message: string, expected: string, actual: string, options?: SupermachineErrorOptions) {
+    super("ERR_SM_DIGEST_MISMATCH", message, options);
+    this.expected = expected;
+    this.actual = actual;
+  }
+}
+
+/** No manifest of an image index matches the wanted platform. */
+export class PlatformError extends SupermachineError {
+  /** The platform that was wanted, e.g. "linux/amd64". */
+  readonly wanted: string;
+  /** The platforms the image offers, e.g. ["linux/arm64/v8", "linux/s390x"]. */
+  readonly available: readonly string[];
+  constructor(message: string, wanted: string, available: readonly string[], options?: SupermachineErrorOptions) {
+    super("ERR_SM_PLATFORM", message, options);
+    this.wanted = wanted;
+    this.available = available;
+  }
 }

@@ -1,0 +1,426 @@
+/**
+ * The content-addressed blob cache and the reference cache.
+ *
+ *   <cacheDir>/blobs/sha256/<hex>      verified blobs (layers, configs, manifests)
+ *   <cacheDir>/blobs/sha256/<hex>.lock  a download in progress (lock.ts)
+ *   <cacheDir>/blobs/sha256/<hex>.<pid>.<rand>.tmp  its bytes, never read
+ *   <cacheDir>/refs/<sha256 of key>.json  reference → manifest digest
+ *
+ * A blob is hashed while it streams in, written to a temp file in the same
+ * directory, fsynced, and renamed into place only if its digest (and size)
+ * match; the directory is fsynced after the rename. A file under its digest's
+ * name is therefore always complete and verified. On any failure the temp
+ * file is removed.
+ *
+ * Concurrency: in one process, callers asking for the same blob share one
+ * promise. Across processes, a lock file per blob (see lock.ts) makes the
+ * second process wait for the first and then find the blob in place.
+ */
+
+import { randomBytes } from "node:crypto";
+import { constants as fsc } from "node:fs";
+import { mkdir, open, readdir, readFile, rename, stat, unlink, type FileHandle } from "node:fs/promises";
+import { homedir } from "node:os";
+import { dirname, join, resolve } from "node:path";
+import { Readable } from "node:stream";
+import { AbortError, DigestMismatchError, DiskFullError } from "../errors.js";
+import { Digester, digestOf, parseDigest, type DigestAlgorithm } from "./digest.js";
+import { backoffMs, delay } from "./http.js";
+import { acquireLock } from "./lock.js";
+
+/**
+ * The default cache directory: $SUPERMACHINE_CACHE_DIR, else
+ * $XDG_CACHE_HOME/supermachine, else ~/.cache/supermachine.
+ */
+export function defaultCacheDir(env: NodeJS.ProcessEnv = process.env): string {
+  if (env.SUPERMACHINE_CACHE_DIR) return resolve(env.SUPERMACHINE_CACHE_DIR);
+  if (env.XDG_CACHE_HOME) return resolve(env.XDG_CACHE_HOME, "supermachine");
+  return join(env.HOME || homedir(), ".cache", "supermachine");
+}
+
+/** Where a blob came from in {@link BlobCache.ingest}. */
+export type IngestOutcome = "cached" | "downloaded" | "peer";
+
+export interface IngestResult {
+  readonly path: string;
+  readonly digest: string;
+  readonly size: number;
+  readonly outcome: IngestOutcome;
+}
+
+/** Opens the blob's bytes from `offset`; `start` says where the stream really begins (offset or 0). */
+export type BlobOpener = (offset: number) => Promise<{ stream: Readable; start: number }>;
+
+export interface IngestOptions {
+  /** Expected size in bytes, when known (it is checked). */
+  readonly size?: number | undefined;
+  readonly signal?: AbortSignal | undefined;
+  /** Called with bytes received so far, at most every ~100 ms and at the end. */
+  readonly onProgress?: ((bytesDone: number) => void) | undefined;
+  /** How many times a broken transfer is resumed. @default 0 */
+  readonly retries?: number;
+  /** Is an error thrown by the stream worth resuming after? */
+  readonly isRetryable?: ((err: unknown) => boolean) | undefined;
+  /** Base backoff between resumes, ms. @default 200 */
+  readonly retryBaseMs?: number;
+  /** What the blob is, for messages: "layer 2 of docker.io/library/alpine:latest". */
+  readonly what?: string;
+}
+
+/** Record of what a reference resolved to. */
+export interface RefRecord {
+  readonly key: string;
+  readonly digest: string;
+  readonly mediaType: string;
+  readonly updatedAt: string;
+}
+
+const inflight = new Map<string, Promise<IngestResult>>();
+
+function isDiskFull(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException | null)?.code;
+  return code === "ENOSPC" || code === "EDQUOT";
+}
+
+function diskFull(path: string, cacheDir: string, err: unknown): DiskFullError {
+  return new DiskFullError(
+    `No space left on the device while writing ${path}; nothing partial was kept. Free space, or point the cache elsewhere ` +
+      `(cacheDir option or SUPERMACHINE_CACHE_DIR; now ${cacheDir})`,
+    path,
+    { cause: err },
+  );
+}
+
+async function writeAll(fh: FileHandle, buf: Uint8Array): Promise<void> {
+  let off = 0;
+  while (off < buf.length) {
+    const { bytesWritten } = await fh.write(buf, off, buf.length - off);
+    off += bytesWritten;
+  }
+}
+
+async function fsyncDir(dir: string): Promise<void> {
+  let fh: FileHandle | undefined;
+  try {
+    fh = await open(dir, fsc.O_RDONLY | fsc.O_DIRECTORY);
+    await fh.sync();
+  } catch {
+    // some filesystems refuse fsync on directories; the rename is still atomic
+  } finally {
+    await fh?.close();
+  }
+}
+
+function abortIf(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw new AbortError("The operation was aborted (signal fired)", { cause: signal.reason });
+}
+
+/** A content-addressed store of verified blobs under one directory. */
+export class BlobCache {
+  readonly dir: string;
+
+  constructor(dir: string = defaultCacheDir()) {
+    this.dir = resolve(dir);
+  }
+
+  /** The path a blob has (or will have) in the cache. */
+  blobPath(digest: string): string {
+    const { algorithm, hex } = parseDigest(digest);
+    return join(this.dir, "blobs", algorithm, hex);
+  }
+
+  /** Is the blob cached (and of `size`, when given)? */
+  async has(digest: string, size?: number): Promise<boolean> {
+    try {
+      const st = await stat(this.blobPath(digest));
+      return st.isFile() && (size === undefined || st.size === size);
+    } catch {
+      return false;
+    }
+  }
+
+  /**
+   * Reads a small cached blob (manifest, config) and re-verifies its digest;
+   * a corrupt file is removed. Undefined when absent, corrupt or over `max`.
+   */
+  async readSmall(digest: string, max: number): Promise<Buffer | undefined> {
+    const path = this.blobPath(digest);
+    let bytes: Buffer;
+    try {
+      const st = await stat(path);
+      if (!st.isFile() || st.size > max) return undefined;
+      bytes = await readFile(path);
+    } catch {
+      return undefined;
+    }
+    if (digestOf(bytes, parseDigest(digest).algorithm) !== digest) {
+      await unlink(path).catch(() => {});
+      return undefined;
+    }
+    return bytes;
+  }
+
+  /** Stores bytes already in memory under their digest (verified when `digest` is given). */
+  async putBytes(bytes: Buffer, digest?: string): Promise<string> {
+    const algorithm: DigestAlgorithm = digest ? parseDigest(digest).algorithm : "sha256";
+    const actual = digestOf(bytes, algorithm);
+    if (digest && actual !== digest) {
+      throw new DigestMismatchError(`Content hashes to ${actual}, not ${digest}; it was discarded`, digest, actual);
+    }
+    if (await this.has(actual, bytes.length)) return actual;
+    await this.ingest(actual, async () => ({ stream: Readable.from([bytes]), start: 0 }), { size: bytes.length });
+    return actual;
+  }
+
+  /**
+   * Makes sure the blob `digest` is in the cache, fetching it with `openAt`
+   * when it is not. See the module comment for the guarantees.
+   */
+  ingest(digest: string, openAt: BlobOpener, opts: IngestOptions = {}): Promise<IngestResult> {
+    const path = this.blobPath(digest);
+    const joined = inflight.get(path);
+    if (joined) return joined.then((r) => ({ ...r, outcome: r.outcome === "cached" ? "cached" : "peer" }));
+    const p = this.ingestLocked(digest, path, openAt, opts);
+    inflight.set(path, p);
+    const forget = (): void => {
+      if (inflight.get(path) === p) inflight.delete(path);
+    };
+    p.then(forget, forget);
+    return p;
+  }
+
+  private async ingestLocked(digest: string, path: string, openAt: BlobOpener, opts: IngestOptions): Promise<IngestResult> {
+    const size = opts.size;
+    const done = (outcome: IngestOutcome, actualSize: number): IngestResult => ({ path, digest, size: actualSize, outcome });
+    if (await this.has(digest, size)) return done("cached", size ?? (await stat(path)).size);
+    const dir = dirname(path);
+    try {
+      await mkdir(dir, { recursive: true });
+    } catch (err) {
+      if (isDiskFull(err)) throw diskFull(dir, this.dir, err);
+      throw err;
+    }
+    let sawPeer = false;
+    const lock = await acquireLock(`${path}.lock`, {
+      signal: opts.signal,
+      until: () => this.has(digest, size),
+      onWait: () => {
+        sawPeer = true;
+      },
+    });
+    if (!lock) return done("peer", size ?? (await stat(path)).size);
+    try {
+      if (await this.has(digest, size)) return done(sawPeer ? "peer" : "cached", size ?? (await stat(path)).size);
+      await this.removeDeadTemps(dir, parseDigest(digest).hex);
+      const written = await this.download(digest, path, openAt, opts);
+      return done("downloaded", written);
+    } finally {
+      await lock.release();
+    }
+  }
+
+  /** Removes temp files of this blob left by processes that died. */
+  private async removeDeadTemps(dir: string, hex: string): Promise<void> {
+    let names: string[];
+    try {
+      names = await readdir(dir);
+    } catch {
+      return;
+    }
+    for (const name of names) {
+      if (!name.startsWith(`${hex}.`) || !name.endsWith(".tmp")) continue;
+      const pid = Number(name.split(".")[1]);
+      let alive = false;
+      if (Number.isSafeInteger(pid) && pid > 0) {
+        try {
+          process.kill(pid, 0);
+          alive = true;
+        } catch (err) {
+          alive = (err as NodeJS.ErrnoException).code === "EPERM";
+        }
+      }
+      // We hold the blob's lock: a live process's temp is a leftover of an earlier attempt too.
+      if (!alive || pid === process.pid) await unlink(join(dir, name)).catch(() => {});
+    }
+  }
+
+  private async download(digest: string, path: string, openAt: BlobOpener, opts: IngestOptions): Promise<number> {
+    const { algorithm, hex } = parseDigest(digest);
+    const tmp = join(dirname(path), `${hex}.${process.pid}.${randomBytes(6).toString("hex")}.tmp`);
+    const what = opts.what ?? `blob ${digest}`;
+    let fh: FileHandle | undefined;
+    try {
+      fh = await open(tmp, fsc.O_CREAT | fsc.O_EXCL | fsc.O_WRONLY, 0o644);
+      let digester = new Digester(algorithm);
+      let written = 0;
+      let lastReport = 0;
+      const report = (force: boolean): void => {
+        if (!opts.onProgress) return;
+        const now = Date.now();
+        if (force || now - lastReport >= 100) {
+          lastReport = now;
+          opts.onProgress(written);
+        }
+      };
+      for (let attempt = 0; ; attempt++) {
+        abortIf(opts.signal);
+        try {
+          const { stream, start } = await openAt(written);
+          if (start !== written) {
+            if (start !== 0) {
+              stream.destroy();
+              throw new Error(`source restarted at byte ${start}, expected ${written} or 0`);
+            }
+            await fh.truncate(0);
+            digester = new Digester(algorithm);
+            written = 0;
+          }
+          try {
+            for await (const chunk of stream) {
+              const b = chunk as Buffer;
+              if (opts.size !== undefined && written + b.length > opts.size) {
+                throw new DigestMismatchError(
+                  `${what} is longer than the ${opts.size} bytes its descriptor says; it was discarded`,
+                  digest,
+                  `more than ${opts.size} bytes`,
+                );
+              }
+              digester.update(b);
+              await writeAll(fh, b);
+              written += b.length;
+              report(false);
+            }
+          } finally {
+            stream.destroy();
+          }
+          break;
+        } catch (err) {
+          const retries = opts.retries ?? 0;
+          if (err instanceof DigestMismatchError || err instanceof AbortError || isDiskFull(err)) throw err;
+          if (attempt >= retries || !opts.isRetryable?.(err)) throw err;
+          await delay(backoffMs(attempt, opts.retryBaseMs ?? 200), opts.signal);
+        }
+      }
+      report(true);
+      if (opts.size !== undefined && written !== opts.size) {
+        throw new DigestMismatchError(`${what} is ${written} bytes, but its descriptor says ${opts.size}; it was discarded`, digest, `${written} bytes`);
+      }
+      const actual = digester.digest();
+      if (actual !== digest) {
+        throw new DigestMismatchError(`${what} hashes to ${actual}, not ${digest}; the bytes were discarded`, digest, actual);
+      }
+      await fh.sync();
+      await fh.close();
+      fh = undefined;
+      await rename(tmp, path);
+      await fsyncDir(dirname(path));
+      return written;
+    } catch (err) {
+      await fh?.close().catch(() => {});
+      await unlink(tmp).catch(() => {});
+      if (isDiskFull(err)) throw diskFull(path, this.dir, err);
+      throw err;
+    }
+  }
+
+  /**
+   * Copies a stream whose digest is not known in advance into the cache
+   * (docker-archive layers). Returns its sha256 digest.
+   */
+  async ingestUnknown(stream: Readable, opts: { signal?: AbortSignal | undefined; onProgress?: (n: number) => void } = {}): Promise<IngestResult> {
+    const dir = join(this.dir, "blobs", "sha256");
+    try {
+      await mkdir(dir, { recursive: true });
+    } catch (err) {
+      if (isDiskFull(err)) throw diskFull(dir, this.dir, err);
+      throw err;
+    }
+    const tmp = join(dir, `unknown.${process.pid}.${randomBytes(6).toString("hex")}.tmp`);
+    let fh: FileHandle | undefined;
+    try {
+      fh = await open(tmp, fsc.O_CREAT | fsc.O_EXCL | fsc.O_WRONLY, 0o644);
+      const digester = new Digester("sha256");
+      let last = 0;
+      try {
+        for await (const chunk of stream) {
+          abortIf(opts.signal);
+          const b = chunk as Buffer;
+          digester.update(b);
+          await writeAll(fh, b);
+          if (opts.onProgress && Date.now() - last >= 100) {
+            last = Date.now();
+            opts.onProgress(digester.bytes);
+          }
+        }
+      } finally {
+        stream.destroy();
+      }
+      const size = digester.bytes;
+      const digest = digester.digest();
+      opts.onProgress?.(size);
+      const path = this.blobPath(digest);
+      if (await this.has(digest, size)) {
+        await fh.close();
+        fh = undefined;
+        await unlink(tmp).catch(() => {});
+        return { path, digest, size, outcome: "cached" };
+      }
+      await fh.sync();
+      await fh.close();
+      fh = undefined;
+      await rename(tmp, path);
+      await fsyncDir(dir);
+      return { path, digest, size, outcome: "downloaded" };
+    } catch (err) {
+      await fh?.close().catch(() => {});
+      await unlink(tmp).catch(() => {});
+      if (isDiskFull(err)) throw diskFull(tmp, this.dir, err);
+      throw err;
+    }
+  }
+
+  private refPath(key: string): string {
+    return join(this.dir, "refs", `${digestOf(Buffer.from(key, "utf8")).slice(7)}.json`);
+  }
+
+  /** What `key` (e.g. "registry:docker.io/library/alpine:latest") resolved to last time. */
+  async readRef(key: string): Promise<RefRecord | undefined> {
+    let text: string;
+    try {
+      text = await readFile(this.refPath(key), "utf8");
+    } catch {
+      return undefined;
+    }
+    try {
+      const j = JSON.parse(text) as Partial<RefRecord>;
+      if (j.key !== key || typeof j.mediaType !== "string" || typeof j.updatedAt !== "string") return undefined;
+      parseDigest(j.digest);
+      return j as RefRecord;
+    } catch {
+      return undefined;
+    }
+  }
+
+  /** Records what `key` resolved to (atomically replaced). */
+  async writeRef(key: string, digest: string, mediaType: string): Promise<void> {
+    const path = this.refPath(key);
+    const record: RefRecord = { key, digest, mediaType, updatedAt: new Date().toISOString() };
+    const tmp = `${path}.${process.pid}.${randomBytes(6).toString("hex")}.tmp`;
+    try {
+      await mkdir(dirname(path), { recursive: true });
+      let fh: FileHandle | undefined = await open(tmp, fsc.O_CREAT | fsc.O_EXCL | fsc.O_WRONLY, 0o644);
+      try {
+        await writeAll(fh, Buffer.from(JSON.stringify(record)));
+        await fh.sync();
+      } finally {
+        await fh.close();
+        fh = undefined;
+      }
+      await rename(tmp, path);
+    } catch (err) {
+      await unlink(tmp).catch(() => {});
+      if (isDiskFull(err)) throw diskFull(path, this.dir, err);
+      throw err;
+    }
+  }
+}

@@ -1,0 +1,251 @@
+/**
+ * The small HTTP layer under the registry client: one request at a time over
+ * node:http/node:https with an inactivity timeout and an AbortSignal, manual
+ * redirects (Authorization never crosses to another origin), bounded body
+ * reads, and a retry helper with exponential backoff.
+ *
+ * Everything a server sends is hostile: sizes are bounded, redirects counted,
+ * and a scheme downgrade (https → http) is refused unless the target host is
+ * allowed plain HTTP.
+ */
+
+import * as http from "node:http";
+import * as https from "node:https";
+import type { Readable } from "node:stream";
+import { setTimeout as sleep } from "node:timers/promises";
+import { AbortError } from "../errors.js";
+
+export type HttpMethod = "GET" | "HEAD" | "POST";
+
+export interface HttpRequestOptions {
+  readonly method: HttpMethod;
+  readonly url: URL;
+  readonly headers?: Readonly<Record<string, string>>;
+  readonly body?: Buffer;
+  readonly signal?: AbortSignal | undefined;
+  /** Socket inactivity limit (connect, headers and each body chunk), in ms. */
+  readonly timeoutMs: number;
+}
+
+export interface HttpResponse {
+  readonly status: number;
+  readonly headers: http.IncomingHttpHeaders;
+  /** The final URL (after redirects). */
+  readonly url: URL;
+  /** The body; must be consumed or destroyed. */
+  readonly body: http.IncomingMessage;
+}
+
+/** A network failure before or while a response was read (not an HTTP status). */
+export class NetworkError extends Error {
+  readonly code: string;
+  readonly url: URL;
+  /** True when the failure happened after the server had started answering. */
+  readonly duringTransfer: boolean;
+  constructor(message: string, code: string, url: URL, duringTransfer: boolean, cause?: unknown) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.code = code;
+    this.url = url;
+    this.duringTransfer = duringTransfer;
+  }
+}
+
+/** Keep-alive agents for one client; `destroy()` closes their sockets. */
+export class Agents {
+  readonly http = new http.Agent({ keepAlive: true, maxSockets: 8 });
+  readonly https = new https.Agent({ keepAlive: true, maxSockets: 8 });
+  /** For registries listed as insecure: TLS without certificate verification. */
+  readonly httpsInsecure = new https.Agent({ keepAlive: true, maxSockets: 8, rejectUnauthorized: false });
+  destroy(): void {
+    this.http.destroy();
+    this.https.destroy();
+    this.httpsInsecure.destroy();
+  }
+}
+
+function abortError(signal: AbortSignal): AbortError {
+  return new AbortError("The operation was aborted (signal fired)", { cause: signal.reason });
+}
+
+/** Sends one request (no redirects followed). Resolves once headers arrived. */
+export function sendOnce(
+  opts: HttpRequestOptions,
+  agents: Agents,
+  tlsInsecure: boolean,
+): Promise<HttpResponse> {
+  const { url, signal } = opts;
+  if (signal?.aborted) return Promise.reject(abortError(signal));
+  return new Promise<HttpResponse>((resolve, reject) => {
+    const isHttps = url.protocol === "https:";
+    const mod = isHttps ? https : http;
+    const agent = isHttps ? (tlsInsecure ? agents.httpsInsecure : agents.https) : agents.http;
+    const headers: Record<string, string> = { "user-agent": "supermachine", ...opts.headers };
+    if (opts.body) headers["content-length"] = String(opts.body.length);
+    let settled = false;
+    let gotResponse = false;
+    const req = mod.request(url, { method: opts.method, headers, agent });
+    const onAbort = (): void => {
+      req.destroy(abortError(signal!));
+    };
+    signal?.addEventListener("abort", onAbort, { once: true });
+    req.setTimeout(opts.timeoutMs, () => {
+      const e = new Error(`no data for ${opts.timeoutMs} ms`) as NodeJS.ErrnoException;
+      e.code = "ETIMEDOUT";
+      req.destroy(e);
+    });
+    req.on("error", (err: NodeJS.ErrnoException) => {
+      signal?.removeEventListener("abort", onAbort);
+      if (settled) return;
+      settled = true;
+      if (err instanceof AbortError) return reject(err);
+      reject(new NetworkError(`${err.code ?? "error"}: ${err.message}`, err.code ?? "EUNKNOWN", url, gotResponse, err));
+    });
+    req.on("response", (res) => {
+      gotResponse = true;
+      settled = true;
+      // Errors while the body streams surface on the body stream itself.
+      res.on("error", () => {});
+      res.on("close", () => signal?.removeEventListener("abort", onAbort));
+      resolve({ status: res.statusCode ?? 0, headers: res.headers, url, body: res });
+    });
+    req.end(opts.body);
+  });
+}
+
+/** Reads a whole body, failing with `tooLarge()` when it passes `limit` bytes. */
+export async function readBounded(body: Readable, limit: number, tooLarge: () => Error): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  let total = 0;
+  try {
+    for await (const chunk of body) {
+      const b = chunk as Buffer;
+      total += b.length;
+      if (total > limit) throw tooLarge();
+      chunks.push(b);
+    }
+  } finally {
+    body.destroy();
+  }
+  return Buffer.concat(chunks, total);
+}
+
+/** Reads and drops a body (up to 64 KiB; beyond that the socket is closed). */
+export async function drain(body: Readable): Promise<void> {
+  try {
+    await readBounded(body, 64 * 1024, () => new Error("drain limit"));
+  } catch {
+    // ignore: the socket is destroyed
+  }
+}
+
+/** A short, printable excerpt of a response body for error messages. */
+export async function bodyExcerpt(body: Readable, max = 512): Promise<string> {
+  let text: string;
+  try {
+    text = (await readBounded(body, 16 * 1024, () => new Error("too large"))).toString("utf8");
+  } catch {
+    return "";
+  }
+  // Registry errors are {"errors":[{"code","message","detail"}]}: show code: message.
+  try {
+    const parsed = JSON.parse(text) as { errors?: Array<{ code?: unknown; message?: unknown }> };
+    if (Array.isArray(parsed.errors) && parsed.errors.length > 0) {
+      text = parsed.errors
+        .slice(0, 4)
+        .map((e) => [e.code, e.message].filter((x) => typeof x === "string" && x).join(": "))
+        .filter(Boolean)
+        .join("; ");
+    }
+  } catch {
+    // not JSON
+  }
+  // eslint-disable-next-line no-control-regex
+  text = text.replace(/[\u0000-\u001f\u007f]+/g, " ").trim();
+  return text.length > max ? `${text.slice(0, max)}…` : text;
+}
+
+export interface RedirectPolicy {
+  /** May a redirect go to plain http on this host? */
+  allowHttp(host: string): boolean;
+  /** Skip TLS verification for this host? */
+  tlsInsecure(host: string): boolean;
+  readonly maxRedirects: number;
+}
+
+/**
+ * Sends a request and follows redirects by hand. The Authorization header is
+ * sent only to the origin of the first URL: a redirect to another host (blob
+ * storage, a CDN) goes without it. 303 turns into GET.
+ */
+export async function sendFollowing(opts: HttpRequestOptions, agents: Agents, policy: RedirectPolicy): Promise<HttpResponse> {
+  let current = opts;
+  const origin = opts.url.origin;
+  for (let hop = 0; ; hop++) {
+    const res = await sendOnce(current, agents, policy.tlsInsecure(current.url.host));
+    const location = res.headers.location;
+    if (![301, 302, 303, 307, 308].includes(res.status) || typeof location !== "string") return res;
+    await drain(res.body);
+    if (hop >= policy.maxRedirects) {
+      throw new NetworkError(`more than ${policy.maxRedirects} redirects`, "ETOOMANYREDIRECTS", current.url, true);
+    }
+    let next: URL;
+    try {
+      next = new URL(location, current.url);
+    } catch {
+      throw new NetworkError(`bad redirect location ${JSON.stringify(location.slice(0, 200))}`, "EBADREDIRECT", current.url, true);
+    }
+    if (next.protocol !== "https:" && next.protocol !== "http:") {
+      throw new NetworkError(`redirect to unsupported scheme ${next.protocol}`, "EBADREDIRECT", current.url, true);
+    }
+    if (next.protocol === "http:" && current.url.protocol === "https:" && !policy.allowHttp(next.host)) {
+      throw new NetworkError(`refusing redirect from https to plain http (${next.host})`, "EBADREDIRECT", current.url, true);
+    }
+    const headers: Record<string, string> = { ...current.headers };
+    if (next.origin !== origin) {
+      for (const k of Object.keys(headers)) if (k.toLowerCase() === "authorization") delete headers[k];
+    }
+    const method = res.status === 303 ? "GET" : current.method;
+    current = { ...current, url: next, headers, method, body: method === "GET" || method === "HEAD" ? undefined : current.body };
+  }
+}
+
+/** Backoff delay for attempt `n` (0-based): base·2ⁿ with ±25 % jitter, capped. */
+export function backoffMs(attempt: number, baseMs: number, capMs = 10_000): number {
+  const raw = Math.min(capMs, baseMs * 2 ** attempt);
+  return Math.round(raw * (0.75 + Math.random() * 0.5));
+}
+
+/** Sleeps, failing early with AbortError when the signal fires. */
+export async function delay(ms: number, signal?: AbortSignal): Promise<void> {
+  if (signal?.aborted) throw abortError(signal);
+  try {
+    await sleep(ms, undefined, signal ? { signal } : undefined);
+  } catch (err) {
+    if (signal?.aborted) throw abortError(signal);
+    throw err;
+  }
+}
+
+/** Parses Retry-After (seconds or an HTTP date) into ms, bounded. */
+export function retryAfterMs(value: string | string[] | undefined, capMs: number): number | undefined {
+  if (typeof value !== "string") return undefined;
+  const secs = Number(value);
+  if (Number.isFinite(secs) && secs >= 0) return Math.min(capMs, secs * 1000);
+  const date = Date.parse(value);
+  if (Number.isFinite(date)) return Math.max(0, Math.min(capMs, date - Date.now()));
+  return undefined;
+}
+
+/** Is this host loopback (127.0.0.0/8, ::1, localhost)? */
+export function isLoopbackHost(hostPort: string): boolean {
+  let host = hostPort.toLowerCase();
+  if (host.startsWith("[")) {
+    host = host.slice(1, host.indexOf("]"));
+  } else {
+    const colon = host.lastIndexOf(":");
+    if (colon >= 0 && host.indexOf(":") === colon) host = host.slice(0, colon);
+  }
+  if (host === "localhost" || host.endsWith(".localhost")) return true;
+  if (host === "::1" || host === "0:0:0:0:0:0:0:1") return true;
+  return /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(host);
+}
