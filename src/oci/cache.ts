@@ -179,7 +179,13 @@ export class BlobCache {
   ingest(digest: string, openAt: BlobOpener, opts: IngestOptions = {}): Promise<IngestResult> {
     const path = this.blobPath(digest);
     const joined = inflight.get(path);
-    if (joined) return joined.then((r) => ({ ...r, outcome: r.outcome === "cached" ? "cached" : "peer" }));
+    if (joined) {
+      return joined.then(
+        (r): IngestResult => ({ ...r, outcome: r.outcome === "cached" ? "cached" : "peer" }),
+        // Another caller's abort is not ours: try again on our own.
+        (err: unknown) => (err instanceof AbortError && !opts.signal?.aborted ? this.ingest(digest, openAt, opts) : Promise.reject(err)),
+      );
+    }
     const p = this.ingestLocked(digest, path, openAt, opts);
     inflight.set(path, p);
     const forget = (): void => {

@@ -339,7 +339,9 @@ async function pullFromRegistry(ref: ImageReference, v: ValidatedPullOptions): P
       if (!online) throw notCachedError(name, pullPolicy, cache.dir, "manifest");
       const c = registry();
       // HEAD first: a manifest we already hold costs no GET (nor Docker Hub rate limit).
-      const head = ref.digest ? { digest: ref.digest } : await c.headManifest(ref, ref.reference);
+      // A digest reference is HEADed too under "always": the registry is asked every time.
+      const head = ref.digest && pullPolicy !== "always" ? { digest: ref.digest } : await c.headManifest(ref, ref.reference);
+      if (ref.digest) head.digest = ref.digest;
       const cachedBytes = head.digest ? await cache.readSmall(head.digest, MAX_MANIFEST_BYTES) : undefined;
       if (head.digest && cachedBytes) {
         top = { bytes: cachedBytes, digest: head.digest, contentType: "" };

@@ -117,9 +117,9 @@ export class RegistryClient {
     return isLoopbackHost(h) || this.insecure.has(h) || this.insecure.has(h.replace(/:\d+$/, ""));
   }
 
+  /** TLS without certificate checks: loopback and insecureRegistries (as Docker treats them). */
   private tlsInsecure(host: string): boolean {
-    const h = host.toLowerCase();
-    return this.insecure.has(h) || this.insecure.has(h.replace(/:\d+$/, ""));
+    return this.allowHttp(host);
   }
 
   private sendRaw(req: { method: HttpMethod; url: URL; headers: Record<string, string>; body?: Buffer }): Promise<HttpResponse> {
@@ -242,11 +242,11 @@ export class RegistryClient {
     }
   }
 
-  private async failure(ref: ImageReference, res: HttpResponse, what: string): Promise<never> {
+  private async failure(ref: ImageReference, res: HttpResponse, what: string, reference: string): Promise<never> {
     const detail = await bodyExcerpt(res.body);
     if (res.status === 404) {
       throw new NotFoundError(
-        `${what} not found: registry ${ref.registry} has no ${ref.name}${ref.digest ? `@${ref.digest}` : `:${ref.tag ?? "latest"}`} (404${detail ? `: ${detail}` : ""}). ` +
+        `${what} not found: registry ${ref.registry} has no ${ref.name}${reference.includes(":") ? `@${reference}` : `:${reference}`} (404${detail ? `: ${detail}` : ""}). ` +
           `Check the repository name and tag.`,
         ref.toString(),
         ref.registry,
@@ -285,7 +285,7 @@ export class RegistryClient {
   /** GET of a manifest by tag or digest, size-bounded and digest-checked. */
   async getManifest(ref: ImageReference, reference: string): Promise<FetchedManifest> {
     const res = await this.call(ref, "GET", `/v2/${ref.repository}/manifests/${encodeURIComponent(reference)}`, { accept: MANIFEST_ACCEPT });
-    if (res.status !== 200) await this.failure(ref, res, "Manifest");
+    if (res.status !== 200) await this.failure(ref, res, "Manifest", reference);
     const len = Number(res.headers["content-length"]);
     const tooLarge = (): RegistryError =>
       new RegistryError(`Registry ${ref.registry}: manifest of ${ref.name}:${reference} is larger than ${MAX_MANIFEST_BYTES} bytes`, ref.registry);
@@ -351,7 +351,7 @@ export class RegistryClient {
         ref.registry,
       );
     }
-    return this.failure(ref, res, `Blob ${digest}`);
+    return this.failure(ref, res, `Blob ${digest}`, ref.reference);
   }
 
   /** GET of a blob from a foreign-layer URL (https only; no credentials). */

@@ -195,6 +195,21 @@ for (const mode of ["htpasswd", "token"] as const) {
       }
     });
 
+    test("DOCKER_CONFIG in the environment is where config.json is read", async () => {
+      const cfg = await writeConfig(join(work, "cfg-env"), { auths: { [reg.host]: { auth: b64("alice:wonderland") } } });
+      const saved = process.env.DOCKER_CONFIG;
+      process.env.DOCKER_CONFIG = cfg;
+      const cacheDir = await tempDir("authcache");
+      try {
+        const pulled = await pullImage(ref, { cacheDir, pullPolicy: "always" });
+        assert.equal(pulled.manifestDigest, image.manifest.digest);
+      } finally {
+        if (saved === undefined) delete process.env.DOCKER_CONFIG;
+        else process.env.DOCKER_CONFIG = saved;
+        await removeDir(cacheDir);
+      }
+    });
+
     test("username/password entry under an https:// key succeeds", async () => {
       const cfg = await writeConfig(join(work, "cfg-userpass"), { auths: { [`https://${reg.host}`]: { username: "alice", password: "wonderland" } } });
       assert.equal((await pull(cfg)).manifestDigest, image.manifest.digest);

@@ -7,8 +7,12 @@
 
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
+import { execFileSync } from "node:child_process";
+import { readFileSync } from "node:fs";
 import * as http from "node:http";
+import * as https from "node:https";
 import type { AddressInfo } from "node:net";
+import { join } from "node:path";
 import { after, describe, test } from "node:test";
 import { gzipSync } from "node:zlib";
 import { AuthError, DigestMismatchError, ImageError, RegistryError } from "../../src/errors.js";
@@ -50,7 +54,7 @@ async function fake(handler: (req: http.IncomingMessage, res: http.ServerRespons
 }
 
 /** A one-image registry: manifest under "latest", config and layer blobs. */
-function tinyImage(opts: { layerMediaType?: string } = {}) {
+function tinyImage(opts: { layerMediaType?: string; urls?: string[] } = {}) {
   const tar = buildTar([{ name: "hello.txt", content: "hello\n".repeat(5000) }]);
   const layer = gzipSync(tar);
   const config = Buffer.from(JSON.stringify({ architecture: "amd64", os: "linux", config: { Cmd: ["/hello"] }, rootfs: { type: "layers", diff_ids: [sha(tar)] } }));
@@ -59,7 +63,7 @@ function tinyImage(opts: { layerMediaType?: string } = {}) {
       schemaVersion: 2,
       mediaType: "application/vnd.oci.image.manifest.v1+json",
       config: { mediaType: "application/vnd.oci.image.config.v1+json", digest: sha(config), size: config.length },
-      layers: [{ mediaType: opts.layerMediaType ?? "application/vnd.oci.image.layer.v1.tar+gzip", digest: sha(layer), size: layer.length }],
+      layers: [{ mediaType: opts.layerMediaType ?? "application/vnd.oci.image.layer.v1.tar+gzip", digest: sha(layer), size: layer.length, ...(opts.urls ? { urls: opts.urls } : {}) }],
     }),
   );
   const blobs = new Map([
@@ -345,6 +349,117 @@ describe("registry client over HTTP", () => {
         res.end("not json at all");
       });
       await assert.rejects(pullImage(`${junk.host}/fake/img:latest`, { cacheDir }), (err: unknown) => err instanceof ImageError && /not JSON/.test(err.message));
+    } finally {
+      await removeDir(cacheDir);
+    }
+  });
+  test("a body that stalls times out (inactivity) and the download resumes", async () => {
+    const img = tinyImage();
+    const half = Math.floor(img.layer.length / 2);
+    let stalled = false;
+    const srv = await fake((req, res) => {
+      if (!stalled && req.url?.includes(sha(img.layer))) {
+        stalled = true;
+        res.writeHead(200, { "content-length": img.layer.length });
+        res.write(img.layer.subarray(0, half)); // …and then nothing
+        return;
+      }
+      serveImage(img, req, res);
+    });
+    const cacheDir = await tempDir("stall");
+    try {
+      const image = await pullImage(`${srv.host}/fake/img:latest`, { cacheDir, timeoutMs: 300, retries: 2 });
+      assert.equal(image.layers[0]!.digest, sha(img.layer));
+      const gets = srv.log.filter((r) => r.url.includes(sha(img.layer)));
+      assert.equal(gets.length, 2, JSON.stringify(srv.log.map((r) => [r.method, r.url, r.headers.range])));
+      assert.equal(gets[1]!.headers.range, `bytes=${half}-`);
+    } finally {
+      await removeDir(cacheDir);
+    }
+  });
+
+  test("identitytoken: OAuth2 refresh-token POST to the realm", async () => {
+    clearTokenCache();
+    const img = tinyImage();
+    const forms: URLSearchParams[] = [];
+    const tokens = await fake((req, res) => {
+      const chunks: Buffer[] = [];
+      req.on("data", (c: Buffer) => chunks.push(c));
+      req.on("end", () => {
+        const form = new URLSearchParams(Buffer.concat(chunks).toString());
+        forms.push(form);
+        if (req.method !== "POST" || form.get("grant_type") !== "refresh_token" || form.get("refresh_token") !== "rt-123") {
+          res.writeHead(401);
+          res.end();
+          return;
+        }
+        res.writeHead(200, { "content-type": "application/json" });
+        res.end(JSON.stringify({ access_token: "oauth-token", expires_in: 300 }));
+      });
+    });
+    const reg = await fake((req, res) => {
+      if (req.headers.authorization !== "Bearer oauth-token") {
+        res.writeHead(401, { "www-authenticate": `Bearer realm="http://${tokens.host}/oauth",service="fake-svc"` });
+        res.end();
+        return;
+      }
+      serveImage(img, req, res);
+    });
+    const client = new RegistryClient({ credentials: () => ({ identityToken: "rt-123" }) });
+    try {
+      assert.equal((await client.getManifest(ref(reg.host), "latest")).digest, sha(img.manifest));
+      assert.equal(forms.length, 1);
+      assert.equal(forms[0]!.get("service"), "fake-svc");
+      assert.equal(forms[0]!.get("scope"), "repository:fake/img:pull");
+    } finally {
+      client.close();
+    }
+  });
+
+  test("a loopback registry with a self-signed TLS certificate is used over HTTPS", async () => {
+    const dir = await tempDir("tls");
+    try {
+      execFileSync("openssl", ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout", `${dir}/k.pem`, "-out", `${dir}/c.pem`], { stdio: "ignore" });
+      const img = tinyImage();
+      const seen: string[] = [];
+      const server = https.createServer({ key: readFileSync(`${dir}/k.pem`), cert: readFileSync(`${dir}/c.pem`) }, (req, res) => {
+        seen.push(req.url ?? "");
+        serveImage(img, req, res);
+      });
+      await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+      try {
+        const port = (server.address() as AddressInfo).port;
+        const image = await pullImage(`127.0.0.1:${port}/fake/img:latest`, { cacheDir: join(dir, "cache") });
+        assert.equal(image.layers[0]!.digest, sha(img.layer));
+        assert.ok(seen.length >= 3, "served over TLS");
+      } finally {
+        server.closeAllConnections();
+        await new Promise<void>((r) => server.close(() => r()));
+      }
+    } finally {
+      await removeDir(dir);
+    }
+  });
+
+  test("foreign layers missing from the registry come from their urls", async () => {
+    const storage = await fake((req, res) => {
+      res.writeHead(200);
+      res.end(foreign.layer);
+    });
+    const foreign = tinyImage({ layerMediaType: "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip", urls: [`http://${storage.host}/layers/one.tar.gz`] });
+    const reg = await fake((req, res) => {
+      if (req.url?.includes(sha(foreign.layer))) {
+        res.writeHead(404);
+        res.end();
+        return;
+      }
+      serveImage(foreign, req, res);
+    });
+    const cacheDir = await tempDir("foreign");
+    try {
+      const image = await pullImage(`${reg.host}/fake/img:latest`, { cacheDir });
+      assert.deepEqual(await readAll((await import("../../src/oci/index.js")).openLayer(image.layers[0]!)), foreign.tar);
+      assert.deepEqual(storage.log.map((r) => r.url), ["/layers/one.tar.gz"]);
     } finally {
       await removeDir(cacheDir);
     }
