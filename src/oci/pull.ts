@@ -25,13 +25,13 @@ import type { Credentials } from "./auth.js";
 import {
   checkConfigPlatform,
   type Descriptor,
-  formatPlatform,
   hostPlatform,
   type ImageConfig,
   type ImageManifest,
   type LayerCompression,
   layerCompression,
   MAX_MANIFEST_BYTES,
+  normalizePlatform,
   parseImageConfig,
   parseManifest,
   parsePlatformOption,
@@ -250,7 +250,7 @@ export async function resolveImage(ctx: ResolveContext, top: { bytes: Buffer; di
     ref,
     manifestDigest,
     resolvedDigest: top.digest,
-    platform: platform ? { os: platform.os, architecture: platform.architecture, ...(platform.variant ? { variant: platform.variant } : {}) } : {
+    platform: platform ? normalizePlatform(platform) : {
       os: config.os || v.platform.os,
       architecture: config.architecture || v.platform.architecture,
       ...(config.variant ? { variant: config.variant } : {}),
@@ -476,4 +476,3 @@ export function openLayer(layer: LayerBlob): Readable {
   return out;
 }
 
-export { formatPlatform };

@@ -442,7 +442,7 @@ describe("registry client over HTTP", () => {
   });
 
   test("foreign layers missing from the registry come from their urls", async () => {
-    const storage = await fake((req, res) => {
+    const storage = await fake((_req, res) => {
       res.writeHead(200);
       res.end(foreign.layer);
     });
