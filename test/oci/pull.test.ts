@@ -325,10 +325,14 @@ describe("pullImage from a real registry", () => {
     const cacheDir = await newCache();
     const child = fileURLToPath(new URL("../fixtures/oci/pull-child.js", import.meta.url));
     reg.resetCounts();
+    // Slow blobs make the two downloads overlap, so one process must wait for the other's lock.
+    reg.slowBlobs(400);
     const ref = `${reg.host}/test/multi:latest`;
     const run = (): Promise<{ ok: boolean; manifestDigest: string; layers: string[] }> =>
       execFileP(process.execPath, [child, ref, cacheDir], { timeout: 120_000 }).then((r) => JSON.parse(r.stdout) as { ok: boolean; manifestDigest: string; layers: string[] });
-    const [a, b] = await Promise.all([run(), run()]);
+    const started = Date.now();
+    const [a, b] = await Promise.all([run(), run()]).finally(() => reg.slowBlobs(0));
+    assert.ok(Date.now() - started >= 800, "the blob downloads were slow enough to overlap");
     assert.ok(a.ok && b.ok);
     assert.equal(a.manifestDigest, multi.manifest.digest);
     assert.deepEqual(a.layers, b.layers);
