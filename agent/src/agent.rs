@@ -8,7 +8,7 @@ use crate::proto::{self, err, tag, ty, DecodeError, Record};
 use crate::sys::{self, Fd};
 use crate::tcp::Conn;
 use crate::users::{self, Identity};
-use crate::{log, AGENT_VERSION};
+use crate::{debug, log, AGENT_VERSION};
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs;
@@ -196,6 +196,9 @@ pub struct Agent {
     listen_waits: Vec<ListenWait>,
     boot_error: Option<String>,
     console: Option<Fd>,
+    /// The port reported end-of-file: the host may have gone, and a new
+    /// host's HELLO may follow the tail of a frame the old one never finished.
+    resync: bool,
 }
 
 fn find_port(name: &str) -> io::Result<PathBuf> {
@@ -251,6 +254,7 @@ pub fn run(boot: &BootReport) -> io::Result<()> {
         listen_waits: Vec::new(),
         boot_error: boot.error.clone(),
         console,
+        resync: false,
     };
     a.io.add(a.sig.raw(), sys::EPOLLIN, TK_SIG);
     a.open_port()?;
@@ -288,6 +292,7 @@ impl Agent {
                 let ch = (tok & 0xff) as u8;
                 match tok & TK_KIND {
                     TK_PORT => {
+                        debug!("port event {:#x}", bits);
                         if bits & (sys::EPOLLHUP | sys::EPOLLRDHUP) != 0 && bits & sys::EPOLLIN == 0 {
                             self.host_gone();
                         }
@@ -327,11 +332,12 @@ impl Agent {
 
     // ---------------------------------------------------------------- port
 
+    /// End of file on the port. It does not prove the host is gone: data of a
+    /// new connection can arrive before the port-open notice, and reads then
+    /// see EOF in between. So nothing is dropped here; a HELLO that follows
+    /// is found by its signature (see process_frames) and resets the session.
     fn host_gone(&mut self) {
-        // Drop the partial frame and anything queued for the old host.
-        self.rbuf.clear();
-        self.io.out.clear();
-        self.io.out_pos = 0;
+        self.resync = true;
     }
 
     fn read_port(&mut self) {
@@ -354,6 +360,7 @@ impl Agent {
             }
             if r == 0 {
                 // No host connected (or it went away).
+                debug!("port read: EOF (host not connected)");
                 self.host_gone();
                 return;
             }
@@ -362,6 +369,7 @@ impl Agent {
                 Some(sys::EINTR) => continue,
                 Some(sys::EAGAIN) => return,
                 _ => {
+                    debug!("port read error: {}", e);
                     self.host_gone();
                     return;
                 }
@@ -372,10 +380,20 @@ impl Agent {
     fn process_frames(&mut self) {
         let buf = std::mem::take(&mut self.rbuf);
         let mut pos = 0;
+        if self.resync {
+            if let Some(at) = find_hello(&buf) {
+                if at > 0 {
+                    log!("dropping {} bytes left by a previous host before its HELLO", at);
+                }
+                pos = at;
+                self.resync = false;
+            }
+        }
         loop {
             match proto::parse_frame(&buf[pos..]) {
                 Ok(Some((f, used))) => {
                     pos += used;
+                    debug!("frame type {:#x} stream {} len {}", f.ty, f.stream, f.payload.len());
                     if self.io.quiesced {
                         self.io.quiesced = false;
                     }
@@ -1421,6 +1439,18 @@ enum Launch {
     Io(ReqError),
 }
 
+/// Finds the start of a HELLO frame by its fixed prefix (type, flags,
+/// reserved, stream 0, then the magic field first).
+fn find_hello(buf: &[u8]) -> Option<usize> {
+    let mut sig = vec![ty::HELLO, 0, 0, 0, 0, 0, 0, 0, tag::hello::MAGIC];
+    sig.extend_from_slice(&(proto::MAGIC.len() as u32).to_le_bytes());
+    sig.extend_from_slice(proto::MAGIC);
+    if buf.len() < 4 + sig.len() {
+        return None;
+    }
+    (4..=buf.len() - sig.len()).find(|&i| buf[i..i + sig.len()] == sig[..]).map(|i| i - 4)
+}
+
 /// Decodes a wait status into an exit code: the status for a normal exit,
 /// -1 for a signal.
 fn exit_code(status: i32) -> i32 {
@@ -1486,4 +1516,36 @@ fn set_boot_id(id: &[u8]) -> io::Result<()> {
 
 extern "C" {
     fn wait4(pid: i32, status: *mut i32, options: i32, rusage: *mut std::os::raw::c_void) -> i32;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Vec<u8> {
+        let r = Record::new()
+            .bytes(tag::hello::MAGIC, proto::MAGIC)
+            .u32(tag::hello::MIN_VERSION, 1)
+            .u32(tag::hello::MAX_VERSION, 1);
+        let mut out = Vec::new();
+        proto::encode_frame(&mut out, ty::HELLO, 0, 0, &r.buf);
+        out
+    }
+
+    #[test]
+    fn hello_found_after_garbage() {
+        let h = hello();
+        assert_eq!(find_hello(&h), Some(0));
+        let mut buf = vec![200, 0, 0, 0, 0x10, 0, 0, 0, 9, 0, 0, 0, 1, 4];
+        buf.extend_from_slice(&h);
+        assert_eq!(find_hello(&buf), Some(14));
+        assert_eq!(find_hello(&h[..20]), None);
+        assert_eq!(find_hello(b"nothing here at all, just text"), None);
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(exit_code(3 << 8), 3);
+        assert_eq!(exit_code(9), -1);
+    }
 }

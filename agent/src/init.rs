@@ -52,6 +52,7 @@ fn parse_cmdline() -> Cmdline {
                 "sm.port" => c.port = v.to_string(),
                 "sm.hostname" => c.hostname = v.to_string(),
                 "sm.cgroups" => c.cgroups = v != "0" && v != "off",
+                "sm.debug" => crate::DEBUG.store(v == "1", std::sync::atomic::Ordering::Relaxed),
                 _ => {}
             }
         }

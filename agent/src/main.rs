@@ -28,6 +28,18 @@ macro_rules! log {
     }};
 }
 
+/// Verbose logging to the console (kernel command line `sm.debug=1`).
+pub static DEBUG: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+#[macro_export]
+macro_rules! debug {
+    ($($arg:tt)*) => {{
+        if $crate::DEBUG.load(std::sync::atomic::Ordering::Relaxed) {
+            $crate::log!($($arg)*);
+        }
+    }};
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--version") {

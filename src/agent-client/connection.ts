@@ -514,6 +514,18 @@ export interface ConnectOptions {
   gone?: Promise<unknown>;
 }
 
+/**
+ * The fixed start of a HELLO_ACK after its length: type, flags, reserved,
+ * stream 0, then the magic field (the agent always writes it first).
+ */
+const HELLO_ACK_SIGNATURE = Buffer.concat([
+  Buffer.from([MsgType.HELLO_ACK, 0, 0, 0, 0, 0, 0, 0, Tag.HELLO_ACK.magic]),
+  Buffer.from([MAGIC.length, 0, 0, 0]),
+  MAGIC,
+]);
+/** Stale bytes tolerated before the HELLO_ACK. */
+const MAX_SKIP = 16 << 20;
+
 const ALLOWED_FROM_AGENT = new Set<number>([
   MsgType.HELLO_ACK,
   MsgType.PONG,
@@ -537,6 +549,10 @@ export class AgentConnection {
   private helloFail: ((e: Error) => void) | undefined;
   private corked = false;
   private error: Error | undefined;
+  /** Until HELLO_ACK, bytes a previous session left in the channel are skipped. */
+  private synced = false;
+  private preSync: Buffer = Buffer.alloc(0);
+  private skipped = 0;
   info: HelloInfo | undefined;
   /** Called once when the connection dies (protocol violation, socket closed, destroy). */
   onFatal: (err: Error) => void = () => undefined;
@@ -653,6 +669,22 @@ export class AgentConnection {
 
   private onChunk(chunk: Buffer): void {
     if (this.error) return;
+    if (!this.synced) {
+      const buf = this.preSync.length ? Buffer.concat([this.preSync, chunk]) : chunk;
+      const at = buf.indexOf(HELLO_ACK_SIGNATURE);
+      if (at < 4) {
+        // Keep only what could be the start of the signature.
+        const keep = Math.min(buf.length, HELLO_ACK_SIGNATURE.length + 4);
+        this.skipped += buf.length - keep;
+        this.preSync = Buffer.from(buf.subarray(buf.length - keep));
+        if (this.skipped > MAX_SKIP) this.violation(`no HELLO_ACK in the first ${MAX_SKIP} bytes`);
+        return;
+      }
+      this.synced = true;
+      this.skipped += at - 4;
+      this.preSync = Buffer.alloc(0);
+      chunk = buf.subarray(at - 4);
+    }
     let frames: Frame[];
     try {
       frames = this.reader.push(chunk);

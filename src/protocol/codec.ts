@@ -64,73 +64,62 @@ export function parseFrame(buf: Buffer): { frame: Frame; used: number } | undefi
 }
 
 /**
- * Incremental frame parser for a byte stream. Buffers at most one frame
- * (≤ 12 + MAX_PAYLOAD bytes) plus one incoming chunk.
+ * Incremental frame parser for a byte stream. Linear in the bytes pushed,
+ * whatever the chunking (a guest trickling one byte at a time costs no more
+ * than a big write), and it holds at most one incomplete frame
+ * (≤ 12 + MAX_PAYLOAD bytes), allocated once its length is known and valid.
  */
 export class FrameReader {
-  private chunks: Buffer[] = [];
-  private buffered = 0;
+  private head = Buffer.alloc(4);
+  private headLen = 0;
+  private body: Buffer | undefined;
+  private bodyLen = 0;
 
   /** Feeds bytes; returns the complete frames. Throws DecodeError on a bad frame. */
   push(chunk: Buffer): Frame[] {
     const frames: Frame[] = [];
-    if (this.buffered === 0) {
-      // Fast path: parse straight from the chunk.
-      let off = 0;
-      while (off < chunk.length) {
-        const r = parseFrame(chunk.subarray(off));
-        if (!r) break;
-        frames.push(r.frame);
-        off += r.used;
+    let off = 0;
+    while (off < chunk.length) {
+      if (!this.body) {
+        if (this.headLen === 0) {
+          // Fast path: whole frames straight from the chunk, no copy.
+          const r = parseFrame(chunk.subarray(off));
+          if (r) {
+            frames.push(r.frame);
+            off += r.used;
+            continue;
+          }
+        }
+        const take = Math.min(4 - this.headLen, chunk.length - off);
+        chunk.copy(this.head, this.headLen, off, off + take);
+        this.headLen += take;
+        off += take;
+        if (this.headLen < 4) break;
+        const len = this.head.readUInt32LE(0);
+        if (len < 8) throw new DecodeError("length-too-small", `frame length ${len} below minimum 8`);
+        if (len > 8 + MAX_PAYLOAD) throw new DecodeError("length-too-large", `frame length ${len} above maximum ${8 + MAX_PAYLOAD}`);
+        this.body = Buffer.allocUnsafe(4 + len);
+        this.head.copy(this.body, 0);
+        this.bodyLen = 4;
       }
-      if (off < chunk.length) {
-        this.chunks.push(chunk.subarray(off));
-        this.buffered = chunk.length - off;
-        this.checkHeader();
+      const take = Math.min(this.body.length - this.bodyLen, chunk.length - off);
+      chunk.copy(this.body, this.bodyLen, off, off + take);
+      this.bodyLen += take;
+      off += take;
+      if (this.bodyLen === this.body.length) {
+        const r = parseFrame(this.body);
+        this.body = undefined;
+        this.bodyLen = 0;
+        this.headLen = 0;
+        if (r) frames.push(r.frame);
       }
-      return frames;
-    }
-    this.chunks.push(chunk);
-    this.buffered += chunk.length;
-    this.checkHeader();
-    let need = this.needed();
-    while (need !== undefined && this.buffered >= need) {
-      const all = this.chunks.length === 1 ? this.chunks[0]! : Buffer.concat(this.chunks, this.buffered);
-      let off = 0;
-      while (off < all.length) {
-        const r = parseFrame(all.subarray(off));
-        if (!r) break;
-        frames.push(r.frame);
-        off += r.used;
-      }
-      const rest = all.subarray(off);
-      this.chunks = rest.length ? [rest] : [];
-      this.buffered = rest.length;
-      this.checkHeader();
-      need = this.needed();
-      if (need === undefined || this.buffered < need) break;
     }
     return frames;
   }
 
   /** Bytes held for an incomplete frame. */
   get pending(): number {
-    return this.buffered;
-  }
-
-  private needed(): number | undefined {
-    if (this.buffered < 4) return undefined;
-    const head = this.chunks[0]!.length >= 4 ? this.chunks[0]! : Buffer.concat(this.chunks, this.buffered);
-    return 4 + head.readUInt32LE(0);
-  }
-
-  /** Validates the length field as soon as it is complete. */
-  private checkHeader(): void {
-    if (this.buffered < 4) return;
-    const head = this.chunks[0]!.length >= 4 ? this.chunks[0]! : Buffer.concat(this.chunks, this.buffered);
-    const len = head.readUInt32LE(0);
-    if (len < 8) throw new DecodeError("length-too-small", `frame length ${len} below minimum 8`);
-    if (len > 8 + MAX_PAYLOAD) throw new DecodeError("length-too-large", `frame length ${len} above maximum ${8 + MAX_PAYLOAD}`);
+    return this.body ? this.bodyLen : this.headLen;
   }
 }
 

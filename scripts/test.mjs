@@ -1,0 +1,56 @@
+#!/usr/bin/env node
+// Runs every test (node:test, compiled to dist/test) with bounded
+// concurrency, then checks that no QEMU process the tests started is left.
+//   node scripts/test.mjs [substring...]   only test files whose path matches
+
+import { spawnSync } from "node:child_process";
+import { existsSync, readdirSync } from "node:fs";
+import { dirname, join, relative } from "node:path";
+import { fileURLToPath } from "node:url";
+
+const root = join(dirname(fileURLToPath(import.meta.url)), "..");
+const filters = process.argv.slice(2);
+
+function collect(dir, out = []) {
+  if (!existsSync(dir)) return out;
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    const p = join(dir, e.name);
+    if (e.isDirectory()) collect(p, out);
+    else if (e.name.endsWith(".test.js")) out.push(p);
+  }
+  return out;
+}
+
+function qemuPids() {
+  const r = spawnSync("ps", ["-eo", "pid=,args="], { encoding: "utf8" });
+  return new Set(
+    r.stdout
+      .split("\n")
+      .filter((l) => /qemu-system/.test(l) && /-name sm-/.test(l))
+      .map((l) => Number(l.trim().split(/\s+/)[0])),
+  );
+}
+
+const files = collect(join(root, "dist", "test"))
+  .filter((f) => filters.length === 0 || filters.some((s) => relative(root, f).includes(s)))
+  .sort();
+if (files.length === 0) {
+  console.error("test: no test files found (did the build run?)");
+  process.exit(1);
+}
+const before = qemuPids();
+// Two cores and emulated CPUs: at most two test files (and so few VMs) at once.
+const concurrency = process.env.SUPERMACHINE_TEST_CONCURRENCY ?? "2";
+const r = spawnSync(process.execPath, ["--test", `--test-concurrency=${concurrency}`, ...files], {
+  stdio: "inherit",
+  cwd: root,
+  env: process.env,
+});
+const leaked = [...qemuPids()].filter((p) => !before.has(p));
+if (leaked.length) {
+  console.error(`test: FAIL: QEMU processes left behind by the tests: ${leaked.join(", ")}`);
+  spawnSync("kill", ["-9", ...leaked.map(String)]);
+  process.exit(1);
+}
+console.log("test: no QEMU process left behind");
+process.exit(r.status ?? 1);

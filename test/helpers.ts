@@ -1,0 +1,52 @@
+/**
+ * Shared test fixtures: the default image, VM boot with generous deadlines,
+ * and cleanup that always runs.
+ */
+
+import { existsSync, readFileSync, readdirSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { ensureDefaultImage, DEFAULT_IMAGE_CONFIG } from "../src/guest/default-image.js";
+import { defaultCacheDir } from "../src/paths.js";
+import { Vm, type VmBootOptions } from "../src/vm/vm.js";
+
+export const REPO_ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+
+/** TCG VMs are ~10x slower than native: tests check correctness, not speed. */
+export const VM_TEST_TIMEOUT = 10 * 60_000;
+
+export async function defaultRootfs(): Promise<string> {
+  return ensureDefaultImage(defaultCacheDir());
+}
+
+/** Boots a VM of the default image. Always pair with `await vm.destroy()` in `after`/`finally`. */
+export async function bootDefault(o: Partial<VmBootOptions> = {}): Promise<Vm> {
+  return Vm.boot({ rootfs: await defaultRootfs(), config: DEFAULT_IMAGE_CONFIG, ...o });
+}
+
+/** PIDs of live processes whose command line matches `re`. */
+export function pidsMatching(re: RegExp): number[] {
+  const out: number[] = [];
+  for (const d of readdirSync("/proc")) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const cmd = readFileSync(`/proc/${d}/cmdline`, "latin1").replace(/\0/g, " ");
+      if (re.test(cmd)) out.push(Number(d));
+    } catch {
+      /* gone */
+    }
+  }
+  return out;
+}
+
+export function processAlive(pid: number): boolean {
+  return existsSync(`/proc/${pid}`) && !readFileSync(`/proc/${pid}/stat`, "latin1").includes(") Z ");
+}
+
+export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs: number, what: string): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!(await cond())) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
