@@ -276,8 +276,15 @@ impl Agent {
         loop {
             self.read_port();
             self.flush();
-            let timeout = self.next_timeout();
+            let idle_work = self.cgroups.has_idle_work();
+            let timeout = if idle_work { 0 } else { self.next_timeout() };
             let n = unsafe { sys::epoll_wait(self.io.ep.raw(), events.as_mut_ptr(), events.len() as i32, timeout) };
+            if n == 0 && idle_work {
+                // Nothing to serve: prepare cgroups for the next execs.
+                let t0 = sys::monotonic_us();
+                self.cgroups.idle_step();
+                debug!("idle step {} us", sys::monotonic_us() - t0);
+            }
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.raw_os_error() == Some(sys::EINTR) {
@@ -665,6 +672,7 @@ impl Agent {
         let mut want_stdin = false;
         let mut user: Option<Vec<u8>> = None;
         let mut report_started = false;
+        let mut want_cgroup = true;
         for f in proto::fields(p) {
             let (t, v) = f?;
             match t {
@@ -679,6 +687,7 @@ impl Agent {
                 tag::exec::STDIN => want_stdin = proto::val_bool(t, v)?,
                 tag::exec::USER => user = Some(v.to_vec()),
                 tag::exec::REPORT_STARTED => report_started = proto::val_bool(t, v)?,
+                tag::exec::CGROUP => want_cgroup = proto::val_bool(t, v)?,
                 _ => {}
             }
         }
@@ -709,7 +718,7 @@ impl Agent {
                 )));
             }
         }
-        let cgroup = self.cgroups.create("exec");
+        let cgroup = if want_cgroup { self.cgroups.create("exec") } else { None };
         let now = sys::monotonic_ms();
         let mut e = Box::new(Exec {
             pid: 0,
@@ -825,7 +834,9 @@ impl Agent {
                 identity: &e.identity,
                 cgroup: e.cgroup.as_deref(),
             };
+            let t0 = sys::monotonic_us();
             pid = exec::spawn(&spec).map_err(|x| io_err("spawn", x))?;
+            debug!("spawn {} us", sys::monotonic_us() - t0);
             drop(out_w);
             drop(err_w);
             e.out[0] = OutCh { fd: Some(out_r), credit: e.out[0].credit, watching: false };
@@ -1119,7 +1130,9 @@ impl Agent {
         self.io.send(ty::EOF, 2, id, &[]);
         let mut peak = None;
         if let Some(cg) = e.cgroup.take() {
+            let t0 = sys::monotonic_us();
             peak = Cgroups::peak_kib(&cg);
+            debug!("peak read {} us", sys::monotonic_us() - t0);
             self.cgroups.remove(cg);
         }
         let peak = peak.unwrap_or(e.rusage_maxrss_kib);
@@ -1138,10 +1151,7 @@ impl Agent {
             None => false,
         };
         if !by_cgroup && e.pid > 0 {
-            unsafe {
-                sys::kill(-e.pid, sys::SIGKILL);
-                sys::kill(e.pid, sys::SIGKILL);
-            }
+            exec::kill_session(e.pid);
         }
     }
 

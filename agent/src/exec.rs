@@ -176,6 +176,40 @@ pub fn spawn(spec: &SpawnSpec) -> io::Result<i32> {
     }
 }
 
+/// Kills, without a cgroup, what can be found of a process tree: the process
+/// group and every process still in the session the exec leader created.
+/// Processes that left the session (setsid) are out of reach: that is what a
+/// cgroup is for.
+pub fn kill_session(sid: i32) {
+    unsafe {
+        sys::kill(-sid, sys::SIGKILL);
+        sys::kill(sid, sys::SIGKILL);
+    }
+    let dir = match fs::read_dir("/proc") {
+        Ok(d) => d,
+        Err(_) => return,
+    };
+    for e in dir.flatten() {
+        let pid: i32 = match e.file_name().to_str().and_then(|n| n.parse().ok()) {
+            Some(p) => p,
+            None => continue,
+        };
+        let stat = match fs::read_to_string(format!("/proc/{}/stat", pid)) {
+            Ok(s) => s,
+            Err(_) => continue,
+        };
+        // Fields after the command (which may contain spaces): state ppid pgrp session ...
+        let rest = match stat.rfind(')') {
+            Some(i) => &stat[i + 1..],
+            None => continue,
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.len() > 3 && f[3].parse::<i32>().ok() == Some(sid) {
+            unsafe { sys::kill(pid, sys::SIGKILL) };
+        }
+    }
+}
+
 fn spawn_posix(spec: &SpawnSpec) -> io::Result<i32> {
     let argv = ptr_array(spec.argv);
     let envp = ptr_array(spec.env);
@@ -247,7 +281,23 @@ fn spawn_fork(spec: &SpawnSpec) -> io::Result<i32> {
     let groups: Vec<sys::gid_t> = spec.identity.groups.clone();
     // Reports an exec failure (errno) from the child; closed by a successful exec.
     let (err_r, err_w) = sys::pipe(0)?;
-    let pid = unsafe { sys::fork() };
+    // With a cgroup, clone3(CLONE_INTO_CGROUP) creates the child inside it:
+    // no migration afterwards, no window in which it could fork outside.
+    let cg_fd = match spec.cgroup {
+        Some(cg) => cstring(cg.as_os_str().to_string_lossy().as_bytes())
+            .ok()
+            .and_then(|c| sys::open_path(&c, sys::O_RDONLY | 0x10000 /* O_DIRECTORY */, 0).ok()),
+        None => None,
+    };
+    let mut pid = -1;
+    let mut in_cgroup = false;
+    if let Some(fd) = &cg_fd {
+        pid = clone_into_cgroup(fd.raw());
+        in_cgroup = pid >= 0;
+    }
+    if !in_cgroup {
+        pid = unsafe { sys::fork() };
+    }
     if pid < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -265,7 +315,7 @@ fn spawn_fork(spec: &SpawnSpec) -> io::Result<i32> {
             for sig in 1..32 {
                 sys::signal(sig, 0);
             }
-            if let Some(p) = &procs {
+            if let (Some(p), false) = (&procs, in_cgroup) {
                 let fd = sys::open(p.as_ptr(), sys::O_WRONLY | sys::O_CLOEXEC);
                 if fd >= 0 {
                     sys::write(fd, b"0".as_ptr() as *const _, 1);
@@ -344,34 +394,85 @@ extern "C" {
     fn __errno_location() -> *mut c_int;
 }
 
+/// clone3 with CLONE_INTO_CGROUP and fork semantics (the child gets a copy of
+/// the address space and returns here with 0). -1 with errno on failure
+/// (e.g. ENOSYS before Linux 5.7).
+fn clone_into_cgroup(cgroup_fd: c_int) -> i32 {
+    #[repr(C)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    #[cfg(target_arch = "x86_64")]
+    const SYS_CLONE3: i64 = 435;
+    #[cfg(target_arch = "aarch64")]
+    const SYS_CLONE3: i64 = 435;
+    let args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        pidfd: 0,
+        child_tid: 0,
+        parent_tid: 0,
+        exit_signal: sys::SIGCHLD as u64,
+        stack: 0,
+        stack_size: 0,
+        tls: 0,
+        set_tid: 0,
+        set_tid_size: 0,
+        cgroup: cgroup_fd as u64,
+    };
+    unsafe { sys::syscall(SYS_CLONE3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) as i32 }
+}
+
 unsafe fn errno_ptr() -> *mut c_int {
     __errno_location()
 }
 
 /// Per-exec cgroups under /sys/fs/cgroup: the tree's peak memory
 /// (memory.peak) and a reliable kill of every process in it (cgroup.kill).
+///
+/// Creating and removing a memory cgroup costs about a millisecond each under
+/// emulation, so both happen off the request path: a few empty cgroups are
+/// kept ready, and used ones are removed when the agent is idle.
 pub struct Cgroups {
     pub enabled: bool,
     counter: u64,
-    /// cgroups whose rmdir failed because processes still live in them.
-    lingering: Vec<PathBuf>,
+    ready: Vec<PathBuf>,
+    /// Used cgroups waiting for rmdir (it fails while processes remain).
+    retired: Vec<(PathBuf, u32)>,
 }
+
+const READY_TARGET: usize = 4;
 
 impl Cgroups {
     pub fn new(enabled: bool) -> Cgroups {
-        Cgroups { enabled, counter: 0, lingering: Vec::new() }
+        Cgroups { enabled, counter: 0, ready: Vec::new(), retired: Vec::new() }
     }
 
-    pub fn create(&mut self, prefix: &str) -> Option<PathBuf> {
-        if !self.enabled {
-            return None;
-        }
+    fn make(&mut self, prefix: &str) -> Option<PathBuf> {
         self.counter += 1;
         let p = PathBuf::from(format!("/sys/fs/cgroup/{}-{}", prefix, self.counter));
         match fs::create_dir(&p) {
             Ok(()) => Some(p),
             Err(_) => None,
         }
+    }
+
+    /// A fresh cgroup for one exec.
+    pub fn create(&mut self, prefix: &str) -> Option<PathBuf> {
+        if !self.enabled {
+            return None;
+        }
+        self.ready.pop().or_else(|| self.make(prefix))
     }
 
     /// Kills every process in the cgroup. Returns false when cgroup.kill is
@@ -385,12 +486,33 @@ impl Cgroups {
         s.trim().parse::<u64>().ok().map(|b| b / 1024)
     }
 
+    /// Hands a used cgroup back; it is removed later, when idle.
     pub fn remove(&mut self, cg: PathBuf) {
-        if fs::remove_dir(&cg).is_err() {
-            self.lingering.push(cg);
+        self.retired.push((cg, 0));
+    }
+
+    /// True when there is background work for [`Cgroups::idle_step`].
+    pub fn has_idle_work(&self) -> bool {
+        self.enabled && (!self.retired.is_empty() || self.ready.len() < READY_TARGET)
+    }
+
+    /// Does one piece of background work (one rmdir or one mkdir).
+    pub fn idle_step(&mut self) {
+        if let Some((cg, tries)) = self.retired.pop() {
+            if fs::remove_dir(&cg).is_err() && cg.exists() {
+                // Processes (a daemon started by an exec) still live there:
+                // try again later, then give up on it.
+                if tries < 1000 {
+                    self.retired.insert(0, (cg, tries + 1));
+                }
+            }
+            return;
         }
-        if !self.lingering.is_empty() {
-            self.lingering.retain(|p| fs::remove_dir(p).is_err() && p.exists());
+        if self.ready.len() < READY_TARGET {
+            match self.make("exec") {
+                Some(p) => self.ready.push(p),
+                None => self.enabled = self.ready.len() > 0,
+            }
         }
     }
 }

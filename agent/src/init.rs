@@ -33,6 +33,7 @@ struct Cmdline {
     port: String,
     hostname: String,
     cgroups: bool,
+    memcg: bool,
 }
 
 fn parse_cmdline() -> Cmdline {
@@ -43,6 +44,7 @@ fn parse_cmdline() -> Cmdline {
         port: "sm.agent".to_string(),
         hostname: "supermachine".to_string(),
         cgroups: true,
+        memcg: true,
     };
     for word in text.split_whitespace() {
         if let Some((k, v)) = word.split_once('=') {
@@ -52,6 +54,7 @@ fn parse_cmdline() -> Cmdline {
                 "sm.port" => c.port = v.to_string(),
                 "sm.hostname" => c.hostname = v.to_string(),
                 "sm.cgroups" => c.cgroups = v != "0" && v != "off",
+                "sm.memcg" => c.memcg = v != "0" && v != "off",
                 "sm.debug" => crate::DEBUG.store(v == "1", std::sync::atomic::Ordering::Relaxed),
                 _ => {}
             }
@@ -166,7 +169,13 @@ fn mount_runtime_dirs() -> Vec<String> {
     m("tmpfs", "/dev/shm", "tmpfs", sys::MS_NOSUID | sys::MS_NODEV, "mode=1777");
     m("tmpfs", "/tmp", "tmpfs", sys::MS_NOSUID | sys::MS_NODEV, "mode=1777");
     m("tmpfs", "/run", "tmpfs", sys::MS_NOSUID | sys::MS_NODEV, "mode=0755");
-    m("cgroup2", "/sys/fs/cgroup", "cgroup2", sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOEXEC, "");
+    // favordynmods (6.0+): moving a process between cgroups then needs no RCU
+    // grace period, which under emulation costs milliseconds per exec.
+    mkdir_p("/sys/fs/cgroup");
+    let cg_flags = sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOEXEC;
+    if mount("cgroup2", "/sys/fs/cgroup", "cgroup2", cg_flags, "favordynmods").is_err() {
+        m("cgroup2", "/sys/fs/cgroup", "cgroup2", cg_flags, "");
+    }
     for (link, target) in [
         ("/dev/fd", "/proc/self/fd"),
         ("/dev/stdin", "/proc/self/fd/0"),
@@ -197,12 +206,12 @@ fn loopback_up() -> io::Result<()> {
     Ok(())
 }
 
-fn enable_cgroups() -> bool {
+fn enable_cgroups(memcg: bool) -> bool {
     if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
         return false;
     }
     let controllers = fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").unwrap_or_default();
-    let wanted: Vec<&str> = ["memory", "pids"].iter().copied().filter(|c| controllers.split_whitespace().any(|x| x == *c)).collect();
+    let wanted: Vec<&str> = ["memory", "pids"].iter().copied().filter(|c| memcg && controllers.split_whitespace().any(|x| x == *c)).collect();
     let spec: Vec<String> = wanted.iter().map(|c| format!("+{}", c)).collect();
     if !spec.is_empty() {
         let _ = fs::write("/sys/fs/cgroup/cgroup.subtree_control", spec.join(" "));
@@ -252,7 +261,7 @@ pub fn boot() -> BootReport {
         errors.push(format!("loopback: {}", e));
     }
     default_etc_files(&c.hostname);
-    let cgroups = c.cgroups && enable_cgroups();
+    let cgroups = c.cgroups && enable_cgroups(c.memcg);
     if !errors.is_empty() {
         log!("boot: {}", errors.join("; "));
     }

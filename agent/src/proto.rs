@@ -108,6 +108,7 @@ pub mod tag {
         pub const STDIN: u8 = 9;
         pub const USER: u8 = 10;
         pub const REPORT_STARTED: u8 = 11;
+        pub const CGROUP: u8 = 12;
     }
     pub mod started {
         pub const PID: u8 = 1;
@@ -370,7 +371,7 @@ mod tests {
             ty::HELLO => &[("magic", hello::MAGIC), ("min_version", hello::MIN_VERSION), ("max_version", hello::MAX_VERSION), ("host_version", hello::HOST_VERSION)],
             ty::HELLO_ACK => &[("magic", hello_ack::MAGIC), ("version", hello_ack::VERSION), ("agent_version", hello_ack::AGENT_VERSION), ("feature", hello_ack::FEATURE), ("max_payload", hello_ack::MAX_PAYLOAD), ("boot_error", hello_ack::BOOT_ERROR)],
             ty::CONFIGURE => &[("env", configure::ENV), ("cwd", configure::CWD), ("user", configure::USER), ("hostname", configure::HOSTNAME), ("time_ns", configure::TIME_NS), ("entropy", configure::ENTROPY), ("machine_id", configure::MACHINE_ID), ("boot_id", configure::BOOT_ID)],
-            ty::EXEC => &[("argv", exec::ARGV), ("env", exec::ENV), ("cwd", exec::CWD), ("timeout_ms", exec::TIMEOUT_MS), ("tty", exec::TTY), ("cols", exec::COLS), ("rows", exec::ROWS), ("chain", exec::CHAIN), ("stdin", exec::STDIN), ("user", exec::USER), ("report_started", exec::REPORT_STARTED)],
+            ty::EXEC => &[("argv", exec::ARGV), ("env", exec::ENV), ("cwd", exec::CWD), ("timeout_ms", exec::TIMEOUT_MS), ("tty", exec::TTY), ("cols", exec::COLS), ("rows", exec::ROWS), ("chain", exec::CHAIN), ("stdin", exec::STDIN), ("user", exec::USER), ("report_started", exec::REPORT_STARTED), ("cgroup", exec::CGROUP)],
             ty::STARTED => &[("pid", started::PID)],
             ty::EXIT => &[("exit_code", exit::EXIT_CODE), ("signal", exit::SIGNAL), ("timed_out", exit::TIMED_OUT), ("peak_rss_kib", exit::PEAK_RSS_KIB)],
             ty::SIGNAL => &[("signum", signal::SIGNUM)],

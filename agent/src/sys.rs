@@ -342,6 +342,12 @@ pub fn monotonic_ms() -> u64 {
     (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
 }
 
+pub fn monotonic_us() -> u64 {
+    let mut ts = Timespec::default();
+    unsafe { clock_gettime(CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000 + (ts.tv_nsec as u64) / 1_000
+}
+
 /// A C string from bytes; interior NULs are rejected.
 pub fn cstring(bytes: &[u8]) -> io::Result<std::ffi::CString> {
     std::ffi::CString::new(bytes.to_vec())

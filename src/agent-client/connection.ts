@@ -152,6 +152,8 @@ export interface ExecRequest {
   stdin?: boolean;
   user?: string;
   reportStarted?: boolean;
+  /** Own cgroup for the tree (exact kill, tree memory.peak). @default the agent's (true) */
+  cgroup?: boolean;
 }
 
 /**
@@ -830,6 +832,7 @@ export class AgentConnection {
     if (req.stdin) r.bool(Tag.EXEC.stdin, true);
     if (req.user) r.bytes(Tag.EXEC.user, req.user);
     if (req.reportStarted) r.bool(Tag.EXEC.report_started, true);
+    if (req.cgroup !== undefined) r.bool(Tag.EXEC.cgroup, req.cgroup);
     if (r.length > MAX_PAYLOAD) throw new RangeError(`the exec request is ${r.length} bytes, over the ${MAX_PAYLOAD}-byte frame limit (shorten argv/env)`);
     const s = this.open((id) => new ExecStream(this, id));
     this._send(MsgType.EXEC, 0, s.id, r.build());

@@ -68,6 +68,7 @@ export const Tag = {
     stdin: 9,
     user: 10,
     report_started: 11,
+    cgroup: 12,
   },
   STARTED: { pid: 1 },
   EXIT: { exit_code: 1, signal: 2, timed_out: 3, peak_rss_kib: 4 },

@@ -46,6 +46,14 @@ export interface ExecOptions {
   readonly winsize?: Winsize;
   /** (extension) User to run as: name or uid[:gid]. @default the image's User, else root */
   readonly user?: string;
+  /**
+   * (extension) Run the process tree in a cgroup of its own: a timeout or kill
+   * reaches every process, daemons that left the session included, and
+   * peakRssKib is the whole tree's peak. Costs ~2 ms per exec under TCG.
+   * Without it, kills reach the process group and session, and peakRssKib is
+   * the largest single process's peak. @default false for exec(), true for spawn()
+   */
+  readonly isolateTree?: boolean;
   /** (extension) Kills the process when aborted; the call rejects with AbortError. */
   readonly signal?: AbortSignal;
   /**
@@ -87,6 +95,7 @@ export interface ValidExec {
   files: { path: Uint8Array; data: Uint8Array; mode: number }[];
   signal?: AbortSignal;
   maxOutputBytes: number;
+  isolateTree?: boolean;
 }
 
 function bytesArg(v: unknown, name: string): Uint8Array {
@@ -172,6 +181,7 @@ export function validateExec(o: unknown, defaultTimeout: number): ValidExec {
   if (x.user !== undefined && (typeof x.user !== "string" || !/^[A-Za-z0-9_.-]+(:[A-Za-z0-9_.-]+)?$/.test(x.user))) {
     throw invalidOption("user", "a user name or uid, optionally :group or :gid", x.user);
   }
+  if (x.isolateTree !== undefined && typeof x.isolateTree !== "boolean") throw invalidOption("isolateTree", "a boolean", x.isolateTree);
   if (x.signal !== undefined && !(x.signal instanceof AbortSignal)) throw invalidOption("signal", "an AbortSignal", x.signal);
   const maxOutputBytes = x.maxOutputBytes ?? DEFAULT_MAX_OUTPUT;
   if (!Number.isInteger(maxOutputBytes) || maxOutputBytes < 0) throw invalidOption("maxOutputBytes", "a non-negative integer", x.maxOutputBytes);
@@ -186,5 +196,6 @@ export function validateExec(o: unknown, defaultTimeout: number): ValidExec {
     files,
     ...(x.signal ? { signal: x.signal } : {}),
     maxOutputBytes,
+    ...(x.isolateTree !== undefined ? { isolateTree: x.isolateTree } : {}),
   };
 }

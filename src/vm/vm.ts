@@ -312,6 +312,7 @@ export class Vm {
       ...(v.user ? { user: v.user } : {}),
       stdin: spawn,
       reportStarted: spawn,
+      cgroup: v.isolateTree ?? spawn,
     });
   }
 

@@ -75,6 +75,21 @@ describe("Vm.exec on a real VM", { timeout: VM_TEST_TIMEOUT }, () => {
     assert.equal(ps.stdout.toString().trim(), "0");
   });
 
+  it("isolateTree: a timeout also kills a daemon that left the session", async () => {
+    const r = await vm.exec({ argv: ["sh", "-c", "setsid sleep 999 & sleep 999"], timeoutMs: 1500, isolateTree: true });
+    assert.equal(r.timedOut, true);
+    const ps = await vm.exec({ argv: ["sh", "-c", "ps -o comm | grep -c '^sleep' || true"] });
+    assert.equal(ps.stdout.toString().trim(), "0");
+  });
+
+  it("peakRssKib reports a ~50 MiB allocation, with and without a cgroup", async () => {
+    for (const isolateTree of [false, true]) {
+      const r = await vm.exec({ argv: ["dd", "if=/dev/zero", "of=/dev/null", "bs=50M", "count=1"], isolateTree });
+      assert.equal(r.exitCode, 0, r.stderr.toString());
+      assert.ok(r.peakRssKib !== null && r.peakRssKib >= 50 * 1024, `isolateTree=${isolateTree}: peak ${r.peakRssKib} KiB`);
+    }
+  });
+
   it("stageFiles and stageFilesMode: a staged 0o755 script runs", async () => {
     const r = await vm.exec({
       argv: ["/opt/run.sh"],

@@ -1,0 +1,81 @@
+/**
+ * Guest assets: module load order from the cached Debian kernel, the
+ * initramfs layout, and the kernel command line.
+ */
+
+import assert from "node:assert/strict";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import { describe, it } from "node:test";
+import { bootAssets, kernelCmdline } from "../../src/guest/assets.js";
+import { buildCpio, S_IFREG } from "../../src/guest/cpio.js";
+import { isStaticElf } from "../../src/guest/default-image.js";
+import { locateKernel } from "../../src/guest/kernel.js";
+import { defaultCacheDir } from "../../src/paths.js";
+
+/** Minimal newc reader for the test. */
+function readCpio(b: Buffer): Map<string, { mode: number; data: Buffer; rdev: [number, number] }> {
+  const out = new Map<string, { mode: number; data: Buffer; rdev: [number, number] }>();
+  let off = 0;
+  const pad = (n: number) => (n + 3) & ~3;
+  for (;;) {
+    assert.equal(b.toString("latin1", off, off + 6), "070701");
+    const f = (i: number) => parseInt(b.toString("latin1", off + 6 + i * 8, off + 14 + i * 8), 16);
+    const mode = f(1);
+    const size = f(6);
+    const namesize = f(11);
+    const name = b.toString("utf8", off + 110, off + 110 + namesize - 1);
+    const dataOff = pad(off + 110 + namesize);
+    if (name === "TRAILER!!!") return out;
+    out.set(name, { mode, data: b.subarray(dataOff, dataOff + size), rdev: [f(9), f(10)] });
+    off = pad(dataOff + size);
+  }
+}
+
+describe("guest assets", () => {
+  it("modules are listed in dependency order (virtio_ring before virtio before virtio_mmio ...)", () => {
+    const k = locateKernel(defaultCacheDir());
+    const order = readFileSync(join(k.modulesDir!, "order"), "utf8").trim().split("\n");
+    const at = (m: string) => {
+      const i = order.indexOf(`${m}.ko`);
+      assert.ok(i >= 0, `${m} missing from ${order.join(",")}`);
+      return i;
+    };
+    assert.ok(at("virtio_ring") < at("virtio"));
+    assert.ok(at("virtio") < at("virtio_mmio"));
+    assert.ok(at("virtio_mmio") < at("virtio_console") || at("virtio") < at("virtio_console"));
+    assert.ok(at("virtio") < at("virtio_blk"));
+    // erofs needs libcrc32c, whose soft dependency is the crc32c algorithm.
+    assert.ok(at("crc32c_generic") < at("libcrc32c"));
+    assert.ok(at("libcrc32c") < at("erofs"));
+    at("overlay");
+  });
+
+  it("the initramfs has the agent as /init, a console and the modules", async () => {
+    const a = await bootAssets();
+    const files = readCpio(readFileSync(a.initrd));
+    const init = files.get("init")!;
+    assert.equal(init.mode, S_IFREG | 0o755);
+    assert.ok(isStaticElf(init.data), "the agent must be a static binary");
+    assert.deepEqual(files.get("dev/console")!.rdev, [5, 1]);
+    const order = files.get("lib/modules/order")!.data.toString().trim().split("\n");
+    for (const m of order) assert.ok(files.has(`lib/modules/${m}`), `${m} listed but not packed`);
+    // Same inputs, same archive: the cache key is stable.
+    assert.equal((await bootAssets()).initrd, a.initrd);
+  });
+
+  it("cpio entries are 4-byte aligned and terminated", () => {
+    const b = buildCpio([{ name: "a", mode: S_IFREG | 0o644, data: Buffer.from("xyz") }]);
+    const files = readCpio(b);
+    assert.deepEqual(files.get("a")!.data, Buffer.from("xyz"));
+    assert.equal(b.length % 4, 0);
+  });
+
+  it("the kernel command line: console, panic ends QEMU, TCG-only clock flags", () => {
+    const t = kernelCmdline({ accel: "tcg", hostname: "h1", hasRootfs: true }).split(" ");
+    for (const w of ["console=ttyS0", "panic=-1", "tsc=reliable", "sm.root=/dev/vda", "sm.hostname=h1"]) assert.ok(t.includes(w), w);
+    const k = kernelCmdline({ accel: "kvm", hasRootfs: false }).split(" ");
+    assert.ok(!k.includes("tsc=reliable"));
+    assert.ok(k.includes("sm.root=none"));
+  });
+});
