@@ -624,7 +624,12 @@ impl Agent {
             let (t, v) = f?;
             match t {
                 tag::configure::ENV => env.get_or_insert_with(Vec::new).push(v.to_vec()),
-                tag::configure::CWD => self.cwd = v.to_vec(),
+                tag::configure::CWD => {
+                    // As Docker does: the image's WorkingDir exists in the container.
+                    use std::os::unix::ffi::OsStrExt;
+                    let _ = fs::create_dir_all(std::ffi::OsStr::from_bytes(v));
+                    self.cwd = v.to_vec();
+                }
                 tag::configure::USER => self.user = v.to_vec(),
                 tag::configure::HOSTNAME => {
                     crate::init::set_hostname(v).map_err(|e| ReqError::from_io("sethostname", &e))?;

@@ -17,6 +17,7 @@ import { chooseAccelerator, type AcceleratorOption } from "../vmm/accel.js";
 import { findQemu } from "../vmm/qemu.js";
 import { Vm, type GuestConfig, type VmBootOptions } from "../vm/vm.js";
 import type { ExecChild } from "../vm/exec-child.js";
+import type { ImageConfig } from "../oci/manifest.js";
 
 const USAGE = `usage:
   supermachine run [options] [--rootfs DIR | IMAGE] -- COMMAND [ARG...]
@@ -35,8 +36,10 @@ run options:
   --timeout MS        kill the command after MS milliseconds (default none)
   -q, --quiet         no progress messages on stderr
 
-With neither --rootfs nor IMAGE, the default image (busybox, built locally by
-\`npm run setup\`) is used. Exit status: the command's; 124 when --timeout
+IMAGE is an OCI reference (alpine, host:port/repo:tag, repo@sha256:...) or an
+offline source (oci:DIR[:tag], oci-archive:FILE, docker-archive:FILE); without
+a COMMAND the image's Entrypoint + Cmd run. With neither --rootfs nor IMAGE,
+the default image (busybox, built locally by \`npm run setup\`) is used. Exit status: the command's; 124 when --timeout
 killed it; 128+N when signal N killed it; 125 when supermachine itself failed.`;
 
 export async function main(argv: string[]): Promise<number> {
@@ -90,10 +93,6 @@ async function run(args: string[]): Promise<number> {
       quiet: { type: "boolean", short: "q" },
     },
   });
-  if (command.length === 0) {
-    process.stderr.write(`supermachine run: no command given (put it after --)\n${USAGE}\n`);
-    return 2;
-  }
   if (positionals.length > 1) {
     process.stderr.write(`supermachine run: one IMAGE at most, got ${positionals.join(" ")}\n`);
     return 2;
@@ -101,6 +100,10 @@ async function run(args: string[]): Promise<number> {
   const image = positionals[0];
   if (image !== undefined && values.rootfs !== undefined) {
     process.stderr.write("supermachine run: give either --rootfs DIR or IMAGE, not both\n");
+    return 2;
+  }
+  if (command.length === 0 && image === undefined) {
+    process.stderr.write(`supermachine run: no command given (put it after --)\n${USAGE}\n`);
     return 2;
   }
   const num = (v: string | undefined, name: string): number | undefined => {
@@ -132,6 +135,14 @@ async function run(args: string[]): Promise<number> {
     const img = await resolveImage(image, say);
     boot.rootfsImage = img.rootfsImage;
     config = img.config;
+    if (command.length === 0) {
+      // No command: the image's own (Entrypoint + Cmd), as `docker run IMAGE` does.
+      command.push(...(img.imageConfig.entrypoint ?? []), ...(img.imageConfig.cmd ?? []));
+      if (command.length === 0) {
+        process.stderr.write(`supermachine run: ${image} has no Entrypoint or Cmd; give a command after --\n`);
+        return 2;
+      }
+    }
   } else {
     boot.rootfs = await ensureDefaultImage(cacheDir);
   }
@@ -199,7 +210,7 @@ async function pump(child: ExecChild, which: "out" | "err"): Promise<void> {
 }
 
 /** Resolves IMAGE to a root filesystem image + config (registry pulls). */
-async function resolveImage(ref: string, say: (s: string) => void): Promise<{ rootfsImage: string; config: GuestConfig }> {
+async function resolveImage(ref: string, say: (s: string) => void): Promise<{ rootfsImage: string; config: GuestConfig; imageConfig: ImageConfig }> {
   const { resolveRootfs } = await import("../image/resolve.js");
   return resolveRootfs(ref, { onProgress: (m) => say(m) });
 }

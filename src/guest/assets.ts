@@ -118,6 +118,38 @@ export interface CmdlineOptions {
   accel: Accelerator;
   hostname?: string;
   hasRootfs: boolean;
+  /** TSC frequency for the guest (TCG); default: the host's, from /proc/cpuinfo. */
+  tscKhz?: number | null;
+}
+
+let tscMemo: number | null | undefined;
+
+/**
+ * The host's TSC frequency in kHz, which is what a TCG guest's TSC ticks at
+ * (QEMU's TCG reads the host TSC). Without it, the guest calibrates its TSC
+ * against the emulated PIT, and under host load that calibration fails and
+ * the boot hangs. null when unknown (not x86, or no "cpu MHz").
+ * SUPERMACHINE_GUEST_TSC_KHZ overrides it (0: let the guest calibrate).
+ */
+export function hostTscKhz(): number | null {
+  if (tscMemo !== undefined) return tscMemo;
+  tscMemo = null;
+  const forced = process.env.SUPERMACHINE_GUEST_TSC_KHZ;
+  if (forced !== undefined && forced !== "") {
+    const n = Number(forced);
+    tscMemo = Number.isInteger(n) && n > 0 ? n : null;
+    return tscMemo;
+  }
+  if (process.arch === "x64") {
+    try {
+      const m = /^cpu MHz\s*:\s*([0-9.]+)/m.exec(readFileSync("/proc/cpuinfo", "latin1"));
+      const mhz = m ? Number(m[1]) : NaN;
+      if (Number.isFinite(mhz) && mhz > 100) tscMemo = Math.round(mhz * 1000);
+    } catch {
+      /* unknown */
+    }
+  }
+  return tscMemo;
 }
 
 /** The guest kernel command line. */
@@ -139,8 +171,12 @@ export function kernelCmdline(o: CmdlineOptions): string {
     "nokaslr",
   ];
   if (o.accel === "tcg") {
-    // TCG's TSC is stable; skip calibration waits and watchdog checks.
+    // TCG's TSC is the host's: stable, and of a known frequency. Calibrating
+    // it against the emulated PIT is slow and, under load, fails (and the
+    // boot hangs), so the frequency is given.
     parts.push("tsc=reliable", "no_timer_check");
+    const khz = o.tscKhz === undefined ? hostTscKhz() : o.tscKhz;
+    if (khz) parts.push(`tsc_early_khz=${khz}`);
   }
   parts.push(`sm.root=${o.hasRootfs ? "/dev/vda" : "none"}`);
   if (o.hostname) parts.push(`sm.hostname=${o.hostname}`);

@@ -20,7 +20,6 @@
 import { randomBytes } from "node:crypto";
 import { constants as fsc } from "node:fs";
 import { mkdir, open, readdir, readFile, rename, stat, unlink, type FileHandle } from "node:fs/promises";
-import { homedir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { Readable } from "node:stream";
 import { AbortError, DigestMismatchError, DiskFullError } from "../errors.js";
@@ -28,15 +27,9 @@ import { Digester, digestOf, parseDigest, type DigestAlgorithm } from "./digest.
 import { backoffMs, delay } from "./http.js";
 import { acquireLock } from "./lock.js";
 
-/**
- * The default cache directory: $SUPERMACHINE_CACHE_DIR, else
- * $XDG_CACHE_HOME/supermachine, else ~/.cache/supermachine.
- */
-export function defaultCacheDir(env: NodeJS.ProcessEnv = process.env): string {
-  if (env.SUPERMACHINE_CACHE_DIR) return resolve(env.SUPERMACHINE_CACHE_DIR);
-  if (env.XDG_CACHE_HOME) return resolve(env.XDG_CACHE_HOME, "supermachine");
-  return join(env.HOME || homedir(), ".cache", "supermachine");
-}
+import { defaultCacheDir } from "../paths.js";
+
+export { defaultCacheDir };
 
 /** Where a blob came from in {@link BlobCache.ingest}. */
 export type IngestOutcome = "cached" | "downloaded" | "peer";

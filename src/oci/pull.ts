@@ -20,7 +20,8 @@ import { closeSync, createReadStream, openSync, readSync } from "node:fs";
 import { PassThrough, type Readable } from "node:stream";
 import * as zlib from "node:zlib";
 import { AbortError, ImageError, invalidOption, LayerError, MissingAssetError, NotFoundError } from "../errors.js";
-import { BlobCache, defaultCacheDir, type IngestResult } from "./cache.js";
+import { defaultCacheDir } from "../paths.js";
+import { BlobCache, type IngestResult } from "./cache.js";
 import type { Credentials } from "./auth.js";
 import {
   checkConfigPlatform,

@@ -192,3 +192,23 @@ describe("VM lifecycle", { timeout: VM_TEST_TIMEOUT }, () => {
     rmSync(join(script, ".."), { recursive: true, force: true });
   });
 });
+
+// Regression: under host load, a TCG guest's TSC calibration against the
+// emulated PIT failed and the boot hung with an empty console (every boot of
+// 12, with two CPU burners on two cores). The host now passes the TSC
+// frequency (tsc_early_khz).
+describe("boot under host load", { timeout: VM_TEST_TIMEOUT }, () => {
+  it("boots three VMs at once while both cores are busy", async () => {
+    const burners = [0, 1].map(() => spawn(process.execPath, ["-e", "for(;;){}"], { stdio: "ignore" }));
+    try {
+      const vms = await Promise.all([0, 1, 2].map(() => bootDefault({ bootTimeoutMs: 180_000 })));
+      try {
+        for (const vm of vms) assert.equal((await vm.exec({ argv: ["echo", "up"] })).stdout.toString(), "up\n");
+      } finally {
+        await Promise.all(vms.map((v) => v.destroy()));
+      }
+    } finally {
+      for (const b of burners) b.kill("SIGKILL");
+    }
+  });
+});
