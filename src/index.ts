@@ -6,6 +6,9 @@
 
 export * from "./errors.js";
 export { Vm, type VmBootOptions, type GuestConfig } from "./vm/vm.js";
+export { Image, type BuildOptions, type ExtraFile, type MountSpec, type VolumeSpec, type WarmupVm } from "./image/image.js";
+export { Pool, type PoolOptions, type PoolStats } from "./pool/pool.js";
+export { resolveImage, type ImageProgress, type ResolvedImage } from "./image/resolve.js";
 export { ExecChild } from "./vm/exec-child.js";
 export { TcpForwarder } from "./vm/tcp-forwarder.js";
 export type { ExecOptions, ExecOutput, ExecWaitResult, StagedFileMode, Winsize } from "./vm/options.js";

@@ -388,12 +388,20 @@ impl Agent {
         let buf = std::mem::take(&mut self.rbuf);
         let mut pos = 0;
         if self.resync {
-            if let Some(at) = find_hello(&buf) {
-                if at > 0 {
-                    log!("dropping {} bytes left by a previous host before its HELLO", at);
+            match find_hello(&buf) {
+                Some(at) => {
+                    if at > 0 {
+                        log!("dropping {} bytes left by a previous host before its HELLO", at);
+                    }
+                    pos = at;
+                    self.resync = false;
                 }
-                pos = at;
-                self.resync = false;
+                // Whole frames and no HELLO: the same host is still there.
+                None => {
+                    if let Ok(Some(_)) = proto::parse_frame(&buf) {
+                        self.resync = false;
+                    }
+                }
             }
         }
         loop {
@@ -472,6 +480,9 @@ impl Agent {
                 // Flush the OK, then stay silent until the host speaks again.
                 self.flush();
                 self.io.quiesced = true;
+                // A clone restored from this snapshot talks to a new host,
+                // whose HELLO is found by its signature.
+                self.resync = true;
             }
             ty::EXEC => {
                 if let Err(e) = self.start_exec(id, p) {

@@ -9,6 +9,10 @@
  */
 
 import { randomBytes, randomUUID } from "node:crypto";
+import { createHash } from "node:crypto";
+import { existsSync } from "node:fs";
+import { copyFile, link, mkdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import { basename, join, resolve } from "node:path";
 import { AgentConnection, type ExecStream } from "../agent-client/connection.js";
 import {
   AbortError,
@@ -17,17 +21,22 @@ import {
   FileTooLargeError,
   GuestDiedError,
   OutputLimitError,
+  SnapshotError,
   SupermachineError,
   TimeoutError,
   invalidOption,
 } from "../errors.js";
+import type { Image } from "../image/image.js";
 import { bootAssets, kernelCmdline } from "../guest/assets.js";
 import { defaultCacheDir } from "../paths.js";
 import { RecordBuilder } from "../protocol/codec.js";
 import { FILE_LIMIT, MsgType, Tag, WireError } from "../protocol/constants.js";
 import { directoryImage } from "../rootfs/cache.js";
-import { chooseAccelerator, warnTcgOnce, type Accelerator, type AcceleratorOption } from "../vmm/accel.js";
+import { chooseAccelerator, warnTcgOnce, type Accelerator, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
 import { QemuProcess } from "../vmm/qemu.js";
+import { QmpClient } from "../vmm/qmp.js";
+import { loadState } from "../snapshot/migrate.js";
+import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { ExecChild } from "./exec-child.js";
 import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutput, type ValidExec } from "./options.js";
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
@@ -68,6 +77,133 @@ export interface VmBootOptions {
 
 type State = "ready" | "closing" | "closed" | "dead";
 
+/** @internal How a VM's guest RAM is backed. */
+export type RamBacking =
+  /** Plain anonymous memory (Vm.boot). */
+  | { kind: "anonymous" }
+  /** A file in the runtime dir mapped shared: the file is the memory (bakes). */
+  | { kind: "shared-file" }
+  /** A snapshot's RAM file mapped private: copy-on-write (restores). */
+  | { kind: "snapshot"; path: string };
+
+/** @internal What a VM was made from; recorded in snapshots taken of it. */
+export interface VmOrigin {
+  image: { ref: string; digest: string };
+  config: GuestConfig;
+  workload: WorkloadSpec | null;
+  guestPort: number;
+  listenerRequired: boolean;
+  cacheDir: string;
+}
+
+/** @internal Everything needed to start (or restore) one VM. */
+export interface LaunchSpec {
+  id: string;
+  accel: AcceleratorChoice;
+  memoryMib: number;
+  vcpus: number;
+  kernel: string;
+  initrd?: string;
+  cmdline: string;
+  rootfsImage?: string;
+  ram: RamBacking;
+  /** Restore: the device state to load (QEMU starts with -incoming). */
+  incomingState?: string;
+  hostname: string;
+  /** Image environment/cwd/user to send; restores already have them. */
+  config?: GuestConfig;
+  bootTimeoutMs: number;
+  signal?: AbortSignal;
+  qemuBinary?: string;
+  origin: VmOrigin;
+}
+
+/** @internal Starts QEMU for `spec`, connects to the agent, configures the guest. */
+export async function launchVm(spec: LaunchSpec): Promise<Vm> {
+  const dir = createRuntimeDir();
+  let qemu: QemuProcess | undefined;
+  let qmp: QmpClient | undefined;
+  try {
+    const memoryFile =
+      spec.ram.kind === "shared-file"
+        ? { path: join(dir, "ram"), share: true }
+        : spec.ram.kind === "snapshot"
+          ? { path: spec.ram.path, share: false }
+          : undefined;
+    qemu = await QemuProcess.start({
+      ...(spec.qemuBinary ? { qemuBinary: spec.qemuBinary } : {}),
+      accel: spec.accel.accel,
+      memoryMib: spec.memoryMib,
+      vcpus: spec.vcpus,
+      kernel: spec.kernel,
+      ...(spec.initrd ? { initrd: spec.initrd } : {}),
+      cmdline: spec.cmdline,
+      ...(spec.rootfsImage ? { rootfs: spec.rootfsImage } : {}),
+      ...(memoryFile ? { memoryFile } : {}),
+      ...(spec.incomingState ? { incoming: true } : {}),
+      dir,
+      name: `sm-${spec.id}`,
+    });
+    const q = qemu;
+    const deadline = Date.now() + spec.bootTimeoutMs;
+    if (spec.incomingState) {
+      qmp = await connectQmp(q, deadline);
+      await loadState(qmp, dir, spec.incomingState, { ignoreShared: true, timeoutMs: Math.max(1, deadline - Date.now()) });
+      const st = await qmp.execute<{ status?: string }>("query-status");
+      if (st.status !== "running") await qmp.execute("cont");
+    }
+    const conn = await AgentConnection.connect(q.agentSocket, {
+      timeoutMs: Math.max(1, deadline - Date.now()),
+      gone: q.exited,
+      ...(spec.signal ? { signal: spec.signal } : {}),
+    }).catch((e: unknown) => {
+      if (e instanceof ClosedError) throw new GuestDiedError(`the VM did not ${spec.incomingState ? "resume" : "boot"}: ${e.message}`, q.consoleTail(), { cause: e });
+      if (e instanceof TimeoutError) throw new TimeoutError(`${e.message}\n--- guest console (tail) ---\n${q.consoleTail()}`, e.timeoutMs, { cause: e });
+      throw e;
+    });
+    if (conn.info?.bootError) {
+      conn.destroy(new ClosedError("boot failed"));
+      throw new GuestDiedError(`the guest failed to boot: ${conn.info.bootError}`, q.consoleTail());
+    }
+    const vm = new Vm({
+      id: spec.id,
+      accel: spec.accel.accel,
+      reason: spec.accel.reason,
+      memoryMib: spec.memoryMib,
+      vcpus: spec.vcpus,
+      qemu: q,
+      conn,
+      runtimeDir: dir,
+      ram: spec.ram,
+      launch: spec,
+    });
+    if (qmp) vm._adoptQmp(qmp);
+    await vm.configure({ hostname: spec.hostname, ...(spec.config ? { config: spec.config } : {}) });
+    return vm;
+  } catch (e) {
+    qmp?.close();
+    if (qemu) await qemu.stop();
+    await removeRuntimeDir(dir);
+    if (spec.signal?.aborted) throw new AbortError("VM start aborted", { cause: spec.signal.reason });
+    throw e;
+  }
+}
+
+/** Connects to QMP as soon as QEMU has created its socket. */
+async function connectQmp(q: QemuProcess, deadline: number): Promise<QmpClient> {
+  for (;;) {
+    if (q.exitStatus) throw new GuestDiedError("QEMU exited during start", q.consoleTail());
+    try {
+      return await QmpClient.connect(q.qmpSocket);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code !== "ENOENT" && code !== "ECONNREFUSED") throw e;
+      if (Date.now() > deadline) throw new TimeoutError("QEMU's QMP socket did not appear in time", 0);
+      await new Promise((r) => setTimeout(r, 1));
+    }
+  }
+}
+
 const HOSTNAME_RE = /^[A-Za-z0-9][A-Za-z0-9.-]{0,62}$/;
 
 function positiveInt(v: unknown, name: string, dflt: number, max: number): number {
@@ -101,14 +237,17 @@ export class Vm {
   /** @internal */ readonly qemu: QemuProcess;
   /** @internal */ readonly conn: AgentConnection;
   /** @internal */ readonly runtimeDir: string;
+  /** @internal How guest RAM is backed (decides how a snapshot is taken). */
+  readonly ram: RamBacking;
+  /** @internal The launch this VM came from (reused to rebuild it elsewhere). */
+  readonly launch: LaunchSpec;
+  private qmpClient: Promise<QmpClient> | undefined;
   private state: State = "ready";
   private deathError: SupermachineError | undefined;
   private inflight = 0;
   private idleWaiters: (() => void)[] = [];
   private forwarders = new Set<TcpForwarder>();
   private closing: Promise<void> | undefined;
-  /** @internal Set by a Pool: what release() does instead of closing. */
-  _onRelease: ((vm: Vm) => Promise<void>) | undefined;
   /** @internal Called once when the guest dies on its own. */
   _onDeath: ((vm: Vm, err: SupermachineError) => void) | undefined;
 
@@ -122,6 +261,8 @@ export class Vm {
     qemu: QemuProcess;
     conn: AgentConnection;
     runtimeDir: string;
+    ram: RamBacking;
+    launch: LaunchSpec;
   }) {
     this.id = p.id;
     this.accelerator = p.accel;
@@ -131,6 +272,8 @@ export class Vm {
     this.qemu = p.qemu;
     this.conn = p.conn;
     this.runtimeDir = p.runtimeDir;
+    this.ram = p.ram;
+    this.launch = p.launch;
     p.conn.onFatal = (err) => this.died(err);
     void p.qemu.exited.then((ex) => {
       if (this.state === "ready" || this.state === "closing") {
@@ -164,43 +307,31 @@ export class Vm {
     const rootfsImage = o.rootfs !== undefined ? await directoryImage(o.rootfs, cacheDir, o.signal ? { signal: o.signal } : {}) : o.rootfsImage;
     const id = randomBytes(4).toString("hex");
     const hostname = o.hostname ?? `sm-${id}`;
-    const dir = createRuntimeDir();
-    let qemu: QemuProcess | undefined;
-    try {
-      qemu = await QemuProcess.start({
-        ...(o.qemuBinary ? { qemuBinary: o.qemuBinary } : {}),
-        accel: choice.accel,
-        memoryMib,
-        vcpus,
-        kernel: assets.kernel,
-        initrd: assets.initrd,
-        cmdline: kernelCmdline({ accel: choice.accel, hostname, hasRootfs: rootfsImage !== undefined }),
-        ...(rootfsImage ? { rootfs: rootfsImage } : {}),
-        dir,
-        name: `sm-${id}`,
-      });
-      const conn = await AgentConnection.connect(qemu.agentSocket, {
-        timeoutMs: bootTimeoutMs,
-        gone: qemu.exited,
-        ...(o.signal ? { signal: o.signal } : {}),
-      }).catch((e: unknown) => {
-        if (e instanceof ClosedError) throw new GuestDiedError(`the VM did not boot: ${e.message}`, qemu!.consoleTail(), { cause: e });
-        if (e instanceof TimeoutError) throw new TimeoutError(`${e.message}\n--- guest console (tail) ---\n${qemu!.consoleTail()}`, e.timeoutMs, { cause: e });
-        throw e;
-      });
-      if (conn.info?.bootError) {
-        conn.destroy(new ClosedError("boot failed"));
-        throw new GuestDiedError(`the guest failed to boot: ${conn.info.bootError}`, qemu.consoleTail());
-      }
-      const vm = new Vm({ id, accel: choice.accel, reason: choice.reason, memoryMib, vcpus, qemu, conn, runtimeDir: dir });
-      await vm.configure({ hostname, ...(o.config ? { config: o.config } : {}) });
-      return vm;
-    } catch (e) {
-      if (qemu) await qemu.stop();
-      await removeRuntimeDir(dir);
-      if (o.signal?.aborted) throw new AbortError("VM boot aborted", { cause: o.signal.reason });
-      throw e;
-    }
+    const config = o.config ?? {};
+    return launchVm({
+      id,
+      accel: choice,
+      memoryMib,
+      vcpus,
+      kernel: assets.kernel,
+      initrd: assets.initrd,
+      cmdline: kernelCmdline({ accel: choice.accel, hostname, hasRootfs: rootfsImage !== undefined }),
+      ...(rootfsImage ? { rootfsImage } : {}),
+      ram: { kind: "anonymous" },
+      hostname,
+      config,
+      bootTimeoutMs,
+      ...(o.signal ? { signal: o.signal } : {}),
+      ...(o.qemuBinary ? { qemuBinary: o.qemuBinary } : {}),
+      origin: {
+        image: { ref: o.rootfs !== undefined ? `dir:${o.rootfs}` : `rootfs:${rootfsImage ?? "none"}`, digest: "" },
+        config,
+        workload: null,
+        guestPort: 80,
+        listenerRequired: false,
+        cacheDir,
+      },
+    });
   }
 
   /** @internal Sends CONFIGURE: identity, clock, entropy, image config. */
@@ -218,6 +349,23 @@ export class Vm {
     }
     const ok = await this.conn.request(MsgType.CONFIGURE, r);
     return (ok.str(Tag.CONFIGURE_OK.boot_id, 64) ?? "").replace(/[^0-9a-f-]/g, "");
+  }
+
+  /** @internal */
+  _adoptQmp(q: QmpClient): void {
+    this.qmpClient = Promise.resolve(q);
+  }
+
+  /** @internal The QMP connection, opened on first use. */
+  qmp(): Promise<QmpClient> {
+    this.qmpClient ??= QmpClient.connect(this.qemu.qmpSocket);
+    this.qmpClient.catch(() => (this.qmpClient = undefined));
+    return this.qmpClient;
+  }
+
+  /** The image, config and workload this VM was made from. */
+  get origin(): VmOrigin {
+    return this.launch.origin;
   }
 
   /** QEMU's pid (for diagnostics). */
@@ -259,6 +407,7 @@ export class Vm {
     this.state = "dead";
     this.deathError = e;
     this.conn.destroy(e);
+    void this.qmpClient?.then((q) => q.close(), () => undefined);
     this.qemu.kill("SIGKILL");
     for (const f of this.forwarders) f.destroy();
     this.forwarders.clear();
@@ -492,19 +641,71 @@ export class Vm {
   }
 
   /**
-   * Gives the VM back: to its pool (which restores or reuses it), or, for a
-   * VM booted on its own, closes it. Releasing twice is harmless.
+   * Gives the VM back. A VM from a pool goes back to it (the pool restores or
+   * reuses it); a VM booted on its own is closed. Releasing twice is harmless.
    */
   async release(): Promise<void> {
+    await this.close();
+  }
+
+  /** @internal Stops this VM's TCP forwarders (the VM changes hands). */
+  stopForwarders(): void {
     for (const f of this.forwarders) f.destroy();
     this.forwarders.clear();
-    if (this._onRelease) {
-      const hook = this._onRelease;
-      this._onRelease = undefined;
-      await hook(this);
-      return;
-    }
-    await this.close();
+  }
+
+  /**
+   * Snapshots the running VM (its files and processes included) into
+   * `destDir`, which must not exist yet; the VM keeps running. The result
+   * restores like a built image.
+   */
+  async snapshot(destDir: string): Promise<Image> {
+    if (typeof destDir !== "string" || destDir === "") throw invalidOption("destDir", "a directory path that does not exist yet", destDir);
+    const dest = resolve(destDir);
+    if (existsSync(dest)) throw new SnapshotError(`snapshot destination ${dest} already exists; pass a new directory`);
+    return this.track(async () => {
+      const [{ captureVm }, { Image }, { sha256File }] = await Promise.all([
+        import("../snapshot/capture.js"),
+        import("../image/image.js"),
+        import("../snapshot/files.js"),
+      ]);
+      const stage = `${dest}.tmp-${randomBytes(4).toString("hex")}`;
+      await mkdir(stage, { recursive: true });
+      try {
+        const rootfs = join(stage, "rootfs.erofs");
+        if (this.launch.rootfsImage) await link(this.launch.rootfsImage, rootfs).catch(() => copyFile(this.launch.rootfsImage!, rootfs));
+        else throw new SnapshotError("this VM has no root filesystem image to snapshot");
+        const captured = await captureVm(this, stage);
+        const rootfsFile = { size: (await stat(rootfs)).size, sha256: await sha256File(rootfs) };
+        const o = this.origin;
+        const manifest: SnapshotManifest = {
+          format: SNAPSHOT_FORMAT,
+          version: SNAPSHOT_VERSION,
+          key: createHash("sha256").update(`${captured.ram.sha256}:${captured.state.sha256}`).digest("hex"),
+          name: basename(dest),
+          createdAt: new Date().toISOString(),
+          accel: this.accelerator,
+          arch: process.arch,
+          qemuVersion: "",
+          memoryMib: this.memoryMib,
+          vcpus: this.vcpus,
+          image: o.image,
+          config: o.config,
+          // A running workload is in the snapshot: restores must not start it again.
+          workload: o.workload ? { ...o.workload, startAt: "bake" } : null,
+          guestPort: o.guestPort,
+          listenerRequired: o.listenerRequired,
+          inputs: { from: "Vm.snapshot", vm: this.id },
+          files: { ram: captured.ram, state: captured.state, rootfs: rootfsFile },
+        };
+        await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n");
+        await rename(stage, dest);
+        return new Image({ snapshotPath: dest, manifest, baked: false, cacheDir: o.cacheDir });
+      } catch (e) {
+        await rm(stage, { recursive: true, force: true });
+        throw e;
+      }
+    });
   }
 
   /** Alias of release(). */
@@ -546,6 +747,7 @@ export class Vm {
     this.forwarders.clear();
     this.conn.onFatal = () => undefined;
     this.conn.destroy(err);
+    void this.qmpClient?.then((q) => q.close(), () => undefined);
     await this.qemu.stop();
     await removeRuntimeDir(this.runtimeDir);
   }

@@ -21,7 +21,8 @@ export interface QemuLaunch {
   memoryMib: number;
   vcpus: number;
   kernel: string;
-  initrd: string;
+  /** Omitted for snapshot restores (the guest's RAM comes from the snapshot). */
+  initrd?: string;
   cmdline: string;
   /** Read-only root filesystem image (virtio-blk). */
   rootfs?: string;
@@ -31,6 +32,8 @@ export interface QemuLaunch {
   memoryFile?: { path: string; share: boolean };
   /** Start paused, waiting for `migrate-incoming` (snapshot restore). */
   incoming?: boolean;
+  /** Stay paused after start (or after an incoming migration): -S. */
+  paused?: boolean;
   /** Process name shown by ps (≤ 15 chars). */
   name: string;
 }
@@ -116,7 +119,9 @@ export function qemuArgs(l: QemuLaunch): string[] {
   a.push("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot");
   a.push("-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
   a.push("-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con");
-  a.push("-kernel", l.kernel, "-initrd", l.initrd, "-append", l.cmdline);
+  a.push("-kernel", l.kernel);
+  if (l.initrd) a.push("-initrd", l.initrd);
+  a.push("-append", l.cmdline);
   a.push("-device", "virtio-serial-device,max_ports=2");
   a.push("-chardev", `socket,id=agent,path=${join(l.dir, "agent.sock")},server=on,wait=off`);
   a.push("-device", "virtserialport,chardev=agent,name=sm.agent");
@@ -126,6 +131,7 @@ export function qemuArgs(l: QemuLaunch): string[] {
   }
   a.push("-qmp", `unix:${join(l.dir, "qmp.sock")},server=on,wait=off`);
   if (l.incoming) a.push("-incoming", "defer");
+  if (l.paused) a.push("-S");
   return a;
 }
 

@@ -1,0 +1,510 @@
+/**
+ * Image: an image baked into a snapshot. `Image.build` pulls, boots once,
+ * starts the workload, runs `warmup`, snapshots, and caches the snapshot
+ * under a key that hashes everything that changes it; later builds with the
+ * same inputs return without booting. Pools restore VMs from the snapshot.
+ */
+
+import { execFile } from "node:child_process";
+import { createHash, randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
+import { copyFile, link, mkdir, open, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { homedir } from "node:os";
+import { basename, join, resolve } from "node:path";
+import { promisify } from "node:util";
+import { ImageError, SnapshotError, TimeoutError, invalidOption } from "../errors.js";
+import { bootAssets, kernelCmdline } from "../guest/assets.js";
+import { DEFAULT_IMAGE_CONFIG } from "../guest/default-image.js";
+import { acquireLock } from "../oci/lock.js";
+import type { PullPolicy } from "../oci/pull.js";
+import { defaultCacheDir } from "../paths.js";
+import { RecordBuilder } from "../protocol/codec.js";
+import { FILE_LIMIT, MsgType, Tag } from "../protocol/constants.js";
+import { directoryImage } from "../rootfs/cache.js";
+import { captureVm, restoreVm } from "../snapshot/capture.js";
+import { sha256File } from "../snapshot/files.js";
+import { readManifest, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
+import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
+import { findQemu } from "../vmm/qemu.js";
+import { launchVm, type GuestConfig, type Vm } from "../vm/vm.js";
+import { Pool, type PoolOptions } from "../pool/pool.js";
+import { guestConfigOf, resolveImage, type ImageProgress } from "./resolve.js";
+
+const execFileP = promisify(execFile);
+
+/** A host file staged into the guest at a fixed path, before the snapshot. */
+export interface ExtraFile {
+  readonly hostPath: string;
+  readonly guestPath: string;
+  /** (extension) Permission bits. @default the host file's */
+  readonly mode?: number;
+}
+
+/** A live host directory mount (virtio-fs). Accepted by the types; not supported yet. */
+export interface MountSpec {
+  readonly hostPath: string;
+  readonly guestTag: string;
+  readonly symlinks?: "deny" | "opaque" | "follow";
+}
+
+/** A block-device volume. Accepted by the types; not supported yet. */
+export interface VolumeSpec {
+  readonly name: string;
+  readonly sizeMib: number;
+  readonly mountPoint: string;
+}
+
+/** The VM `warmup` receives: a full Vm. */
+export type WarmupVm = Vm;
+
+export interface BuildOptions {
+  /** OCI ref ("alpine:latest", "host:5000/app@sha256:…"), an offline source (oci:DIR, docker-archive:FILE), or (extension) dir:PATH. */
+  readonly ref: string;
+  /** Stable snapshot name. @default derived from the cache key */
+  readonly name?: string;
+  /** Guest-visible memory ceiling (lazily committed). @default 256 */
+  readonly memoryMib?: number;
+  /** @default 1 */
+  readonly vcpus?: number;
+  /** @default "missing" */
+  readonly pullPolicy?: PullPolicy;
+  /** Overrides the image's ENTRYPOINT + CMD for the workload. */
+  readonly cmd?: readonly string[];
+  /** Extra environment for the workload (and for execs in the VM). @default {} */
+  readonly env?: Readonly<Record<string, string>>;
+  /** Port the workload listens on (with listenerRequired). @default 80 */
+  readonly guestPort?: number;
+  /**
+   * Start the workload and wait for it to listen on guestPort before the
+   * snapshot (restored VMs then serve at once). Without it, the snapshot is
+   * taken before the workload starts, and each VM starts it after restore.
+   * @default false
+   */
+  readonly listenerRequired?: boolean;
+  /** Host files staged into the guest before the snapshot (content is part of the cache key). */
+  readonly extraFiles?: readonly ExtraFile[];
+  /** Not supported yet: a non-empty list is refused. */
+  readonly mounts?: readonly MountSpec[];
+  /** Not supported yet: a non-empty list is refused. */
+  readonly volumes?: readonly VolumeSpec[];
+  /** Cache key of the warmup: bump it to rebake. @default "default" */
+  readonly warmupTag?: string;
+  /** Runs in the VM after the workload started and before the snapshot. */
+  readonly warmup?: (vm: WarmupVm) => Promise<void>;
+  /** @default ~/.local/supermachine-snapshots */
+  readonly snapshotsDir?: string;
+  /** (extension) @default "auto" */
+  readonly accel?: AcceleratorOption;
+  /** (extension) Image/asset cache. @default ~/.cache/supermachine */
+  readonly cacheDir?: string;
+  /** (extension) Registries reached over plain HTTP (loopback always is). */
+  readonly insecureRegistries?: readonly string[];
+  /** (extension) e.g. "linux/amd64". @default the host's */
+  readonly platform?: string;
+  /** (extension) Pull and unpack progress. */
+  readonly onProgress?: (p: ImageProgress) => void;
+  /** (extension) */
+  readonly signal?: AbortSignal;
+  /** (extension) Deadline for booting (and each restore's resume). @default 120000 (TCG), 30000 (KVM) */
+  readonly bootTimeoutMs?: number;
+  /** (extension) How long listenerRequired waits for the listener. @default 120000 */
+  readonly listenerTimeoutMs?: number;
+}
+
+export function defaultSnapshotsDir(): string {
+  return process.env.SUPERMACHINE_SNAPSHOTS_DIR ?? join(process.env.HOME || homedir(), ".local", "supermachine-snapshots");
+}
+
+let qemuVersionMemo: Promise<string> | undefined;
+function qemuVersion(): Promise<string> {
+  qemuVersionMemo ??= execFileP(findQemu(), ["--version"]).then((r) => r.stdout.split("\n")[0]!.trim());
+  return qemuVersionMemo;
+}
+
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+
+interface ValidBuild {
+  ref: string;
+  name?: string;
+  memoryMib: number;
+  vcpus: number;
+  pullPolicy: PullPolicy;
+  cmd?: string[];
+  env: [string, string][];
+  guestPort: number;
+  listenerRequired: boolean;
+  extraFiles: { hostPath: string; guestPath: string; mode?: number }[];
+  warmupTag: string;
+  warmup?: (vm: Vm) => Promise<void>;
+  snapshotsDir: string;
+  cacheDir: string;
+}
+
+function validateBuild(o: BuildOptions): ValidBuild {
+  if (typeof o !== "object" || o === null) throw invalidOption("options", "a BuildOptions object", o);
+  if (typeof o.ref !== "string" || o.ref.trim() === "") throw invalidOption("ref", "an image reference", o.ref);
+  if (o.name !== undefined && (typeof o.name !== "string" || !NAME_RE.test(o.name))) throw invalidOption("name", "letters, digits, '.', '_', '-' (≤ 128)", o.name);
+  const int = (v: unknown, name: string, dflt: number, min: number, max: number): number => {
+    if (v === undefined) return dflt;
+    if (typeof v !== "number" || !Number.isInteger(v) || v < min || v > max) throw invalidOption(name, `an integer in ${min}..${max}`, v);
+    return v;
+  };
+  if (o.pullPolicy !== undefined && !["always", "missing", "never"].includes(o.pullPolicy)) throw invalidOption("pullPolicy", '"always", "missing" or "never"', o.pullPolicy);
+  if (o.cmd !== undefined && (!Array.isArray(o.cmd) || o.cmd.length === 0 || !o.cmd.every((a) => typeof a === "string" && !a.includes("\0")))) {
+    throw invalidOption("cmd", "a non-empty array of strings", o.cmd);
+  }
+  const env: [string, string][] = [];
+  for (const [k, v] of Object.entries(o.env ?? {})) {
+    if (!k || k.includes("=") || k.includes("\0") || typeof v !== "string" || v.includes("\0")) throw invalidOption(`env.${k}`, "a string value under a name without '='", v);
+    env.push([k, v]);
+  }
+  env.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0));
+  if (o.listenerRequired !== undefined && typeof o.listenerRequired !== "boolean") throw invalidOption("listenerRequired", "a boolean", o.listenerRequired);
+  const extraFiles = (o.extraFiles ?? []).map((f, i) => {
+    if (typeof f !== "object" || f === null || typeof f.hostPath !== "string" || typeof f.guestPath !== "string" || !f.guestPath.startsWith("/")) {
+      throw invalidOption(`extraFiles[${i}]`, "{hostPath, guestPath (absolute)}", f);
+    }
+    if (f.mode !== undefined && (!Number.isInteger(f.mode) || f.mode < 0 || f.mode > 0o7777)) throw invalidOption(`extraFiles[${i}].mode`, "permission bits", f.mode);
+    return { hostPath: resolve(f.hostPath), guestPath: f.guestPath, ...(f.mode !== undefined ? { mode: f.mode } : {}) };
+  });
+  if (o.mounts !== undefined && o.mounts.length > 0) throw new ImageError("mounts (virtio-fs host directories) are not supported yet by supermachine for Linux; remove the mounts option");
+  if (o.volumes !== undefined && o.volumes.length > 0) throw new ImageError("volumes are not supported yet by supermachine for Linux; remove the volumes option");
+  if (o.warmupTag !== undefined && typeof o.warmupTag !== "string") throw invalidOption("warmupTag", "a string", o.warmupTag);
+  if (o.warmup !== undefined && typeof o.warmup !== "function") throw invalidOption("warmup", "an async function (vm) => void", o.warmup);
+  return {
+    ref: o.ref.trim(),
+    ...(o.name ? { name: o.name } : {}),
+    memoryMib: int(o.memoryMib, "memoryMib", 256, 32, 1 << 20),
+    vcpus: int(o.vcpus, "vcpus", 1, 1, 64),
+    pullPolicy: o.pullPolicy ?? "missing",
+    ...(o.cmd ? { cmd: [...o.cmd] } : {}),
+    env,
+    guestPort: int(o.guestPort, "guestPort", 80, 1, 65535),
+    listenerRequired: o.listenerRequired ?? false,
+    extraFiles,
+    warmupTag: o.warmupTag ?? "default",
+    ...(o.warmup ? { warmup: o.warmup } : {}),
+    snapshotsDir: resolve(o.snapshotsDir ?? defaultSnapshotsDir()),
+    cacheDir: o.cacheDir ?? defaultCacheDir(),
+  };
+}
+
+interface ResolvedRootfs {
+  ref: string;
+  digest: string;
+  rootfsImage: string;
+  config: GuestConfig;
+  entrypoint: string[];
+  cmd: string[];
+}
+
+async function resolveRootfsFor(v: ValidBuild, o: BuildOptions): Promise<ResolvedRootfs> {
+  if (v.ref.startsWith("dir:")) {
+    const dir = v.ref.slice(4);
+    const rootfsImage = await directoryImage(dir, v.cacheDir, o.signal ? { signal: o.signal } : {});
+    return { ref: v.ref, digest: `sha256:${basename(rootfsImage).replace(/^dir-|\.erofs$|-root$/g, "")}`, rootfsImage, config: { ...DEFAULT_IMAGE_CONFIG, env: [...DEFAULT_IMAGE_CONFIG.env] }, entrypoint: [], cmd: [] };
+  }
+  const r = await resolveImage(v.ref, {
+    pullPolicy: v.pullPolicy,
+    cacheDir: v.cacheDir,
+    ...(o.insecureRegistries ? { insecureRegistries: o.insecureRegistries } : {}),
+    ...(o.platform ? { platform: o.platform } : {}),
+    ...(o.signal ? { signal: o.signal } : {}),
+    ...(o.onProgress ? { onProgress: o.onProgress } : {}),
+  });
+  return { ref: r.ref, digest: r.manifestDigest, rootfsImage: r.rootfsImage, config: guestConfigOf(r.imageConfig), entrypoint: [...(r.imageConfig.entrypoint ?? [])], cmd: [...(r.imageConfig.cmd ?? [])] };
+}
+
+/** Merges KEY=VALUE lists: later entries replace earlier ones of the same key. */
+function mergeEnv(base: readonly string[], extra: readonly [string, string][]): string[] {
+  const out = [...base];
+  for (const [k, v] of extra) {
+    const i = out.findIndex((e) => e.startsWith(`${k}=`));
+    if (i >= 0) out[i] = `${k}=${v}`;
+    else out.push(`${k}=${v}`);
+  }
+  return out;
+}
+
+/** sha256 of a rootfs image, remembered next to it (the image never changes under its name). */
+async function rootfsDigest(path: string): Promise<string> {
+  const side = `${path}.sha256`;
+  const st = await stat(path);
+  const memo = await readFile(side, "utf8").catch(() => "");
+  const [sum, size] = memo.trim().split(" ");
+  if (sum && /^[0-9a-f]{64}$/.test(sum) && Number(size) === st.size) return sum;
+  const fresh = await sha256File(path);
+  await writeFile(`${side}.${process.pid}.tmp`, `${fresh} ${st.size}\n`);
+  await rename(`${side}.${process.pid}.tmp`, side);
+  return fresh;
+}
+
+async function linkOrCopy(src: string, dst: string): Promise<void> {
+  try {
+    await link(src, dst);
+  } catch {
+    await copyFile(src, dst);
+  }
+}
+
+async function fsyncFile(path: string): Promise<void> {
+  const f = await open(path, "r");
+  try {
+    await f.sync();
+  } finally {
+    await f.close();
+  }
+}
+
+/** Publishes a complete stage directory as `dir`, replacing an old one. */
+async function publish(stage: string, dir: string): Promise<void> {
+  if (existsSync(dir)) {
+    const old = `${dir}.old-${randomBytes(4).toString("hex")}`;
+    await rename(dir, old);
+    await rename(stage, dir);
+    await rm(old, { recursive: true, force: true });
+  } else {
+    await rename(stage, dir);
+  }
+}
+
+export class Image {
+  /** The snapshot directory. */
+  readonly snapshotPath: string;
+  readonly manifest: SnapshotManifest;
+  /** (extension) True when this Image.build booted a VM (cache miss). */
+  readonly baked: boolean;
+  /** @internal */ readonly cacheDir: string;
+  /** @internal */ readonly bootTimeoutMs: number;
+  private handoff: Vm | undefined;
+  private accelChoice: AcceleratorChoice | undefined;
+
+  /** @internal */
+  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm }) {
+    this.snapshotPath = p.snapshotPath;
+    this.manifest = p.manifest;
+    this.baked = p.baked;
+    this.cacheDir = p.cacheDir;
+    this.bootTimeoutMs = p.bootTimeoutMs ?? (p.manifest.accel === "tcg" ? 120_000 : 30_000);
+    this.handoff = p.handoff;
+  }
+
+  get memoryMib(): number {
+    return this.manifest.memoryMib;
+  }
+
+  get vcpus(): number {
+    return this.manifest.vcpus;
+  }
+
+  /**
+   * Builds (or finds in the cache) the snapshot of an image. A cache hit
+   * returns without booting anything.
+   */
+  static async build(options: BuildOptions): Promise<Image> {
+    const v = validateBuild(options);
+    const accel = chooseAccelerator(options.accel);
+    warnTcgOnce(accel);
+    const bootTimeoutMs = options.bootTimeoutMs ?? (accel.accel === "tcg" ? 120_000 : 30_000);
+    const [root, assets, qemu] = await Promise.all([resolveRootfsFor(v, options), bootAssets({ cacheDir: v.cacheDir }), qemuVersion()]);
+    const files = await Promise.all(
+      v.extraFiles.map(async (f, i) => {
+        const st = await stat(f.hostPath).catch(() => undefined);
+        if (!st?.isFile()) throw new ImageError(`extraFiles[${i}].hostPath ${f.hostPath} is not a readable file`);
+        if (st.size > FILE_LIMIT) throw new ImageError(`extraFiles[${i}] ${f.hostPath} is ${st.size} bytes, over the 4 MiB limit of staged files`);
+        const data = await readFile(f.hostPath);
+        return { ...f, data, mode: f.mode ?? st.mode & 0o7777, sha256: createHash("sha256").update(data).digest("hex") };
+      }),
+    );
+    const workloadArgv = v.cmd ?? [...root.entrypoint, ...root.cmd];
+    const config: GuestConfig = { ...root.config, env: mergeEnv(root.config.env ?? [], v.env) };
+    const inputs = {
+      format: SNAPSHOT_VERSION,
+      image: root.digest,
+      rootfs: basename(root.rootfsImage),
+      assets: assets.id,
+      qemu,
+      accel: accel.accel,
+      arch: process.arch,
+      memoryMib: v.memoryMib,
+      vcpus: v.vcpus,
+      cmd: v.cmd ?? null,
+      env: v.env,
+      guestPort: v.guestPort,
+      listenerRequired: v.listenerRequired,
+      extraFiles: files.map((f) => ({ guestPath: f.guestPath, sha256: f.sha256, mode: f.mode })),
+      warmupTag: v.warmupTag,
+    };
+    const key = createHash("sha256").update(JSON.stringify(inputs)).digest("hex");
+    const name = v.name ?? `sm-${key.slice(0, 16)}`;
+    const dir = join(v.snapshotsDir, name);
+    const hit = await readManifest(dir, "quick").catch(() => undefined);
+    if (hit && hit.key === key) return new Image({ snapshotPath: dir, manifest: hit, baked: false, cacheDir: v.cacheDir, bootTimeoutMs });
+    await mkdir(v.snapshotsDir, { recursive: true });
+    // One baker per snapshot across processes; the others use its result.
+    const valid = async () => (await readManifest(dir, "quick").catch(() => undefined))?.key === key;
+    const lock = await acquireLock(join(v.snapshotsDir, `.${name}.lock`), { until: valid, staleMs: 10 * 60_000, ...(options.signal ? { signal: options.signal } : {}) });
+    try {
+      const again = await readManifest(dir, "quick").catch(() => undefined);
+      if (again && again.key === key) return new Image({ snapshotPath: dir, manifest: again, baked: false, cacheDir: v.cacheDir, bootTimeoutMs });
+      const workload: WorkloadSpec | null =
+        workloadArgv.length > 0
+          ? {
+              argv: workloadArgv,
+              env: [...(config.env ?? [])],
+              ...(config.workingDir ? { cwd: config.workingDir } : {}),
+              ...(config.user ? { user: config.user } : {}),
+              startAt: v.listenerRequired ? "bake" : "restore",
+            }
+          : null;
+      if (v.listenerRequired && !workload) throw new ImageError(`listenerRequired needs a workload, but ${v.ref} has no ENTRYPOINT/CMD; pass cmd`);
+      const stage = join(v.snapshotsDir, `.${name}.tmp-${process.pid}-${randomBytes(4).toString("hex")}`);
+      await mkdir(stage);
+      let vm: Vm | undefined;
+      try {
+        await linkOrCopy(root.rootfsImage, join(stage, "rootfs.erofs"));
+        const rootfsSum = await rootfsDigest(root.rootfsImage);
+        const id = randomBytes(4).toString("hex");
+        vm = await launchVm({
+          id,
+          accel,
+          memoryMib: v.memoryMib,
+          vcpus: v.vcpus,
+          kernel: assets.kernel,
+          initrd: assets.initrd,
+          cmdline: kernelCmdline({ accel: accel.accel, hostname: `sm-${id}`, hasRootfs: true }),
+          rootfsImage: join(stage, "rootfs.erofs"),
+          ram: { kind: "shared-file" },
+          hostname: `sm-${id}`,
+          config,
+          bootTimeoutMs,
+          ...(options.signal ? { signal: options.signal } : {}),
+          origin: { image: { ref: root.ref, digest: root.digest }, config, workload, guestPort: v.guestPort, listenerRequired: v.listenerRequired, cacheDir: v.cacheDir },
+        });
+        for (const f of files) await vm.conn.writeFile(Buffer.from(f.guestPath), f.data, f.mode, true);
+        if (workload && workload.startAt === "bake") {
+          await startWorkload(vm, workload);
+          await waitListener(vm, v.guestPort, options.listenerTimeoutMs ?? 120_000);
+        }
+        if (v.warmup) await v.warmup(vm);
+        const captured = await captureVm(vm, stage);
+        const manifest: SnapshotManifest = {
+          format: SNAPSHOT_FORMAT,
+          version: SNAPSHOT_VERSION,
+          key,
+          name,
+          createdAt: new Date().toISOString(),
+          accel: accel.accel,
+          arch: process.arch,
+          qemuVersion: qemu,
+          memoryMib: v.memoryMib,
+          vcpus: v.vcpus,
+          image: { ref: root.ref, digest: root.digest },
+          config,
+          workload,
+          guestPort: v.guestPort,
+          listenerRequired: v.listenerRequired,
+          inputs,
+          files: { ram: captured.ram, state: captured.state, rootfs: { size: (await stat(join(stage, "rootfs.erofs"))).size, sha256: rootfsSum } },
+        };
+        await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n");
+        for (const f of ["ram", "state", "manifest.json"]) await fsyncFile(join(stage, f));
+        await publish(stage, dir);
+        // The bake VM lives on as the first VM handed out (warm handoff); it
+        // must look like a restored one.
+        if (workload && workload.startAt === "restore") await startWorkload(vm, workload);
+        return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm });
+      } catch (e) {
+        await vm?.destroy();
+        await rm(stage, { recursive: true, force: true });
+        throw e;
+      }
+    } finally {
+      await lock?.release();
+    }
+  }
+
+  /** Loads a snapshot directory, checking every file against its manifest. */
+  static async fromSnapshot(path: string): Promise<Image> {
+    if (typeof path !== "string" || path === "") throw invalidOption("path", "a snapshot directory", path);
+    const dir = resolve(path);
+    const manifest = await readManifest(dir, "full");
+    return new Image({ snapshotPath: dir, manifest, baked: false, cacheDir: defaultCacheDir() });
+  }
+
+  /** @internal Checks that this host can run the snapshot (same accelerator and arch). */
+  accelFor(): AcceleratorChoice {
+    if (this.accelChoice) return this.accelChoice;
+    if (this.manifest.arch !== process.arch) throw new SnapshotError(`${this.snapshotPath} was taken on ${this.manifest.arch}; this host is ${process.arch}`);
+    const here = chooseAccelerator();
+    if (here.accel !== this.manifest.accel) {
+      throw new SnapshotError(
+        `${this.snapshotPath} was taken under ${this.manifest.accel} and this host runs ${here.accel} (${here.reason}); a snapshot only restores under the accelerator it was taken with. Rebuild the image here.`,
+      );
+    }
+    this.accelChoice = here;
+    return here;
+  }
+
+  /** @internal The bake's own VM, once (warm handoff). */
+  takeHandoff(): Vm | undefined {
+    const vm = this.handoff;
+    this.handoff = undefined;
+    return vm?.status === "ready" ? vm : undefined;
+  }
+
+  /** @internal Restores one VM from the snapshot (copy-on-write RAM). */
+  async restore(o: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<Vm> {
+    const vm = await restoreVm({
+      snapshotDir: this.snapshotPath,
+      manifest: this.manifest,
+      cacheDir: this.cacheDir,
+      bootTimeoutMs: o.timeoutMs ?? this.bootTimeoutMs,
+      accel: this.accelFor(),
+      ...(o.signal ? { signal: o.signal } : {}),
+    });
+    try {
+      const w = this.manifest.workload;
+      if (w && w.startAt === "restore") await startWorkload(vm, w);
+    } catch (e) {
+      await vm.destroy();
+      throw e;
+    }
+    return vm;
+  }
+
+  /** A pool of VMs restored from this image's snapshot. */
+  pool(options: PoolOptions = {}): Promise<Pool> {
+    return Pool.create(this, options);
+  }
+
+  /** Destroys the warm-handoff VM if no pool took it. */
+  async close(): Promise<void> {
+    const vm = this.handoff;
+    this.handoff = undefined;
+    await vm?.destroy();
+  }
+}
+
+/** Starts the image's workload under the agent (detached from every stream). */
+export async function startWorkload(vm: Vm, w: WorkloadSpec): Promise<number> {
+  const r = new RecordBuilder();
+  for (const a of w.argv) r.bytes(Tag.WORKLOAD_START.argv, a);
+  for (const e of w.env) r.bytes(Tag.WORKLOAD_START.env, e);
+  if (w.cwd) r.bytes(Tag.WORKLOAD_START.cwd, w.cwd);
+  if (w.user) r.bytes(Tag.WORKLOAD_START.user, w.user);
+  const ok = await vm.conn.request(MsgType.WORKLOAD_START, r);
+  return ok.u32(Tag.WORKLOAD_START_OK.pid) ?? 0;
+}
+
+async function waitListener(vm: Vm, port: number, timeoutMs: number): Promise<void> {
+  try {
+    await vm.conn.request(MsgType.WAIT_LISTEN, new RecordBuilder().u32(Tag.WAIT_LISTEN.port, port).u64(Tag.WAIT_LISTEN.timeout_ms, timeoutMs));
+  } catch (e) {
+    throw new TimeoutError(
+      `listenerRequired: nothing listened on guest port ${port} within ${timeoutMs} ms of starting the workload. Check guestPort, the workload's command (cmd), or raise listenerTimeoutMs.\n--- guest console (tail) ---\n${vm.consoleTail()}`,
+      timeoutMs,
+      { cause: e },
+    );
+  }
+}

@@ -1,0 +1,297 @@
+/**
+ * Pool: warm VMs restored from one image's snapshot.
+ *
+ * `acquire()` pops an idle VM if there is one, else restores a new one if
+ * fewer than `max` are alive, else waits (FIFO, up to acquireTimeoutMs).
+ * A released VM is destroyed and replaced by a fresh restore in the
+ * background (restoreOnRelease, the default) or goes back to idle as it is.
+ * Each acquire hands out its own lease on the VM: releasing twice is harmless
+ * and a released lease cannot touch a VM that someone else holds now.
+ */
+
+import { ClosedError, PoolError, SupermachineError, TimeoutError, invalidOption } from "../errors.js";
+import type { Image } from "../image/image.js";
+import type { Vm } from "../vm/vm.js";
+
+export interface PoolOptions {
+  /** Idle VMs to keep warm. @default 1 */
+  readonly min?: number;
+  /** Maximum total VMs. @default 1 (raised to min when min is larger) */
+  readonly max?: number;
+  /** Max wait when the pool is saturated; 0 waits forever. @default 60000 */
+  readonly acquireTimeoutMs?: number;
+  /** Evict VMs idle longer than this, down to min. @default never */
+  readonly idleTimeoutMs?: number;
+  /** Clean state per acquire (vs. dirty reuse). @default true */
+  readonly restoreOnRelease?: boolean;
+  /** Runtime memory override; must equal the image's (a snapshot's RAM size is fixed). @default the image's */
+  readonly memoryMib?: number;
+  /** Runtime vCPU override; must equal the image's. @default the image's */
+  readonly vcpus?: number;
+  /** Per-VM snapshot-restore deadline. @default 30000 */
+  readonly restoreTimeoutMs?: number;
+}
+
+export interface PoolStats {
+  /** Total VMs: idle + checked out + being restored. */
+  alive: number;
+  /** Checked out through acquire(). */
+  inUse: number;
+  idle: number;
+  /** acquire() callers waiting for a VM. */
+  waiting: number;
+  min: number;
+  max: number;
+}
+
+interface Waiter {
+  resolve: (vm: Vm) => void;
+  reject: (e: Error) => void;
+  timer: NodeJS.Timeout | undefined;
+}
+
+interface IdleVm {
+  vm: Vm;
+  since: number;
+}
+
+/** Names of the Vm methods a released lease may no longer call. */
+const GUARDED = new Set<PropertyKey>(["exec", "spawn", "writeFile", "readFile", "workloadSignal", "exposeTcp", "snapshot", "ping"]);
+
+/** At most this many restores run at once (each is CPU-heavy under TCG). */
+const RESTORE_CONCURRENCY = 2;
+
+export class Pool {
+  readonly image: Image;
+  private readonly min: number;
+  private readonly max: number;
+  private readonly acquireTimeoutMs: number;
+  private readonly idleTimeoutMs: number | undefined;
+  private readonly restoreOnRelease: boolean;
+  private readonly restoreTimeoutMs: number;
+  private idle: IdleVm[] = [];
+  private inUse = new Set<Vm>();
+  private starting = 0;
+  private restoring = 0;
+  private queue: (() => void)[] = [];
+  private waiters: Waiter[] = [];
+  private closed = false;
+  private evictTimer: NodeJS.Timeout | undefined;
+  private lastError: Error | undefined;
+
+  private constructor(image: Image, o: PoolOptions) {
+    this.image = image;
+    const int = (v: unknown, name: string, dflt: number, min: number): number => {
+      if (v === undefined) return dflt;
+      if (typeof v !== "number" || !Number.isInteger(v) || v < min) throw invalidOption(name, `an integer ≥ ${min}`, v);
+      return v;
+    };
+    this.min = int(o.min, "min", 1, 0);
+    this.max = Math.max(int(o.max, "max", 1, 1), o.max === undefined ? this.min : 1);
+    if (this.min > this.max) throw invalidOption("min", `at most max (${this.max})`, this.min);
+    this.acquireTimeoutMs = int(o.acquireTimeoutMs, "acquireTimeoutMs", 60_000, 0);
+    this.idleTimeoutMs = o.idleTimeoutMs === undefined ? undefined : int(o.idleTimeoutMs, "idleTimeoutMs", 0, 1);
+    if (o.restoreOnRelease !== undefined && typeof o.restoreOnRelease !== "boolean") throw invalidOption("restoreOnRelease", "a boolean", o.restoreOnRelease);
+    this.restoreOnRelease = o.restoreOnRelease ?? true;
+    this.restoreTimeoutMs = int(o.restoreTimeoutMs, "restoreTimeoutMs", 30_000, 1);
+    const mem = int(o.memoryMib, "memoryMib", image.memoryMib, 1);
+    const cpus = int(o.vcpus, "vcpus", image.vcpus, 1);
+    if (mem !== image.memoryMib || cpus !== image.vcpus) {
+      throw new PoolError(
+        `this image's snapshot was taken with memoryMib ${image.memoryMib} and vcpus ${image.vcpus}; a restored VM keeps the RAM size and CPU count of its snapshot. ` +
+          `Build the image with memoryMib ${mem} and vcpus ${cpus} (Image.build options), or drop the pool overrides.`,
+      );
+    }
+  }
+
+  /** @internal Use image.pool(). Resolves when `min` VMs are ready. */
+  static async create(image: Image, o: PoolOptions): Promise<Pool> {
+    const p = new Pool(image, o);
+    image.accelFor();
+    const handoff = image.takeHandoff();
+    if (handoff) p.offer(handoff);
+    p.fill();
+    // pool() resolves once min VMs are warm (or the first restore failed).
+    while (p.idle.length < p.min && !p.closed) {
+      if (p.lastError) {
+        const e = p.lastError;
+        await p.shutdown();
+        throw e;
+      }
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    if (p.idleTimeoutMs !== undefined) {
+      p.evictTimer = setInterval(() => p.evictIdle(), Math.max(10, Math.min(1000, p.idleTimeoutMs / 4)));
+      p.evictTimer.unref();
+    }
+    return p;
+  }
+
+  /** Synchronous and exact. */
+  stats(): PoolStats {
+    return {
+      alive: this.idle.length + this.inUse.size + this.starting,
+      inUse: this.inUse.size,
+      idle: this.idle.length,
+      waiting: this.waiters.length,
+      min: this.min,
+      max: this.max,
+    };
+  }
+
+  private get alive(): number {
+    return this.idle.length + this.inUse.size + this.starting;
+  }
+
+  /** A VM: an idle one, a new restore, or the next one freed (FIFO). */
+  acquire(): Promise<Vm> {
+    if (this.closed) return Promise.reject(new PoolError("acquire() on a pool that was shut down; create a new pool with image.pool()"));
+    while (this.idle.length) {
+      const { vm } = this.idle.pop()!;
+      if (vm.status !== "ready") continue;
+      this.fill();
+      return Promise.resolve(this.lease(vm));
+    }
+    return new Promise<Vm>((resolve, reject) => {
+      const w: Waiter = { resolve, reject, timer: undefined };
+      if (this.acquireTimeoutMs > 0) {
+        w.timer = setTimeout(() => {
+          const i = this.waiters.indexOf(w);
+          if (i >= 0) this.waiters.splice(i, 1);
+          reject(
+            new TimeoutError(
+              `no VM became free within acquireTimeoutMs (${this.acquireTimeoutMs} ms): all ${this.max} are in use. Release VMs sooner, raise max, or raise acquireTimeoutMs (0 waits forever).`,
+              this.acquireTimeoutMs,
+            ),
+          );
+        }, this.acquireTimeoutMs);
+      }
+      this.waiters.push(w);
+      this.fill();
+    });
+  }
+
+  /** Starts restores for waiters (up to max) and to keep min warm. */
+  private fill(): void {
+    if (this.closed) return;
+    const wanted = Math.max(this.min - this.idle.length, 0) + this.waiters.length;
+    while (this.starting < wanted && this.alive < this.max) this.startRestore();
+  }
+
+  private startRestore(): void {
+    this.starting++;
+    void this.restoreOne().then(
+      (vm) => {
+        this.starting--;
+        this.lastError = undefined;
+        this.offer(vm);
+      },
+      (e: unknown) => {
+        this.starting--;
+        const err = e instanceof Error ? e : new Error(String(e));
+        this.lastError = err;
+        // One failed restore fails one waiter, instead of leaving it to hang.
+        const w = this.waiters.shift();
+        if (w) {
+          if (w.timer) clearTimeout(w.timer);
+          w.reject(err instanceof SupermachineError ? err : new PoolError(`restoring a VM failed: ${err.message}`, { cause: err }));
+        }
+      },
+    );
+  }
+
+  private async restoreOne(): Promise<Vm> {
+    // Bound concurrent restores; the rest queue here.
+    if (this.restoring >= RESTORE_CONCURRENCY) await new Promise<void>((r) => this.queue.push(r));
+    this.restoring++;
+    try {
+      if (this.closed) throw new ClosedError("the pool was shut down");
+      return await this.image.restore({ timeoutMs: this.restoreTimeoutMs });
+    } finally {
+      this.restoring--;
+      this.queue.shift()?.();
+    }
+  }
+
+  /** A VM became available: to the first waiter, else to idle. */
+  private offer(vm: Vm): void {
+    if (this.closed || vm.status !== "ready") {
+      void vm.destroy();
+      this.fill();
+      return;
+    }
+    vm._onDeath = () => {
+      this.idle = this.idle.filter((i) => i.vm !== vm);
+      this.fill();
+    };
+    const w = this.waiters.shift();
+    if (w) {
+      if (w.timer) clearTimeout(w.timer);
+      w.resolve(this.lease(vm));
+      return;
+    }
+    this.idle.push({ vm, since: Date.now() });
+  }
+
+  /** Hands `vm` out: a per-acquire view whose release() returns it once. */
+  private lease(vm: Vm): Vm {
+    this.inUse.add(vm);
+    let released = false;
+    const release = async (): Promise<void> => {
+      if (released) return;
+      released = true;
+      await this.give(vm);
+    };
+    return new Proxy(vm, {
+      get: (target, prop, receiver) => {
+        if (prop === "release" || prop === "dispose" || prop === Symbol.asyncDispose) return release;
+        if (released && GUARDED.has(prop)) {
+          return () => Promise.reject(new ClosedError(`this VM was released back to its pool; acquire() another`));
+        }
+        return Reflect.get(target, prop, receiver) as unknown;
+      },
+    });
+  }
+
+  /** Takes a VM back from its holder. */
+  private async give(vm: Vm): Promise<void> {
+    this.inUse.delete(vm);
+    vm.stopForwarders();
+    if (this.closed || vm.status !== "ready" || this.restoreOnRelease) {
+      // Start its replacement first, then tear it down.
+      this.fill();
+      await vm.destroy();
+      this.fill();
+      return;
+    }
+    this.offer(vm);
+  }
+
+  private evictIdle(): void {
+    if (this.idleTimeoutMs === undefined || this.closed) return;
+    const now = Date.now();
+    // Oldest first, never below min.
+    this.idle.sort((a, b) => a.since - b.since);
+    while (this.idle.length > this.min && now - this.idle[0]!.since >= this.idleTimeoutMs) {
+      const { vm } = this.idle.shift()!;
+      void vm.destroy();
+    }
+  }
+
+  /** Destroys every VM (idle and checked out) and rejects waiters. */
+  async shutdown(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.evictTimer) clearInterval(this.evictTimer);
+    for (const w of this.waiters.splice(0)) {
+      if (w.timer) clearTimeout(w.timer);
+      w.reject(new PoolError("the pool was shut down while this acquire() was waiting"));
+    }
+    const all = [...this.idle.map((i) => i.vm), ...this.inUse];
+    this.idle = [];
+    this.inUse.clear();
+    await Promise.all(all.map((vm) => vm.destroy()));
+    // Restores in flight destroy their VM when they finish (offer()).
+    while (this.starting > 0) await new Promise((r) => setTimeout(r, 10));
+  }
+}

@@ -1,0 +1,154 @@
+/**
+ * Taking a snapshot of a running VM, which keeps running afterwards, and
+ * restoring VMs from snapshots.
+ *
+ * A VM whose RAM is a shared file (a bake VM) is captured by saving its
+ * device state with `x-ignore-shared` and copying the RAM file (sparse).
+ * Any other VM (booted with anonymous RAM, or restored with a private
+ * mapping) is saved whole (RAM in the stream), then a helper QEMU with a
+ * shared RAM file at the destination loads that stream and saves it again
+ * the fast way: every snapshot ends up in the one format restores map
+ * copy-on-write.
+ */
+
+import { randomBytes } from "node:crypto";
+import { stat, unlink } from "node:fs/promises";
+import { join } from "node:path";
+import { GuestDiedError, SnapshotError } from "../errors.js";
+import { MsgType } from "../protocol/constants.js";
+import { QemuProcess } from "../vmm/qemu.js";
+import { QmpClient } from "../vmm/qmp.js";
+import { createRuntimeDir, removeRuntimeDir } from "../vm/runtime-dir.js";
+import { launchVm, type LaunchSpec, type Vm } from "../vm/vm.js";
+import { sha256File, sparseCopyWithHash, stubKernelPath } from "./files.js";
+import type { SnapshotFile, SnapshotManifest } from "./manifest.js";
+import { loadState, saveState } from "./migrate.js";
+
+const SAVE_TIMEOUT_MS = 120_000;
+
+async function fileRecord(path: string): Promise<SnapshotFile> {
+  return { size: (await stat(path)).size, sha256: await sha256File(path) };
+}
+
+async function qmpWhenReady(q: QemuProcess, deadline: number): Promise<QmpClient> {
+  for (;;) {
+    if (q.exitStatus) throw new GuestDiedError("QEMU exited during start", q.consoleTail());
+    try {
+      return await QmpClient.connect(q.qmpSocket);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if ((code !== "ENOENT" && code !== "ECONNREFUSED") || Date.now() > deadline) throw e;
+      await new Promise((r) => setTimeout(r, 1));
+    }
+  }
+}
+
+/**
+ * Loads a full migration stream into a paused helper QEMU whose RAM is a
+ * shared file at `ramPath`, and saves its device state (RAM left out) to
+ * `statePath`.
+ */
+async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string, statePath: string): Promise<void> {
+  const dir = createRuntimeDir();
+  const q = await QemuProcess.start({
+    accel: launch.accel.accel,
+    memoryMib: launch.memoryMib,
+    vcpus: launch.vcpus,
+    kernel: await stubKernelPath(launch.origin.cacheDir),
+    cmdline: "",
+    ...(launch.rootfsImage ? { rootfs: launch.rootfsImage } : {}),
+    memoryFile: { path: ramPath, share: true },
+    incoming: true,
+    paused: true,
+    dir,
+    name: `sm-${launch.id}-s`,
+  });
+  let qmp: QmpClient | undefined;
+  try {
+    qmp = await qmpWhenReady(q, Date.now() + SAVE_TIMEOUT_MS);
+    await loadState(qmp, dir, stream, { ignoreShared: false, timeoutMs: SAVE_TIMEOUT_MS });
+    await saveState(qmp, dir, statePath, { ignoreShared: true, timeoutMs: SAVE_TIMEOUT_MS });
+  } catch (e) {
+    throw new SnapshotError(`could not rebuild the snapshot's memory file: ${(e as Error).message}`, { cause: e });
+  } finally {
+    qmp?.close();
+    await q.stop();
+    await removeRuntimeDir(dir);
+  }
+}
+
+/**
+ * Writes `ram` and `state` of a running VM into `stage`. The VM is paused
+ * (and its agent quiet) only while its state is saved; it runs on after.
+ */
+export async function captureVm(vm: Vm, stage: string): Promise<{ ram: SnapshotFile; state: SnapshotFile }> {
+  const ramPath = join(stage, "ram");
+  const statePath = join(stage, "state");
+  // The agent finishes what it was writing and then stays silent: no frame is
+  // half-way through the channel when the state is saved.
+  await vm.conn.request(MsgType.SNAPSHOT_PREPARE);
+  const qmp = await vm.qmp();
+  let running = true;
+  await qmp.execute("stop");
+  running = false;
+  try {
+    if (vm.ram.kind === "shared-file") {
+      await saveState(qmp, vm.runtimeDir, statePath, { ignoreShared: true, timeoutMs: SAVE_TIMEOUT_MS });
+      const copy = await sparseCopyWithHash(join(vm.runtimeDir, "ram"), ramPath);
+      await qmp.execute("cont");
+      running = true;
+      return { ram: { size: copy.size, sha256: copy.sha256 }, state: await fileRecord(statePath) };
+    }
+    const stream = join(stage, `state.full-${randomBytes(4).toString("hex")}`);
+    try {
+      await saveState(qmp, vm.runtimeDir, stream, { ignoreShared: false, timeoutMs: SAVE_TIMEOUT_MS });
+      await qmp.execute("cont");
+      running = true;
+      await reconstitute(vm.launch, stream, ramPath, statePath);
+    } finally {
+      await unlink(stream).catch(() => undefined);
+    }
+    return { ram: await fileRecord(ramPath), state: await fileRecord(statePath) };
+  } finally {
+    if (!running) await qmp.execute("cont").catch(() => undefined);
+    // Any frame ends the agent's quiet period.
+    await vm.conn.ping().catch(() => undefined);
+  }
+}
+
+export interface RestoreOptions {
+  snapshotDir: string;
+  manifest: SnapshotManifest;
+  cacheDir: string;
+  bootTimeoutMs: number;
+  signal?: AbortSignal;
+  accel: LaunchSpec["accel"];
+}
+
+/** Restores a VM: its RAM maps the snapshot's copy-on-write. */
+export async function restoreVm(o: RestoreOptions): Promise<Vm> {
+  const m = o.manifest;
+  const id = randomBytes(4).toString("hex");
+  return launchVm({
+    id,
+    accel: o.accel,
+    memoryMib: m.memoryMib,
+    vcpus: m.vcpus,
+    kernel: await stubKernelPath(o.cacheDir),
+    cmdline: "",
+    rootfsImage: join(o.snapshotDir, "rootfs.erofs"),
+    ram: { kind: "snapshot", path: join(o.snapshotDir, "ram") },
+    incomingState: join(o.snapshotDir, "state"),
+    hostname: `sm-${id}`,
+    bootTimeoutMs: o.bootTimeoutMs,
+    ...(o.signal ? { signal: o.signal } : {}),
+    origin: {
+      image: m.image,
+      config: m.config,
+      workload: m.workload,
+      guestPort: m.guestPort,
+      listenerRequired: m.listenerRequired,
+      cacheDir: o.cacheDir,
+    },
+  });
+}

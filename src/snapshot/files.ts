@@ -1,0 +1,122 @@
+/**
+ * File helpers for snapshots: a sparse copy that hashes as it goes (guest
+ * RAM files are mostly holes), hashing, and the stub kernel restores boot.
+ */
+
+import { createHash } from "node:crypto";
+import { createReadStream, existsSync } from "node:fs";
+import { mkdir, open, rename, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+
+const BLOCK = 4096;
+const CHUNK = 4 << 20;
+
+/**
+ * Copies `src` to `dst` leaving holes where `src` reads as zeros, and returns
+ * the sha256 of the full content (holes hash as zeros).
+ */
+export async function sparseCopyWithHash(src: string, dst: string): Promise<{ size: number; sha256: string; dataBytes: number }> {
+  const h = createHash("sha256");
+  const zero = Buffer.alloc(BLOCK);
+  const rf = await open(src, "r");
+  const wf = await open(dst, "wx", 0o600);
+  try {
+    const size = (await rf.stat()).size;
+    const buf = Buffer.allocUnsafe(CHUNK);
+    let dataBytes = 0;
+    for (let off = 0; off < size; ) {
+      const { bytesRead } = await rf.read(buf, 0, Math.min(CHUNK, size - off), off);
+      if (bytesRead === 0) break;
+      const chunk = buf.subarray(0, bytesRead);
+      h.update(chunk);
+      // Write runs of non-zero blocks at their offsets; zero runs stay holes.
+      let runStart = -1;
+      for (let b = 0; b <= bytesRead; b += BLOCK) {
+        const end = Math.min(b + BLOCK, bytesRead);
+        const isData = b < bytesRead && !chunk.subarray(b, end).equals(end - b === BLOCK ? zero : zero.subarray(0, end - b));
+        if (isData && runStart < 0) runStart = b;
+        if (!isData && runStart >= 0) {
+          await wf.write(chunk, runStart, b - runStart, off + runStart);
+          dataBytes += b - runStart;
+          runStart = -1;
+        }
+      }
+      off += bytesRead;
+    }
+    await wf.truncate(size);
+    await wf.sync();
+    return { size, sha256: h.digest("hex"), dataBytes };
+  } finally {
+    await rf.close();
+    await wf.close();
+  }
+}
+
+export function sha256File(path: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const h = createHash("sha256");
+    createReadStream(path, { highWaterMark: CHUNK })
+      .on("data", (b) => h.update(b))
+      .on("end", () => resolve(h.digest("hex")))
+      .on("error", reject);
+  });
+}
+
+/**
+ * A tiny ELF with a PVH entry note, booted in place of the kernel when a VM
+ * is restored: the guest's memory comes from the snapshot, QEMU does not copy
+ * a kernel into RAM during an incoming migration, and parsing the real 60+ MB
+ * vmlinux would only slow every restore down.
+ */
+export function stubKernel(): Buffer {
+  const note = Buffer.alloc(20);
+  note.writeUInt32LE(4, 0); // namesz
+  note.writeUInt32LE(4, 4); // descsz
+  note.writeUInt32LE(18, 8); // XEN_ELFNOTE_PHYS32_ENTRY
+  note.write("Xen\0", 12, "latin1");
+  note.writeUInt32LE(0x1000000, 16);
+  const phoff = 64;
+  const noteOff = phoff + 56 * 2;
+  const codeOff = noteOff + note.length;
+  const code = Buffer.alloc(16, 0xf4); // hlt
+  const hdr = Buffer.alloc(64);
+  Buffer.from([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0]).copy(hdr, 0);
+  hdr.writeUInt16LE(2, 16); // ET_EXEC
+  hdr.writeUInt16LE(process.arch === "arm64" ? 0xb7 : 0x3e, 18);
+  hdr.writeUInt32LE(1, 20);
+  hdr.writeBigUInt64LE(0x1000000n, 24); // entry
+  hdr.writeBigUInt64LE(BigInt(phoff), 32);
+  hdr.writeUInt16LE(64, 52); // ehsize
+  hdr.writeUInt16LE(56, 54); // phentsize
+  hdr.writeUInt16LE(2, 56); // phnum
+  hdr.writeUInt16LE(64, 58); // shentsize
+  const ph = (type: number, flags: number, off: number, vaddr: bigint, paddr: bigint, size: number, align: bigint): Buffer => {
+    const b = Buffer.alloc(56);
+    b.writeUInt32LE(type, 0);
+    b.writeUInt32LE(flags, 4);
+    b.writeBigUInt64LE(BigInt(off), 8);
+    b.writeBigUInt64LE(vaddr, 16);
+    b.writeBigUInt64LE(paddr, 24);
+    b.writeBigUInt64LE(BigInt(size), 32);
+    b.writeBigUInt64LE(BigInt(size), 40);
+    b.writeBigUInt64LE(align, 48);
+    return b;
+  };
+  const load = ph(1, 5, codeOff, 0xffffffff81000000n, 0x1000000n, code.length, 0x1000n);
+  const pnote = ph(4, 4, noteOff, 0n, 0n, note.length, 4n);
+  const elf = Buffer.concat([hdr, load, pnote, note, code]);
+  // QEMU's x86 loader also reads an 8 KiB bzImage header: pad past it.
+  return Buffer.concat([elf, Buffer.alloc(65536 - elf.length)]);
+}
+
+/** Path of the restore stub kernel in the cache, written once. */
+export async function stubKernelPath(cacheDir: string): Promise<string> {
+  const dir = join(cacheDir, "restore");
+  const p = join(dir, "stub-kernel-v1.elf");
+  if (existsSync(p)) return p;
+  await mkdir(dir, { recursive: true });
+  const tmp = `${p}.${process.pid}.tmp`;
+  await writeFile(tmp, stubKernel());
+  await rename(tmp, p);
+  return p;
+}

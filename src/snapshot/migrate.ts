@@ -1,0 +1,100 @@
+/**
+ * Moving a VM's device state in and out of QEMU through its migration
+ * channel. QEMU runs under a seccomp sandbox that forbids spawning (so no
+ * `exec:` URIs), and 7.2 has no `file:` URI: both directions go through a unix
+ * socket that this process serves or connects to.
+ *
+ * With the `x-ignore-shared` capability, RAM that is a shared file mapping is
+ * left out of the stream (the file *is* the memory), so a saved state is only
+ * the devices' (~60 KB).
+ */
+
+import { createReadStream, createWriteStream } from "node:fs";
+import { unlink } from "node:fs/promises";
+import { connect, createServer } from "node:net";
+import { join } from "node:path";
+import { pipeline } from "node:stream/promises";
+import { QemuError, TimeoutError } from "../errors.js";
+import type { QmpClient } from "../vmm/qmp.js";
+
+interface MigrateStatus {
+  status?: string;
+  "error-desc"?: string;
+}
+
+async function waitMigration(qmp: QmpClient, what: string, timeoutMs: number): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  for (let delay = 1; ; delay = Math.min(delay * 2, 20)) {
+    const st = await qmp.execute<MigrateStatus>("query-migrate");
+    if (st.status === "completed") return;
+    if (st.status === "failed" || st.status === "cancelled") throw new QemuError(`${what} failed: ${st["error-desc"] ?? st.status}`);
+    if (Date.now() > deadline) throw new TimeoutError(`${what} did not finish within ${timeoutMs} ms`, timeoutMs);
+    await new Promise((r) => setTimeout(r, delay));
+  }
+}
+
+export async function setIgnoreShared(qmp: QmpClient, on: boolean): Promise<void> {
+  await qmp.execute("migrate-set-capabilities", { capabilities: [{ capability: "x-ignore-shared", state: on }] });
+}
+
+/**
+ * Saves the (stopped) VM's migration stream into `file`. With `ignoreShared`
+ * the shared-file RAM is left out.
+ */
+export async function saveState(qmp: QmpClient, dir: string, file: string, o: { ignoreShared: boolean; timeoutMs: number }): Promise<void> {
+  await setIgnoreShared(qmp, o.ignoreShared);
+  const sock = join(dir, `mig-out-${process.pid}.sock`);
+  await unlink(sock).catch(() => undefined);
+  let received: Promise<void> | undefined;
+  const server = createServer({ pauseOnConnect: false }, (s) => {
+    server.close();
+    received = pipeline(s, createWriteStream(file));
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(sock, () => resolve());
+  });
+  try {
+    await qmp.execute("migrate", { uri: `unix:${sock}` });
+    await waitMigration(qmp, "saving the VM state", o.timeoutMs);
+    // QEMU has closed its end; the file is complete once the pipe drains.
+    for (let i = 0; !received && i < 100; i++) await new Promise((r) => setTimeout(r, 5));
+    if (!received) throw new QemuError("QEMU reported the state saved but never connected");
+    await received;
+  } finally {
+    server.close();
+    await unlink(sock).catch(() => undefined);
+  }
+}
+
+/**
+ * Feeds `file` to a QEMU started with `-incoming defer` and waits until the
+ * state is loaded (the VM then runs).
+ */
+export async function loadState(qmp: QmpClient, dir: string, file: string, o: { ignoreShared: boolean; timeoutMs: number }): Promise<void> {
+  await setIgnoreShared(qmp, o.ignoreShared);
+  const sock = join(dir, "mig-in.sock");
+  await qmp.execute("migrate-incoming", { uri: `unix:${sock}` });
+  // QEMU closes its end once it has read the stream, possibly before our
+  // side has seen every write acknowledged: success is what query-migrate
+  // says, not how the socket ends.
+  await new Promise<void>((resolve, reject) => {
+    const s = connect(sock);
+    let connected = false;
+    s.on("error", (e) => {
+      if (!connected) reject(e);
+    });
+    s.once("connect", () => {
+      connected = true;
+      const rs = createReadStream(file, { highWaterMark: 256 * 1024 });
+      rs.on("error", (e) => {
+        s.destroy();
+        reject(e);
+      });
+      rs.pipe(s);
+    });
+    s.once("close", () => resolve());
+  });
+  await waitMigration(qmp, "loading the VM state", o.timeoutMs);
+  await unlink(sock).catch(() => undefined);
+}
