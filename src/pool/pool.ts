@@ -149,8 +149,9 @@ export class Pool {
     while (this.idle.length) {
       const { vm } = this.idle.pop()!;
       if (vm.status !== "ready") continue;
+      const leased = this.lease(vm);
       this.fill();
-      return Promise.resolve(this.lease(vm));
+      return Promise.resolve(leased);
     }
     return new Promise<Vm>((resolve, reject) => {
       const w: Waiter = { resolve, reject, timer: undefined };

@@ -47,6 +47,12 @@ const CONSOLE_TAIL = 64 * 1024;
 
 const live = new Set<ChildProcess>();
 let hooked = false;
+let started = 0;
+
+/** How many QEMU processes this Node process has started (for tests and stats). */
+export function qemuStartCount(): number {
+  return started;
+}
 
 function hookExit(): void {
   if (hooked) return;
@@ -169,6 +175,7 @@ export class QemuProcess {
     const [cmd, argv] = setpriv ? [setpriv, ["--pdeathsig", "KILL", "--", qemu, ...args]] : [qemu, args];
     hookExit();
     const child = spawn(cmd, argv, { stdio: ["ignore", "pipe", "pipe"] });
+    started++;
     live.add(child);
     const proc = new QemuProcess(child, l);
     await new Promise<void>((resolve, reject) => {

@@ -1,0 +1,161 @@
+/**
+ * The snapshot format checks, one negative test per rule, plus the sparse
+ * copy and the restore stub kernel. No VM needed: files are made by hand.
+ */
+
+import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
+import { mkdtempSync, rmSync } from "node:fs";
+import { open, readFile, stat, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, it } from "node:test";
+import { SnapshotError } from "../../src/errors.js";
+import { sparseCopyWithHash, stubKernel } from "../../src/snapshot/files.js";
+import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, readManifest, type SnapshotManifest } from "../../src/snapshot/manifest.js";
+
+const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
+
+let root: string;
+before(() => {
+  root = mkdtempSync(join(tmpdir(), "sm-snapfmt-"));
+});
+after(() => rmSync(root, { recursive: true, force: true }));
+
+let n = 0;
+async function makeSnapshot(edit?: (m: SnapshotManifest) => void): Promise<string> {
+  const dir = join(root, `s${n++}`);
+  await import("node:fs/promises").then((f) => f.mkdir(dir));
+  const ram = Buffer.alloc(1 << 20);
+  ram.write("guest memory", 4096);
+  const state = Buffer.from("QEVM device state");
+  const rootfs = Buffer.from("erofs image bytes");
+  await writeFile(join(dir, "ram"), ram);
+  await writeFile(join(dir, "state"), state);
+  await writeFile(join(dir, "rootfs.erofs"), rootfs);
+  const m: SnapshotManifest = {
+    format: SNAPSHOT_FORMAT,
+    version: SNAPSHOT_VERSION,
+    key: "a".repeat(64),
+    name: "t",
+    createdAt: new Date().toISOString(),
+    accel: "tcg",
+    arch: process.arch,
+    qemuVersion: "QEMU emulator version 7.2",
+    memoryMib: 256,
+    vcpus: 1,
+    image: { ref: "x", digest: "sha256:00" },
+    config: { env: ["A=b"] },
+    workload: null,
+    guestPort: 80,
+    listenerRequired: false,
+    inputs: {},
+    files: { ram: { size: ram.length, sha256: sha(ram) }, state: { size: state.length, sha256: sha(state) }, rootfs: { size: rootfs.length, sha256: sha(rootfs) } },
+  };
+  edit?.(m);
+  await writeFile(join(dir, "manifest.json"), JSON.stringify(m));
+  return dir;
+}
+
+async function flipByte(path: string, at: number): Promise<void> {
+  const f = await open(path, "r+");
+  const b = Buffer.alloc(1);
+  await f.read(b, 0, 1, at);
+  b[0] = b[0]! ^ 0xff;
+  await f.write(b, 0, 1, at);
+  await f.close();
+}
+
+describe("snapshot format", () => {
+  it("a well-formed snapshot passes quick and full checks", async () => {
+    const dir = await makeSnapshot();
+    assert.equal((await readManifest(dir, "quick")).memoryMib, 256);
+    assert.equal((await readManifest(dir, "full")).vcpus, 1);
+  });
+
+  const rejects = async (dir: string, verify: "quick" | "full", re: RegExp) => {
+    await assert.rejects(readManifest(dir, verify), (e: unknown) => {
+      assert.ok(e instanceof SnapshotError, String(e));
+      assert.match(e.message, re);
+      return true;
+    });
+  };
+
+  it("a missing directory", async () => rejects(join(root, "nope"), "quick", /does not exist/));
+  it("a missing manifest (an interrupted build)", async () => {
+    const dir = await makeSnapshot();
+    rmSync(join(dir, "manifest.json"));
+    await rejects(dir, "quick", /manifest.json is missing/);
+  });
+  it("a manifest that is not JSON", async () => {
+    const dir = await makeSnapshot();
+    await writeFile(join(dir, "manifest.json"), "{ nope");
+    await rejects(dir, "quick", /not valid JSON/);
+  });
+  it("an oversized manifest", async () => {
+    const dir = await makeSnapshot();
+    await writeFile(join(dir, "manifest.json"), " ".repeat((1 << 20) + 1));
+    await rejects(dir, "quick", /over the/);
+  });
+  it("a foreign format", async () => rejects(await makeSnapshot((m) => ((m as { format: string }).format = "other")), "quick", /format "other"/));
+  it("a newer version", async () => rejects(await makeSnapshot((m) => (m.version = SNAPSHOT_VERSION + 1)), "quick", /version/));
+  it("a bad shape", async () => rejects(await makeSnapshot((m) => ((m as { memoryMib: unknown }).memoryMib = "lots")), "quick", /memoryMib/));
+  it("a missing file", async () => {
+    const dir = await makeSnapshot();
+    rmSync(join(dir, "state"));
+    await rejects(dir, "quick", /state file is missing/);
+  });
+  it("a truncated RAM file", async () => {
+    const dir = await makeSnapshot();
+    const f = await open(join(dir, "ram"), "r+");
+    await f.truncate(1000);
+    await f.close();
+    await rejects(dir, "quick", /ram is 1000 bytes/);
+  });
+  it("a corrupted state file is caught even by the quick check", async () => {
+    const dir = await makeSnapshot();
+    await flipByte(join(dir, "state"), 3);
+    await rejects(dir, "quick", /state does not match its checksum/);
+  });
+  it("a corrupted RAM file is caught by the full check", async () => {
+    const dir = await makeSnapshot();
+    await flipByte(join(dir, "ram"), 4100);
+    await readManifest(dir, "quick");
+    await rejects(dir, "full", /ram does not match its checksum/);
+  });
+  it("a corrupted root filesystem is caught by the full check", async () => {
+    const dir = await makeSnapshot();
+    await flipByte(join(dir, "rootfs.erofs"), 0);
+    await rejects(dir, "full", /rootfs does not match/);
+  });
+});
+
+describe("snapshot files", () => {
+  it("sparse copy keeps content, hashes it, and leaves zero blocks as holes", async () => {
+    const src = join(root, "sparse-src");
+    const size = 16 << 20;
+    const f = await open(src, "w");
+    await f.truncate(size);
+    const data = Buffer.alloc(8192, 7);
+    await f.write(data, 0, data.length, 5 << 20);
+    await f.write(Buffer.from("tail"), 0, 4, size - 4);
+    await f.close();
+    const dst = join(root, "sparse-dst");
+    const r = await sparseCopyWithHash(src, dst);
+    const a = await readFile(src);
+    const b = await readFile(dst);
+    assert.ok(a.equals(b));
+    assert.equal(r.sha256, sha(a));
+    assert.equal(r.size, size);
+    assert.equal(r.dataBytes, 8192 + 4096);
+    const st = await stat(dst);
+    assert.ok(st.blocks * 512 < 1 << 20, `copy uses ${st.blocks * 512} bytes on disk`);
+  });
+
+  it("the restore stub is an ELF with a PVH entry note, padded past the bzImage header", () => {
+    const k = stubKernel();
+    assert.equal(k.readUInt32BE(0), 0x7f454c46);
+    assert.ok(k.length >= 8192);
+    assert.ok(k.includes(Buffer.from("Xen\0", "latin1")));
+  });
+});
