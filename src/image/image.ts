@@ -21,12 +21,12 @@ import { defaultCacheDir } from "../paths.js";
 import { RecordBuilder } from "../protocol/codec.js";
 import { FILE_LIMIT, MsgType, Tag } from "../protocol/constants.js";
 import { directoryImage } from "../rootfs/cache.js";
-import { captureVm, restoreVm } from "../snapshot/capture.js";
+import { captureVm, restoreSpec, restoreVm, type RestoreOptions } from "../snapshot/capture.js";
 import { sha256File } from "../snapshot/files.js";
 import { readManifest, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
 import { findQemu } from "../vmm/qemu.js";
-import { launchVm, type GuestConfig, type Vm } from "../vm/vm.js";
+import { discardQemu, launchVm, startQemu, type GuestConfig, type StartedQemu, type Vm } from "../vm/vm.js";
 import { Pool, type PoolOptions } from "../pool/pool.js";
 import { guestConfigOf, resolveImage, type ImageProgress } from "./resolve.js";
 
@@ -278,6 +278,9 @@ export class Image {
   /** @internal */ readonly bootTimeoutMs: number;
   private handoff: Vm | undefined;
   private accelChoice: AcceleratorChoice | undefined;
+  /** A QEMU started ahead of the next restore (pools keep one ready). */
+  private spare: Promise<StartedQemu> | undefined;
+  private spareUsers = 0;
 
   /** @internal */
   constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm }) {
@@ -453,16 +456,53 @@ export class Image {
     return vm?.status === "ready" ? vm : undefined;
   }
 
-  /** @internal Restores one VM from the snapshot (copy-on-write RAM). */
-  async restore(o: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<Vm> {
-    const vm = await restoreVm({
+  private restoreOptions(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number> }): RestoreOptions {
+    return {
       snapshotDir: this.snapshotPath,
       manifest: this.manifest,
       cacheDir: this.cacheDir,
       bootTimeoutMs: o.timeoutMs ?? this.bootTimeoutMs,
       accel: this.accelFor(),
       ...(o.signal ? { signal: o.signal } : {}),
+      ...(o.timings ? { timings: o.timings } : {}),
+    };
+  }
+
+  /**
+   * @internal Keeps one QEMU process started ahead of the next restore while
+   * a pool uses this image: QEMU's own start-up (~35 ms under TCG) leaves
+   * the restore path.
+   */
+  keepSpare(on: boolean): void {
+    this.spareUsers += on ? 1 : -1;
+    if (this.spareUsers > 0) this.prepareSpare();
+    else if (this.spare) {
+      const s = this.spare;
+      this.spare = undefined;
+      void s.then(discardQemu, () => undefined);
+    }
+  }
+
+  private prepareSpare(): void {
+    if (this.spare || this.spareUsers <= 0) return;
+    const s = restoreSpec(this.restoreOptions({})).then((spec) => startQemu(spec));
+    s.catch(() => {
+      if (this.spare === s) this.spare = undefined;
     });
+    this.spare = s;
+  }
+
+  /** @internal Restores one VM from the snapshot (copy-on-write RAM). */
+  async restore(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number> } = {}): Promise<Vm> {
+    let started: StartedQemu | undefined;
+    if (this.spare) {
+      const s = this.spare;
+      this.spare = undefined;
+      started = await s.catch(() => undefined);
+      if (started && started.qemu.exitStatus) started = undefined;
+    }
+    const vm = await restoreVm(this.restoreOptions(o), started);
+    this.prepareSpare();
     try {
       const w = this.manifest.workload;
       if (w && w.startAt === "restore") await startWorkload(vm, w);
@@ -478,11 +518,15 @@ export class Image {
     return Pool.create(this, options);
   }
 
-  /** Destroys the warm-handoff VM if no pool took it. */
+  /** Destroys the warm-handoff VM if no pool took it, and any QEMU started ahead. */
   async close(): Promise<void> {
     const vm = this.handoff;
     this.handoff = undefined;
     await vm?.destroy();
+    const s = this.spare;
+    this.spare = undefined;
+    this.spareUsers = 0;
+    if (s) await s.then(discardQemu, () => undefined);
   }
 }
 

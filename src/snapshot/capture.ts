@@ -19,7 +19,7 @@ import { MsgType } from "../protocol/constants.js";
 import { QemuProcess } from "../vmm/qemu.js";
 import { QmpClient } from "../vmm/qmp.js";
 import { createRuntimeDir, removeRuntimeDir } from "../vm/runtime-dir.js";
-import { launchVm, type LaunchSpec, type Vm } from "../vm/vm.js";
+import { launchVm, type LaunchSpec, type StartedQemu, type Vm } from "../vm/vm.js";
 import { sha256File, sparseCopyWithHash, stubKernelPath } from "./files.js";
 import type { SnapshotFile, SnapshotManifest } from "./manifest.js";
 import { loadState, saveState } from "./migrate.js";
@@ -123,13 +123,13 @@ export interface RestoreOptions {
   bootTimeoutMs: number;
   signal?: AbortSignal;
   accel: LaunchSpec["accel"];
+  timings?: Record<string, number>;
 }
 
-/** Restores a VM: its RAM maps the snapshot's copy-on-write. */
-export async function restoreVm(o: RestoreOptions): Promise<Vm> {
+/** The launch of a VM restored from a snapshot: its RAM maps the snapshot's copy-on-write. */
+export async function restoreSpec(o: RestoreOptions, id: string = randomBytes(4).toString("hex")): Promise<LaunchSpec> {
   const m = o.manifest;
-  const id = randomBytes(4).toString("hex");
-  return launchVm({
+  return {
     id,
     accel: o.accel,
     memoryMib: m.memoryMib,
@@ -142,6 +142,7 @@ export async function restoreVm(o: RestoreOptions): Promise<Vm> {
     hostname: `sm-${id}`,
     bootTimeoutMs: o.bootTimeoutMs,
     ...(o.signal ? { signal: o.signal } : {}),
+    ...(o.timings ? { timings: o.timings } : {}),
     origin: {
       image: m.image,
       config: m.config,
@@ -150,5 +151,10 @@ export async function restoreVm(o: RestoreOptions): Promise<Vm> {
       listenerRequired: m.listenerRequired,
       cacheDir: o.cacheDir,
     },
-  });
+  };
+}
+
+/** Restores a VM, on a QEMU started ahead of time when one is given. */
+export async function restoreVm(o: RestoreOptions, started?: StartedQemu): Promise<Vm> {
+  return launchVm(await restoreSpec(o, started?.id), started);
 }

@@ -20,6 +20,7 @@ import {
   ClosedError,
   FileTooLargeError,
   GuestDiedError,
+  QemuError,
   OutputLimitError,
   SnapshotError,
   SupermachineError,
@@ -116,13 +117,26 @@ export interface LaunchSpec {
   signal?: AbortSignal;
   qemuBinary?: string;
   origin: VmOrigin;
+  /** Filled with the milliseconds each phase took (for benchmarks). */
+  timings?: Record<string, number>;
 }
 
-/** @internal Starts QEMU for `spec`, connects to the agent, configures the guest. */
-export async function launchVm(spec: LaunchSpec): Promise<Vm> {
+/** @internal A QEMU process started for a LaunchSpec, not yet attached to. */
+export interface StartedQemu {
+  id: string;
+  dir: string;
+  qemu: QemuProcess;
+  /** Connected when the spec restores a snapshot (QMP feeds the state). */
+  qmp?: QmpClient;
+}
+
+/**
+ * @internal Starts the QEMU process of `spec` (and, for a restore, its QMP
+ * connection), ready for {@link launchVm}. Pools start one ahead of need.
+ */
+export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
   const dir = createRuntimeDir();
   let qemu: QemuProcess | undefined;
-  let qmp: QmpClient | undefined;
   try {
     const memoryFile =
       spec.ram.kind === "shared-file"
@@ -144,13 +158,44 @@ export async function launchVm(spec: LaunchSpec): Promise<Vm> {
       dir,
       name: `sm-${spec.id}`,
     });
-    const q = qemu;
+    const qmp = spec.incomingState ? await connectQmp(qemu, Date.now() + spec.bootTimeoutMs) : undefined;
+    return { id: spec.id, dir, qemu, ...(qmp ? { qmp } : {}) };
+  } catch (e) {
+    if (qemu) await qemu.stop();
+    await removeRuntimeDir(dir);
+    throw e;
+  }
+}
+
+/** @internal Stops a started QEMU that was never attached to. */
+export async function discardQemu(s: StartedQemu): Promise<void> {
+  s.qmp?.close();
+  await s.qemu.stop();
+  await removeRuntimeDir(s.dir);
+}
+
+/**
+ * @internal Starts QEMU for `spec` (or takes `started`), loads the snapshot
+ * state for a restore, connects to the agent, configures the guest.
+ */
+export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise<Vm> {
+  let mark = performance.now();
+  const phase = (name: string) => {
+    const now = performance.now();
+    if (spec.timings) spec.timings[name] = now - mark;
+    mark = now;
+  };
+  const s = started ?? (await startQemu(spec));
+  phase("qemu");
+  const { dir, qemu: q, qmp } = s;
+  try {
     const deadline = Date.now() + spec.bootTimeoutMs;
     if (spec.incomingState) {
-      qmp = await connectQmp(q, deadline);
+      if (!qmp) throw new QemuError("a restore needs its QMP connection");
       await loadState(qmp, dir, spec.incomingState, { ignoreShared: true, timeoutMs: Math.max(1, deadline - Date.now()) });
       const st = await qmp.execute<{ status?: string }>("query-status");
       if (st.status !== "running") await qmp.execute("cont");
+      phase("loadState");
     }
     const conn = await AgentConnection.connect(q.agentSocket, {
       timeoutMs: Math.max(1, deadline - Date.now()),
@@ -161,12 +206,13 @@ export async function launchVm(spec: LaunchSpec): Promise<Vm> {
       if (e instanceof TimeoutError) throw new TimeoutError(`${e.message}\n--- guest console (tail) ---\n${q.consoleTail()}`, e.timeoutMs, { cause: e });
       throw e;
     });
+    phase("agent");
     if (conn.info?.bootError) {
       conn.destroy(new ClosedError("boot failed"));
       throw new GuestDiedError(`the guest failed to boot: ${conn.info.bootError}`, q.consoleTail());
     }
     const vm = new Vm({
-      id: spec.id,
+      id: s.id,
       accel: spec.accel.accel,
       reason: spec.accel.reason,
       memoryMib: spec.memoryMib,
@@ -179,11 +225,10 @@ export async function launchVm(spec: LaunchSpec): Promise<Vm> {
     });
     if (qmp) vm._adoptQmp(qmp);
     await vm.configure({ hostname: spec.hostname, ...(spec.config ? { config: spec.config } : {}) });
+    phase("configure");
     return vm;
   } catch (e) {
-    qmp?.close();
-    if (qemu) await qemu.stop();
-    await removeRuntimeDir(dir);
+    await discardQemu(s);
     if (spec.signal?.aborted) throw new AbortError("VM start aborted", { cause: spec.signal.reason });
     throw e;
   }
