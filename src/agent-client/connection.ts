@@ -558,6 +558,10 @@ export class AgentConnection {
   info: HelloInfo | undefined;
   /** Called once when the connection dies (protocol violation, socket closed, destroy). */
   onFatal: (err: Error) => void = () => undefined;
+  private lastRx = Date.now();
+  private liveness: NodeJS.Timeout | undefined;
+  private livenessPaused = 0;
+  private probeSent: number | undefined;
 
   private constructor(sock: Socket) {
     this.sock = sock;
@@ -652,10 +656,50 @@ export class AgentConnection {
     return this.error;
   }
 
+  /**
+   * Watches that the agent answers: after `timeoutMs / 2` without a frame
+   * from the guest, a PING goes out; no answer within `timeoutMs` means the
+   * agent stopped (hung guest, paused QEMU) and the connection is destroyed,
+   * so callers get a typed error instead of a hang.
+   */
+  startLiveness(timeoutMs: number, onDead: (e: Error) => void): void {
+    if (this.liveness) clearInterval(this.liveness);
+    const interval = Math.max(50, Math.floor(timeoutMs / 2));
+    this.liveness = setInterval(() => {
+      if (this.error || this.livenessPaused > 0) return;
+      const now = Date.now();
+      if (this.probeSent !== undefined) {
+        if (now - this.probeSent > timeoutMs) onDead(new Error(`the guest agent stopped answering (no reply to a ping within ${timeoutMs} ms)`));
+        return;
+      }
+      if (now - this.lastRx < interval) return;
+      this.probeSent = now;
+      this.ping().then(
+        () => (this.probeSent = undefined),
+        () => undefined,
+      );
+    }, interval);
+    this.liveness.unref();
+  }
+
+  /** Suspends the liveness check (while the VM is deliberately paused or quiet). */
+  pauseLiveness(): () => void {
+    this.livenessPaused++;
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      this.livenessPaused--;
+      this.lastRx = Date.now();
+      this.probeSent = undefined;
+    };
+  }
+
   /** Destroys the connection and fails every open stream with `err`. */
   destroy(err: Error): void {
     if (this.error) return;
     this.error = err;
+    if (this.liveness) clearInterval(this.liveness);
     this.sock.destroy();
     for (const s of this.streams.values()) s.fail(err);
     this.streams.clear();
@@ -671,6 +715,7 @@ export class AgentConnection {
 
   private onChunk(chunk: Buffer): void {
     if (this.error) return;
+    this.lastRx = Date.now();
     if (!this.synced) {
       const buf = this.preSync.length ? Buffer.concat([this.preSync, chunk]) : chunk;
       const at = buf.indexOf(HELLO_ACK_SIGNATURE);

@@ -84,9 +84,17 @@ async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string,
 export async function captureVm(vm: Vm, stage: string): Promise<{ ram: SnapshotFile; state: SnapshotFile }> {
   const ramPath = join(stage, "ram");
   const statePath = join(stage, "state");
+  // No liveness pings while the agent is quiet and the VM paused (a ping
+  // would also end the agent's quiet period).
+  const resume = vm.conn.pauseLiveness();
   // The agent finishes what it was writing and then stays silent: no frame is
   // half-way through the channel when the state is saved.
-  await vm.conn.request(MsgType.SNAPSHOT_PREPARE);
+  try {
+    await vm.conn.request(MsgType.SNAPSHOT_PREPARE);
+  } catch (e) {
+    resume();
+    throw e;
+  }
   const qmp = await vm.qmp();
   let running = true;
   await qmp.execute("stop");
@@ -113,6 +121,7 @@ export async function captureVm(vm: Vm, stage: string): Promise<{ ram: SnapshotF
     if (!running) await qmp.execute("cont").catch(() => undefined);
     // Any frame ends the agent's quiet period.
     await vm.conn.ping().catch(() => undefined);
+    resume();
   }
 }
 

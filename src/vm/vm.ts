@@ -78,6 +78,15 @@ export interface VmBootOptions {
 
 type State = "ready" | "closing" | "closed" | "dead";
 
+/**
+ * How long the agent may stay silent while pinged before its VM is declared
+ * dead. SUPERMACHINE_LIVENESS_MS overrides it. @default 60000
+ */
+export function livenessTimeoutMs(): number {
+  const v = Number(process.env.SUPERMACHINE_LIVENESS_MS);
+  return Number.isInteger(v) && v > 0 ? v : 60_000;
+}
+
 /** @internal How a VM's guest RAM is backed. */
 export type RamBacking =
   /** Plain anonymous memory (Vm.boot). */
@@ -320,6 +329,7 @@ export class Vm {
     this.ram = p.ram;
     this.launch = p.launch;
     p.conn.onFatal = (err) => this.died(err);
+    p.conn.startLiveness(livenessTimeoutMs(), (e) => this.died(new GuestDiedError(`the VM ${this.id} stopped: ${e.message}`, this.qemu.consoleTail())));
     void p.qemu.exited.then((ex) => {
       if (this.state === "ready" || this.state === "closing") {
         this.died(new GuestDiedError(`the VM ${this.id} stopped: QEMU exited (${ex.signal ?? `code ${ex.code}`})`, this.qemu.consoleTail()));

@@ -170,6 +170,28 @@ describe("Pool", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     }
   });
 
+  it("a VM whose agent stops answering (QEMU frozen) fails its holder with a typed error and is replaced", async () => {
+    const saved = process.env.SUPERMACHINE_LIVENESS_MS;
+    process.env.SUPERMACHINE_LIVENESS_MS = "3000";
+    const pool = await image.pool({ min: 1, max: 2 });
+    try {
+      const vm = await pool.acquire();
+      process.kill(vm.pid!, "SIGSTOP");
+      const t0 = Date.now();
+      await assert.rejects(vm.exec({ argv: ["echo", "never"] }), (e: unknown) => e instanceof GuestDiedError && /stopped answering/.test(e.message));
+      assert.ok(Date.now() - t0 < 60_000);
+      await vm.release();
+      await waitFor(() => pool.stats().idle >= 1 && pool.stats().inUse === 0, 120_000, "a replacement");
+      const fresh = await pool.acquire();
+      assert.equal((await fresh.exec({ argv: ["echo", "ok"] })).stdout.toString(), "ok\n");
+      await fresh.release();
+    } finally {
+      if (saved === undefined) delete process.env.SUPERMACHINE_LIVENESS_MS;
+      else process.env.SUPERMACHINE_LIVENESS_MS = saved;
+      await pool.shutdown();
+    }
+  });
+
   it("pool overrides that differ from the snapshot are refused with the fix named", async () => {
     await assert.rejects(image.pool({ memoryMib: 512 }), (e: unknown) => e instanceof PoolError && /Build the image with memoryMib 512/.test(e.message));
     await assert.rejects(image.pool({ min: 3, max: 2 }), /Invalid option min/);
