@@ -23,8 +23,10 @@ const TK_TCP: u64 = 5 << 56;
 const TK_DRAIN: u64 = 6 << 56;
 const TK_KIND: u64 = 0xff << 56;
 
-/// Largest DATA payload the agent sends.
-pub const CHUNK: usize = 128 * 1024;
+/// Largest DATA payload the agent sends by copying.
+pub const CHUNK: usize = 256 * 1024;
+/// Largest DATA payload the agent splices (zero copy) from a pipe.
+const SPLICE_MAX: usize = 1024 * 1024;
 /// The read buffer holds at least one maximal frame.
 const RBUF: usize = proto::HEADER_LEN + proto::MAX_PAYLOAD + 64 * 1024;
 
@@ -68,6 +70,8 @@ impl From<DecodeError> for ReqError {
 /// The epoll set and the outgoing byte queue, shared by every stream.
 pub struct Io {
     ep: Fd,
+    /// The virtio-serial port (-1 before it is open), for splice.
+    port_fd: i32,
     out: Vec<u8>,
     out_pos: usize,
     /// After SNAPSHOT_PREPARE: nothing is written to the port until the host
@@ -79,6 +83,82 @@ pub struct Io {
 impl Io {
     pub fn send(&mut self, t: u8, flags: u8, stream: u32, payload: &[u8]) {
         proto::encode_frame(&mut self.out, t, flags, stream, payload);
+    }
+
+    /**
+     * Reads up to `max` bytes from `fd` straight into a DATA frame at the end
+     * of the output queue (no intermediate copy: under emulation every guest
+     * memcpy is expensive). Returns what read(2) returned.
+     */
+    pub fn read_into_data(&mut self, fd: i32, ch: u8, stream: u32, max: usize) -> isize {
+        let start = self.out.len();
+        self.out.reserve(proto::HEADER_LEN + max);
+        let r = unsafe { sys::read(fd, self.out.as_mut_ptr().add(start + proto::HEADER_LEN) as *mut _, max) };
+        if r > 0 {
+            let n = r as usize;
+            unsafe { self.out.set_len(start + proto::HEADER_LEN + n) };
+            self.out[start..start + 4].copy_from_slice(&((8 + n) as u32).to_le_bytes());
+            self.out[start + 4] = ty::DATA;
+            self.out[start + 5] = ch;
+            self.out[start + 6] = 0;
+            self.out[start + 7] = 0;
+            self.out[start + 8..start + 12].copy_from_slice(&stream.to_le_bytes());
+        }
+        r
+    }
+
+    /**
+     * Moves up to `max` bytes of a pipe to the host as one DATA frame without
+     * copying them in the guest: the 12-byte header is written to the port,
+     * then splice(2) hands the pipe's pages to virtio-serial. Only when
+     * nothing else is queued (frames must stay in order). Bytes the splice
+     * did not move are read into the output queue, so the frame is always
+     * completed. Returns the bytes framed (0: nothing available or the port
+     * is full; the caller falls back to read_into_data).
+     */
+    pub fn splice_data(&mut self, pipe: i32, ch: u8, stream: u32, max: usize) -> usize {
+        if self.quiesced || self.port_fd < 0 || self.out_pos != self.out.len() {
+            return 0;
+        }
+        let mut avail: i32 = 0;
+        if unsafe { sys::ioctl(pipe, sys::FIONREAD, &mut avail as *mut i32) } != 0 || avail <= 0 {
+            return 0;
+        }
+        let n = (avail as usize).min(max);
+        let mut head = [0u8; proto::HEADER_LEN];
+        head[0..4].copy_from_slice(&((8 + n) as u32).to_le_bytes());
+        head[4] = ty::DATA;
+        head[5] = ch;
+        head[8..12].copy_from_slice(&stream.to_le_bytes());
+        // Writes up to 32 KiB to a virtio port are all or nothing.
+        let w = unsafe { sys::write(self.port_fd, head.as_ptr() as *const _, head.len()) };
+        if w != head.len() as isize {
+            return 0;
+        }
+        let moved = unsafe {
+            sys::splice(pipe, std::ptr::null_mut(), self.port_fd, std::ptr::null_mut(), n, sys::SPLICE_F_NONBLOCK)
+        };
+        let moved = if moved > 0 { moved as usize } else { 0 };
+        if moved < n {
+            // Complete the frame from the pipe (its bytes are there: FIONREAD).
+            self.out.clear();
+            self.out_pos = 0;
+            let rest = n - moved;
+            self.out.reserve(rest);
+            let mut got = 0;
+            while got < rest {
+                let r = unsafe { sys::read(pipe, self.out.as_mut_ptr().add(got) as *mut _, rest - got) };
+                if r <= 0 {
+                    break;
+                }
+                got += r as usize;
+            }
+            unsafe { self.out.set_len(got) };
+            // A pipe that lost bytes under us (impossible: we are its only
+            // reader) would break the stream; pad rather than desynchronise.
+            self.out.resize(rest, 0);
+        }
+        n
     }
 
     pub fn send_record(&mut self, t: u8, stream: u32, r: Record) {
@@ -133,11 +213,13 @@ struct OutCh {
     fd: Option<Fd>,
     credit: u32,
     watching: bool,
+    /// A pipe (not a pty): its data can be spliced to the port.
+    pipe: bool,
 }
 
 impl OutCh {
     fn closed() -> OutCh {
-        OutCh { fd: None, credit: proto::INITIAL_WINDOW, watching: false }
+        OutCh { fd: None, credit: proto::INITIAL_WINDOW, watching: false, pipe: false }
     }
 }
 
@@ -237,7 +319,7 @@ pub fn run(boot: &BootReport) -> io::Result<()> {
     let port_path = port_path.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no sm.agent virtio port"))?;
     let console = CString::new("/dev/console").ok().and_then(|c| sys::open_path(&c, sys::O_WRONLY | sys::O_NOCTTY, 0).ok());
     let mut a = Agent {
-        io: Io { ep, out: Vec::with_capacity(1 << 20), out_pos: 0, quiesced: false, scratch: vec![0u8; CHUNK] },
+        io: Io { ep, port_fd: -1, out: Vec::with_capacity(1 << 20), out_pos: 0, quiesced: false, scratch: vec![0u8; CHUNK] },
         port: None,
         port_path,
         rbuf: Vec::with_capacity(RBUF),
@@ -267,6 +349,7 @@ impl Agent {
         // Edge-triggered: a disconnected port reports HUP; level triggering
         // would spin. A host (re)connect wakes the port's wait queue.
         self.io.add(fd.raw(), sys::EPOLLIN | sys::EPOLLOUT | sys::EPOLLRDHUP | sys::EPOLLET, TK_PORT);
+        self.io.port_fd = fd.raw();
         self.port = Some(fd);
         Ok(())
     }
@@ -812,8 +895,8 @@ impl Agent {
             pid = exec::spawn(&spec).map_err(|x| io_err("spawn", x))?;
             let read_fd = Fd(sys::cvt(unsafe { sys::dup(pty.master.raw()) }).map_err(|x| io_err("dup", x))?);
             unsafe { sys::fcntl(read_fd.raw(), 2 /* F_SETFD */, 1 /* FD_CLOEXEC */) };
-            e.out[0] = OutCh { fd: Some(read_fd), credit: e.out[0].credit, watching: false };
-            e.out[1] = OutCh { fd: None, credit: e.out[1].credit, watching: false };
+            e.out[0] = OutCh { fd: Some(read_fd), credit: e.out[0].credit, watching: false, pipe: false };
+            e.out[1] = OutCh { fd: None, credit: e.out[1].credit, watching: false, pipe: false };
             if want_stdin {
                 let w = Fd(sys::cvt(unsafe { sys::dup(pty.master.raw()) }).map_err(|x| io_err("dup", x))?);
                 unsafe { sys::fcntl(w.raw(), 2, 1) };
@@ -855,8 +938,8 @@ impl Agent {
             debug!("spawn {} us", sys::monotonic_us() - t0);
             drop(out_w);
             drop(err_w);
-            e.out[0] = OutCh { fd: Some(out_r), credit: e.out[0].credit, watching: false };
-            e.out[1] = OutCh { fd: Some(err_r), credit: e.out[1].credit, watching: false };
+            e.out[0] = OutCh { fd: Some(out_r), credit: e.out[0].credit, watching: false, pipe: true };
+            e.out[1] = OutCh { fd: Some(err_r), credit: e.out[1].credit, watching: false, pipe: true };
             if let Some((_r, w)) = stdin_pipe {
                 e.stdin = Some(w);
             }
@@ -907,14 +990,17 @@ impl Agent {
             let mut reads = 0;
             while out.credit > 0 && reads < 8 {
                 reads += 1;
+                if out.pipe {
+                    let moved = io.splice_data(fd, ch, id, (out.credit as usize).min(SPLICE_MAX));
+                    if moved > 0 {
+                        out.credit -= moved as u32;
+                        continue;
+                    }
+                }
                 let want = (out.credit as usize).min(CHUNK);
-                let r = unsafe { sys::read(fd, io.scratch.as_mut_ptr() as *mut _, want) };
+                let r = io.read_into_data(fd, ch, id, want);
                 if r > 0 {
-                    let n = r as usize;
-                    out.credit -= n as u32;
-                    let data = std::mem::take(&mut io.scratch);
-                    io.send(ty::DATA, ch, id, &data[..n]);
-                    io.scratch = data;
+                    out.credit -= r as u32;
                     continue;
                 }
                 if r == 0 {

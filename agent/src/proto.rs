@@ -7,7 +7,7 @@
 
 pub const HEADER_LEN: usize = 12;
 pub const MAX_PAYLOAD: usize = 1 << 20;
-pub const INITIAL_WINDOW: u32 = 256 * 1024;
+pub const INITIAL_WINDOW: u32 = 1024 * 1024;
 pub const PROTOCOL_VERSION: u32 = 1;
 pub const MAGIC: &[u8] = b"supermachine";
 pub const FILE_LIMIT: u64 = 4 * 1024 * 1024;

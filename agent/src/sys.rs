@@ -152,7 +152,11 @@ extern "C" {
     pub fn _exit(code: c_int) -> !;
     pub fn getpid() -> pid_t;
     pub fn sync();
+    pub fn splice(fd_in: c_int, off_in: *mut i64, fd_out: c_int, off_out: *mut i64, len: usize, flags: c_uint) -> isize;
 }
+
+pub const SPLICE_F_NONBLOCK: c_uint = 2;
+pub const FIONREAD: c_ulong = 0x541B;
 
 pub const EPOLL_CLOEXEC: c_int = 0x80000;
 pub const EPOLLIN: u32 = 0x1;

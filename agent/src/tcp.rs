@@ -174,13 +174,9 @@ impl Conn {
         while !self.sock_eof && self.credit > 0 && reads < 8 {
             reads += 1;
             let want = (self.credit as usize).min(CHUNK);
-            let r = unsafe { sys::read(self.sock.raw(), io.scratch.as_mut_ptr() as *mut _, want) };
+            let r = io.read_into_data(self.sock.raw(), 1, id, want);
             if r > 0 {
-                let n = r as usize;
-                self.credit -= n as u32;
-                let data = std::mem::take(&mut io.scratch);
-                io.send(ty::DATA, 1, id, &data[..n]);
-                io.scratch = data;
+                self.credit -= r as u32;
                 continue;
             }
             if r == 0 {

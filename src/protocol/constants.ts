@@ -6,7 +6,7 @@
 
 export const HEADER_LEN = 12;
 export const MAX_PAYLOAD = 1 << 20;
-export const INITIAL_WINDOW = 256 * 1024;
+export const INITIAL_WINDOW = 1024 * 1024;
 export const PROTOCOL_VERSION = 1;
 export const MAGIC = Buffer.from("supermachine", "latin1");
 /** writeFile/readFile/stageFiles limit, enforced on both sides. */

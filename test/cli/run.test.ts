@@ -5,7 +5,7 @@
 
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
-import { mkdtempSync, mkdirSync, rmSync, writeFileSync, chmodSync, copyFileSync, symlinkSync } from "node:fs";
+import { mkdtempSync, mkdirSync, readdirSync, rmSync, writeFileSync, chmodSync, copyFileSync, symlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, it } from "node:test";
@@ -13,19 +13,23 @@ import { REPO_ROOT, VM_TEST_TIMEOUT, pidsMatching } from "../helpers.js";
 
 const BIN = join(REPO_ROOT, "bin", "supermachine.js");
 
+// The CLI's VMs get a runtime dir of their own, so leftovers are told apart
+// from the VMs of other test files running at the same time.
+const runtimeDir = mkdtempSync(join(tmpdir(), "sm-cli-rt-"));
+
 function run(args: string[]) {
-  return spawnSync(process.execPath, [BIN, ...args], { encoding: "utf8", timeout: 300_000, env: { ...process.env, SUPERMACHINE_ACCEL: process.env.SUPERMACHINE_ACCEL ?? "" } });
+  return spawnSync(process.execPath, [BIN, ...args], { encoding: "utf8", timeout: 300_000, env: { ...process.env, SUPERMACHINE_RUNTIME_DIR: runtimeDir } });
 }
 
 describe("supermachine run", { timeout: VM_TEST_TIMEOUT }, () => {
   it("runs a command in the default image and exits with its status", () => {
-    const before = new Set(pidsMatching(/qemu-system.*-name sm-/));
     const r = run(["run", "-q", "--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
     assert.equal(r.status, 7, r.stderr);
     assert.equal(r.stdout, "out\n");
     assert.match(r.stderr, /err\n/);
-    const leftover = pidsMatching(/qemu-system.*-name sm-/).filter((p) => !before.has(p));
-    assert.deepEqual(leftover, [], "no VM left behind");
+    const mine = new RegExp(`qemu-system.*${runtimeDir.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}`);
+    assert.deepEqual(pidsMatching(mine), [], "no VM left behind");
+    assert.deepEqual(readdirSync(join(runtimeDir, `supermachine-${process.getuid!()}`)), [], "no runtime dir left behind");
   });
 
   it("boots a host directory with --rootfs and passes env and workdir", () => {
