@@ -2,7 +2,7 @@
  * ExecChild: a streaming process in the guest (the seed's pull API plus Node
  * streams on top). Output is credited back to the guest only as the caller
  * consumes it, so a fast writer in the guest blocks on its pipe instead of
- * filling host memory: at most one flow-control window (256 KiB) per channel
+ * filling host memory: at most one flow-control window (1 MiB) per channel
  * is ever buffered here.
  */
 
