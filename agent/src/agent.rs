@@ -78,6 +78,9 @@ pub struct Io {
     /// sends again.
     pub quiesced: bool,
     pub scratch: Vec<u8>,
+    /// The agent's own pipe between a process's pipe and the port (splice_data).
+    relay: Option<(Fd, Fd)>,
+    relay_cap: usize,
 }
 
 impl Io {
@@ -109,22 +112,34 @@ impl Io {
 
     /**
      * Moves up to `max` bytes of a pipe to the host as one DATA frame without
-     * copying them in the guest: the 12-byte header is written to the port,
-     * then splice(2) hands the pipe's pages to virtio-serial. Only when
-     * nothing else is queued (frames must stay in order). Bytes the splice
-     * did not move are read into the output queue, so the frame is always
-     * completed. Returns the bytes framed (0: nothing available or the port
-     * is full; the caller falls back to read_into_data).
+     * copying them in the guest: splice(2) hands the pipe's pages to
+     * virtio-serial. Only when nothing else is queued (frames must stay in
+     * order). Returns the bytes framed (0: nothing available, no relay, or
+     * the port is full; the caller falls back to read_into_data).
+     *
+     * The bytes go through `relay`, a pipe only the agent touches, first:
+     * virtio_console's splice_write sizes its scatterlist by the pipe's
+     * buffer count and then queues every entry of it, so a splice that takes
+     * less than the whole pipe (because of the credit, or because the
+     * process wrote more meanwhile) queues zero-length buffers, and QEMU
+     * then marks the device broken ("zero sized buffers are not allowed").
+     * Pipe-to-pipe splice takes an exact byte count; the relay is then
+     * spliced to the port whole.
      */
     pub fn splice_data(&mut self, pipe: i32, ch: u8, stream: u32, max: usize) -> usize {
         if self.quiesced || self.port_fd < 0 || self.out_pos != self.out.len() {
             return 0;
         }
-        let mut avail: i32 = 0;
-        if unsafe { sys::ioctl(pipe, sys::FIONREAD, &mut avail as *mut i32) } != 0 || avail <= 0 {
+        let (relay_r, relay_w) = match &self.relay {
+            Some((r, w)) => (r.raw(), w.raw()),
+            None => return 0,
+        };
+        let max = max.min(self.relay_cap);
+        let n = unsafe { sys::splice(pipe, std::ptr::null_mut(), relay_w, std::ptr::null_mut(), max, sys::SPLICE_F_NONBLOCK) };
+        if n <= 0 {
             return 0;
         }
-        let n = (avail as usize).min(max);
+        let n = n as usize;
         let mut head = [0u8; proto::HEADER_LEN];
         head[0..4].copy_from_slice(&((8 + n) as u32).to_le_bytes());
         head[4] = ty::DATA;
@@ -132,31 +147,34 @@ impl Io {
         head[8..12].copy_from_slice(&stream.to_le_bytes());
         // Writes up to 32 KiB to a virtio port are all or nothing.
         let w = unsafe { sys::write(self.port_fd, head.as_ptr() as *const _, head.len()) };
-        if w != head.len() as isize {
-            return 0;
-        }
-        let moved = unsafe {
-            sys::splice(pipe, std::ptr::null_mut(), self.port_fd, std::ptr::null_mut(), n, sys::SPLICE_F_NONBLOCK)
-        };
-        let moved = if moved > 0 { moved as usize } else { 0 };
-        if moved < n {
-            // Complete the frame from the pipe (its bytes are there: FIONREAD).
+        let moved = if w == head.len() as isize {
+            let m = unsafe { sys::splice(relay_r, std::ptr::null_mut(), self.port_fd, std::ptr::null_mut(), n, sys::SPLICE_F_NONBLOCK) };
+            if m > 0 { m as usize } else { 0 }
+        } else {
+            // The port is full: the whole frame, header included, is queued.
             self.out.clear();
             self.out_pos = 0;
+            self.out.extend_from_slice(&head);
+            0
+        };
+        if moved < n {
+            // The rest of the frame is in the relay: queue it, leaving the
+            // relay empty for the next call.
             let rest = n - moved;
+            let start = self.out.len();
             self.out.reserve(rest);
             let mut got = 0;
             while got < rest {
-                let r = unsafe { sys::read(pipe, self.out.as_mut_ptr().add(got) as *mut _, rest - got) };
+                let r = unsafe { sys::read(relay_r, self.out.as_mut_ptr().add(start + got) as *mut _, rest - got) };
                 if r <= 0 {
                     break;
                 }
                 got += r as usize;
             }
-            unsafe { self.out.set_len(got) };
-            // A pipe that lost bytes under us (impossible: we are its only
-            // reader) would break the stream; pad rather than desynchronise.
-            self.out.resize(rest, 0);
+            unsafe { self.out.set_len(start + got) };
+            // Only the agent reads the relay, so its bytes cannot vanish;
+            // were they to, padding keeps the stream in sync.
+            self.out.resize(start + rest, 0);
         }
         n
     }
@@ -319,7 +337,7 @@ pub fn run(boot: &BootReport) -> io::Result<()> {
     let port_path = port_path.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no sm.agent virtio port"))?;
     let console = CString::new("/dev/console").ok().and_then(|c| sys::open_path(&c, sys::O_WRONLY | sys::O_NOCTTY, 0).ok());
     let mut a = Agent {
-        io: Io { ep, port_fd: -1, out: Vec::with_capacity(1 << 20), out_pos: 0, quiesced: false, scratch: vec![0u8; CHUNK] },
+        io: Io { ep, port_fd: -1, out: Vec::with_capacity(1 << 20), out_pos: 0, quiesced: false, scratch: vec![0u8; CHUNK], relay: None, relay_cap: 0 },
         port: None,
         port_path,
         rbuf: Vec::with_capacity(RBUF),
@@ -339,6 +357,13 @@ pub fn run(boot: &BootReport) -> io::Result<()> {
         resync: false,
     };
     a.io.add(a.sig.raw(), sys::EPOLLIN, TK_SIG);
+    if let Ok((r, w)) = sys::pipe(sys::O_NONBLOCK) {
+        let cap = unsafe { sys::fcntl(w.raw(), sys::F_SETPIPE_SZ, SPLICE_MAX as i32) };
+        if cap > 0 {
+            a.io.relay_cap = cap as usize;
+            a.io.relay = Some((r, w));
+        }
+    }
     a.open_port()?;
     a.event_loop()
 }

@@ -180,5 +180,7 @@ export function kernelCmdline(o: CmdlineOptions): string {
   }
   parts.push(`sm.root=${o.hasRootfs ? "/dev/vda" : "none"}`);
   if (o.hostname) parts.push(`sm.hostname=${o.hostname}`);
+  // The agent's frame-by-frame trace on the console (consoleTail), for debugging.
+  if (process.env.SUPERMACHINE_GUEST_DEBUG === "1") parts.push("sm.debug=1");
   return parts.join(" ");
 }

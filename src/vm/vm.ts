@@ -329,6 +329,7 @@ export class Vm {
     this.ram = p.ram;
     this.launch = p.launch;
     p.conn.onFatal = (err) => this.died(err);
+    p.qemu.onDeviceError = (msg) => this.died(new GuestDiedError(`the VM ${this.id} stopped: QEMU disabled a device the guest misused (${msg})`, this.qemu.consoleTail()));
     p.conn.startLiveness(livenessTimeoutMs(), (e) => this.died(new GuestDiedError(`the VM ${this.id} stopped: ${e.message}`, this.qemu.consoleTail())));
     void p.qemu.exited.then((ex) => {
       if (this.state === "ready" || this.state === "closing") {

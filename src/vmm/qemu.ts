@@ -150,6 +150,13 @@ export class QemuProcess {
   private tail: Buffer[] = [];
   private tailBytes = 0;
   private exitInfo: QemuExit | undefined;
+  private errLine = "";
+  /**
+   * Called when QEMU reports on stderr that the guest broke a virtio device
+   * ("virtio: zero sized buffers are not allowed", ...): QEMU stops serving
+   * that device, so the VM can no longer be reached and should be ended.
+   */
+  onDeviceError: ((message: string) => void) | undefined;
 
   private constructor(child: ChildProcess, l: QemuLaunch) {
     this.child = child;
@@ -157,7 +164,10 @@ export class QemuProcess {
     this.qmpSocket = join(l.dir, "qmp.sock");
     const onData = (b: Buffer) => this.keep(b);
     child.stdout?.on("data", onData);
-    child.stderr?.on("data", onData);
+    child.stderr?.on("data", (b: Buffer) => {
+      this.keep(b);
+      this.scanStderr(b);
+    });
     this.exited = new Promise((resolve) => {
       child.once("exit", (code, signal) => {
         live.delete(child);
@@ -205,6 +215,16 @@ export class QemuProcess {
     this.tailBytes += b.length;
     while (this.tailBytes - this.tail[0]!.length >= CONSOLE_TAIL) {
       this.tailBytes -= this.tail.shift()!.length;
+    }
+  }
+
+  private scanStderr(b: Buffer): void {
+    // Bounded: only the current line is kept, cut at 1 KiB.
+    const lines = (this.errLine + b.toString("utf8")).split("\n");
+    this.errLine = lines.pop()!.slice(-1024);
+    for (const line of lines) {
+      const m = /^[^:\s]*qemu[^:]*: (virtio[^:]*: .*)$/.exec(line.trim());
+      if (m) this.onDeviceError?.(m[1]!.slice(0, 512));
     }
   }
 

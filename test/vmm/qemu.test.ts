@@ -4,8 +4,11 @@
  */
 
 import assert from "node:assert/strict";
+import { chmod, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { describe, it } from "node:test";
-import { qemuArgs, type QemuLaunch } from "../../src/vmm/qemu.js";
+import { QemuProcess, qemuArgs, type QemuLaunch } from "../../src/vmm/qemu.js";
 
 const base: QemuLaunch = {
   accel: "tcg",
@@ -53,5 +56,30 @@ describe("QEMU command line", () => {
   it("no root disk without a rootfs", () => {
     const { rootfs: _r, ...noRoot } = base;
     assert.deepEqual(devices(qemuArgs(noRoot)), ["virtio-serial-device", "virtserialport"]);
+  });
+});
+
+describe("QEMU process", () => {
+  it("reports a device QEMU disabled (virtio error on its stderr), split across writes, and nothing for guest console lines", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "sm-qemu-"));
+    try {
+      // A stand-in for QEMU: the guest console (stdout) says the same words,
+      // which must not count; QEMU's own stderr line arrives in two pieces.
+      const fake = join(dir, "qemu");
+      await writeFile(
+        fake,
+        "#!/bin/sh\necho 'qemu-system-x86_64: virtio: fake from the guest console'\n" +
+          "printf 'qemu-system-x86_64: vir' >&2; sleep 0.2; printf 'tio: zero sized buffers are not allowed\\n' >&2\nsleep 0.3\n",
+      );
+      await chmod(fake, 0o755);
+      const q = await QemuProcess.start({ ...base, qemuBinary: fake, dir });
+      const seen: string[] = [];
+      q.onDeviceError = (m) => seen.push(m);
+      await q.exited;
+      assert.deepEqual(seen, ["virtio: zero sized buffers are not allowed"]);
+      assert.match(q.consoleTail(), /fake from the guest console/);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
