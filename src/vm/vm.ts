@@ -627,7 +627,10 @@ export class Vm {
           if (e instanceof ClosedError) return 0;
           throw e;
         });
-        return new ExecChild(s, pid, done);
+        // A started process is not an operation close() waits for (a server
+        // would keep the VM open forever): closing the VM ends it.
+        done();
+        return new ExecChild(s, pid, () => undefined);
       } catch (e) {
         done();
         if (this.state === "dead" && e instanceof ClosedError) throw this.deathError!;
@@ -773,7 +776,11 @@ export class Vm {
     await this.release();
   }
 
-  /** Waits for operations in flight, then stops the VM. Idempotent. */
+  /**
+   * Waits for requests in flight (exec, file transfers, a spawn that is
+   * starting), then stops the VM. Processes started with spawn() end with
+   * it: their wait() rejects with ClosedError. Idempotent.
+   */
   close(): Promise<void> {
     if (this.closing) return this.closing;
     if (this.state === "dead" || this.state === "closed") {
