@@ -130,7 +130,7 @@ describe("pull + boot", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     }
   });
 
-  test("Debian + python3: python3 -c 'print(1+1)' prints 2", async () => {
+  test("Debian + python3: python3 -c 'print(1+1)' prints 2; a python REPL is driven line by line (pipes and a tty)", async () => {
     const img = await resolveImage(`${reg.host}/test/python:3`, { cacheDir });
     const vm = await Vm.boot({ rootfsImage: img.rootfsImage, config: img.config, memoryMib: 512 });
     try {
@@ -138,6 +138,49 @@ describe("pull + boot", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
       assert.equal(r.stdout.toString(), "2\n", r.stderr.toString());
       const cwd = await vm.exec({ argv: ["python3", "-c", "import os; print(os.getcwd(), os.environ['PYTHONDONTWRITEBYTECODE'])"], timeoutMs: 120_000 });
       assert.equal(cwd.stdout.toString(), "/tmp 1\n");
+
+      // A Python REPL driven line by line: state carries from line to line.
+      const repl = await vm.spawn({ argv: ["python3", "-i", "-q", "-u"] });
+      const readOut = async (want: string): Promise<string> => {
+        let text = "";
+        while (!text.includes(want)) {
+          const b = await repl.readStdout();
+          if (b.length === 0) break;
+          text += b.toString();
+        }
+        return text;
+      };
+      await repl.writeStdin(Buffer.from("x = 21\n"));
+      await repl.writeStdin(Buffer.from("print(x * 2)\n"));
+      assert.equal(await readOut("\n"), "42\n");
+      await repl.writeStdin(Buffer.from("def f(n):\n    return n + x\n\nprint(f(1))\n"));
+      assert.equal(await readOut("\n"), "22\n");
+      await repl.writeStdin(Buffer.from("1/0\n"));
+      let err = "";
+      while (!err.includes("ZeroDivisionError")) {
+        const b = await repl.readStderr();
+        assert.ok(b.length > 0, `stderr ended before the traceback: ${err}`);
+        err += b.toString();
+      }
+      await repl.writeStdin(Buffer.from("raise SystemExit(3)\n"));
+      assert.equal((await repl.wait()).exitCode, 3);
+
+      // The same REPL on a terminal: the prompt and the echo come through the pty.
+      const tty = await vm.spawn({ argv: ["python3", "-q"], tty: true, winsize: { cols: 100, rows: 30 } });
+      let screen = "";
+      const until = async (want: string) => {
+        while (!screen.includes(want)) {
+          const b = await tty.readStdout();
+          if (b.length === 0) break;
+          screen += b.toString();
+        }
+      };
+      await until(">>> ");
+      await tty.writeStdin(Buffer.from("import os; print(os.get_terminal_size())\r"));
+      await until("columns=100, lines=30");
+      assert.match(screen, /os\.terminal_size\(columns=100, lines=30\)/);
+      await tty.writeStdin(Buffer.from("exit()\r"));
+      assert.equal((await tty.wait()).exitCode, 0);
     } finally {
       await vm.destroy();
     }
