@@ -3,6 +3,8 @@
  * Benchmarks print numbers; they never assert on them.
  */
 
+import { readFileSync, readdirSync } from "node:fs";
+
 export interface Summary {
   n: number;
   p50: number;
@@ -47,4 +49,75 @@ export async function sample(n: number, f: () => Promise<unknown>): Promise<numb
     out.push(performance.now() - t);
   }
   return out;
+}
+
+export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** Proportional set size of a process, in KiB (shared pages divided among sharers). */
+export function pssKib(pid: number): { pss: number; rss: number } {
+  const text = readFileSync(`/proc/${pid}/smaps_rollup`, "latin1");
+  const field = (name: string) => Number(new RegExp(`^${name}:\\s+(\\d+) kB`, "m").exec(text)?.[1] ?? NaN);
+  return { pss: field("Pss"), rss: field("Rss") };
+}
+
+/** `pid` and all its descendants (from /proc/<pid>/stat). */
+export function processTree(pid: number): number[] {
+  const children = new Map<number, number[]>();
+  for (const d of readdirSync("/proc")) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const stat = readFileSync(`/proc/${d}/stat`, "latin1");
+      const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+      const list = children.get(ppid) ?? [];
+      list.push(Number(d));
+      children.set(ppid, list);
+    } catch {
+      /* gone */
+    }
+  }
+  const out: number[] = [];
+  const walk = (p: number) => {
+    out.push(p);
+    for (const c of children.get(p) ?? []) walk(c);
+  };
+  walk(pid);
+  return out;
+}
+
+/** Summed PSS and RSS (KiB) of processes; the ones that vanished count 0. */
+export function sumPssKib(pids: Iterable<number>): { pss: number; rss: number } {
+  let pss = 0;
+  let rss = 0;
+  for (const p of new Set(pids)) {
+    try {
+      const m = pssKib(p);
+      if (Number.isFinite(m.pss)) pss += m.pss;
+      if (Number.isFinite(m.rss)) rss += m.rss;
+    } catch {
+      /* gone */
+    }
+  }
+  return { pss, rss };
+}
+
+/** Command-line arguments: `--name value`, `--flag`. */
+export class Args {
+  constructor(private readonly argv: readonly string[] = process.argv.slice(2)) {}
+  has(name: string): boolean {
+    return this.argv.includes(`--${name}`);
+  }
+  str(name: string): string | undefined {
+    const i = this.argv.indexOf(`--${name}`);
+    return i >= 0 ? this.argv[i + 1] : undefined;
+  }
+  num(name: string, dflt: number): number {
+    const v = this.str(name);
+    if (v === undefined) return dflt;
+    const n = Number(v);
+    if (!Number.isFinite(n) || n < 0) throw new TypeError(`--${name} expects a number ≥ 0, got ${JSON.stringify(v)}`);
+    return n;
+  }
+  list(name: string): string[] | undefined {
+    return this.str(name)?.split(",").map((s) => s.trim()).filter(Boolean);
+  }
 }

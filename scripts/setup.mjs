@@ -42,7 +42,8 @@ function run(cmd, argv, opts = {}) {
 
 const arm = process.arch === "arm64";
 const RUNTIME = [arm ? "qemu-system-arm" : "qemu-system-x86", "busybox-static", "xz-utils", "util-linux", "zstd"];
-const TEST = ["erofs-utils", "docker-registry", "skopeo", "umoci", "mmdebstrap", "openssl", "apache2-utils", "tar", "gzip"];
+// bubblewrap and runsc: the peers the bench harness's smoke test measures.
+const TEST = ["erofs-utils", "docker-registry", "skopeo", "umoci", "mmdebstrap", "openssl", "apache2-utils", "tar", "gzip", "bubblewrap", "runsc"];
 
 function missingPackages(pkgs) {
   return pkgs.filter((p) => {
