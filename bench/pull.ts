@@ -26,8 +26,12 @@ async function main(): Promise<void> {
   const reg = await startRegistry();
   const work = await mkdtemp(join(tmpdir(), "sm-bench-pull-"));
   try {
+    log("pushing the image to the registry");
     await pushLayout(reg, img.layout!.dir, img.layout!.tag, "bench/python:3");
-    const ref = `${reg.host}/bench/python:3`;
+    log("pushed");
+    // Both pull straight from the registry (not through the fixture's
+    // counting proxy, which skopeo's TLS probe would stall).
+    const ref = `${reg.directHost}/bench/python:3`;
     const ours: number[] = [];
     const peer: number[] = [];
     const hit: number[] = [];
@@ -42,7 +46,7 @@ async function main(): Promise<void> {
       // The peer: skopeo copy to a fresh OCI layout.
       const dest = join(work, `skopeo-${i}`);
       t = performance.now();
-      const r = spawnSync("skopeo", ["--insecure-policy", "copy", "--quiet", "--src-tls-verify=false", `docker://${ref}`, `oci:${dest}:bench`], { encoding: "utf8" });
+      const r = spawnSync("skopeo", ["--insecure-policy", "copy", "--quiet", "--src-tls-verify=false", `docker://${ref}`, `oci:${dest}:bench`], { encoding: "utf8", timeout: 300_000 });
       if (r.status !== 0) throw new Error(`skopeo copy failed: ${r.stderr}`);
       peer.push(performance.now() - t);
       await rm(dest, { recursive: true, force: true });
