@@ -109,7 +109,6 @@ export class ExecChild {
   constructor(
     private stream: ExecStream,
     pid: number,
-    onDone: () => void,
   ) {
     this.pid = pid;
     this.out = new OutputQueue(stream, 1);
@@ -119,7 +118,6 @@ export class ExecChild {
     this.result = stream.exit.then(
       (e) => ({ exitCode: e.exitCode, timedOut: e.timedOut, peakRssKib: e.peakRssKib }),
     );
-    this.result.then(onDone, onDone);
     this.result.catch(() => undefined);
   }
 

@@ -630,7 +630,7 @@ export class Vm {
         // A started process is not an operation close() waits for (a server
         // would keep the VM open forever): closing the VM ends it.
         done();
-        return new ExecChild(s, pid, () => undefined);
+        return new ExecChild(s, pid);
       } catch (e) {
         done();
         if (this.state === "dead" && e instanceof ClosedError) throw this.deathError!;
