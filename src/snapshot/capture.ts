@@ -14,10 +14,10 @@
 import { randomBytes } from "node:crypto";
 import { stat, unlink } from "node:fs/promises";
 import { join } from "node:path";
-import { GuestDiedError, SnapshotError } from "../errors.js";
+import { SnapshotError } from "../errors.js";
 import { MsgType } from "../protocol/constants.js";
 import { QemuProcess } from "../vmm/qemu.js";
-import { QmpClient } from "../vmm/qmp.js";
+import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { createRuntimeDir, removeRuntimeDir } from "../vm/runtime-dir.js";
 import { launchVm, type LaunchSpec, type StartedQemu, type Vm } from "../vm/vm.js";
 import { sha256File, sparseCopyWithHash, stubKernelPath } from "./files.js";
@@ -28,19 +28,6 @@ const SAVE_TIMEOUT_MS = 120_000;
 
 async function fileRecord(path: string): Promise<SnapshotFile> {
   return { size: (await stat(path)).size, sha256: await sha256File(path) };
-}
-
-async function qmpWhenReady(q: QemuProcess, deadline: number): Promise<QmpClient> {
-  for (;;) {
-    if (q.exitStatus) throw new GuestDiedError("QEMU exited during start", q.consoleTail());
-    try {
-      return await QmpClient.connect(q.qmpSocket);
-    } catch (e) {
-      const code = (e as NodeJS.ErrnoException).code;
-      if ((code !== "ENOENT" && code !== "ECONNREFUSED") || Date.now() > deadline) throw e;
-      await new Promise((r) => setTimeout(r, 1));
-    }
-  }
 }
 
 /**
@@ -65,7 +52,7 @@ async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string,
   });
   let qmp: QmpClient | undefined;
   try {
-    qmp = await qmpWhenReady(q, Date.now() + SAVE_TIMEOUT_MS);
+    qmp = await connectQmp(q, Date.now() + SAVE_TIMEOUT_MS);
     await loadState(qmp, dir, stream, { ignoreShared: false, timeoutMs: SAVE_TIMEOUT_MS });
     await saveState(qmp, dir, statePath, { ignoreShared: true, timeoutMs: SAVE_TIMEOUT_MS });
   } catch (e) {

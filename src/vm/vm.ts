@@ -35,7 +35,7 @@ import { FILE_LIMIT, MsgType, Tag, WireError } from "../protocol/constants.js";
 import { directoryImage } from "../rootfs/cache.js";
 import { chooseAccelerator, warnTcgOnce, type Accelerator, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
 import { QemuProcess } from "../vmm/qemu.js";
-import { QmpClient } from "../vmm/qmp.js";
+import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { loadState } from "../snapshot/migrate.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { ExecChild } from "./exec-child.js";
@@ -240,21 +240,6 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
     await discardQemu(s);
     if (spec.signal?.aborted) throw new AbortError("VM start aborted", { cause: spec.signal.reason });
     throw e;
-  }
-}
-
-/** Connects to QMP as soon as QEMU has created its socket. */
-async function connectQmp(q: QemuProcess, deadline: number): Promise<QmpClient> {
-  for (;;) {
-    if (q.exitStatus) throw new GuestDiedError("QEMU exited during start", q.consoleTail());
-    try {
-      return await QmpClient.connect(q.qmpSocket);
-    } catch (e) {
-      const code = (e as NodeJS.ErrnoException).code;
-      if (code !== "ENOENT" && code !== "ECONNREFUSED") throw e;
-      if (Date.now() > deadline) throw new TimeoutError("QEMU's QMP socket did not appear in time", 0);
-      await new Promise((r) => setTimeout(r, 1));
-    }
   }
 }
 

@@ -5,7 +5,8 @@
  */
 
 import { connect, type Socket } from "node:net";
-import { QemuError } from "../errors.js";
+import { GuestDiedError, QemuError, TimeoutError } from "../errors.js";
+import type { QemuProcess } from "./qemu.js";
 
 const MAX_LINE = 1 << 20;
 
@@ -126,5 +127,20 @@ export class QmpClient {
 
   close(): void {
     this.sock.destroy();
+  }
+}
+
+/** Connects to QMP as soon as QEMU has created its socket (QEMU exiting first, or the deadline passing, throws). */
+export async function connectQmp(q: QemuProcess, deadline: number): Promise<QmpClient> {
+  for (;;) {
+    if (q.exitStatus) throw new GuestDiedError("QEMU exited during start", q.consoleTail());
+    try {
+      return await QmpClient.connect(q.qmpSocket);
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code !== "ENOENT" && code !== "ECONNREFUSED") throw e;
+      if (Date.now() > deadline) throw new TimeoutError("QEMU's QMP socket did not appear in time", 0);
+      await new Promise((r) => setTimeout(r, 1));
+    }
   }
 }
