@@ -3,11 +3,13 @@
  * and cleanup that always runs.
  */
 
+import assert from "node:assert/strict";
 import { existsSync, readFileSync, readdirSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { ensureDefaultImage, DEFAULT_IMAGE_CONFIG } from "../src/guest/default-image.js";
 import { defaultCacheDir } from "../src/paths.js";
+import { GuestDiedError } from "../src/errors.js";
 import { Vm, type VmBootOptions } from "../src/vm/vm.js";
 
 export const REPO_ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -49,4 +51,19 @@ export async function waitFor(cond: () => boolean | Promise<boolean>, timeoutMs:
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await new Promise((r) => setTimeout(r, 50));
   }
+}
+
+/**
+ * Kills `vm`'s QEMU under an exec in flight and checks that the exec and a
+ * later one fail with GuestDiedError.
+ */
+export async function killQemuUnderExec(vm: Vm): Promise<void> {
+  const work = vm.exec({ argv: ["sleep", "100"] }).then(
+    () => undefined,
+    (e: unknown) => e,
+  );
+  await new Promise((r) => setTimeout(r, 200));
+  process.kill(vm.pid!, "SIGKILL");
+  assert.ok((await work) instanceof GuestDiedError, "the exec in flight fails with GuestDiedError");
+  await assert.rejects(vm.exec({ argv: ["true"] }), GuestDiedError);
 }

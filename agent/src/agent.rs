@@ -114,8 +114,9 @@ impl Io {
      * Moves up to `max` bytes of a pipe to the host as one DATA frame without
      * copying them in the guest: splice(2) hands the pipe's pages to
      * virtio-serial. Only when nothing else is queued (frames must stay in
-     * order). Returns the bytes framed (0: nothing available, no relay, or
-     * the port is full; the caller falls back to read_into_data).
+     * order). Returns the bytes framed (0: nothing available or no relay;
+     * the caller falls back to read_into_data). When the port is full, the
+     * framed bytes wait in the output queue.
      *
      * The bytes go through `relay`, a pipe only the agent touches, first:
      * virtio_console's splice_write sizes its scatterlist by the pipe's

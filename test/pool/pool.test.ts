@@ -14,7 +14,7 @@ import { ClosedError, GuestDiedError, PoolError, TimeoutError } from "../../src/
 import { Image } from "../../src/image/image.js";
 import type { Pool, PoolStats } from "../../src/pool/pool.js";
 import type { Vm } from "../../src/vm/vm.js";
-import { VM_TEST_TIMEOUT, defaultRootfs, waitFor } from "../helpers.js";
+import { VM_TEST_TIMEOUT, defaultRootfs, killQemuUnderExec, waitFor } from "../helpers.js";
 
 function expectStats(pool: Pool, want: Partial<PoolStats>, what: string): void {
   const got = pool.stats();
@@ -147,14 +147,7 @@ describe("Pool", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
       const vm = await pool.acquire();
       const idleBefore = pool.stats().idle;
       assert.ok(idleBefore >= 1);
-      const work = vm.exec({ argv: ["sleep", "100"] }).then(
-        () => undefined,
-        (e: unknown) => e,
-      );
-      await new Promise((r) => setTimeout(r, 200));
-      process.kill(vm.pid!, "SIGKILL");
-      assert.ok((await work) instanceof GuestDiedError);
-      await assert.rejects(vm.exec({ argv: ["true"] }), GuestDiedError);
+      await killQemuUnderExec(vm);
       await vm.release();
       await waitFor(() => pool.stats().idle === 2 && pool.stats().alive === 2, 120_000, "the pool to heal back to min");
       // An idle VM killed behind the pool's back is replaced too.

@@ -20,7 +20,7 @@ import { chooseAccelerator } from "../../src/vmm/accel.js";
 import { QemuProcess } from "../../src/vmm/qemu.js";
 import { createRuntimeDir, removeRuntimeDir } from "../../src/vm/runtime-dir.js";
 import { Vm } from "../../src/vm/vm.js";
-import { REPO_ROOT, VM_TEST_TIMEOUT, bootDefault, defaultRootfs, processAlive, waitFor } from "../helpers.js";
+import { REPO_ROOT, VM_TEST_TIMEOUT, bootDefault, defaultRootfs, killQemuUnderExec, processAlive, waitFor } from "../helpers.js";
 
 describe("VM lifecycle", { timeout: VM_TEST_TIMEOUT }, () => {
   it("shows the accelerator it chose, and close() waits for work in flight", async () => {
@@ -67,14 +67,7 @@ describe("VM lifecycle", { timeout: VM_TEST_TIMEOUT }, () => {
   it("a guest that dies turns pending and later calls into GuestDiedError", async () => {
     const vm = await bootDefault();
     try {
-      const work = vm.exec({ argv: ["sleep", "100"] }).then(
-        () => undefined,
-        (e: unknown) => e,
-      );
-      await new Promise((r) => setTimeout(r, 200));
-      process.kill(vm.pid!, "SIGKILL");
-      assert.ok((await work) instanceof GuestDiedError);
-      await assert.rejects(vm.exec({ argv: ["true"] }), GuestDiedError);
+      await killQemuUnderExec(vm);
       assert.equal(vm.status, "dead");
     } finally {
       await vm.destroy();
