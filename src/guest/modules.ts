@@ -15,6 +15,8 @@ export const GUEST_MODULES = [
   "virtio_blk",
   "erofs",
   "overlay",
+  // The VM's network (virtio-net on QEMU's -netdev stream).
+  "virtio_net",
   // For live host mounts (virtio-fs).
   "virtiofs",
 ];

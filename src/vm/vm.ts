@@ -42,6 +42,8 @@ import { ExecChild } from "./exec-child.js";
 import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutput, type ValidExec } from "./options.js";
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
+import { NetworkStack } from "../net/stack.js";
+import { compilePolicy, type CompiledPolicy } from "../net/policy.js";
 
 /** What the image says about how to run things in it (OCI config). */
 export interface GuestConfig {
@@ -128,6 +130,8 @@ export interface LaunchSpec {
   origin: VmOrigin;
   /** Filled with the milliseconds each phase took (for benchmarks). */
   timings?: Record<string, number>;
+  /** The egress policy applied when the VM starts. @default public internet */
+  network?: CompiledPolicy;
 }
 
 /** @internal A QEMU process started for a LaunchSpec, not yet attached to. */
@@ -137,6 +141,8 @@ export interface StartedQemu {
   qemu: QemuProcess;
   /** Connected when the spec restores a snapshot (QMP feeds the state). */
   qmp?: QmpClient;
+  /** The VM's host-side network stack (QEMU is connected to it). */
+  net: NetworkStack;
 }
 
 /**
@@ -146,7 +152,9 @@ export interface StartedQemu {
 export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
   const dir = createRuntimeDir();
   let qemu: QemuProcess | undefined;
+  let net: NetworkStack | undefined;
   try {
+    net = await NetworkStack.listen(join(dir, "net.sock"), { policy: spec.network ?? compilePolicy(true) });
     const memoryFile =
       spec.ram.kind === "shared-file"
         ? { path: join(dir, "ram"), share: true }
@@ -165,11 +173,13 @@ export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
       ...(memoryFile ? { memoryFile } : {}),
       ...(spec.incomingState ? { incoming: true } : {}),
       dir,
+      netSocket: join(dir, "net.sock"),
       name: `sm-${spec.id}`,
     });
     const qmp = spec.incomingState ? await connectQmp(qemu, Date.now() + spec.bootTimeoutMs) : undefined;
-    return { id: spec.id, dir, qemu, ...(qmp ? { qmp } : {}) };
+    return { id: spec.id, dir, qemu, net, ...(qmp ? { qmp } : {}) };
   } catch (e) {
+    net?.close();
     if (qemu) await qemu.stop();
     await removeRuntimeDir(dir);
     throw e;
@@ -179,6 +189,7 @@ export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
 /** @internal Stops a started QEMU that was never attached to. */
 export async function discardQemu(s: StartedQemu): Promise<void> {
   s.qmp?.close();
+  s.net.close();
   await s.qemu.stop();
   await removeRuntimeDir(s.dir);
 }
@@ -231,6 +242,7 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
       runtimeDir: dir,
       ram: spec.ram,
       launch: spec,
+      net: s.net,
     });
     if (qmp) vm._adoptQmp(qmp);
     await vm.configure({ hostname: spec.hostname, ...(spec.config ? { config: spec.config } : {}) });
@@ -286,6 +298,8 @@ export class Vm {
   private inflight = 0;
   private idleWaiters: (() => void)[] = [];
   private forwarders = new Set<TcpForwarder>();
+  /** @internal The VM's host-side network stack. */
+  readonly net: NetworkStack;
   private closing: Promise<void> | undefined;
   /** @internal Called once when the guest dies on its own. */
   _onDeath: ((vm: Vm, err: SupermachineError) => void) | undefined;
@@ -302,7 +316,9 @@ export class Vm {
     runtimeDir: string;
     ram: RamBacking;
     launch: LaunchSpec;
+    net: NetworkStack;
   }) {
+    this.net = p.net;
     this.id = p.id;
     this.accelerator = p.accel;
     this.acceleratorReason = p.reason;
@@ -450,6 +466,7 @@ export class Vm {
     this.conn.destroy(e);
     void this.qmpClient?.then((q) => q.close(), () => undefined);
     this.qemu.kill("SIGKILL");
+    this.net.close();
     for (const f of this.forwarders) f.destroy();
     this.forwarders.clear();
     void this.qemu.exited.then(() => removeRuntimeDir(this.runtimeDir));
@@ -796,6 +813,7 @@ export class Vm {
     this.conn.onFatal = () => undefined;
     this.conn.destroy(err);
     void this.qmpClient?.then((q) => q.close(), () => undefined);
+    this.net.close();
     await this.qemu.stop();
     await removeRuntimeDir(this.runtimeDir);
   }

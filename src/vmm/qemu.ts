@@ -34,6 +34,8 @@ export interface QemuLaunch {
   incoming?: boolean;
   /** Stay paused after start (or after an incoming migration): -S. */
   paused?: boolean;
+  /** Unix socket of the host network stack (QEMU connects to it): adds a virtio-net NIC. */
+  netSocket?: string;
   /** Process name shown by ps (≤ 15 chars). */
   name: string;
 }
@@ -134,6 +136,10 @@ export function qemuArgs(l: QemuLaunch): string[] {
   if (l.rootfs) {
     a.push("-drive", `id=root,file=${l.rootfs},format=raw,if=none,readonly=on`);
     a.push("-device", "virtio-blk-device,drive=root");
+  }
+  if (l.netSocket) {
+    a.push("-netdev", `stream,id=net0,server=off,addr.type=unix,addr.path=${l.netSocket}`);
+    a.push("-device", "virtio-net-device,netdev=net0,mac=52:54:00:53:4d:02");
   }
   a.push("-qmp", `unix:${join(l.dir, "qmp.sock")},server=on,wait=off`);
   if (l.incoming) a.push("-incoming", "defer");
