@@ -43,7 +43,7 @@ function run(cmd, argv, opts = {}) {
 const arm = process.arch === "arm64";
 const RUNTIME = [arm ? "qemu-system-arm" : "qemu-system-x86", "busybox-static", "xz-utils", "util-linux", "zstd"];
 // bubblewrap and runsc: the peers the bench harness's smoke test measures.
-const TEST = ["erofs-utils", "docker-registry", "skopeo", "umoci", "mmdebstrap", "openssl", "apache2-utils", "tar", "gzip", "bubblewrap", "runsc"];
+const TEST = ["iproute2", "erofs-utils", "docker-registry", "skopeo", "umoci", "mmdebstrap", "openssl", "apache2-utils", "tar", "gzip", "bubblewrap", "runsc"];
 
 function missingPackages(pkgs) {
   return pkgs.filter((p) => {

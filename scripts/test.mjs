@@ -11,6 +11,34 @@ import { fileURLToPath } from "node:url";
 const root = join(dirname(fileURLToPath(import.meta.url)), "..");
 const filters = process.argv.slice(2);
 
+// Every VM has a network, so the tests run in a network namespace of their
+// own with only loopback: even a broken egress policy cannot send a packet
+// off this machine. Fixtures that need the package archive are built first,
+// outside it.
+if (process.env.SUPERMACHINE_TEST_NETNS !== "1") {
+  const pre = spawnSync(process.execPath, [join(root, "dist", "test", "fixtures", "prebuild.js")], { stdio: "inherit" });
+  if (pre.status !== 0) process.exit(pre.status ?? 1);
+  const asRoot = process.getuid?.() === 0;
+  const r = spawnSync(
+    "unshare",
+    [...(asRoot ? [] : ["--map-root-user"]), "--net", "--", "sh", "-c", 'ip link set lo up && exec "$0" "$@"', process.execPath, fileURLToPath(import.meta.url), ...filters],
+    { stdio: "inherit", env: { ...process.env, SUPERMACHINE_TEST_NETNS: "1" } },
+  );
+  if (r.error) {
+    console.error(`test: cannot create a network namespace (unshare --net): ${r.error.message}`);
+    process.exit(1);
+  }
+  process.exit(r.status ?? 1);
+}
+{
+  // Check the namespace really is closed: loopback only.
+  const links = spawnSync("ip", ["-o", "link", "show"], { encoding: "utf8" }).stdout.trim().split("\n");
+  if (links.length !== 1 || !/: lo:/.test(links[0] ?? "")) {
+    console.error(`test: refusing to run: the network namespace has other interfaces than loopback:\n${links.join("\n")}`);
+    process.exit(1);
+  }
+}
+
 function collect(dir, out = []) {
   if (!existsSync(dir)) return out;
   for (const e of readdirSync(dir, { withFileTypes: true })) {

@@ -5,7 +5,9 @@
  */
 
 export * from "./errors.js";
-export { Vm, type VmBootOptions, type GuestConfig } from "./vm/vm.js";
+export { Vm, type VmBootOptions, type GuestConfig, type VmNetwork } from "./vm/vm.js";
+export type { NetworkPolicy, NetworkOption } from "./net/policy.js";
+export { GUEST_NETWORK, type NetworkStats, type NetworkDeniedEvent } from "./net/stack.js";
 export { Image, type BuildOptions, type ExtraFile, type MountSpec, type VolumeSpec, type WarmupVm } from "./image/image.js";
 export { Pool, type PoolOptions, type PoolStats } from "./pool/pool.js";
 export { resolveImage, type ImageProgress, type ResolvedImage } from "./image/resolve.js";

@@ -21,6 +21,7 @@ import { defaultCacheDir } from "../paths.js";
 import { RecordBuilder } from "../protocol/codec.js";
 import { FILE_LIMIT, MsgType, Tag } from "../protocol/constants.js";
 import { directoryImage } from "../rootfs/cache.js";
+import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
 import { captureVm, restoreSpec, restoreVm, type RestoreOptions } from "../snapshot/capture.js";
 import { sha256File } from "../snapshot/files.js";
 import { readManifest, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
@@ -87,6 +88,15 @@ export interface BuildOptions {
   readonly mounts?: readonly MountSpec[];
   /** Not supported yet: a non-empty list is refused. */
   readonly volumes?: readonly VolumeSpec[];
+  /**
+   * (extension) The VM's network and its egress policy: `true` is the public
+   * internet (private, loopback, link-local and the VM network's own ranges
+   * denied), `false` cuts the VM off, `{ allow, deny, hosts }` narrows it.
+   * Applies to the bake (warmup) and is the default of pools made from this
+   * Image object; it is not part of the snapshot key, so one snapshot serves
+   * pools with different policies. See docs/network.md. @default true
+   */
+  readonly network?: NetworkOption;
   /** Cache key of the warmup: bump it to rebake. @default "default" */
   readonly warmupTag?: string;
   /** Runs in the VM after the workload started and before the snapshot. */
@@ -138,6 +148,7 @@ interface ValidBuild {
   warmup?: (vm: Vm) => Promise<void>;
   snapshotsDir: string;
   cacheDir: string;
+  network: CompiledPolicy;
 }
 
 function validateBuild(o: BuildOptions): ValidBuild {
@@ -186,6 +197,7 @@ function validateBuild(o: BuildOptions): ValidBuild {
     ...(o.warmup ? { warmup: o.warmup } : {}),
     snapshotsDir: resolve(o.snapshotsDir ?? defaultSnapshotsDir()),
     cacheDir: o.cacheDir ?? defaultCacheDir(),
+    network: compilePolicy(o.network),
   };
 }
 
@@ -276,6 +288,8 @@ export class Image {
   readonly baked: boolean;
   /** @internal */ readonly cacheDir: string;
   /** @internal */ readonly bootTimeoutMs: number;
+  /** @internal The egress policy of VMs restored through this object (pools may override it). */
+  readonly network: CompiledPolicy;
   private handoff: Vm | undefined;
   private accelChoice: AcceleratorChoice | undefined;
   /** A QEMU started ahead of the next restore (pools keep one ready). */
@@ -283,7 +297,8 @@ export class Image {
   private spareUsers = 0;
 
   /** @internal */
-  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm }) {
+  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm; network?: CompiledPolicy }) {
+    this.network = p.network ?? compilePolicy(true);
     this.snapshotPath = p.snapshotPath;
     this.manifest = p.manifest;
     this.baked = p.baked;
@@ -342,14 +357,14 @@ export class Image {
     const name = v.name ?? `sm-${key.slice(0, 16)}`;
     const dir = join(v.snapshotsDir, name);
     const hit = await readManifest(dir, "quick").catch(() => undefined);
-    if (hit && hit.key === key) return new Image({ snapshotPath: dir, manifest: hit, baked: false, cacheDir: v.cacheDir, bootTimeoutMs });
+    if (hit && hit.key === key) return new Image({ snapshotPath: dir, manifest: hit, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, network: v.network });
     await mkdir(v.snapshotsDir, { recursive: true });
     // One baker per snapshot across processes; the others use its result.
     const valid = async () => (await readManifest(dir, "quick").catch(() => undefined))?.key === key;
     const lock = await acquireLock(join(v.snapshotsDir, `.${name}.lock`), { until: valid, staleMs: 10 * 60_000, ...(options.signal ? { signal: options.signal } : {}) });
     try {
       const again = await readManifest(dir, "quick").catch(() => undefined);
-      if (again && again.key === key) return new Image({ snapshotPath: dir, manifest: again, baked: false, cacheDir: v.cacheDir, bootTimeoutMs });
+      if (again && again.key === key) return new Image({ snapshotPath: dir, manifest: again, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, network: v.network });
       const workload: WorkloadSpec | null =
         workloadArgv.length > 0
           ? {
@@ -381,6 +396,7 @@ export class Image {
           hostname: `sm-${id}`,
           config,
           bootTimeoutMs,
+          network: v.network,
           ...(options.signal ? { signal: options.signal } : {}),
           origin: { image: { ref: root.ref, digest: root.digest }, config, workload, guestPort: v.guestPort, listenerRequired: v.listenerRequired, cacheDir: v.cacheDir },
         });
@@ -416,7 +432,7 @@ export class Image {
         // The bake VM lives on as the first VM handed out (warm handoff); it
         // must look like a restored one.
         if (workload && workload.startAt === "restore") await startWorkload(vm, workload);
-        return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm });
+        return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm, network: v.network });
       } catch (e) {
         await vm?.destroy();
         await rm(stage, { recursive: true, force: true });
@@ -456,8 +472,9 @@ export class Image {
     return vm?.status === "ready" ? vm : undefined;
   }
 
-  private restoreOptions(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number> }): RestoreOptions {
+  private restoreOptions(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number>; network?: CompiledPolicy }): RestoreOptions {
     return {
+      network: o.network ?? this.network,
       snapshotDir: this.snapshotPath,
       manifest: this.manifest,
       cacheDir: this.cacheDir,
@@ -493,7 +510,7 @@ export class Image {
   }
 
   /** @internal Restores one VM from the snapshot (copy-on-write RAM). */
-  async restore(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number> } = {}): Promise<Vm> {
+  async restore(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number>; network?: CompiledPolicy } = {}): Promise<Vm> {
     let started: StartedQemu | undefined;
     if (this.spare) {
       const s = this.spare;

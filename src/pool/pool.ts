@@ -12,6 +12,7 @@
 import { ClosedError, PoolError, SupermachineError, TimeoutError, invalidOption } from "../errors.js";
 import type { Image } from "../image/image.js";
 import type { Vm } from "../vm/vm.js";
+import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
 
 export interface PoolOptions {
   /** Idle VMs to keep warm. @default 1 */
@@ -28,6 +29,12 @@ export interface PoolOptions {
   readonly memoryMib?: number;
   /** Runtime vCPU override; must equal the image's. @default the image's */
   readonly vcpus?: number;
+  /**
+   * (extension) Egress policy of this pool's VMs (see BuildOptions.network);
+   * applied at each restore, so pools with different policies can share
+   * one snapshot. @default the Image's (BuildOptions.network), else true
+   */
+  readonly network?: NetworkOption;
   /** Per-VM snapshot-restore deadline. @default 30000 */
   readonly restoreTimeoutMs?: number;
   /**
@@ -80,6 +87,7 @@ export class Pool {
   private readonly restoreOnRelease: boolean;
   private readonly restoreTimeoutMs: number;
   private readonly prewarm: string[][];
+  private readonly network: CompiledPolicy;
   private idle: IdleVm[] = [];
   private inUse = new Set<Vm>();
   private starting = 0;
@@ -110,6 +118,7 @@ export class Pool {
       throw invalidOption("prewarm", "a boolean or a list of argv arrays", pw);
     }
     this.prewarm = pw === false ? [] : [["/proc/1/exe", "--version"], ...(pw === true ? [] : pw.map((a) => [...a]))];
+    this.network = o.network === undefined ? image.network : compilePolicy(o.network);
     const mem = int(o.memoryMib, "memoryMib", image.memoryMib, 1);
     const cpus = int(o.vcpus, "vcpus", image.vcpus, 1);
     if (mem !== image.memoryMib || cpus !== image.vcpus) {
@@ -126,7 +135,10 @@ export class Pool {
     image.accelFor();
     image.keepSpare(true);
     const handoff = image.takeHandoff();
-    if (handoff) p.offer(handoff);
+    if (handoff) {
+      handoff.net.setPolicy(p.network);
+      p.offer(handoff);
+    }
     p.fill();
     // pool() resolves once min VMs are warm (or the first restore failed).
     while (p.idle.length < p.min && !p.closed) {
@@ -224,7 +236,7 @@ export class Pool {
     this.restoring++;
     try {
       if (this.closed) throw new ClosedError("the pool was shut down");
-      const vm = await this.image.restore({ timeoutMs: this.restoreTimeoutMs });
+      const vm = await this.image.restore({ timeoutMs: this.restoreTimeoutMs, network: this.network });
       try {
         for (const argv of this.prewarm) await vm.exec({ argv, timeoutMs: this.restoreTimeoutMs, maxOutputBytes: 1 << 20 });
       } catch (e) {

@@ -120,6 +120,8 @@ export interface RestoreOptions {
   signal?: AbortSignal;
   accel: LaunchSpec["accel"];
   timings?: Record<string, number>;
+  /** The restored VM's egress policy (not part of the snapshot). */
+  network?: LaunchSpec["network"];
 }
 
 /** The launch of a VM restored from a snapshot: its RAM maps the snapshot's copy-on-write. */
@@ -139,6 +141,7 @@ export async function restoreSpec(o: RestoreOptions, id: string = randomBytes(4)
     bootTimeoutMs: o.bootTimeoutMs,
     ...(o.signal ? { signal: o.signal } : {}),
     ...(o.timings ? { timings: o.timings } : {}),
+    ...(o.network ? { network: o.network } : {}),
     origin: {
       image: m.image,
       config: m.config,

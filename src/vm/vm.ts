@@ -43,7 +43,17 @@ import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutpu
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
 import { NetworkStack } from "../net/stack.js";
-import { compilePolicy, type CompiledPolicy } from "../net/policy.js";
+import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
+import type { NetworkDeniedEvent, NetworkStats } from "../net/stack.js";
+
+/** What a Vm shows of its network stack. */
+export interface VmNetwork {
+  /** Counters since the VM started (or was restored). */
+  stats(): NetworkStats;
+  on(event: "denied", listener: (e: NetworkDeniedEvent) => void): unknown;
+  off(event: "denied", listener: (e: NetworkDeniedEvent) => void): unknown;
+  once(event: "denied", listener: (e: NetworkDeniedEvent) => void): unknown;
+}
 
 /** What the image says about how to run things in it (OCI config). */
 export interface GuestConfig {
@@ -68,6 +78,8 @@ export interface VmBootOptions {
   config?: GuestConfig;
   /** @default "sm-" + 8 random hex digits */
   hostname?: string;
+  /** (extension) The VM's egress policy; see BuildOptions.network. @default true */
+  network?: NetworkOption;
   /** Deadline for QEMU start + kernel boot + agent handshake. @default 120000 under TCG, 30000 under KVM */
   bootTimeoutMs?: number;
   signal?: AbortSignal;
@@ -206,6 +218,7 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
     mark = now;
   };
   const s = started ?? (await startQemu(spec));
+  s.net.setPolicy(spec.network ?? compilePolicy(true));
   phase("qemu");
   const { dir, qemu: q, qmp } = s;
   try {
@@ -351,6 +364,7 @@ export class Vm {
       throw invalidOption("hostname", "a hostname (letters, digits, '.', '-')", o.hostname);
     }
     if (o.rootfs !== undefined && o.rootfsImage !== undefined) throw invalidOption("rootfs", "either rootfs or rootfsImage, not both", o.rootfs);
+    const network = compilePolicy(o.network);
     const choice = chooseAccelerator(o.accel);
     warnTcgOnce(choice);
     const bootTimeoutMs = positiveInt(o.bootTimeoutMs, "bootTimeoutMs", choice.accel === "tcg" ? 120_000 : 30_000, 3_600_000);
@@ -378,6 +392,7 @@ export class Vm {
       hostname,
       config,
       bootTimeoutMs,
+      network,
       ...(o.signal ? { signal: o.signal } : {}),
       ...(o.qemuBinary ? { qemuBinary: o.qemuBinary } : {}),
       origin: {
@@ -438,6 +453,25 @@ export class Vm {
   /** Escape hatch: the socket exec requests travel on (the agent channel). */
   get execPath(): string {
     return this.qemu.agentSocket;
+  }
+
+  /**
+   * The VM's network: counters (`stats()`) and a `"denied"` event for every
+   * connection, datagram or DNS name the policy refused.
+   * See docs/network.md.
+   */
+  get network(): VmNetwork {
+    return this.net;
+  }
+
+  /**
+   * Replaces the VM's egress policy. New connections follow it at once;
+   * open connections it no longer allows are reset. `false` cuts the VM off
+   * (DNS fails too); `true` is the public internet.
+   */
+  async setNetwork(policy: NetworkOption): Promise<void> {
+    this.ensureUsable();
+    this.net.setPolicy(compilePolicy(policy, "setNetwork(policy)"));
   }
 
   /** Version of the guest agent, from the handshake. */
