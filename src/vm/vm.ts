@@ -13,6 +13,7 @@ import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
 import { copyFile, link, mkdir, rename, rm, stat, writeFile } from "node:fs/promises";
 import { basename, join, resolve } from "node:path";
+import { ByteQueue } from "../agent-client/byte-queue.js";
 import { AgentConnection, type ExecStream } from "../agent-client/connection.js";
 import {
   AbortError,
@@ -518,8 +519,10 @@ export class Vm {
       if (v.signal?.aborted) throw new AbortError("exec aborted before it started", { cause: v.signal.reason });
       await this.stage(v.files);
       const s = this.startExec(v, false);
-      const out: Buffer[] = [];
-      const err: Buffer[] = [];
+      // One growing buffer per channel: the guest picks its frame sizes, so
+      // an array of chunks could cost ~100x the output in heap.
+      const out = new ByteQueue();
+      const err = new ByteQueue();
       let total = 0;
       let overLimit = false;
       s.onData = (ch, chunk) => {
@@ -557,9 +560,13 @@ export class Vm {
           }
         });
         guard.catch(() => undefined);
-        const exit = await Promise.race([s.exit, guard]);
-        const stdout = Buffer.concat(out);
-        const stderr = Buffer.concat(err);
+        const exit = await Promise.race([s.exit, guard]).catch((e: unknown) => {
+          // Timed out or aborted: forget the stream (late frames drop).
+          s.abandon(e instanceof Error ? e : new Error(String(e)));
+          throw e;
+        });
+        const stdout = out.takeAll();
+        const stderr = err.takeAll();
         if (overLimit) {
           throw new OutputLimitError(
             `exec output exceeded maxOutputBytes (${v.maxOutputBytes} bytes); the process was killed. Raise maxOutputBytes or use spawn() to stream`,
