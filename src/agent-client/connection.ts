@@ -165,9 +165,15 @@ abstract class StreamBase {
   }
 }
 
-/** Flow-controlled sender on channel 0 (host → guest). */
+/**
+ * Flow-controlled sender on channel 0 (host → guest). `credit` is what the
+ * host will still send unacknowledged: the guest's grants, clipped to
+ * limits.maxSendWindowBytes; `outstanding` is the unclipped sum, only to
+ * tell a cumulative overflow (a protocol error).
+ */
 class Sender {
   credit = INITIAL_WINDOW;
+  private outstanding = INITIAL_WINDOW;
   private waiters: (() => void)[] = [];
   private chain: Promise<void> = Promise.resolve();
   failed: Error | undefined;
@@ -181,8 +187,9 @@ class Sender {
   grant(n: number): string | undefined {
     // Credits add up; more than 4 GiB outstanding is no window a guest could
     // mean. The host uses at most maxSendWindowBytes of it (doWrite).
-    if (this.credit + n > 0xffffffff) return `window overflow (outstanding credit ${this.credit} + ${n} is over 4 GiB)`;
-    this.credit += n;
+    if (this.outstanding + n > 0xffffffff) return `window overflow (outstanding credit ${this.outstanding} + ${n} is over 4 GiB)`;
+    this.outstanding += n;
+    this.credit = Math.min(this.credit + n, Math.max(INITIAL_WINDOW, this.conn.limits.maxSendWindowBytes));
     const w = this.waiters;
     this.waiters = [];
     for (const f of w) f();
@@ -228,9 +235,10 @@ class Sender {
         await this.conn._whenWritable();
         continue;
       }
-      const n = Math.min(this.credit, this.conn.limits.maxSendWindowBytes, DATA_CHUNK, data.length - off);
+      const n = Math.min(this.credit, DATA_CHUNK, data.length - off);
       this.conn._send(MsgType.DATA, Channel.STDIN, this.id, data.subarray(off, off + n));
       this.credit -= n;
+      this.outstanding -= n;
       off += n;
     }
     if (this.failed) throw this.failed;
@@ -1196,6 +1204,11 @@ export class AgentConnection {
     s.armDeadline(this.deadlines.startedMs, "TCP_CONNECT: STARTED");
     this._send(MsgType.TCP_CONNECT, 0, s.id, r.build());
     return s;
+  }
+
+  /** Bytes written to the channel that the guest has not read yet (for tests and stats). */
+  get queuedBytes(): number {
+    return this.sock.writableLength;
   }
 
   /** Number of open streams (for tests and stats). */

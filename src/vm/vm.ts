@@ -13,7 +13,6 @@ import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
 import { copyFile, link, mkdir, rename, rm, stat, writeFile } from "node:fs/promises";
 import { basename, join, resolve } from "node:path";
-import { ByteQueue } from "../agent-client/byte-queue.js";
 import { AgentConnection, type ExecStream } from "../agent-client/connection.js";
 import {
   AbortError,
@@ -40,6 +39,7 @@ import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { loadState } from "../snapshot/migrate.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { ExecChild } from "./exec-child.js";
+import { collectOutput } from "./exec-collect.js";
 import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutput, type ValidExec } from "./options.js";
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
@@ -519,23 +519,7 @@ export class Vm {
       if (v.signal?.aborted) throw new AbortError("exec aborted before it started", { cause: v.signal.reason });
       await this.stage(v.files);
       const s = this.startExec(v, false);
-      // One growing buffer per channel: the guest picks its frame sizes, so
-      // an array of chunks could cost ~100x the output in heap.
-      const out = new ByteQueue();
-      const err = new ByteQueue();
-      let total = 0;
-      let overLimit = false;
-      s.onData = (ch, chunk) => {
-        if (overLimit) return;
-        total += chunk.length;
-        if (total > v.maxOutputBytes) {
-          overLimit = true;
-          s.cancel();
-          return;
-        }
-        (ch === 1 ? out : err).push(chunk);
-        s.ack(ch, chunk.length);
-      };
+      const collected = collectOutput(s, v.maxOutputBytes);
       const timers: NodeJS.Timeout[] = [];
       let onAbort: (() => void) | undefined;
       try {
@@ -565,9 +549,9 @@ export class Vm {
           s.abandon(e instanceof Error ? e : new Error(String(e)));
           throw e;
         });
-        const stdout = out.takeAll();
-        const stderr = err.takeAll();
-        if (overLimit) {
+        const stdout = collected.stdout();
+        const stderr = collected.stderr();
+        if (collected.overLimit) {
           throw new OutputLimitError(
             `exec output exceeded maxOutputBytes (${v.maxOutputBytes} bytes); the process was killed. Raise maxOutputBytes or use spawn() to stream`,
             stdout,
