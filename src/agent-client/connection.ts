@@ -1009,7 +1009,7 @@ export class AgentConnection {
       const max = this.limits.maxWriteBufferBytes;
       this.destroy(
         new ResourceLimitError(
-          `the guest stopped reading its agent channel: ${this.sock.writableLength} bytes are queued for it, over the ${max}-byte budget (limits.maxWriteBufferBytes); the VM was stopped`,
+          `the guest stopped reading its agent channel: ${this.sock.writableLength} bytes are queued for it, over the ${max}-byte budget per VM (docs/protocol.md, "Host limits"); the VM was stopped`,
           "writeBuffer",
           max,
         ),
@@ -1083,7 +1083,7 @@ export class AgentConnection {
     if (this.streams.size >= this.limits.maxStreams) {
       const max = this.limits.maxStreams;
       throw new ResourceLimitError(
-        `${this.streams.size} operations are already in flight on this VM (exec, spawn, file transfers, TCP connections); the limit is ${max} (limits.maxStreams): wait for some to finish`,
+        `${this.streams.size} operations are already in flight on this VM (exec, spawn, file transfers, TCP connections); the limit is ${max} per VM: wait for some to finish`,
         "streams",
         max,
       );
