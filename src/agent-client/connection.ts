@@ -630,13 +630,23 @@ function u32(n: number): Buffer {
   return b;
 }
 
+/**
+ * Text from the guest that ends up in host error messages: control
+ * characters (terminal escapes, carriage returns) and bidi overrides become
+ * "?", so a hostile agent cannot rewrite what a terminal shows; newlines and
+ * tabs stay. The length is bounded by the caller (≤ 4096 bytes read).
+ */
+export function guestText(s: string): string {
+  return s.replace(/[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g, "?");
+}
+
 function agentErrorFrom(payload: Buffer): AgentError {
   let code = 0;
   let message = "(no message)";
   try {
     const r = new RecordReader(payload);
     code = r.u32(Tag.ERROR.code) ?? 0;
-    message = r.str(Tag.ERROR.message, 4096) ?? message;
+    message = guestText(r.str(Tag.ERROR.message, 4096) ?? message);
   } catch {
     message = "(malformed error record)";
   }
@@ -949,7 +959,7 @@ export class AgentConnection {
         const version = r.u32(Tag.HELLO_ACK.version);
         if (version !== PROTOCOL_VERSION) return `agent chose protocol version ${version}, host speaks ${PROTOCOL_VERSION}`;
         const maxPayload = r.u32(Tag.HELLO_ACK.max_payload) ?? MAX_PAYLOAD;
-        const bootError = r.str(Tag.HELLO_ACK.boot_error, 4096);
+        const bootError = guestText(r.str(Tag.HELLO_ACK.boot_error, 4096) ?? "");
         const h: HelloInfo = {
           protocolVersion: version,
           agentVersion: (r.str(Tag.HELLO_ACK.agent_version, 64) ?? "?").replace(/[^\x20-\x7e]/g, "?"),

@@ -119,7 +119,7 @@ function u32le(n: number): Buffer {
 
 /** A plausible agent frame for one of the open streams (or the session). */
 function plausible(g: Gen, maxStream: number): Buffer {
-  const stream = g.rnd() < 0.1 ? 0 : 1 + g.int(maxStream + 1);
+  const stream = g.rnd() < 0.05 ? 0 : g.rnd() < 0.05 ? maxStream + 1 + g.int(3) : 1 + g.int(maxStream);
   const ch = g.rnd() < 0.8 ? 1 + g.int(2) : g.int(4);
   switch (g.int(11)) {
     case 0:
@@ -187,7 +187,9 @@ function mutate(g: Gen, seed: Buffer, maxStream: number): Buffer {
   }
 }
 
-/** A host connection over an in-memory duplex, with one stream of each kind open. */
+/** A host connection over an in-memory duplex, with one stream of each kind open (ids 1..STREAMS). */
+const STREAMS = 6;
+
 class Session {
   readonly conn: AgentConnection;
   private readonly sock: Duplex;
@@ -218,9 +220,6 @@ class Session {
     keep(t.ended);
     keep(t.write(g.bytes(g.int(2048))));
     keep(c.ping());
-  }
-  get maxStream(): number {
-    return 8;
   }
   feed(g: Gen, bytes: Buffer): void {
     // Random chunking: whole, in pieces, or byte by byte.
@@ -366,10 +365,10 @@ export async function runFuzz(o: FuzzOptions): Promise<FuzzReport> {
       const started = Date.now();
       const bytes =
         g.rnd() < 0.3
-          ? Buffer.concat(Array.from({ length: 1 + g.int(3) }, () => mutate(g, g.rnd() < 0.5 ? g.pick(seeds) : plausible(g, 8), 8)))
+          ? Buffer.concat(Array.from({ length: 1 + g.int(3) }, () => mutate(g, g.rnd() < 0.5 ? g.pick(seeds) : plausible(g, STREAMS), STREAMS)))
           : g.rnd() < 0.6
-            ? plausible(g, 8)
-            : mutate(g, g.pick(seeds), 8);
+            ? plausible(g, STREAMS)
+            : mutate(g, g.pick(seeds), STREAMS);
       try {
         if (g.rnd() < 0.35) {
           report.codecInputs++;
