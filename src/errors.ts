@@ -32,7 +32,8 @@ export type ErrorCode =
   | "ERR_SM_LAYER"
   | "ERR_SM_DISK_FULL"
   | "ERR_SM_SNAPSHOT"
-  | "ERR_SM_POOL";
+  | "ERR_SM_POOL"
+  | "ERR_SM_RESOURCE_LIMIT";
 
 export interface SupermachineErrorOptions {
   cause?: unknown;
@@ -279,5 +280,22 @@ export class PlatformError extends SupermachineError {
     super("ERR_SM_PLATFORM", message, options);
     this.wanted = wanted;
     this.available = available;
+  }
+}
+
+/**
+ * A host resource budget was reached (docs/protocol.md, "Host limits"). When
+ * the guest caused it (it stopped reading its channel while the host had to
+ * write), the VM was ended; when the caller did (too many operations in
+ * flight on one VM), only that request was refused. `resource` names the
+ * budget, `limit` its value; the message names the option that raises it.
+ */
+export class ResourceLimitError extends SupermachineError {
+  readonly resource: string;
+  readonly limit: number;
+  constructor(message: string, resource: string, limit: number, options?: SupermachineErrorOptions) {
+    super("ERR_SM_RESOURCE_LIMIT", message, options);
+    this.resource = resource;
+    this.limit = limit;
   }
 }

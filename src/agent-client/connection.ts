@@ -6,12 +6,15 @@
  * frame is checked (type allowed for the stream, stream id ever opened, data
  * within the window we granted, sizes); any violation destroys the connection
  * with a ProtocolError, and the VM owning it is killed by its owner. No guest
- * input can make this class buffer more than what the host asked for.
+ * input can make this class buffer more than what the host asked for: the
+ * memory it holds per VM is bounded by {@link AgentLimits} (docs/protocol.md,
+ * "Host limits"), and every request has a deadline ({@link AgentDeadlines}).
  */
 
 import { randomBytes } from "node:crypto";
 import { connect, type Socket } from "node:net";
-import { AgentError, ClosedError, ProtocolError, TimeoutError } from "../errors.js";
+import { AgentError, ClosedError, ProtocolError, ResourceLimitError, TimeoutError } from "../errors.js";
+import { ByteQueue } from "./byte-queue.js";
 import { DecodeError, FrameReader, RecordBuilder, RecordReader, encodeFrame, type Frame } from "../protocol/codec.js";
 import {
   Channel,
@@ -26,6 +29,76 @@ import {
 } from "../protocol/constants.js";
 
 export const HOST_VERSION = "0.1.0";
+
+/**
+ * The memory budget of one agent connection (docs/protocol.md, "Host
+ * limits"). Guest output is bounded by the flow-control window the host
+ * grants (INITIAL_WINDOW per channel, credited only as it is consumed); these
+ * bound what the guest could otherwise make the host queue.
+ */
+export interface AgentLimits {
+  /**
+   * Host-opened streams (exec, spawn, file transfers, TCP connections,
+   * requests) in flight at once; one more is refused with ResourceLimitError.
+   * @default 1024
+   */
+  readonly maxStreams: number;
+  /**
+   * Unread bytes queued on the channel to the guest above which the host
+   * holds flow-controlled data (stdin, file and TCP bytes) and coalesces its
+   * WINDOW credits until the guest reads. @default 1048576 (1 MiB)
+   */
+  readonly sendHighWaterBytes: number;
+  /**
+   * Unread bytes queued on the channel to the guest at which the VM is ended
+   * with ResourceLimitError (the guest stopped reading its port while
+   * requests kept coming). @default 16777216 (16 MiB)
+   */
+  readonly maxWriteBufferBytes: number;
+  /**
+   * Credit the host uses on one channel, whatever the guest grants: a guest
+   * that grants itself a 2 GiB window still gets at most this much
+   * unacknowledged data from the host. @default 4194304 (4 MiB)
+   */
+  readonly maxSendWindowBytes: number;
+}
+
+export const DEFAULT_AGENT_LIMITS: AgentLimits = Object.freeze({
+  maxStreams: 1024,
+  sendHighWaterBytes: 1 << 20,
+  maxWriteBufferBytes: 16 << 20,
+  maxSendWindowBytes: 4 << 20,
+});
+
+/**
+ * How long the host waits for the agent's answer to each kind of request
+ * before it rejects with TimeoutError (and abandons the stream with CANCEL).
+ * `SUPERMACHINE_REQUEST_TIMEOUT_MS` overrides requestMs, startedMs and
+ * pingMs, and sets fileMs to twice its value.
+ */
+export interface AgentDeadlines {
+  /**
+   * CONFIGURE, WORKLOAD_START, WORKLOAD_SIGNAL, SNAPSHOT_PREPARE and any other
+   * request answered by OK/ERROR; WAIT_LISTEN gets its own timeout plus this.
+   * @default 60000
+   */
+  readonly requestMs: number;
+  /** READ_FILE and WRITE_FILE, from the request to the final OK. @default 120000 */
+  readonly fileMs: number;
+  /** STARTED of a spawned process and of a TCP_CONNECT. @default 60000 */
+  readonly startedMs: number;
+  /** An explicit ping() (liveness pings have their own timeout). @default 30000 */
+  readonly pingMs: number;
+}
+
+/** The default deadlines, with SUPERMACHINE_REQUEST_TIMEOUT_MS applied. */
+export function defaultDeadlines(): AgentDeadlines {
+  const v = Number(process.env.SUPERMACHINE_REQUEST_TIMEOUT_MS);
+  if (Number.isInteger(v) && v > 0) return { requestMs: v, fileMs: 2 * v, startedMs: v, pingMs: v };
+  return { requestMs: 60_000, fileMs: 120_000, startedMs: 60_000, pingMs: 30_000 };
+}
+
+const DEADLINE_HINT = "the guest agent is not answering (raise SUPERMACHINE_REQUEST_TIMEOUT_MS if the guest is only slow)";
 
 export interface HelloInfo {
   protocolVersion: number;
@@ -47,23 +120,60 @@ export type OutputChannel = typeof Channel.STDOUT | typeof Channel.STDERR;
 
 abstract class StreamBase {
   done = false;
+  private deadline: NodeJS.Timeout | undefined;
   constructor(
     readonly conn: AgentConnection,
     readonly id: number,
   ) {}
   /** Handles a frame from the guest; returns a violation message or undefined. */
   abstract onFrame(f: Frame): string | undefined;
-  /** The connection died: reject what is pending. */
+  /** The connection died (or the stream was abandoned): reject what is pending. */
   abstract fail(err: Error): void;
   protected finish(): void {
     this.done = true;
+    this.clearDeadline();
     this.conn._release(this.id);
+  }
+
+  /**
+   * Rejects with TimeoutError and abandons the stream unless
+   * {@link clearDeadline} runs within `ms`.
+   */
+  armDeadline(ms: number, what: string): void {
+    this.clearDeadline();
+    if (!(ms > 0) || !Number.isFinite(ms)) return;
+    this.deadline = setTimeout(() => {
+      this.deadline = undefined;
+      this.abandon(new TimeoutError(`${what}: no answer within ${ms} ms; ${DEADLINE_HINT}`, ms));
+    }, ms);
+  }
+
+  clearDeadline(): void {
+    if (this.deadline) clearTimeout(this.deadline);
+    this.deadline = undefined;
+  }
+
+  /**
+   * Gives the stream up: asks the agent to cancel it, forgets it (late frames
+   * for it are dropped) and fails what is pending with `err`.
+   */
+  abandon(err: Error): void {
+    if (this.done) return;
+    this.conn._send(MsgType.CANCEL, 0, this.id);
+    this.finish();
+    this.fail(err);
   }
 }
 
-/** Flow-controlled sender on channel 0 (host → guest). */
+/**
+ * Flow-controlled sender on channel 0 (host → guest). `credit` is what the
+ * host will still send unacknowledged: the guest's grants, clipped to
+ * limits.maxSendWindowBytes; `outstanding` is the unclipped sum, only to
+ * tell a cumulative overflow (a protocol error).
+ */
 class Sender {
   credit = INITIAL_WINDOW;
+  private outstanding = INITIAL_WINDOW;
   private waiters: (() => void)[] = [];
   private chain: Promise<void> = Promise.resolve();
   failed: Error | undefined;
@@ -75,8 +185,11 @@ class Sender {
   ) {}
 
   grant(n: number): string | undefined {
-    if (this.credit + n > 0x7fffffff) return "window overflow";
-    this.credit += n;
+    // Credits add up; more than 4 GiB outstanding is no window a guest could
+    // mean. The host uses at most maxSendWindowBytes of it (doWrite).
+    if (this.outstanding + n > 0xffffffff) return `window overflow (outstanding credit ${this.outstanding} + ${n} is over 4 GiB)`;
+    this.outstanding += n;
+    this.credit = Math.min(this.credit + n, Math.max(INITIAL_WINDOW, this.conn.limits.maxSendWindowBytes));
     const w = this.waiters;
     this.waiters = [];
     for (const f of w) f();
@@ -117,9 +230,15 @@ class Sender {
         await new Promise<void>((r) => this.waiters.push(r));
         continue;
       }
+      // The guest is not reading the channel: wait instead of queueing.
+      if (!this.conn._writable()) {
+        await this.conn._whenWritable();
+        continue;
+      }
       const n = Math.min(this.credit, DATA_CHUNK, data.length - off);
       this.conn._send(MsgType.DATA, Channel.STDIN, this.id, data.subarray(off, off + n));
       this.credit -= n;
+      this.outstanding -= n;
       off += n;
     }
     if (this.failed) throw this.failed;
@@ -132,6 +251,17 @@ class Receiver {
   allowed = INITIAL_WINDOW;
   eof = false;
   received = 0;
+  /** Bytes credited back to the guest. */
+  credited = 0;
+
+  /** Credits up to `n` consumed bytes (never more than were received); returns the amount. */
+  credit(n: number): number {
+    const c = Math.min(n, this.received - this.credited);
+    if (c <= 0) return 0;
+    this.credited += c;
+    this.allowed += c;
+    return c;
+  }
 
   take(n: number): string | undefined {
     if (this.eof) return "data after EOF";
@@ -159,6 +289,9 @@ export interface ExecRequest {
 /**
  * A process in the guest. Output arrives through `onData`; the consumer
  * credits what it has consumed with {@link ack} (collect mode acks at once).
+ * The chunk given to `onData` is a view into the connection's read buffer,
+ * valid only during the call: copy it (into one growing buffer, not an array
+ * of chunks, see ByteQueue) to keep it.
  */
 export class ExecStream extends StreamBase {
   readonly exit: Promise<ExitInfo>;
@@ -194,6 +327,7 @@ export class ExecStream extends StreamBase {
         const r = new RecordReader(f.payload);
         const pid = r.u32(Tag.STARTED.pid);
         if (pid === undefined) return "STARTED without pid";
+        this.clearDeadline();
         this.resolveStarted(pid);
         return undefined;
       }
@@ -202,9 +336,8 @@ export class ExecStream extends StreamBase {
         const ch = f.flags as OutputChannel;
         const bad = this.out[ch].take(f.payload.length);
         if (bad) return bad;
-        // The frame's payload is a view into a socket chunk: copy so the
-        // consumer never pins large chunks.
-        if (f.payload.length) this.onData(ch, Buffer.from(f.payload));
+        // A view: the consumer copies what it keeps (no Buffer per frame).
+        if (f.payload.length) this.onData(ch, f.payload);
         return undefined;
       }
       case MsgType.EOF: {
@@ -261,11 +394,10 @@ export class ExecStream extends StreamBase {
     this.rejectExit(err);
   }
 
-  /** Credits `n` consumed bytes of `ch` back to the guest. */
+  /** Credits `n` consumed bytes of `ch` back to the guest (coalesced into WINDOW frames). */
   ack(ch: OutputChannel, n: number): void {
     if (this.done || n <= 0) return;
-    this.out[ch].allowed += n;
-    this.conn._send(MsgType.WINDOW, ch, this.id, u32(n));
+    this.conn._credit(this.id, ch, this.out[ch].credit(n));
   }
 
   /** Bytes received so far on a channel. */
@@ -355,7 +487,7 @@ class WriteFileStream extends RequestStream {
 
 class ReadFileStream extends RequestStream {
   private recv = new Receiver();
-  private chunks: Buffer[] = [];
+  private data = new ByteQueue();
   constructor(
     conn: AgentConnection,
     id: number,
@@ -369,9 +501,8 @@ class ReadFileStream extends RequestStream {
       const bad = this.recv.take(f.payload.length);
       if (bad) return bad;
       if (this.recv.received > this.maxSize) return `file read returned more than the ${this.maxSize}-byte limit`;
-      this.chunks.push(Buffer.from(f.payload));
-      this.recv.allowed += f.payload.length;
-      this.conn._send(MsgType.WINDOW, 1, this.id, u32(f.payload.length));
+      this.data.push(f.payload);
+      this.conn._credit(this.id, 1, this.recv.credit(f.payload.length));
       return undefined;
     }
     if (f.type === MsgType.EOF) {
@@ -386,11 +517,14 @@ class ReadFileStream extends RequestStream {
     return super.onFrame(f);
   }
   content(): Buffer {
-    return Buffer.concat(this.chunks);
+    return this.data.takeAll();
   }
 }
 
-/** A TCP connection to a port inside the guest. */
+/**
+ * A TCP connection to a port inside the guest. As with ExecStream, the chunk
+ * given to `onData` is a view valid only during the call.
+ */
 export class TcpStream extends StreamBase {
   readonly connected: Promise<void>;
   /** Resolves when the stream has ended: "closed" (both sides done) or "reset". */
@@ -422,13 +556,14 @@ export class TcpStream extends StreamBase {
   onFrame(f: Frame): string | undefined {
     switch (f.type) {
       case MsgType.STARTED:
+        this.clearDeadline();
         this.resolveConnected();
         return undefined;
       case MsgType.DATA: {
         if (f.flags !== 1) return `DATA on channel ${f.flags} of a TCP stream`;
         const bad = this.recv.take(f.payload.length);
         if (bad) return bad;
-        if (f.payload.length) this.onData(Buffer.from(f.payload));
+        if (f.payload.length) this.onData(f.payload);
         return undefined;
       }
       case MsgType.EOF:
@@ -468,10 +603,10 @@ export class TcpStream extends StreamBase {
     this.rejectEnded(err);
   }
 
+  /** Credits `n` consumed bytes back to the guest (coalesced into WINDOW frames). */
   ack(n: number): void {
     if (this.done || n <= 0) return;
-    this.recv.allowed += n;
-    this.conn._send(MsgType.WINDOW, 1, this.id, u32(n));
+    this.conn._credit(this.id, 1, this.recv.credit(n));
   }
 
   write(data: Uint8Array): Promise<void> {
@@ -495,13 +630,23 @@ function u32(n: number): Buffer {
   return b;
 }
 
+/**
+ * Text from the guest that ends up in host error messages: control
+ * characters (terminal escapes, carriage returns) and bidi overrides become
+ * "?", so a hostile agent cannot rewrite what a terminal shows; newlines and
+ * tabs stay. The length is bounded by the caller (≤ 4096 bytes read).
+ */
+export function guestText(s: string): string {
+  return s.replace(/[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g, "?");
+}
+
 function agentErrorFrom(payload: Buffer): AgentError {
   let code = 0;
   let message = "(no message)";
   try {
     const r = new RecordReader(payload);
     code = r.u32(Tag.ERROR.code) ?? 0;
-    message = r.str(Tag.ERROR.message, 4096) ?? message;
+    message = guestText(r.str(Tag.ERROR.message, 4096) ?? message);
   } catch {
     message = "(malformed error record)";
   }
@@ -514,7 +659,14 @@ export interface ConnectOptions {
   signal?: AbortSignal;
   /** Resolves when the other end (QEMU) is gone: connecting stops. */
   gone?: Promise<unknown>;
+  /** Memory budget of the connection. @default DEFAULT_AGENT_LIMITS */
+  limits?: Partial<AgentLimits>;
+  /** Request deadlines. @default defaultDeadlines() */
+  deadlines?: Partial<AgentDeadlines>;
 }
+
+/** PONGs of pings that timed out are remembered (not a violation when late), this many. */
+const EXPIRED_PINGS = 64;
 
 /**
  * The fixed start of a HELLO_ACK after its length: type, flags, reserved,
@@ -558,15 +710,26 @@ export class AgentConnection {
   info: HelloInfo | undefined;
   /** Called once when the connection dies (protocol violation, socket closed, destroy). */
   onFatal: (err: Error) => void = () => undefined;
-  private lastRx = Date.now();
   private liveness: NodeJS.Timeout | undefined;
   private livenessPaused = 0;
   private probeSent: number | undefined;
+  private expiredPings = new Set<string>();
+  /** WINDOW credit not yet sent, by stream * 4 + channel (coalesced). */
+  private credits = new Map<number, number>();
+  private creditFlushPending = false;
+  private drainWaiters: (() => void)[] = [];
+  /** The memory budget in force. */
+  readonly limits: AgentLimits;
+  /** The request deadlines in force. */
+  readonly deadlines: AgentDeadlines;
 
-  private constructor(sock: Socket) {
+  private constructor(sock: Socket, limits?: Partial<AgentLimits>, deadlines?: Partial<AgentDeadlines>) {
     this.sock = sock;
+    this.limits = Object.freeze({ ...DEFAULT_AGENT_LIMITS, ...limits });
+    this.deadlines = Object.freeze({ ...defaultDeadlines(), ...deadlines });
     sock.setNoDelay?.(true);
     sock.on("data", (chunk: Buffer) => this.onChunk(chunk));
+    sock.on("drain", () => this.drained());
     sock.on("error", (e) => this.destroy(new ClosedError(`agent connection failed: ${e.message}`, { cause: e })));
     sock.on("close", () => this.destroy(new ClosedError("the agent connection closed")));
   }
@@ -600,7 +763,7 @@ export class AgentConnection {
         await new Promise((r) => setTimeout(r, 5));
       }
     }
-    const conn = new AgentConnection(sock);
+    const conn = new AgentConnection(sock, o.limits, o.deadlines);
     try {
       await conn.handshake(Math.max(1, deadline - Date.now()), o.signal, o.gone);
     } catch (e) {
@@ -608,6 +771,22 @@ export class AgentConnection {
       throw e;
     }
     return conn;
+  }
+
+  /**
+   * @internal A connection over an already connected duplex whose handshake
+   * is taken as done (fuzzing and unit tests drive it without a guest).
+   */
+  static _overStream(sock: Socket, o: { limits?: Partial<AgentLimits>; deadlines?: Partial<AgentDeadlines> } = {}): AgentConnection {
+    const conn = new AgentConnection(sock, o.limits, o.deadlines);
+    conn.synced = true;
+    conn.info = { protocolVersion: PROTOCOL_VERSION, agentVersion: "?", features: [], maxPayload: MAX_PAYLOAD };
+    return conn;
+  }
+
+  /** @internal Feeds bytes as if read from the socket (fuzzing). */
+  _receive(chunk: Buffer): void {
+    this.onChunk(chunk);
   }
 
   /** Sends HELLO and waits for HELLO_ACK. */
@@ -657,10 +836,11 @@ export class AgentConnection {
   }
 
   /**
-   * Watches that the agent answers: after `timeoutMs / 2` without a frame
-   * from the guest, a PING goes out; no answer within `timeoutMs` means the
-   * agent stopped (hung guest, paused QEMU) and the connection is destroyed,
-   * so callers get a typed error instead of a hang.
+   * Watches that the agent answers: every `timeoutMs / 2` a PING goes out
+   * (whatever else the guest sends: a guest flooding output is not thereby
+   * alive); no answer within `timeoutMs` means the agent stopped (hung
+   * guest, paused QEMU, hostile agent) and `onDead` runs, so callers get a
+   * typed error instead of a hang.
    */
   startLiveness(timeoutMs: number, onDead: (e: Error) => void): void {
     if (this.liveness) clearInterval(this.liveness);
@@ -672,10 +852,11 @@ export class AgentConnection {
         if (now - this.probeSent > timeoutMs) onDead(new Error(`the guest agent stopped answering (no reply to a ping within ${timeoutMs} ms)`));
         return;
       }
-      if (now - this.lastRx < interval) return;
       this.probeSent = now;
-      this.ping().then(
-        () => (this.probeSent = undefined),
+      this.ping(0).then(
+        () => {
+          if (this.probeSent === now) this.probeSent = undefined;
+        },
         () => undefined,
       );
     }, interval);
@@ -690,7 +871,6 @@ export class AgentConnection {
       if (done) return;
       done = true;
       this.livenessPaused--;
-      this.lastRx = Date.now();
       this.probeSent = undefined;
     };
   }
@@ -701,10 +881,16 @@ export class AgentConnection {
     this.error = err;
     if (this.liveness) clearInterval(this.liveness);
     this.sock.destroy();
-    for (const s of this.streams.values()) s.fail(err);
+    const streams = [...this.streams.values()];
     this.streams.clear();
+    for (const s of streams) {
+      s.clearDeadline();
+      s.fail(err);
+    }
     for (const p of this.pings.values()) p();
     this.pings.clear();
+    this.credits.clear();
+    this.drained();
     this.helloFail?.(err);
     this.onFatal(err);
   }
@@ -715,7 +901,6 @@ export class AgentConnection {
 
   private onChunk(chunk: Buffer): void {
     if (this.error) return;
-    this.lastRx = Date.now();
     if (!this.synced) {
       const buf = this.preSync.length ? Buffer.concat([this.preSync, chunk]) : chunk;
       const at = buf.indexOf(HELLO_ACK_SIGNATURE);
@@ -774,13 +959,12 @@ export class AgentConnection {
         const version = r.u32(Tag.HELLO_ACK.version);
         if (version !== PROTOCOL_VERSION) return `agent chose protocol version ${version}, host speaks ${PROTOCOL_VERSION}`;
         const maxPayload = r.u32(Tag.HELLO_ACK.max_payload) ?? MAX_PAYLOAD;
-        const bootError = r.str(Tag.HELLO_ACK.boot_error, 4096);
+        const bootError = guestText(r.str(Tag.HELLO_ACK.boot_error, 4096) ?? "");
         const h: HelloInfo = {
           protocolVersion: version,
           agentVersion: (r.str(Tag.HELLO_ACK.agent_version, 64) ?? "?").replace(/[^\x20-\x7e]/g, "?"),
           features: r
-            .all(Tag.HELLO_ACK.feature)
-            .slice(0, 64)
+            .all(Tag.HELLO_ACK.feature, 64)
             .map((b) => b.subarray(0, 64).toString("latin1")),
           maxPayload,
           ...(bootError ? { bootError } : {}),
@@ -794,7 +978,11 @@ export class AgentConnection {
       case MsgType.PONG: {
         const key = f.payload.toString("hex");
         const p = this.pings.get(key);
-        if (!p) return "PONG that answers no PING";
+        if (!p) {
+          // The answer to a ping that already timed out is late, not wrong.
+          if (this.expiredPings.delete(key)) return undefined;
+          return "PONG that answers no PING";
+        }
         this.pings.delete(key);
         p();
         return undefined;
@@ -827,29 +1015,116 @@ export class AgentConnection {
       });
     }
     this.sock.write(encodeFrame(type, flags, stream, payload));
+    if (this.sock.writableLength > this.limits.maxWriteBufferBytes) {
+      const max = this.limits.maxWriteBufferBytes;
+      this.destroy(
+        new ResourceLimitError(
+          `the guest stopped reading its agent channel: ${this.sock.writableLength} bytes are queued for it, over the ${max}-byte budget per VM (docs/protocol.md, "Host limits"); the VM was stopped`,
+          "writeBuffer",
+          max,
+        ),
+      );
+    }
+  }
+
+  /** @internal Whether flow-controlled data may be queued now (the guest reads its channel). */
+  _writable(): boolean {
+    return this.error !== undefined || this.sock.writableLength <= this.limits.sendHighWaterBytes || !this.sock.writableNeedDrain;
+  }
+
+  /** @internal Resolves when {@link _writable} (or the connection died). */
+  _whenWritable(): Promise<void> {
+    if (this._writable()) return Promise.resolve();
+    return new Promise((r) => this.drainWaiters.push(r));
+  }
+
+  private drained(): void {
+    const w = this.drainWaiters;
+    this.drainWaiters = [];
+    for (const f of w) f();
+  }
+
+  /**
+   * @internal Credits `n` consumed bytes of a channel back to the guest. The
+   * credit is coalesced per stream and channel and sent once per tick, and
+   * held while the guest is not reading its channel: whatever the guest
+   * sends, pending credit costs one map entry per channel, not a frame per
+   * DATA frame.
+   */
+  _credit(stream: number, ch: number, n: number): void {
+    if (this.error || n <= 0) return;
+    const k = stream * 4 + ch;
+    this.credits.set(k, (this.credits.get(k) ?? 0) + n);
+    this.scheduleCredits();
+  }
+
+  private scheduleCredits(): void {
+    if (this.creditFlushPending || this.error) return;
+    this.creditFlushPending = true;
+    const run = () => {
+      this.creditFlushPending = false;
+      this.flushCredits();
+    };
+    if (this._writable()) process.nextTick(run);
+    else this.drainWaiters.push(run);
+  }
+
+  private flushCredits(): void {
+    if (this.error || this.credits.size === 0) return;
+    if (!this._writable()) {
+      this.scheduleCredits();
+      return;
+    }
+    const all = [...this.credits];
+    this.credits.clear();
+    for (const [k, n] of all) this._send(MsgType.WINDOW, k % 4, Math.floor(k / 4), u32(n));
   }
 
   /** @internal */
   _release(id: number): void {
     this.streams.delete(id);
+    this.credits.delete(id * 4 + 1);
+    this.credits.delete(id * 4 + 2);
   }
 
   private open<T extends StreamBase>(make: (id: number) => T): T {
     if (this.error) throw this.error;
     if (this.nextId > 0xfffffff0) throw new ClosedError("stream ids exhausted on this connection");
+    if (this.streams.size >= this.limits.maxStreams) {
+      const max = this.limits.maxStreams;
+      throw new ResourceLimitError(
+        `${this.streams.size} operations are already in flight on this VM (exec, spawn, file transfers, TCP connections); the limit is ${max} per VM: wait for some to finish`,
+        "streams",
+        max,
+      );
+    }
     const id = this.nextId++;
     const s = make(id);
     this.streams.set(id, s);
     return s;
   }
 
-  /** Round trip through the agent; resolves with the time it took (ms). */
-  ping(): Promise<number> {
+  /**
+   * Round trip through the agent; resolves with the time it took (ms).
+   * Rejects with TimeoutError after `timeoutMs` (0 = no deadline).
+   */
+  ping(timeoutMs: number = this.deadlines.pingMs): Promise<number> {
     if (this.error) return Promise.reject(this.error);
     const payload = randomBytes(8);
+    const key = payload.toString("hex");
     const t0 = process.hrtime.bigint();
     return new Promise((resolve, reject) => {
-      this.pings.set(payload.toString("hex"), () => {
+      const timer =
+        timeoutMs > 0
+          ? setTimeout(() => {
+              if (!this.pings.delete(key)) return;
+              this.expiredPings.add(key);
+              if (this.expiredPings.size > EXPIRED_PINGS) this.expiredPings.delete(this.expiredPings.values().next().value!);
+              reject(new TimeoutError(`ping: no answer within ${timeoutMs} ms; ${DEADLINE_HINT}`, timeoutMs));
+            }, timeoutMs)
+          : undefined;
+      this.pings.set(key, () => {
+        if (timer) clearTimeout(timer);
         if (this.error) reject(this.error);
         else resolve(Number(process.hrtime.bigint() - t0) / 1e6);
       });
@@ -857,11 +1132,29 @@ export class AgentConnection {
     });
   }
 
-  /** Sends a request that is answered by OK or ERROR. */
-  request(type: number, record: RecordBuilder = new RecordBuilder()): Promise<RecordReader> {
+  /**
+   * Sends a request that is answered by OK or ERROR. It rejects with
+   * TimeoutError (and the stream is cancelled) when no answer comes within
+   * `timeoutMs` (0 = no deadline).
+   */
+  request(type: number, record: RecordBuilder = new RecordBuilder(), timeoutMs: number = this.deadlines.requestMs): Promise<RecordReader> {
     const s = this.open((id) => new RequestStream(this, id));
+    s.armDeadline(timeoutMs, typeName(type) ?? `request type ${type}`);
     this._send(type, 0, s.id, record.build());
     return s.reply;
+  }
+
+  /**
+   * WAIT_LISTEN: resolves once something in the guest listens on TCP
+   * `port`. The agent gives up after `timeoutMs` (ERROR TIMEOUT); the host
+   * gives up `deadlines.requestMs` later.
+   */
+  async waitListen(port: number, timeoutMs: number): Promise<void> {
+    await this.request(
+      MsgType.WAIT_LISTEN,
+      new RecordBuilder().u32(Tag.WAIT_LISTEN.port, port).u64(Tag.WAIT_LISTEN.timeout_ms, timeoutMs),
+      timeoutMs + this.deadlines.requestMs,
+    );
   }
 
   exec(req: ExecRequest): ExecStream {
@@ -880,12 +1173,14 @@ export class AgentConnection {
     if (req.cgroup !== undefined) r.bool(Tag.EXEC.cgroup, req.cgroup);
     if (r.length > MAX_PAYLOAD) throw new RangeError(`the exec request is ${r.length} bytes, over the ${MAX_PAYLOAD}-byte frame limit (shorten argv/env)`);
     const s = this.open((id) => new ExecStream(this, id));
+    if (req.reportStarted) s.armDeadline(this.deadlines.startedMs, "exec: STARTED");
     this._send(MsgType.EXEC, 0, s.id, r.build());
     return s;
   }
 
   async writeFile(path: Uint8Array, data: Uint8Array, mode: number, mkdirs: boolean): Promise<void> {
     const s = this.open((id) => new WriteFileStream(this, id));
+    s.armDeadline(this.deadlines.fileMs, "WRITE_FILE");
     this._send(
       MsgType.WRITE_FILE,
       0,
@@ -906,6 +1201,7 @@ export class AgentConnection {
 
   async readFile(path: Uint8Array, maxSize: number): Promise<Buffer> {
     const s = this.open((id) => new ReadFileStream(this, id, maxSize));
+    s.armDeadline(this.deadlines.fileMs, "READ_FILE");
     this._send(MsgType.READ_FILE, 0, s.id, new RecordBuilder().bytes(Tag.READ_FILE.path, path).u64(Tag.READ_FILE.max_size, maxSize).build());
     await s.reply;
     return s.content();
@@ -915,8 +1211,14 @@ export class AgentConnection {
     const r = new RecordBuilder().u32(Tag.TCP_CONNECT.port, port);
     if (addr) r.bytes(Tag.TCP_CONNECT.addr, addr);
     const s = this.open((id) => new TcpStream(this, id));
+    s.armDeadline(this.deadlines.startedMs, "TCP_CONNECT: STARTED");
     this._send(MsgType.TCP_CONNECT, 0, s.id, r.build());
     return s;
+  }
+
+  /** Bytes written to the channel that the guest has not read yet (for tests and stats). */
+  get queuedBytes(): number {
+    return this.sock.writableLength;
   }
 
   /** Number of open streams (for tests and stats). */

@@ -560,7 +560,7 @@ export async function startWorkload(vm: Vm, w: WorkloadSpec): Promise<number> {
 
 async function waitListener(vm: Vm, port: number, timeoutMs: number): Promise<void> {
   try {
-    await vm.conn.request(MsgType.WAIT_LISTEN, new RecordBuilder().u32(Tag.WAIT_LISTEN.port, port).u64(Tag.WAIT_LISTEN.timeout_ms, timeoutMs));
+    await vm.conn.waitListen(port, timeoutMs);
   } catch (e) {
     throw new TimeoutError(
       `listenerRequired: nothing listened on guest port ${port} within ${timeoutMs} ms of starting the workload. Check guestPort, the workload's command (cmd), or raise listenerTimeoutMs.\n--- guest console (tail) ---\n${vm.consoleTail()}`,

@@ -142,19 +142,54 @@ export function decodeFields(payload: Buffer): Field[] {
   return out;
 }
 
-/** Typed, validated access to a decoded record. Unknown tags are ignored. */
+/**
+ * Typed, validated access to a decoded record. Unknown tags are ignored.
+ * The payload is checked for overruns once, without allocating per field (a
+ * 1 MiB record of empty fields must not cost 200 000 objects); accessors scan
+ * it again, so a record costs O(1) heap whatever its field count.
+ */
 export class RecordReader {
-  readonly fields: Field[];
+  private readonly payload: Buffer;
   constructor(payload: Buffer) {
-    this.fields = decodeFields(payload);
+    this.payload = payload;
+    let off = 0;
+    while (off < payload.length) {
+      const tag = payload[off]!;
+      if (payload.length - off < 5) throw new DecodeError("field-overrun", `field ${tag} header cut short`);
+      const vlen = payload.readUInt32LE(off + 1);
+      if (payload.length - off - 5 < vlen) throw new DecodeError("field-overrun", `field ${tag} runs past the end of the payload`);
+      off += 5 + vlen;
+    }
   }
-  all(tag: number): Buffer[] {
-    return this.fields.filter((f) => f[0] === tag).map((f) => f[1]);
+  /** Every field (allocates one entry per field: for tests and tools). */
+  get fields(): Field[] {
+    return decodeFields(this.payload);
   }
+  /** Values of `tag` in order, at most `max` of them. */
+  all(tag: number, max = Infinity): Buffer[] {
+    const out: Buffer[] = [];
+    const p = this.payload;
+    for (let off = 0; off < p.length && out.length < max; ) {
+      const vlen = p.readUInt32LE(off + 1);
+      if (p[off] === tag) out.push(p.subarray(off + 5, off + 5 + vlen));
+      off += 5 + vlen;
+    }
+    return out;
+  }
+  /** The last value of `tag` (a repeated scalar: the last one wins). */
   bytes(tag: number): Buffer | undefined {
-    let v: Buffer | undefined;
-    for (const f of this.fields) if (f[0] === tag) v = f[1];
-    return v;
+    const p = this.payload;
+    let at = -1;
+    let len = 0;
+    for (let off = 0; off < p.length; ) {
+      const vlen = p.readUInt32LE(off + 1);
+      if (p[off] === tag) {
+        at = off + 5;
+        len = vlen;
+      }
+      off += 5 + vlen;
+    }
+    return at < 0 ? undefined : p.subarray(at, at + len);
   }
   str(tag: number, maxBytes = 4096): string | undefined {
     const b = this.bytes(tag);

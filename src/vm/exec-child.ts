@@ -3,46 +3,47 @@
  * streams on top). Output is credited back to the guest only as the caller
  * consumes it, so a fast writer in the guest blocks on its pipe instead of
  * filling host memory: at most one flow-control window (1 MiB) per channel
- * is ever buffered here.
+ * is ever buffered here, in one contiguous buffer whatever the frame sizes.
  */
 
 import { Readable, Writable } from "node:stream";
 import type { ExecStream, OutputChannel } from "../agent-client/connection.js";
+import { ByteQueue } from "../agent-client/byte-queue.js";
 import { invalidOption } from "../errors.js";
 import type { ExecWaitResult } from "./options.js";
 
 export const DEFAULT_READ_BYTES = 64 * 1024;
 
+/**
+ * Output of one channel not yet taken by the caller, in one growing buffer
+ * (never an array of the guest's chunks: their sizes are the guest's choice).
+ * Bytes are credited back to the guest only once the caller took them, so
+ * the queue holds at most one window; a Node Readable gets coalesced chunks.
+ */
 class OutputQueue {
-  private chunks: Buffer[] = [];
-  private bytes = 0;
+  private q = new ByteQueue();
   private eof = false;
   private waiters: (() => void)[] = [];
   private readable: Readable | undefined;
-  /** Bytes pushed into `readable` but not yet credited (it was full). */
-  private unacked = 0;
+  /** The Readable asked for data and was not given any since. */
+  private wanted = false;
+  private flushScheduled = false;
 
   constructor(
     private stream: ExecStream,
     private ch: OutputChannel,
   ) {}
 
+  /** `chunk` is a view valid during the call only: copied in. */
   push(chunk: Buffer): void {
-    if (this.readable) {
-      // Node stream consumer: credit once the stream has taken the bytes and
-      // is below its high-water mark.
-      if (this.readable.push(chunk)) this.stream.ack(this.ch, chunk.length);
-      else this.unacked += chunk.length;
-      return;
-    }
-    this.chunks.push(chunk);
-    this.bytes += chunk.length;
-    this.wake();
+    this.q.push(chunk);
+    if (this.readable) this.scheduleFlush();
+    else this.wake();
   }
 
   end(): void {
     this.eof = true;
-    this.readable?.push(null);
+    if (this.readable) this.scheduleFlush();
     this.wake();
   }
 
@@ -54,21 +55,37 @@ class OutputQueue {
 
   /** Up to `max` bytes; waits for data; a 0-length Buffer at EOF. */
   async read(max: number): Promise<Buffer> {
-    while (this.bytes === 0 && !this.eof) await new Promise<void>((r) => this.waiters.push(r));
-    if (this.bytes === 0) return Buffer.alloc(0);
-    const parts: Buffer[] = [];
-    let n = 0;
-    while (n < max && this.chunks.length) {
-      const c = this.chunks[0]!;
-      const take = Math.min(c.length, max - n);
-      parts.push(take === c.length ? c : c.subarray(0, take));
-      if (take === c.length) this.chunks.shift();
-      else this.chunks[0] = c.subarray(take);
-      n += take;
+    while (this.q.length === 0 && !this.eof) await new Promise<void>((r) => this.waiters.push(r));
+    if (this.q.length === 0) return Buffer.alloc(0);
+    const b = this.q.shift(max);
+    this.stream.ack(this.ch, b.length);
+    return b;
+  }
+
+  /** Hands everything queued to the Readable in one chunk, if it wants data. */
+  private scheduleFlush(): void {
+    if (this.flushScheduled || !this.wanted) return;
+    this.flushScheduled = true;
+    setImmediate(() => {
+      this.flushScheduled = false;
+      this.flush();
+    });
+  }
+
+  private flush(): void {
+    const r = this.readable;
+    if (!r || !this.wanted) return;
+    if (this.q.length) {
+      const b = this.q.shift();
+      // Credited once the Readable has it: its buffer holds at most its
+      // high-water mark plus one window.
+      this.stream.ack(this.ch, b.length);
+      this.wanted = r.push(b);
     }
-    this.bytes -= n;
-    this.stream.ack(this.ch, n);
-    return parts.length === 1 ? parts[0]! : Buffer.concat(parts, n);
+    if (this.eof && this.q.length === 0) {
+      this.wanted = false;
+      r.push(null);
+    }
   }
 
   asReadable(): Readable {
@@ -76,22 +93,11 @@ class OutputQueue {
     const r = new Readable({
       highWaterMark: 256 * 1024,
       read: () => {
-        if (this.unacked) {
-          this.stream.ack(this.ch, this.unacked);
-          this.unacked = 0;
-        }
-        // Hand over what was queued before, crediting it.
-        while (this.chunks.length) {
-          const c = this.chunks.shift()!;
-          this.bytes -= c.length;
-          this.stream.ack(this.ch, c.length);
-          if (!r.push(c)) return;
-        }
-        if (this.eof) r.push(null);
+        this.wanted = true;
+        if (this.q.length || this.eof) this.scheduleFlush();
       },
     });
     this.readable = r;
-    if (this.eof && this.bytes === 0) r.push(null);
     return r;
   }
 }

@@ -5,6 +5,7 @@
  */
 
 import { createServer, type Server, type Socket } from "node:net";
+import { ByteQueue } from "../agent-client/byte-queue.js";
 import type { AgentConnection, TcpStream } from "../agent-client/connection.js";
 
 export class TcpForwarder {
@@ -58,16 +59,43 @@ export class TcpForwarder {
       return;
     }
     let finished = false;
-    // Guest → host: credit the guest only once the host socket took the bytes.
-    tcp.onData = (chunk) => {
-      sock.write(chunk, () => tcp.ack(chunk.length));
+    // Guest → host: one write in flight at a time; what arrives meanwhile
+    // is coalesced in one buffer (at most a window), and the guest is
+    // credited only once the host socket took the bytes.
+    const pending = new ByteQueue();
+    let writing = false;
+    let eof = false;
+    const pump = (): void => {
+      if (writing || sock.destroyed) return;
+      if (pending.length === 0) {
+        if (eof && !sock.writableEnded) sock.end();
+        return;
+      }
+      const b = pending.shift();
+      writing = true;
+      sock.write(b, (err) => {
+        writing = false;
+        if (err) return;
+        tcp.ack(b.length);
+        pump();
+      });
     };
-    tcp.onEof = () => sock.end();
+    tcp.onData = (chunk) => {
+      pending.push(chunk);
+      pump();
+    };
+    tcp.onEof = () => {
+      eof = true;
+      pump();
+    };
     tcp.ended.then(
       (how) => {
         finished = true;
         if (how === "reset") sock.resetAndDestroy();
-        else if (!sock.writableEnded) sock.end();
+        else {
+          eof = true;
+          pump();
+        }
       },
       () => {
         finished = true;

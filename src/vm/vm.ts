@@ -39,6 +39,7 @@ import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { loadState } from "../snapshot/migrate.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { ExecChild } from "./exec-child.js";
+import { collectOutput } from "./exec-collect.js";
 import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutput, type ValidExec } from "./options.js";
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
@@ -569,21 +570,7 @@ export class Vm {
       if (v.signal?.aborted) throw new AbortError("exec aborted before it started", { cause: v.signal.reason });
       await this.stage(v.files);
       const s = this.startExec(v, false);
-      const out: Buffer[] = [];
-      const err: Buffer[] = [];
-      let total = 0;
-      let overLimit = false;
-      s.onData = (ch, chunk) => {
-        if (overLimit) return;
-        total += chunk.length;
-        if (total > v.maxOutputBytes) {
-          overLimit = true;
-          s.cancel();
-          return;
-        }
-        (ch === 1 ? out : err).push(chunk);
-        s.ack(ch, chunk.length);
-      };
+      const collected = collectOutput(s, v.maxOutputBytes);
       const timers: NodeJS.Timeout[] = [];
       let onAbort: (() => void) | undefined;
       try {
@@ -608,10 +595,14 @@ export class Vm {
           }
         });
         guard.catch(() => undefined);
-        const exit = await Promise.race([s.exit, guard]);
-        const stdout = Buffer.concat(out);
-        const stderr = Buffer.concat(err);
-        if (overLimit) {
+        const exit = await Promise.race([s.exit, guard]).catch((e: unknown) => {
+          // Timed out or aborted: forget the stream (late frames drop).
+          s.abandon(e instanceof Error ? e : new Error(String(e)));
+          throw e;
+        });
+        const stdout = collected.stdout();
+        const stderr = collected.stderr();
+        if (collected.overLimit) {
           throw new OutputLimitError(
             `exec output exceeded maxOutputBytes (${v.maxOutputBytes} bytes); the process was killed. Raise maxOutputBytes or use spawn() to stream`,
             stdout,

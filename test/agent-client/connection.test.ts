@@ -294,3 +294,24 @@ describe("agent connection: flow control", () => {
     }
   });
 });
+
+describe("agent connection: guest text in host errors", () => {
+  it("an ERROR message with terminal escapes reaches the host error without them", async () => {
+    const { conn, server } = await connectTo(async (sock, frames) => {
+      const f = (await frames.next()).value as Frame;
+      const msg = "bad\x1b[2J\x1b]0;owned\x07 thing\r\nline two\u202e";
+      sock.write(encodeFrame(MsgType.ERROR, 0, f.stream, new RecordBuilder().u32(Tag.ERROR.code, 5).bytes(Tag.ERROR.message, msg).build()));
+    });
+    try {
+      await assert.rejects(conn.request(MsgType.WORKLOAD_SIGNAL), (e: unknown) => {
+        assert.ok(e instanceof Error);
+        assert.doesNotMatch(e.message, /[\x00-\x08\x0b-\x1f\x7f\u202e]/);
+        assert.match(e.message, /bad\?\[2J\?\]0;owned\? thing\?\nline two\?/);
+        return true;
+      });
+    } finally {
+      conn.destroy(new Error("done"));
+      server.close();
+    }
+  });
+});

@@ -1,0 +1,76 @@
+/**
+ * A FIFO of bytes in one contiguous, growing buffer. Guest output is stored
+ * here instead of in arrays of Buffers: the guest chooses its frame sizes,
+ * and a million 1-byte frames kept as a million Buffers would cost about a
+ * hundred times their payload in heap. Here they cost their bytes (at most
+ * twice, while the buffer grows by doubling).
+ */
+
+const MIN_CAPACITY = 4096;
+
+export class ByteQueue {
+  private buf: Buffer = Buffer.alloc(0);
+  private start = 0;
+  private end = 0;
+
+  /** Bytes queued. */
+  get length(): number {
+    return this.end - this.start;
+  }
+
+  /** Bytes allocated (for tests and budgets). */
+  get capacity(): number {
+    return this.buf.length;
+  }
+
+  /** Copies `bytes` in (the caller may reuse or drop its view afterwards). */
+  push(bytes: Uint8Array): void {
+    const n = bytes.length;
+    if (n === 0) return;
+    if (this.buf.length - this.end < n) this.makeRoom(n);
+    this.buf.set(bytes, this.end);
+    this.end += n;
+  }
+
+  private makeRoom(n: number): void {
+    const live = this.end - this.start;
+    // Compact in place when the free head makes enough room and the buffer
+    // is not mostly empty (else shrink by reallocating).
+    if (this.buf.length - live >= n && live + n >= this.buf.length / 4) {
+      this.buf.copy(this.buf, 0, this.start, this.end);
+    } else {
+      let cap = Math.max(MIN_CAPACITY, this.buf.length);
+      while (cap < live + n) cap *= 2;
+      while (cap > MIN_CAPACITY && cap / 4 >= live + n) cap /= 2;
+      const next = Buffer.allocUnsafe(cap);
+      this.buf.copy(next, 0, this.start, this.end);
+      this.buf = next;
+    }
+    this.start = 0;
+    this.end = live;
+  }
+
+  /** Removes and returns up to `max` bytes (a copy: the queue keeps its buffer). */
+  shift(max = Infinity): Buffer {
+    const n = Math.min(max, this.length);
+    const out = Buffer.allocUnsafe(n);
+    this.buf.copy(out, 0, this.start, this.start + n);
+    this.start += n;
+    if (this.start === this.end) this.reset();
+    return out;
+  }
+
+  /** Removes and returns everything, then frees the buffer. */
+  takeAll(): Buffer {
+    const out = this.shift();
+    this.buf = Buffer.alloc(0);
+    return out;
+  }
+
+  private reset(): void {
+    this.start = 0;
+    this.end = 0;
+    // Do not pin a large buffer once drained.
+    if (this.buf.length > 64 * 1024) this.buf = Buffer.alloc(0);
+  }
+}

@@ -1,0 +1,58 @@
+/**
+ * ByteQueue: the contiguous FIFO that holds guest output. Checked against a
+ * plain reference (concatenated Buffers) under random pushes and shifts.
+ */
+
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+import { ByteQueue } from "../../src/agent-client/byte-queue.js";
+
+describe("ByteQueue", () => {
+  it("returns exactly the bytes pushed, in order, under random pushes and shifts", () => {
+    let seed = 7;
+    const rnd = (n: number) => {
+      seed = (seed * 1103515245 + 12345) >>> 0;
+      return seed % n;
+    };
+    const q = new ByteQueue();
+    let ref = Buffer.alloc(0);
+    let counter = 0;
+    for (let i = 0; i < 20_000; i++) {
+      if (rnd(3) > 0) {
+        const n = rnd(5) === 0 ? rnd(70_000) : rnd(40);
+        const b = Buffer.alloc(n);
+        for (let j = 0; j < n; j++) b[j] = counter++ & 0xff;
+        q.push(b);
+        ref = Buffer.concat([ref, b]);
+      } else {
+        const max = rnd(4) === 0 ? Infinity : rnd(100_000);
+        const got = q.shift(max);
+        const n = Math.min(max, ref.length);
+        assert.ok(got.equals(ref.subarray(0, n)), `shift ${i}`);
+        ref = ref.subarray(n);
+      }
+      assert.equal(q.length, ref.length);
+    }
+    assert.ok(q.takeAll().equals(ref));
+    assert.equal(q.length, 0);
+    assert.equal(q.capacity, 0);
+  });
+
+  it("a million 1-byte pushes cost about a megabyte, and the copy out is independent of the queue", () => {
+    const q = new ByteQueue();
+    const one = Buffer.from("x");
+    for (let i = 0; i < 1_000_000; i++) q.push(one);
+    assert.equal(q.length, 1_000_000);
+    assert.ok(q.capacity <= 2 * 1_000_000, `capacity ${q.capacity}`);
+    const a = q.shift(10);
+    q.push(Buffer.from("yyyyyyyyyy"));
+    assert.equal(a.toString(), "xxxxxxxxxx");
+  });
+
+  it("a drained queue does not pin a large buffer", () => {
+    const q = new ByteQueue();
+    q.push(Buffer.alloc(1 << 20));
+    q.shift();
+    assert.ok(q.capacity <= 64 * 1024, `capacity ${q.capacity} after draining`);
+  });
+});
