@@ -30,6 +30,8 @@ export type ErrorCode =
   | "ERR_SM_DIGEST_MISMATCH"
   | "ERR_SM_PLATFORM"
   | "ERR_SM_LAYER"
+  | "ERR_SM_LAYER_LIMIT"
+  | "ERR_SM_UNSAFE_PATH"
   | "ERR_SM_DISK_FULL"
   | "ERR_SM_SNAPSHOT"
   | "ERR_SM_POOL";
@@ -199,10 +201,43 @@ export function invalidOption(option: string, expected: string, received: unknow
 export class LayerError extends SupermachineError {
   readonly layer: number | undefined;
   readonly entry: string | undefined;
-  constructor(message: string, details?: { layer?: number; entry?: string }, options?: SupermachineErrorOptions) {
-    super("ERR_SM_LAYER", message, options);
+  constructor(message: string, details?: { layer?: number; entry?: string }, options?: SupermachineErrorOptions, code: "ERR_SM_LAYER" | "ERR_SM_LAYER_LIMIT" = "ERR_SM_LAYER") {
+    super(code, message, options);
     this.layer = details?.layer;
     this.entry = details?.entry;
+  }
+}
+
+/**
+ * An image (its layers or blobs) crossed one of the caps of
+ * src/rootfs/limits.ts: too many entries, too many uncompressed bytes, a
+ * path too deep, PAX/xattr data too large, a blob too large. Reading stopped
+ * at the crossing and nothing was left on disk. `limit` names the option
+ * (`limits.<limit>`), `env` the environment variable that raises it.
+ * Also an instance of {@link LayerError}.
+ */
+export class LayerLimitError extends LayerError {
+  /** Which cap: "maxEntries", "maxBytes", "maxPathDepth", "maxPaxBytes", "maxXattrsPerEntry", "maxXattrBytes", "maxBlobBytes". */
+  readonly limit: string;
+  /** The cap's value that was crossed. */
+  readonly max: number;
+  constructor(message: string, limit: string, max: number, details?: { layer?: number; entry?: string }, options?: SupermachineErrorOptions) {
+    super(message, details, options, "ERR_SM_LAYER_LIMIT");
+    this.limit = limit;
+    this.max = max;
+  }
+}
+
+/**
+ * A file or directory the host trusts (the runtime directory, a snapshot
+ * directory and its files) is not what it must be: owned by another user,
+ * writable by others, a symlink, not a regular file. `path` is the offender.
+ */
+export class UnsafePathError extends SupermachineError {
+  readonly path: string;
+  constructor(message: string, path: string, options?: SupermachineErrorOptions) {
+    super("ERR_SM_UNSAFE_PATH", message, options);
+    this.path = path;
   }
 }
 

@@ -21,6 +21,7 @@ import { defaultCacheDir } from "../paths.js";
 import { RecordBuilder } from "../protocol/codec.js";
 import { FILE_LIMIT, MsgType, Tag } from "../protocol/constants.js";
 import { directoryImage } from "../rootfs/cache.js";
+import type { LayerLimits } from "../rootfs/limits.js";
 import { captureVm, restoreSpec, restoreVm, type RestoreOptions } from "../snapshot/capture.js";
 import { sha256File } from "../snapshot/files.js";
 import { readManifest, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
@@ -99,6 +100,12 @@ export interface BuildOptions {
   readonly cacheDir?: string;
   /** (extension) Registries reached over plain HTTP (loopback always is). */
   readonly insecureRegistries?: readonly string[];
+  /**
+   * Caps on what the image's layers may cost the host (entries, uncompressed
+   * bytes, path depth, PAX/xattr data, blob sizes); see docs/security-inputs.md.
+   * @default the SUPERMACHINE_LAYER_* / SUPERMACHINE_BLOB_MAX_BYTES environment variables, else the documented defaults
+   */
+  readonly layerLimits?: LayerLimits;
   /** (extension) e.g. "linux/amd64". @default the host's */
   readonly platform?: string;
   /** (extension) Pull and unpack progress. */
@@ -208,6 +215,7 @@ async function resolveRootfsFor(v: ValidBuild, o: BuildOptions): Promise<Resolve
     pullPolicy: v.pullPolicy,
     cacheDir: v.cacheDir,
     ...(o.insecureRegistries ? { insecureRegistries: o.insecureRegistries } : {}),
+    ...(o.layerLimits ? { limits: o.layerLimits } : {}),
     ...(o.platform ? { platform: o.platform } : {}),
     ...(o.signal ? { signal: o.signal } : {}),
     ...(o.onProgress ? { onProgress: o.onProgress } : {}),
