@@ -154,6 +154,17 @@ class ByteSource {
     return true;
   }
 
+  /** Ends the input early (its iterator's return: a Readable is destroyed). */
+  async close(): Promise<void> {
+    if (this.ended) return;
+    this.ended = true;
+    try {
+      await this.it.return?.();
+    } catch {
+      // the input's own error is already on its way
+    }
+  }
+
   /** Reads and discards everything left. */
   async drain(): Promise<void> {
     while ((await this.some(Number.MAX_SAFE_INTEGER)) !== null);
@@ -342,9 +353,19 @@ const HEADER_ONLY = new Set(["1", "2", "3", "4", "5", "6"]);
  * @throws {AbortError} when `options.signal` fires
  */
 export async function* readTar(input: Readable | AsyncIterable<Uint8Array>, options: ReadTarOptions = {}): AsyncGenerator<TarEntry, void, undefined> {
+  const src = new ByteSource(input as AsyncIterable<unknown>, options.onBytes);
+  try {
+    yield* entries(src, options);
+  } finally {
+    // On an error, or a consumer that stops early: release the input now
+    // (a decompressor behind it must not be left holding its file).
+    await src.close();
+  }
+}
+
+async function* entries(src: ByteSource, options: ReadTarOptions): AsyncGenerator<TarEntry, void, undefined> {
   const maxPax = options.maxPaxBytes ?? DEFAULT_LAYER_LIMITS.maxPaxBytes;
   const maxLong = options.maxLongNameBytes ?? 1 << 16;
-  const src = new ByteSource(input as AsyncIterable<unknown>, options.onBytes);
   const maxXattrs = options.maxXattrsPerEntry ?? DEFAULT_LAYER_LIMITS.maxXattrsPerEntry;
   const globals = new Map<string, Buffer>();
   let globalFields: PaxFields = NO_PAX;
