@@ -8,7 +8,7 @@
 import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
-import { copyFile, link, mkdir, open, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { chmod, copyFile, link, mkdir, open, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { homedir } from "node:os";
 import { basename, join, resolve } from "node:path";
 import { promisify } from "node:util";
@@ -24,7 +24,7 @@ import { directoryImage } from "../rootfs/cache.js";
 import type { LayerLimits } from "../rootfs/limits.js";
 import { captureVm, restoreSpec, restoreVm, type RestoreOptions } from "../snapshot/capture.js";
 import { sha256File } from "../snapshot/files.js";
-import { readManifest, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
+import { readManifest, SNAPSHOT_DIR_MODE, SNAPSHOT_FILE_MODE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
 import { findQemu } from "../vmm/qemu.js";
 import { discardQemu, launchVm, startQemu, type GuestConfig, type StartedQemu, type Vm } from "../vm/vm.js";
@@ -351,7 +351,7 @@ export class Image {
     const dir = join(v.snapshotsDir, name);
     const hit = await readManifest(dir, "quick").catch(() => undefined);
     if (hit && hit.key === key) return new Image({ snapshotPath: dir, manifest: hit, baked: false, cacheDir: v.cacheDir, bootTimeoutMs });
-    await mkdir(v.snapshotsDir, { recursive: true });
+    await mkdir(v.snapshotsDir, { recursive: true, mode: SNAPSHOT_DIR_MODE });
     // One baker per snapshot across processes; the others use its result.
     const valid = async () => (await readManifest(dir, "quick").catch(() => undefined))?.key === key;
     const lock = await acquireLock(join(v.snapshotsDir, `.${name}.lock`), { until: valid, staleMs: 10 * 60_000, ...(options.signal ? { signal: options.signal } : {}) });
@@ -370,7 +370,7 @@ export class Image {
           : null;
       if (v.listenerRequired && !workload) throw new ImageError(`listenerRequired needs a workload, but ${v.ref} has no ENTRYPOINT/CMD; pass cmd`);
       const stage = join(v.snapshotsDir, `.${name}.tmp-${process.pid}-${randomBytes(4).toString("hex")}`);
-      await mkdir(stage);
+      await mkdir(stage, { mode: SNAPSHOT_DIR_MODE });
       let vm: Vm | undefined;
       try {
         await linkOrCopy(root.rootfsImage, join(stage, "rootfs.erofs"));
@@ -418,7 +418,10 @@ export class Image {
           inputs,
           files: { ram: captured.ram, state: captured.state, rootfs: { size: (await stat(join(stage, "rootfs.erofs"))).size, sha256: rootfsSum } },
         };
-        await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n");
+        await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: SNAPSHOT_FILE_MODE });
+        // Files 0600 whatever the umask (QEMU wrote the state; rootfs.erofs may be a hard link of the cache's image).
+        for (const f of ["ram", "state", "rootfs.erofs", "manifest.json"]) await chmod(join(stage, f), SNAPSHOT_FILE_MODE);
+        await chmod(stage, SNAPSHOT_DIR_MODE);
         for (const f of ["ram", "state", "manifest.json"]) await fsyncFile(join(stage, f));
         await publish(stage, dir);
         // The bake VM lives on as the first VM handed out (warm handoff); it
