@@ -69,7 +69,7 @@ export function createRuntimeDir(): string {
     mkdirSync(p, { recursive: true, mode: 0o700 });
   } catch (e) {
     // A dangling symlink or a file in its place: checkRuntimeParent says what is wrong.
-    if ((e as NodeJS.ErrnoException).code !== "EEXIST" && (e as NodeJS.ErrnoException).code !== "ENOTDIR") throw e;
+    if (!["EEXIST", "ENOTDIR", "ENOENT"].includes((e as NodeJS.ErrnoException).code ?? "")) throw e;
   }
   checkRuntimeParent(p);
   if (!swept) {
