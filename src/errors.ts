@@ -10,6 +10,8 @@
  * command that fixes the problem.
  */
 
+import { guestText } from "./guest-text.js";
+
 const BRAND = Symbol.for("@supermachine/core.error");
 
 export type ErrorCode =
@@ -76,13 +78,19 @@ export class ClosedError extends SupermachineError {
   }
 }
 
-/** The guest stopped: QEMU exited or the agent stopped answering. */
+/**
+ * The guest stopped: QEMU exited or the agent stopped answering. The message
+ * and console tail are guest-influenced: both are stripped of control
+ * characters and bounded (see guest-text.ts).
+ */
 export class GuestDiedError extends SupermachineError {
-  /** The last lines the guest kernel and QEMU printed, for diagnosis. */
+  /** The last lines the guest kernel and QEMU printed, for diagnosis (sanitized, ≤ 8 KiB). */
   readonly consoleTail: string;
   constructor(message: string, consoleTail = "", options?: SupermachineErrorOptions) {
-    super("ERR_SM_GUEST_DIED", consoleTail ? `${message}\n--- guest console (tail) ---\n${consoleTail}` : message, options);
-    this.consoleTail = consoleTail;
+    const tail = guestText(consoleTail, { maxChars: 8192, keep: "tail" });
+    const text = guestText(message);
+    super("ERR_SM_GUEST_DIED", tail ? `${text}\n--- guest console (tail) ---\n${tail}` : text, options);
+    this.consoleTail = tail;
   }
 }
 
@@ -125,12 +133,15 @@ export class QemuError extends SupermachineError {
   }
 }
 
-/** The guest agent reported an error for one request (the VM stays usable). */
+/**
+ * The guest agent reported an error for one request (the VM stays usable).
+ * The message comes from the guest: stripped of control characters and bounded.
+ */
 export class AgentError extends SupermachineError {
   /** The agent's wire error code, see docs/protocol.md. */
   readonly agentCode: number;
   constructor(agentCode: number, message: string, options?: SupermachineErrorOptions) {
-    super("ERR_SM_AGENT", message, options);
+    super("ERR_SM_AGENT", guestText(message), options);
     this.agentCode = agentCode;
   }
 }

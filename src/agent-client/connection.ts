@@ -12,6 +12,7 @@
 import { randomBytes } from "node:crypto";
 import { connect, type Socket } from "node:net";
 import { AgentError, ClosedError, ProtocolError, TimeoutError } from "../errors.js";
+import { guestText } from "../guest-text.js";
 import { DecodeError, FrameReader, RecordBuilder, RecordReader, encodeFrame, type Frame } from "../protocol/codec.js";
 import {
   Channel,
@@ -505,7 +506,7 @@ function agentErrorFrom(payload: Buffer): AgentError {
   } catch {
     message = "(malformed error record)";
   }
-  return new AgentError(code, message);
+  return new AgentError(code, guestText(message));
 }
 
 export interface ConnectOptions {
