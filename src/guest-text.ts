@@ -38,5 +38,10 @@ export function guestText(text: string, options: GuestTextOptions = {}): string 
   // A lone surrogate left by a cut is dropped too.
   s = s.replace(/[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/g, "");
   if (s.length <= max) return s;
-  return options.keep === "tail" ? `…${s.slice(s.length - max + 1)}` : `${s.slice(0, max - 1)}…`;
+  if (options.keep === "tail") {
+    const cut = s.slice(s.length - max + 1);
+    return `…${/^[\udc00-\udfff]/.test(cut) ? cut.slice(1) : cut}`;
+  }
+  const cut = s.slice(0, max - 1);
+  return `${/[\ud800-\udbff]$/.test(cut) ? cut.slice(0, -1) : cut}…`;
 }
