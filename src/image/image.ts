@@ -8,7 +8,7 @@
 import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
-import { chmod, copyFile, link, mkdir, open, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { copyFile, link, mkdir, open, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { homedir } from "node:os";
 import { basename, join, resolve } from "node:path";
 import { promisify } from "node:util";
@@ -23,7 +23,7 @@ import { FILE_LIMIT, MsgType, Tag } from "../protocol/constants.js";
 import { directoryImage } from "../rootfs/cache.js";
 import type { LayerLimits } from "../rootfs/limits.js";
 import { captureVm, restoreSpec, restoreVm, type RestoreOptions } from "../snapshot/capture.js";
-import { sha256File } from "../snapshot/files.js";
+import { sealSnapshotDir, sha256File } from "../snapshot/files.js";
 import { readManifest, SNAPSHOT_DIR_MODE, SNAPSHOT_FILE_MODE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
 import { findQemu } from "../vmm/qemu.js";
@@ -419,9 +419,7 @@ export class Image {
           files: { ram: captured.ram, state: captured.state, rootfs: { size: (await stat(join(stage, "rootfs.erofs"))).size, sha256: rootfsSum } },
         };
         await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: SNAPSHOT_FILE_MODE });
-        // Files 0600 whatever the umask (QEMU wrote the state; rootfs.erofs may be a hard link of the cache's image).
-        for (const f of ["ram", "state", "rootfs.erofs", "manifest.json"]) await chmod(join(stage, f), SNAPSHOT_FILE_MODE);
-        await chmod(stage, SNAPSHOT_DIR_MODE);
+        await sealSnapshotDir(stage);
         for (const f of ["ram", "state", "manifest.json"]) await fsyncFile(join(stage, f));
         await publish(stage, dir);
         // The bake VM lives on as the first VM handed out (warm handoff); it

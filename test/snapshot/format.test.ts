@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { SnapshotError } from "../../src/errors.js";
-import { sparseCopyWithHash, stubKernel } from "../../src/snapshot/files.js";
+import { sealSnapshotDir, sparseCopyWithHash, stubKernel } from "../../src/snapshot/files.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, readManifest, type SnapshotManifest } from "../../src/snapshot/manifest.js";
 
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
@@ -188,6 +188,16 @@ describe("snapshot format", () => {
 });
 
 describe("snapshot files", () => {
+  it("sealing makes a snapshot directory 0700 and its files 0600, and a sealed snapshot passes", async () => {
+    const dir = await makeSnapshot();
+    chmodSync(dir, 0o755);
+    for (const f of ["ram", "state", "rootfs.erofs", "manifest.json"]) chmodSync(join(dir, f), 0o644);
+    await sealSnapshotDir(dir);
+    assert.equal((await stat(dir)).mode & 0o777, 0o700);
+    for (const f of ["ram", "state", "rootfs.erofs", "manifest.json"]) assert.equal((await stat(join(dir, f))).mode & 0o777, 0o600, f);
+    await readManifest(dir, "full");
+  });
+
   it("sparse copy keeps content, hashes it, and leaves zero blocks as holes", async () => {
     const src = join(root, "sparse-src");
     const size = 16 << 20;
