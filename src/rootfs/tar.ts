@@ -44,7 +44,11 @@ export interface TarEntry {
   readonly mtimeNsec: number;
   readonly devmajor: number;
   readonly devminor: number;
-  /** xattrs from PAX records; names are latin1 byte strings. */
+  /**
+   * xattrs from PAX records; names are latin1 byte strings. Entries without
+   * xattrs of their own share one Map (a global PAX header's set): never
+   * mutate it.
+   */
   readonly xattrs: ReadonlyMap<string, Buffer>;
   /** Index of the entry's header block in the archive (for messages). */
   readonly offset: number;
