@@ -422,6 +422,8 @@ export class Image {
         await sealSnapshotDir(stage);
         for (const f of ["ram", "state", "manifest.json"]) await fsyncFile(join(stage, f));
         await publish(stage, dir);
+        // The stage is gone: the handoff VM's disk (same inode) now lives under dir.
+        vm.launch.rootfsImage = join(dir, "rootfs.erofs");
         // The bake VM lives on as the first VM handed out (warm handoff); it
         // must look like a restored one.
         if (workload && workload.startAt === "restore") await startWorkload(vm, workload);

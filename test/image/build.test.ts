@@ -242,6 +242,23 @@ describe("Image.build and restores", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     await ok.close();
   });
 
+  it("the bake's own VM, handed out first, can be snapshotted (its disk moved with the stage)", async () => {
+    const fresh = await Image.build({ ref, snapshotsDir, name: "handoff-snap", warmupTag: `handoff-${randomBytes(3).toString("hex")}` });
+    assert.equal(fresh.baked, true);
+    const pool = await fresh.pool({ min: 1, max: 1 });
+    const dest = join(snapshotsDir, "from-handoff");
+    try {
+      const vm = await pool.acquire();
+      await vm.snapshot(dest);
+      await vm.release();
+    } finally {
+      await pool.shutdown();
+      await fresh.close();
+    }
+    assertPrivateSnapshot(dest);
+    assert.equal((await Image.fromSnapshot(dest)).snapshotPath, dest);
+  });
+
   it("two processes baking the same key at once produce one snapshot and both succeed", async () => {
     const script = join(snapshotsDir, "bake.mjs");
     const tag = `concurrent-${randomBytes(3).toString("hex")}`;
