@@ -10,6 +10,8 @@
  * command that fixes the problem.
  */
 
+import { guestText } from "./guest-text.js";
+
 const BRAND = Symbol.for("@supermachine/core.error");
 
 export type ErrorCode =
@@ -30,6 +32,8 @@ export type ErrorCode =
   | "ERR_SM_DIGEST_MISMATCH"
   | "ERR_SM_PLATFORM"
   | "ERR_SM_LAYER"
+  | "ERR_SM_LAYER_LIMIT"
+  | "ERR_SM_UNSAFE_PATH"
   | "ERR_SM_DISK_FULL"
   | "ERR_SM_SNAPSHOT"
   | "ERR_SM_POOL"
@@ -75,13 +79,19 @@ export class ClosedError extends SupermachineError {
   }
 }
 
-/** The guest stopped: QEMU exited or the agent stopped answering. */
+/**
+ * The guest stopped: QEMU exited or the agent stopped answering. The message
+ * and console tail are guest-influenced: both are stripped of control
+ * characters and bounded (see guest-text.ts).
+ */
 export class GuestDiedError extends SupermachineError {
-  /** The last lines the guest kernel and QEMU printed, for diagnosis. */
+  /** The last lines the guest kernel and QEMU printed, for diagnosis (sanitized, ≤ 8 KiB). */
   readonly consoleTail: string;
   constructor(message: string, consoleTail = "", options?: SupermachineErrorOptions) {
-    super("ERR_SM_GUEST_DIED", consoleTail ? `${message}\n--- guest console (tail) ---\n${consoleTail}` : message, options);
-    this.consoleTail = consoleTail;
+    const tail = guestText(consoleTail, { maxChars: 8192, keep: "tail" });
+    const text = guestText(message);
+    super("ERR_SM_GUEST_DIED", tail ? `${text}\n--- guest console (tail) ---\n${tail}` : text, options);
+    this.consoleTail = tail;
   }
 }
 
@@ -124,12 +134,15 @@ export class QemuError extends SupermachineError {
   }
 }
 
-/** The guest agent reported an error for one request (the VM stays usable). */
+/**
+ * The guest agent reported an error for one request (the VM stays usable).
+ * The message comes from the guest: stripped of control characters and bounded.
+ */
 export class AgentError extends SupermachineError {
   /** The agent's wire error code, see docs/protocol.md. */
   readonly agentCode: number;
   constructor(agentCode: number, message: string, options?: SupermachineErrorOptions) {
-    super("ERR_SM_AGENT", message, options);
+    super("ERR_SM_AGENT", guestText(message), options);
     this.agentCode = agentCode;
   }
 }
@@ -200,10 +213,43 @@ export function invalidOption(option: string, expected: string, received: unknow
 export class LayerError extends SupermachineError {
   readonly layer: number | undefined;
   readonly entry: string | undefined;
-  constructor(message: string, details?: { layer?: number; entry?: string }, options?: SupermachineErrorOptions) {
-    super("ERR_SM_LAYER", message, options);
+  constructor(message: string, details?: { layer?: number; entry?: string }, options?: SupermachineErrorOptions, code: "ERR_SM_LAYER" | "ERR_SM_LAYER_LIMIT" = "ERR_SM_LAYER") {
+    super(code, message, options);
     this.layer = details?.layer;
     this.entry = details?.entry;
+  }
+}
+
+/**
+ * An image (its layers or blobs) crossed one of the caps of
+ * src/rootfs/limits.ts: too many entries, too many uncompressed bytes, a
+ * path too deep, PAX/xattr data too large, a blob too large. Reading stopped
+ * at the crossing and nothing was left on disk. `limit` names the option
+ * (`limits.<limit>`), `env` the environment variable that raises it.
+ * Also an instance of {@link LayerError}.
+ */
+export class LayerLimitError extends LayerError {
+  /** Which cap: "maxEntries", "maxBytes", "maxPathDepth", "maxPaxBytes", "maxXattrsPerEntry", "maxXattrBytes", "maxBlobBytes". */
+  readonly limit: string;
+  /** The cap's value that was crossed. */
+  readonly max: number;
+  constructor(message: string, limit: string, max: number, details?: { layer?: number; entry?: string }, options?: SupermachineErrorOptions) {
+    super(message, details, options, "ERR_SM_LAYER_LIMIT");
+    this.limit = limit;
+    this.max = max;
+  }
+}
+
+/**
+ * A file or directory the host trusts (the runtime directory, a snapshot
+ * directory and its files) is not what it must be: owned by another user,
+ * writable by others, a symlink, not a regular file. `path` is the offender.
+ */
+export class UnsafePathError extends SupermachineError {
+  readonly path: string;
+  constructor(message: string, path: string, options?: SupermachineErrorOptions) {
+    super("ERR_SM_UNSAFE_PATH", message, options);
+    this.path = path;
   }
 }
 

@@ -12,6 +12,7 @@ export { Image, type BuildOptions, type ExtraFile, type MountSpec, type VolumeSp
 export { Pool, type PoolOptions, type PoolStats } from "./pool/pool.js";
 export { resolveImage, type ImageProgress, type ResolvedImage } from "./image/resolve.js";
 export { ExecChild } from "./vm/exec-child.js";
+export { DEFAULT_LAYER_LIMITS, LAYER_LIMIT_ENV, type LayerLimits } from "./rootfs/limits.js";
 export { TcpForwarder } from "./vm/tcp-forwarder.js";
 export type { ExecOptions, ExecOutput, ExecWaitResult, StagedFileMode, Winsize } from "./vm/options.js";
 export { chooseAccelerator, type Accelerator, type AcceleratorOption, type AcceleratorChoice } from "./vmm/accel.js";

@@ -15,6 +15,7 @@ import { randomBytes } from "node:crypto";
 import { connect, type Socket } from "node:net";
 import { AgentError, ClosedError, ProtocolError, ResourceLimitError, TimeoutError } from "../errors.js";
 import { ByteQueue } from "./byte-queue.js";
+import { guestText } from "../guest-text.js";
 import { DecodeError, FrameReader, RecordBuilder, RecordReader, encodeFrame, type Frame } from "../protocol/codec.js";
 import {
   Channel,
@@ -630,16 +631,6 @@ function u32(n: number): Buffer {
   return b;
 }
 
-/**
- * Text from the guest that ends up in host error messages: control
- * characters (terminal escapes, carriage returns) and bidi overrides become
- * "?", so a hostile agent cannot rewrite what a terminal shows; newlines and
- * tabs stay. The length is bounded by the caller (≤ 4096 bytes read).
- */
-export function guestText(s: string): string {
-  return s.replace(/[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g, "?");
-}
-
 function agentErrorFrom(payload: Buffer): AgentError {
   let code = 0;
   let message = "(no message)";
@@ -650,7 +641,7 @@ function agentErrorFrom(payload: Buffer): AgentError {
   } catch {
     message = "(malformed error record)";
   }
-  return new AgentError(code, message);
+  return new AgentError(code, guestText(message));
 }
 
 export interface ConnectOptions {

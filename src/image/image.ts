@@ -22,9 +22,10 @@ import { RecordBuilder } from "../protocol/codec.js";
 import { FILE_LIMIT, MsgType, Tag } from "../protocol/constants.js";
 import { directoryImage } from "../rootfs/cache.js";
 import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
+import type { LayerLimits } from "../rootfs/limits.js";
 import { captureVm, restoreSpec, restoreVm, type RestoreOptions } from "../snapshot/capture.js";
-import { sha256File } from "../snapshot/files.js";
-import { readManifest, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
+import { sealSnapshotDir, sha256File } from "../snapshot/files.js";
+import { readManifest, SNAPSHOT_DIR_MODE, SNAPSHOT_FILE_MODE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
 import { findQemu } from "../vmm/qemu.js";
 import { discardQemu, launchVm, startQemu, type GuestConfig, type StartedQemu, type Vm } from "../vm/vm.js";
@@ -109,6 +110,12 @@ export interface BuildOptions {
   readonly cacheDir?: string;
   /** (extension) Registries reached over plain HTTP (loopback always is). */
   readonly insecureRegistries?: readonly string[];
+  /**
+   * Caps on what the image's layers may cost the host (entries, uncompressed
+   * bytes, path depth, PAX/xattr data, blob sizes); see docs/security-inputs.md.
+   * @default the SUPERMACHINE_LAYER_* / SUPERMACHINE_BLOB_MAX_BYTES environment variables, else the documented defaults
+   */
+  readonly layerLimits?: LayerLimits;
   /** (extension) e.g. "linux/amd64". @default the host's */
   readonly platform?: string;
   /** (extension) Pull and unpack progress. */
@@ -220,6 +227,7 @@ async function resolveRootfsFor(v: ValidBuild, o: BuildOptions): Promise<Resolve
     pullPolicy: v.pullPolicy,
     cacheDir: v.cacheDir,
     ...(o.insecureRegistries ? { insecureRegistries: o.insecureRegistries } : {}),
+    ...(o.layerLimits ? { limits: o.layerLimits } : {}),
     ...(o.platform ? { platform: o.platform } : {}),
     ...(o.signal ? { signal: o.signal } : {}),
     ...(o.onProgress ? { onProgress: o.onProgress } : {}),
@@ -358,7 +366,7 @@ export class Image {
     const dir = join(v.snapshotsDir, name);
     const hit = await readManifest(dir, "quick").catch(() => undefined);
     if (hit && hit.key === key) return new Image({ snapshotPath: dir, manifest: hit, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, network: v.network });
-    await mkdir(v.snapshotsDir, { recursive: true });
+    await mkdir(v.snapshotsDir, { recursive: true, mode: SNAPSHOT_DIR_MODE });
     // One baker per snapshot across processes; the others use its result.
     const valid = async () => (await readManifest(dir, "quick").catch(() => undefined))?.key === key;
     const lock = await acquireLock(join(v.snapshotsDir, `.${name}.lock`), { until: valid, staleMs: 10 * 60_000, ...(options.signal ? { signal: options.signal } : {}) });
@@ -377,7 +385,7 @@ export class Image {
           : null;
       if (v.listenerRequired && !workload) throw new ImageError(`listenerRequired needs a workload, but ${v.ref} has no ENTRYPOINT/CMD; pass cmd`);
       const stage = join(v.snapshotsDir, `.${name}.tmp-${process.pid}-${randomBytes(4).toString("hex")}`);
-      await mkdir(stage);
+      await mkdir(stage, { mode: SNAPSHOT_DIR_MODE });
       let vm: Vm | undefined;
       try {
         await linkOrCopy(root.rootfsImage, join(stage, "rootfs.erofs"));
@@ -426,9 +434,12 @@ export class Image {
           inputs,
           files: { ram: captured.ram, state: captured.state, rootfs: { size: (await stat(join(stage, "rootfs.erofs"))).size, sha256: rootfsSum } },
         };
-        await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n");
+        await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: SNAPSHOT_FILE_MODE });
+        await sealSnapshotDir(stage);
         for (const f of ["ram", "state", "manifest.json"]) await fsyncFile(join(stage, f));
         await publish(stage, dir);
+        // The stage is gone: the handoff VM's disk (same inode) now lives under dir.
+        vm.launch.rootfsImage = join(dir, "rootfs.erofs");
         // The bake VM lives on as the first VM handed out (warm handoff); it
         // must look like a restored one.
         if (workload && workload.startAt === "restore") await startWorkload(vm, workload);

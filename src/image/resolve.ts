@@ -79,6 +79,7 @@ export async function resolveImage(ref: string, o: ResolveImageOptions = {}): Pr
           await buildRootfsImage({
             source: { kind: "layers", layers: pulled.layers.map((l) => () => openLayer(l)), spoolPath },
             out,
+            ...(o.limits ? { limits: o.limits } : {}),
             ...(o.signal ? { signal: o.signal } : {}),
             ...(onProgress ? { onProgress: (p) => onProgress({ stage: "unpack", layer: p.layer, layers: pulled.layers.length, bytes: p.bytes }) } : {}),
           });

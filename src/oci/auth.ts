@@ -17,7 +17,7 @@ import { readFile } from "node:fs/promises";
 import { homedir } from "node:os";
 import { join } from "node:path";
 import { AbortError, AuthError, RegistryError } from "../errors.js";
-import { bodyExcerpt, type HttpResponse, readBounded } from "./http.js";
+import { bodyExcerpt, type HttpResponse, NetworkError, readBounded } from "./http.js";
 import { DOCKER_HUB_AUTH_KEY, DOCKER_HUB_DOMAIN, isDockerHub } from "./reference.js";
 
 /** Bound on config.json and on token responses. */
@@ -532,11 +532,20 @@ export class Authenticator {
     }
     const started = Date.now();
     let res: HttpResponse;
+    // Network failures (a refused redirect included) become a typed error naming the token server.
+    const send = async (req: Parameters<AuthTransport["send"]>[0]): Promise<HttpResponse> => {
+      try {
+        return await this.transport.send(req);
+      } catch (err) {
+        if (err instanceof NetworkError) throw new RegistryError(`Registry ${registry}: token server ${url.origin} could not be used: ${err.message}`, registry, undefined, { cause: err });
+        throw err;
+      }
+    };
     if (credentials?.identityToken) {
       const form = new URLSearchParams({ grant_type: "refresh_token", refresh_token: credentials.identityToken, client_id: "supermachine" });
       if (service) form.set("service", service);
       if (scope) form.set("scope", scope);
-      res = await this.transport.send({
+      res = await send({
         method: "POST",
         url,
         headers: { "content-type": "application/x-www-form-urlencoded", accept: "application/json" },
@@ -550,7 +559,7 @@ export class Authenticator {
         headers.authorization = `Basic ${Buffer.from(`${credentials.username}:${credentials.password}`, "utf8").toString("base64")}`;
         url.searchParams.set("account", credentials.username);
       }
-      res = await this.transport.send({ method: "GET", url, headers });
+      res = await send({ method: "GET", url, headers });
     }
     if (res.status === 401 || res.status === 403) {
       const detail = await bodyExcerpt(res.body);

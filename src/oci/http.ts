@@ -175,7 +175,12 @@ export interface RedirectPolicy {
 /**
  * Sends a request and follows redirects by hand. The Authorization header is
  * sent only to the origin of the first URL: a redirect to another host (blob
- * storage, a CDN) goes without it. 303 turns into GET.
+ * storage, a CDN) goes without it. 303 turns into GET. A request body (a
+ * refresh-token POST) is never re-sent to another origin: such a redirect is
+ * refused. A redirect to plain http is refused unless the target host is
+ * allowed plain HTTP (loopback, insecureRegistries), whatever the scheme it
+ * came from. The response's `url` is where the answer came from: a caller
+ * must not answer its 401 with credentials meant for the first origin.
  */
 export async function sendFollowing(opts: HttpRequestOptions, agents: Agents, policy: RedirectPolicy): Promise<HttpResponse> {
   let current = opts;
@@ -197,14 +202,17 @@ export async function sendFollowing(opts: HttpRequestOptions, agents: Agents, po
     if (next.protocol !== "https:" && next.protocol !== "http:") {
       throw new NetworkError(`redirect to unsupported scheme ${next.protocol}`, "EBADREDIRECT", current.url, true);
     }
-    if (next.protocol === "http:" && current.url.protocol === "https:" && !policy.allowHttp(next.host)) {
-      throw new NetworkError(`refusing redirect from https to plain http (${next.host})`, "EBADREDIRECT", current.url, true);
+    if (next.protocol === "http:" && !policy.allowHttp(next.host)) {
+      throw new NetworkError(`refusing redirect to plain http (${next.host}); only loopback and insecureRegistries hosts may be reached without TLS`, "EBADREDIRECT", current.url, true);
     }
     const headers: Record<string, string> = { ...current.headers };
     if (next.origin !== origin) {
-      for (const k of Object.keys(headers)) if (k.toLowerCase() === "authorization") delete headers[k];
+      for (const k of Object.keys(headers)) if (k.toLowerCase() === "authorization" || k.toLowerCase() === "cookie") delete headers[k];
     }
     const method = res.status === 303 ? "GET" : current.method;
+    if (current.body !== undefined && method !== "GET" && method !== "HEAD" && next.origin !== origin) {
+      throw new NetworkError(`refusing to re-send a ${method} body to another origin (${next.origin}) on a redirect from ${current.url.origin}`, "EBADREDIRECT", current.url, true);
+    }
     current = { ...current, url: next, headers, method, body: method === "GET" || method === "HEAD" ? undefined : current.body };
   }
 }

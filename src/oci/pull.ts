@@ -42,6 +42,7 @@ import {
 import { type ImageReference, parseReference } from "./reference.js";
 import { RegistryClient } from "./registry.js";
 import { pullFromDaemon, pullFromSource } from "./sources.js";
+import { limitError, resolveLayerLimits, type LayerLimits, type ResolvedLayerLimits } from "../rootfs/limits.js";
 
 export type PullPolicy = "always" | "missing" | "never";
 
@@ -84,6 +85,12 @@ export interface PullOptions {
   readonly source?: "registry" | "docker";
   /** Docker daemon socket for source "docker". @default $DOCKER_HOST (unix://) or /var/run/docker.sock */
   readonly dockerHost?: string;
+  /**
+   * Caps on hostile images; pulling checks `maxBlobBytes` against every
+   * layer's descriptor before fetching it, unpacking the others (see
+   * src/rootfs/limits.ts). @default the environment's, else the defaults
+   */
+  readonly limits?: LayerLimits;
 }
 
 /** One layer of a pulled image, in the cache. */
@@ -119,6 +126,7 @@ export interface ValidatedPullOptions {
   readonly cache: BlobCache;
   readonly platform: Platform;
   readonly concurrency: number;
+  readonly limits: ResolvedLayerLimits;
   readonly opts: PullOptions;
 }
 
@@ -138,7 +146,8 @@ export function validatePullOptions(opts: PullOptions): ValidatedPullOptions {
   if (opts.onProgress !== undefined && typeof opts.onProgress !== "function") throw invalidOption("onProgress", "a function", opts.onProgress);
   if (opts.source !== undefined && opts.source !== "registry" && opts.source !== "docker") throw invalidOption("source", '"registry" or "docker"', opts.source);
   const platform = opts.platform === undefined ? hostPlatform() : parsePlatformOption(opts.platform);
-  return { pullPolicy, cache: new BlobCache(opts.cacheDir ?? defaultCacheDir()), platform, concurrency, opts };
+  const limits = resolveLayerLimits(opts.limits);
+  return { pullPolicy, cache: new BlobCache(opts.cacheDir ?? defaultCacheDir()), platform, concurrency, limits, opts };
 }
 
 function emit(opts: PullOptions, e: PullProgress): void {
@@ -233,6 +242,13 @@ export async function resolveImage(ctx: ResolveContext, top: { bytes: Buffer; di
     throw new ImageError(`Image ${ref} is inconsistent: its manifest lists ${manifest.layers.length} layers but its config ${config.diffIds.length} diff_ids`);
   }
   const compressions = manifest.layers.map((l) => layerCompression(l.mediaType));
+  // Checked before any layer is fetched: a descriptor announcing a huge blob costs nothing.
+  manifest.layers.forEach((l, i) => {
+    if (l.size > v.limits.maxBlobBytes) {
+      throw limitError("maxBlobBytes", v.limits.maxBlobBytes, `layer ${i} (${l.digest}) of ${ref} is ${l.size} bytes`);
+    }
+  });
+  if (manifest.config.size > MAX_MANIFEST_BYTES) throw new ImageError(`Image config ${manifest.config.digest} of ${ref} is ${manifest.config.size} bytes, over the ${MAX_MANIFEST_BYTES}-byte cap`);
   const layers = await mapLimit(manifest.layers, v.concurrency, async (desc, i): Promise<PulledLayer> => {
     const base = { layer: i, digest: desc.digest, bytesTotal: desc.size };
     const path = v.cache.blobPath(desc.digest);

@@ -201,6 +201,17 @@ export class RegistryClient {
       }
       this.reached.add(host);
       if (!this.scheme.has(host)) this.scheme.set(host, scheme);
+      if (res.status === 401 && res.url.origin !== url.origin) {
+        // A redirect target (blob storage, or anything a registry points at)
+        // asking for credentials: the registry's are never sent there.
+        await drain(res.body);
+        const source = await this.auth.sourceFor(host, ref.domain);
+        throw new AuthError(
+          `Registry ${host} redirected to ${res.url.origin}, which asked for credentials (401); the registry's credentials are only sent to ${url.origin}, never to another host`,
+          host,
+          source,
+        );
+      }
       if (res.status === 401) {
         if (authTried) {
           const detail = await bodyExcerpt(res.body);
@@ -354,10 +365,17 @@ export class RegistryClient {
     return this.failure(ref, res, `Blob ${digest}`, ref.reference);
   }
 
-  /** GET of a blob from a foreign-layer URL (https only; no credentials). */
+  /**
+   * GET of a blob from a foreign-layer URL (no credentials). Refused unless
+   * the URL is on a loopback host: an image must not send us to fetch (and
+   * reveal our address to) hosts it picks.
+   */
   async getUrl(url: URL, offset = 0): Promise<BlobResponse> {
-    if (url.protocol !== "https:" && !(url.protocol === "http:" && this.allowHttp(url.host))) {
-      throw new RegistryError(`Refusing to fetch foreign layer from ${url.origin}: only https is allowed`, url.host);
+    if (!isLoopbackHost(url.host)) {
+      throw new RegistryError(`Refusing to fetch a foreign layer from ${url.origin}: layers are only fetched from the image's registry (push the layer there)`, url.host);
+    }
+    if (url.protocol !== "https:" && url.protocol !== "http:") {
+      throw new RegistryError(`Refusing to fetch foreign layer from ${url.origin}: only https and loopback http are allowed`, url.host);
     }
     const res = await this.withNetRetries(url.host, () =>
       this.sendRaw({ method: "GET", url, headers: offset > 0 ? { range: `bytes=${offset}-` } : {} }),

@@ -104,10 +104,23 @@ function align(n: number, a: number): number {
   return Math.ceil(n / a) * a;
 }
 
-function encodeXattrs(node: Node): Buffer | null {
+/**
+ * Encoded xattr body of a node. `cache` (one per image written) holds one
+ * encoding per set: nodes sharing a set (a layer's global PAX xattrs) share
+ * the bytes instead of holding a copy each.
+ */
+function encodeXattrs(node: Node, cache: Map<ReadonlyMap<string, Buffer>, Buffer>): Buffer | null {
   if (node.xattrs.size === 0) return null;
+  const cached = cache.get(node.xattrs);
+  if (cached !== undefined) return cached;
+  const buf = encodeXattrSet(node.xattrs);
+  cache.set(node.xattrs, buf);
+  return buf;
+}
+
+function encodeXattrSet(set: ReadonlyMap<string, Buffer>): Buffer {
   const items: Array<{ index: number; name: Buffer; value: Buffer }> = [];
-  for (const [name, value] of node.xattrs) {
+  for (const [name, value] of set) {
     const key = xattrKey(name);
     if (key === undefined || !xattrSupported(name, value)) throw new ImageError(`xattr ${JSON.stringify(name)} cannot be stored in erofs (namespaces: user., trusted., security., POSIX ACLs; value ≤ 65535 bytes)`);
     items.push({ index: key.index, name: nameToBytes(key.suffix), value });
@@ -262,10 +275,11 @@ function plan(tree: FsTree): { inos: Ino[]; buildSec: number; buildNsec: number;
   const links = countLinks(tree);
   const inos: Ino[] = [];
   const byNode = new Map<Node, Ino>();
+  const xattrCache = new Map<ReadonlyMap<string, Buffer>, Buffer>();
   const mk = (node: Node, parent: Ino | undefined): Ino => {
     let ino = byNode.get(node);
     if (ino !== undefined) return ino;
-    ino = { node, index: inos.length, nid: 0, extended: false, nlink: links.get(node) ?? 1, xattrs: encodeXattrs(node), size: 0, inline: false, tail: 0, blocks: 0, blkaddr: 0, parent, dir: undefined };
+    ino = { node, index: inos.length, nid: 0, extended: false, nlink: links.get(node) ?? 1, xattrs: encodeXattrs(node, xattrCache), size: 0, inline: false, tail: 0, blocks: 0, blkaddr: 0, parent, dir: undefined };
     byNode.set(node, ino);
     inos.push(ino);
     return ino;

@@ -10,6 +10,7 @@ import { invalidOption } from "../errors.js";
 import { treeFromDirectory } from "./directory.js";
 import { writeErofs } from "./erofs.js";
 import { applyLayer, type LayerProgress, type LayerStats } from "./layers.js";
+import { LayerBudget, resolveLayerLimits, type LayerLimits } from "./limits.js";
 import { Spool } from "./spool.js";
 import { FsTree } from "./tree.js";
 
@@ -17,6 +18,7 @@ export * from "./tree.js";
 export { readTar, type TarEntry, type TarEntryType, type ReadTarOptions } from "./tar.js";
 export { applyLayer, normalizePath, PATH_MAX, type ApplyLayerOptions, type LayerProgress, type LayerStats } from "./layers.js";
 export { Spool, SPOOL_ALIGN } from "./spool.js";
+export { DEFAULT_LAYER_LIMITS, LAYER_LIMIT_ENV, LayerBudget, resolveLayerLimits, type LayerLimits, type ResolvedLayerLimits } from "./limits.js";
 export { treeFromDirectory, type TreeFromDirectoryOptions } from "./directory.js";
 export { writeErofs, xattrSupported, EROFS_MAGIC, type ErofsImage, type WriteErofsOptions } from "./erofs.js";
 
@@ -52,6 +54,8 @@ export interface BuildRootfsOptions {
   readonly signal?: AbortSignal;
   /** 16-byte volume UUID. @default all zero (reproducible images) */
   readonly uuid?: Buffer;
+  /** Caps on what the layers may cost (see src/rootfs/README.md, "Limits"). @default the environment's, else the defaults */
+  readonly limits?: LayerLimits;
 }
 
 /** The image {@link buildRootfsImage} wrote. */
@@ -77,15 +81,27 @@ function destroyLater(layers: readonly LayerSource[], from: number): void {
  *
  * @throws {LayerError} naming the layer index and entry when a layer breaks a rule
  */
-export async function treeFromLayers(layers: readonly LayerSource[], spool: Spool, options: { onProgress?: (p: LayerProgress) => void; signal?: AbortSignal } = {}): Promise<{ tree: FsTree; stats: LayerStats[] }> {
+export async function treeFromLayers(
+  layers: readonly LayerSource[],
+  spool: Spool,
+  options: { onProgress?: (p: LayerProgress) => void; signal?: AbortSignal; limits?: LayerLimits } = {},
+): Promise<{ tree: FsTree; stats: LayerStats[] }> {
   const tree = new FsTree();
   const stats: LayerStats[] = [];
+  let budget: LayerBudget;
+  try {
+    // One budget for the whole image: the caps hold over all its layers.
+    budget = new LayerBudget(resolveLayerLimits(options.limits));
+  } catch (err) {
+    destroyLater(layers, 0);
+    throw err;
+  }
   let i = 0;
   try {
     for (; i < layers.length; i++) {
       const l = layers[i]!;
       const input = isReadableLike(l) ? l : await l();
-      stats.push(await applyLayer(tree, input, spool, { layer: i, onProgress: options.onProgress, signal: options.signal }));
+      stats.push(await applyLayer(tree, input, spool, { layer: i, onProgress: options.onProgress, signal: options.signal, budget }));
     }
   } catch (err) {
     destroyLater(layers, i + 1);
@@ -100,6 +116,7 @@ export async function treeFromLayers(layers: readonly LayerSource[], spool: Spoo
  *
  * @returns the image path, its size in bytes and its inode count
  * @throws {LayerError} a layer is malformed or breaks a security rule
+ * @throws {LayerLimitError} the layers cross a cap of `limits` (nothing is left on disk)
  * @throws {DiskFullError} the disk filled up (spool or image)
  * @throws {ImageError} a source cannot be read, or the tree cannot be stored
  * @throws {AbortError} `signal` fired
@@ -121,6 +138,7 @@ export async function buildRootfsImage(options: BuildRootfsOptions): Promise<Roo
   if (source.kind !== "layers") throw invalidOption("source.kind", "'directory' or 'layers'", (source as { kind: unknown }).kind);
   if (!Array.isArray(source.layers)) throw invalidOption("source.layers", "an array of tar streams", source.layers);
   if (typeof source.spoolPath !== "string" || source.spoolPath === "") throw invalidOption("source.spoolPath", "a file path", source.spoolPath);
+  const limits = resolveLayerLimits(options.limits);
 
   let spool: Spool;
   try {
@@ -130,7 +148,7 @@ export async function buildRootfsImage(options: BuildRootfsOptions): Promise<Roo
     throw err;
   }
   try {
-    const { tree } = await treeFromLayers(source.layers, spool, { onProgress: options.onProgress, signal: options.signal });
+    const { tree } = await treeFromLayers(source.layers, spool, { onProgress: options.onProgress, signal: options.signal, limits });
     await spool.close();
     const img = await writeErofs(tree, out, writeOpts);
     return { path: img.path, sizeBytes: img.sizeBytes, inodes: img.inodes };

@@ -30,8 +30,9 @@
  */
 
 import type { Readable } from "node:stream";
-import { LayerError } from "../errors.js";
+import { LayerError, LayerLimitError } from "../errors.js";
 import { xattrSupported } from "./erofs.js";
+import { DEFAULT_LAYER_LIMITS, LayerBudget, limitError, resolveLayerLimits, type LayerLimits } from "./limits.js";
 import { readTar, type TarEntry } from "./tar.js";
 import type { Spool } from "./spool.js";
 import { FsTree, makeDevice, makeDir, makeFile, makeSpecial, makeSymlink, NAME_MAX, showName, type DirNode, type Node, type NodeMeta } from "./tree.js";
@@ -55,6 +56,14 @@ export interface ApplyLayerOptions {
   /** Called as bytes are read (at most once per MiB, and once at the end). */
   readonly onProgress?: (progress: LayerProgress) => void;
   readonly signal?: AbortSignal;
+  /**
+   * What the image's earlier layers used of its caps; pass the same budget
+   * for every layer of one image. Takes precedence over `limits`.
+   * @default a fresh budget with `limits`
+   */
+  readonly budget?: LayerBudget;
+  /** Caps (see limits.ts). @default the environment's, else the defaults */
+  readonly limits?: LayerLimits;
 }
 
 /** What one layer did. */
@@ -73,11 +82,12 @@ export interface LayerStats {
  *
  * @throws {LayerError} if the name climbs above the root, or is too long
  */
-export function normalizePath(raw: string): string[] {
+export function normalizePath(raw: string, maxDepth: number = DEFAULT_LAYER_LIMITS.maxPathDepth): string[] {
   if (raw.length > PATH_MAX) throw new LayerError(`name is ${raw.length} bytes long, over the ${PATH_MAX}-byte limit`);
   const out: string[] = [];
   for (const c of raw.split("/")) {
     if (c === "" || c === ".") continue;
+    if (c !== ".." && out.length >= maxDepth) throw limitError("maxPathDepth", maxDepth, `name ${showName(raw.slice(0, 200))}${raw.length > 200 ? "…" : ""} is more than ${maxDepth} directories deep`);
     if (c === "..") {
       if (out.length === 0) throw new LayerError(`name ${showName(raw)} climbs above the root with ".."`);
       out.pop();
@@ -120,9 +130,27 @@ class LayerScope {
   }
 }
 
-function metaOf(e: TarEntry): Partial<NodeMeta> {
-  const xattrs = new Map<string, Buffer>();
-  for (const [k, v] of e.xattrs) if (xattrSupported(k, v)) xattrs.set(k, v);
+/** The xattr map of every node without xattrs (never mutated). */
+const NO_XATTRS = new Map<string, Buffer>();
+/** Fixed heap cost charged per stored xattr (Map entry, Buffer object). */
+const XATTR_OVERHEAD = 256;
+
+function metaOf(e: TarEntry, budget: LayerBudget): Partial<NodeMeta> {
+  // A set shared by many entries (a global PAX header's) is filtered and
+  // charged once, and its nodes share the result.
+  let xattrs = e.xattrs.size === 0 ? NO_XATTRS : budget.charged.get(e.xattrs);
+  if (xattrs === undefined) {
+    xattrs = new Map();
+    let bytes = 0;
+    for (const [k, v] of e.xattrs) {
+      if (!xattrSupported(k, v)) continue;
+      xattrs.set(k, v);
+      bytes += k.length + v.length + XATTR_OVERHEAD;
+    }
+    budget.addXattrBytes(bytes, showName(e.path));
+    if (xattrs.size === 0) xattrs = NO_XATTRS;
+    budget.charged.set(e.xattrs, xattrs);
+  }
   return { mode: e.mode, uid: e.uid, gid: e.gid, mtimeSec: e.mtimeSec, mtimeNsec: e.mtimeNsec, xattrs };
 }
 
@@ -163,8 +191,9 @@ function place(parent: DirNode, name: string, node: Node): void {
   parent.children.set(name, node);
 }
 
-async function applyEntry(tree: FsTree, e: TarEntry, spool: Spool, scope: LayerScope, stats: LayerStats): Promise<void> {
-  const components = normalizePath(e.path);
+async function applyEntry(tree: FsTree, e: TarEntry, spool: Spool, scope: LayerScope, stats: LayerStats, budget: LayerBudget): Promise<void> {
+  const depth = budget.limits.maxPathDepth;
+  const components = normalizePath(e.path, depth);
   const base = components[components.length - 1];
 
   if (base !== undefined && base.startsWith(WH_PREFIX)) {
@@ -184,35 +213,35 @@ async function applyEntry(tree: FsTree, e: TarEntry, spool: Spool, scope: LayerS
   if (base === undefined) {
     // The root itself ("./"): only metadata can change.
     if (e.type !== "dir") throw new LayerError(`entry for the root directory is a ${e.type}, not a directory`);
-    Object.assign(tree.root, metaOf(e));
+    Object.assign(tree.root, metaOf(e, budget));
     return;
   }
 
   let node: Node;
   switch (e.type) {
     case "dir":
-      node = makeDir(metaOf(e));
+      node = makeDir(metaOf(e, budget));
       break;
     case "file": {
       walkParent(tree, components, scope, true); // validate before spending disk on the body
       const ref = await spool.append(e.body(), e.size);
       stats.contentBytes += e.size;
-      node = makeFile(e.size, ref, metaOf(e));
+      node = makeFile(e.size, ref, metaOf(e, budget));
       break;
     }
     case "symlink":
       if (e.linkpath.length === 0 || e.linkpath.length >= PATH_MAX) throw new LayerError(`symlink target is ${e.linkpath.length} bytes; Linux needs 1..${PATH_MAX - 1}`);
-      node = makeSymlink(e.linkpath, metaOf(e));
+      node = makeSymlink(e.linkpath, metaOf(e, budget));
       break;
     case "chardev":
     case "blockdev":
-      node = makeDevice(e.type, e.devmajor, e.devminor, metaOf(e));
+      node = makeDevice(e.type, e.devmajor, e.devminor, metaOf(e, budget));
       break;
     case "fifo":
-      node = makeSpecial("fifo", metaOf(e));
+      node = makeSpecial("fifo", metaOf(e, budget));
       break;
     case "hardlink": {
-      const targetPath = normalizePath(e.linkpath);
+      const targetPath = normalizePath(e.linkpath, depth);
       const t = walkParent(tree, targetPath, scope, false);
       const last = targetPath[targetPath.length - 1];
       const target = t === undefined || last === undefined ? undefined : t.parent.children.get(last);
@@ -241,8 +270,11 @@ export async function applyLayer(tree: FsTree, input: Readable | AsyncIterable<U
   const layer = options.layer ?? 0;
   const stats: LayerStats = { entries: 0, bytes: 0, contentBytes: 0 };
   const scope = new LayerScope();
+  const budget = options.budget ?? new LayerBudget(resolveLayerLimits(options.limits));
   let lastReported = 0;
   const onBytes = (n: number): void => {
+    // Charged chunk by chunk: a decompression bomb stops at the chunk that crosses the cap.
+    budget.addBytes(n - stats.bytes);
     stats.bytes = n;
     if (options.onProgress && n - lastReported >= 1 << 20) {
       lastReported = n;
@@ -251,9 +283,11 @@ export async function applyLayer(tree: FsTree, input: Readable | AsyncIterable<U
   };
   let current: TarEntry | undefined;
   try {
-    for await (const e of readTar(input, { onBytes, signal: options.signal })) {
+    const tarOpts = { onBytes, signal: options.signal, maxPaxBytes: budget.limits.maxPaxBytes, maxXattrsPerEntry: budget.limits.maxXattrsPerEntry };
+    for await (const e of readTar(input, tarOpts)) {
       current = e;
-      await applyEntry(tree, e, spool, scope, stats);
+      budget.addEntry();
+      await applyEntry(tree, e, spool, scope, stats, budget);
       current = undefined;
       stats.entries++;
     }
@@ -264,6 +298,7 @@ export async function applyLayer(tree: FsTree, input: Readable | AsyncIterable<U
     if (err instanceof LayerError) {
       const entry = current === undefined ? err.entry : showName(current.path);
       const where = current === undefined ? "" : ` (entry ${showName(current.path)} at byte ${current.offset})`;
+      if (err instanceof LayerLimitError) throw new LayerLimitError(`Layer ${layer}${where}: ${err.message}`, err.limit, err.max, { layer, entry }, { cause: err });
       throw new LayerError(`Layer ${layer}${where}: ${err.message}`, { layer, entry }, { cause: err });
     }
     throw err;

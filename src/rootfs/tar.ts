@@ -20,6 +20,7 @@
 
 import type { Readable } from "node:stream";
 import { AbortError, LayerError } from "../errors.js";
+import { DEFAULT_LAYER_LIMITS, limitError } from "./limits.js";
 import { showName } from "./tree.js";
 
 /** Entry kinds yielded by {@link readTar}; meta entries (x, g, L, K, V) are consumed. */
@@ -43,7 +44,11 @@ export interface TarEntry {
   readonly mtimeNsec: number;
   readonly devmajor: number;
   readonly devminor: number;
-  /** xattrs from PAX records; names are latin1 byte strings. */
+  /**
+   * xattrs from PAX records; names are latin1 byte strings. Entries without
+   * xattrs of their own share one Map (a global PAX header's set): never
+   * mutate it.
+   */
   readonly xattrs: ReadonlyMap<string, Buffer>;
   /** Index of the entry's header block in the archive (for messages). */
   readonly offset: number;
@@ -65,6 +70,11 @@ export interface ReadTarOptions {
    * @default 1048576 (1 MiB)
    */
   readonly maxPaxBytes?: number;
+  /**
+   * Most xattrs one entry may carry (global PAX xattrs included).
+   * @default 256
+   */
+  readonly maxXattrsPerEntry?: number;
   /**
    * Largest GNU long name / long link body.
    * @default 65536
@@ -146,6 +156,17 @@ class ByteSource {
       n -= part.length;
     }
     return true;
+  }
+
+  /** Ends the input early (its iterator's return: a Readable is destroyed). */
+  async close(): Promise<void> {
+    if (this.ended) return;
+    this.ended = true;
+    try {
+      await this.it.return?.();
+    } catch {
+      // the input's own error is already on its way
+    }
   }
 
   /** Reads and discards everything left. */
@@ -256,6 +277,61 @@ function unescapeName(s: string): string {
   return Buffer.from(bytes).toString("latin1");
 }
 
+/** The PAX keys that override header fields, parsed. */
+interface PaxValues {
+  path?: string;
+  linkpath?: string;
+  size?: number;
+  uid?: number;
+  gid?: number;
+  mtime?: { sec: number; nsec: number };
+  devmajor?: number;
+  devminor?: number;
+}
+
+/** PAX records of a header set, parsed once. */
+interface PaxFields {
+  readonly values: Readonly<PaxValues>;
+  /** Keys given an empty value (which unsets a global record). */
+  readonly unset: ReadonlySet<keyof PaxValues>;
+  readonly xattrs: ReadonlyMap<string, Buffer>;
+  readonly xattrUnset: ReadonlySet<string>;
+  readonly sparse: boolean;
+}
+
+const NO_PAX: PaxFields = { values: {}, unset: new Set(), xattrs: new Map(), xattrUnset: new Set(), sparse: false };
+
+const PAX_KEYS: Record<string, keyof PaxValues> = { path: "path", linkpath: "linkpath", size: "size", uid: "uid", gid: "gid", mtime: "mtime", "SCHILY.devmajor": "devmajor", "SCHILY.devminor": "devminor" };
+
+function paxFields(recs: ReadonlyMap<string, Buffer>, at: number): PaxFields {
+  if (recs.size === 0) return NO_PAX;
+  const values: PaxValues = {};
+  const unset = new Set<keyof PaxValues>();
+  const xattrs = new Map<string, Buffer>();
+  const xattrUnset = new Set<string>();
+  let sparse = false;
+  for (const [k, v] of recs) {
+    const field = PAX_KEYS[k];
+    let xname: string | undefined;
+    if (k.startsWith("SCHILY.xattr.")) xname = k.slice(13);
+    else if (k.startsWith("LIBARCHIVE.xattr.")) xname = unescapeName(k.slice(17));
+    if (v.length === 0) {
+      if (field !== undefined) unset.add(field);
+      if (xname !== undefined) xattrUnset.add(xname);
+      continue;
+    }
+    if (field === "path") values.path = v.toString("latin1");
+    else if (field === "linkpath") values.linkpath = v.toString("latin1");
+    else if (field === "size") values.size = paxInt(v, k, Number.MAX_SAFE_INTEGER, at);
+    else if (field === "uid" || field === "gid" || field === "devmajor" || field === "devminor") values[field] = paxInt(v, k, 0xffffffff, at);
+    else if (field === "mtime") values.mtime = paxTime(v, at);
+    else if (xname !== undefined) xattrs.set(xname, k.startsWith("L") ? Buffer.from(v.toString("latin1"), "base64") : v);
+    else if (k.startsWith("GNU.sparse.")) sparse = true;
+    // Others (atime, ctime, uname, gname, comment, charset, ...) do not matter here.
+  }
+  return { values, unset, xattrs, xattrUnset, sparse };
+}
+
 const TYPES: Record<string, TarEntryType> = {
   "0": "file",
   "\0": "file",
@@ -281,10 +357,22 @@ const HEADER_ONLY = new Set(["1", "2", "3", "4", "5", "6"]);
  * @throws {AbortError} when `options.signal` fires
  */
 export async function* readTar(input: Readable | AsyncIterable<Uint8Array>, options: ReadTarOptions = {}): AsyncGenerator<TarEntry, void, undefined> {
-  const maxPax = options.maxPaxBytes ?? 1 << 20;
-  const maxLong = options.maxLongNameBytes ?? 1 << 16;
   const src = new ByteSource(input as AsyncIterable<unknown>, options.onBytes);
+  try {
+    yield* entries(src, options);
+  } finally {
+    // On an error, or a consumer that stops early: release the input now
+    // (a decompressor behind it must not be left holding its file).
+    await src.close();
+  }
+}
+
+async function* entries(src: ByteSource, options: ReadTarOptions): AsyncGenerator<TarEntry, void, undefined> {
+  const maxPax = options.maxPaxBytes ?? DEFAULT_LAYER_LIMITS.maxPaxBytes;
+  const maxLong = options.maxLongNameBytes ?? 1 << 16;
+  const maxXattrs = options.maxXattrsPerEntry ?? DEFAULT_LAYER_LIMITS.maxXattrsPerEntry;
   const globals = new Map<string, Buffer>();
+  let globalFields: PaxFields = NO_PAX;
   let globalBytes = 0;
   let pax = new Map<string, Buffer>();
   let pendingBytes = 0;
@@ -323,7 +411,10 @@ export async function* readTar(input: Readable | AsyncIterable<Uint8Array>, opti
 
     if (flag === "x" || flag === "g" || flag === "L" || flag === "K") {
       const limit = flag === "L" || flag === "K" ? maxLong : maxPax;
-      if (headerSize > limit) fail(`tar meta header '${flag}' at byte ${at} is ${headerSize} bytes, over the ${limit}-byte limit`);
+      if (headerSize > limit) {
+        if (flag === "L" || flag === "K") fail(`tar meta header '${flag}' at byte ${at} is ${headerSize} bytes, over the ${limit}-byte limit`);
+        throw limitError("maxPaxBytes", limit, `tar meta header '${flag}' at byte ${at} is ${headerSize} bytes`);
+      }
       const body = headerSize === 0 ? Buffer.alloc(0) : await src.exact(headerSize);
       if (body === null || !(await src.skip((BLOCK - (headerSize % BLOCK)) % BLOCK))) fail(`tar archive truncated inside meta header at byte ${at}`);
       if (flag === "L" || flag === "K") {
@@ -342,18 +433,18 @@ export async function* readTar(input: Readable | AsyncIterable<Uint8Array>, opti
         }
         globalBytes = 0;
         for (const [k, v] of globals) globalBytes += k.length + v.length;
-        if (globalBytes > maxPax) fail(`PAX global headers exceed the ${maxPax}-byte limit (byte ${at})`);
+        if (globalBytes > maxPax) throw limitError("maxPaxBytes", maxPax, `PAX global headers hold more than ${maxPax} bytes (byte ${at})`);
+        // Parsed once here; every later entry shares the result.
+        globalFields = paxFields(globals, at);
+        if (globalFields.xattrs.size > maxXattrs) throw limitError("maxXattrsPerEntry", maxXattrs, `the PAX global header at byte ${at} gives every entry ${globalFields.xattrs.size} xattrs`);
       }
-      if (pendingBytes > maxPax) fail(`tar meta headers before byte ${at} exceed the ${maxPax}-byte limit`);
+      if (pendingBytes > maxPax) throw limitError("maxPaxBytes", maxPax, `tar meta headers before byte ${at} hold more than ${maxPax} bytes`);
       continue;
     }
 
-    // A real entry: merge global, then local PAX records.
-    const recs = new Map(globals);
-    for (const [k, v] of pax) {
-      if (v.length === 0) recs.delete(k);
-      else recs.set(k, v);
-    }
+    // A real entry: header fields, then the global PAX fields, then this
+    // entry's own records (an empty value unsets a global one).
+    const local = paxFields(pax, at);
     pax = new Map();
     pendingBytes = 0;
     if (longName !== undefined) name = longName;
@@ -372,20 +463,27 @@ export async function* readTar(input: Readable | AsyncIterable<Uint8Array>, opti
       devmajor = num(block, 329, 8, "devmajor", at);
       devminor = num(block, 337, 8, "devminor", at);
     }
-    const xattrs = new Map<string, Buffer>();
-    for (const [k, v] of recs) {
-      if (k === "path") name = v.toString("latin1");
-      else if (k === "linkpath") linkpath = v.toString("latin1");
-      else if (k === "size") size = paxInt(v, k, Number.MAX_SAFE_INTEGER, at);
-      else if (k === "uid") uid = paxInt(v, k, 0xffffffff, at);
-      else if (k === "gid") gid = paxInt(v, k, 0xffffffff, at);
-      else if (k === "mtime") ({ sec: mtimeSec, nsec: mtimeNsec } = paxTime(v, at));
-      else if (k === "SCHILY.devmajor") devmajor = paxInt(v, k, 0xffffffff, at);
-      else if (k === "SCHILY.devminor") devminor = paxInt(v, k, 0xffffffff, at);
-      else if (k.startsWith("SCHILY.xattr.")) xattrs.set(k.slice(13), v);
-      else if (k.startsWith("LIBARCHIVE.xattr.")) xattrs.set(unescapeName(k.slice(17)), Buffer.from(v.toString("latin1"), "base64"));
-      else if (k.startsWith("GNU.sparse.")) fail(`tar entry at byte ${at} is a GNU sparse file, which is not supported`, showName(name));
-      // Others (atime, ctime, uname, gname, comment, charset, ...) do not matter here.
+    const f: PaxValues = { ...globalFields.values };
+    for (const k of local.unset) delete f[k];
+    Object.assign(f, local.values);
+    if (globalFields.sparse || local.sparse) fail(`tar entry at byte ${at} is a GNU sparse file, which is not supported`, showName(f.path ?? name));
+    if (f.path !== undefined) name = f.path;
+    if (f.linkpath !== undefined) linkpath = f.linkpath;
+    if (f.size !== undefined) size = f.size;
+    if (f.uid !== undefined) uid = f.uid;
+    if (f.gid !== undefined) gid = f.gid;
+    if (f.mtime !== undefined) ({ sec: mtimeSec, nsec: mtimeNsec } = f.mtime);
+    if (f.devmajor !== undefined) devmajor = f.devmajor;
+    if (f.devminor !== undefined) devminor = f.devminor;
+    // The global xattr set is shared by every entry that adds none of its
+    // own: never copied per entry.
+    let xattrs: ReadonlyMap<string, Buffer> = globalFields.xattrs;
+    if (local.xattrs.size > 0 || local.xattrUnset.size > 0) {
+      const merged = new Map(globalFields.xattrs);
+      for (const k of local.xattrUnset) merged.delete(k);
+      for (const [k, v] of local.xattrs) merged.set(k, v);
+      if (merged.size > maxXattrs) throw limitError("maxXattrsPerEntry", maxXattrs, `tar entry at byte ${at} has ${merged.size} xattrs`, showName(name));
+      xattrs = merged;
     }
     if (uid < 0 || uid > 0xffffffff || gid < 0 || gid > 0xffffffff) fail(`tar entry at byte ${at}: uid/gid out of range`, showName(name));
     if (devmajor < 0 || devminor < 0 || devmajor > 0xfff || devminor > 0xfffff) fail(`tar entry at byte ${at}: device number ${devmajor}:${devminor} out of range`, showName(name));

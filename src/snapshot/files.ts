@@ -5,7 +5,7 @@
 
 import { createHash } from "node:crypto";
 import { createReadStream, existsSync } from "node:fs";
-import { mkdir, open, rename, writeFile } from "node:fs/promises";
+import { chmod, mkdir, open, rename, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 
 const BLOCK = 4096;
@@ -50,6 +50,17 @@ export async function sparseCopyWithHash(src: string, dst: string): Promise<{ si
     await rf.close();
     await wf.close();
   }
+}
+
+/**
+ * Makes a snapshot directory private before it is published: the directory
+ * 0700 and its four files 0600, whatever the umask and whoever wrote them
+ * (QEMU wrote the state; rootfs.erofs may be a hard link of the cache's
+ * image). readManifest refuses group/other-writable snapshots.
+ */
+export async function sealSnapshotDir(dir: string): Promise<void> {
+  for (const f of ["ram", "state", "rootfs.erofs", "manifest.json"]) await chmod(join(dir, f), 0o600);
+  await chmod(dir, 0o700);
 }
 
 export function sha256File(path: string): Promise<string> {

@@ -7,12 +7,19 @@
  *   state           QEMU device state (migration stream without RAM)
  *   rootfs.erofs    the root filesystem image the VM's disk points at
  *
- * A manifest is validated in one place ({@link readManifest}): format name,
- * version, size cap, shape, and the files' sizes; `verify: "full"` also checks
- * every file's sha256 (what Image.fromSnapshot does).
+ * A snapshot is validated in one place ({@link readManifest}) before QEMU
+ * sees it, Firecracker-style: the directory is ours and not writable by
+ * others; the four files are regular files (lstat: no symlinks, no devices
+ * or fifos) owned by us and not writable by others; the manifest is under a
+ * size cap, of our format and version, of the right shape, with counts and
+ * sizes in range (RAM exactly memoryMib MiB); every file's size matches the
+ * manifest and the state's checksum is verified (the "quick" check of a
+ * cache hit); `verify: "full"` checks every file's sha256 (what
+ * Image.fromSnapshot does). Snapshots are written 0700 / 0600.
  */
 
-import { readFile, stat } from "node:fs/promises";
+import { lstat, readFile, realpath } from "node:fs/promises";
+import type { Stats } from "node:fs";
 import { join } from "node:path";
 import { SnapshotError } from "../errors.js";
 import type { GuestConfig } from "../vm/vm.js";
@@ -21,6 +28,14 @@ import { sha256File } from "./files.js";
 export const SNAPSHOT_FORMAT = "supermachine-snapshot";
 export const SNAPSHOT_VERSION = 1;
 const MAX_MANIFEST = 1 << 20;
+/** Caps on what a manifest may announce (well above anything we write). */
+const MAX_MEMORY_MIB = 1 << 20;
+const MAX_VCPUS = 1024;
+const MAX_STATE_BYTES = 1 << 30;
+const MAX_ROOTFS_BYTES = 2 ** 44;
+/** Mode bits for snapshot directories and files. */
+export const SNAPSHOT_DIR_MODE = 0o700;
+export const SNAPSHOT_FILE_MODE = 0o600;
 
 export interface SnapshotFile {
   size: number;
@@ -71,6 +86,24 @@ function isFile(v: unknown): v is SnapshotFile {
   return typeof v === "object" && v !== null && Number.isSafeInteger(f.size) && f.size >= 0 && isStr(f.sha256) && /^[0-9a-f]{64}$/.test(f.sha256);
 }
 
+function uid(): number | undefined {
+  return typeof process.getuid === "function" ? process.getuid() : undefined;
+}
+
+/** Owned by us, not writable by group or others: nobody else can swap what we checked. */
+function checkTrusted(dir: string, what: string, st: Stats): void {
+  const me = uid();
+  if (me !== undefined && st.uid !== me) fail(dir, `${what} is owned by uid ${st.uid}, not by this process (uid ${me}); only snapshots this user wrote are used`);
+  if ((st.mode & 0o022) !== 0) fail(dir, `${what} is writable by ${st.mode & 0o002 ? "others" : "its group"} (mode ${(st.mode & 0o7777).toString(8)}); chmod go-w it or rebuild the snapshot`);
+}
+
+/** A regular file (lstat: a symlink is refused, not followed), and trusted. */
+function checkRegular(dir: string, name: string, st: Stats): void {
+  if (st.isSymbolicLink()) fail(dir, `${name} is a symlink; snapshot files must be regular files`);
+  if (!st.isFile()) fail(dir, `${name} is not a regular file`);
+  checkTrusted(dir, name, st);
+}
+
 /** Validates a parsed manifest's shape; throws SnapshotError naming the problem. */
 export function checkManifest(dir: string, m: unknown): SnapshotManifest {
   if (typeof m !== "object" || m === null) fail(dir, "manifest.json is not an object");
@@ -94,6 +127,10 @@ export function checkManifest(dir: string, m: unknown): SnapshotManifest {
   if (!Number.isInteger(x.guestPort) || typeof x.listenerRequired !== "boolean") fail(dir, "bad guestPort or listenerRequired");
   const f = x.files;
   if (!f || !isFile(f.ram) || !isFile(f.state) || !isFile(f.rootfs)) fail(dir, "bad files record");
+  if (x.memoryMib! > MAX_MEMORY_MIB || x.vcpus! > MAX_VCPUS) fail(dir, `memoryMib ${x.memoryMib} or vcpus ${x.vcpus} out of range`);
+  if (f.ram.size !== x.memoryMib! * 1024 * 1024) fail(dir, `the manifest's ram size ${f.ram.size} is not memoryMib (${x.memoryMib}) MiB`);
+  if (f.state.size > MAX_STATE_BYTES) fail(dir, `the manifest's state size ${f.state.size} is over the ${MAX_STATE_BYTES}-byte cap`);
+  if (f.rootfs.size > MAX_ROOTFS_BYTES) fail(dir, `the manifest's rootfs size ${f.rootfs.size} is over the ${MAX_ROOTFS_BYTES}-byte cap`);
   return x as SnapshotManifest;
 }
 
@@ -103,13 +140,16 @@ export function checkManifest(dir: string, m: unknown): SnapshotManifest {
  * "full" checks every file's sha256.
  */
 export async function readManifest(dir: string, verify: "quick" | "full"): Promise<SnapshotManifest> {
+  // The path given may be a symlink (the user's choice); what it resolves to must be ours.
+  const real = await realpath(dir).catch(() => undefined);
+  if (real === undefined) throw new SnapshotError(`snapshot ${dir} does not exist (check the path, or build the image first)`);
+  const dst = await lstat(real);
+  if (!dst.isDirectory()) fail(dir, "it is not a directory");
+  checkTrusted(dir, "the directory", dst);
   const mpath = join(dir, "manifest.json");
-  const st = await stat(mpath).catch(() => undefined);
-  if (!st) {
-    const d = await stat(dir).catch(() => undefined);
-    if (!d) throw new SnapshotError(`snapshot ${dir} does not exist (check the path, or build the image first)`);
-    fail(dir, "manifest.json is missing (an interrupted build leaves no manifest)");
-  }
+  const st = await lstat(mpath).catch(() => undefined);
+  if (!st) fail(dir, "manifest.json is missing (an interrupted build leaves no manifest)");
+  checkRegular(dir, "manifest.json", st);
   if (st.size > MAX_MANIFEST) fail(dir, `manifest.json is ${st.size} bytes, over the ${MAX_MANIFEST}-byte cap`);
   let parsed: unknown;
   try {
@@ -120,8 +160,9 @@ export async function readManifest(dir: string, verify: "quick" | "full"): Promi
   const m = checkManifest(dir, parsed);
   for (const name of ["ram", "state", "rootfs"] as const) {
     const file = join(dir, name === "rootfs" ? "rootfs.erofs" : name);
-    const fst = await stat(file).catch(() => undefined);
+    const fst = await lstat(file).catch(() => undefined);
     if (!fst) fail(dir, `${name} file is missing`);
+    checkRegular(dir, name, fst);
     if (fst.size !== m.files[name].size) fail(dir, `${name} is ${fst.size} bytes, the manifest says ${m.files[name].size}`);
   }
   const check = verify === "full" ? (["state", "ram", "rootfs"] as const) : (["state"] as const);

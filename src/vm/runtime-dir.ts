@@ -2,13 +2,19 @@
  * Per-VM runtime directories (sockets) under one parent per user:
  * `$TMPDIR/supermachine-<uid>/<pid>-<random>/`. A directory left behind by a
  * process that was killed (it cannot clean up) is swept by the next process.
+ *
+ * The parent holds QMP and agent sockets: a directory someone else made
+ * first (in a shared /tmp) could let them swap a socket under us. It is used
+ * only when it is a real directory (not a symlink), owned by this user and
+ * not writable by group or others; otherwise {@link UnsafePathError}.
  */
 
 import { randomBytes } from "node:crypto";
-import { mkdirSync, readdirSync, rmSync } from "node:fs";
+import { lstatSync, mkdirSync, readdirSync, rmSync } from "node:fs";
 import { rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { UnsafePathError } from "../errors.js";
 
 let swept = false;
 
@@ -35,10 +41,37 @@ function sweep(dir: string): void {
   }
 }
 
-/** Creates a fresh runtime directory for one VM. */
+/**
+ * Refuses a runtime parent directory that is not ours alone.
+ *
+ * @throws {UnsafePathError} a symlink, not a directory, owned by another user, or writable by group/others
+ */
+export function checkRuntimeParent(p: string): void {
+  const st = lstatSync(p);
+  const fix = `Remove it (rm -rf ${p}) so it is made afresh, or set SUPERMACHINE_RUNTIME_DIR to a directory you own`;
+  if (st.isSymbolicLink()) throw new UnsafePathError(`Runtime directory ${p} is a symlink; refusing to put VM sockets there. ${fix}.`, p);
+  if (!st.isDirectory()) throw new UnsafePathError(`Runtime directory ${p} is not a directory. ${fix}.`, p);
+  const uid = typeof process.getuid === "function" ? process.getuid() : undefined;
+  if (uid !== undefined && st.uid !== uid) throw new UnsafePathError(`Runtime directory ${p} is owned by uid ${st.uid}, not by this user (uid ${uid}); someone else may control it. ${fix}.`, p);
+  if ((st.mode & 0o022) !== 0) {
+    throw new UnsafePathError(`Runtime directory ${p} is writable by ${st.mode & 0o002 ? "others" : "its group"} (mode ${(st.mode & 0o7777).toString(8)}). chmod 700 it, or: ${fix}.`, p);
+  }
+}
+
+/**
+ * Creates a fresh runtime directory for one VM.
+ *
+ * @throws {UnsafePathError} the per-user parent exists and is not ours alone (see {@link checkRuntimeParent})
+ */
 export function createRuntimeDir(): string {
   const p = parent();
-  mkdirSync(p, { recursive: true, mode: 0o700 });
+  try {
+    mkdirSync(p, { recursive: true, mode: 0o700 });
+  } catch (e) {
+    // A dangling symlink or a file in its place: checkRuntimeParent says what is wrong.
+    if (!["EEXIST", "ENOTDIR", "ENOENT"].includes((e as NodeJS.ErrnoException).code ?? "")) throw e;
+  }
+  checkRuntimeParent(p);
   if (!swept) {
     swept = true;
     try {

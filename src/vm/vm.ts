@@ -750,13 +750,13 @@ export class Vm {
     const dest = resolve(destDir);
     if (existsSync(dest)) throw new SnapshotError(`snapshot destination ${dest} already exists; pass a new directory`);
     return this.track(async () => {
-      const [{ captureVm }, { Image }, { sha256File }] = await Promise.all([
+      const [{ captureVm }, { Image }, { sha256File, sealSnapshotDir }] = await Promise.all([
         import("../snapshot/capture.js"),
         import("../image/image.js"),
         import("../snapshot/files.js"),
       ]);
       const stage = `${dest}.tmp-${randomBytes(4).toString("hex")}`;
-      await mkdir(stage, { recursive: true });
+      await mkdir(stage, { recursive: true, mode: 0o700 });
       try {
         const rootfs = join(stage, "rootfs.erofs");
         if (this.launch.rootfsImage) await link(this.launch.rootfsImage, rootfs).catch(() => copyFile(this.launch.rootfsImage!, rootfs));
@@ -784,7 +784,8 @@ export class Vm {
           inputs: { from: "Vm.snapshot", vm: this.id },
           files: { ram: captured.ram, state: captured.state, rootfs: rootfsFile },
         };
-        await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n");
+        await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: 0o600 });
+        await sealSnapshotDir(stage);
         await rename(stage, dest);
         return new Image({ snapshotPath: dest, manifest, baked: false, cacheDir: o.cacheDir });
       } catch (e) {

@@ -12,6 +12,7 @@ import { spawn, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
 import { delimiter, join } from "node:path";
 import { MissingAssetError, QemuError } from "../errors.js";
+import { guestText } from "../guest-text.js";
 import type { Accelerator } from "./accel.js";
 
 export interface QemuLaunch {
@@ -237,7 +238,7 @@ export class QemuProcess {
   /** The last ~64 KiB the guest console and QEMU printed. */
   consoleTail(maxBytes = 4096): string {
     const all = Buffer.concat(this.tail);
-    return all.subarray(Math.max(0, all.length - maxBytes)).toString("utf8");
+    return guestText(all.subarray(Math.max(0, all.length - maxBytes)).toString("utf8"), { maxChars: maxBytes, keep: "tail" });
   }
 
   /** Sends a signal; harmless after exit. */

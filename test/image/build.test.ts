@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { existsSync, readdirSync } from "node:fs";
+import { existsSync, readdirSync, statSync } from "node:fs";
 import { mkdtemp, open, rm, writeFile } from "node:fs/promises";
 import { request } from "node:http";
 import { tmpdir } from "node:os";
@@ -32,6 +32,12 @@ function httpGet(addr: string, path = "/"): Promise<{ status: number; body: stri
     req.on("error", reject);
     req.end();
   });
+}
+
+/** Snapshot directories are 0700 and their files 0600. */
+function assertPrivateSnapshot(dir: string): void {
+  assert.equal(statSync(dir).mode & 0o777, 0o700, `${dir} is 0700`);
+  for (const f of ["manifest.json", "ram", "state", "rootfs.erofs"]) assert.equal(statSync(join(dir, f)).mode & 0o777, 0o600, `${f} is 0600`);
 }
 
 describe("Image.build and restores", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
@@ -65,6 +71,7 @@ describe("Image.build and restores", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
   it("bakes once: the second build with the same options boots nothing", async () => {
     assert.equal(image.baked, true);
     assert.equal(image.memoryMib, 256);
+    assertPrivateSnapshot(image.snapshotPath);
     assert.equal(image.vcpus, 1);
     const starts = qemuStartCount();
     const again = await Image.build({ ref, snapshotsDir, extraFiles: [{ hostPath: extra, guestPath: "/etc/app.toml" }], warmupTag: image.manifest.inputs.warmupTag as string });
@@ -146,6 +153,7 @@ describe("Image.build and restores", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
       await vm.exec({ argv: ["sh", "-c", "echo mid-flight > /root/new.txt; sleep 1000 & echo $! > /root/sleeper.pid"] });
       const snap = await vm.snapshot(dest);
       assert.equal(snap.snapshotPath, dest);
+      assertPrivateSnapshot(dest);
       // The VM keeps running afterwards.
       assert.equal((await vm.exec({ argv: ["cat", "/root/new.txt"] })).stdout.toString(), "mid-flight\n");
       await vm.release();
@@ -232,6 +240,23 @@ describe("Image.build and restores", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     const ok = await Image.build({ ref, snapshotsDir, name, warmupTag: "boom" });
     assert.equal(ok.baked, true);
     await ok.close();
+  });
+
+  it("the bake's own VM, handed out first, can be snapshotted (its disk moved with the stage)", async () => {
+    const fresh = await Image.build({ ref, snapshotsDir, name: "handoff-snap", warmupTag: `handoff-${randomBytes(3).toString("hex")}` });
+    assert.equal(fresh.baked, true);
+    const pool = await fresh.pool({ min: 1, max: 1 });
+    const dest = join(snapshotsDir, "from-handoff");
+    try {
+      const vm = await pool.acquire();
+      await vm.snapshot(dest);
+      await vm.release();
+    } finally {
+      await pool.shutdown();
+      await fresh.close();
+    }
+    assertPrivateSnapshot(dest);
+    assert.equal((await Image.fromSnapshot(dest)).snapshotPath, dest);
   });
 
   it("two processes baking the same key at once produce one snapshot and both succeed", async () => {

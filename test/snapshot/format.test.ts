@@ -5,13 +5,13 @@
 
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { mkdtempSync, rmSync } from "node:fs";
+import { chmodSync, chownSync, copyFileSync, mkdtempSync, renameSync, rmSync, symlinkSync } from "node:fs";
 import { open, readFile, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { SnapshotError } from "../../src/errors.js";
-import { sparseCopyWithHash, stubKernel } from "../../src/snapshot/files.js";
+import { sealSnapshotDir, sparseCopyWithHash, stubKernel } from "../../src/snapshot/files.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, readManifest, type SnapshotManifest } from "../../src/snapshot/manifest.js";
 
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
@@ -42,7 +42,7 @@ async function makeSnapshot(edit?: (m: SnapshotManifest) => void): Promise<strin
     accel: "tcg",
     arch: process.arch,
     qemuVersion: "QEMU emulator version 7.2",
-    memoryMib: 256,
+    memoryMib: 1,
     vcpus: 1,
     image: { ref: "x", digest: "sha256:00" },
     config: { env: ["A=b"] },
@@ -69,7 +69,7 @@ async function flipByte(path: string, at: number): Promise<void> {
 describe("snapshot format", () => {
   it("a well-formed snapshot passes quick and full checks", async () => {
     const dir = await makeSnapshot();
-    assert.equal((await readManifest(dir, "quick")).memoryMib, 256);
+    assert.equal((await readManifest(dir, "quick")).memoryMib, 1);
     assert.equal((await readManifest(dir, "full")).vcpus, 1);
   });
 
@@ -123,6 +123,63 @@ describe("snapshot format", () => {
     await readManifest(dir, "quick");
     await rejects(dir, "full", /ram does not match its checksum/);
   });
+  it("a symlinked file (even to a file of the right content) is refused by the quick check", async () => {
+    const dir = await makeSnapshot();
+    renameSync(join(dir, "ram"), join(root, `ram-elsewhere-${n}`));
+    symlinkSync(join(root, `ram-elsewhere-${n}`), join(dir, "ram"));
+    await rejects(dir, "quick", /ram is a symlink/);
+  });
+  it("a symlinked manifest is refused", async () => {
+    const dir = await makeSnapshot();
+    renameSync(join(dir, "manifest.json"), join(root, `manifest-elsewhere-${n}`));
+    symlinkSync(join(root, `manifest-elsewhere-${n}`), join(dir, "manifest.json"));
+    await rejects(dir, "quick", /manifest.json is a symlink/);
+  });
+  it("a file that is not a regular file (a directory, a fifo) is refused", async () => {
+    const dir = await makeSnapshot();
+    rmSync(join(dir, "state"));
+    await import("node:fs/promises").then((f) => f.mkdir(join(dir, "state")));
+    await rejects(dir, "quick", /state is not a regular file/);
+  });
+  it("a swapped state file (another snapshot's) is refused by the quick check", async () => {
+    const a = await makeSnapshot();
+    const b = await makeSnapshot();
+    await writeFile(join(b, "state"), Buffer.from("QEVM other statexx").subarray(0, 17));
+    copyFileSync(join(b, "state"), join(a, "state"));
+    await rejects(a, "quick", /state does not match its checksum/);
+  });
+  it("a swapped RAM file of the same size is refused by the full check", async () => {
+    const a = await makeSnapshot();
+    await writeFile(join(a, "ram"), Buffer.alloc(1 << 20, 1));
+    await rejects(a, "full", /ram does not match its checksum/);
+  });
+  it("an altered manifest: a RAM size that is not memoryMib MiB", async () =>
+    rejects(await makeSnapshot((m) => (m.files.ram.size = 1000)), "quick", /ram size 1000 is not memoryMib/));
+  it("an altered manifest: sizes edited to match a truncated RAM file are still refused", async () => {
+    const dir = await makeSnapshot((m) => {
+      m.memoryMib = 2;
+      m.files.ram.size = 2 << 20;
+    });
+    await rejects(dir, "quick", /ram is 1048576 bytes, the manifest says 2097152/);
+  });
+  it("an altered manifest: a checksum that does not match", async () =>
+    rejects(await makeSnapshot((m) => (m.files.state.sha256 = "b".repeat(64))), "quick", /state does not match its checksum/));
+  it("an altered manifest: counts out of range", async () => rejects(await makeSnapshot((m) => (m.vcpus = 100_000)), "quick", /out of range/));
+  it("a directory writable by others is refused", async () => {
+    const dir = await makeSnapshot();
+    chmodSync(dir, 0o777);
+    await rejects(dir, "quick", /the directory is writable by others \(mode 777\)/);
+  });
+  it("a file writable by its group is refused", async () => {
+    const dir = await makeSnapshot();
+    chmodSync(join(dir, "state"), 0o660);
+    await rejects(dir, "quick", /state is writable by its group/);
+  });
+  it("a file owned by another user is refused", { skip: process.getuid?.() !== 0 ? "needs root to chown" : false }, async () => {
+    const dir = await makeSnapshot();
+    chownSync(join(dir, "ram"), 65534, 65534);
+    await rejects(dir, "quick", /ram is owned by uid 65534/);
+  });
   it("a corrupted root filesystem is caught by the full check", async () => {
     const dir = await makeSnapshot();
     await flipByte(join(dir, "rootfs.erofs"), 0);
@@ -131,6 +188,16 @@ describe("snapshot format", () => {
 });
 
 describe("snapshot files", () => {
+  it("sealing makes a snapshot directory 0700 and its files 0600, and a sealed snapshot passes", async () => {
+    const dir = await makeSnapshot();
+    chmodSync(dir, 0o755);
+    for (const f of ["ram", "state", "rootfs.erofs", "manifest.json"]) chmodSync(join(dir, f), 0o644);
+    await sealSnapshotDir(dir);
+    assert.equal((await stat(dir)).mode & 0o777, 0o700);
+    for (const f of ["ram", "state", "rootfs.erofs", "manifest.json"]) assert.equal((await stat(join(dir, f))).mode & 0o777, 0o600, f);
+    await readManifest(dir, "full");
+  });
+
   it("sparse copy keeps content, hashes it, and leaves zero blocks as holes", async () => {
     const src = join(root, "sparse-src");
     const size = 16 << 20;
