@@ -32,6 +32,7 @@ import { bootAssets, kernelCmdline } from "../guest/assets.js";
 import { defaultCacheDir } from "../paths.js";
 import { RecordBuilder } from "../protocol/codec.js";
 import { FILE_LIMIT, MsgType, Tag, WireError } from "../protocol/constants.js";
+import { encodeNetConfig, type GuestNetConfig } from "../protocol/net-config.js";
 import { directoryImage } from "../rootfs/cache.js";
 import { chooseAccelerator, warnTcgOnce, type Accelerator, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
 import { QemuProcess } from "../vmm/qemu.js";
@@ -42,6 +43,8 @@ import { ExecChild } from "./exec-child.js";
 import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutput, type ValidExec } from "./options.js";
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
+
+export type { GuestNetConfig } from "../protocol/net-config.js";
 
 /** What the image says about how to run things in it (OCI config). */
 export interface GuestConfig {
@@ -375,9 +378,19 @@ export class Vm {
     });
   }
 
-  /** @internal Sends CONFIGURE: identity, clock, entropy, image config. */
-  async configure(p: { hostname?: string; config?: GuestConfig; identity?: boolean }): Promise<string> {
+  /**
+   * @internal Sends CONFIGURE: identity, clock, entropy, image config, and
+   * the guest's network (`net`; the agent applies it idempotently, so it is
+   * sent again after every restore).
+   */
+  async configure(p: { hostname?: string; config?: GuestConfig; identity?: boolean; net?: GuestNetConfig }): Promise<string> {
     const r = new RecordBuilder();
+    if (p.net !== undefined) {
+      encodeNetConfig(r, p.net);
+      if (!this.conn.info?.features.includes("net")) {
+        throw new AgentError(WireError.UNSUPPORTED, `the guest agent ${this.conn.info?.agentVersion ?? "?"} cannot configure a network (no "net" feature): rebuild the agent`);
+      }
+    }
     for (const e of p.config?.env ?? []) r.bytes(Tag.CONFIGURE.env, e);
     if (p.config?.workingDir) r.bytes(Tag.CONFIGURE.cwd, p.config.workingDir);
     if (p.config?.user) r.bytes(Tag.CONFIGURE.user, p.config.user);
