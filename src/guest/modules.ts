@@ -17,6 +17,9 @@ export const GUEST_MODULES = [
   "overlay",
   // For live host mounts (virtio-fs).
   "virtiofs",
+  // The VM's network (-netdev stream + virtio-net-device); pulls in
+  // net_failover and failover through .modinfo.
+  "virtio_net",
 ];
 
 export interface ModuleInfo {
