@@ -131,6 +131,8 @@ export interface LaunchSpec {
   origin: VmOrigin;
   /** Filled with the milliseconds each phase took (for benchmarks). */
   timings?: Record<string, number>;
+  /** The host network stack's unix socket (see QemuLaunch.netSocket); absent: no NIC. */
+  netSocket?: string;
 }
 
 /** @internal A QEMU process started for a LaunchSpec, not yet attached to. */
@@ -169,6 +171,7 @@ export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
       ...(spec.incomingState ? { incoming: true } : {}),
       dir,
       name: `sm-${spec.id}`,
+      ...(spec.netSocket !== undefined ? { netSocket: spec.netSocket } : {}),
     });
     const qmp = spec.incomingState ? await connectQmp(qemu, Date.now() + spec.bootTimeoutMs) : undefined;
     return { id: spec.id, dir, qemu, ...(qmp ? { qmp } : {}) };
