@@ -49,6 +49,10 @@ async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string,
     paused: true,
     dir,
     name: `sm-${launch.id}-s`,
+    // The stream holds the NIC's state, so the helper needs the same device.
+    // It never runs the guest: its netdev is left unconnected (QEMU 7.2
+    // starts anyway when nobody listens).
+    ...(launch.netSocket !== undefined ? { netSocket: join(dir, "net-unused.sock") } : {}),
   });
   let qmp: QmpClient | undefined;
   try {
@@ -56,7 +60,10 @@ async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string,
     await loadState(qmp, dir, stream, { ignoreShared: false, timeoutMs: SAVE_TIMEOUT_MS });
     await saveState(qmp, dir, statePath, { ignoreShared: true, timeoutMs: SAVE_TIMEOUT_MS });
   } catch (e) {
-    throw new SnapshotError(`could not rebuild the snapshot's memory file: ${(e as Error).message}`, { cause: e });
+    const ex = await Promise.race([q.exited, new Promise<undefined>((r) => setTimeout(() => r(undefined), 1000))]);
+    const why = ex ? ` (QEMU exited: ${ex.signal ?? `code ${ex.code}`})` : "";
+    const tail = why + q.consoleTail().trim().split("\n").slice(-5).join("\n");
+    throw new SnapshotError(`could not rebuild the snapshot's memory file: ${(e as Error).message}${tail ? `\n--- helper QEMU (tail) ---\n${tail}` : ""}`, { cause: e });
   } finally {
     qmp?.close();
     await q.stop();
@@ -120,6 +127,12 @@ export interface RestoreOptions {
   signal?: AbortSignal;
   accel: LaunchSpec["accel"];
   timings?: Record<string, number>;
+  /**
+   * The host network stack's socket for the restored VM's NIC. Required when
+   * the snapshot was taken of a VM with a NIC (migration needs the same
+   * devices), and only then.
+   */
+  netSocket?: string;
 }
 
 /** The launch of a VM restored from a snapshot: its RAM maps the snapshot's copy-on-write. */
@@ -139,6 +152,7 @@ export async function restoreSpec(o: RestoreOptions, id: string = randomBytes(4)
     bootTimeoutMs: o.bootTimeoutMs,
     ...(o.signal ? { signal: o.signal } : {}),
     ...(o.timings ? { timings: o.timings } : {}),
+    ...(o.netSocket !== undefined ? { netSocket: o.netSocket } : {}),
     origin: {
       image: m.image,
       config: m.config,

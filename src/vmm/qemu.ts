@@ -129,7 +129,12 @@ export function qemuArgs(l: QemuLaunch): string[] {
     );
     a.push("-machine", "memory-backend=ram");
   } else {
+    // Named like the file-backed RAM ("ram", not "microvm.ram"): a snapshot
+    // of this VM is loaded into a helper QEMU whose RAM is a file, and
+    // migration matches RAM blocks by name.
     a.push("-m", `${l.memoryMib}M`);
+    a.push("-object", `memory-backend-ram,id=ram,size=${l.memoryMib}M`);
+    a.push("-machine", "memory-backend=ram");
   }
   a.push("-smp", String(l.vcpus));
   a.push("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot");

@@ -18,13 +18,14 @@ import { bootAssets, kernelCmdline } from "../../src/guest/assets.js";
 import { defaultCacheDir } from "../../src/paths.js";
 import { WireError } from "../../src/protocol/constants.js";
 import { directoryImage } from "../../src/rootfs/cache.js";
+import { restoreVm } from "../../src/snapshot/capture.js";
 import { chooseAccelerator } from "../../src/vmm/accel.js";
 import { GUEST_MAC } from "../../src/vmm/qemu.js";
 import { launchVm, type GuestNetConfig, type Vm } from "../../src/vm/vm.js";
 import { VM_TEST_TIMEOUT, defaultRootfs, waitFor } from "../helpers.js";
 
 /** The largest MTU that carries a full-size frame both ways (see docs/networking-guest.md). */
-const MTU = Number(process.env.SM_TEST_NET_MTU ?? 65520);
+const MTU = Number(process.env.SM_TEST_NET_MTU ?? 65535);
 const HOST_MAC = Buffer.from([0x52, 0x54, 0x00, 0x00, 0x00, 0x01]);
 const GUEST_MAC_BYTES = Buffer.from(GUEST_MAC.split(":").map((h) => parseInt(h, 16)));
 const GUEST_IP = Buffer.from([198, 19, 0, 2]);
@@ -313,6 +314,54 @@ describe("guest network configuration (real VM, NIC on a test peer)", { timeout:
     }, `an ICMP echo request of ${MTU} bytes from the guest`);
     assert.equal(req.length, 14 + MTU);
     assert.deepEqual(peer.errors, []);
+  });
+});
+
+describe("snapshot of a VM with a NIC (capture, then restore onto a new peer)", { timeout: VM_TEST_TIMEOUT }, () => {
+  it("restores with the NIC and its configuration; re-configuring is idempotent and the link works", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "sm-net-snap-"));
+    const first = new FramePeer(join(dir, "net1.sock"));
+    const second = new FramePeer(join(dir, "net2.sock"));
+    let vm: Vm | undefined;
+    let restored: Vm | undefined;
+    try {
+      await first.listen();
+      await second.listen();
+      vm = await bootVm(first.path);
+      await vm.configure({ identity: false, net: NET });
+      await sh(vm, "echo before > /tmp/marker");
+      const image = await vm.snapshot(join(dir, "snap"));
+      await vm.destroy();
+      vm = undefined;
+      restored = await restoreVm({
+        snapshotDir: join(dir, "snap"),
+        manifest: image.manifest,
+        cacheDir: defaultCacheDir(),
+        bootTimeoutMs: 300_000,
+        accel: chooseAccelerator(),
+        netSocket: second.path,
+      });
+      await waitFor(() => second.connected, 30_000, "the restored QEMU to connect to the new peer");
+      assert.equal(await sh(restored, "cat /tmp/marker"), "before\n");
+      // As after every restore, the host sends the network settings again.
+      await restored.configure({ identity: false, net: NET });
+      assert.equal(Number(await sh(restored, "cat /sys/class/net/eth0/mtu")), MTU);
+      const routes = await sh(restored, "cat /proc/net/route");
+      assert.equal(routes.split("\n").filter((l) => /^eth0\s+00000000\s+010013C6\s/.test(l)).length, 1, routes);
+      second.autoArp = true;
+      second.send(echoRequest(1000, 0x7272));
+      await second.waitFrame((f) => {
+        const p = ipv4(f);
+        return p !== undefined && p.proto === 1 && p.l4[0] === 0 && p.l4.readUInt16BE(4) === 0x7272;
+      }, "an ICMP echo reply from the restored guest");
+      assert.deepEqual(second.errors, []);
+    } finally {
+      if (vm) await vm.destroy();
+      if (restored) await restored.destroy();
+      await first.close();
+      await second.close();
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
 

@@ -53,6 +53,14 @@ describe("QEMU command line", () => {
     assert.equal(a[a.indexOf("-incoming") + 1], "defer");
   });
 
+  // Regression: Vm.snapshot of a booted VM failed with 'Unknown ramblock
+  // "microvm.ram"' in the helper QEMU, whose RAM block is "ram".
+  it("anonymous RAM is a backend named like the file-backed one", () => {
+    const a = qemuArgs(base);
+    assert.ok(a.includes("memory-backend-ram,id=ram,size=256M"), a.join(" "));
+    assert.ok(a.includes("memory-backend=ram"));
+  });
+
   it("a NIC on the host stack's socket only with netSocket, with the one fixed MAC", () => {
     assert.ok(!qemuArgs(base).includes("-netdev"));
     const a = qemuArgs({ ...base, netSocket: "/run/x/net.sock" });
