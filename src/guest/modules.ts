@@ -15,11 +15,10 @@ export const GUEST_MODULES = [
   "virtio_blk",
   "erofs",
   "overlay",
+  // The VM's network (virtio-net on QEMU's -netdev stream).
+  "virtio_net",
   // For live host mounts (virtio-fs).
   "virtiofs",
-  // The VM's network (-netdev stream + virtio-net-device); pulls in
-  // net_failover and failover through .modinfo.
-  "virtio_net",
 ];
 
 export interface ModuleInfo {
