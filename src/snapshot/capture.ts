@@ -60,10 +60,12 @@ async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string,
     await loadState(qmp, dir, stream, { ignoreShared: false, timeoutMs: SAVE_TIMEOUT_MS });
     await saveState(qmp, dir, statePath, { ignoreShared: true, timeoutMs: SAVE_TIMEOUT_MS });
   } catch (e) {
-    const ex = await Promise.race([q.exited, new Promise<undefined>((r) => setTimeout(() => r(undefined), 1000))]);
-    const why = ex ? ` (QEMU exited: ${ex.signal ?? `code ${ex.code}`})` : "";
-    const tail = why + q.consoleTail().trim().split("\n").slice(-5).join("\n");
-    throw new SnapshotError(`could not rebuild the snapshot's memory file: ${(e as Error).message}${tail ? `\n--- helper QEMU (tail) ---\n${tail}` : ""}`, { cause: e });
+    // Say why: QEMU prints the reason (e.g. a device or RAM block the
+    // stream has and the helper lacks) and exits.
+    const ex = await Promise.race([q.exited, new Promise<undefined>((r) => setTimeout(() => r(undefined), 1000).unref())]);
+    const lines = [...(ex ? [`QEMU exited (${ex.signal ?? `code ${ex.code}`})`] : []), ...q.consoleTail().trim().split("\n").slice(-5).filter(Boolean)];
+    const detail = lines.length ? `\n--- helper QEMU (tail) ---\n${lines.join("\n")}` : "";
+    throw new SnapshotError(`could not rebuild the snapshot's memory file: ${(e as Error).message}${detail}`, { cause: e });
   } finally {
     qmp?.close();
     await q.stop();
