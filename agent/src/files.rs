@@ -1,6 +1,6 @@
 //! WRITE_FILE and READ_FILE streams (4 MiB cap, see docs/protocol.md).
 
-use crate::agent::{Io, ReqError, CHUNK};
+use crate::io::{Io, ReqError, CHUNK};
 use crate::proto::{self, tag, ty, Record, FILE_LIMIT};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};

@@ -95,6 +95,12 @@ pub mod tag {
         pub const ENTROPY: u8 = 6;
         pub const MACHINE_ID: u8 = 7;
         pub const BOOT_ID: u8 = 8;
+        pub const NET_ADDR: u8 = 9;
+        pub const NET_PREFIX: u8 = 10;
+        pub const NET_GATEWAY: u8 = 11;
+        pub const NET_MTU: u8 = 12;
+        pub const RESOLV_CONF: u8 = 13;
+        pub const HOSTS_FILE: u8 = 14;
     }
     pub mod exec {
         pub const ARGV: u8 = 1;
@@ -370,7 +376,7 @@ mod tests {
         let table: &[(&str, u8)] = match t {
             ty::HELLO => &[("magic", hello::MAGIC), ("min_version", hello::MIN_VERSION), ("max_version", hello::MAX_VERSION), ("host_version", hello::HOST_VERSION)],
             ty::HELLO_ACK => &[("magic", hello_ack::MAGIC), ("version", hello_ack::VERSION), ("agent_version", hello_ack::AGENT_VERSION), ("feature", hello_ack::FEATURE), ("max_payload", hello_ack::MAX_PAYLOAD), ("boot_error", hello_ack::BOOT_ERROR)],
-            ty::CONFIGURE => &[("env", configure::ENV), ("cwd", configure::CWD), ("user", configure::USER), ("hostname", configure::HOSTNAME), ("time_ns", configure::TIME_NS), ("entropy", configure::ENTROPY), ("machine_id", configure::MACHINE_ID), ("boot_id", configure::BOOT_ID)],
+            ty::CONFIGURE => &[("env", configure::ENV), ("cwd", configure::CWD), ("user", configure::USER), ("hostname", configure::HOSTNAME), ("time_ns", configure::TIME_NS), ("entropy", configure::ENTROPY), ("machine_id", configure::MACHINE_ID), ("boot_id", configure::BOOT_ID), ("net_addr", configure::NET_ADDR), ("net_prefix", configure::NET_PREFIX), ("net_gateway", configure::NET_GATEWAY), ("net_mtu", configure::NET_MTU), ("resolv_conf", configure::RESOLV_CONF), ("hosts_file", configure::HOSTS_FILE)],
             ty::EXEC => &[("argv", exec::ARGV), ("env", exec::ENV), ("cwd", exec::CWD), ("timeout_ms", exec::TIMEOUT_MS), ("tty", exec::TTY), ("cols", exec::COLS), ("rows", exec::ROWS), ("chain", exec::CHAIN), ("stdin", exec::STDIN), ("user", exec::USER), ("report_started", exec::REPORT_STARTED), ("cgroup", exec::CGROUP)],
             ty::STARTED => &[("pid", started::PID)],
             ty::EXIT => &[("exit_code", exit::EXIT_CODE), ("signal", exit::SIGNAL), ("timed_out", exit::TIMED_OUT), ("peak_rss_kib", exit::PEAK_RSS_KIB)],

@@ -76,6 +76,33 @@ pub struct Ifreq {
     pub _pad: [u8; 22],
 }
 
+/// struct ifreq with the union read as a sockaddr_in (SIOCSIFADDR,
+/// SIOCSIFNETMASK) or an int (SIOCSIFMTU: its first 4 bytes).
+#[repr(C)]
+pub struct IfreqAddr {
+    pub ifr_name: [u8; 16],
+    pub addr: SockaddrIn,
+    pub _pad: [u8; 8],
+}
+
+/// struct rtentry (route(8)'s ioctl interface), 64-bit layout.
+#[repr(C)]
+pub struct Rtentry {
+    pub rt_pad1: c_ulong,
+    pub rt_dst: SockaddrIn,
+    pub rt_gateway: SockaddrIn,
+    pub rt_genmask: SockaddrIn,
+    pub rt_flags: u16,
+    pub rt_pad2: c_short,
+    pub rt_pad3: c_ulong,
+    pub rt_pad4: *mut c_void,
+    pub rt_metric: c_short,
+    pub rt_dev: *mut c_char,
+    pub rt_mtu: c_ulong,
+    pub rt_window: c_ulong,
+    pub rt_irtt: u16,
+}
+
 extern "C" {
     pub fn epoll_create1(flags: c_int) -> c_int;
     pub fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, event: *mut EpollEvent) -> c_int;
@@ -211,6 +238,14 @@ pub const TIOCSCTTY: c_ulong = 0x540E;
 pub const TIOCSWINSZ: c_ulong = 0x5414;
 pub const SIOCGIFFLAGS: c_ulong = 0x8913;
 pub const SIOCSIFFLAGS: c_ulong = 0x8914;
+pub const SIOCSIFADDR: c_ulong = 0x8916;
+pub const SIOCSIFNETMASK: c_ulong = 0x891c;
+pub const SIOCSIFMTU: c_ulong = 0x8922;
+pub const SIOCADDRT: c_ulong = 0x890B;
+pub const SIOCDELRT: c_ulong = 0x890C;
+pub const RTF_UP: u16 = 0x1;
+pub const RTF_GATEWAY: u16 = 0x2;
+pub const ESRCH: i32 = 3;
 pub const IFF_UP: c_short = 0x1;
 pub const IFF_RUNNING: c_short = 0x40;
 pub const RNDADDENTROPY: c_ulong = 0x40085203;

@@ -1,7 +1,7 @@
 //! TCP_CONNECT streams: a guest socket bridged to a host connection, with
 //! half-close and flow control both ways (docs/protocol.md).
 
-use crate::agent::{Io, ReqError, CHUNK};
+use crate::io::{Io, ReqError, CHUNK};
 use crate::proto::{self, tag, ty, Record};
 use crate::sys::{self, Fd};
 use std::io;

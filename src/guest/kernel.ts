@@ -3,12 +3,14 @@
  * with `apt-get download` (no install on the host) and unpacked into a
  * versioned asset cache:
  *
- *   <cache>/kernel/<package version>/
+ *   <cache>/kernel/<package version>+m<hash of GUEST_MODULES>/
  *     vmlinux           uncompressed ELF, booted through its PVH entry (no
  *                       in-guest decompression: ~5 s saved under TCG)
  *     vmlinuz           the original compressed image (fallback)
  *     modules/*.ko      the modules the guest needs, and their dependencies
  *     modules/order     their load order, one file name per line
+ *     modules/wanted    the GUEST_MODULES this directory was made for: a
+ *                       cache made for another set is fetched again
  *     release           `uname -r` of this kernel
  *     complete          written last: the directory is usable
  *   <cache>/kernel/current   the version to use (a one-line file)
@@ -116,6 +118,14 @@ export async function extractVmlinux(bzImage: string, out: string): Promise<bool
   return false;
 }
 
+/** The module set a kernel cache directory was made for (`modules/wanted`). */
+const MODULE_SET = GUEST_MODULES.join(",");
+
+function cachedModuleSet(dir: string): string | undefined {
+  const f = join(dir, "modules", "wanted");
+  return existsSync(f) ? readFileSync(f, "utf8").trim() : undefined;
+}
+
 export interface FetchResult {
   version: string;
   dir: string;
@@ -132,7 +142,10 @@ export async function fetchDebianKernel(cacheDir: string, opts: { refresh?: bool
   const currentFile = join(root, "current");
   if (!opts.refresh && existsSync(currentFile)) {
     const v = readFileSync(currentFile, "utf8").trim();
-    if (existsSync(join(root, v, "complete"))) return { version: v, dir: join(root, v), fetched: false };
+    // A cache made for another module set (e.g. before virtio_net was
+    // added) is fetched again, into a directory of its own: VMs booting
+    // from the old one meanwhile keep it.
+    if (existsSync(join(root, v, "complete")) && cachedModuleSet(join(root, v)) === MODULE_SET) return { version: v, dir: join(root, v), fetched: false };
   }
   for (const tool of ["apt-get", "apt-cache", "dpkg-deb"]) {
     if (!(await run("sh", ["-c", `command -v ${tool}`]).then(() => true, () => false))) {
@@ -156,7 +169,7 @@ export async function fetchDebianKernel(cacheDir: string, opts: { refresh?: bool
     const deb = readdirSync(work).find((f) => f.endsWith(".deb"));
     if (!deb) throw new MissingAssetError("kernel", `apt-get download ${pkg} produced no .deb`);
     const { stdout: version } = await run("dpkg-deb", ["-f", join(work, deb), "Version"]);
-    const v = version.trim().replace(/[^A-Za-z0-9.+~_-]/g, "_");
+    const v = `${version.trim().replace(/[^A-Za-z0-9.+~_-]/g, "_")}+m${createHash("sha256").update(MODULE_SET).digest("hex").slice(0, 8)}`;
     const unpack = join(work, "x");
     await run("dpkg-deb", ["-x", join(work, deb), unpack]);
     const releases = readdirSync(join(unpack, "lib", "modules"));
@@ -177,6 +190,7 @@ export async function fetchDebianKernel(cacheDir: string, opts: { refresh?: bool
     const resolved = resolveModules(indexModules(join(unpack, "lib", "modules", release)), GUEST_MODULES);
     for (const [name, p] of resolved.paths) copyFileSync(p, join(stage, "modules", `${name}.ko`));
     writeFileSync(join(stage, "modules", "order"), resolved.order.map((n) => `${n}.ko`).join("\n") + "\n");
+    writeFileSync(join(stage, "modules", "wanted"), `${MODULE_SET}\n`);
     writeFileSync(join(stage, "release"), `${release}\n`);
     writeFileSync(join(stage, "complete"), `${pkg} ${version.trim()}\n`);
     const dest = join(root, v);

@@ -17,6 +17,7 @@ import { promises as dnsPromises } from "node:dns";
 import { createServer, connect as netConnect, type Server, type Socket } from "node:net";
 import { unlinkSync } from "node:fs";
 import { FrameReader } from "./link.js";
+import type { GuestNetConfig } from "../protocol/net-config.js";
 import { NameTable, isSynthetic } from "./names.js";
 import { compilePolicy, decideConnect, decideName, type CompiledPolicy, type NetworkOption } from "./policy.js";
 import { TcpFlow, type FlowHost } from "./tcp.js";
@@ -39,6 +40,18 @@ export const GUEST_NETWORK = {
   guestMac: "52:54:00:53:4d:02",
   gatewayMac: "52:54:00:53:4d:01",
 } as const;
+
+/** What the agent is told to configure in the guest (CONFIGURE tags 9-14). */
+export function guestNetConfig(): GuestNetConfig {
+  return {
+    address: GUEST_NETWORK.address,
+    prefixLength: GUEST_NETWORK.prefixLength,
+    gateway: GUEST_NETWORK.gateway,
+    mtu: GUEST_NETWORK.mtu,
+    resolvConf: `nameserver ${GUEST_NETWORK.dns}\noptions attempts:2 timeout:2\n`,
+    hosts: "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+  };
+}
 
 export interface NetworkStats {
   /** TCP connections the policy allowed (and the host then tried). */

@@ -54,7 +54,22 @@ export function typeName(t: number): MsgTypeName | undefined {
 export const Tag = {
   HELLO: { magic: 1, min_version: 2, max_version: 3, host_version: 4 },
   HELLO_ACK: { magic: 1, version: 2, agent_version: 3, feature: 4, max_payload: 5, boot_error: 6 },
-  CONFIGURE: { env: 1, cwd: 2, user: 3, hostname: 4, time_ns: 5, entropy: 6, machine_id: 7, boot_id: 8 },
+  CONFIGURE: {
+    env: 1,
+    cwd: 2,
+    user: 3,
+    hostname: 4,
+    time_ns: 5,
+    entropy: 6,
+    machine_id: 7,
+    boot_id: 8,
+    net_addr: 9,
+    net_prefix: 10,
+    net_gateway: 11,
+    net_mtu: 12,
+    resolv_conf: 13,
+    hosts_file: 14,
+  },
   CONFIGURE_OK: { boot_id: 1 },
   EXEC: {
     argv: 1,

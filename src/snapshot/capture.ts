@@ -49,6 +49,10 @@ async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string,
     paused: true,
     dir,
     name: `sm-${launch.id}-s`,
+    // The stream holds the NIC's state, so the helper needs the same device.
+    // It never runs the guest: its netdev is left unconnected (QEMU 7.2
+    // starts anyway when nobody listens). Every VM has a NIC.
+    netSocket: join(dir, "net-unused.sock"),
   });
   let qmp: QmpClient | undefined;
   try {
@@ -56,7 +60,12 @@ async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string,
     await loadState(qmp, dir, stream, { ignoreShared: false, timeoutMs: SAVE_TIMEOUT_MS });
     await saveState(qmp, dir, statePath, { ignoreShared: true, timeoutMs: SAVE_TIMEOUT_MS });
   } catch (e) {
-    throw new SnapshotError(`could not rebuild the snapshot's memory file: ${(e as Error).message}`, { cause: e });
+    // Say why: QEMU prints the reason (e.g. a device or RAM block the
+    // stream has and the helper lacks) and exits.
+    const ex = await Promise.race([q.exited, new Promise<undefined>((r) => setTimeout(() => r(undefined), 1000).unref())]);
+    const lines = [...(ex ? [`QEMU exited (${ex.signal ?? `code ${ex.code}`})`] : []), ...q.consoleTail().trim().split("\n").slice(-5).filter(Boolean)];
+    const detail = lines.length ? `\n--- helper QEMU (tail) ---\n${lines.join("\n")}` : "";
+    throw new SnapshotError(`could not rebuild the snapshot's memory file: ${(e as Error).message}${detail}`, { cause: e });
   } finally {
     qmp?.close();
     await q.stop();
@@ -122,6 +131,12 @@ export interface RestoreOptions {
   timings?: Record<string, number>;
   /** The restored VM's egress policy (not part of the snapshot). */
   network?: LaunchSpec["network"];
+  /**
+   * The host network stack's socket for the restored VM's NIC. Required when
+   * the snapshot was taken of a VM with a NIC (migration needs the same
+   * devices), and only then.
+   */
+  netSocket?: string;
 }
 
 /** The launch of a VM restored from a snapshot: its RAM maps the snapshot's copy-on-write. */
@@ -142,6 +157,7 @@ export async function restoreSpec(o: RestoreOptions, id: string = randomBytes(4)
     ...(o.signal ? { signal: o.signal } : {}),
     ...(o.timings ? { timings: o.timings } : {}),
     ...(o.network ? { network: o.network } : {}),
+    ...(o.netSocket !== undefined ? { netSocket: o.netSocket } : {}),
     origin: {
       image: m.image,
       config: m.config,

@@ -26,7 +26,7 @@ import type { GuestConfig } from "../vm/vm.js";
 import { sha256File } from "./files.js";
 
 export const SNAPSHOT_FORMAT = "supermachine-snapshot";
-export const SNAPSHOT_VERSION = 1;
+export const SNAPSHOT_VERSION = 2;
 const MAX_MANIFEST = 1 << 20;
 /** Caps on what a manifest may announce (well above anything we write). */
 const MAX_MEMORY_MIB = 1 << 20;

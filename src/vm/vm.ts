@@ -32,6 +32,7 @@ import { bootAssets, kernelCmdline } from "../guest/assets.js";
 import { defaultCacheDir } from "../paths.js";
 import { RecordBuilder } from "../protocol/codec.js";
 import { FILE_LIMIT, MsgType, Tag, WireError } from "../protocol/constants.js";
+import { encodeNetConfig, type GuestNetConfig } from "../protocol/net-config.js";
 import { directoryImage } from "../rootfs/cache.js";
 import { chooseAccelerator, warnTcgOnce, type Accelerator, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
 import { QemuProcess } from "../vmm/qemu.js";
@@ -43,7 +44,7 @@ import { collectOutput } from "./exec-collect.js";
 import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutput, type ValidExec } from "./options.js";
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
-import { NetworkStack } from "../net/stack.js";
+import { NetworkStack, guestNetConfig } from "../net/stack.js";
 import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
 import type { NetworkDeniedEvent, NetworkStats } from "../net/stack.js";
 
@@ -55,6 +56,8 @@ export interface VmNetwork {
   off(event: "denied", listener: (e: NetworkDeniedEvent) => void): unknown;
   once(event: "denied", listener: (e: NetworkDeniedEvent) => void): unknown;
 }
+
+export type { GuestNetConfig } from "../protocol/net-config.js";
 
 /** What the image says about how to run things in it (OCI config). */
 export interface GuestConfig {
@@ -145,6 +148,8 @@ export interface LaunchSpec {
   timings?: Record<string, number>;
   /** The egress policy applied when the VM starts. @default public internet */
   network?: CompiledPolicy;
+  /** The host network stack's unix socket (see QemuLaunch.netSocket); absent: no NIC. */
+  netSocket?: string;
 }
 
 /** @internal A QEMU process started for a LaunchSpec, not yet attached to. */
@@ -186,7 +191,8 @@ export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
       ...(memoryFile ? { memoryFile } : {}),
       ...(spec.incomingState ? { incoming: true } : {}),
       dir,
-      netSocket: join(dir, "net.sock"),
+      // Every VM has a NIC on its own stack (a test may put its own peer there).
+      netSocket: spec.netSocket ?? join(dir, "net.sock"),
       name: `sm-${spec.id}`,
     });
     const qmp = spec.incomingState ? await connectQmp(qemu, Date.now() + spec.bootTimeoutMs) : undefined;
@@ -259,7 +265,12 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
       net: s.net,
     });
     if (qmp) vm._adoptQmp(qmp);
-    await vm.configure({ hostname: spec.hostname, ...(spec.config ? { config: spec.config } : {}) });
+    await vm.configure({
+      hostname: spec.hostname,
+      ...(spec.config ? { config: spec.config } : {}),
+      // A test that puts its own peer on the NIC configures the guest itself.
+      ...(spec.netSocket === undefined ? { net: guestNetConfig() } : {}),
+    });
     phase("configure");
     return vm;
   } catch (e) {
@@ -407,9 +418,19 @@ export class Vm {
     });
   }
 
-  /** @internal Sends CONFIGURE: identity, clock, entropy, image config. */
-  async configure(p: { hostname?: string; config?: GuestConfig; identity?: boolean }): Promise<string> {
+  /**
+   * @internal Sends CONFIGURE: identity, clock, entropy, image config, and
+   * the guest's network (`net`; the agent applies it idempotently, so it is
+   * sent again after every restore).
+   */
+  async configure(p: { hostname?: string; config?: GuestConfig; identity?: boolean; net?: GuestNetConfig }): Promise<string> {
     const r = new RecordBuilder();
+    if (p.net !== undefined) {
+      encodeNetConfig(r, p.net);
+      if (!this.conn.info?.features.includes("net")) {
+        throw new AgentError(WireError.UNSUPPORTED, `the guest agent ${this.conn.info?.agentVersion ?? "?"} cannot configure a network (no "net" feature): rebuild the agent`);
+      }
+    }
     for (const e of p.config?.env ?? []) r.bytes(Tag.CONFIGURE.env, e);
     if (p.config?.workingDir) r.bytes(Tag.CONFIGURE.cwd, p.config.workingDir);
     if (p.config?.user) r.bytes(Tag.CONFIGURE.user, p.config.user);

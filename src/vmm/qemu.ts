@@ -35,11 +35,19 @@ export interface QemuLaunch {
   incoming?: boolean;
   /** Stay paused after start (or after an incoming migration): -S. */
   paused?: boolean;
-  /** Unix socket of the host network stack (QEMU connects to it): adds a virtio-net NIC. */
-  netSocket?: string;
   /** Process name shown by ps (≤ 15 chars). */
   name: string;
+  /**
+   * Unix socket of the host's network stack: the VM gets a virtio-net NIC
+   * whose frames QEMU carries there (`-netdev stream`, QEMU the client: a
+   * 4-byte big-endian length, then the Ethernet frame). Someone must listen
+   * on it before QEMU starts. Absent: the VM has no NIC.
+   */
+  netSocket?: string;
 }
+
+/** The MAC address of every VM's NIC: each VM has a host stack of its own. */
+export const GUEST_MAC = "52:54:00:53:4d:02";
 
 export interface QemuExit {
   code: number | null;
@@ -122,7 +130,12 @@ export function qemuArgs(l: QemuLaunch): string[] {
     );
     a.push("-machine", "memory-backend=ram");
   } else {
+    // Named like the file-backed RAM ("ram", not "microvm.ram"): a snapshot
+    // of this VM is loaded into a helper QEMU whose RAM is a file, and
+    // migration matches RAM blocks by name.
     a.push("-m", `${l.memoryMib}M`);
+    a.push("-object", `memory-backend-ram,id=ram,size=${l.memoryMib}M`);
+    a.push("-machine", "memory-backend=ram");
   }
   a.push("-smp", String(l.vcpus));
   a.push("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot");
@@ -138,9 +151,13 @@ export function qemuArgs(l: QemuLaunch): string[] {
     a.push("-drive", `id=root,file=${l.rootfs},format=raw,if=none,readonly=on`);
     a.push("-device", "virtio-blk-device,drive=root");
   }
-  if (l.netSocket) {
+  if (l.netSocket !== undefined) {
+    // QEMU's option syntax would split the path at a comma.
+    if (l.netSocket.includes(",") || !l.netSocket.startsWith("/") || Buffer.byteLength(l.netSocket) > 107) {
+      throw new TypeError(`netSocket must be an absolute path of at most 107 bytes without commas, received ${JSON.stringify(l.netSocket)}`);
+    }
     a.push("-netdev", `stream,id=net0,server=off,addr.type=unix,addr.path=${l.netSocket}`);
-    a.push("-device", "virtio-net-device,netdev=net0,mac=52:54:00:53:4d:02");
+    a.push("-device", `virtio-net-device,netdev=net0,mac=${GUEST_MAC}`);
   }
   a.push("-qmp", `unix:${join(l.dir, "qmp.sock")},server=on,wait=off`);
   if (l.incoming) a.push("-incoming", "defer");

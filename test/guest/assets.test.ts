@@ -10,7 +10,8 @@ import { describe, it } from "node:test";
 import { bootAssets, kernelCmdline } from "../../src/guest/assets.js";
 import { buildCpio, S_IFREG } from "../../src/guest/cpio.js";
 import { isStaticElf } from "../../src/guest/default-image.js";
-import { locateKernel } from "../../src/guest/kernel.js";
+import { fetchDebianKernel, locateKernel } from "../../src/guest/kernel.js";
+import { GUEST_MODULES } from "../../src/guest/modules.js";
 import { defaultCacheDir } from "../../src/paths.js";
 
 /** Minimal newc reader for the test. */
@@ -49,6 +50,17 @@ describe("guest assets", () => {
     assert.ok(at("crc32c_generic") < at("libcrc32c"));
     assert.ok(at("libcrc32c") < at("erofs"));
     at("overlay");
+    // The NIC's driver, after what its .modinfo names.
+    assert.ok(at("failover") < at("net_failover"));
+    assert.ok(at("net_failover") < at("virtio_net"));
+    assert.ok(at("virtio") < at("virtio_net"));
+  });
+
+  it("the kernel cache records the module set it was made for (an older set is fetched again)", async () => {
+    const k = locateKernel(defaultCacheDir());
+    assert.equal(readFileSync(join(k.modulesDir!, "wanted"), "utf8").trim(), GUEST_MODULES.join(","));
+    // The current cache is up to date: no fetch.
+    assert.equal((await fetchDebianKernel(defaultCacheDir())).fetched, false);
   });
 
   it("the initramfs has the agent as /init, a console and the modules", async () => {

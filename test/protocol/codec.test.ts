@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { describe, it } from "node:test";
 import { DecodeError, FrameReader, RecordBuilder, RecordReader, decodeFields, encodeFrame, parseFrame, type Frame } from "../../src/protocol/codec.js";
 import { MAX_PAYLOAD, MsgType, Tag, type MsgTypeName } from "../../src/protocol/constants.js";
+import { encodeNetConfig } from "../../src/protocol/net-config.js";
 import { REPO_ROOT } from "../helpers.js";
 
 interface Fixture {
@@ -184,6 +185,38 @@ describe("protocol codec: builders and readers", () => {
     b.bytes(Tag.EXEC.env, "X=1").bytes(Tag.EXEC.cwd, "/tmp").u64(Tag.EXEC.timeout_ms, 60000);
     b.bytes(Tag.EXEC.chain, "echo").bytes(Tag.EXEC.chain, "ok");
     assert.deepEqual(encodeFrame(MsgType.EXEC, 0, 7, b.build()), fx.hex);
+  });
+
+  it("encodeNetConfig produces the configure-net fixture's payload", () => {
+    const fx = loadFixtures().find((f) => f.name === "configure-net.frame")!;
+    const net = {
+      address: "198.19.0.2",
+      prefixLength: 24,
+      gateway: "198.19.0.1",
+      mtu: 1500,
+      resolvConf: "nameserver 198.19.0.1\n",
+      hosts: "198.19.0.1\tgateway.internal\n",
+    };
+    assert.deepEqual(encodeFrame(MsgType.CONFIGURE, 0, 3, encodeNetConfig(new RecordBuilder(), net).build()), fx.hex);
+  });
+
+  it("encodeNetConfig rejects bad network settings, naming the field", () => {
+    const ok = { address: "198.19.0.2", prefixLength: 24, gateway: "198.19.0.1", mtu: 1500, resolvConf: "", hosts: "" };
+    const bad: [Partial<typeof ok>, RegExp][] = [
+      [{ address: "198.19.0" }, /net\.address/],
+      [{ address: "198.19.0.256" }, /net\.address/],
+      [{ address: "01.2.3.4" }, /net\.address/],
+      [{ prefixLength: 33 }, /net\.prefixLength/],
+      [{ gateway: "198.19.1.1" }, /net\.gateway: expected an address inside 198\.19\.0\.2\/24/],
+      [{ mtu: 67 }, /net\.mtu/],
+      [{ mtu: 65536 }, /net\.mtu/],
+      [{ resolvConf: "x".repeat(4097) }, /net\.resolvConf: expected at most 4096 bytes/],
+      [{ hosts: "a\0b" }, /net\.hosts/],
+    ];
+    for (const [change, re] of bad) {
+      assert.throws(() => encodeNetConfig(new RecordBuilder(), { ...ok, ...change }), (e: unknown) => e instanceof TypeError && re.test(e.message), JSON.stringify(change));
+    }
+    assert.ok(encodeNetConfig(new RecordBuilder(), { ...ok, prefixLength: 0, gateway: "10.0.0.1" }).length > 0);
   });
 
   it("typed readers reject wrong sizes", () => {

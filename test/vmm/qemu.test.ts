@@ -8,7 +8,7 @@ import { chmod, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, it } from "node:test";
-import { QemuProcess, qemuArgs, type QemuLaunch } from "../../src/vmm/qemu.js";
+import { GUEST_MAC, QemuProcess, qemuArgs, type QemuLaunch } from "../../src/vmm/qemu.js";
 
 const base: QemuLaunch = {
   accel: "tcg",
@@ -51,6 +51,25 @@ describe("QEMU command line", () => {
     assert.equal(a[a.indexOf("-smp") + 1], "2");
     assert.ok(a.includes("memory-backend-file,id=ram,size=512M,mem-path=/s/ram,share=off"));
     assert.equal(a[a.indexOf("-incoming") + 1], "defer");
+  });
+
+  // Regression: Vm.snapshot of a booted VM failed with 'Unknown ramblock
+  // "microvm.ram"' in the helper QEMU, whose RAM block is "ram".
+  it("anonymous RAM is a backend named like the file-backed one", () => {
+    const a = qemuArgs(base);
+    assert.ok(a.includes("memory-backend-ram,id=ram,size=256M"), a.join(" "));
+    assert.ok(a.includes("memory-backend=ram"));
+  });
+
+  it("a NIC on the host stack's socket only with netSocket, with the one fixed MAC", () => {
+    assert.ok(!qemuArgs(base).includes("-netdev"));
+    const a = qemuArgs({ ...base, netSocket: "/run/x/net.sock" });
+    assert.equal(a[a.indexOf("-netdev") + 1], "stream,id=net0,server=off,addr.type=unix,addr.path=/run/x/net.sock");
+    assert.ok(a.includes(`virtio-net-device,netdev=net0,mac=${GUEST_MAC}`));
+    assert.deepEqual(devices(a), ["virtio-serial-device", "virtserialport", "virtio-blk-device", "virtio-net-device"]);
+    for (const bad of ["/run/x,y/net.sock", "net.sock", `/${"x".repeat(107)}`]) {
+      assert.throws(() => qemuArgs({ ...base, netSocket: bad }), (e: unknown) => e instanceof TypeError && /netSocket/.test(e.message), bad);
+    }
   });
 
   it("no root disk without a rootfs", () => {

@@ -1,0 +1,9 @@
+//! One module per protocol service, each owning its state and its frames
+//! (the event loop in crate::agent only routes frames and epoll events).
+
+pub mod exec;
+pub mod files;
+pub mod net;
+pub mod session;
+pub mod tcp;
+pub mod workload;
