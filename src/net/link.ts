@@ -54,9 +54,18 @@ export class FrameReader {
     }
   }
 
+  /** The first `n` bytes (n ≤ 4 here), copying at most n bytes. */
   private peek(n: number): Buffer {
     if (this.parts[0]!.length >= n) return this.parts[0]!;
-    return Buffer.concat(this.parts).subarray(0, n);
+    const out = Buffer.alloc(n);
+    let got = 0;
+    for (const p of this.parts) {
+      const k = Math.min(p.length, n - got);
+      p.copy(out, got, 0, k);
+      got += k;
+      if (got === n) break;
+    }
+    return out;
   }
 
   private take(n: number): Buffer {

@@ -156,6 +156,7 @@ test("the guest's window is respected and reopening it resumes the transfer", as
     guest.tcp("127.0.0.1", { srcPort: 40002, dstPort: port, seq: 2, ack, flags: ACK, window: 1000 });
     let received = 0;
     let inWindow = 0;
+    let windows = 0;
     for (;;) {
       const r = (await guest.next(isTcp(40002))) as TcpR;
       inWindow += r.tcp.payload.length;
@@ -163,9 +164,11 @@ test("the guest's window is respected and reopening it resumes the transfer", as
       received += r.tcp.payload.length;
       if (r.tcp.flags & FIN) break;
       if (inWindow === 1000) {
-        // Nothing more may come until we acknowledge.
-        await new Promise((res) => setTimeout(res, 100));
-        assert.equal(guest.drain().filter((x) => isTcp(40002)(x) && (x as TcpR).tcp.payload.length > 0).length, 0);
+        if (windows++ < 5) {
+          // Nothing more may come until we acknowledge.
+          await new Promise((res) => setTimeout(res, 100));
+          assert.equal(guest.drain().filter((x) => isTcp(40002)(x) && (x as TcpR).tcp.payload.length > 0).length, 0);
+        }
         ack = seqAdd(ack, inWindow);
         inWindow = 0;
         guest.tcp("127.0.0.1", { srcPort: 40002, dstPort: port, seq: 2, ack, flags: ACK, window: 1000 });
