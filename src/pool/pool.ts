@@ -65,8 +65,10 @@ interface IdleVm {
   since: number;
 }
 
-/** Names of the Vm methods a released lease may no longer call. */
-const GUARDED = new Set<PropertyKey>(["exec", "spawn", "writeFile", "readFile", "workloadSignal", "exposeTcp", "snapshot", "ping"]);
+/** Vm methods that return a promise: on a released lease they reject (the others throw). */
+const ASYNC_METHODS = new Set<PropertyKey>(["exec", "spawn", "writeFile", "readFile", "workloadSignal", "exposeTcp", "snapshot", "ping", "configure", "qmp"]);
+/** Vm getters that would reach the VM itself (its sockets, its process): refused on a released lease. */
+const GUARDED_GETTERS = new Set<PropertyKey>(["vsockPath", "execPath", "pid", "conn", "qemu", "runtimeDir"]);
 
 /** At most this many restores run at once (each is CPU-heavy under TCG). */
 const RESTORE_CONCURRENCY = 2;
@@ -258,20 +260,46 @@ export class Pool {
     this.idle.push({ vm, since: Date.now() });
   }
 
-  /** Hands `vm` out: a per-acquire view whose release() returns it once. */
+  /**
+   * Hands `vm` out: a per-acquire view. Its release() (also dispose(),
+   * close(), `Symbol.asyncDispose`, and the sync `Symbol.dispose` that starts
+   * it) returns the VM once; destroy() kills the VM and returns it. After
+   * that the view refuses everything else with ClosedError: it cannot touch
+   * the VM that someone else may hold now.
+   */
   private lease(vm: Vm): Vm {
     this.inUse.add(vm);
-    let released = false;
-    const release = async (): Promise<void> => {
-      if (released) return;
-      released = true;
-      await this.give(vm);
-    };
+    let released: Promise<void> | undefined;
+    const release = (): Promise<void> => (released ??= this.give(vm));
+    const refused = () => new ClosedError(`the VM ${vm.id} was released back to its pool; acquire() another`);
     return new Proxy(vm, {
       get: (target, prop, receiver) => {
-        if (prop === "release" || prop === "dispose" || prop === Symbol.asyncDispose) return release;
-        if (released && GUARDED.has(prop)) {
-          return () => Promise.reject(new ClosedError(`this VM was released back to its pool; acquire() another`));
+        switch (prop) {
+          case "release":
+          case "dispose":
+          case "close":
+          case Symbol.asyncDispose:
+            return release;
+          case Symbol.dispose:
+            return () => void release().catch(() => undefined);
+          case "destroy":
+            return (err?: Error): Promise<void> => {
+              if (released) return released;
+              return target.destroy(err).then(release);
+            };
+          case "status":
+            if (released) return "closed";
+            break;
+        }
+        if (released) {
+          if (GUARDED_GETTERS.has(prop)) throw refused();
+          const v = Reflect.get(target, prop, receiver) as unknown;
+          if (typeof v !== "function") return v;
+          return ASYNC_METHODS.has(prop)
+            ? () => Promise.reject(refused())
+            : () => {
+                throw refused();
+              };
         }
         return Reflect.get(target, prop, receiver) as unknown;
       },

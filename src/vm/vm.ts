@@ -43,6 +43,15 @@ import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutpu
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
 
+// Node < 18.18 has neither Symbol.dispose nor Symbol.asyncDispose, the names
+// `using` / `await using` look up: give them the values later Nodes use, so
+// that the class methods below get stable keys on every supported runtime.
+{
+  const S = Symbol as unknown as { dispose?: symbol; asyncDispose?: symbol };
+  S.dispose ??= Symbol.for("nodejs.dispose");
+  S.asyncDispose ??= Symbol.for("nodejs.asyncDispose");
+}
+
 /** What the image says about how to run things in it (OCI config). */
 export interface GuestConfig {
   /** KEY=VALUE entries. */
@@ -757,8 +766,19 @@ export class Vm {
     return this.release();
   }
 
+  /** `await using vm = …`: releases the VM at the end of the block. */
   async [Symbol.asyncDispose](): Promise<void> {
     await this.release();
+  }
+
+  /**
+   * `using vm = …`: starts the release at the end of the block (a sync
+   * disposer cannot wait; a pooled VM is back in its pool's accounting at
+   * once, its teardown finishes in the background). A failure of that
+   * background teardown is not reported here: use `await using` to see it.
+   */
+  [Symbol.dispose](): void {
+    this.release().catch(() => undefined);
   }
 
   /**
@@ -770,7 +790,7 @@ export class Vm {
     if (this.closing) return this.closing;
     if (this.state === "dead" || this.state === "closed") {
       this.state = this.state === "dead" ? "dead" : "closed";
-      this.closing = this.qemu.exited.then(() => removeRuntimeDir(this.runtimeDir));
+      this.closing = this.qemu.stop().then(() => removeRuntimeDir(this.runtimeDir));
       return this.closing;
     }
     this.state = "closing";
