@@ -562,6 +562,10 @@ export class AgentConnection {
   private liveness: NodeJS.Timeout | undefined;
   private livenessPaused = 0;
   private probeSent: number | undefined;
+  /** Whether the socket holds the event loop (see updateRef). */
+  private refed = true;
+  /** Pings a caller waits for (liveness probes do not count). */
+  private heldPings = 0;
 
   private constructor(sock: Socket) {
     this.sock = sock;
@@ -674,7 +678,7 @@ export class AgentConnection {
       }
       if (now - this.lastRx < interval) return;
       this.probeSent = now;
-      this.ping().then(
+      this.sendPing(false).then(
         () => (this.probeSent = undefined),
         () => undefined,
       );
@@ -693,6 +697,20 @@ export class AgentConnection {
       this.lastRx = Date.now();
       this.probeSent = undefined;
     };
+  }
+
+  /**
+   * The socket holds Node's event loop only while the host waits for the
+   * guest: open streams (exec, spawn, files, TCP), pings a caller awaits, the
+   * handshake. An idle VM (in a pool, or stashed by a bake) then does not
+   * keep a script from exiting.
+   */
+  private updateRef(): void {
+    const busy = this.error === undefined && (this.streams.size > 0 || this.heldPings > 0 || this.hello !== undefined);
+    if (busy === this.refed) return;
+    this.refed = busy;
+    if (busy) this.sock.ref();
+    else this.sock.unref();
   }
 
   /** Destroys the connection and fails every open stream with `err`. */
@@ -788,6 +806,7 @@ export class AgentConnection {
         const cb = this.hello;
         this.hello = undefined;
         this.helloFail = undefined;
+        this.updateRef();
         cb(h);
         return undefined;
       }
@@ -832,6 +851,7 @@ export class AgentConnection {
   /** @internal */
   _release(id: number): void {
     this.streams.delete(id);
+    this.updateRef();
   }
 
   private open<T extends StreamBase>(make: (id: number) => T): T {
@@ -840,16 +860,30 @@ export class AgentConnection {
     const id = this.nextId++;
     const s = make(id);
     this.streams.set(id, s);
+    this.updateRef();
     return s;
   }
 
   /** Round trip through the agent; resolves with the time it took (ms). */
   ping(): Promise<number> {
+    return this.sendPing(true);
+  }
+
+  /** `hold`: the caller waits for the answer, so the event loop must too (liveness probes do not). */
+  private sendPing(hold: boolean): Promise<number> {
     if (this.error) return Promise.reject(this.error);
     const payload = randomBytes(8);
     const t0 = process.hrtime.bigint();
+    if (hold) {
+      this.heldPings++;
+      this.updateRef();
+    }
     return new Promise((resolve, reject) => {
       this.pings.set(payload.toString("hex"), () => {
+        if (hold) {
+          this.heldPings--;
+          this.updateRef();
+        }
         if (this.error) reject(this.error);
         else resolve(Number(process.hrtime.bigint() - t0) / 1e6);
       });

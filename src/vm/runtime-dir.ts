@@ -1,7 +1,9 @@
 /**
  * Per-VM runtime directories (sockets) under one parent per user:
  * `$TMPDIR/supermachine-<uid>/<pid>-<random>/`. A directory left behind by a
- * process that was killed (it cannot clean up) is swept by the next process.
+ * process that was killed (it cannot clean up) is swept by the next process;
+ * a process that exits removes the ones it still has (after the QEMU 'exit'
+ * hook killed their VMs).
  */
 
 import { randomBytes } from "node:crypto";
@@ -11,6 +13,22 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 
 let swept = false;
+const live = new Set<string>();
+let hooked = false;
+
+function hookExit(): void {
+  if (hooked) return;
+  hooked = true;
+  process.on("exit", () => {
+    for (const dir of live) {
+      try {
+        rmSync(dir, { recursive: true, force: true });
+      } catch {
+        /* best effort: the next process sweeps it */
+      }
+    }
+  });
+}
 
 function parent(): string {
   const uid = typeof process.getuid === "function" ? process.getuid() : 0;
@@ -49,9 +67,12 @@ export function createRuntimeDir(): string {
   }
   const dir = join(p, `${process.pid}-${randomBytes(4).toString("hex")}`);
   mkdirSync(dir, { mode: 0o700 });
+  hookExit();
+  live.add(dir);
   return dir;
 }
 
 export async function removeRuntimeDir(dir: string): Promise<void> {
   await rm(dir, { recursive: true, force: true });
+  live.delete(dir);
 }
