@@ -295,6 +295,8 @@ export class Vm {
   private inflight = 0;
   private idleWaiters: (() => void)[] = [];
   private forwarders = new Set<TcpForwarder>();
+  /** Processes started with spawn() that have not ended. */
+  private children = new Set<ExecChild>();
   private closing: Promise<void> | undefined;
   /** @internal Called once when the guest dies on its own. */
   _onDeath: ((vm: Vm, err: SupermachineError) => void) | undefined;
@@ -577,7 +579,7 @@ export class Vm {
             v.maxOutputBytes,
           );
         }
-        return { stdout, stderr, exitCode: exit.exitCode, timedOut: exit.timedOut, peakRssKib: exit.peakRssKib };
+        return { stdout, stderr, exitCode: exit.exitCode, timedOut: exit.timedOut, peakRssKib: exit.peakRssKib, signal: exit.signal };
       } finally {
         for (const t of timers) clearTimeout(t);
         if (onAbort) v.signal?.removeEventListener("abort", onAbort);
@@ -616,15 +618,21 @@ export class Vm {
           v.signal.addEventListener("abort", onAbort, { once: true });
           s.exit.finally(() => v.signal!.removeEventListener("abort", onAbort)).catch(() => undefined);
         }
+        // Output can arrive in the same socket read as STARTED, before the
+        // await below resumes: the child takes it from the start.
+        const child = new ExecChild(s, 0, () => (this.state === "dead" ? this.deathError : undefined));
         const pid = await s.started.catch(async (e: unknown) => {
           // A program that could not start still "ran": 127/126 via EXIT.
           if (e instanceof ClosedError) return 0;
           throw e;
         });
+        child._setPid(pid);
         // A started process is not an operation close() waits for (a server
         // would keep the VM open forever): closing the VM ends it.
         done();
-        return new ExecChild(s, pid);
+        this.children.add(child);
+        void child._settled.then(() => this.children.delete(child));
+        return child;
       } catch (e) {
         done();
         if (this.state === "dead" && e instanceof ClosedError) throw this.deathError!;
@@ -705,6 +713,15 @@ export class Vm {
   stopForwarders(): void {
     for (const f of this.forwarders) f.destroy();
     this.forwarders.clear();
+  }
+
+  /**
+   * @internal Kills the processes started with spawn() (the VM changes
+   * hands): their reads, writes and wait() reject with `err`.
+   */
+  endChildren(err: Error): void {
+    for (const c of this.children) c._end(err);
+    this.children.clear();
   }
 
   /**
