@@ -24,9 +24,15 @@ export interface PoolOptions {
   readonly idleTimeoutMs?: number;
   /** Clean state per acquire (vs. dirty reuse). @default true */
   readonly restoreOnRelease?: boolean;
-  /** Runtime memory override; must equal the image's (a snapshot's RAM size is fixed). @default the image's */
+  /**
+   * Runtime memory override (MiB), without re-baking by hand. A snapshot's
+   * RAM size is fixed, so the first pool at a new size bakes the image again
+   * at that size (its Image.build options rerun, warmup included) and caches
+   * the result like any build; later pools (and processes) reuse it.
+   * @default the image's
+   */
   readonly memoryMib?: number;
-  /** Runtime vCPU override; must equal the image's. @default the image's */
+  /** Runtime vCPU override, handled like memoryMib. @default the image's */
   readonly vcpus?: number;
   /** Per-VM snapshot-restore deadline. @default 30000 */
   readonly restoreTimeoutMs?: number;
@@ -82,6 +88,8 @@ export class Pool {
   private readonly restoreOnRelease: boolean;
   private readonly restoreTimeoutMs: number;
   private readonly prewarm: string[][];
+  private readonly memoryMib: number;
+  private readonly vcpus: number;
   private idle: IdleVm[] = [];
   private inUse = new Set<Vm>();
   private starting = 0;
@@ -112,19 +120,15 @@ export class Pool {
       throw invalidOption("prewarm", "a boolean or a list of argv arrays", pw);
     }
     this.prewarm = pw === false ? [] : [["/proc/1/exe", "--version"], ...(pw === true ? [] : pw.map((a) => [...a]))];
-    const mem = int(o.memoryMib, "memoryMib", image.memoryMib, 1);
-    const cpus = int(o.vcpus, "vcpus", image.vcpus, 1);
-    if (mem !== image.memoryMib || cpus !== image.vcpus) {
-      throw new PoolError(
-        `this image's snapshot was taken with memoryMib ${image.memoryMib} and vcpus ${image.vcpus}; a restored VM keeps the RAM size and CPU count of its snapshot. ` +
-          `Build the image with memoryMib ${mem} and vcpus ${cpus} (Image.build options), or drop the pool overrides.`,
-      );
-    }
+    this.memoryMib = int(o.memoryMib, "memoryMib", image.memoryMib, 32);
+    this.vcpus = int(o.vcpus, "vcpus", image.vcpus, 1);
   }
 
   /** @internal Use image.pool(). Resolves when `min` VMs are ready. */
   static async create(image: Image, o: PoolOptions): Promise<Pool> {
-    const p = new Pool(image, o);
+    let p = new Pool(image, o);
+    // Another size: the image baked at that size (once, then cached).
+    if (p.memoryMib !== image.memoryMib || p.vcpus !== image.vcpus) p = new Pool(await image.sibling(p.memoryMib, p.vcpus), o);
     image.accelFor();
     image.keepSpare(true);
     const handoff = image.takeHandoff();
@@ -310,13 +314,16 @@ export class Pool {
   private async give(vm: Vm): Promise<void> {
     this.inUse.delete(vm);
     vm.stopForwarders();
+    const released = new ClosedError(`the VM ${vm.id} was released back to its pool; its processes were ended`);
     if (this.closed || vm.status !== "ready" || this.restoreOnRelease) {
       // Start its replacement first, then tear it down.
       this.fill();
-      await vm.destroy();
+      await vm.destroy(released);
       this.fill();
       return;
     }
+    // Reused as it is: the holder's spawned processes must not outlive the lease.
+    vm.endChildren(released);
     this.offer(vm);
   }
 
