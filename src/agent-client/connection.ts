@@ -300,6 +300,75 @@ export class ExecStream extends StreamBase {
   }
 }
 
+/**
+ * A stream driven by a bring-your-own client through the exec proxy
+ * (src/vm/exec-proxy.ts). Frames from the agent are handed to `forward` as
+ * they are, after the checks the host owes the guest: frame types allowed on
+ * a stream, and DATA within the windows the client granted (so what the
+ * proxy buffers for its client is bounded by the client's own grants).
+ */
+export class RawStream extends StreamBase {
+  /** Bytes the guest may still send on channels 1 and 2. */
+  private allowed = [0, INITIAL_WINDOW, INITIAL_WINDOW];
+  /** Bytes the client may still send on channel 0 (the agent's grants). */
+  credit = INITIAL_WINDOW;
+
+  constructor(
+    conn: AgentConnection,
+    id: number,
+    private forward: (f: Frame) => void,
+    private onEnd: (err?: Error) => void,
+  ) {
+    super(conn, id);
+  }
+
+  onFrame(f: Frame): string | undefined {
+    switch (f.type) {
+      case MsgType.STARTED:
+        break;
+      case MsgType.DATA: {
+        if (f.flags !== 1 && f.flags !== 2) return `DATA on channel ${f.flags} from the agent`;
+        if (f.payload.length > this.allowed[f.flags]!) return `data beyond the flow-control window (${f.payload.length} > ${this.allowed[f.flags]})`;
+        this.allowed[f.flags]! -= f.payload.length;
+        break;
+      }
+      case MsgType.EOF:
+        if (f.flags !== 1 && f.flags !== 2) return `EOF on channel ${f.flags} from the agent`;
+        break;
+      case MsgType.WINDOW: {
+        if (f.flags !== 0 || f.payload.length !== 4) return "bad WINDOW";
+        const n = f.payload.readUInt32LE(0);
+        if (this.credit + n > 0x7fffffff) return "window overflow";
+        this.credit += n;
+        break;
+      }
+      case MsgType.EXIT:
+      case MsgType.OK:
+      case MsgType.ERROR:
+      case MsgType.RESET:
+        this.finish();
+        this.forward(f);
+        this.onEnd();
+        return undefined;
+      default:
+        return `${typeName(f.type) ?? f.type} on a stream`;
+    }
+    this.forward(f);
+    return undefined;
+  }
+
+  fail(err: Error): void {
+    this.onEnd(err);
+  }
+
+  /** The client consumed `n` bytes of channel `ch` (its WINDOW). False when the grant overflows. */
+  grant(ch: 1 | 2, n: number): boolean {
+    if (this.allowed[ch]! + n > 0x7fffffff) return false;
+    this.allowed[ch]! += n;
+    return true;
+  }
+}
+
 /** A request answered by one OK (with a record) or ERROR. */
 class RequestStream extends StreamBase {
   readonly reply: Promise<RecordReader>;
@@ -943,6 +1012,16 @@ export class AgentConnection {
     this._send(MsgType.READ_FILE, 0, s.id, new RecordBuilder().bytes(Tag.READ_FILE.path, path).u64(Tag.READ_FILE.max_size, maxSize).build());
     await s.reply;
     return s.content();
+  }
+
+  /**
+   * @internal Opens a stream for the exec proxy with the request a
+   * bring-your-own client sent (type and payload as they are).
+   */
+  openRaw(type: number, payload: Uint8Array, forward: (f: Frame) => void, onEnd: (err?: Error) => void): RawStream {
+    const s = this.open((id) => new RawStream(this, id, forward, onEnd));
+    this._send(type, 0, s.id, payload);
+    return s;
   }
 
   tcpConnect(port: number, addr?: string): TcpStream {

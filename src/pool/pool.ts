@@ -322,8 +322,8 @@ export class Pool {
       this.fill();
       return;
     }
-    // Reused as it is: the holder's spawned processes must not outlive the lease.
-    vm.endChildren(released);
+    // Reused as it is: the holder's spawned processes and execPath sessions must not outlive the lease.
+    vm.endSessions(released);
     this.offer(vm);
   }
 

@@ -39,6 +39,7 @@ import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { loadState } from "../snapshot/migrate.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { ExecChild } from "./exec-child.js";
+import { ExecProxy } from "./exec-proxy.js";
 import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutput, type ValidExec } from "./options.js";
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
@@ -297,6 +298,8 @@ export class Vm {
   private forwarders = new Set<TcpForwarder>();
   /** Processes started with spawn() that have not ended. */
   private children = new Set<ExecChild>();
+  /** The execPath socket, once asked for. */
+  private proxy: ExecProxy | undefined;
   private closing: Promise<void> | undefined;
   /** @internal Called once when the guest dies on its own. */
   _onDeath: ((vm: Vm, err: SupermachineError) => void) | undefined;
@@ -425,14 +428,22 @@ export class Vm {
     return this.qemu.pid;
   }
 
-  /** Escape hatch: the unix socket of the agent channel (in use by this Vm). */
+  /**
+   * Escape hatch for a bring-your-own client: a unix socket on which a client
+   * speaking docs/protocol.md (HELLO, then EXEC, file and TCP streams, PING)
+   * gets a session of its own, concurrently with this Vm's. The same socket
+   * as {@link execPath} (here one channel carries everything). Created on
+   * first use; it goes away with the VM, and when a pooled VM changes hands.
+   */
   get vsockPath(): string {
-    return this.qemu.agentSocket;
+    return this.execPath;
   }
 
-  /** Escape hatch: the socket exec requests travel on (the agent channel). */
+  /** Escape hatch: the bring-your-own-client socket (see {@link vsockPath}). */
   get execPath(): string {
-    return this.qemu.agentSocket;
+    this.ensureUsable();
+    this.proxy ??= new ExecProxy(this.conn, this.runtimeDir);
+    return this.proxy.path;
   }
 
   /** Version of the guest agent, from the handshake. */
@@ -458,6 +469,7 @@ export class Vm {
         : new GuestDiedError(`the VM ${this.id} stopped: ${err.message}`, this.qemu.consoleTail(), { cause: err });
     this.state = "dead";
     this.deathError = e;
+    this.proxy?.close();
     this.conn.destroy(e);
     void this.qmpClient?.then((q) => q.close(), () => undefined);
     this.qemu.kill("SIGKILL");
@@ -716,12 +728,15 @@ export class Vm {
   }
 
   /**
-   * @internal Kills the processes started with spawn() (the VM changes
-   * hands): their reads, writes and wait() reject with `err`.
+   * @internal The VM changes hands: kills the processes started with spawn()
+   * (their reads, writes and wait() reject with `err`) and ends the
+   * bring-your-own-client sessions (the next holder gets a new execPath).
    */
-  endChildren(err: Error): void {
+  endSessions(err: Error): void {
     for (const c of this.children) c._end(err);
     this.children.clear();
+    this.proxy?.close();
+    this.proxy = undefined;
   }
 
   /**
@@ -831,6 +846,7 @@ export class Vm {
     for (const f of this.forwarders) f.destroy();
     this.forwarders.clear();
     this.conn.onFatal = () => undefined;
+    this.proxy?.close();
     this.conn.destroy(err);
     void this.qmpClient?.then((q) => q.close(), () => undefined);
     await this.qemu.stop();
