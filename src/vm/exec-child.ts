@@ -81,8 +81,25 @@ class OutputQueue {
     this.error = err;
     if (this.unackedQueued) this.stream.ack(this.ch, this.unackedQueued);
     this.unackedQueued = 0;
-    if (this.readable && !this.readable.destroyed) this.readable.destroy(err);
+    if (this.readable && !this.readable.destroyed) this.endReadable(this.readable, err);
     this.wake();
+  }
+
+  /**
+   * Ends the Readable of a process whose VM went away: destroyed with the
+   * error when someone listens for errors (`for await`, `pipeline`, an
+   * 'error' handler), else ended after what was received, so that a bare
+   * `child.stdout.pipe(dest)` does not crash the process with an unhandled
+   * 'error' (wait() rejects with the error).
+   */
+  private endReadable(r: Readable, err: Error): void {
+    if (r.listenerCount("error") > 0) {
+      r.destroy(err);
+      return;
+    }
+    for (const c of this.chunks.splice(0)) r.push(c);
+    this.bytes = 0;
+    r.push(null);
   }
 
   /** wait() was called: a channel nobody reads stops holding the process back. */
@@ -151,7 +168,7 @@ class OutputQueue {
       },
     });
     this.readable = r;
-    if (this.error) r.destroy(this.error);
+    if (this.error) this.endReadable(r, this.error);
     else if (this.eof && this.bytes === 0) r.push(null);
     return r;
   }

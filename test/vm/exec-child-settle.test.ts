@@ -9,7 +9,7 @@ import { randomBytes } from "node:crypto";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import type { Readable } from "node:stream";
+import { Writable, type Readable } from "node:stream";
 import { after, before, describe, it } from "node:test";
 import { ClosedError, GuestDiedError } from "../../src/errors.js";
 import { Image } from "../../src/image/image.js";
@@ -102,10 +102,21 @@ describe("ExecChild settles with its VM", { timeout: 3 * VM_TEST_TIMEOUT }, () =
           for await (const chunk of c) early.push(chunk.toString());
         })(),
       );
-      const waits = [a, b, c].map((x) => outcome(x.wait()));
-      // c's first line arrives before the VM goes.
+      // A bare pipe() (no 'error' listener on the source) must not crash the process: the Readable ends.
+      const d = await own.spawn({ argv: ["sh", "-c", "echo piped; sleep 1000"] });
+      let piped = "";
+      const sink = new Writable({
+        write: (chunk: Buffer, _enc, cb) => {
+          piped += chunk.toString();
+          cb();
+        },
+      });
+      const sinkDone = new Promise<void>((res) => sink.once("finish", () => res()));
+      d.stdout.pipe(sink);
+      const waits = [a, b, c, d].map((x) => outcome(x.wait()));
+      // c's and d's first lines arrive before the VM goes.
       const t0 = Date.now();
-      while (early.length === 0 && Date.now() - t0 < 30_000) await new Promise((r) => setTimeout(r, 10));
+      while ((early.length === 0 || piped === "") && Date.now() - t0 < 30_000) await new Promise((r) => setTimeout(r, 10));
       assert.deepEqual(early, ["early\n"]);
       await own.destroy();
       for (const [what, p] of [
@@ -116,10 +127,13 @@ describe("ExecChild settles with its VM", { timeout: 3 * VM_TEST_TIMEOUT }, () =
         ["wait a", waits[0]!],
         ["wait b", waits[1]!],
         ["wait c", waits[2]!],
+        ["wait d", waits[3]!],
       ] as const) {
         const got = await settledWithin(p, 30_000, what);
         assert.ok(got instanceof ClosedError, `${what} settled with ${String(got)}`);
       }
+      await settledWithin(outcome(sinkDone), 30_000, "the piped Readable's end");
+      assert.equal(piped, "piped\n");
       await assert.rejects(a.readStdout(), ClosedError, "a later read rejects too");
     } finally {
       await own.destroy();
