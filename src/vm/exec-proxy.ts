@@ -163,7 +163,12 @@ class ProxySession {
       const magic = r.bytes(Tag.HELLO.magic);
       const min = r.u32(Tag.HELLO.min_version) ?? 0;
       const max = r.u32(Tag.HELLO.max_version) ?? 0;
-      if (!magic?.equals(MAGIC) || min > PROTOCOL_VERSION || max < PROTOCOL_VERSION) return false;
+      if (!magic?.equals(MAGIC)) return false;
+      if (min > PROTOCOL_VERSION || max < PROTOCOL_VERSION) {
+        // As the agent does: ERROR on stream 0, then the session ends.
+        this.refuse(0, WireError.UNSUPPORTED, `protocol versions ${min}..${max} offered; this agent speaks ${PROTOCOL_VERSION}`);
+        return false;
+      }
       // A HELLO mid-session starts a new session: the old streams are forgotten.
       this.cancelAll();
       this.lastId = 0;

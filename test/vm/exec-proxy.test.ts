@@ -167,6 +167,13 @@ describe("execPath: bring-your-own client sessions", { timeout: VM_TEST_TIMEOUT 
     await bad.next(() => false, 30_000).catch(() => undefined);
     assert.equal(bad.closed, true, "the proxy ended the bad session");
 
+    const future = await ByoClient.connect(vm.execPath);
+    future.send(MsgType.HELLO, 0, 0, new RecordBuilder().bytes(Tag.HELLO.magic, MAGIC).u32(Tag.HELLO.min_version, 99).u32(Tag.HELLO.max_version, 100).build());
+    const no = await future.next((f) => f.stream === 0);
+    assert.equal(no.type, MsgType.ERROR, "an unsupported version range is answered with ERROR");
+    await future.next(() => false, 30_000).catch(() => undefined);
+    assert.equal(future.closed, true);
+
     const gone = await ByoClient.connect(vm.execPath);
     await gone.hello();
     const r = new RecordBuilder().bytes(Tag.EXEC.argv, "sleep").bytes(Tag.EXEC.argv, "4343");
