@@ -166,7 +166,13 @@ export class Pool {
     return this.idle.length + this.inUse.size + this.starting;
   }
 
-  /** A VM: an idle one, a new restore, or the next one freed (FIFO). */
+  /**
+   * A VM: an idle one, a new restore, or the next one freed (FIFO). What is
+   * returned is a lease on it: `release()`, `await using` or `using` give it
+   * back (once); after that the handle refuses every use with ClosedError.
+   * Rejects with TimeoutError after acquireTimeoutMs, PoolError after
+   * shutdown().
+   */
   acquire(): Promise<Vm> {
     if (this.closed) return Promise.reject(new PoolError("acquire() on a pool that was shut down; create a new pool with image.pool()"));
     while (this.idle.length) {
