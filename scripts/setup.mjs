@@ -116,10 +116,12 @@ const tsSources = Math.max(
   statSync(join(root, "tsconfig.json")).mtimeMs,
   statSync(join(root, "package.json")).mtimeMs,
 );
-if (!existsSync(buildStamp) || statSync(buildStamp).mtimeMs < tsSources) {
+if (!existsSync(buildStamp) || statSync(buildStamp).mtimeMs < tsSources || !existsSync(join(root, "dist", "cjs", "index.js"))) {
   log("building TypeScript");
   const started = new Date();
   run(process.execPath, [join(root, "node_modules", "typescript", "bin", "tsc"), "-p", "tsconfig.json"]);
+  // The CommonJS build (dist/cjs) for require("@supermachine/core").
+  run(process.execPath, [join(root, "scripts", "build-cjs.mjs")]);
   writeFileSync(buildStamp, "");
   // Sources edited during the build must trigger the next one.
   utimesSync(buildStamp, started, started);

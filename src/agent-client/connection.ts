@@ -433,6 +433,75 @@ export class ExecStream extends StreamBase {
   }
 }
 
+/**
+ * A stream driven by a bring-your-own client through the exec proxy
+ * (src/vm/exec-proxy.ts). Frames from the agent are handed to `forward` as
+ * they are, after the checks the host owes the guest: frame types allowed on
+ * a stream, and DATA within the windows the client granted (so what the
+ * proxy buffers for its client is bounded by the client's own grants).
+ */
+export class RawStream extends StreamBase {
+  /** Bytes the guest may still send on channels 1 and 2. */
+  private allowed = [0, INITIAL_WINDOW, INITIAL_WINDOW];
+  /** Bytes the client may still send on channel 0 (the agent's grants). */
+  credit = INITIAL_WINDOW;
+
+  constructor(
+    conn: AgentConnection,
+    id: number,
+    private forward: (f: Frame) => void,
+    private onEnd: (err?: Error) => void,
+  ) {
+    super(conn, id);
+  }
+
+  onFrame(f: Frame): string | undefined {
+    switch (f.type) {
+      case MsgType.STARTED:
+        break;
+      case MsgType.DATA: {
+        if (f.flags !== 1 && f.flags !== 2) return `DATA on channel ${f.flags} from the agent`;
+        if (f.payload.length > this.allowed[f.flags]!) return `data beyond the flow-control window (${f.payload.length} > ${this.allowed[f.flags]})`;
+        this.allowed[f.flags]! -= f.payload.length;
+        break;
+      }
+      case MsgType.EOF:
+        if (f.flags !== 1 && f.flags !== 2) return `EOF on channel ${f.flags} from the agent`;
+        break;
+      case MsgType.WINDOW: {
+        if (f.flags !== 0 || f.payload.length !== 4) return "bad WINDOW";
+        const n = f.payload.readUInt32LE(0);
+        if (this.credit + n > 0x7fffffff) return "window overflow";
+        this.credit += n;
+        break;
+      }
+      case MsgType.EXIT:
+      case MsgType.OK:
+      case MsgType.ERROR:
+      case MsgType.RESET:
+        this.finish();
+        this.forward(f);
+        this.onEnd();
+        return undefined;
+      default:
+        return `${typeName(f.type) ?? f.type} on a stream`;
+    }
+    this.forward(f);
+    return undefined;
+  }
+
+  fail(err: Error): void {
+    this.onEnd(err);
+  }
+
+  /** The client consumed `n` bytes of channel `ch` (its WINDOW). False when the grant overflows. */
+  grant(ch: 1 | 2, n: number): boolean {
+    if (this.allowed[ch]! + n > 0x7fffffff) return false;
+    this.allowed[ch]! += n;
+    return true;
+  }
+}
+
 /** A request answered by one OK (with a record) or ERROR. */
 class RequestStream extends StreamBase {
   readonly reply: Promise<RecordReader>;
@@ -713,6 +782,10 @@ export class AgentConnection {
   readonly limits: AgentLimits;
   /** The request deadlines in force. */
   readonly deadlines: AgentDeadlines;
+  /** Whether the socket holds the event loop (see updateRef). */
+  private refed = true;
+  /** Pings a caller waits for (liveness probes do not count). */
+  private heldPings = 0;
 
   private constructor(sock: Socket, limits?: Partial<AgentLimits>, deadlines?: Partial<AgentDeadlines>) {
     this.sock = sock;
@@ -844,7 +917,7 @@ export class AgentConnection {
         return;
       }
       this.probeSent = now;
-      this.ping(0).then(
+      this.sendPing(false, 0).then(
         () => {
           if (this.probeSent === now) this.probeSent = undefined;
         },
@@ -864,6 +937,20 @@ export class AgentConnection {
       this.livenessPaused--;
       this.probeSent = undefined;
     };
+  }
+
+  /**
+   * The socket holds Node's event loop only while the host waits for the
+   * guest: open streams (exec, spawn, files, TCP), pings a caller awaits, the
+   * handshake. An idle VM (in a pool, or stashed by a bake) then does not
+   * keep a script from exiting.
+   */
+  private updateRef(): void {
+    const busy = this.error === undefined && (this.streams.size > 0 || this.heldPings > 0 || this.hello !== undefined);
+    if (busy === this.refed) return;
+    this.refed = busy;
+    if (busy) this.sock.ref();
+    else this.sock.unref();
   }
 
   /** Destroys the connection and fails every open stream with `err`. */
@@ -963,6 +1050,7 @@ export class AgentConnection {
         const cb = this.hello;
         this.hello = undefined;
         this.helloFail = undefined;
+        this.updateRef();
         cb(h);
         return undefined;
       }
@@ -1076,6 +1164,7 @@ export class AgentConnection {
     this.streams.delete(id);
     this.credits.delete(id * 4 + 1);
     this.credits.delete(id * 4 + 2);
+    this.updateRef();
   }
 
   private open<T extends StreamBase>(make: (id: number) => T): T {
@@ -1092,6 +1181,7 @@ export class AgentConnection {
     const id = this.nextId++;
     const s = make(id);
     this.streams.set(id, s);
+    this.updateRef();
     return s;
   }
 
@@ -1100,15 +1190,32 @@ export class AgentConnection {
    * Rejects with TimeoutError after `timeoutMs` (0 = no deadline).
    */
   ping(timeoutMs: number = this.deadlines.pingMs): Promise<number> {
+    return this.sendPing(true, timeoutMs);
+  }
+
+  /** `hold`: the caller waits for the answer, so the event loop must too (liveness probes do not). */
+  private sendPing(hold: boolean, timeoutMs: number): Promise<number> {
     if (this.error) return Promise.reject(this.error);
     const payload = randomBytes(8);
     const key = payload.toString("hex");
     const t0 = process.hrtime.bigint();
+    if (hold) {
+      this.heldPings++;
+      this.updateRef();
+    }
     return new Promise((resolve, reject) => {
+      let held = hold;
+      const release = () => {
+        if (!held) return;
+        held = false;
+        this.heldPings--;
+        this.updateRef();
+      };
       const timer =
         timeoutMs > 0
           ? setTimeout(() => {
               if (!this.pings.delete(key)) return;
+              release();
               this.expiredPings.add(key);
               if (this.expiredPings.size > EXPIRED_PINGS) this.expiredPings.delete(this.expiredPings.values().next().value!);
               reject(new TimeoutError(`ping: no answer within ${timeoutMs} ms; ${DEADLINE_HINT}`, timeoutMs));
@@ -1116,6 +1223,7 @@ export class AgentConnection {
           : undefined;
       this.pings.set(key, () => {
         if (timer) clearTimeout(timer);
+        release();
         if (this.error) reject(this.error);
         else resolve(Number(process.hrtime.bigint() - t0) / 1e6);
       });
@@ -1196,6 +1304,16 @@ export class AgentConnection {
     this._send(MsgType.READ_FILE, 0, s.id, new RecordBuilder().bytes(Tag.READ_FILE.path, path).u64(Tag.READ_FILE.max_size, maxSize).build());
     await s.reply;
     return s.content();
+  }
+
+  /**
+   * @internal Opens a stream for the exec proxy with the request a
+   * bring-your-own client sent (type and payload as they are).
+   */
+  openRaw(type: number, payload: Uint8Array, forward: (f: Frame) => void, onEnd: (err?: Error) => void): RawStream {
+    const s = this.open((id) => new RawStream(this, id, forward, onEnd));
+    this._send(type, 0, s.id, payload);
+    return s;
   }
 
   tcpConnect(port: number, addr?: string): TcpStream {

@@ -184,6 +184,8 @@ async function run(args: string[]): Promise<number> {
     process.stdin.unpipe?.();
     process.stdin.pause();
     if (res.timedOut) return 124;
+    // Killed by signal N: 128 + N, as a shell reports it.
+    if (res.signal !== null) return 128 + res.signal;
     if (res.exitCode === -1) return 137;
     return res.exitCode;
   } catch (e) {

@@ -12,7 +12,7 @@ import { copyFile, link, mkdir, open, readFile, rename, rm, stat, writeFile } fr
 import { homedir } from "node:os";
 import { basename, join, resolve } from "node:path";
 import { promisify } from "node:util";
-import { ImageError, SnapshotError, TimeoutError, invalidOption } from "../errors.js";
+import { ImageError, PoolError, SnapshotError, TimeoutError, invalidOption } from "../errors.js";
 import { bootAssets, kernelCmdline } from "../guest/assets.js";
 import { DEFAULT_IMAGE_CONFIG } from "../guest/default-image.js";
 import { acquireLock } from "../oci/lock.js";
@@ -303,9 +303,13 @@ export class Image {
   /** A QEMU started ahead of the next restore (pools keep one ready). */
   private spare: Promise<StartedQemu> | undefined;
   private spareUsers = 0;
+  /** The Image.build options this image came from (to bake it again at another size). */
+  private readonly recipe: BuildOptions | undefined;
+  /** The same image at other sizes (pools with memoryMib/vcpus overrides), by "MEMxCPUS". */
+  private siblings = new Map<string, Promise<Image>>();
 
   /** @internal */
-  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm; network?: CompiledPolicy }) {
+  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm; recipe?: BuildOptions; network?: CompiledPolicy }) {
     this.network = p.network ?? compilePolicy(true);
     this.snapshotPath = p.snapshotPath;
     this.manifest = p.manifest;
@@ -313,6 +317,7 @@ export class Image {
     this.cacheDir = p.cacheDir;
     this.bootTimeoutMs = p.bootTimeoutMs ?? (p.manifest.accel === "tcg" ? 120_000 : 30_000);
     this.handoff = p.handoff;
+    this.recipe = p.recipe;
   }
 
   get memoryMib(): number {
@@ -365,14 +370,14 @@ export class Image {
     const name = v.name ?? `sm-${key.slice(0, 16)}`;
     const dir = join(v.snapshotsDir, name);
     const hit = await readManifest(dir, "quick").catch(() => undefined);
-    if (hit && hit.key === key) return new Image({ snapshotPath: dir, manifest: hit, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, network: v.network });
+    if (hit && hit.key === key) return new Image({ snapshotPath: dir, manifest: hit, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network });
     await mkdir(v.snapshotsDir, { recursive: true, mode: SNAPSHOT_DIR_MODE });
     // One baker per snapshot across processes; the others use its result.
     const valid = async () => (await readManifest(dir, "quick").catch(() => undefined))?.key === key;
     const lock = await acquireLock(join(v.snapshotsDir, `.${name}.lock`), { until: valid, staleMs: 10 * 60_000, ...(options.signal ? { signal: options.signal } : {}) });
     try {
       const again = await readManifest(dir, "quick").catch(() => undefined);
-      if (again && again.key === key) return new Image({ snapshotPath: dir, manifest: again, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, network: v.network });
+      if (again && again.key === key) return new Image({ snapshotPath: dir, manifest: again, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network });
       const workload: WorkloadSpec | null =
         workloadArgv.length > 0
           ? {
@@ -443,7 +448,7 @@ export class Image {
         // The bake VM lives on as the first VM handed out (warm handoff); it
         // must look like a restored one.
         if (workload && workload.startAt === "restore") await startWorkload(vm, workload);
-        return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm, network: v.network });
+        return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm, recipe: options, network: v.network });
       } catch (e) {
         await vm?.destroy();
         await rm(stage, { recursive: true, force: true });
@@ -541,13 +546,44 @@ export class Image {
     return vm;
   }
 
+  /**
+   * @internal This image at another memory size / vCPU count. A snapshot's
+   * RAM size and CPU count are fixed, so the image is baked again at that
+   * size on first use (its Image.build options rerun, warmup included) and
+   * cached like any build: on disk under its own key, here per size.
+   */
+  sibling(memoryMib: number, vcpus: number): Promise<Image> {
+    if (memoryMib === this.memoryMib && vcpus === this.vcpus) return Promise.resolve(this);
+    const k = `${memoryMib}x${vcpus}`;
+    let p = this.siblings.get(k);
+    if (p) return p;
+    const recipe = this.recipe;
+    if (!recipe) {
+      return Promise.reject(
+        new PoolError(
+          `${this.snapshotPath} was loaded from a snapshot taken with memoryMib ${this.memoryMib} and vcpus ${this.vcpus}, and the steps that made it (warmup, staged files, a running VM's state) cannot be replayed at another size. ` +
+            `Build the image with Image.build({ ..., memoryMib: ${memoryMib}, vcpus: ${vcpus} }) (a pool of an Image.build result bakes the new size itself), or drop the pool's memoryMib/vcpus.`,
+        ),
+      );
+    }
+    const { signal: _signal, ...rest } = recipe;
+    const name = recipe.name ? `${recipe.name}-${memoryMib}m${vcpus}c`.slice(0, 128) : undefined;
+    p = Image.build({ ...rest, memoryMib, vcpus, ...(name ? { name } : {}) });
+    this.siblings.set(k, p);
+    p.catch(() => this.siblings.delete(k));
+    return p;
+  }
+
   /** A pool of VMs restored from this image's snapshot. */
   pool(options: PoolOptions = {}): Promise<Pool> {
     return Pool.create(this, options);
   }
 
-  /** Destroys the warm-handoff VM if no pool took it, and any QEMU started ahead. */
+  /** Destroys the warm-handoff VM if no pool took it, and any QEMU started ahead (also of the sizes pools baked). */
   async close(): Promise<void> {
+    const siblings = [...this.siblings.values()];
+    this.siblings.clear();
+    await Promise.all(siblings.map((s) => s.then((i) => i.close(), () => undefined)));
     const vm = this.handoff;
     this.handoff = undefined;
     await vm?.destroy();

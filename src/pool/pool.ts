@@ -25,9 +25,15 @@ export interface PoolOptions {
   readonly idleTimeoutMs?: number;
   /** Clean state per acquire (vs. dirty reuse). @default true */
   readonly restoreOnRelease?: boolean;
-  /** Runtime memory override; must equal the image's (a snapshot's RAM size is fixed). @default the image's */
+  /**
+   * Runtime memory override (MiB), without re-baking by hand. A snapshot's
+   * RAM size is fixed, so the first pool at a new size bakes the image again
+   * at that size (its Image.build options rerun, warmup included) and caches
+   * the result like any build; later pools (and processes) reuse it.
+   * @default the image's
+   */
   readonly memoryMib?: number;
-  /** Runtime vCPU override; must equal the image's. @default the image's */
+  /** Runtime vCPU override, handled like memoryMib. @default the image's */
   readonly vcpus?: number;
   /**
    * (extension) Egress policy of this pool's VMs (see BuildOptions.network);
@@ -72,8 +78,10 @@ interface IdleVm {
   since: number;
 }
 
-/** Names of the Vm methods a released lease may no longer call. */
-const GUARDED = new Set<PropertyKey>(["exec", "spawn", "writeFile", "readFile", "workloadSignal", "exposeTcp", "snapshot", "ping"]);
+/** Vm methods that return a promise: on a released lease they reject (the others throw). */
+const ASYNC_METHODS = new Set<PropertyKey>(["exec", "spawn", "writeFile", "readFile", "workloadSignal", "exposeTcp", "snapshot", "ping", "configure", "qmp"]);
+/** Vm getters that would reach the VM itself (its sockets, its process): refused on a released lease. */
+const GUARDED_GETTERS = new Set<PropertyKey>(["vsockPath", "execPath", "pid", "conn", "qemu", "runtimeDir"]);
 
 /** At most this many restores run at once (each is CPU-heavy under TCG). */
 const RESTORE_CONCURRENCY = 2;
@@ -88,6 +96,8 @@ export class Pool {
   private readonly restoreTimeoutMs: number;
   private readonly prewarm: string[][];
   private readonly network: CompiledPolicy;
+  private readonly memoryMib: number;
+  private readonly vcpus: number;
   private idle: IdleVm[] = [];
   private inUse = new Set<Vm>();
   private starting = 0;
@@ -119,19 +129,15 @@ export class Pool {
     }
     this.prewarm = pw === false ? [] : [["/proc/1/exe", "--version"], ...(pw === true ? [] : pw.map((a) => [...a]))];
     this.network = o.network === undefined ? image.network : compilePolicy(o.network);
-    const mem = int(o.memoryMib, "memoryMib", image.memoryMib, 1);
-    const cpus = int(o.vcpus, "vcpus", image.vcpus, 1);
-    if (mem !== image.memoryMib || cpus !== image.vcpus) {
-      throw new PoolError(
-        `this image's snapshot was taken with memoryMib ${image.memoryMib} and vcpus ${image.vcpus}; a restored VM keeps the RAM size and CPU count of its snapshot. ` +
-          `Build the image with memoryMib ${mem} and vcpus ${cpus} (Image.build options), or drop the pool overrides.`,
-      );
-    }
+    this.memoryMib = int(o.memoryMib, "memoryMib", image.memoryMib, 32);
+    this.vcpus = int(o.vcpus, "vcpus", image.vcpus, 1);
   }
 
   /** @internal Use image.pool(). Resolves when `min` VMs are ready. */
   static async create(image: Image, o: PoolOptions): Promise<Pool> {
-    const p = new Pool(image, o);
+    let p = new Pool(image, o);
+    // Another size: the image baked at that size (once, then cached).
+    if (p.memoryMib !== image.memoryMib || p.vcpus !== image.vcpus) p = new Pool(await image.sibling(p.memoryMib, p.vcpus), o);
     image.accelFor();
     image.keepSpare(true);
     const handoff = image.takeHandoff();
@@ -172,7 +178,13 @@ export class Pool {
     return this.idle.length + this.inUse.size + this.starting;
   }
 
-  /** A VM: an idle one, a new restore, or the next one freed (FIFO). */
+  /**
+   * A VM: an idle one, a new restore, or the next one freed (FIFO). What is
+   * returned is a lease on it: `release()`, `await using` or `using` give it
+   * back (once); after that the handle refuses every use with ClosedError.
+   * Rejects with TimeoutError after acquireTimeoutMs, PoolError after
+   * shutdown().
+   */
   acquire(): Promise<Vm> {
     if (this.closed) return Promise.reject(new PoolError("acquire() on a pool that was shut down; create a new pool with image.pool()"));
     while (this.idle.length) {
@@ -270,20 +282,46 @@ export class Pool {
     this.idle.push({ vm, since: Date.now() });
   }
 
-  /** Hands `vm` out: a per-acquire view whose release() returns it once. */
+  /**
+   * Hands `vm` out: a per-acquire view. Its release() (also dispose(),
+   * close(), `Symbol.asyncDispose`, and the sync `Symbol.dispose` that starts
+   * it) returns the VM once; destroy() kills the VM and returns it. After
+   * that the view refuses everything else with ClosedError: it cannot touch
+   * the VM that someone else may hold now.
+   */
   private lease(vm: Vm): Vm {
     this.inUse.add(vm);
-    let released = false;
-    const release = async (): Promise<void> => {
-      if (released) return;
-      released = true;
-      await this.give(vm);
-    };
+    let released: Promise<void> | undefined;
+    const release = (): Promise<void> => (released ??= this.give(vm));
+    const refused = () => new ClosedError(`the VM ${vm.id} was released back to its pool; acquire() another`);
     return new Proxy(vm, {
       get: (target, prop, receiver) => {
-        if (prop === "release" || prop === "dispose" || prop === Symbol.asyncDispose) return release;
-        if (released && GUARDED.has(prop)) {
-          return () => Promise.reject(new ClosedError(`this VM was released back to its pool; acquire() another`));
+        switch (prop) {
+          case "release":
+          case "dispose":
+          case "close":
+          case Symbol.asyncDispose:
+            return release;
+          case Symbol.dispose:
+            return () => void release().catch(() => undefined);
+          case "destroy":
+            return (err?: Error): Promise<void> => {
+              if (released) return released;
+              return target.destroy(err).then(release);
+            };
+          case "status":
+            if (released) return "closed";
+            break;
+        }
+        if (released) {
+          if (GUARDED_GETTERS.has(prop)) throw refused();
+          const v = Reflect.get(target, prop, receiver) as unknown;
+          if (typeof v !== "function") return v;
+          return ASYNC_METHODS.has(prop)
+            ? () => Promise.reject(refused())
+            : () => {
+                throw refused();
+              };
         }
         return Reflect.get(target, prop, receiver) as unknown;
       },
@@ -294,13 +332,16 @@ export class Pool {
   private async give(vm: Vm): Promise<void> {
     this.inUse.delete(vm);
     vm.stopForwarders();
+    const released = new ClosedError(`the VM ${vm.id} was released back to its pool; its processes were ended`);
     if (this.closed || vm.status !== "ready" || this.restoreOnRelease) {
       // Start its replacement first, then tear it down.
       this.fill();
-      await vm.destroy();
+      await vm.destroy(released);
       this.fill();
       return;
     }
+    // Reused as it is: the holder's spawned processes and execPath sessions must not outlive the lease.
+    vm.endSessions(released);
     this.offer(vm);
   }
 

@@ -3,16 +3,20 @@
  * streams on top). Output is credited back to the guest only as the caller
  * consumes it, so a fast writer in the guest blocks on its pipe instead of
  * filling host memory: at most one flow-control window (1 MiB) per channel
- * is ever buffered here, in one contiguous buffer whatever the frame sizes.
+ * is ever buffered here.
  */
 
 import { Readable, Writable } from "node:stream";
 import type { ExecStream, OutputChannel } from "../agent-client/connection.js";
 import { ByteQueue } from "../agent-client/byte-queue.js";
-import { invalidOption } from "../errors.js";
+import { ClosedError, invalidOption } from "../errors.js";
+import { INITIAL_WINDOW } from "../protocol/constants.js";
 import type { ExecWaitResult } from "./options.js";
 
 export const DEFAULT_READ_BYTES = 64 * 1024;
+
+/** Unread bytes a channel drained by wait() keeps for later reads (one window). */
+export const DRAINED_KEEP_BYTES = INITIAL_WINDOW;
 
 /**
  * Output of one channel not yet taken by the caller, in one growing buffer
@@ -22,12 +26,21 @@ export const DEFAULT_READ_BYTES = 64 * 1024;
  */
 class OutputQueue {
   private q = new ByteQueue();
+  /** Queued bytes not yet credited to the guest. */
+  private unackedQueued = 0;
   private eof = false;
+  private error: Error | undefined;
   private waiters: (() => void)[] = [];
   private readable: Readable | undefined;
   /** The Readable asked for data and was not given any since. */
   private wanted = false;
   private flushScheduled = false;
+  /** Someone reads this channel (readStdout, the Readable, for await). */
+  private touched = false;
+  /** wait() was called while nobody read: credit on arrival, keep a bounded head. */
+  private draining = false;
+  /** Bytes dropped while draining (beyond DRAINED_KEEP_BYTES unread). */
+  discarded = 0;
 
   constructor(
     private stream: ExecStream,
@@ -36,6 +49,22 @@ class OutputQueue {
 
   /** `chunk` is a view valid during the call only: copied in. */
   push(chunk: Buffer): void {
+    if (this.error) {
+      // Nobody can read any more: credit so the guest is never blocked on us.
+      this.stream.ack(this.ch, chunk.length);
+      return;
+    }
+    if (this.draining) {
+      this.stream.ack(this.ch, chunk.length);
+      const room = Math.max(0, DRAINED_KEEP_BYTES - this.q.length);
+      if (room < chunk.length) {
+        this.discarded += chunk.length - room;
+        if (room === 0) return;
+        chunk = chunk.subarray(0, room);
+      }
+    } else {
+      this.unackedQueued += chunk.length;
+    }
     this.q.push(chunk);
     if (this.readable) this.scheduleFlush();
     else this.wake();
@@ -47,18 +76,64 @@ class OutputQueue {
     this.wake();
   }
 
+  /** The process's stream failed (the VM died, was destroyed or released): reads reject with `err`. */
+  fail(err: Error): void {
+    if (this.eof || this.error) return;
+    this.error = err;
+    if (this.unackedQueued) this.stream.ack(this.ch, this.unackedQueued);
+    this.unackedQueued = 0;
+    if (this.readable && !this.readable.destroyed) this.endReadable(this.readable, err);
+    this.wake();
+  }
+
+  /**
+   * Ends the Readable of a process whose VM went away: destroyed with the
+   * error when someone listens for errors (`for await`, `pipeline`, an
+   * 'error' handler), else ended after what was received, so that a bare
+   * `child.stdout.pipe(dest)` does not crash the process with an unhandled
+   * 'error' (wait() rejects with the error).
+   */
+  private endReadable(r: Readable, err: Error): void {
+    if (r.listenerCount("error") > 0) {
+      r.destroy(err);
+      return;
+    }
+    if (this.q.length) r.push(this.q.takeAll());
+    r.push(null);
+  }
+
+  /** wait() was called: a channel nobody reads stops holding the process back. */
+  drainIfUnread(): void {
+    if (this.touched || this.draining || this.eof || this.error) return;
+    this.draining = true;
+    if (this.unackedQueued) this.stream.ack(this.ch, this.unackedQueued);
+    this.unackedQueued = 0;
+  }
+
   private wake(): void {
     const w = this.waiters;
     this.waiters = [];
     for (const f of w) f();
   }
 
-  /** Up to `max` bytes; waits for data; a 0-length Buffer at EOF. */
+  /** Takes up to `n` queued bytes' worth of credit owed to the guest. */
+  private credit(n: number): void {
+    const a = Math.min(n, this.unackedQueued);
+    if (a <= 0) return;
+    this.unackedQueued -= a;
+    this.stream.ack(this.ch, a);
+  }
+
+  /** Up to `max` bytes; waits for data; a 0-length Buffer at EOF; rejects once the stream failed and the queue is empty. */
   async read(max: number): Promise<Buffer> {
-    while (this.q.length === 0 && !this.eof) await new Promise<void>((r) => this.waiters.push(r));
-    if (this.q.length === 0) return Buffer.alloc(0);
+    this.touched = true;
+    while (this.q.length === 0 && !this.eof && !this.error) await new Promise<void>((r) => this.waiters.push(r));
+    if (this.q.length === 0) {
+      if (this.error) throw this.error;
+      return Buffer.alloc(0);
+    }
     const b = this.q.shift(max);
-    this.stream.ack(this.ch, b.length);
+    this.credit(b.length);
     return b;
   }
 
@@ -74,12 +149,12 @@ class OutputQueue {
 
   private flush(): void {
     const r = this.readable;
-    if (!r || !this.wanted) return;
+    if (!r || !this.wanted || r.destroyed) return;
     if (this.q.length) {
       const b = this.q.shift();
       // Credited once the Readable has it: its buffer holds at most its
       // high-water mark plus one window.
-      this.stream.ack(this.ch, b.length);
+      this.credit(b.length);
       this.wanted = r.push(b);
     }
     if (this.eof && this.q.length === 0) {
@@ -90,6 +165,7 @@ class OutputQueue {
 
   asReadable(): Readable {
     if (this.readable) return this.readable;
+    this.touched = true;
     const r = new Readable({
       highWaterMark: 256 * 1024,
       read: () => {
@@ -98,6 +174,7 @@ class OutputQueue {
       },
     });
     this.readable = r;
+    if (this.error) this.endReadable(r, this.error);
     return r;
   }
 }
@@ -105,26 +182,80 @@ class OutputQueue {
 /** A process started with `vm.spawn()`. */
 export class ExecChild {
   /** Guest pid of the process. */
-  readonly pid: number;
+  get pid(): number {
+    return this.pidValue;
+  }
+  private pidValue: number;
   private out: OutputQueue;
   private err: OutputQueue;
   private stdinStream: Writable | undefined;
   private result: Promise<ExecWaitResult>;
+  private abandon!: (err: Error) => void;
+  private ended = false;
 
   /** @internal */
   constructor(
     private stream: ExecStream,
     pid: number,
+    /** Why the VM died, once it has (the connection's own error is a plain ClosedError). */
+    deathError: () => Error | undefined = () => undefined,
   ) {
-    this.pid = pid;
+    this.pidValue = pid;
     this.out = new OutputQueue(stream, 1);
     this.err = new OutputQueue(stream, 2);
     stream.onData = (ch, chunk) => (ch === 1 ? this.out : this.err).push(chunk);
     stream.onEof = (ch) => (ch === 1 ? this.out : this.err).end();
-    this.result = stream.exit.then(
-      (e) => ({ exitCode: e.exitCode, timedOut: e.timedOut, peakRssKib: e.peakRssKib }),
+    const abandoned = new Promise<never>((_, reject) => (this.abandon = reject));
+    this.result = Promise.race([
+      stream.exit.then(
+        (e) => ({ exitCode: e.exitCode, timedOut: e.timedOut, peakRssKib: e.peakRssKib, signal: e.signal }),
+        (e: unknown) => {
+          throw (e instanceof ClosedError && deathError()) || e;
+        },
+      ),
+      abandoned,
+    ]);
+    // The VM died, was destroyed or released: every read and wait settles with its error.
+    this.result.then(
+      () => (this.ended = true),
+      (e: unknown) => {
+        this.ended = true;
+        const err = e instanceof Error ? e : new Error(String(e));
+        this.out.fail(err);
+        this.err.fail(err);
+      },
     );
-    this.result.catch(() => undefined);
+  }
+
+  /** @internal Set once the guest reported the pid (STARTED). */
+  _setPid(pid: number): void {
+    this.pidValue = pid;
+  }
+
+  /**
+   * @internal The VM this process runs in changes hands (released back to a
+   * pool that keeps it): the process is killed, and its reads, writes and
+   * wait() reject with `err`.
+   */
+  _end(err: Error): void {
+    if (this.ended) return;
+    this.stream.cancel();
+    this.abandon(err);
+  }
+
+  /** Settles when the process has exited or its stream failed (for the VM's bookkeeping). */
+  get _settled(): Promise<unknown> {
+    return this.result.catch(() => undefined);
+  }
+
+  /**
+   * (extension) Output bytes dropped per channel: after `wait()`, a channel
+   * that nobody had started reading is drained so the process can finish;
+   * its first {@link DRAINED_KEEP_BYTES} unread bytes stay readable and the
+   * rest is counted here.
+   */
+  get discardedBytes(): { stdout: number; stderr: number } {
+    return { stdout: this.out.discarded, stderr: this.err.discarded };
   }
 
   /** Resolves when the guest has accepted the bytes (flow control). */
@@ -137,7 +268,11 @@ export class ExecChild {
     return this.stream.closeStdin();
   }
 
-  /** Up to maxBytes of stdout (waits for some); a 0-length Buffer at EOF. */
+  /**
+   * Up to maxBytes of stdout (waits for some); a 0-length Buffer at EOF.
+   * Rejects with the VM's error (GuestDiedError, ClosedError) once the VM
+   * dies, is destroyed or released and no output is left to read.
+   */
   readStdout(maxBytes = DEFAULT_READ_BYTES): Promise<Buffer> {
     return this.out.read(checkMax(maxBytes));
   }
@@ -161,12 +296,22 @@ export class ExecChild {
     this.stream.resize(cols, rows);
   }
 
-  /** Resolves when the process has exited and its output was delivered. */
+  /**
+   * Resolves when the process has exited; rejects with the VM's error when
+   * the VM dies, is destroyed or released first. It does not need the caller
+   * to read: a channel (stdout, stderr) nobody has started reading is
+   * drained from this call on, keeping its first 1 MiB of unread output
+   * readable and discarding the rest ({@link discardedBytes}). A channel
+   * being read stays flow-controlled: keep reading it (as you would a Node
+   * child process's pipes), or every byte is not guaranteed to arrive.
+   */
   wait(): Promise<ExecWaitResult> {
+    this.out.drainIfUnread();
+    this.err.drainIfUnread();
     return this.result;
   }
 
-  /** stdout as a Node Readable (use it or readStdout, not both). */
+  /** stdout as a Node Readable (use it or readStdout, not both); destroyed with the VM's error when the VM goes. */
   get stdout(): Readable {
     return this.out.asReadable();
   }

@@ -73,12 +73,21 @@ export interface ExecOutput {
   timedOut: boolean;
   /** (extension) Peak memory of the process tree (KiB), from the guest kernel. */
   peakRssKib: number | null;
+  /**
+   * (extension) The signal that killed the process (exitCode is then -1), or
+   * null when it exited on its own. A shell reports such a death as 128 +
+   * signal (143 for SIGTERM), and so does `supermachine run`.
+   */
+  signal: number | null;
 }
 
 export interface ExecWaitResult {
+  /** Exit status; -1 if killed by a signal or the timeout. */
   exitCode: number;
   timedOut: boolean;
   peakRssKib: number | null;
+  /** (extension) The signal that killed the process, or null (see ExecOutput.signal). */
+  signal: number | null;
 }
 
 export const DEFAULT_EXEC_TIMEOUT_MS = 60_000;

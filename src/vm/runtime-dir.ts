@@ -1,7 +1,9 @@
 /**
  * Per-VM runtime directories (sockets) under one parent per user:
  * `$TMPDIR/supermachine-<uid>/<pid>-<random>/`. A directory left behind by a
- * process that was killed (it cannot clean up) is swept by the next process.
+ * process that was killed (it cannot clean up) is swept by the next process;
+ * a process that exits removes the ones it still has (after the QEMU 'exit'
+ * hook killed their VMs).
  *
  * The parent holds QMP and agent sockets: a directory someone else made
  * first (in a shared /tmp) could let them swap a socket under us. It is used
@@ -17,6 +19,22 @@ import { join } from "node:path";
 import { UnsafePathError } from "../errors.js";
 
 let swept = false;
+const live = new Set<string>();
+let hooked = false;
+
+function hookExit(): void {
+  if (hooked) return;
+  hooked = true;
+  process.on("exit", () => {
+    for (const dir of live) {
+      try {
+        rmSync(dir, { recursive: true, force: true });
+      } catch {
+        /* best effort: the next process sweeps it */
+      }
+    }
+  });
+}
 
 function parent(): string {
   const uid = typeof process.getuid === "function" ? process.getuid() : 0;
@@ -82,9 +100,12 @@ export function createRuntimeDir(): string {
   }
   const dir = join(p, `${process.pid}-${randomBytes(4).toString("hex")}`);
   mkdirSync(dir, { mode: 0o700 });
+  hookExit();
+  live.add(dir);
   return dir;
 }
 
 export async function removeRuntimeDir(dir: string): Promise<void> {
   await rm(dir, { recursive: true, force: true });
+  live.delete(dir);
 }

@@ -41,6 +41,7 @@ import { loadState } from "../snapshot/migrate.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { ExecChild } from "./exec-child.js";
 import { collectOutput } from "./exec-collect.js";
+import { ExecProxy } from "./exec-proxy.js";
 import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutput, type ValidExec } from "./options.js";
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
@@ -58,6 +59,15 @@ export interface VmNetwork {
 }
 
 export type { GuestNetConfig } from "../protocol/net-config.js";
+
+// Node < 18.18 has neither Symbol.dispose nor Symbol.asyncDispose, the names
+// `using` / `await using` look up: give them the values later Nodes use, so
+// that the class methods below get stable keys on every supported runtime.
+{
+  const S = Symbol as unknown as { dispose?: symbol; asyncDispose?: symbol };
+  S.dispose ??= Symbol.for("nodejs.dispose");
+  S.asyncDispose ??= Symbol.for("nodejs.asyncDispose");
+}
 
 /** What the image says about how to run things in it (OCI config). */
 export interface GuestConfig {
@@ -325,6 +335,10 @@ export class Vm {
   private forwarders = new Set<TcpForwarder>();
   /** @internal The VM's host-side network stack. */
   readonly net: NetworkStack;
+  /** Processes started with spawn() that have not ended. */
+  private children = new Set<ExecChild>();
+  /** The execPath socket, once asked for. */
+  private proxy: ExecProxy | undefined;
   private closing: Promise<void> | undefined;
   /** @internal Called once when the guest dies on its own. */
   _onDeath: ((vm: Vm, err: SupermachineError) => void) | undefined;
@@ -467,14 +481,22 @@ export class Vm {
     return this.qemu.pid;
   }
 
-  /** Escape hatch: the unix socket of the agent channel (in use by this Vm). */
+  /**
+   * Escape hatch for a bring-your-own client: a unix socket on which a client
+   * speaking docs/protocol.md (HELLO, then EXEC, file and TCP streams, PING)
+   * gets a session of its own, concurrently with this Vm's. The same socket
+   * as {@link execPath} (here one channel carries everything). Created on
+   * first use; it goes away with the VM, and when a pooled VM changes hands.
+   */
   get vsockPath(): string {
-    return this.qemu.agentSocket;
+    return this.execPath;
   }
 
-  /** Escape hatch: the socket exec requests travel on (the agent channel). */
+  /** Escape hatch: the bring-your-own-client socket (see {@link vsockPath}). */
   get execPath(): string {
-    return this.qemu.agentSocket;
+    this.ensureUsable();
+    this.proxy ??= new ExecProxy(this.conn, this.runtimeDir);
+    return this.proxy.path;
   }
 
   /**
@@ -519,6 +541,7 @@ export class Vm {
         : new GuestDiedError(`the VM ${this.id} stopped: ${err.message}`, this.qemu.consoleTail(), { cause: err });
     this.state = "dead";
     this.deathError = e;
+    this.proxy?.close();
     this.conn.destroy(e);
     void this.qmpClient?.then((q) => q.close(), () => undefined);
     this.qemu.kill("SIGKILL");
@@ -631,7 +654,7 @@ export class Vm {
             v.maxOutputBytes,
           );
         }
-        return { stdout, stderr, exitCode: exit.exitCode, timedOut: exit.timedOut, peakRssKib: exit.peakRssKib };
+        return { stdout, stderr, exitCode: exit.exitCode, timedOut: exit.timedOut, peakRssKib: exit.peakRssKib, signal: exit.signal };
       } finally {
         for (const t of timers) clearTimeout(t);
         if (onAbort) v.signal?.removeEventListener("abort", onAbort);
@@ -670,15 +693,21 @@ export class Vm {
           v.signal.addEventListener("abort", onAbort, { once: true });
           s.exit.finally(() => v.signal!.removeEventListener("abort", onAbort)).catch(() => undefined);
         }
+        // Output can arrive in the same socket read as STARTED, before the
+        // await below resumes: the child takes it from the start.
+        const child = new ExecChild(s, 0, () => (this.state === "dead" ? this.deathError : undefined));
         const pid = await s.started.catch(async (e: unknown) => {
           // A program that could not start still "ran": 127/126 via EXIT.
           if (e instanceof ClosedError) return 0;
           throw e;
         });
+        child._setPid(pid);
         // A started process is not an operation close() waits for (a server
         // would keep the VM open forever): closing the VM ends it.
         done();
-        return new ExecChild(s, pid);
+        this.children.add(child);
+        void child._settled.then(() => this.children.delete(child));
+        return child;
       } catch (e) {
         done();
         if (this.state === "dead" && e instanceof ClosedError) throw this.deathError!;
@@ -762,6 +791,18 @@ export class Vm {
   }
 
   /**
+   * @internal The VM changes hands: kills the processes started with spawn()
+   * (their reads, writes and wait() reject with `err`) and ends the
+   * bring-your-own-client sessions (the next holder gets a new execPath).
+   */
+  endSessions(err: Error): void {
+    for (const c of this.children) c._end(err);
+    this.children.clear();
+    this.proxy?.close();
+    this.proxy = undefined;
+  }
+
+  /**
    * Snapshots the running VM (its files and processes included) into
    * `destDir`, which must not exist yet; the VM keeps running. The result
    * restores like a built image.
@@ -821,8 +862,19 @@ export class Vm {
     return this.release();
   }
 
+  /** `await using vm = …`: releases the VM at the end of the block. */
   async [Symbol.asyncDispose](): Promise<void> {
     await this.release();
+  }
+
+  /**
+   * `using vm = …`: starts the release at the end of the block (a sync
+   * disposer cannot wait; a pooled VM is back in its pool's accounting at
+   * once, its teardown finishes in the background). A failure of that
+   * background teardown is not reported here: use `await using` to see it.
+   */
+  [Symbol.dispose](): void {
+    this.release().catch(() => undefined);
   }
 
   /**
@@ -834,7 +886,7 @@ export class Vm {
     if (this.closing) return this.closing;
     if (this.state === "dead" || this.state === "closed") {
       this.state = this.state === "dead" ? "dead" : "closed";
-      this.closing = this.qemu.exited.then(() => removeRuntimeDir(this.runtimeDir));
+      this.closing = this.qemu.stop().then(() => removeRuntimeDir(this.runtimeDir));
       return this.closing;
     }
     this.state = "closing";
@@ -858,6 +910,7 @@ export class Vm {
     for (const f of this.forwarders) f.destroy();
     this.forwarders.clear();
     this.conn.onFatal = () => undefined;
+    this.proxy?.close();
     this.conn.destroy(err);
     void this.qmpClient?.then((q) => q.close(), () => undefined);
     this.net.close();

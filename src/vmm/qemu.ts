@@ -6,6 +6,11 @@
  * read-only virtio-blk root disk, and QMP on a unix socket. It is started
  * through `setpriv --pdeathsig KILL`, so it dies with the Node process even
  * when that one is SIGKILLed; a process 'exit' hook covers the rest.
+ *
+ * A running QEMU does not hold Node's event loop (the child and its output
+ * pipes are unref'd): a script whose work is done exits, and the 'exit' hook
+ * kills what is left. What waits on the guest holds the loop instead (the
+ * agent connection while a request is in flight, `stop()` until QEMU is gone).
  */
 
 import { spawn, type ChildProcess } from "node:child_process";
@@ -192,6 +197,9 @@ export class QemuProcess {
       this.keep(b);
       this.scanStderr(b);
     });
+    // Idle VMs must not keep the process alive (see the file comment).
+    child.unref();
+    for (const pipe of [child.stdout, child.stderr]) (pipe as unknown as { unref?: () => void } | null)?.unref?.();
     this.exited = new Promise((resolve) => {
       child.once("exit", (code, signal) => {
         live.delete(child);
@@ -268,8 +276,9 @@ export class QemuProcess {
     }
   }
 
-  /** Kills QEMU and waits for it to be gone. */
+  /** Kills QEMU and waits for it to be gone (holding the event loop until then). */
   async stop(): Promise<QemuExit> {
+    if (!this.exitInfo) this.child.ref();
     this.kill("SIGKILL");
     return this.exited;
   }

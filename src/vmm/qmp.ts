@@ -23,6 +23,7 @@ export class QmpClient {
   private waiters: { name: string; resolve: (e: QmpEvent) => void }[] = [];
   private closedError: Error | undefined;
   private greeted: Promise<void>;
+  private refed = true;
 
   private constructor(sock: Socket) {
     this.sock = sock;
@@ -76,7 +77,21 @@ export class QmpClient {
     const c = new QmpClient(sock);
     await c.greeted;
     await c.execute("qmp_capabilities");
+    c.updateRef();
     return c;
+  }
+
+  /**
+   * The socket holds the event loop only while a command or an event wait is
+   * pending: an idle QMP connection (a QEMU started ahead of a restore, an
+   * idle VM) must not keep the Node process alive.
+   */
+  private updateRef(): void {
+    const busy = this.closedError === undefined && (this.pending.size > 0 || this.waiters.length > 0);
+    if (busy === this.refed) return;
+    this.refed = busy;
+    if (busy) this.sock.ref();
+    else this.sock.unref();
   }
 
   private onMessage(msg: Record<string, unknown>): void {
@@ -88,6 +103,7 @@ export class QmpClient {
         if (w.name === ev.event) w.resolve(ev);
         else this.waiters.push(w);
       }
+      this.updateRef();
       return;
     }
     const id = typeof msg.id === "string" ? msg.id : undefined;
@@ -95,6 +111,7 @@ export class QmpClient {
     const p = this.pending.get(id);
     if (!p) return;
     this.pending.delete(id);
+    this.updateRef();
     if ("error" in msg) {
       const err = msg.error as { class?: string; desc?: string };
       p.reject(new QemuError(`QMP error: ${err.class ?? "?"}: ${err.desc ?? "?"}`));
@@ -116,13 +133,17 @@ export class QmpClient {
     const id = `c${this.nextId++}`;
     return new Promise<T>((resolve, reject) => {
       this.pending.set(id, { resolve: resolve as (v: unknown) => void, reject });
+      this.updateRef();
       this.sock.write(JSON.stringify(args ? { execute: command, arguments: args, id } : { execute: command, id }) + "\n");
     });
   }
 
   /** Resolves on the next event with this name. */
   waitEvent(name: string): Promise<QmpEvent> {
-    return new Promise((resolve) => this.waiters.push({ name, resolve }));
+    return new Promise((resolve) => {
+      this.waiters.push({ name, resolve });
+      this.updateRef();
+    });
   }
 
   close(): void {

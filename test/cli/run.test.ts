@@ -49,6 +49,13 @@ describe("supermachine run", { timeout: VM_TEST_TIMEOUT }, () => {
     }
   });
 
+  it("a command killed by signal N exits 128+N (SIGTERM: 143, SIGKILL: 137)", () => {
+    const term = run(["run", "-q", "--", "sh", "-c", "kill -TERM $$"]);
+    assert.equal(term.status, 143, term.stderr);
+    const kill = run(["run", "-q", "--", "sh", "-c", "kill -KILL $$"]);
+    assert.equal(kill.status, 137, kill.stderr);
+  });
+
   it("--timeout kills the command: exit 124", () => {
     const r = run(["run", "-q", "--timeout", "1000", "--", "sleep", "60"]);
     assert.equal(r.status, 124, r.stderr);

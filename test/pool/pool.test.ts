@@ -185,8 +185,10 @@ describe("Pool", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     }
   });
 
-  it("pool overrides that differ from the snapshot are refused with the fix named", async () => {
-    await assert.rejects(image.pool({ memoryMib: 512 }), (e: unknown) => e instanceof PoolError && /Build the image with memoryMib 512/.test(e.message));
+  it("a size override on an image loaded from a snapshot directory (no build to replay) is refused with the fix named", async () => {
+    const loaded = await Image.fromSnapshot(image.snapshotPath);
+    await assert.rejects(loaded.pool({ memoryMib: 512 }), (e: unknown) => e instanceof PoolError && /Image\.build\(\{ \.\.\., memoryMib: 512, vcpus: 1 \}\)/.test(e.message));
     await assert.rejects(image.pool({ min: 3, max: 2 }), /Invalid option min/);
+    await assert.rejects(image.pool({ memoryMib: 8 }), /Invalid option memoryMib/);
   });
 });

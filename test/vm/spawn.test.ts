@@ -187,21 +187,24 @@ describe("vm.spawn on a real VM", { timeout: VM_TEST_TIMEOUT }, () => {
     assert.equal(r.exitCode, -1);
   });
 
-  it("exit is reported only after all output is delivered", async () => {
+  it("exit is reported only after all output is delivered: a channel being read stays flow-controlled and lossless", async () => {
     const s = await vm.spawn({ argv: ["sh", "-c", "head -c 3000000 /dev/zero; echo done >&2"] });
-    // Read nothing for a while: the process may exit, but wait() must not
-    // resolve before its output is out.
+    // Start reading stdout (the channel is then the caller's), then stop for
+    // a while: the process blocks on its pipe, and wait() must not resolve
+    // before its output is out. (A channel nobody reads would be drained by
+    // wait(): see exec-child-settle.test.ts.)
+    let n = (await s.readStdout(1000)).length;
     let waited = false;
     void s.wait().then(() => (waited = true));
     await new Promise((r) => setTimeout(r, 1500));
     assert.equal(waited, false);
-    let n = 0;
     for (;;) {
       const b = await s.readStdout(1 << 20);
       if (!b.length) break;
       n += b.length;
     }
     assert.equal(n, 3_000_000);
+    assert.deepEqual(s.discardedBytes, { stdout: 0, stderr: 0 });
     assert.equal((await s.readStderr()).toString(), "done\n");
     assert.equal((await s.wait()).exitCode, 0);
   });
