@@ -52,7 +52,9 @@ export async function saveState(qmp: QmpClient, dir: string, file: string, o: { 
   });
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
-    server.listen(sock, () => resolve());
+    // QEMU connects as its own (unprivileged) user: the socket is writable
+    // for all, and the VM's runtime directory (0700) is what guards it.
+    server.listen({ path: sock, writableAll: true }, () => resolve());
   });
   try {
     await qmp.execute("migrate", { uri: `unix:${sock}` });

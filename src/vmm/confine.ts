@@ -1,0 +1,636 @@
+/**
+ * Confinement of QEMU processes beyond QEMU's own seccomp sandbox.
+ *
+ * Every QEMU is started through a short chain of exec()s, each of which
+ * replaces the previous one in the same process:
+ *
+ *   sh -c PROLOGUE          oom_score_adj, joins the VM's own cgroup(s)
+ *   → setpriv --pdeathsig   dies with Node, even when Node is SIGKILLed
+ *   → bwrap …               private mount/pid/net/ipc/uts namespaces,
+ *                           empty environment, only the VM's files
+ *   → qemu … -runas U:G     opens its files as root, then drops to U:G
+ *
+ * Why this shape (docs/confinement.md has the long version):
+ * - QEMU 7.2 opens a `memory-backend-file` O_RDWR whatever the mapping, so an
+ *   unprivileged QEMU could only restore a snapshot whose RAM file it may
+ *   write. `-runas` lets QEMU open the 0600 snapshot files as root and then
+ *   drop to an unprivileged user before the guest runs user code, so no
+ *   file or directory permission is loosened.
+ * - A uid change clears the parent-death signal, so `setpriv --pdeathsig`
+ *   alone no longer ends QEMU with Node. bubblewrap's PID namespace does:
+ *   its init (which keeps the death signal) dies with Node, and the kernel
+ *   kills everything in a PID namespace whose init is gone.
+ * - In bubblewrap's mount namespace QEMU sees /usr read-only, a minimal
+ *   /dev, its own /proc, and, at their host paths, only this VM's kernel,
+ *   initramfs, disk image, RAM file and runtime directory. Paths are the
+ *   same inside and out, so QMP commands that name a path need no mapping.
+ *
+ * Every piece depends on the host: {@link confinement} reports what is
+ * active and why the rest is not.
+ */
+
+import { execFile, spawnSync } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { existsSync, lstatSync, readFileSync, readlinkSync, realpathSync } from "node:fs";
+import { access, chown, mkdir, readFile, readdir, rmdir, writeFile } from "node:fs/promises";
+import { constants as osConstants } from "node:os";
+import { delimiter, dirname, join, resolve } from "node:path";
+import { ConfinementError } from "../errors.js";
+import type { Accelerator } from "./accel.js";
+
+/**
+ * Memory a QEMU process may use on top of its guest's RAM before its cgroup
+ * limit is reached: TCG's translation cache (64 MiB, `tb-size`), QEMU's code,
+ * heap and threads' stacks (~60 MiB), migration buffers, and page cache read
+ * through the VM's files.
+ */
+export const QEMU_MEMORY_OVERHEAD_MIB = 256;
+
+/**
+ * Tasks (processes and threads) a QEMU's cgroup may hold on top of one per
+ * vCPU: QEMU's main, RCU and I/O threads (its block thread pool grows to 64)
+ * and bubblewrap's init.
+ */
+export const QEMU_PIDS_BASE = 128;
+
+/** oom_score_adj of QEMU processes: the kernel's OOM killer picks them before Node (0). */
+export const QEMU_OOM_SCORE_ADJ = 800;
+
+/** cgroup v2 `cpu.weight` of each VM (the default, 100): VMs share CPU equally whatever their vCPU count. */
+export const QEMU_CPU_WEIGHT = 100;
+
+/** One confinement and whether it is in force on this host. */
+export interface ConfinementItem {
+  /** True when this confinement applies to QEMU processes started from now on. */
+  readonly active: boolean;
+  /** What it does here, or why it is off and what would turn it on. */
+  readonly detail: string;
+}
+
+/** What confines QEMU on this host, as {@link confinement} found it. */
+export interface ConfinementReport {
+  /** Whether this Node process runs as root. */
+  readonly nodeIsRoot: boolean;
+  /** QEMU runs as an unprivileged user other than root. */
+  readonly user: ConfinementItem & { readonly uid: number; readonly gid: number };
+  /** Private mount, PID, network, IPC and UTS namespaces (bubblewrap). */
+  readonly namespaces: ConfinementItem;
+  /** QEMU's environment is empty (nothing of Node's is passed on). */
+  readonly cleanEnvironment: ConfinementItem;
+  /** QEMU's seccomp filter (`-sandbox on`). */
+  readonly seccomp: ConfinementItem;
+  /** Each QEMU in its own cgroup with memory, task and CPU limits. */
+  readonly cgroup: ConfinementItem & { readonly version?: 1 | 2; readonly base?: string };
+  /** QEMU's oom_score_adj is raised so the OOM killer takes it before Node. */
+  readonly oomScoreAdj: ConfinementItem & { readonly value: number };
+  /** QEMU dies with Node, also when Node is SIGKILLed. */
+  readonly diesWithNode: ConfinementItem;
+  /** Snapshot restores open the RAM file read-only (needs QEMU ≥ 8.2's `rom` option). */
+  readonly snapshotRamReadOnly: ConfinementItem;
+}
+
+interface CgroupRoot {
+  version: 1 | 2;
+  /** v2: one directory; v1: one per controller (memory, pids, cpu). */
+  bases: { controller: "memory" | "pids" | "cpu" | "all"; dir: string }[];
+}
+
+interface Plan {
+  report: ConfinementReport;
+  sh: string;
+  setpriv?: string;
+  bwrap?: string;
+  runAs?: { uid: number; gid: number };
+  cgroup?: CgroupRoot;
+  romSupported: boolean;
+}
+
+const SAFE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin";
+
+function which(cmd: string): string | undefined {
+  for (const dir of SAFE_PATH.split(delimiter)) {
+    const p = join(dir, cmd);
+    if (existsSync(p)) return p;
+  }
+  return undefined;
+}
+
+function envFlagOff(v: string | undefined): boolean {
+  return v !== undefined && /^(0|off|false|no)$/i.test(v);
+}
+
+/** Looks a user up in /etc/passwd (no NSS: the result must not depend on services). */
+function passwdEntry(name: string): { uid: number; gid: number } | undefined {
+  let text: string;
+  try {
+    text = readFileSync("/etc/passwd", "utf8");
+  } catch {
+    return undefined;
+  }
+  for (const line of text.split("\n")) {
+    const f = line.split(":");
+    if (f[0] === name && f.length >= 4) {
+      const uid = Number(f[2]);
+      const gid = Number(f[3]);
+      if (Number.isInteger(uid) && Number.isInteger(gid)) return { uid, gid };
+    }
+  }
+  return undefined;
+}
+
+/** The user QEMU drops to when Node is root: SUPERMACHINE_QEMU_USER, else `supermachine-qemu`, else nobody. */
+export function qemuUser(env: NodeJS.ProcessEnv = process.env): { uid: number; gid: number; name: string } {
+  const v = env.SUPERMACHINE_QEMU_USER;
+  if (v !== undefined && v !== "") {
+    const m = /^(\d+):(\d+)$/.exec(v);
+    const ids = m ? { uid: Number(m[1]), gid: Number(m[2]) } : passwdEntry(v);
+    if (!ids) throw new ConfinementError(`SUPERMACHINE_QEMU_USER=${JSON.stringify(v)} is neither a user in /etc/passwd nor UID:GID. Set it to an unprivileged user, e.g. 65534:65534.`);
+    if (ids.uid === 0 || ids.gid === 0 || ids.uid > 0xfffffffe || ids.gid > 0xfffffffe) {
+      throw new ConfinementError(`SUPERMACHINE_QEMU_USER=${JSON.stringify(v)} must name an unprivileged user (uid and gid not 0).`);
+    }
+    return { ...ids, name: v };
+  }
+  const own = passwdEntry("supermachine-qemu");
+  if (own && own.uid !== 0 && own.gid !== 0) return { ...own, name: "supermachine-qemu" };
+  return { uid: 65534, gid: 65534, name: "nobody" };
+}
+
+// ------------------------------------------------------------------ bwrap
+
+/** The read-only system part of QEMU's mount namespace: /usr and the top-level links into it. */
+function systemBinds(): string[] {
+  const a = ["--ro-bind", "/usr", "/usr"];
+  for (const top of ["/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32"]) {
+    let st;
+    try {
+      st = lstatSync(top);
+    } catch {
+      continue;
+    }
+    if (st.isSymbolicLink()) a.push("--symlink", readlinkSync(top), top);
+    else if (st.isDirectory()) a.push("--ro-bind", top, top);
+  }
+  a.push("--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache");
+  return a;
+}
+
+const NAMESPACES = ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup-try", "--die-with-parent", "--new-session"];
+
+function probeBwrap(bwrap: string): string | undefined {
+  const t = which("true");
+  if (!t) return "no `true` binary to probe bubblewrap with";
+  const r = spawnSync(bwrap, [...NAMESPACES, ...systemBinds(), "--dev", "/dev", "--proc", "/proc", "--clearenv", "--", realpathSync(t)], {
+    env: { PATH: SAFE_PATH },
+    stdio: ["ignore", "ignore", "pipe"],
+    timeout: 10_000,
+  });
+  if (r.status === 0) return undefined;
+  return `bubblewrap cannot create namespaces here (${r.error?.message ?? (r.stderr.toString("utf8").trim().slice(0, 300) || `exit ${r.status}`)})`;
+}
+
+// ------------------------------------------------------------------ cgroups
+
+interface MountInfo {
+  mountPoint: string;
+  fsType: string;
+  superOptions: string[];
+}
+
+function cgroupMounts(): MountInfo[] {
+  let text: string;
+  try {
+    text = readFileSync("/proc/self/mountinfo", "utf8");
+  } catch {
+    return [];
+  }
+  const out: MountInfo[] = [];
+  for (const line of text.split("\n")) {
+    const [left, right] = line.split(" - ");
+    if (!left || !right) continue;
+    const l = left.split(" ");
+    const r = right.split(" ");
+    if (r[0] !== "cgroup" && r[0] !== "cgroup2") continue;
+    out.push({ mountPoint: l[4]!.replace(/\\040/g, " "), fsType: r[0], superOptions: (r[2] ?? "").split(",") });
+  }
+  return out;
+}
+
+/** This process's cgroup path per hierarchy: "" → v2 path, controller name → v1 path. */
+function ownCgroups(): Map<string, string> {
+  const m = new Map<string, string>();
+  let text: string;
+  try {
+    text = readFileSync("/proc/self/cgroup", "utf8");
+  } catch {
+    return m;
+  }
+  for (const line of text.split("\n")) {
+    const i = line.indexOf(":");
+    const j = line.indexOf(":", i + 1);
+    if (i < 0 || j < 0) continue;
+    const ctrls = line.slice(i + 1, j);
+    const path = line.slice(j + 1);
+    if (ctrls === "") m.set("", path);
+    else for (const c of ctrls.split(",")) m.set(c, path);
+  }
+  return m;
+}
+
+async function writable(dir: string): Promise<boolean> {
+  try {
+    await access(dir, 2 /* W_OK */);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function readText(p: string): Promise<string> {
+  return (await readFile(p, "utf8")).trim();
+}
+
+/** Makes `dir` (a v2 cgroup without processes) hand memory, pids and cpu down to its children. */
+async function enableV2Controllers(dir: string): Promise<void> {
+  await mkdir(dir, { recursive: true });
+  const have = (await readText(join(dir, "cgroup.controllers"))).split(/\s+/);
+  for (const c of ["memory", "pids", "cpu"]) {
+    if (!have.includes(c)) throw new Error(`${dir} has no ${c} controller`);
+  }
+  const on = (await readText(join(dir, "cgroup.subtree_control"))).split(/\s+/);
+  const want = ["memory", "pids", "cpu"].filter((c) => !on.includes(c));
+  if (want.length) await writeFile(join(dir, "cgroup.subtree_control"), want.map((c) => `+${c}`).join(" "));
+}
+
+/**
+ * Finds where VM cgroups can be made. cgroup v2 first: SUPERMACHINE_CGROUP
+ * (a delegated directory), else, as root, a `supermachine` cgroup next to
+ * ours (v2 forbids controllers below a cgroup that holds processes, so not
+ * inside our own unless ours is the root). Then cgroup v1 (memory, pids and
+ * cpu hierarchies), as root, below our own cgroup in each.
+ */
+async function findCgroupRoot(isRoot: boolean, env: NodeJS.ProcessEnv): Promise<{ root?: CgroupRoot; detail: string }> {
+  if (envFlagOff(env.SUPERMACHINE_CGROUP)) return { detail: "off (SUPERMACHINE_CGROUP=0)" };
+  const mounts = cgroupMounts();
+  const own = ownCgroups();
+  const v2 = mounts.find((m) => m.fsType === "cgroup2");
+  const problems: string[] = [];
+  const explicit = env.SUPERMACHINE_CGROUP;
+  if (explicit) {
+    try {
+      await enableV2Controllers(resolve(explicit));
+      return { root: { version: 2, bases: [{ controller: "all", dir: resolve(explicit) }] }, detail: "" };
+    } catch (e) {
+      throw new ConfinementError(`SUPERMACHINE_CGROUP=${explicit} cannot hold VM cgroups: ${(e as Error).message}. Point it at a writable cgroup v2 directory with the memory, pids and cpu controllers, or set it to 0.`, { cause: e });
+    }
+  }
+  if (!isRoot) return { detail: "off: Node is not root (set SUPERMACHINE_CGROUP to a cgroup v2 directory delegated to this user)" };
+  if (v2 && own.has("")) {
+    const ownPath = own.get("")!;
+    const base = ownPath === "/" ? join(v2.mountPoint, "supermachine") : join(v2.mountPoint, dirname(ownPath), "supermachine");
+    try {
+      if (!(await writable(v2.mountPoint))) throw new Error(`${v2.mountPoint} is read-only`);
+      await enableV2Controllers(base);
+      return { root: { version: 2, bases: [{ controller: "all", dir: base }] }, detail: "" };
+    } catch (e) {
+      problems.push(`cgroup v2: ${(e as Error).message}`);
+    }
+  }
+  const bases: CgroupRoot["bases"] = [];
+  for (const c of ["memory", "pids", "cpu"] as const) {
+    const m = mounts.find((x) => x.fsType === "cgroup" && x.superOptions.includes(c));
+    const path = own.get(c);
+    if (!m || path === undefined) {
+      problems.push(`cgroup v1: no ${c} hierarchy`);
+      break;
+    }
+    bases.push({ controller: c, dir: join(m.mountPoint, path, "supermachine") });
+  }
+  if (bases.length === 3) {
+    try {
+      for (const b of bases) {
+        await mkdir(b.dir, { recursive: true });
+        if (!(await writable(b.dir))) throw new Error(`${b.dir} is not writable`);
+      }
+      return { root: { version: 1, bases }, detail: "" };
+    } catch (e) {
+      problems.push(`cgroup v1: ${(e as Error).message}`);
+    }
+  }
+  return { detail: `off: ${problems.join("; ") || "no cgroup filesystem"}` };
+}
+
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+/** Removes VM cgroups left by Node processes that were killed. */
+async function sweepCgroups(root: CgroupRoot): Promise<void> {
+  for (const b of root.bases) {
+    let names: string[];
+    try {
+      names = await readdir(b.dir);
+    } catch {
+      continue;
+    }
+    for (const name of names) {
+      const m = /^sm-(\d+)-/.exec(name);
+      if (!m || Number(m[1]) === process.pid || pidAlive(Number(m[1]))) continue;
+      await rmdir(join(b.dir, name)).catch(() => undefined);
+    }
+  }
+}
+
+/** The cgroup(s) of one QEMU process. */
+export class VmCgroup {
+  private constructor(
+    readonly version: 1 | 2,
+    /** The cgroup directories (one for v2, memory/pids/cpu for v1). */
+    readonly dirs: readonly string[],
+  ) {}
+
+  /** Creates a VM's cgroup with its limits. */
+  static async create(root: CgroupRoot, name: string, memoryMib: number, vcpus: number): Promise<VmCgroup> {
+    const leaf = `sm-${process.pid}-${name.replace(/[^A-Za-z0-9_.-]/g, "_").slice(0, 40)}-${randomBytes(3).toString("hex")}`;
+    const memBytes = String((memoryMib + QEMU_MEMORY_OVERHEAD_MIB) * 1024 * 1024);
+    const pids = String(QEMU_PIDS_BASE + vcpus);
+    const made: string[] = [];
+    const cg = new VmCgroup(root.version, made);
+    try {
+      for (const b of root.bases) {
+        const dir = join(b.dir, leaf);
+        await mkdir(dir);
+        made.push(dir);
+        if (root.version === 2) {
+          await writeFile(join(dir, "memory.max"), memBytes);
+          await writeFile(join(dir, "pids.max"), pids);
+          await writeFile(join(dir, "cpu.weight"), String(QEMU_CPU_WEIGHT));
+          await writeFile(join(dir, "memory.oom.group"), "1").catch(() => undefined);
+        } else if (b.controller === "memory") {
+          await writeFile(join(dir, "memory.limit_in_bytes"), memBytes);
+        } else if (b.controller === "pids") {
+          await writeFile(join(dir, "pids.max"), pids);
+        } else {
+          await writeFile(join(dir, "cpu.shares"), "1024");
+        }
+      }
+    } catch (e) {
+      await cg.remove();
+      throw new ConfinementError(`cannot set up the cgroup of VM ${name}: ${(e as Error).message}. Set SUPERMACHINE_CGROUP=0 to run without.`, { cause: e });
+    }
+    return cg;
+  }
+
+  /** The files a process writes "0" to in order to join this cgroup. */
+  get procsFiles(): string[] {
+    return this.dirs.map((d) => join(d, "cgroup.procs"));
+  }
+
+  /** Kills what is left inside and removes the cgroup (retrying while the kernel reaps). */
+  async remove(): Promise<void> {
+    for (const dir of [...this.dirs].reverse()) {
+      for (let i = 0; i < 100; i++) {
+        try {
+          await rmdir(dir);
+          break;
+        } catch (e) {
+          const code = (e as NodeJS.ErrnoException).code;
+          if (code === "ENOENT") break;
+          if (code !== "EBUSY" || i === 99) break;
+          await this.killAll(dir);
+          await new Promise((r) => setTimeout(r, 10));
+        }
+      }
+    }
+  }
+
+  private async killAll(dir: string): Promise<void> {
+    if (this.version === 2 && (await writeFile(join(dir, "cgroup.kill"), "1").then(() => true, () => false))) return;
+    const pids = await readFile(join(dir, "cgroup.procs"), "utf8").catch(() => "");
+    for (const p of pids.split("\n")) {
+      const pid = Number(p);
+      if (Number.isInteger(pid) && pid > 0 && pid !== process.pid) {
+        try {
+          process.kill(pid, "SIGKILL");
+        } catch {
+          /* gone */
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------ the plan
+
+let planPromise: Promise<Plan> | undefined;
+const romSupport = new Map<string, Promise<boolean>>();
+
+/** Whether this QEMU binary's memory-backend-file has `rom` (QEMU ≥ 8.2): read-only open, writable private map. */
+function qemuHasRom(qemu: string): Promise<boolean> {
+  let p = romSupport.get(qemu);
+  if (!p) {
+    p = new Promise((res) => {
+      execFile(qemu, ["-object", "memory-backend-file,help"], { env: {}, timeout: 30_000 }, (err, stdout, stderr) => {
+        res(!err && /^\s*rom=/m.test(`${stdout}${stderr}`));
+      });
+    });
+    romSupport.set(qemu, p);
+  }
+  return p;
+}
+
+async function makePlan(env: NodeJS.ProcessEnv): Promise<Plan> {
+  const isRoot = typeof process.getuid === "function" && process.getuid() === 0;
+  const sh = which("sh") ?? "/bin/sh";
+  const setpriv = which("setpriv");
+  const off = envFlagOff(env.SUPERMACHINE_CONFINE);
+  let bwrap = off ? undefined : which("bwrap");
+  let nsDetail: string;
+  if (off) nsDetail = "off (SUPERMACHINE_CONFINE=0)";
+  else if (!bwrap) nsDetail = "off: bubblewrap is not installed (apt-get install bubblewrap, or npm run setup)";
+  else {
+    const why = probeBwrap(bwrap);
+    if (why) {
+      nsDetail = `off: ${why}`;
+      bwrap = undefined;
+    } else nsDetail = "mount (only /usr, a minimal /dev, its own /proc and the VM's files), pid, network (none), ipc, uts";
+  }
+  let runAs: { uid: number; gid: number } | undefined;
+  let userDetail: string;
+  let user = { uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0 };
+  if (!isRoot) userDetail = `Node is not root: QEMU runs as Node's user (uid ${user.uid})`;
+  else if (!bwrap) userDetail = "off: QEMU runs as root (dropping privileges needs bubblewrap's PID namespace to still end QEMU with Node)";
+  else {
+    const u = qemuUser(env);
+    runAs = { uid: u.uid, gid: u.gid };
+    user = runAs;
+    userDetail = `uid ${u.uid}, gid ${u.gid} (${u.name}), no other groups, no capabilities: QEMU opens its files as root, then drops (-runas) before the guest runs`;
+  }
+  const cg = await findCgroupRoot(isRoot, env);
+  if (cg.root) await sweepCgroups(cg.root).catch(() => undefined);
+  const cgDetail = cg.root
+    ? `cgroup v${cg.root.version} under ${cg.root.bases.map((b) => b.dir).join(", ")}: memory = guest RAM + ${QEMU_MEMORY_OVERHEAD_MIB} MiB, tasks = ${QEMU_PIDS_BASE} + vCPUs, equal CPU weight`
+    : cg.detail;
+  const report: ConfinementReport = {
+    nodeIsRoot: isRoot,
+    user: { active: runAs !== undefined, uid: user.uid, gid: user.gid, detail: userDetail },
+    namespaces: { active: bwrap !== undefined, detail: nsDetail },
+    cleanEnvironment: { active: true, detail: bwrap ? "empty (bubblewrap --clearenv)" : "empty (spawned with no variables)" },
+    seccomp: { active: true, detail: `-sandbox on (obsolete, spawn, resourcecontrol denied; set*uid ${runAs ? "allowed for -runas, harmless after the drop" : "denied"})` },
+    cgroup: { active: cg.root !== undefined, ...(cg.root ? { version: cg.root.version, base: cg.root.bases[0]!.dir } : {}), detail: cgDetail },
+    oomScoreAdj: { active: true, value: QEMU_OOM_SCORE_ADJ, detail: `${QEMU_OOM_SCORE_ADJ} (Node keeps its own)` },
+    diesWithNode: bwrap
+      ? { active: true, detail: "bubblewrap's init has a parent-death signal; its PID namespace ends with it" }
+      : setpriv
+        ? { active: true, detail: "setpriv --pdeathsig KILL" }
+        : { active: false, detail: "off: setpriv (util-linux) is missing; only a normal Node exit kills QEMU" },
+    snapshotRamReadOnly: { active: false, detail: "checked per QEMU binary at start" },
+  };
+  return { report, sh, ...(setpriv ? { setpriv } : {}), ...(bwrap ? { bwrap } : {}), ...(runAs ? { runAs } : {}), ...(cg.root ? { cgroup: cg.root } : {}), romSupported: false };
+}
+
+/** @internal The confinement plan, probed once per process. */
+export function confinementPlan(): Promise<Plan> {
+  if (!planPromise) {
+    planPromise = makePlan(process.env);
+    planPromise.catch(() => {
+      planPromise = undefined;
+    });
+  }
+  return planPromise;
+}
+
+/**
+ * Says which confinements apply to the QEMU processes this Node process
+ * starts (probed once per process: bubblewrap, the QEMU user, cgroups).
+ *
+ * @param qemuBinary - the QEMU whose snapshot-RAM handling to report; default: SUPERMACHINE_QEMU or PATH.
+ */
+export async function confinement(qemuBinary?: string): Promise<ConfinementReport> {
+  const plan = await confinementPlan();
+  let ram: ConfinementItem;
+  if (!qemuBinary) ram = { active: false, detail: "unknown: no QEMU binary found" };
+  else if (await qemuHasRom(qemuBinary)) ram = { active: true, detail: "memory-backend-file readonly=on,rom=off: opened read-only, mapped private" };
+  else ram = { active: false, detail: "off: this QEMU (< 8.2) opens a memory-backend-file read-write even for a private mapping; the mapping is private (copy-on-write), so the guest's writes never reach the file" };
+  return { ...plan.report, snapshotRamReadOnly: ram };
+}
+
+// ------------------------------------------------------------------ per launch
+
+/** The files one QEMU needs, for its mount namespace. */
+export interface LaunchFiles {
+  qemu: string;
+  accel: Accelerator;
+  /** Bound read-only. */
+  readOnly: string[];
+  /** Bound read-write (the runtime dir; a RAM file QEMU must open O_RDWR; the directory of a RAM file QEMU creates). */
+  readWrite: string[];
+}
+
+/** @internal The command that starts QEMU confined, with its environment. */
+export interface ConfinedCommand {
+  cmd: string;
+  argv: string[];
+  env: NodeJS.ProcessEnv;
+  /** How many fork levels below the spawned process QEMU runs (0: it is QEMU after the exec chain). */
+  qemuDepth: number;
+  /** QEMU drops to this user (-runas). */
+  runAs?: { uid: number; gid: number };
+  cgroup?: VmCgroup;
+  /** bubblewrap reports QEMU's death by signal N as exit code 128 + N. */
+  exitCodeEncodesSignal: boolean;
+}
+
+/**
+ * @internal Builds the exec chain for one QEMU, creates its cgroup and hands
+ * its runtime directory to the QEMU user. Undo with `cgroup.remove()`.
+ */
+export async function confineLaunch(plan: Plan, f: LaunchFiles, qemuArgv: string[], runtimeDir: string, name: string, memoryMib: number, vcpus: number): Promise<ConfinedCommand> {
+  const cgroup = plan.cgroup ? await VmCgroup.create(plan.cgroup, name, memoryMib, vcpus) : undefined;
+  try {
+    if (plan.runAs) await chown(runtimeDir, plan.runAs.uid, plan.runAs.gid);
+    // sh: raise oom_score_adj and join the cgroup(s), then exec the rest.
+    const prologue =
+      'echo "$1" > /proc/self/oom_score_adj || exit 126; n=$2; shift 2; ' +
+      'while [ "$n" -gt 0 ]; do echo 0 > "$1" || exit 126; shift; n=$((n - 1)); done; exec "$@"';
+    const files = cgroup?.procsFiles ?? [];
+    const argv = ["-c", prologue, "sm-qemu", String(QEMU_OOM_SCORE_ADJ), String(files.length), ...files];
+    if (plan.setpriv) argv.push(plan.setpriv, "--pdeathsig", "KILL", "--");
+    if (plan.bwrap) {
+      argv.push(plan.bwrap, ...NAMESPACES, "--clearenv", "--chdir", "/");
+      if (plan.runAs) {
+        // What QEMU needs before -runas: setuid/setgid, and to open the VM's
+        // files whoever owns them (as Node, which is root, could). All
+        // capabilities are gone once it has dropped.
+        argv.push("--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_DAC_OVERRIDE");
+      }
+      argv.push(...systemBinds(), "--dev", "/dev", "--proc", "/proc");
+      if (f.accel === "kvm") argv.push("--dev-bind", "/dev/kvm", "/dev/kvm");
+      if (!f.qemu.startsWith("/usr/")) argv.push("--ro-bind", f.qemu, f.qemu);
+      const seen = new Set<string>();
+      for (const p of f.readWrite) {
+        if (seen.has(p)) continue;
+        seen.add(p);
+        argv.push("--bind", p, p);
+      }
+      for (const p of f.readOnly) {
+        if (seen.has(p)) continue;
+        seen.add(p);
+        argv.push("--ro-bind", p, p);
+      }
+      argv.push("--");
+    }
+    argv.push(f.qemu, ...qemuArgv);
+    return {
+      cmd: plan.sh,
+      argv,
+      env: {},
+      qemuDepth: plan.bwrap ? 2 : 0,
+      ...(plan.runAs ? { runAs: plan.runAs } : {}),
+      ...(cgroup ? { cgroup } : {}),
+      exitCodeEncodesSignal: plan.bwrap !== undefined,
+    };
+  } catch (e) {
+    await cgroup?.remove();
+    throw e;
+  }
+}
+
+/** @internal Whether a snapshot RAM file can be opened read-only by this QEMU. */
+export function snapshotRamReadOnly(qemu: string): Promise<boolean> {
+  return qemuHasRom(qemu);
+}
+
+/** @internal Translates bubblewrap's "128 + N" exit code of a QEMU killed by signal N. */
+export function decodeExit(code: number | null, signal: NodeJS.Signals | null, encoded: boolean): { code: number | null; signal: NodeJS.Signals | null } {
+  if (!encoded || signal || code === null || code <= 128 || code >= 128 + 65) return { code, signal };
+  const n = code - 128;
+  const name = (Object.entries(osConstants.signals) as [NodeJS.Signals, number][]).find(([, v]) => v === n)?.[0];
+  return name ? { code: null, signal: name } : { code, signal };
+}
+
+/** @internal Finds the pid `depth` fork levels below `root` (QEMU under bubblewrap's init). */
+export async function descendantPid(root: number, depth: number, deadline: number, gone: () => boolean): Promise<number | undefined> {
+  let pid = root;
+  for (let level = 0; level < depth; level++) {
+    let child: number | undefined;
+    for (let delay = 1; ; delay = Math.min(delay * 2, 20)) {
+      if (gone()) return undefined;
+      try {
+        const first = readFileSync(`/proc/${pid}/task/${pid}/children`, "latin1").trim().split(/\s+/)[0];
+        if (first) child = Number(first);
+      } catch {
+        return undefined;
+      }
+      if (child) break;
+      if (Date.now() > deadline) return undefined;
+      await new Promise((r) => setTimeout(r, delay));
+    }
+    pid = child;
+  }
+  return pid;
+}
