@@ -575,12 +575,13 @@ export async function confineLaunch(plan: Plan, f: LaunchFiles, qemuArgv: string
       for (const p of f.readWrite) {
         if (seen.has(p)) continue;
         seen.add(p);
-        argv.push("--bind", p, p);
+        // -try: a missing file is QEMU's to report, in its own words.
+        argv.push("--bind-try", p, p);
       }
       for (const p of f.readOnly) {
         if (seen.has(p)) continue;
         seen.add(p);
-        argv.push("--ro-bind", p, p);
+        argv.push("--ro-bind-try", p, p);
       }
       argv.push("--");
     }
@@ -613,21 +614,24 @@ export function decodeExit(code: number | null, signal: NodeJS.Signals | null, e
   return name ? { code: null, signal: name } : { code, signal };
 }
 
-/** @internal Finds the pid `depth` fork levels below `root` (QEMU under bubblewrap's init). */
-export async function descendantPid(root: number, depth: number, deadline: number, gone: () => boolean): Promise<number | undefined> {
+/**
+ * @internal Finds the pid `depth` fork levels below `root` (QEMU under
+ * bubblewrap's init): "gone" when the chain ended first, "timeout" past the deadline.
+ */
+export async function descendantPid(root: number, depth: number, deadline: number, gone: () => boolean): Promise<number | "gone" | "timeout"> {
   let pid = root;
   for (let level = 0; level < depth; level++) {
     let child: number | undefined;
     for (let delay = 1; ; delay = Math.min(delay * 2, 20)) {
-      if (gone()) return undefined;
+      if (gone()) return "gone";
       try {
         const first = readFileSync(`/proc/${pid}/task/${pid}/children`, "latin1").trim().split(/\s+/)[0];
         if (first) child = Number(first);
       } catch {
-        return undefined;
+        return "gone";
       }
       if (child) break;
-      if (Date.now() > deadline) return undefined;
+      if (Date.now() > deadline) return "timeout";
       await new Promise((r) => setTimeout(r, delay));
     }
     pid = child;

@@ -254,11 +254,12 @@ export class QemuProcess {
     else {
       // QEMU runs under bubblewrap's init, in its PID namespace.
       const pid = await descendantPid(child.pid!, c.qemuDepth, Date.now() + QEMU_PID_TIMEOUT_MS, () => proc.exitInfo !== undefined || child.exitCode !== null || child.signalCode !== null);
-      if (pid === undefined && child.exitCode === null && child.signalCode === null) {
+      if (pid === "timeout") {
         await proc.stop();
         throw new QemuError(`QEMU did not start within ${QEMU_PID_TIMEOUT_MS} ms under its confinement wrapper: ${proc.consoleTail(1024)}`);
       }
-      proc.qemuPid = pid;
+      // "gone": QEMU (or bubblewrap) exited at once; `exited` and the console tail tell why.
+      if (pid !== "gone") proc.qemuPid = pid;
     }
     return proc;
   }
