@@ -12,4 +12,5 @@ export { resolveImage, type ImageProgress, type ResolvedImage } from "./image/re
 export { ExecChild } from "./vm/exec-child.js";
 export { TcpForwarder } from "./vm/tcp-forwarder.js";
 export type { ExecOptions, ExecOutput, ExecWaitResult, StagedFileMode, Winsize } from "./vm/options.js";
+export { confinement, type ConfinementItem, type ConfinementReport } from "./vmm/confine.js";
 export { chooseAccelerator, type Accelerator, type AcceleratorOption, type AcceleratorChoice } from "./vmm/accel.js";

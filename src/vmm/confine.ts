@@ -170,7 +170,7 @@ function systemBinds(): string[] {
     if (st.isSymbolicLink()) a.push("--symlink", readlinkSync(top), top);
     else if (st.isDirectory()) a.push("--ro-bind", top, top);
   }
-  a.push("--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache");
+  a.push("--perms", "0755", "--dir", "/etc", "--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache");
   return a;
 }
 
@@ -468,7 +468,7 @@ async function makePlan(env: NodeJS.ProcessEnv): Promise<Plan> {
     const u = qemuUser(env);
     runAs = { uid: u.uid, gid: u.gid };
     user = runAs;
-    userDetail = `uid ${u.uid}, gid ${u.gid} (${u.name}), no other groups, no capabilities: QEMU opens its files as root, then drops (-runas) before the guest runs`;
+    userDetail = `uid ${u.uid}, gid ${u.gid} (${u.name}), no other groups, no capabilities: QEMU opens its files as root, then drops (-runas) before any code of the image runs`;
   }
   const cg = await findCgroupRoot(isRoot, env);
   if (cg.root) await sweepCgroups(cg.root).catch(() => undefined);
@@ -570,6 +570,14 @@ export async function confineLaunch(plan: Plan, f: LaunchFiles, qemuArgv: string
       }
       argv.push(...systemBinds(), "--dev", "/dev", "--proc", "/proc");
       if (f.accel === "kvm") argv.push("--dev-bind", "/dev/kvm", "/dev/kvm");
+      // bubblewrap would create the directories above each file 0700 (like
+      // the cache's): make them 0755 so the QEMU user can reach its files.
+      // They are empty tmpfs directories in QEMU's own mount namespace.
+      const above = new Set<string>();
+      for (const p of [...f.readWrite, ...f.readOnly, ...(f.qemu.startsWith("/usr/") ? [] : [f.qemu])]) {
+        for (let d = dirname(p); d !== "/" && d !== "." && !d.startsWith("/usr/") && d !== "/usr"; d = dirname(d)) above.add(d);
+      }
+      for (const d of [...above].sort((a, b) => a.split("/").length - b.split("/").length)) argv.push("--perms", "0755", "--dir", d);
       if (!f.qemu.startsWith("/usr/")) argv.push("--ro-bind", f.qemu, f.qemu);
       const seen = new Set<string>();
       for (const p of f.readWrite) {
