@@ -71,7 +71,7 @@ export interface ConfinementItem {
 export interface ConfinementReport {
   /** Whether this Node process runs as root. */
   readonly nodeIsRoot: boolean;
-  /** QEMU runs as an unprivileged user other than root. */
+  /** QEMU runs as an unprivileged user (a user of its own when Node is root, else Node's). */
   readonly user: ConfinementItem & { readonly uid: number; readonly gid: number };
   /** Private mount, PID, network, IPC and UTS namespaces (bubblewrap). */
   readonly namespaces: ConfinementItem;
@@ -477,7 +477,7 @@ async function makePlan(env: NodeJS.ProcessEnv): Promise<Plan> {
     : cg.detail;
   const report: ConfinementReport = {
     nodeIsRoot: isRoot,
-    user: { active: runAs !== undefined, uid: user.uid, gid: user.gid, detail: userDetail },
+    user: { active: runAs !== undefined || !isRoot, uid: user.uid, gid: user.gid, detail: userDetail },
     namespaces: { active: bwrap !== undefined, detail: nsDetail },
     cleanEnvironment: { active: true, detail: bwrap ? "empty (bubblewrap --clearenv)" : "empty (spawned with no variables)" },
     seccomp: { active: true, detail: `-sandbox on (obsolete, spawn, resourcecontrol denied; set*uid ${runAs ? "allowed for -runas, harmless after the drop" : "denied"})` },
