@@ -89,7 +89,8 @@ export interface ConfinementReport {
   readonly snapshotRamReadOnly: ConfinementItem;
 }
 
-interface CgroupRoot {
+/** @internal Where VM cgroups are made. */
+export interface CgroupRoot {
   version: 1 | 2;
   /** v2: one directory; v1: one per controller (memory, pids, cpu). */
   bases: { controller: "memory" | "pids" | "cpu" | "all"; dir: string }[];
@@ -479,7 +480,7 @@ async function makePlan(env: NodeJS.ProcessEnv): Promise<Plan> {
     nodeIsRoot: isRoot,
     user: { active: runAs !== undefined || !isRoot, uid: user.uid, gid: user.gid, detail: userDetail },
     namespaces: { active: bwrap !== undefined, detail: nsDetail },
-    cleanEnvironment: { active: true, detail: bwrap ? "empty (bubblewrap --clearenv)" : "empty (spawned with no variables)" },
+    cleanEnvironment: { active: true, detail: "nothing of Node's: only PWD=/" },
     seccomp: { active: true, detail: `-sandbox on (obsolete, spawn, resourcecontrol denied; set*uid ${runAs ? "allowed for -runas, harmless after the drop" : "denied"})` },
     cgroup: { active: cg.root !== undefined, ...(cg.root ? { version: cg.root.version, base: cg.root.bases[0]!.dir } : {}), detail: cgDetail },
     oomScoreAdj: { active: true, value: QEMU_OOM_SCORE_ADJ, detail: `${QEMU_OOM_SCORE_ADJ} (Node keeps its own)` },

@@ -230,7 +230,7 @@ export class QemuProcess {
     hookExit();
     let child: ChildProcess;
     try {
-      child = spawn(c.cmd, c.argv, { stdio: ["ignore", "pipe", "pipe"], env: c.env });
+      child = spawn(c.cmd, c.argv, { stdio: ["ignore", "pipe", "pipe"], env: c.env, cwd: "/" });
     } catch (e) {
       await c.cgroup?.remove();
       throw new QemuError(`cannot start QEMU: ${(e as Error).message}`, { cause: e });

@@ -7,16 +7,16 @@
  */
 
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { execFileSync, spawn } from "node:child_process";
 import { existsSync, readFileSync, readdirSync, readlinkSync } from "node:fs";
-import { chmod, mkdtemp, readdir, rm, stat, writeFile } from "node:fs/promises";
+import { chmod, mkdir, mkdtemp, readFile, readdir, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { after, before, describe, it } from "node:test";
 import { ConfinementError } from "../../src/errors.js";
 import { Image } from "../../src/image/image.js";
-import { QEMU_MEMORY_OVERHEAD_MIB, QEMU_OOM_SCORE_ADJ, QEMU_PIDS_BASE, confinement, decodeExit, qemuUser, type ConfinementReport } from "../../src/vmm/confine.js";
+import { QEMU_MEMORY_OVERHEAD_MIB, QEMU_OOM_SCORE_ADJ, QEMU_PIDS_BASE, VmCgroup, confinement, decodeExit, qemuUser, type ConfinementReport } from "../../src/vmm/confine.js";
 import { findQemu, qemuArgs, type QemuLaunch } from "../../src/vmm/qemu.js";
 import type { Vm } from "../../src/vm/vm.js";
 import { REPO_ROOT, VM_TEST_TIMEOUT, bootDefault, defaultRootfs, pidsMatching, processAlive, waitFor } from "../helpers.js";
@@ -161,6 +161,67 @@ describe("QEMU command line under confinement", () => {
     assert.throws(() => qemuUser({ SUPERMACHINE_QEMU_USER: "no-such-user-here" }), (e: unknown) => e instanceof ConfinementError && /SUPERMACHINE_QEMU_USER/.test(e.message));
     const d = qemuUser({});
     assert.ok(d.uid !== 0 && d.gid !== 0);
+  });
+});
+
+describe("VM cgroups", () => {
+  // A plain directory stands in for cgroupfs: this checks what is written
+  // where; the real VM tests below check it on the host's cgroups.
+  it("cgroup v2: memory.max = guest RAM + overhead, pids.max, cpu.weight, in a leaf named after this process", async () => {
+    const root = await mkdtemp(join(tmpdir(), "sm-cgv2-"));
+    try {
+      const cg = await VmCgroup.create({ version: 2, bases: [{ controller: "all", dir: root }] }, "sm-abc", 512, 2);
+      assert.equal(cg.dirs.length, 1);
+      const d = cg.dirs[0]!;
+      assert.match(d, new RegExp(`/sm-${process.pid}-sm-abc-[0-9a-f]{6}$`));
+      assert.equal(await readFile(join(d, "memory.max"), "utf8"), String((512 + QEMU_MEMORY_OVERHEAD_MIB) * 1024 * 1024));
+      assert.equal(await readFile(join(d, "pids.max"), "utf8"), String(QEMU_PIDS_BASE + 2));
+      assert.equal(await readFile(join(d, "cpu.weight"), "utf8"), "100");
+      assert.deepEqual(cg.procsFiles, [join(d, "cgroup.procs")]);
+    } finally {
+      await rm(root, { recursive: true, force: true });
+    }
+  });
+
+  it("cgroup v1: one leaf per hierarchy with its own limit file", async () => {
+    const root = await mkdtemp(join(tmpdir(), "sm-cgv1-"));
+    try {
+      const bases = (["memory", "pids", "cpu"] as const).map((c) => ({ controller: c, dir: join(root, c) }));
+      for (const b of bases) await mkdir(b.dir);
+      const cg = await VmCgroup.create({ version: 1, bases }, "sm-abc", 256, 1);
+      const [m, p, c] = cg.dirs;
+      assert.equal(await readFile(join(m!, "memory.limit_in_bytes"), "utf8"), String((256 + QEMU_MEMORY_OVERHEAD_MIB) * 1024 * 1024));
+      assert.equal(await readFile(join(p!, "pids.max"), "utf8"), String(QEMU_PIDS_BASE + 1));
+      assert.equal(await readFile(join(c!, "cpu.shares"), "utf8"), "1024");
+    } finally {
+      await rm(root, { recursive: true, force: true });
+    }
+  });
+
+  it("a cgroup that cannot be made is a ConfinementError naming SUPERMACHINE_CGROUP", async () => {
+    const root = await mkdtemp(join(tmpdir(), "sm-cgbad-"));
+    try {
+      const bases = [
+        { controller: "memory" as const, dir: join(root, "memory") },
+        { controller: "pids" as const, dir: join(root, "missing", "pids") },
+      ];
+      await mkdir(bases[0]!.dir);
+      await assert.rejects(VmCgroup.create({ version: 1, bases }, "sm-x", 256, 1), (e: unknown) => e instanceof ConfinementError && /SUPERMACHINE_CGROUP/.test(e.message));
+    } finally {
+      await rm(root, { recursive: true, force: true });
+    }
+  });
+});
+
+describe("supermachine info", () => {
+  it("--json has a confinement section that matches confinement()", async () => {
+    const out = JSON.parse(execFileSync(process.execPath, [join(REPO_ROOT, "bin", "supermachine.js"), "info", "--json"], { encoding: "utf8" })) as { confinement: ConfinementReport };
+    const report = await confinement(findQemu());
+    assert.deepEqual(out.confinement, JSON.parse(JSON.stringify(report)));
+    const text = execFileSync(process.execPath, [join(REPO_ROOT, "bin", "supermachine.js"), "info"], { encoding: "utf8" });
+    assert.match(text, /^confinement:$/m);
+    assert.match(text, new RegExp(`^  unprivileged user +${report.user.active ? "on " : "off"}`, "m"));
+    assert.match(text, new RegExp(`^  cgroup limits +${report.cgroup.active ? "on " : "off"}`, "m"));
   });
 });
 
