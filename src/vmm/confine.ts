@@ -103,7 +103,6 @@ interface Plan {
   bwrap?: string;
   runAs?: { uid: number; gid: number };
   cgroup?: CgroupRoot;
-  romSupported: boolean;
 }
 
 const SAFE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin";
@@ -428,18 +427,31 @@ export class VmCgroup {
 // ------------------------------------------------------------------ the plan
 
 let planPromise: Promise<Plan> | undefined;
-const romSupport = new Map<string, Promise<boolean>>();
+/** What this QEMU binary can do that confinement uses. */
+export interface QemuFeatures {
+  /** memory-backend-file has `rom` (QEMU ≥ 8.2): read-only open, writable private map. */
+  readonly rom: boolean;
+  /** `-run-with user=` (QEMU ≥ 9.1), which replaces the deprecated `-runas`. */
+  readonly runWithUser: boolean;
+}
 
-/** Whether this QEMU binary's memory-backend-file has `rom` (QEMU ≥ 8.2): read-only open, writable private map. */
-function qemuHasRom(qemu: string): Promise<boolean> {
-  let p = romSupport.get(qemu);
+const features = new Map<string, Promise<QemuFeatures>>();
+
+function qemuOutput(qemu: string, args: string[]): Promise<string> {
+  return new Promise((res) => {
+    execFile(qemu, args, { env: {}, timeout: 30_000, maxBuffer: 4 * 1024 * 1024 }, (err, stdout, stderr) => res(err ? "" : `${stdout}${stderr}`));
+  });
+}
+
+/** @internal Probes (once per binary) what this QEMU supports. */
+export function qemuFeatures(qemu: string): Promise<QemuFeatures> {
+  let p = features.get(qemu);
   if (!p) {
-    p = new Promise((res) => {
-      execFile(qemu, ["-object", "memory-backend-file,help"], { env: {}, timeout: 30_000 }, (err, stdout, stderr) => {
-        res(!err && /^\s*rom=/m.test(`${stdout}${stderr}`));
-      });
-    });
-    romSupport.set(qemu, p);
+    p = Promise.all([qemuOutput(qemu, ["-object", "memory-backend-file,help"]), qemuOutput(qemu, ["-help"])]).then(([obj, help]) => ({
+      rom: /^\s*rom=/m.test(obj),
+      runWithUser: /^-run-with .*user=/m.test(help),
+    }));
+    features.set(qemu, p);
   }
   return p;
 }
@@ -491,7 +503,7 @@ async function makePlan(env: NodeJS.ProcessEnv): Promise<Plan> {
         : { active: false, detail: "off: setpriv (util-linux) is missing; only a normal Node exit kills QEMU" },
     snapshotRamReadOnly: { active: false, detail: "checked per QEMU binary at start" },
   };
-  return { report, sh, ...(setpriv ? { setpriv } : {}), ...(bwrap ? { bwrap } : {}), ...(runAs ? { runAs } : {}), ...(cg.root ? { cgroup: cg.root } : {}), romSupported: false };
+  return { report, sh, ...(setpriv ? { setpriv } : {}), ...(bwrap ? { bwrap } : {}), ...(runAs ? { runAs } : {}), ...(cg.root ? { cgroup: cg.root } : {}) };
 }
 
 /** @internal The confinement plan, probed once per process. */
@@ -515,7 +527,7 @@ export async function confinement(qemuBinary?: string): Promise<ConfinementRepor
   const plan = await confinementPlan();
   let ram: ConfinementItem;
   if (!qemuBinary) ram = { active: false, detail: "unknown: no QEMU binary found" };
-  else if (await qemuHasRom(qemuBinary)) ram = { active: true, detail: "memory-backend-file readonly=on,rom=off: opened read-only, mapped private" };
+  else if ((await qemuFeatures(qemuBinary)).rom) ram = { active: true, detail: "memory-backend-file readonly=on,rom=off: opened read-only, mapped private" };
   else ram = { active: false, detail: "off: this QEMU (< 8.2) opens a memory-backend-file read-write even for a private mapping; the mapping is private (copy-on-write), so the guest's writes never reach the file" };
   return { ...plan.report, snapshotRamReadOnly: ram };
 }
@@ -608,11 +620,6 @@ export async function confineLaunch(plan: Plan, f: LaunchFiles, qemuArgv: string
     await cgroup?.remove();
     throw e;
   }
-}
-
-/** @internal Whether a snapshot RAM file can be opened read-only by this QEMU. */
-export function snapshotRamReadOnly(qemu: string): Promise<boolean> {
-  return qemuHasRom(qemu);
 }
 
 /** @internal Translates bubblewrap's "128 + N" exit code of a QEMU killed by signal N. */

@@ -15,7 +15,7 @@ import { existsSync } from "node:fs";
 import { delimiter, dirname, join, resolve } from "node:path";
 import { MissingAssetError, QemuError } from "../errors.js";
 import type { Accelerator } from "./accel.js";
-import { confineLaunch, confinementPlan, decodeExit, descendantPid, snapshotRamReadOnly, type ConfinedCommand } from "./confine.js";
+import { confineLaunch, confinementPlan, decodeExit, descendantPid, qemuFeatures, type ConfinedCommand } from "./confine.js";
 
 export interface QemuLaunch {
   /** Path of qemu-system-*; default from SUPERMACHINE_QEMU or PATH. */
@@ -43,8 +43,11 @@ export interface QemuLaunch {
   paused?: boolean;
   /** Process name shown by ps (≤ 15 chars). */
   name: string;
-  /** Drop to this user once QEMU has opened its files (-runas); start() sets it when Node is root. */
-  runAs?: { uid: number; gid: number };
+  /**
+   * Drop to this user once QEMU has opened its files: `-runas`, or
+   * `-run-with user=` (QEMU ≥ 9.1) with `runWith`. start() sets it when Node is root.
+   */
+  runAs?: { uid: number; gid: number; runWith?: boolean };
 }
 
 export interface QemuExit {
@@ -140,7 +143,7 @@ export function qemuArgs(l: QemuLaunch): string[] {
   // -runas needs set*uid once, after seccomp is installed; after the drop
   // QEMU has no capabilities, so those calls cannot raise its privileges.
   a.push("-sandbox", `on,obsolete=deny,elevateprivileges=${l.runAs ? "allow" : "deny"},spawn=deny,resourcecontrol=deny`);
-  if (l.runAs) a.push("-runas", `${l.runAs.uid}:${l.runAs.gid}`);
+  if (l.runAs) a.push(...(l.runAs.runWith ? ["-run-with", `user=${l.runAs.uid}:${l.runAs.gid}`] : ["-runas", `${l.runAs.uid}:${l.runAs.gid}`]));
   a.push("-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con");
   a.push("-kernel", l.kernel);
   if (l.initrd) a.push("-initrd", l.initrd);
@@ -208,14 +211,15 @@ export class QemuProcess {
     const plan = await confinementPlan();
     // Absolute paths: QEMU runs with / as its working directory.
     const mem = l.memoryFile ? { ...l.memoryFile, path: resolve(l.memoryFile.path) } : undefined;
-    if (mem && !mem.share && (await snapshotRamReadOnly(qemu))) mem.readOnly = true;
+    const can = await qemuFeatures(qemu);
+    if (mem && !mem.share && can.rom) mem.readOnly = true;
     const launch: QemuLaunch = {
       ...l,
       kernel: resolve(l.kernel),
       ...(l.initrd ? { initrd: resolve(l.initrd) } : {}),
       ...(l.rootfs ? { rootfs: resolve(l.rootfs) } : {}),
       ...(mem ? { memoryFile: mem } : {}),
-      ...(plan.runAs ? { runAs: plan.runAs } : {}),
+      ...(plan.runAs ? { runAs: { ...plan.runAs, runWith: can.runWithUser } } : {}),
       dir: resolve(l.dir),
     };
     const readOnly = [launch.kernel, ...(launch.initrd ? [launch.initrd] : []), ...(launch.rootfs ? [launch.rootfs] : [])];

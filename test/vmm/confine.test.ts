@@ -134,8 +134,11 @@ describe("QEMU command line under confinement", () => {
     const a = qemuArgs({ ...base, runAs: { uid: 1234, gid: 5678 } });
     assert.equal(a[a.indexOf("-runas") + 1], "1234:5678");
     assert.match(a[a.indexOf("-sandbox") + 1]!, /elevateprivileges=allow/);
+    const w = qemuArgs({ ...base, runAs: { uid: 1234, gid: 5678, runWith: true } });
+    assert.equal(w[w.indexOf("-run-with") + 1], "user=1234:5678", "QEMU ≥ 9.1 spelling");
+    assert.ok(!w.includes("-runas"));
     const b = qemuArgs(base);
-    assert.ok(!b.includes("-runas"));
+    assert.ok(!b.includes("-runas") && !b.includes("-run-with"));
     assert.match(b[b.indexOf("-sandbox") + 1]!, /elevateprivileges=deny/);
   });
 
