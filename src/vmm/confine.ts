@@ -251,6 +251,12 @@ async function readText(p: string): Promise<string> {
 
 /** Makes `dir` (a v2 cgroup without processes) hand memory, pids and cpu down to its children. */
 async function enableV2Controllers(dir: string): Promise<void> {
+  // The parent must hand them down first; it may already (systemd does),
+  // and cgroup v2 refuses if it holds processes and is not the root.
+  const parentCtl = join(dirname(dir), "cgroup.subtree_control");
+  const parentOn = (await readText(parentCtl).catch(() => "")).split(/\s+/);
+  const parentWant = ["memory", "pids", "cpu"].filter((c) => !parentOn.includes(c));
+  if (parentWant.length) await writeFile(parentCtl, parentWant.map((c) => `+${c}`).join(" ")).catch(() => undefined);
   await mkdir(dir, { recursive: true });
   const have = (await readText(join(dir, "cgroup.controllers"))).split(/\s+/);
   for (const c of ["memory", "pids", "cpu"]) {

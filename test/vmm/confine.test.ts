@@ -316,6 +316,15 @@ setInterval(() => {}, 1000);
       await new Promise((r) => setTimeout(r, 2000));
       assert.deepEqual(pids.filter((p) => processAlive(p)), [], "no QEMU of the killed Node runs 2 s later");
       assert.deepEqual(mine(), [], "no process of the killed Node's VMs (QEMU, bubblewrap) runs 2 s later");
+      // The killed Node could not remove its VMs' cgroups; the next process does.
+      if (report.cgroup.active) {
+        const base = report.cgroup.base!;
+        const left = () => readdirSync(base).filter((n) => n.startsWith(`sm-${child.pid}-`));
+        assert.equal(left().length, 4, `the killed Node's 4 VM cgroups are left in ${base}`);
+        const confineJs = pathToFileURL(join(REPO_ROOT, "dist", "src", "vmm", "confine.js")).href;
+        execFileSync(process.execPath, ["--input-type=module", "-e", `await (await import(${JSON.stringify(confineJs)})).confinement()`]);
+        assert.deepEqual(left(), [], "the next process's first confinement() removed them");
+      }
     } finally {
       child.kill("SIGKILL");
       for (const p of pidsMatching(new RegExp(runtime.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")))) {
