@@ -32,7 +32,7 @@
 import { execFile, spawnSync } from "node:child_process";
 import { randomBytes } from "node:crypto";
 import { existsSync, lstatSync, readFileSync, readlinkSync, realpathSync } from "node:fs";
-import { access, chown, mkdir, readFile, readdir, rmdir, writeFile } from "node:fs/promises";
+import { access, chmod, chown, mkdir, readFile, readdir, rmdir, writeFile } from "node:fs/promises";
 import { constants as osConstants } from "node:os";
 import { delimiter, dirname, join, resolve } from "node:path";
 import { ConfinementError } from "../errors.js";
@@ -571,7 +571,13 @@ export interface ConfinedCommand {
 export async function confineLaunch(plan: Plan, f: LaunchFiles, qemuArgv: string[], runtimeDir: string, name: string, memoryMib: number, vcpus: number): Promise<ConfinedCommand> {
   const cgroup = plan.cgroup ? await VmCgroup.create(plan.cgroup, name, memoryMib, vcpus) : undefined;
   try {
-    if (plan.runAs) await chown(runtimeDir, plan.runAs.uid, plan.runAs.gid);
+    // The QEMU user may enter the runtime directory (to connect to a socket
+    // Node listens on) but not add, remove or replace anything in it: the
+    // paths Node connects to, chmods or removes stay Node's.
+    if (plan.runAs) {
+      await chown(runtimeDir, process.getuid!(), plan.runAs.gid);
+      await chmod(runtimeDir, 0o750);
+    }
     // sh: raise oom_score_adj and join the cgroup(s), then exec the rest.
     const prologue =
       'echo "$1" > /proc/self/oom_score_adj || exit 126; n=$2; shift 2; ' +
@@ -626,6 +632,17 @@ export async function confineLaunch(plan: Plan, f: LaunchFiles, qemuArgv: string
     await cgroup?.remove();
     throw e;
   }
+}
+
+/**
+ * @internal Lets QEMU connect to a unix socket Node listens on in a VM's
+ * runtime directory (the migration stream out): the socket is given to the
+ * QEMU user, so no one else may connect. The directory is not writable by
+ * QEMU, so the path cannot have been swapped for a link.
+ */
+export async function allowQemuConnect(socketPath: string): Promise<void> {
+  const plan = await confinementPlan();
+  if (plan.runAs) await chown(socketPath, plan.runAs.uid, plan.runAs.gid);
 }
 
 /** @internal Translates bubblewrap's "128 + N" exit code of a QEMU killed by signal N. */

@@ -37,7 +37,7 @@ export interface QemuLaunch {
    * sets it where QEMU can.
    */
   memoryFile?: { path: string; share: boolean; readOnly?: boolean };
-  /** Start paused, waiting for `migrate-incoming` (snapshot restore). */
+  /** Start paused, listening for a migration stream on `dir`/mig-in.sock (snapshot restore). */
   incoming?: boolean;
   /** Stay paused after start (or after an incoming migration): -S. */
   paused?: boolean;
@@ -56,6 +56,8 @@ export interface QemuExit {
 }
 
 const CONSOLE_TAIL = 64 * 1024;
+/** The socket (in the VM's runtime directory) a restoring QEMU reads its state from. */
+export const MIGRATION_IN_SOCKET = "mig-in.sock";
 /** How long bubblewrap may take to set up QEMU's namespaces and start it. */
 const QEMU_PID_TIMEOUT_MS = 30_000;
 
@@ -156,7 +158,9 @@ export function qemuArgs(l: QemuLaunch): string[] {
     a.push("-device", "virtio-blk-device,drive=root");
   }
   a.push("-qmp", `unix:${join(l.dir, "qmp.sock")},server=on,wait=off`);
-  if (l.incoming) a.push("-incoming", "defer");
+  // QEMU listens for the state at start, before it drops privileges: after
+  // the drop it may not create anything in the runtime directory.
+  if (l.incoming) a.push("-incoming", `unix:${join(l.dir, MIGRATION_IN_SOCKET)}`);
   if (l.paused) a.push("-S");
   return a;
 }

@@ -8,7 +8,7 @@
 
 import assert from "node:assert/strict";
 import { execFileSync, spawn } from "node:child_process";
-import { existsSync, readFileSync, readdirSync, readlinkSync } from "node:fs";
+import { existsSync, readFileSync, readdirSync, readlinkSync, statSync } from "node:fs";
 import { chmod, mkdir, mkdtemp, readFile, readdir, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -81,6 +81,13 @@ function checkConfined(vm: Vm, report: ConfinementReport, what: string): Record<
   } else {
     assert.equal(uid[1], String(process.getuid!()), `${what}: QEMU runs as Node's user`);
   }
+  // The runtime directory: QEMU may enter it, never add, remove or swap an entry.
+  const rt = statSync(vm.runtimeDir);
+  assert.equal(rt.uid, process.getuid!(), `${what}: the runtime dir stays Node's`);
+  if (isRoot) {
+    assert.equal(rt.mode & 0o777, 0o750, `${what}: runtime dir mode`);
+    assert.equal(rt.gid, report.user.gid, `${what}: runtime dir group is QEMU's`);
+  } else assert.equal(rt.mode & 0o777, 0o700, `${what}: runtime dir mode`);
   // The environment: nothing of Node's (bubblewrap sets PWD=/ at most).
   const env = readFileSync(`/proc/${pid}/environ`, "latin1").split("\0").filter(Boolean);
   assert.ok(env.every((kv) => kv === "PWD=/"), `${what}: QEMU's environment is ${JSON.stringify(env)}`);
