@@ -292,6 +292,32 @@ describe("QEMU confinement on real VMs", { timeout: 3 * VM_TEST_TIMEOUT }, () =>
     }
   });
 
+  it("a bad SUPERMACHINE_QEMU_USER fails the boot with ConfinementError and leaves no runtime dir or QEMU", async () => {
+    const runtime = await mkdtemp(join(tmpdir(), "sm-baduser-"));
+    try {
+      const helpers = pathToFileURL(join(REPO_ROOT, "dist", "test", "helpers.js")).href;
+      const code = `import { bootDefault } from ${JSON.stringify(helpers)};
+try { const vm = await bootDefault(); await vm.destroy(); console.log("booted"); }
+catch (e) { console.log(JSON.stringify({ name: e.name, code: e.code, message: e.message })); }`;
+      const out = execFileSync(process.execPath, ["--input-type=module", "-e", code], {
+        env: { ...process.env, SUPERMACHINE_QEMU_USER: "0:0", SUPERMACHINE_RUNTIME_DIR: runtime },
+        encoding: "utf8",
+      }).trim();
+      if (!isRoot) {
+        assert.equal(out, "booted", "a Node that is not root runs QEMU as itself and ignores SUPERMACHINE_QEMU_USER");
+        return;
+      }
+      const r = JSON.parse(out.split("\n").pop()!) as { name: string; code: string; message: string };
+      assert.equal(r.code, "ERR_SM_CONFINEMENT", out);
+      assert.match(r.message, /SUPERMACHINE_QEMU_USER/);
+      const rtParent = join(runtime, `supermachine-${process.getuid!()}`);
+      assert.deepEqual(existsSync(rtParent) ? readdirSync(rtParent) : [], [], "no VM runtime dir is left");
+      assert.deepEqual(pidsMatching(new RegExp(runtime.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"))), [], "no QEMU was started");
+    } finally {
+      await rm(runtime, { recursive: true, force: true });
+    }
+  });
+
   it("Node killed with SIGKILL while 4 VMs run: no QEMU process remains 2 s later", async () => {
     const runtime = await mkdtemp(join(tmpdir(), "sm-kill9-"));
     const script = join(runtime, "boot4.mjs");
