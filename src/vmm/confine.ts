@@ -525,16 +525,29 @@ export function confinementPlan(): Promise<Plan> {
 
 /**
  * Says which confinements apply to the QEMU processes this Node process
- * starts (probed once per process: bubblewrap, the QEMU user, cgroups).
+ * starts. The host is probed once per process (bubblewrap, the QEMU user,
+ * cgroups; SUPERMACHINE_CONFINE, SUPERMACHINE_QEMU_USER and
+ * SUPERMACHINE_CGROUP are read then), the QEMU binary once per path.
+ * See docs/confinement.md.
  *
- * @param qemuBinary - the QEMU whose snapshot-RAM handling to report; default: SUPERMACHINE_QEMU or PATH.
+ * @param qemuBinary - the QEMU whose snapshot-RAM handling to report.
+ * @default qemuBinary: SUPERMACHINE_QEMU, else qemu-system-* on PATH
+ * @throws ConfinementError when SUPERMACHINE_QEMU_USER or SUPERMACHINE_CGROUP cannot be used.
  */
 export async function confinement(qemuBinary?: string): Promise<ConfinementReport> {
   const plan = await confinementPlan();
+  if (!qemuBinary) {
+    const { findQemu } = await import("./qemu.js");
+    try {
+      qemuBinary = findQemu();
+    } catch {
+      /* reported below */
+    }
+  }
   let ram: ConfinementItem;
   if (!qemuBinary) ram = { active: false, detail: "unknown: no QEMU binary found" };
   else if ((await qemuFeatures(qemuBinary)).rom) ram = { active: true, detail: "memory-backend-file readonly=on,rom=off: opened read-only, mapped private" };
-  else ram = { active: false, detail: "off: this QEMU (< 8.2) opens a memory-backend-file read-write even for a private mapping; the mapping is private (copy-on-write), so the guest's writes never reach the file" };
+  else ram = { active: false, detail: "off: this QEMU (< 8.2) opens a memory-backend-file read-write even for a private mapping; the mapping is private (copy-on-write), so the guest's writes never reach the file, but a QEMU taken over could write to it" };
   return { ...plan.report, snapshotRamReadOnly: ram };
 }
 
