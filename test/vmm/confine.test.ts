@@ -13,7 +13,7 @@ import { chmod, mkdir, mkdtemp, readFile, readdir, rm, stat, writeFile } from "n
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
-import { after, before, describe, it } from "node:test";
+import { before, describe, it } from "node:test";
 import { ConfinementError } from "../../src/errors.js";
 import { Image } from "../../src/image/image.js";
 import { QEMU_MEMORY_OVERHEAD_MIB, QEMU_OOM_SCORE_ADJ, QEMU_PIDS_BASE, VmCgroup, confinement, decodeExit, qemuUser, type ConfinementReport } from "../../src/vmm/confine.js";
