@@ -153,10 +153,15 @@ function systemBinds(): string[] {
 
 const NAMESPACES = ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net", "--unshare-cgroup-try", "--die-with-parent", "--new-session"];
 
-function probeBwrap(bwrap: string): string | undefined {
+/** Capabilities QEMU keeps until -runas: setuid/setgid, and opening the VM's files whoever owns them (as Node, root, could). */
+const RUNAS_CAPS = ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_DAC_OVERRIDE"];
+
+/** Runs `true` under the same bubblewrap options QEMU gets (an older bubblewrap lacks some): undefined when it works. */
+function probeBwrap(bwrap: string, isRoot: boolean): string | undefined {
   const t = which("true");
   if (!t) return "no `true` binary to probe bubblewrap with";
-  const r = spawnSync(bwrap, [...NAMESPACES, ...systemBinds(), "--dev", "/dev", "--proc", "/proc", "--clearenv", "--", realpathSync(t)], {
+  const args = [...NAMESPACES, "--clearenv", "--chdir", "/", ...(isRoot ? RUNAS_CAPS : []), ...systemBinds(), "--dev", "/dev", "--proc", "/proc", "--perms", "0755", "--dir", "/tmp/probe"];
+  const r = spawnSync(bwrap, [...args, "--", realpathSync(t)], {
     env: { PATH: SAFE_PATH },
     stdio: ["ignore", "ignore", "pipe"],
     timeout: 10_000,
@@ -207,7 +212,7 @@ async function makePlan(env: NodeJS.ProcessEnv): Promise<Plan> {
   if (off) nsDetail = "off (SUPERMACHINE_CONFINE=0)";
   else if (!bwrap) nsDetail = "off: bubblewrap is not installed (apt-get install bubblewrap, or npm run setup)";
   else {
-    const why = probeBwrap(bwrap);
+    const why = probeBwrap(bwrap, isRoot);
     if (why) {
       nsDetail = `off: ${why}`;
       bwrap = undefined;
@@ -335,12 +340,8 @@ export async function confineLaunch(plan: Plan, f: LaunchFiles, qemuArgv: string
     if (plan.setpriv) argv.push(plan.setpriv, "--pdeathsig", "KILL", "--");
     if (plan.bwrap) {
       argv.push(plan.bwrap, ...NAMESPACES, "--clearenv", "--chdir", "/");
-      if (plan.runAs) {
-        // What QEMU needs before -runas: setuid/setgid, and to open the VM's
-        // files whoever owns them (as Node, which is root, could). All
-        // capabilities are gone once it has dropped.
-        argv.push("--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_DAC_OVERRIDE");
-      }
+      // All capabilities are gone once QEMU has dropped (-runas).
+      if (plan.runAs) argv.push(...RUNAS_CAPS);
       argv.push(...systemBinds(), "--dev", "/dev", "--proc", "/proc");
       if (f.accel === "kvm") argv.push("--dev-bind", "/dev/kvm", "/dev/kvm");
       // bubblewrap would create the directories above each file 0700 (like
