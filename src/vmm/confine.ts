@@ -37,6 +37,7 @@ import { delimiter, dirname, join } from "node:path";
 import { ConfinementError } from "../errors.js";
 import { QEMU_MEMORY_OVERHEAD_MIB, QEMU_PIDS_BASE, VmCgroup, findCgroupRoot, sweepCgroups, type CgroupRoot } from "./cgroup.js";
 import type { Accelerator } from "./accel.js";
+import { namespaceFilter } from "./seccomp.js";
 
 /** oom_score_adj of QEMU processes: the kernel's OOM killer picks them before Node (0). */
 export const QEMU_OOM_SCORE_ADJ = 800;
@@ -160,10 +161,13 @@ const RUNAS_CAPS = ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add",
 function probeBwrap(bwrap: string, isRoot: boolean): string | undefined {
   const t = which("true");
   if (!t) return "no `true` binary to probe bubblewrap with";
+  const filter = namespaceFilter();
   const args = [...NAMESPACES, "--clearenv", "--chdir", "/", ...(isRoot ? RUNAS_CAPS : []), ...systemBinds(), "--dev", "/dev", "--proc", "/proc", "--perms", "0755", "--dir", "/tmp/probe"];
+  if (filter) args.push("--seccomp", "0");
   const r = spawnSync(bwrap, [...args, "--", realpathSync(t)], {
     env: { PATH: SAFE_PATH },
-    stdio: ["ignore", "ignore", "pipe"],
+    stdio: [filter ? "pipe" : "ignore", "ignore", "pipe"],
+    ...(filter ? { input: filter } : {}),
     timeout: 10_000,
   });
   if (r.status === 0) return undefined;
@@ -239,7 +243,12 @@ async function makePlan(env: NodeJS.ProcessEnv): Promise<Plan> {
     user: { active: runAs !== undefined || !isRoot, uid: user.uid, gid: user.gid, detail: userDetail },
     namespaces: { active: bwrap !== undefined, detail: nsDetail },
     cleanEnvironment: { active: true, detail: "nothing of Node's: only PWD=/" },
-    seccomp: { active: true, detail: `-sandbox on (obsolete, spawn, resourcecontrol denied; set*uid ${runAs ? "allowed for -runas, harmless after the drop" : "denied"})` },
+    seccomp: {
+      active: true,
+      detail:
+        `QEMU's -sandbox (obsolete, spawn, resourcecontrol denied; set*uid ${runAs ? "allowed for -runas, harmless after the drop" : "denied"})` +
+        (bwrap && namespaceFilter() ? "; no new namespaces (unshare, setns, clone with CLONE_NEW*)" : ""),
+    },
     cgroup: { active: cg.root !== undefined, ...(cg.root ? { version: cg.root.version, base: cg.root.bases[0]!.dir } : {}), detail: cgDetail },
     oomScoreAdj: { active: true, value: QEMU_OOM_SCORE_ADJ, detail: `${QEMU_OOM_SCORE_ADJ} (Node keeps its own)` },
     diesWithNode: bwrap
@@ -313,6 +322,8 @@ export interface ConfinedCommand {
   /** QEMU drops to this user (-runas). */
   runAs?: { uid: number; gid: number };
   cgroup?: VmCgroup;
+  /** A seccomp program for bubblewrap, to write to the child's fd 3. */
+  seccomp?: Buffer;
   /** bubblewrap reports QEMU's death by signal N as exit code 128 + N. */
   exitCodeEncodesSignal: boolean;
 }
@@ -336,12 +347,15 @@ export async function confineLaunch(plan: Plan, f: LaunchFiles, qemuArgv: string
       'echo "$1" > /proc/self/oom_score_adj || exit 126; n=$2; shift 2; ' +
       'while [ "$n" -gt 0 ]; do echo 0 > "$1" || exit 126; shift; n=$((n - 1)); done; exec "$@"';
     const files = cgroup?.procsFiles ?? [];
+    const seccomp = plan.bwrap ? namespaceFilter() : undefined;
     const argv = ["-c", prologue, "sm-qemu", String(QEMU_OOM_SCORE_ADJ), String(files.length), ...files];
     if (plan.setpriv) argv.push(plan.setpriv, "--pdeathsig", "KILL", "--");
     if (plan.bwrap) {
       argv.push(plan.bwrap, ...NAMESPACES, "--clearenv", "--chdir", "/");
       // All capabilities are gone once QEMU has dropped (-runas).
       if (plan.runAs) argv.push(...RUNAS_CAPS);
+      // No new namespaces (vmm/seccomp.ts); the program comes on fd 3.
+      if (seccomp) argv.push("--seccomp", "3");
       argv.push(...systemBinds(), "--dev", "/dev", "--proc", "/proc");
       if (f.accel === "kvm") argv.push("--dev-bind", "/dev/kvm", "/dev/kvm");
       // bubblewrap would create the directories above each file 0700 (like
@@ -373,6 +387,7 @@ export async function confineLaunch(plan: Plan, f: LaunchFiles, qemuArgv: string
       argv,
       env: {},
       qemuDepth: plan.bwrap ? 2 : 0,
+      ...(seccomp ? { seccomp } : {}),
       ...(plan.runAs ? { runAs: plan.runAs } : {}),
       ...(cgroup ? { cgroup } : {}),
       exitCodeEncodesSignal: plan.bwrap !== undefined,

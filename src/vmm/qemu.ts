@@ -11,6 +11,7 @@
  */
 
 import { spawn, type ChildProcess } from "node:child_process";
+import type { Writable } from "node:stream";
 import { existsSync } from "node:fs";
 import { delimiter, dirname, join, resolve } from "node:path";
 import { MissingAssetError, QemuError } from "../errors.js";
@@ -238,7 +239,12 @@ export class QemuProcess {
     hookExit();
     let child: ChildProcess;
     try {
-      child = spawn(c.cmd, c.argv, { stdio: ["ignore", "pipe", "pipe"], env: c.env, cwd: "/" });
+      child = spawn(c.cmd, c.argv, { stdio: c.seccomp ? ["ignore", "pipe", "pipe", "pipe"] : ["ignore", "pipe", "pipe"], env: c.env, cwd: "/" });
+      if (c.seccomp) {
+        const fd3 = child.stdio[3] as Writable;
+        fd3.on("error", () => undefined); // bubblewrap failed first: its exit says why
+        fd3.end(c.seccomp);
+      }
     } catch (e) {
       await c.cgroup?.remove();
       throw new QemuError(`cannot start QEMU: ${(e as Error).message}`, { cause: e });

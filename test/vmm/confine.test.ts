@@ -7,7 +7,7 @@
  */
 
 import assert from "node:assert/strict";
-import { execFileSync, spawn } from "node:child_process";
+import { execFileSync, spawn, spawnSync } from "node:child_process";
 import { existsSync, readFileSync, readdirSync, readlinkSync, statSync } from "node:fs";
 import { chmod, mkdir, mkdtemp, readFile, readdir, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -18,6 +18,7 @@ import { ConfinementError } from "../../src/errors.js";
 import { Image } from "../../src/image/image.js";
 import { QEMU_MEMORY_OVERHEAD_MIB, QEMU_OOM_SCORE_ADJ, QEMU_PIDS_BASE, VmCgroup, confinement, decodeExit, qemuUser, type ConfinementReport } from "../../src/vmm/confine.js";
 import { findQemu, qemuArgs, type QemuLaunch } from "../../src/vmm/qemu.js";
+import { namespaceFilter } from "../../src/vmm/seccomp.js";
 import type { Vm } from "../../src/vm/vm.js";
 import { REPO_ROOT, VM_TEST_TIMEOUT, bootDefault, defaultRootfs, pidsMatching, processAlive, waitFor } from "../helpers.js";
 
@@ -99,6 +100,7 @@ function checkConfined(vm: Vm, report: ConfinementReport, what: string): Record<
     for (const ns of ["mnt", "pid", "net", "ipc", "uts"]) {
       assert.notEqual(readlinkSync(`/proc/${pid}/ns/${ns}`), readlinkSync(`/proc/self/ns/${ns}`), `${what}: own ${ns} namespace`);
     }
+    assert.ok(Number(statusField(pid, "Seccomp_filters")[0]) >= 2, `${what}: QEMU's own seccomp filter and the no-namespaces one`);
     if (isRoot) {
       const top = readdirSync(`/proc/${pid}/root`).sort();
       for (const name of top) assert.ok(["bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "root", "sbin", "tmp", "usr", "run", "var", "home"].includes(name), `${what}: unexpected /${name} in QEMU's root`);
@@ -171,6 +173,30 @@ describe("QEMU command line under confinement", () => {
     assert.throws(() => qemuUser({ SUPERMACHINE_QEMU_USER: "no-such-user-here" }), (e: unknown) => e instanceof ConfinementError && /SUPERMACHINE_QEMU_USER/.test(e.message));
     const d = qemuUser({});
     assert.ok(d.uid !== 0 && d.gid !== 0);
+  });
+});
+
+describe("the no-namespaces seccomp filter", () => {
+  it("under bubblewrap with the filter, unshare of a user or network namespace fails and plain work runs", () => {
+    assert.ok(existsSync("/usr/bin/bwrap"), "bubblewrap is installed (npm run setup)");
+    const filter = namespaceFilter();
+    assert.ok(filter, `a filter exists for ${process.arch}`);
+    const run = (argv: string[], withFilter: boolean) =>
+      spawnSync("/usr/bin/bwrap", ["--unshare-pid", "--die-with-parent", "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/bin", "/bin", "--dev", "/dev", "--proc", "/proc", ...(withFilter ? ["--seccomp", "0"] : []), "--", ...argv], {
+        stdio: [withFilter ? "pipe" : "ignore", "pipe", "pipe"],
+        ...(withFilter ? { input: filter } : {}),
+        encoding: "utf8",
+      });
+    const plain = run(["/usr/bin/sh", "-c", "echo ok; grep Seccomp_filters /proc/self/status"], true);
+    assert.equal(plain.status, 0, plain.stderr);
+    assert.match(plain.stdout, /^ok\nSeccomp_filters:\s+1$/m);
+    const control = run(["/usr/bin/unshare", "--user", "/usr/bin/true"], false);
+    assert.equal(control.status, 0, `without the filter this host lets unshare --user run: ${control.stderr}`);
+    for (const ns of ["--user", "--net", "--mount"]) {
+      const r = run(["/usr/bin/unshare", ns, "/usr/bin/true"], true);
+      assert.notEqual(r.status, 0, `unshare ${ns} must fail`);
+      assert.match(r.stderr, /Operation not permitted/, `unshare ${ns}: ${r.stderr}`);
+    }
   });
 });
 
