@@ -41,9 +41,11 @@ function run(cmd, argv, opts = {}) {
 // ------------------------------------------------------------------ 1. apt
 
 const arm = process.arch === "arm64";
-const RUNTIME = [arm ? "qemu-system-arm" : "qemu-system-x86", "busybox-static", "xz-utils", "util-linux", "zstd"];
-// bubblewrap and runsc: the peers the bench harness's smoke test measures.
-const TEST = ["iproute2", "erofs-utils", "docker-registry", "skopeo", "umoci", "mmdebstrap", "openssl", "apache2-utils", "tar", "gzip", "bubblewrap", "runsc"];
+// bubblewrap confines QEMU (docs/confinement.md); util-linux has setpriv.
+const RUNTIME = [arm ? "qemu-system-arm" : "qemu-system-x86", "busybox-static", "xz-utils", "util-linux", "zstd", "bubblewrap"];
+// iproute2: the tests' network namespace (scripts/test.mjs). bubblewrap
+// (above) and runsc: the peers the bench harness's smoke test measures.
+const TEST = ["iproute2", "erofs-utils", "docker-registry", "skopeo", "umoci", "mmdebstrap", "openssl", "apache2-utils", "tar", "gzip", "runsc"];
 
 function missingPackages(pkgs) {
   return pkgs.filter((p) => {
@@ -80,6 +82,14 @@ if (has("dpkg-query") && has("apt-get")) {
   if (!process.env.SUPERMACHINE_KERNEL) need.push("a guest kernel: SUPERMACHINE_KERNEL=/path/to/vmlinux (and SUPERMACHINE_MODULES=/path/to/lib/modules/<release> if virtio, erofs and overlay are modules)");
   if (!process.env.SUPERMACHINE_BUSYBOX && !existsSync("/bin/busybox")) need.push("a static busybox for the default image: SUPERMACHINE_BUSYBOX=/path/to/busybox");
   if (need.length) die(`this host has no apt-get; provide:\n  - ${need.join("\n  - ")}`);
+}
+
+// The unprivileged user QEMU drops to when Node runs as root
+// (docs/confinement.md); without it QEMU uses nobody.
+if (process.getuid?.() === 0 && has("useradd") && !readFileSync("/etc/passwd", "utf8").split("\n").some((l) => l.startsWith("supermachine-qemu:"))) {
+  log("creating the system user supermachine-qemu (QEMU runs as it when Node is root)");
+  const r = spawnSync("useradd", ["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", "supermachine-qemu"], { stdio: "inherit" });
+  if (r.status !== 0) log("useradd supermachine-qemu failed; QEMU will run as nobody");
 }
 
 // ------------------------------------------------------------------ 2. npm

@@ -37,7 +37,8 @@ export type ErrorCode =
   | "ERR_SM_DISK_FULL"
   | "ERR_SM_SNAPSHOT"
   | "ERR_SM_POOL"
-  | "ERR_SM_RESOURCE_LIMIT";
+  | "ERR_SM_RESOURCE_LIMIT"
+  | "ERR_SM_CONFINEMENT";
 
 export interface SupermachineErrorOptions {
   cause?: unknown;
@@ -131,6 +132,17 @@ export class MissingAssetError extends SupermachineError {
 export class QemuError extends SupermachineError {
   constructor(message: string, options?: SupermachineErrorOptions) {
     super("ERR_SM_QEMU", message, options);
+  }
+}
+
+/**
+ * QEMU's confinement could not be set up as configured
+ * (SUPERMACHINE_QEMU_USER, SUPERMACHINE_CGROUP): the message names the
+ * variable to change. See docs/confinement.md.
+ */
+export class ConfinementError extends SupermachineError {
+  constructor(message: string, options?: SupermachineErrorOptions) {
+    super("ERR_SM_CONFINEMENT", message, options);
   }
 }
 

@@ -2,7 +2,7 @@
  * The `supermachine` command.
  *
  *   supermachine run [options] [--rootfs DIR | IMAGE] -- ARGV...
- *   supermachine info
+ *   supermachine info [--json]
  *
  * `run` boots a VM, runs ARGV, streams its stdout/stderr to ours, exits with
  * its exit code, and leaves no VM behind (also on Ctrl-C).
@@ -14,6 +14,7 @@ import { bootAssets } from "../guest/assets.js";
 import { DEFAULT_IMAGE_CONFIG, ensureDefaultImage } from "../guest/default-image.js";
 import { defaultCacheDir } from "../paths.js";
 import { chooseAccelerator, type AcceleratorOption } from "../vmm/accel.js";
+import { confinement } from "../vmm/confine.js";
 import { findQemu } from "../vmm/qemu.js";
 import { Vm, type GuestConfig, type VmBootOptions } from "../vm/vm.js";
 import type { ExecChild } from "../vm/exec-child.js";
@@ -21,7 +22,10 @@ import type { ImageConfig } from "../oci/manifest.js";
 
 const USAGE = `usage:
   supermachine run [options] [--rootfs DIR | IMAGE] -- COMMAND [ARG...]
-  supermachine info
+  supermachine info [--json]
+
+info: accelerator, QEMU, boot assets, and which confinements apply to QEMU
+(docs/confinement.md); --json prints the same as one JSON object.
 
 run options:
   --rootfs DIR        boot this host directory as the root filesystem
@@ -49,26 +53,58 @@ export async function main(argv: string[]): Promise<number> {
     return cmd ? 0 : 2;
   }
   if (cmd === "run") return run(rest);
-  if (cmd === "info") return info();
+  if (cmd === "info") return info(rest);
   process.stderr.write(`supermachine: unknown command ${JSON.stringify(cmd)}\n${USAGE}\n`);
   return 2;
 }
 
-async function info(): Promise<number> {
-  const choice = chooseAccelerator();
-  const lines = [`accelerator: ${choice.accel} (${choice.reason})`, `cache: ${defaultCacheDir()}`];
+async function info(args: string[]): Promise<number> {
+  let json = false;
   try {
-    lines.push(`qemu: ${findQemu()}`);
+    json = parseArgs({ args, options: { json: { type: "boolean" } } }).values.json === true;
   } catch (e) {
+    process.stderr.write(`supermachine info: ${(e as Error).message}\n${USAGE}\n`);
+    return 2;
+  }
+  const choice = chooseAccelerator();
+  const out: Record<string, unknown> = { accelerator: { accel: choice.accel, reason: choice.reason }, cache: defaultCacheDir() };
+  const lines = [`accelerator: ${choice.accel} (${choice.reason})`, `cache: ${defaultCacheDir()}`];
+  let qemu: string | undefined;
+  try {
+    qemu = findQemu();
+    out.qemu = qemu;
+    lines.push(`qemu: ${qemu}`);
+  } catch (e) {
+    out.qemu = null;
     lines.push(`qemu: missing (${(e as Error).message})`);
   }
   try {
     const a = await bootAssets();
+    out.kernel = a.kernel;
+    out.initramfs = a.initrd;
     lines.push(`kernel: ${a.kernel}`, `initramfs: ${a.initrd}`);
   } catch (e) {
+    out.bootAssets = { missing: (e as Error).message };
     lines.push(`boot assets: missing (${(e as Error).message})`);
   }
-  process.stdout.write(lines.join("\n") + "\n");
+  try {
+    const c = await confinement(qemu);
+    out.confinement = c;
+    lines.push("confinement:");
+    const row = (label: string, item: { active: boolean; detail: string }) => lines.push(`  ${label.padEnd(22)} ${item.active ? "on " : "off"}  ${item.detail.replace(/^off(: | )/, "")}`);
+    row("unprivileged user", c.user);
+    row("namespaces", c.namespaces);
+    row("clean environment", c.cleanEnvironment);
+    row("seccomp", c.seccomp);
+    row("cgroup limits", c.cgroup);
+    row("oom_score_adj", c.oomScoreAdj);
+    row("dies with Node", c.diesWithNode);
+    row("read-only snapshot RAM", c.snapshotRamReadOnly);
+  } catch (e) {
+    out.confinement = { error: (e as Error).message };
+    lines.push(`confinement: cannot be set up (${(e as Error).message})`);
+  }
+  process.stdout.write(json ? `${JSON.stringify(out, null, 2)}\n` : lines.join("\n") + "\n");
   return 0;
 }
 

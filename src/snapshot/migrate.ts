@@ -15,6 +15,8 @@ import { connect, createServer } from "node:net";
 import { join } from "node:path";
 import { pipeline } from "node:stream/promises";
 import { QemuError, TimeoutError } from "../errors.js";
+import { allowQemuConnect } from "../vmm/confine.js";
+import { MIGRATION_IN_SOCKET } from "../vmm/qemu.js";
 import type { QmpClient } from "../vmm/qmp.js";
 
 interface MigrateStatus {
@@ -55,6 +57,8 @@ export async function saveState(qmp: QmpClient, dir: string, file: string, o: { 
     server.listen(sock, () => resolve());
   });
   try {
+    // QEMU connects as its own (unprivileged) user.
+    await allowQemuConnect(sock);
     await qmp.execute("migrate", { uri: `unix:${sock}` });
     await waitMigration(qmp, "saving the VM state", o.timeoutMs);
     // QEMU has closed its end; the file is complete once the pipe drains.
@@ -68,13 +72,13 @@ export async function saveState(qmp: QmpClient, dir: string, file: string, o: { 
 }
 
 /**
- * Feeds `file` to a QEMU started with `-incoming defer` and waits until the
- * state is loaded (the VM then runs).
+ * Feeds `file` to a QEMU started with `incoming` (it listens on
+ * `dir`/mig-in.sock from its start) and waits until the state is loaded (the
+ * VM then runs).
  */
 export async function loadState(qmp: QmpClient, dir: string, file: string, o: { ignoreShared: boolean; timeoutMs: number }): Promise<void> {
   await setIgnoreShared(qmp, o.ignoreShared);
-  const sock = join(dir, "mig-in.sock");
-  await qmp.execute("migrate-incoming", { uri: `unix:${sock}` });
+  const sock = join(dir, MIGRATION_IN_SOCKET);
   // QEMU closes its end once it has read the stream, possibly before our
   // side has seen every write acknowledged: success is what query-migrate
   // says, not how the socket ends.

@@ -4,8 +4,10 @@
  * QEMU runs the `microvm` machine with `-nodefaults`, the seccomp sandbox,
  * and only: an ISA serial console, a virtio-serial port for the agent, a
  * read-only virtio-blk root disk, and QMP on a unix socket. It is started
- * through `setpriv --pdeathsig KILL`, so it dies with the Node process even
- * when that one is SIGKILLed; a process 'exit' hook covers the rest.
+ * confined (vmm/confine.ts, docs/confinement.md): its own cgroup, a raised
+ * oom_score_adj, a parent-death signal, bubblewrap's namespaces with only the
+ * VM's files, an empty environment, and, when Node is root, an unprivileged
+ * user. A process 'exit' hook covers what the death signal does not.
  *
  * A running QEMU does not hold Node's event loop (the child and its output
  * pipes are unref'd): a script whose work is done exits, and the 'exit' hook
@@ -14,11 +16,13 @@
  */
 
 import { spawn, type ChildProcess } from "node:child_process";
+import type { Writable } from "node:stream";
 import { existsSync } from "node:fs";
-import { delimiter, join } from "node:path";
+import { delimiter, dirname, join, resolve } from "node:path";
 import { MissingAssetError, QemuError } from "../errors.js";
 import { guestText } from "../guest-text.js";
 import type { Accelerator } from "./accel.js";
+import { confineLaunch, confinementPlan, decodeExit, descendantPid, qemuFeatures, type ConfinedCommand } from "./confine.js";
 
 export interface QemuLaunch {
   /** Path of qemu-system-*; default from SUPERMACHINE_QEMU or PATH. */
@@ -34,9 +38,13 @@ export interface QemuLaunch {
   rootfs?: string;
   /** Directory for the sockets (short path: unix sockets are ≤ 107 bytes). */
   dir: string;
-  /** Guest RAM in a file (for snapshots): shared or private (copy-on-write). */
-  memoryFile?: { path: string; share: boolean };
-  /** Start paused, waiting for `migrate-incoming` (snapshot restore). */
+  /**
+   * Guest RAM in a file (for snapshots): shared or private (copy-on-write).
+   * `readOnly` (private only, QEMU ≥ 8.2) opens the file read-only; start()
+   * sets it where QEMU can.
+   */
+  memoryFile?: { path: string; share: boolean; readOnly?: boolean };
+  /** Start paused, listening for a migration stream on `dir`/mig-in.sock (snapshot restore). */
   incoming?: boolean;
   /** Stay paused after start (or after an incoming migration): -S. */
   paused?: boolean;
@@ -49,6 +57,11 @@ export interface QemuLaunch {
    * on it before QEMU starts. Absent: the VM has no NIC.
    */
   netSocket?: string;
+  /**
+   * Drop to this user once QEMU has opened its files: `-runas`, or
+   * `-run-with user=` (QEMU ≥ 9.1) with `runWith`. start() sets it when Node is root.
+   */
+  runAs?: { uid: number; gid: number; runWith?: boolean };
 }
 
 /** The MAC address of every VM's NIC: each VM has a host stack of its own. */
@@ -60,8 +73,20 @@ export interface QemuExit {
 }
 
 const CONSOLE_TAIL = 64 * 1024;
+/** The socket (in the VM's runtime directory) a restoring QEMU reads its state from. */
+export const MIGRATION_IN_SOCKET = "mig-in.sock";
+/** How long bubblewrap may take to set up QEMU's namespaces and start it. */
+const QEMU_PID_TIMEOUT_MS = 30_000;
 
-const live = new Set<ChildProcess>();
+function signalPid(pid: number, signal: NodeJS.Signals): void {
+  try {
+    process.kill(pid, signal);
+  } catch {
+    /* already gone */
+  }
+}
+
+const live = new Set<QemuProcess>();
 let hooked = false;
 let started = 0;
 
@@ -74,19 +99,13 @@ function hookExit(): void {
   if (hooked) return;
   hooked = true;
   process.on("exit", () => {
-    for (const c of live) {
-      try {
-        c.kill("SIGKILL");
-      } catch {
-        /* already gone */
-      }
-    }
+    for (const q of live) q.kill("SIGKILL");
   });
 }
 
 /** PIDs of QEMU processes this Node process started and that still run. */
 export function liveQemuPids(): number[] {
-  return [...live].map((c) => c.pid).filter((p): p is number => typeof p === "number");
+  return [...live].map((q) => q.pid).filter((p): p is number => typeof p === "number");
 }
 
 function which(cmd: string): string | undefined {
@@ -131,7 +150,8 @@ export function qemuArgs(l: QemuLaunch): string[] {
     a.push("-m", `${l.memoryMib}M`);
     a.push(
       "-object",
-      `memory-backend-file,id=ram,size=${l.memoryMib}M,mem-path=${l.memoryFile.path},share=${l.memoryFile.share ? "on" : "off"}`,
+      `memory-backend-file,id=ram,size=${l.memoryMib}M,mem-path=${l.memoryFile.path},share=${l.memoryFile.share ? "on" : "off"}` +
+        (l.memoryFile.readOnly && !l.memoryFile.share ? ",readonly=on,rom=off" : ""),
     );
     a.push("-machine", "memory-backend=ram");
   } else {
@@ -144,7 +164,10 @@ export function qemuArgs(l: QemuLaunch): string[] {
   }
   a.push("-smp", String(l.vcpus));
   a.push("-nodefaults", "-no-user-config", "-display", "none", "-no-reboot");
-  a.push("-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+  // -runas needs set*uid once, after seccomp is installed; after the drop
+  // QEMU has no capabilities, so those calls cannot raise its privileges.
+  a.push("-sandbox", `on,obsolete=deny,elevateprivileges=${l.runAs ? "allow" : "deny"},spawn=deny,resourcecontrol=deny`);
+  if (l.runAs) a.push(...(l.runAs.runWith ? ["-run-with", `user=${l.runAs.uid}:${l.runAs.gid}`] : ["-runas", `${l.runAs.uid}:${l.runAs.gid}`]));
   a.push("-chardev", "stdio,id=con,signal=off", "-serial", "chardev:con");
   a.push("-kernel", l.kernel);
   if (l.initrd) a.push("-initrd", l.initrd);
@@ -165,21 +188,25 @@ export function qemuArgs(l: QemuLaunch): string[] {
     a.push("-device", `virtio-net-device,netdev=net0,mac=${GUEST_MAC}`);
   }
   a.push("-qmp", `unix:${join(l.dir, "qmp.sock")},server=on,wait=off`);
-  if (l.incoming) a.push("-incoming", "defer");
+  // QEMU listens for the state at start, before it drops privileges: after
+  // the drop it may not create anything in the runtime directory.
+  if (l.incoming) a.push("-incoming", `unix:${join(l.dir, MIGRATION_IN_SOCKET)}`);
   if (l.paused) a.push("-S");
   return a;
 }
 
 export class QemuProcess {
+  /** The first process of QEMU's exec chain (the confinement wrapper, or QEMU itself). */
   readonly child: ChildProcess;
   readonly agentSocket: string;
   readonly qmpSocket: string;
-  /** Resolves when QEMU has exited (never rejects). */
+  /** Resolves when QEMU has exited and its cgroup is gone (never rejects). */
   readonly exited: Promise<QemuExit>;
   private tail: Buffer[] = [];
   private tailBytes = 0;
   private exitInfo: QemuExit | undefined;
   private errLine = "";
+  private qemuPid: number | undefined;
   /**
    * Called when QEMU reports on stderr that the guest broke a virtio device
    * ("virtio: zero sized buffers are not allowed", ...): QEMU stops serving
@@ -187,7 +214,7 @@ export class QemuProcess {
    */
   onDeviceError: ((message: string) => void) | undefined;
 
-  private constructor(child: ChildProcess, l: QemuLaunch) {
+  private constructor(child: ChildProcess, l: QemuLaunch, c: ConfinedCommand) {
     this.child = child;
     this.agentSocket = join(l.dir, "agent.sock");
     this.qmpSocket = join(l.dir, "qmp.sock");
@@ -202,40 +229,90 @@ export class QemuProcess {
     for (const pipe of [child.stdout, child.stderr]) (pipe as unknown as { unref?: () => void } | null)?.unref?.();
     this.exited = new Promise((resolve) => {
       child.once("exit", (code, signal) => {
-        live.delete(child);
-        this.exitInfo = { code, signal };
-        resolve(this.exitInfo);
+        void (async () => {
+          const info = decodeExit(code, signal, c.exitCodeEncodesSignal);
+          // bubblewrap exits after its init, and the kernel ends a PID
+          // namespace's processes before its init is reaped: QEMU is gone.
+          await c.cgroup?.remove().catch(() => undefined);
+          live.delete(this);
+          this.exitInfo = info;
+          resolve(info);
+        })();
       });
     });
   }
 
-  /** Starts QEMU. Spawn failures (binary missing) throw. */
+  /** Starts QEMU, confined (see vmm/confine.ts). Spawn failures (binary missing) throw. */
   static async start(l: QemuLaunch): Promise<QemuProcess> {
     const qemu = findQemu(l.qemuBinary);
-    const args = qemuArgs(l);
-    const setpriv = which("setpriv");
-    const [cmd, argv] = setpriv ? [setpriv, ["--pdeathsig", "KILL", "--", qemu, ...args]] : [qemu, args];
+    const plan = await confinementPlan();
+    // Absolute paths: QEMU runs with / as its working directory.
+    const mem = l.memoryFile ? { ...l.memoryFile, path: resolve(l.memoryFile.path) } : undefined;
+    const can = await qemuFeatures(qemu);
+    if (mem && !mem.share && can.rom) mem.readOnly = true;
+    const launch: QemuLaunch = {
+      ...l,
+      kernel: resolve(l.kernel),
+      ...(l.initrd ? { initrd: resolve(l.initrd) } : {}),
+      ...(l.rootfs ? { rootfs: resolve(l.rootfs) } : {}),
+      ...(mem ? { memoryFile: mem } : {}),
+      ...(plan.runAs ? { runAs: { ...plan.runAs, runWith: can.runWithUser } } : {}),
+      dir: resolve(l.dir),
+    };
+    const readOnly = [launch.kernel, ...(launch.initrd ? [launch.initrd] : []), ...(launch.rootfs ? [launch.rootfs] : [])];
+    const readWrite = [launch.dir];
+    if (mem) {
+      // QEMU 7.2 opens an existing RAM file read-write even for a private
+      // mapping; a file QEMU creates needs its directory.
+      if (!existsSync(mem.path)) readWrite.push(dirname(mem.path));
+      else (mem.readOnly ? readOnly : readWrite).push(mem.path);
+    }
+    const c = await confineLaunch(plan, { qemu, accel: l.accel, readOnly, readWrite }, qemuArgs(launch), launch.dir, l.name, l.memoryMib, l.vcpus);
     hookExit();
-    const child = spawn(cmd, argv, { stdio: ["ignore", "pipe", "pipe"] });
+    let child: ChildProcess;
+    try {
+      child = spawn(c.cmd, c.argv, { stdio: c.seccomp ? ["ignore", "pipe", "pipe", "pipe"] : ["ignore", "pipe", "pipe"], env: c.env, cwd: "/" });
+      if (c.seccomp) {
+        const fd3 = child.stdio[3] as Writable;
+        fd3.on("error", () => undefined); // bubblewrap failed first: its exit says why
+        fd3.end(c.seccomp);
+      }
+    } catch (e) {
+      await c.cgroup?.remove();
+      throw new QemuError(`cannot start QEMU: ${(e as Error).message}`, { cause: e });
+    }
     started++;
-    live.add(child);
-    const proc = new QemuProcess(child, l);
+    const proc = new QemuProcess(child, launch, c);
+    live.add(proc);
     await new Promise<void>((resolve, reject) => {
       child.once("spawn", resolve);
       child.once("error", (e: NodeJS.ErrnoException) => {
-        live.delete(child);
+        live.delete(proc);
+        void c.cgroup?.remove();
         reject(
           e.code === "ENOENT"
-            ? new MissingAssetError("qemu", `cannot run ${cmd}: not found. Run \`npm run setup\` or set SUPERMACHINE_QEMU.`, { cause: e })
+            ? new MissingAssetError("qemu", `cannot run ${c.cmd}: not found. Run \`npm run setup\` or set SUPERMACHINE_QEMU.`, { cause: e })
             : new QemuError(`cannot start QEMU: ${e.message}`, { cause: e }),
         );
       });
     });
+    if (c.qemuDepth === 0) proc.qemuPid = child.pid;
+    else {
+      // QEMU runs under bubblewrap's init, in its PID namespace.
+      const pid = await descendantPid(child.pid!, c.qemuDepth, Date.now() + QEMU_PID_TIMEOUT_MS, () => proc.exitInfo !== undefined || child.exitCode !== null || child.signalCode !== null);
+      if (pid === "timeout") {
+        await proc.stop();
+        throw new QemuError(`QEMU did not start within ${QEMU_PID_TIMEOUT_MS} ms under its confinement wrapper: ${proc.consoleTail(1024)}`);
+      }
+      // "gone": QEMU (or bubblewrap) exited at once; `exited` and the console tail tell why.
+      if (pid !== "gone") proc.qemuPid = pid;
+    }
     return proc;
   }
 
+  /** QEMU's own pid (not its confinement wrapper's); undefined if it exited during start. */
   get pid(): number | undefined {
-    return this.child.pid;
+    return this.qemuPid;
   }
 
   get exitStatus(): QemuExit | undefined {
@@ -266,9 +343,10 @@ export class QemuProcess {
     return guestText(all.subarray(Math.max(0, all.length - maxBytes)).toString("utf8"), { maxChars: maxBytes, keep: "tail" });
   }
 
-  /** Sends a signal; harmless after exit. */
+  /** Sends a signal to QEMU and its wrapper; harmless after exit. */
   kill(signal: NodeJS.Signals = "SIGKILL"): void {
     if (this.exitInfo) return;
+    if (this.qemuPid !== undefined && this.qemuPid !== this.child.pid) signalPid(this.qemuPid, signal);
     try {
       this.child.kill(signal);
     } catch {
