@@ -261,6 +261,9 @@ export class QemuProcess {
     };
     const readOnly = [launch.kernel, ...(launch.initrd ? [launch.initrd] : []), ...(launch.rootfs ? [launch.rootfs] : [])];
     const readWrite = [launch.dir];
+    // A NIC peer outside the runtime dir (tests put their own there): QEMU
+    // connects to it at start, still as root, so binding it is enough.
+    if (launch.netSocket && !launch.netSocket.startsWith(launch.dir + "/")) readWrite.push(launch.netSocket);
     if (mem) {
       // QEMU 7.2 opens an existing RAM file read-write even for a private
       // mapping; a file QEMU creates needs its directory.

@@ -16,6 +16,7 @@ import { after, before, describe, it } from "node:test";
 import { promisify } from "node:util";
 import { SnapshotError, TimeoutError } from "../../src/errors.js";
 import { Image } from "../../src/image/image.js";
+import { SNAPSHOT_VERSION } from "../../src/snapshot/manifest.js";
 import { qemuStartCount } from "../../src/vmm/qemu.js";
 import { REPO_ROOT, VM_TEST_TIMEOUT, defaultRootfs } from "../helpers.js";
 
@@ -191,7 +192,7 @@ describe("Image.build and restores", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     await f.write(buf, 0, 1, 1 << 20);
     await f.close();
     await assert.rejects(Image.fromSnapshot(a), (e: unknown) => e instanceof SnapshotError && /ram does not match/.test(e.message));
-    await writeFile(join(b, "manifest.json"), '{"format":"supermachine-snapshot","version":1}');
+    await writeFile(join(b, "manifest.json"), JSON.stringify({ format: "supermachine-snapshot", version: SNAPSHOT_VERSION }));
     await assert.rejects(Image.fromSnapshot(b), (e: unknown) => e instanceof SnapshotError && /bad key/.test(e.message));
   });
 
