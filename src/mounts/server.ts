@@ -170,6 +170,15 @@ interface Node {
   evictAsked: boolean;
 }
 
+/** A node found by a lookup, with the attributes read from the descriptor that found it. */
+interface Resolved {
+  readonly node: Node;
+  readonly attr: FuseAttr;
+}
+
+/** Lookups one READDIRPLUS runs at once. */
+const READDIRPLUS_LANES = 8;
+
 interface DirEntry {
   readonly name: Buffer;
   readonly type: number;
@@ -648,7 +657,7 @@ export class FuseServer {
    * following a symlink, checks what was opened, applies the symlink policy
    * (only `follow` ever resolves one), and adopts it as a node.
    */
-  private async resolveChild(parent: Node, name: Buffer, follow: boolean, force: boolean): Promise<Node> {
+  private async resolveChild(parent: Node, name: Buffer, follow: boolean, force: boolean): Promise<Resolved> {
     this.dirOf(parent);
     const path = procPath(parent.fd, name);
     let fd = await openAsync(path, O_PATH | O_NOFOLLOW);
@@ -679,20 +688,20 @@ export class FuseServer {
       }
       const { node, extraFd } = this.adopt(fd, st, parent.id, name, force);
       fd = extraFd;
-      return node;
+      return { node, attr: this.attrFrom(st) };
     } finally {
       if (fd >= 0) await closeAsync(fd).catch(() => undefined);
     }
   }
 
   /** The node for a descriptor this server just opened on a new file (reopened O_PATH through its own fd: race-free). */
-  private async adoptOpened(ioFd: number, parent: Node, name: Buffer): Promise<Node> {
+  private async adoptOpened(ioFd: number, parent: Node, name: Buffer): Promise<Resolved> {
     let fd = await openAsync(procPath(ioFd), O_PATH);
     try {
       const st = await fstatAsync(fd, { bigint: true });
       const { node, extraFd } = this.adopt(fd, st, parent.id, name, true);
       fd = extraFd;
-      return node;
+      return { node, attr: this.attrFrom(st) };
     } finally {
       if (fd >= 0) await closeAsync(fd).catch(() => undefined);
     }
@@ -721,20 +730,14 @@ export class FuseServer {
     return this.attrFrom(await fstatAsync(n.fd, { bigint: true }));
   }
 
-  private async entryOf(n: Node): Promise<Buffer> {
-    try {
-      return encodeEntryOut(n.id, await this.attrOf(n), this.cacheTimeoutMs, this.cacheTimeoutMs);
-    } catch (err) {
-      this.forget(n.id, 1n);
-      throw err;
-    }
+  private entryOf(r: Resolved): Buffer {
+    return encodeEntryOut(r.node.id, r.attr, this.cacheTimeoutMs, this.cacheTimeoutMs);
   }
 
   // ------------------------------------------------------------ operations
 
   private async lookup(parent: Node, name: Buffer): Promise<Buffer> {
-    const node = await this.resolveChild(parent, name, true, false);
-    return this.entryOf(node);
+    return this.entryOf(await this.resolveChild(parent, name, true, false));
   }
 
   private async readlink(n: Node): Promise<Buffer> {
@@ -810,8 +813,7 @@ export class FuseServer {
     if (target.length > MAX_SYMLINK_TARGET) fail(Errno.ENAMETOOLONG);
     // The target is stored verbatim: it is data, never resolved here.
     await fsp.symlink(target, procPath(parent.fd, name));
-    const node = await this.resolveChild(parent, name, false, true);
-    return this.entryOf(node);
+    return this.entryOf(await this.resolveChild(parent, name, false, true));
   }
 
   private async createFile(parent: Node, name: Buffer, mode: number, flags: number, exclusive: boolean): Promise<{ fd: number; created: boolean }> {
@@ -850,8 +852,7 @@ export class FuseServer {
     if ((mode & S_IFMT) !== S_IFREG) fail(Errno.EPERM);
     const { fd } = await this.createFile(parent, name, mode, O_WRONLY, true);
     try {
-      const node = await this.adoptOpened(fd, parent, name);
-      return await this.entryOf(node);
+      return this.entryOf(await this.adoptOpened(fd, parent, name));
     } finally {
       await closeAsync(fd).catch(() => undefined);
     }
@@ -871,7 +872,7 @@ export class FuseServer {
       const st = await fstatAsync(fd, { bigint: true });
       const { node, extraFd } = this.adopt(fd, st, parent.id, name, true);
       fd = extraFd;
-      return await this.entryOf(node);
+      return this.entryOf({ node, attr: this.attrFrom(st) });
     } finally {
       if (fd >= 0) await closeAsync(fd).catch(() => undefined);
     }
@@ -937,8 +938,7 @@ export class FuseServer {
         const st = await fsp.lstat(from, { bigint: true }).catch(() => undefined);
         if (st === undefined || st.ino !== old.ino || st.dev !== old.dev) fail(Errno.EXDEV);
         await fsp.link(from, procPath(parent.fd, newName));
-        const node = await this.resolveChild(parent, newName, false, true);
-        return this.entryOf(node);
+        return this.entryOf(await this.resolveChild(parent, newName, false, true));
       });
     }).catch((err: unknown) => {
       // An unknown old node (forgotten parent) reads as "cannot link here"; callers such as cp/git fall back to copying.
@@ -999,10 +999,10 @@ export class FuseServer {
     this.reserveHandle();
     const { fd } = await this.createFile(parent, name, mode, flags, (flags & O_EXCL) !== 0);
     try {
-      const node = await this.adoptOpened(fd, parent, name);
-      const entry = await this.entryOf(node);
+      const created = await this.adoptOpened(fd, parent, name);
+      const entry = this.entryOf(created);
       if (this.closed) fail(Errno.ENOTCONN);
-      const fh = this.addHandle(node, fd, false);
+      const fh = this.addHandle(created.node, fd, false);
       const out = Buffer.alloc(ENTRY_OUT_SIZE + 16);
       entry.copy(out, 0);
       this.openOut(fh, 0).copy(out, ENTRY_OUT_SIZE);
@@ -1180,37 +1180,45 @@ export class FuseServer {
       // A listing is taken at offset 0 and served from memory until the next rewind.
       if (offset === 0n || h.entries === undefined) h.entries = await this.listDir(h.node);
       const entries = h.entries;
-      const out = Buffer.alloc(size);
+      // Which entries fit, first (sizes do not depend on lookups), so no lookup is counted for an entry not sent.
+      const start = offset > BigInt(entries.length) ? entries.length : Number(offset);
+      let end = start;
+      let total = 0;
+      while (end < entries.length) {
+        const need = (plus ? ENTRY_OUT_SIZE : 0) + direntSize(entries[end]!.name.length);
+        if (total + need > size) break;
+        total += need;
+        end++;
+      }
+      const found: Array<Resolved | undefined> = new Array(end - start).fill(undefined);
+      if (plus && this.nodes.get(h.node.id) === h.node) {
+        // Look entries up a few at a time ("." and ".." never: the kernel does not link them).
+        let next = start;
+        const lane = async (): Promise<void> => {
+          while (next < end) {
+            const i = next++;
+            if (i < 2) continue;
+            found[i - start] = await this.resolveChild(h.node, entries[i]!.name, true, false).catch(() => undefined);
+          }
+        };
+        await Promise.all(Array.from({ length: Math.min(READDIRPLUS_LANES, end - start) }, lane));
+      }
+      const out = Buffer.alloc(total);
       let used = 0;
-      for (let i = offset > BigInt(entries.length) ? entries.length : Number(offset); i < entries.length; i++) {
+      for (let i = start; i < end; i++) {
         const e = entries[i]!;
-        const need = (plus ? ENTRY_OUT_SIZE : 0) + direntSize(e.name.length);
-        if (used + need > size) break;
         // d_ino: readdir does not give the host inode; report the position (never 0, which some libcs skip).
         let ino = BigInt(i + 1);
         let type = e.type;
         if (plus) {
-          const dot = i < 2;
-          let node: Node | undefined;
-          if (!dot && this.nodes.get(h.node.id) === h.node) {
-            node = await this.resolveChild(h.node, e.name, true, false).catch(() => undefined);
+          const r = found[i - start];
+          if (r !== undefined) {
+            writeEntryOut(out, used, r.node.id, r.attr, this.cacheTimeoutMs, this.cacheTimeoutMs);
+            ino = r.attr.ino;
+            type = direntType(r.attr.mode); // under "follow" a host symlink shows as what it points to
+          } else {
+            out.fill(0, used, used + ENTRY_OUT_SIZE); // nodeid 0: listed, not looked up
           }
-          if (node !== undefined) {
-            let attr: FuseAttr;
-            try {
-              attr = await this.attrOf(node);
-            } catch {
-              this.forget(node.id, 1n);
-              node = undefined;
-              attr = undefined as unknown as FuseAttr;
-            }
-            if (node !== undefined) {
-              writeEntryOut(out, used, node.id, attr, this.cacheTimeoutMs, this.cacheTimeoutMs);
-              ino = attr.ino;
-              type = direntType(attr.mode); // under "follow" a host symlink shows as what it points to
-            }
-          }
-          if (node === undefined) out.fill(0, used, used + ENTRY_OUT_SIZE); // nodeid 0: listed, not looked up
           used += ENTRY_OUT_SIZE;
         }
         used += writeDirent(out, used, ino, BigInt(i + 1), type, e.name);

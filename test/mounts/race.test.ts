@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { test } from "node:test";
 import { FuseServer, type SymlinkPolicy } from "../../src/mounts/server.js";
 import { S_IFDIR, S_IFLNK, S_IFMT } from "../../src/mounts/wire.js";
-import { FuseClient, ROOT } from "./client.js";
+import { FuseClient, ROOT } from "../../src/mounts/client.js";
 
 const MARKER = "MARKER-OUTSIDE-c0ffee-";
 const SWAPS = 5000;

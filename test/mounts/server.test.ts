@@ -6,7 +6,7 @@ import { test, type TestContext } from "node:test";
 import { MountError, SupermachineError } from "../../src/errors.js";
 import { FuseServer, MAX_WRITE_BYTES, type FuseServerOptions, type MountSpec } from "../../src/mounts/server.js";
 import { Errno, Fattr, NotifyCode, Op, S_IFDIR, S_IFMT, S_IFREG, cstr, encodeRequest, parseReply, struct } from "../../src/mounts/wire.js";
-import { FuseCallError, FuseClient, O_RDWR, O_WRONLY, ROOT, openFdCount } from "./client.js";
+import { FuseCallError, FuseClient, O_RDWR, O_WRONLY, ROOT, openFdCount } from "../../src/mounts/client.js";
 
 function tmp(t: TestContext, prefix = "sm-mount-"): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));

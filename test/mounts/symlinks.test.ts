@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { test, type TestContext } from "node:test";
 import { FuseServer, type SymlinkPolicy } from "../../src/mounts/server.js";
 import { Errno, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG } from "../../src/mounts/wire.js";
-import { FuseCallError, FuseClient, ROOT } from "./client.js";
+import { FuseCallError, FuseClient, ROOT } from "../../src/mounts/client.js";
 
 const MARKER = "OUTSIDE-SECRET-7f3a";
 

@@ -1,10 +1,11 @@
 /**
- * A tiny FUSE "kernel" for tests: builds requests exactly as the guest kernel
- * writes them (src/mounts/wire.ts) and decodes the server's replies.
+ * A tiny FUSE "kernel" for tests and benchmarks: builds requests exactly as
+ * the guest kernel writes them (wire.ts) and decodes the server's replies.
+ * Not part of the public API; the agent-side tests can drive a server with
+ * it (or replay its bytes) too.
  */
 
-import assert from "node:assert/strict";
-import type { FuseServer } from "../../src/mounts/server.js";
+import type { FuseServer } from "./server.js";
 import {
   ENTRY_OUT_SIZE,
   FUSE_ROOT_ID,
@@ -18,7 +19,7 @@ import {
   type DecodedDirent,
   type FuseAttr,
   type FuseReply,
-} from "../../src/mounts/wire.js";
+} from "./wire.js";
 
 export const ROOT = FUSE_ROOT_ID;
 export const O_RDONLY = 0;
@@ -51,9 +52,9 @@ export class FuseClient {
   async call(opcode: number, nodeid: bigint, ...parts: Buffer[]): Promise<FuseReply> {
     const unique = this.unique++;
     const raw = await this.server.handle(encodeRequest({ opcode, unique, nodeid }, ...parts));
-    assert.ok(raw !== null, `opcode ${opcode} got no reply`);
+    if (raw === null) throw new Error(`opcode ${opcode} got no reply`);
     const reply = parseReply(raw);
-    assert.equal(reply.unique, unique);
+    if (reply.unique !== unique) throw new Error(`reply to ${unique} came back as ${reply.unique}`);
     return reply;
   }
 
@@ -74,7 +75,7 @@ export class FuseClient {
   }
 
   static entry(body: Buffer): Entry {
-    assert.ok(body.length >= ENTRY_OUT_SIZE);
+    if (body.length < ENTRY_OUT_SIZE) throw new Error(`entry reply of ${body.length} bytes`);
     return { nodeid: body.readBigUInt64LE(0), attr: readAttr(body, 40) };
   }
 
@@ -88,7 +89,7 @@ export class FuseClient {
 
   async forget(node: bigint, nlookup = 1n): Promise<void> {
     const raw = await this.server.handle(encodeRequest({ opcode: Op.FORGET, unique: this.unique++, nodeid: node }, struct([8, nlookup])));
-    assert.equal(raw, null);
+    if (raw !== null) throw new Error("FORGET got a reply");
   }
 
   async open(node: bigint, flags = O_RDONLY): Promise<bigint> {
