@@ -85,6 +85,13 @@ export interface FuseServerOptions {
   readonly maxHandles?: number;
   /** Most entries one directory listing holds; beyond it READDIR fails with EOVERFLOW. @default 262144 */
   readonly maxDirEntries?: number;
+  /**
+   * Requests of this mount served at once; more wait in order. Host file
+   * operations share Node's small libuv thread pool with everything else in
+   * the process: this keeps one guest from taking all of it.
+   * @default 16
+   */
+  readonly maxInFlight?: number;
   /** Guest uid reported for files the Node process's user owns (others show as 65534). @default 0 */
   readonly uid?: number;
   /** Guest gid reported for files the Node process's group owns (others show as 65534). @default 0 */
@@ -268,6 +275,10 @@ export class FuseServer {
   private nextFh = 1n;
   private initialized = false;
   private lastEvictionMs = 0;
+  private pendingHandles = 0;
+  private readonly maxInFlight: number;
+  private active = 0;
+  private readonly waiting: Array<() => void> = [];
   private closed = false;
 
   private constructor(spec: FuseServer["spec"], root: { fd: number; st: fs.BigIntStats }, options: FuseServerOptions) {
@@ -277,6 +288,7 @@ export class FuseServer {
     this.maxNodes = options.maxNodes ?? 8192;
     this.maxHandles = options.maxHandles ?? 1024;
     this.maxDirEntries = options.maxDirEntries ?? 262_144;
+    this.maxInFlight = options.maxInFlight ?? 16;
     this.guestUid = options.uid ?? 0;
     this.guestGid = options.gid ?? 0;
     this.hostUid = process.getuid?.() ?? 0;
@@ -325,6 +337,7 @@ export class FuseServer {
       ["maxNodes", options.maxNodes, 2],
       ["maxHandles", options.maxHandles, 1],
       ["maxDirEntries", options.maxDirEntries, 1],
+      ["maxInFlight", options.maxInFlight, 1],
       ["uid", options.uid, 0],
       ["gid", options.gid, 0],
     ] as const) {
@@ -383,12 +396,18 @@ export class FuseServer {
       if (!this.closed) this.forgetRequest(req);
       return null;
     }
-    if (this.closed) return encodeError(req.unique, Errno.ENOTCONN);
+    if (this.active < this.maxInFlight) this.active++;
+    else await new Promise<void>((resolve) => this.waiting.push(resolve)); // the finishing request hands its slot over
     try {
+      if (this.closed) return encodeError(req.unique, Errno.ENOTCONN);
       const payload = await this.dispatch(req);
       return encodeReply(req.unique, payload);
     } catch (err) {
       return encodeError(req.unique, errnoOf(err));
+    } finally {
+      const next = this.waiting.shift();
+      if (next !== undefined) next();
+      else this.active--;
     }
   }
 
@@ -833,13 +852,17 @@ export class FuseServer {
     } catch (err) {
       if (exclusive || errnoOf(err) !== Errno.EEXIST) throw err;
     }
-    const fd = await openAsync(path, base | (flags & O_TRUNC));
+    // It exists: look at what it is before opening it for I/O (a host FIFO or device is never opened).
+    const pathFd = await openAsync(path, O_PATH | O_NOFOLLOW);
+    let fd: number;
     try {
-      const st = await fstatAsync(fd, { bigint: true });
-      if (!st.isFile()) fail(Errno.EISDIR);
-    } catch (err) {
-      await closeAsync(fd).catch(() => undefined);
-      throw err;
+      const st = await fstatAsync(pathFd, { bigint: true });
+      if (st.isDirectory()) fail(Errno.EISDIR);
+      if (st.isSymbolicLink()) fail(Errno.ELOOP);
+      if (!st.isFile()) fail(Errno.EACCES);
+      fd = await openAsync(procPath(pathFd), (base & ~O_NOFOLLOW) | (flags & O_TRUNC));
+    } finally {
+      await closeAsync(pathFd).catch(() => undefined);
     }
     return { fd, created: false };
   }
@@ -947,8 +970,14 @@ export class FuseServer {
     });
   }
 
+  /** Takes a handle slot before the descriptor is opened (so requests in flight cannot overshoot maxHandles); give it back with unreserveHandle. */
   private reserveHandle(): void {
-    if (this.handles.size >= this.maxHandles) fail(Errno.EMFILE);
+    if (this.handles.size + this.pendingHandles >= this.maxHandles) fail(Errno.EMFILE);
+    this.pendingHandles++;
+  }
+
+  private unreserveHandle(): void {
+    this.pendingHandles--;
   }
 
   private addHandle(node: Node, fd: number, dir: boolean): bigint {
@@ -979,14 +1008,18 @@ export class FuseServer {
     if (n.kind === "symlink") fail(Errno.ELOOP);
     if (n.kind !== "file") fail(Errno.EACCES); // FIFOs, sockets and devices of the host are not opened
     this.reserveHandle();
-    // Reopening through the node's own descriptor: no path is resolved again.
-    const fd = await openAsync(procPath(n.fd), flags);
-    if (this.closed) {
-      await closeAsync(fd).catch(() => undefined);
-      fail(Errno.ENOTCONN);
+    try {
+      // Reopening through the node's own descriptor: no path is resolved again.
+      const fd = await openAsync(procPath(n.fd), flags);
+      if (this.closed) {
+        await closeAsync(fd).catch(() => undefined);
+        fail(Errno.ENOTCONN);
+      }
+      // No FOPEN_KEEP_CACHE: the guest drops its cached pages on every open, so host edits are read.
+      return this.openOut(this.addHandle(n, fd, false), 0);
+    } finally {
+      this.unreserveHandle();
     }
-    // No FOPEN_KEEP_CACHE: the guest drops its cached pages on every open, so host edits are read.
-    return this.openOut(this.addHandle(n, fd, false), 0);
   }
 
   private async create(parent: Node, body: Buffer): Promise<Buffer> {
@@ -997,20 +1030,28 @@ export class FuseServer {
     const [name] = readName(body, 16);
     this.hostOpenFlags(flags);
     this.reserveHandle();
-    const { fd } = await this.createFile(parent, name, mode, flags, (flags & O_EXCL) !== 0);
+    let fd: number;
     try {
-      const created = await this.adoptOpened(fd, parent, name);
-      const entry = this.entryOf(created);
+      fd = (await this.createFile(parent, name, mode, flags, (flags & O_EXCL) !== 0)).fd;
+    } catch (err) {
+      this.unreserveHandle();
+      throw err;
+    }
+    let created: Resolved;
+    try {
+      created = await this.adoptOpened(fd, parent, name);
       if (this.closed) fail(Errno.ENOTCONN);
-      const fh = this.addHandle(created.node, fd, false);
-      const out = Buffer.alloc(ENTRY_OUT_SIZE + 16);
-      entry.copy(out, 0);
-      this.openOut(fh, 0).copy(out, ENTRY_OUT_SIZE);
-      return out;
     } catch (err) {
       await closeAsync(fd).catch(() => undefined);
       throw err;
+    } finally {
+      this.unreserveHandle();
     }
+    const fh = this.addHandle(created.node, fd, false);
+    const out = Buffer.alloc(ENTRY_OUT_SIZE + 16);
+    this.entryOf(created).copy(out, 0);
+    this.openOut(fh, 0).copy(out, ENTRY_OUT_SIZE);
+    return out;
   }
 
   private handleOf(fh: bigint): Handle {
@@ -1131,7 +1172,7 @@ export class FuseServer {
 
   private async opendir(n: Node): Promise<Buffer> {
     this.dirOf(n);
-    this.reserveHandle();
+    if (this.handles.size + this.pendingHandles >= this.maxHandles) fail(Errno.EMFILE);
     return this.openOut(this.addHandle(n, -1, true), 0);
   }
 

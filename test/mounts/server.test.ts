@@ -1,12 +1,13 @@
 import assert from "node:assert/strict";
-import { chmodSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, writeFileSync, existsSync } from "node:fs";
+import { execFileSync } from "node:child_process";
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test, type TestContext } from "node:test";
 import { MountError, SupermachineError } from "../../src/errors.js";
 import { FuseServer, MAX_WRITE_BYTES, type FuseServerOptions, type MountSpec } from "../../src/mounts/server.js";
 import { Errno, Fattr, NotifyCode, Op, S_IFDIR, S_IFMT, S_IFREG, cstr, encodeRequest, parseReply, struct } from "../../src/mounts/wire.js";
-import { FuseCallError, FuseClient, O_RDWR, O_WRONLY, ROOT, openFdCount } from "../../src/mounts/client.js";
+import { FuseCallError, FuseClient, O_CREAT, O_EXCL, O_RDONLY, O_RDWR, O_TRUNC, O_WRONLY, ROOT, openFdCount } from "../../src/mounts/client.js";
 
 function tmp(t: TestContext, prefix = "sm-mount-"): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));
@@ -328,4 +329,55 @@ test("many requests in flight at once, and close() leaves no descriptor open", a
   await new Promise((r) => setTimeout(r, 50));
   assert.equal(await openFdCount(), before);
   assert.equal(await c.errno(Op.GETATTR, ROOT, struct([4, 0], [4, 0], [8, 0])), Errno.ENOTCONN);
+});
+
+test("CREATE of an existing name opens a regular file (O_TRUNC honoured) but never a host FIFO, directory or symlink", async (t) => {
+  const dir = tmp(t);
+  writeFileSync(join(dir, "kept"), "old contents");
+  writeFileSync(join(dir, "trunc"), "old contents");
+  execFileSync("mkfifo", [join(dir, "fifo")]);
+  mkdirSync(join(dir, "dir"));
+  symlinkSync("/etc/hostname", join(dir, "link"));
+  const c = await serve(t, { hostPath: dir });
+  const kept = await c.create(ROOT, "kept", 0o100600, O_RDWR | O_CREAT);
+  assert.equal((await c.read(kept.nodeid, kept.fh, 0, 100)).toString(), "old contents");
+  await c.release(kept.nodeid, kept.fh);
+  const tr = await c.create(ROOT, "trunc", 0o100600, O_RDWR | O_CREAT | O_TRUNC);
+  await c.release(tr.nodeid, tr.fh);
+  assert.equal(readFileSync(join(dir, "trunc"), "utf8"), "");
+  assert.equal(await errnoOf(c.create(ROOT, "kept", 0o100600, O_RDWR | O_CREAT | O_EXCL)), Errno.EEXIST);
+  // Would block a thread-pool thread forever if opened.
+  assert.equal(await errnoOf(c.create(ROOT, "fifo", 0o100600, O_RDONLY | O_CREAT)), Errno.EACCES);
+  assert.equal(await errnoOf(c.open((await c.lookup(ROOT, "fifo")).nodeid)), Errno.EACCES);
+  assert.equal(await errnoOf(c.create(ROOT, "dir", 0o100600, O_RDWR | O_CREAT)), Errno.EISDIR);
+  assert.equal(await errnoOf(c.create(ROOT, "link", 0o100600, O_RDWR | O_CREAT)), Errno.ELOOP);
+  assert.equal(c.server.handleCount, 0, "failed opens hold no handle");
+});
+
+test("cache timeouts: entries and attributes are cached by the guest for cacheTimeoutMs, so host edits show within it", async (t) => {
+  const dir = tmp(t);
+  writeFileSync(join(dir, "f"), "x");
+  for (const [ms, sec, nsec] of [
+    [undefined, 0n, 500_000_000],
+    [1500, 1n, 500_000_000],
+    [0, 0n, 0],
+  ] as const) {
+    const c = await serve(t, { hostPath: dir }, ms === undefined ? {} : { cacheTimeoutMs: ms });
+    const body = await c.ok("LOOKUP", Op.LOOKUP, ROOT, cstr("f"));
+    assert.equal(body.readBigUInt64LE(16), sec, "entry_valid");
+    assert.equal(body.readBigUInt64LE(24), sec, "attr_valid");
+    assert.equal(body.readUInt32LE(32), nsec, "entry_valid_nsec");
+    assert.equal(body.readUInt32LE(36), nsec, "attr_valid_nsec");
+    const attr = await c.ok("GETATTR", Op.GETATTR, body.readBigUInt64LE(0), struct([4, 0], [4, 0], [8, 0]));
+    assert.equal(attr.readBigUInt64LE(0), sec);
+    assert.equal(attr.readUInt32LE(8), nsec);
+  }
+});
+
+test("maxInFlight: requests beyond it wait their turn and all complete", async (t) => {
+  const dir = tmp(t);
+  for (let i = 0; i < 20; i++) writeFileSync(join(dir, `f${i}`), `n${i}`);
+  const c = await serve(t, { hostPath: dir }, { maxInFlight: 1 });
+  const got = await Promise.all(Array.from({ length: 100 }, async (_, k) => (await c.readFile((await c.lookup(ROOT, `f${k % 20}`)).nodeid)).toString()));
+  assert.deepEqual(got, Array.from({ length: 100 }, (_, k) => `n${k % 20}`));
 });
