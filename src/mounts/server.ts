@@ -597,7 +597,7 @@ export class FuseServer {
     }
     if (this.closed) fail(Errno.ENOTCONN);
     if (!force && this.nodes.size >= this.maxNodes) {
-      this.askEviction();
+      this.askEviction(true);
       fail(Errno.ENFILE);
     }
     const node: Node = {
@@ -616,22 +616,28 @@ export class FuseServer {
     };
     this.nodes.set(node.id, node);
     this.byKey.set(key, node);
-    if (this.nodes.size > (this.maxNodes * 3) / 4) this.askEviction();
+    if (this.nodes.size > this.highWater) this.askEviction(false);
     return { node, extraFd: -1 };
+  }
+
+  /** Above this many nodes the server asks the guest kernel to forget some, and READDIRPLUS stops looking entries up. */
+  private get highWater(): number {
+    return Math.floor((this.maxNodes * 3) / 4);
   }
 
   /**
    * Asks the guest kernel (FUSE_NOTIFY_INVAL_ENTRY) to drop the dentries of
-   * the least recently used eighth of the table; it answers with FORGETs for
-   * the inodes nothing in the guest still uses.
+   * the least recently used nodes, down to half the table (from 3/4 full on); it answers with
+   * FORGETs for the inodes nothing in the guest still uses. At most every
+   * 20 ms unless the table is full.
    */
-  private askEviction(): void {
+  private askEviction(full: boolean): void {
     const notify = this.onNotify;
     if (notify === undefined) return;
     const now = Date.now();
-    if (now - this.lastEvictionMs < 50) return;
+    if (!full && now - this.lastEvictionMs < 20) return;
     this.lastEvictionMs = now;
-    let budget = Math.max(1, Math.floor(this.maxNodes / 8));
+    let budget = Math.max(1, this.nodes.size - Math.floor(this.maxNodes / 2));
     for (const n of this.nodes.values()) {
       if (budget === 0) break;
       if (n.id === FUSE_ROOT_ID || n.evictAsked || n.name.length === 0) continue;
@@ -705,6 +711,9 @@ export class FuseServer {
           }
         }
       }
+      // A full table is ENFILE at once. Waiting for FORGETs here would deadlock: the guest
+      // kernel holds the parent directory's lock during this LOOKUP, and the INVAL_ENTRY
+      // notifications that make it forget siblings need that lock.
       const { node, extraFd } = this.adopt(fd, st, parent.id, name, force);
       fd = extraFd;
       return { node, attr: this.attrFrom(st) };
@@ -1232,7 +1241,9 @@ export class FuseServer {
         end++;
       }
       const found: Array<Resolved | undefined> = new Array(end - start).fill(undefined);
-      if (plus && this.nodes.get(h.node.id) === h.node) {
+      // Above the high-water mark READDIRPLUS lists without looking up (nodeid 0), so a
+      // listing does not flood the table; the guest looks up what it uses.
+      if (plus && this.nodes.get(h.node.id) === h.node && this.nodes.size < this.highWater) {
         // Look entries up a few at a time ("." and ".." never: the kernel does not link them).
         let next = start;
         const lane = async (): Promise<void> => {
