@@ -83,7 +83,12 @@ export interface FuseServerOptions {
   readonly maxNodes?: number;
   /** Most open files and directories at once; beyond it OPEN fails with EMFILE. @default 1024 */
   readonly maxHandles?: number;
-  /** Most entries one directory listing holds; beyond it READDIR fails with EOVERFLOW. @default 262144 */
+  /**
+   * Most entries one directory listing holds; beyond it READDIR fails with
+   * EOVERFLOW. Listings open at once hold at most 4 × this many entries
+   * together (beyond: ENOMEM).
+   * @default 262144
+   */
   readonly maxDirEntries?: number;
   /**
    * Requests of this mount served at once; more wait in order. Host file
@@ -183,6 +188,9 @@ interface Resolved {
   readonly attr: FuseAttr;
 }
 
+/** All directory listings held at once stay under maxDirEntries × this. */
+const LISTING_BUDGET_FACTOR = 4;
+
 /** Lookups one READDIRPLUS runs at once. */
 const READDIRPLUS_LANES = 8;
 
@@ -276,6 +284,7 @@ export class FuseServer {
   private initialized = false;
   private lastEvictionMs = 0;
   private pendingHandles = 0;
+  private listedEntries = 0;
   private readonly maxInFlight: number;
   private active = 0;
   private readonly waiting: Array<() => void> = [];
@@ -1086,6 +1095,10 @@ export class FuseServer {
   }
 
   private closeHandle(h: Handle): void {
+    if (h.entries !== undefined) {
+      this.listedEntries -= h.entries.length;
+      h.entries = undefined;
+    }
     if (h.fd >= 0) void closeAsync(h.fd).catch(() => undefined);
     this.unpin(h.node);
   }
@@ -1228,7 +1241,14 @@ export class FuseServer {
     const size = Math.min(body.readUInt32LE(16), MAX_READ_BYTES);
     return this.withHandle(fh, true, async (h) => {
       // A listing is taken at offset 0 and served from memory until the next rewind.
-      if (offset === 0n || h.entries === undefined) h.entries = await this.listDir(h.node);
+      if (offset === 0n || h.entries === undefined) {
+        // Listings are held in memory per handle: all of them together stay under a budget.
+        if (this.listedEntries >= this.maxDirEntries * LISTING_BUDGET_FACTOR) fail(Errno.ENOMEM);
+        const listing = await this.listDir(h.node);
+        if (h.dead) return Buffer.alloc(0);
+        this.listedEntries += listing.length - (h.entries?.length ?? 0);
+        h.entries = listing;
+      }
       const entries = h.entries;
       // Which entries fit, first (sizes do not depend on lookups), so no lookup is counted for an entry not sent.
       const start = offset > BigInt(entries.length) ? entries.length : Number(offset);

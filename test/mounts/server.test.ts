@@ -381,3 +381,27 @@ test("maxInFlight: requests beyond it wait their turn and all complete", async (
   const got = await Promise.all(Array.from({ length: 100 }, async (_, k) => (await c.readFile((await c.lookup(ROOT, `f${k % 20}`)).nodeid)).toString()));
   assert.deepEqual(got, Array.from({ length: 100 }, (_, k) => `n${k % 20}`));
 });
+
+test("directory listings are bounded: EOVERFLOW past maxDirEntries, ENOMEM past the total budget, freed by RELEASEDIR", async (t) => {
+  const dir = tmp(t);
+  mkdirSync(join(dir, "small"));
+  mkdirSync(join(dir, "huge"));
+  for (let i = 0; i < 5; i++) writeFileSync(join(dir, "small", `f${i}`), "");
+  for (let i = 0; i < 11; i++) writeFileSync(join(dir, "huge", `f${i}`), "");
+  const c = await serve(t, { hostPath: dir }, { maxDirEntries: 10 });
+  const huge = await c.lookup(ROOT, "huge");
+  assert.equal(await errnoOf(c.readdir(huge.nodeid)), Errno.EOVERFLOW);
+  const small = await c.lookup(ROOT, "small");
+  assert.equal((await c.readdir(small.nodeid)).length, 7);
+  // Hold listings open: 7 entries each, budget 4 × 10 = 40.
+  const held: bigint[] = [];
+  const readdirBody = (fh: bigint): Buffer => struct([8, fh], [8, 0], [4, 4096], [4, 0], [8, 0], [4, 0], [4, 0]);
+  for (let i = 0; i < 7; i++) {
+    const fh = (await c.ok("OPENDIR", Op.OPENDIR, small.nodeid, struct([4, 0], [4, 0]))).readBigUInt64LE(0);
+    held.push(fh);
+    const errno = await c.errno(Op.READDIR, small.nodeid, readdirBody(fh));
+    assert.equal(errno, i < 6 ? 0 : Errno.ENOMEM, `listing ${i}`);
+  }
+  for (const fh of held) await c.release(small.nodeid, fh, true);
+  assert.equal((await c.readdir(small.nodeid)).length, 7, "released listings give their budget back");
+});
