@@ -38,7 +38,8 @@ export type ErrorCode =
   | "ERR_SM_SNAPSHOT"
   | "ERR_SM_POOL"
   | "ERR_SM_RESOURCE_LIMIT"
-  | "ERR_SM_CONFINEMENT";
+  | "ERR_SM_CONFINEMENT"
+  | "ERR_SM_MOUNT";
 
 export interface SupermachineErrorOptions {
   cause?: unknown;
@@ -201,6 +202,18 @@ export class SnapshotError extends SupermachineError {
 export class PoolError extends SupermachineError {
   constructor(message: string, options?: SupermachineErrorOptions) {
     super("ERR_SM_POOL", message, options);
+  }
+}
+
+/**
+ * A mount (`mounts[]`) cannot be served: its hostPath does not exist, is not
+ * a directory, or cannot be opened. `option` names the field to change.
+ */
+export class MountError extends SupermachineError {
+  readonly option: string;
+  constructor(message: string, option: string, options?: SupermachineErrorOptions) {
+    super("ERR_SM_MOUNT", message, options);
+    this.option = option;
   }
 }
 
