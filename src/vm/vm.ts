@@ -368,7 +368,16 @@ export class Vm {
     this.runtimeDir = p.runtimeDir;
     this.ram = p.ram;
     this.launch = p.launch;
-    p.conn.onFatal = (err) => this.died(err);
+    p.conn.onFatal = (err) => {
+      if (!(err instanceof ClosedError)) return this.died(err);
+      // The channel closed under us: QEMU is most likely exiting. Wait a
+      // moment for its exit status, so the error says how it ended.
+      const t = setTimeout(() => this.died(err), 1000);
+      void this.qemu.exited.then((ex) => {
+        clearTimeout(t);
+        this.died(new GuestDiedError(`the VM ${this.id} stopped: ${err.message}; QEMU exited (${ex.signal ?? `code ${ex.code}`})`, this.qemu.consoleTail(), { cause: err }));
+      });
+    };
     p.qemu.onDeviceError = (msg) => this.died(new GuestDiedError(`the VM ${this.id} stopped: QEMU disabled a device the guest misused (${msg})`, this.qemu.consoleTail()));
     p.conn.startLiveness(livenessTimeoutMs(), (e) => this.died(new GuestDiedError(`the VM ${this.id} stopped: ${e.message}`, this.qemu.consoleTail())));
     void p.qemu.exited.then((ex) => {
