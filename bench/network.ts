@@ -22,6 +22,7 @@ import { Image } from "../src/index.js";
 import { enterLoopbackNetns } from "./netns.js";
 import { pythonImage } from "./images.js";
 import { Args, fmtMs, summarize, table } from "./stats.js";
+import { tcpTransfer, writeMiB } from "./tcp-clients.js";
 
 const MiB = 1 << 20;
 
@@ -34,16 +35,8 @@ function listen(handler: (s: import("node:net").Socket) => void): Promise<{ serv
 async function hostServers(mib: number): Promise<{ down: number; up: number; echo: number; close: () => void }> {
   const chunk = Buffer.alloc(MiB, 0x61);
   const down = await listen((s) => {
-    let i = 0;
-    const pump = () => {
-      while (i < mib) {
-        i++;
-        if (!s.write(chunk)) return void s.once("drain", pump);
-      }
-      s.end();
-    };
     s.on("error", () => undefined);
-    pump();
+    writeMiB(s, chunk, mib);
   });
   const up = await listen((s) => {
     let n = 0;
@@ -57,34 +50,6 @@ async function hostServers(mib: number): Promise<{ down: number; up: number; ech
     s.on("error", () => undefined);
   });
   return { down: down.port, up: up.port, echo: echo.port, close: () => [down, up, echo].forEach((x) => x.server.close()) };
-}
-
-/** Host client: MiB/s of one transfer (download: the server sends; upload: we send, then half-close). */
-function hostTransfer(port: number, mib: number, upload: boolean): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const t = performance.now();
-    const s = connect({ host: "127.0.0.1", port, allowHalfOpen: true });
-    let n = 0;
-    s.on("data", (b: Buffer) => (n += b.length));
-    s.on("error", reject);
-    s.on("end", () => {
-      s.end();
-      if (!upload && n !== mib * MiB) return reject(new Error(`received ${n} bytes`));
-      resolve(mib / ((performance.now() - t) / 1000));
-    });
-    if (upload) {
-      const chunk = Buffer.alloc(MiB, 0x62);
-      let i = 0;
-      const pump = () => {
-        while (i < mib) {
-          i++;
-          if (!s.write(chunk)) return void s.once("drain", pump);
-        }
-        s.end();
-      };
-      s.once("connect", pump);
-    }
-  });
 }
 
 /** Host client: connect → 1-byte echo → close, `n` times; per-connection ms. */
@@ -196,11 +161,11 @@ async function main(): Promise<void> {
     // exposeTcp means the host uploading to a guest server.
     for (let i = 0; i < reps; i++) {
       r.down.stack.push((await py(["down", "host.internal", String(host.down), String(mib)])) as number);
-      r.down.expose.push(await hostTransfer(port(fwd.up), mib, true));
-      r.down.direct.push(await hostTransfer(host.down, mib, false));
+      r.down.expose.push(await tcpTransfer(port(fwd.up), mib, Buffer.alloc(MiB, 0x62)));
+      r.down.direct.push(await tcpTransfer(host.down, mib, undefined));
       r.up.stack.push((await py(["up", "host.internal", String(host.up), String(mib)])) as number);
-      r.up.expose.push(await hostTransfer(port(fwd.down), mib, false));
-      r.up.direct.push(await hostTransfer(host.up, mib, true));
+      r.up.expose.push(await tcpTransfer(port(fwd.down), mib, undefined));
+      r.up.direct.push(await tcpTransfer(host.up, mib, Buffer.alloc(MiB, 0x62)));
     }
     const lat = {
       stack: (await py(["conn", "host.internal", String(host.echo), String(connects)])) as number[],
