@@ -12,7 +12,7 @@
 
 import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, readFileSync, readdirSync, statSync, utimesSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, readdirSync, statSync, utimesSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -135,6 +135,28 @@ if (!existsSync(buildStamp) || statSync(buildStamp).mtimeMs < tsSources || !exis
   writeFileSync(buildStamp, "");
   // Sources edited during the build must trigger the next one.
   utimesSync(buildStamp, started, started);
+}
+
+// ------------------------------------------- 3b. test runtimes (--test)
+
+// Bun and Deno, from npm (both ship their binaries in platform packages),
+// for the quick-start smoke tests under the seed's other runtimes
+// (test/package/install.test.ts). Pinned; kept out of devDependencies so a
+// checkout's `npm ci` stays small. Installed here, outside the tests'
+// network namespace.
+const TEST_RUNTIMES = { bun: "1.4.5", deno: "2.9.6" };
+if (args.has("--test")) {
+  const dir = join(root, ".cache", "runtimes");
+  const have = (name) => {
+    const f = join(dir, "node_modules", name, "package.json");
+    return existsSync(f) && JSON.parse(readFileSync(f, "utf8")).version === TEST_RUNTIMES[name];
+  };
+  if (!Object.keys(TEST_RUNTIMES).every(have)) {
+    log(`installing the test runtimes ${Object.entries(TEST_RUNTIMES).map(([n, v]) => `${n}@${v}`).join(", ")} into .cache/runtimes`);
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(join(dir, "package.json"), JSON.stringify({ private: true }) + "\n");
+    run("npm", ["install", "--no-audit", "--no-fund", ...Object.entries(TEST_RUNTIMES).map(([n, v]) => `${n}@${v}`)], { cwd: dir });
+  }
 }
 
 // ---------------------------------------------------------------- 4. agent

@@ -160,12 +160,9 @@ describe("installed from the packed tarballs", { timeout: 3 * VM_TEST_TIMEOUT },
     assert.deepEqual(JSON.parse(r.stdout), { cjs: "function", esm: "function", platform: true });
   });
 
-  it("the seed's quick start runs as written and the process exits by itself, leaving no QEMU", async () => {
-    // The seed's README quick start; only the ref names the local registry,
-    // and one marker line shows when the script reached its end.
-    await writeFile(
-      join(project, "quickstart.mjs"),
-      `import { Image } from "@supermachine/core";
+  /** The seed's README quick start; only the ref names the local registry, and one marker line shows when the script reached its end. */
+  function quickStart(): string {
+    return `import { Image } from "@supermachine/core";
 
 const image = await Image.build({ ref: ${JSON.stringify(ref)} });
 const pool  = await image.pool({ min: 4, max: 16 });
@@ -180,9 +177,13 @@ try {
   await vm.release();
 }
 console.log("END " + Date.now());
-`,
-    );
-    const r = await runTo(process.execPath, ["quickstart.mjs"], { cwd: project, env, timeoutMs: VM_TEST_TIMEOUT });
+`;
+  }
+
+  /** Runs the quick start with `argv` (a runtime and its arguments) and checks its output, its exit, and that no QEMU of it is left. */
+  async function runQuickStart(runtime: string, args: readonly string[], snapshotsDir: string): Promise<void> {
+    await writeFile(join(project, "quickstart.mjs"), quickStart());
+    const r = await runTo(runtime, [...args, "quickstart.mjs"], { cwd: project, env: { ...env, SUPERMACHINE_SNAPSHOTS_DIR: join(work, snapshotsDir) }, timeoutMs: VM_TEST_TIMEOUT });
     assert.equal(r.code, 0, `quick start failed:\n${r.stdout}\n${r.stderr.slice(-4000)}`);
     assert.match(r.stdout, /^hello from the VM\n\nEND \d+\n$/);
     const endAt = Number(/END (\d+)/.exec(r.stdout)![1]);
@@ -196,7 +197,23 @@ console.log("END " + Date.now());
     assert.deepEqual(pidsMatching(mine), [], "no QEMU of the quick start is left");
     // The VM booted the platform package's kernel, not a checkout's cache.
     assert.ok(!existsSync(join(env.SUPERMACHINE_CACHE_DIR!, "kernel")), "no kernel was fetched into the cache");
+  }
+
+  it("the seed's quick start runs as written and the process exits by itself, leaving no QEMU", async () => {
+    await runQuickStart(process.execPath, [], "snapshots-node");
   });
+
+  // The seed's other runtimes, installed from npm by `node scripts/setup.mjs --test`.
+  for (const [name, args] of [
+    ["bun", []],
+    ["deno", ["run", "-A"]],
+  ] as const) {
+    it(`the quick start runs under ${name === "bun" ? "Bun" : "Deno"} and exits by itself, leaving no QEMU`, async () => {
+      const bin = join(REPO_ROOT, ".cache", "runtimes", "node_modules", ".bin", name);
+      assert.ok(existsSync(bin), `${bin} is missing: run \`node scripts/setup.mjs --test\` (it installs Bun and Deno from npm)`);
+      await runQuickStart(realpathSync(bin), args, `snapshots-${name}`);
+    });
+  }
 
   it("doctor reports the accelerator and why, and finds the assets in the platform package", async () => {
     const r = await runTo(process.execPath, [join(project, "node_modules", ".bin", "supermachine"), "doctor", "--json"], { cwd: project, env, timeoutMs: 2 * 60_000 });
