@@ -113,7 +113,10 @@ describe("installed from the packed tarballs", { timeout: 3 * VM_TEST_TIMEOUT },
     await symlink(process.execPath, join(binDir, "node"));
     await symlink(process.execPath, join(noQemuBin, "node"));
     await symlink(findQemu(), join(binDir, "qemu-system-x86_64"));
-    npmCli = join(dirname(realpathSync(join(dirname(process.execPath), "npm"))), "npm-cli.js");
+    // npm's own script (npm runs with only node on the user's PATH).
+    const npmBin = [dirname(process.execPath), ...(process.env.PATH ?? "").split(":")].map((d) => join(d, "npm")).find((p) => existsSync(p));
+    assert.ok(npmBin, "npm is installed");
+    npmCli = join(dirname(realpathSync(npmBin)), "npm-cli.js");
     assert.ok(existsSync(npmCli), `npm-cli.js at ${npmCli}`);
     const home = join(work, "home");
     await mkdir(home);
