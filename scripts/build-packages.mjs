@@ -121,6 +121,7 @@ const platformPkg = {
     kernel: {
       image: "kernel/vmlinux",
       modules: "kernel/modules",
+      guestModules: moduleSet,
       release,
       // Same id as a checkout's cache of this kernel: snapshot keys agree.
       id: `debian:${current}`,

@@ -22,6 +22,7 @@ import { closeSync, existsSync, fstatSync, openSync, readSync } from "node:fs";
 import { createRequire } from "node:module";
 import { dirname, isAbsolute, join, normalize, sep } from "node:path";
 import { fileURLToPath } from "node:url";
+import { GUEST_MODULES } from "../guest/modules.js";
 
 /** Format of the `supermachine` section of the platform package's package.json. */
 export const PLATFORM_ASSETS_FORMAT = 1;
@@ -145,6 +146,8 @@ function findPlatformPackage(from: string, name: string | undefined): PlatformPa
     if (sm.assetsFormat !== PLATFORM_ASSETS_FORMAT) throw new Error(`its assets format is ${JSON.stringify(sm.assetsFormat)}, this version reads ${PLATFORM_ASSETS_FORMAT}`);
     const k = sm.kernel as Record<string, unknown> | undefined;
     if (typeof k !== "object" || k === null) throw new Error("it names no kernel");
+    // The modules the guest loads must be the ones this version's guest wants.
+    if (k.guestModules !== GUEST_MODULES.join(",")) throw new Error(`its kernel modules are made for ${JSON.stringify(k.guestModules)}, this version's guest loads ${GUEST_MODULES.join(",")}`);
     const assets: PlatformAssets = {
       name,
       version: want,

@@ -14,6 +14,7 @@ import { SupermachineError, UnsupportedPlatformError } from "../../src/errors.js
 import { formatDoctorReport, type DoctorReport } from "../../src/doctor/index.js";
 import { SUPPORTED_HOSTS, assertSupportedHost, unsupportedHostReason } from "../../src/platform/host.js";
 import { PLATFORM_ASSETS_FORMAT, mainPackageVersion, platformPackageName, platformPackageStatus } from "../../src/platform/package.js";
+import { GUEST_MODULES } from "../../src/guest/modules.js";
 
 describe("supported hosts", () => {
   it("linux-x64 is the one supported host", () => {
@@ -86,7 +87,7 @@ describe("platform package lookup", () => {
     supermachine: {
       assetsFormat: PLATFORM_ASSETS_FORMAT,
       agent: "agent/supermachine-agent",
-      kernel: { image: "kernel/vmlinux", modules: "kernel/modules", release: "6.1.0-57-amd64", id: "debian:6.1.192-3+mX", package: "linux-image-6.1.0-57-amd64", version: "6.1.192-3", source: "linux", ...kernelOver },
+      kernel: { image: "kernel/vmlinux", modules: "kernel/modules", guestModules: GUEST_MODULES.join(","), release: "6.1.0-57-amd64", id: "debian:6.1.192-3+mX", package: "linux-image-6.1.0-57-amd64", version: "6.1.192-3", source: "linux", ...kernelOver },
     },
     ...over,
   });
@@ -114,6 +115,7 @@ describe("platform package lookup", () => {
     ["an absolute path", ours({}, { image: "/etc/passwd" }), undefined, /kernel image is not a relative path/],
     ["a missing file", ours(), ["agent/supermachine-agent", "kernel/modules/order"], /kernel image \(kernel\/vmlinux\) is missing/],
     ["another name in its package.json", ours({ name: "evil" }), undefined, /names "evil"/],
+    ["kernel modules for another guest", ours({}, { guestModules: "virtio_mmio" }), undefined, /modules are made for "virtio_mmio", this version's guest loads/],
   ] as const) {
     it(`refuses a platform package with ${what}, saying why`, async () => {
       const p = await project(pkg as Record<string, unknown> | undefined, files as readonly string[] | undefined);
