@@ -13,6 +13,7 @@
 
 import { execFile } from "node:child_process";
 import { accessSync, constants as fsc, existsSync, readFileSync, statSync, statfsSync } from "node:fs";
+import { userInfo } from "node:os";
 import { dirname, resolve } from "node:path";
 import { defaultCacheDir } from "../paths.js";
 import { locateAgent } from "../guest/assets.js";
@@ -173,14 +174,24 @@ function checkKvm(): DoctorCheck {
   try {
     accessSync("/dev/kvm", fsc.R_OK | fsc.W_OK);
   } catch {
-    const user = process.env.USER ?? process.env.LOGNAME ?? `uid ${process.getuid?.()}`;
+    let user: string;
+    try {
+      user = userInfo().username;
+    } catch {
+      user = process.env.USER ?? `uid ${process.getuid?.()}`;
+    }
+    const groupRw = (st.mode & 0o060) === 0o060;
+    const fix =
+      groupRw && st.gid !== 0
+        ? `join the ${group} group (sudo usermod -aG ${group} ${user}, then log in again)`
+        : `give a group read-write access to /dev/kvm (as most distributions do: sudo groupadd -f kvm && sudo chgrp kvm /dev/kvm && sudo chmod 660 /dev/kvm, made permanent by a udev rule), then join it (sudo usermod -aG kvm ${user}, then log in again)`;
     return {
       id: "kvm",
       title,
       status: "warn",
       required: false,
       detail: `/dev/kvm exists (group ${group}, mode ${(st.mode & 0o777).toString(8)}) but this user cannot open it read-write: VMs run under TCG emulation`,
-      fix: `join the ${group} group (sudo usermod -aG ${group} ${user}, then log in again)`,
+      fix,
     };
   }
   const probe = probeHost();
