@@ -17,3 +17,5 @@ export { TcpForwarder } from "./vm/tcp-forwarder.js";
 export type { ExecOptions, ExecOutput, ExecWaitResult, StagedFileMode, Winsize } from "./vm/options.js";
 export { confinement, type ConfinementItem, type ConfinementReport } from "./vmm/confine.js";
 export { chooseAccelerator, type Accelerator, type AcceleratorOption, type AcceleratorChoice } from "./vmm/accel.js";
+export { SUPPORTED_HOSTS, assertSupportedHost, platformPackageName, platformPackageStatus, type PlatformAssets, type PlatformPackageStatus } from "./platform/index.js";
+export { doctor, formatDoctorReport, type DoctorCheck, type DoctorOptions, type DoctorReport, type DoctorStatus } from "./doctor/index.js";

@@ -9,6 +9,7 @@ import { existsSync, readFileSync } from "node:fs";
 import { chmod, copyFile, mkdir, rename, rm, symlink, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { MissingAssetError } from "../errors.js";
+import { platformAssets } from "../platform/package.js";
 
 /** Bumped when the layout below changes. */
 const VERSION = 1;
@@ -18,7 +19,8 @@ export function defaultImageDir(cacheDir: string): string {
 }
 
 function findBusybox(): string {
-  const candidates = [process.env.SUPERMACHINE_BUSYBOX, "/bin/busybox", "/usr/bin/busybox"].filter((p): p is string => !!p);
+  // SUPERMACHINE_BUSYBOX, else the platform package's (static), else the host's.
+  const candidates = [process.env.SUPERMACHINE_BUSYBOX, platformAssets()?.busybox, "/bin/busybox", "/usr/bin/busybox"].filter((p): p is string => !!p);
   for (const c of candidates) if (existsSync(c)) return c;
   throw new MissingAssetError(
     "busybox",

@@ -29,6 +29,7 @@ import {
 } from "../errors.js";
 import type { Image } from "../image/image.js";
 import { bootAssets, kernelCmdline } from "../guest/assets.js";
+import { assertSupportedHost } from "../platform/host.js";
 import { defaultCacheDir } from "../paths.js";
 import { RecordBuilder } from "../protocol/codec.js";
 import { FILE_LIMIT, MsgType, Tag, WireError } from "../protocol/constants.js";
@@ -392,6 +393,7 @@ export class Vm {
    * kernel and initramfs, the agent as PID 1.
    */
   static async boot(o: VmBootOptions = {}): Promise<Vm> {
+    assertSupportedHost();
     if (typeof o !== "object" || o === null) throw invalidOption("options", "an object", o);
     const memoryMib = positiveInt(o.memoryMib, "memoryMib", 256, 1 << 20);
     const vcpus = positiveInt(o.vcpus, "vcpus", 1, 64);
