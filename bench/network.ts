@@ -45,20 +45,28 @@ async function hostServers(mib: number): Promise<{ down: number; up: number; ech
       writeMiB(s, chunk, mib);
     });
   });
-  // Either half-closes (Node clients) or announces "<bytes>\n" first (busybox nc, which does not).
+  // Counts bytes to EOF (Node clients half-close), or takes an HTTP POST
+  // (busybox wget --post-file) and answers once its body is in.
   const up = await listen((s) => {
     let n = 0;
+    let head: Buffer | undefined = Buffer.alloc(0);
     let want = -1;
-    let head = "";
     s.on("data", (b: Buffer) => {
-      if (want < 0 && n === 0 && head.length < 32 && /^\d/.test(head + b.toString("latin1", 0, 1))) {
-        const nl = b.indexOf(10);
-        if (nl < 0) return void (head += b.toString("latin1"));
-        want = Number(head + b.toString("latin1", 0, nl));
-        b = b.subarray(nl + 1);
+      if (head !== undefined) {
+        head = Buffer.concat([head, b]);
+        if (!head.toString("latin1", 0, 4).startsWith("POST") && head.length >= 4) {
+          n += head.length;
+          head = undefined;
+          return;
+        }
+        const end = head.indexOf("\r\n\r\n");
+        if (end < 0) return;
+        want = Number(/content-length:\s*(\d+)/i.exec(head.toString("latin1", 0, end))?.[1] ?? -1);
+        b = head.subarray(end + 4);
+        head = undefined;
       }
       n += b.length;
-      if (want >= 0 && n >= want) s.end(`${n}\n`);
+      if (want >= 0 && n >= want) s.end(`HTTP/1.0 200 OK\r\nContent-Length: ${String(n).length + 1}\r\n\r\n${n}\n`);
     });
     s.on("end", () => s.end(`${n}\n`));
     s.on("error", () => undefined);
@@ -174,7 +182,9 @@ async function main(): Promise<void> {
       return mib / ((performance.now() - t) / 1000);
     };
     const stackDown = () => timed(`wget -q -O /dev/null http://host.internal:${host.down}/`);
-    const stackUp = () => timed(`{ echo ${mib * MiB}; dd if=/dev/zero bs=65536 count=${blocks} 2>/dev/null; } | nc host.internal ${host.up} >/dev/null`);
+    // busybox wget reads --post-file as a C string: the file must have no NUL byte.
+    await bb.exec({ argv: ["sh", "-c", `yes abcdefghijklmnopqrstuvwxyz | head -c ${mib * MiB} > /tmp/up`], timeoutMs: 600_000 });
+    const stackUp = () => timed(`wget -q -O /dev/null --post-file=/tmp/up http://host.internal:${host.up}/`);
     for (const [p, argv] of [
       [9101, ["dd", "if=/dev/zero", "bs=65536", `count=${blocks}`]],
       [9102, ["dd", "of=/dev/null", "bs=65536"]],
