@@ -18,11 +18,20 @@ import { after, before, describe, it } from "node:test";
 import { debianPythonTar, newLayout } from "../fixtures/oci/images.js";
 import { REPO_ROOT, VM_TEST_TIMEOUT, pidsMatching, processAlive } from "../helpers.js";
 
-/**
- * What each example must print: every pattern must match a line of its
- * stdout. A new example needs an entry here (the test says so).
- */
-const EXPECTED: Readonly<Record<string, readonly RegExp[]>> = {
+/** What the test knows of one example. */
+interface ExampleSpec {
+  /** Every pattern must match a line of the example's stdout. */
+  readonly expect: readonly RegExp[];
+  /**
+   * Fixtures the example needs (e.g. a registry on loopback): started before
+   * the run, in `dir` (a scratch directory of this run), with the
+   * environment to pass; `close` runs after it, whatever happened.
+   */
+  readonly setup?: (dir: string) => Promise<{ env: Readonly<Record<string, string>>; close?: () => Promise<void> }>;
+}
+
+/** One entry per example. A new example needs an entry here (the test says so). */
+const EXPECTED: Readonly<Record<string, ExampleSpec | readonly RegExp[]>> = {
   "00-quick-start.mjs": [/^hello from the VM$/, /^exit code 0, accelerator (tcg|kvm), image /],
   "01-one-shot-exec.mjs": [/^candidate 0: ok  stdout="42"$/, /^candidate 1: ok  stdout="45"$/, /^candidate 2: FAILED  stdout=""  stderr=".*wrong answer"$/, /^3 candidates run with (python3|sh): 2 ok, 1 failed$/],
   "02-agent-runtime.mjs": [/^warmed at bake time$/, /^task 1: files left by other tasks: none$/, /^task 2: files left by other tasks: none$/, /^task 3: files left by other tasks: none$/],
@@ -115,8 +124,9 @@ describe("examples/*.mjs run as written and exit by themselves", { timeout: 4 * 
       : [{ label: "", python: false }];
     for (const variant of variants) {
       it(`${file}${variant.label ? ` ${variant.label}` : ""}`, async () => {
-        const expected = EXPECTED[file];
-        assert.ok(expected, `examples/${file} has no entry in EXPECTED in test/examples/examples.test.ts: add the lines its output must contain`);
+        const entry = EXPECTED[file];
+        assert.ok(entry, `examples/${file} has no entry in EXPECTED in test/examples/examples.test.ts: add the lines its output must contain`);
+        const spec: ExampleSpec = Array.isArray(entry) ? { expect: entry as readonly RegExp[] } : (entry as ExampleSpec);
         const tag = `${file.replace(/\.mjs$/, "")}${variant.python ? "-py" : ""}`;
         const runtimeDir = join(work, `rt-${tag}`);
         const tmp = join(work, `tmp-${tag}`);
@@ -132,12 +142,21 @@ describe("examples/*.mjs run as written and exit by themselves", { timeout: 4 * 
         delete env.SUPERMACHINE_EXAMPLE_IMAGE;
         delete env.SUPERMACHINE_EXAMPLE_NGINX_IMAGE;
         if (variant.python) env.SUPERMACHINE_EXAMPLE_PYTHON_IMAGE = pythonRef;
-        const r = await runExample(file, cwd, env);
+        let r: Run;
+        const fixtureDir = join(work, `fixture-${tag}`);
+        await mkdir(fixtureDir);
+        const fixture = spec.setup ? await spec.setup(fixtureDir) : undefined;
+        try {
+          Object.assign(env, fixture?.env);
+          r = await runExample(file, cwd, env);
+        } finally {
+          await fixture?.close?.();
+        }
         const diag = `\n--- stdout ---\n${r.stdout}\n--- stderr ---\n${r.stderr}`;
         assert.ok(!r.timedOut, `examples/${file} did not exit within ${RUN_DEADLINE_MS} ms${diag}`);
         assert.equal(r.code, 0, `examples/${file} exit status (signal ${r.signal})${diag}`);
         const lines = r.stdout.split("\n");
-        for (const re of expected) assert.ok(lines.some((l) => re.test(l)), `examples/${file}: no line of its output matches ${re}${diag}`);
+        for (const re of spec.expect) assert.ok(lines.some((l) => re.test(l)), `examples/${file}: no line of its output matches ${re}${diag}`);
         // Its exit hooks kill what it started; SIGKILL reaches a confined QEMU through its wrapper: give it 2 s.
         const until = Date.now() + 2000;
         while (qemusUnder(runtimeDir).length && Date.now() < until) await new Promise((res) => setTimeout(res, 50));
