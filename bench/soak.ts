@@ -11,7 +11,7 @@
  */
 
 import { randomBytes } from "node:crypto";
-import { readdirSync } from "node:fs";
+import { readFileSync, readdirSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -19,8 +19,7 @@ import { Image } from "../src/index.js";
 import { SupermachineError } from "../src/errors.js";
 import { busyboxImage } from "./images.js";
 import { enterLoopbackNetns } from "./netns.js";
-import { Args, fmtMs, summarize, table } from "./stats.js";
-import { qemuChildren } from "./systems.js";
+import { Args, fmtMs, processTree, summarize, table } from "./stats.js";
 
 const HELP = `usage: node dist/bench/soak.js [options]
 
@@ -41,6 +40,17 @@ interface Point {
 
 const mib = (b: number) => b / 2 ** 20;
 
+/** QEMU processes below this one (not the bubblewrap and shell parents whose command lines name QEMU). */
+function qemuCount(): number {
+  return processTree(process.pid).filter((p) => {
+    try {
+      return readFileSync(`/proc/${p}/comm`, "latin1").startsWith("qemu-system");
+    } catch {
+      return false;
+    }
+  }).length;
+}
+
 function measure(label: string, cycle: number): Point {
   // --expose-gc is passed when the bench enters its namespace: collect
   // first, so the figures are what is held, not what is not yet collected.
@@ -53,7 +63,7 @@ function measure(label: string, cycle: number): Point {
     heapMib: mib(m.heapUsed),
     externalMib: mib(m.external + m.arrayBuffers),
     fds: readdirSync("/proc/self/fd").length,
-    qemus: qemuChildren().length,
+    qemus: qemuCount(),
   };
 }
 
