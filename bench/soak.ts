@@ -11,7 +11,7 @@
  */
 
 import { randomBytes } from "node:crypto";
-import { readFileSync, readdirSync } from "node:fs";
+import { readFileSync, readdirSync, readlinkSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -35,7 +35,24 @@ interface Point {
   readonly heapMib: number;
   readonly externalMib: number;
   readonly fds: number;
+  /** Open descriptors by kind: socket, pipe, anon_inode:[…], or a file's path. */
+  readonly fdKinds: Map<string, number>;
   readonly qemus: number;
+}
+
+function fdKinds(): Map<string, number> {
+  const out = new Map<string, number>();
+  for (const fd of readdirSync("/proc/self/fd")) {
+    let t: string;
+    try {
+      t = readlinkSync(`/proc/self/fd/${fd}`);
+    } catch {
+      continue;
+    }
+    const kind = t.replace(/^(socket|pipe):\[\d+\]$/, "$1");
+    out.set(kind, (out.get(kind) ?? 0) + 1);
+  }
+  return out;
 }
 
 const mib = (b: number) => b / 2 ** 20;
@@ -44,7 +61,8 @@ const mib = (b: number) => b / 2 ** 20;
 function qemuCount(): number {
   return processTree(process.pid).filter((p) => {
     try {
-      return readFileSync(`/proc/${p}/comm`, "latin1").startsWith("qemu-system");
+      // Its argv[0] (its comm is the VM's name).
+      return /qemu-system/.test(readFileSync(`/proc/${p}/cmdline`, "latin1").split("\0")[0] ?? "");
     } catch {
       return false;
     }
@@ -63,6 +81,7 @@ function measure(label: string, cycle: number): Point {
     heapMib: mib(m.heapUsed),
     externalMib: mib(m.external + m.arrayBuffers),
     fds: readdirSync("/proc/self/fd").length,
+    fdKinds: fdKinds(),
     qemus: qemuCount(),
   };
 }
@@ -155,6 +174,15 @@ async function main(): Promise<void> {
       ],
     ),
   );
+  if (start && (end || after)) {
+    const last = end ?? after;
+    const kinds = new Set([...start.fdKinds.keys(), ...last.fdKinds.keys(), ...after.fdKinds.keys()]);
+    const changed = [...kinds].filter((k) => start.fdKinds.get(k) !== last.fdKinds.get(k) || start.fdKinds.get(k) !== after.fdKinds.get(k));
+    if (changed.length) {
+      console.log("\nopen descriptors that changed (start → end → after shutdown):");
+      for (const k of changed) console.log(`  ${k}: ${start.fdKinds.get(k) ?? 0} → ${last.fdKinds.get(k) ?? 0} → ${after.fdKinds.get(k) ?? 0}`);
+    }
+  }
   if (failures.size) {
     console.log("\nfailures by code:");
     for (const [code, f] of failures) console.log(`  ${code}: ${f.count} (first: ${f.first})`);
