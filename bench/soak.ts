@@ -33,6 +33,7 @@ interface Point {
   readonly cycle: number;
   readonly rssMib: number;
   readonly heapMib: number;
+  readonly heapTotalMib: number;
   readonly externalMib: number;
   readonly fds: number;
   /** Open descriptors by kind: socket, pipe, anon_inode:[…], or a file's path. */
@@ -79,6 +80,7 @@ function measure(label: string, cycle: number): Point {
     cycle,
     rssMib: mib(m.rss),
     heapMib: mib(m.heapUsed),
+    heapTotalMib: mib(m.heapTotal),
     externalMib: mib(m.external + m.arrayBuffers),
     fds: readdirSync("/proc/self/fd").length,
     fdKinds: fdKinds(),
@@ -133,7 +135,8 @@ async function main(): Promise<void> {
           const key = e instanceof SupermachineError ? e.code : (e as Error).name;
           const f = failures.get(key);
           if (f) f.count++;
-          else failures.set(key, { count: 1, first: `cycle ${i}: ${(e as Error).message.split("\n")[0]!.slice(0, 200)}` });
+          // The first of each kind whole (a GuestDiedError carries the console tail).
+          else failures.set(key, { count: 1, first: `cycle ${i}: ${(e as Error).message.slice(0, 2000)}` });
         }
         if ((i + 1) % every === 0) {
           const m = process.memoryUsage();
@@ -156,8 +159,8 @@ async function main(): Promise<void> {
   console.log(`\nsoak: ${cycles} acquire → exec → release cycles, pool of ${poolSize}, ${secs.toFixed(0)} s\n`);
   console.log(
     table(
-      ["point", "cycle", "Node RSS MiB", "heap used MiB", "external MiB", "fds", "QEMUs"],
-      [...points, after].map((p) => [p.label, String(p.cycle), p.rssMib.toFixed(1), p.heapMib.toFixed(1), p.externalMib.toFixed(1), String(p.fds), String(p.qemus)]),
+      ["point", "cycle", "Node RSS MiB", "heap used / total MiB", "external MiB", "fds", "QEMUs"],
+      [...points, after].map((p) => [p.label, String(p.cycle), p.rssMib.toFixed(1), `${p.heapMib.toFixed(1)} / ${p.heapTotalMib.toFixed(1)}`, p.externalMib.toFixed(1), String(p.fds), String(p.qemus)]),
     ),
   );
   const s = summarize(latencies);
