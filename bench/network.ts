@@ -157,7 +157,7 @@ threading.Event().wait()
 `;
 
 async function main(): Promise<void> {
-  enterLoopbackNetns();
+  enterLoopbackNetns({ what: "network bench" });
   const a = new Args();
   const mib = a.num("mib", 64);
   const reps = a.num("reps", 3);

@@ -14,6 +14,7 @@ import { cpus, release, tmpdir, totalmem } from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { type BenchImages, busyboxImage, pythonImage } from "./images.js";
+import { enterLoopbackNetns, loopbackOnly } from "./netns.js";
 import { ensurePackages, hostDetail, probeBwrap, probeRunsc } from "./peers.js";
 import { type BenchResults, SEED, type SystemInfo, targets, writeReport } from "./report.js";
 import { Args, table } from "./stats.js";
@@ -34,6 +35,9 @@ const HELP = `usage: node dist/bench/run.js [options]
   --systems a,b,...       only these systems (supermachine, naive-vm, bwrap, gvisor, host)
   --out DIR               write bench/results/ and BENCHMARKS.md under DIR (default: the repository)
   --no-install            do not apt-get install missing peers (they are reported as not run)
+
+Runs in a network namespace with only loopback (re-executes itself under
+unshare --net after installing peers and building the images).
 `;
 
 const REPO = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -96,6 +100,17 @@ async function main(): Promise<void> {
   const t0 = Date.now();
   const log = (s: string) => process.stderr.write(`[bench ${((Date.now() - t0) / 1000).toFixed(0).padStart(4)} s] ${s}\n`);
   const startedAt = new Date().toISOString();
+
+  if (!loopbackOnly()) {
+    // Every VM has a NIC: the run itself happens in a network namespace with
+    // only loopback (bench/netns.ts). The package archive is reachable only
+    // from here, so the peers are installed and the images built first.
+    ensurePackages(!a.has("no-install"), log);
+    log("images (before entering the network namespace)");
+    await busyboxImage();
+    await pythonImage(log);
+    enterLoopbackNetns({ what: "bench", extraArgs: ["--no-install"] });
+  }
 
   // Peers' tools (and workload 6's registry tools) from Debian, if missing.
   const problems = ensurePackages(!a.has("no-install"), log);

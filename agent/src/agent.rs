@@ -8,6 +8,7 @@ use crate::io::{Io, ReqError, TK_DRAIN, TK_IN, TK_KIND, TK_OUT, TK_PORT, TK_SIG,
 use crate::proto::{self, tag, ty, Record};
 use crate::service::exec::{self as exec_service, ExecService};
 use crate::service::files::FileService;
+use crate::service::freeze::FreezeService;
 use crate::service::net::NetService;
 use crate::service::session::Session;
 use crate::service::tcp::TcpService;
@@ -36,6 +37,7 @@ pub struct Agent {
     tcp: TcpService,
     workload: WorkloadService,
     net: NetService,
+    freeze: FreezeService,
 }
 
 fn find_port(name: &str) -> io::Result<PathBuf> {
@@ -85,6 +87,7 @@ pub fn run(boot: &BootReport) -> io::Result<()> {
         tcp: TcpService::new(),
         workload: WorkloadService::new(),
         net: NetService::new(),
+        freeze: FreezeService::new(),
     };
     a.io.add(a.sig.raw(), sys::EPOLLIN, TK_SIG);
     a.open_port()?;
@@ -330,10 +333,21 @@ impl Agent {
             }
             ty::CONFIGURE => {
                 let r = self.session.configure(&mut self.net, p);
+                // Processes frozen for a snapshot continue only now, after
+                // this frame reseeded the RNG, stepped the clock and set the
+                // identity of this VM.
+                if r.is_ok() {
+                    self.freeze.thaw();
+                }
                 self.io.reply(id, r);
             }
             ty::SNAPSHOT_PREPARE => {
-                self.io.send_record(ty::OK, id, Record::new());
+                // Every guest process stops before the snapshot, and stays
+                // stopped until the next CONFIGURE (in each clone, and in
+                // this VM when it runs on).
+                let n = self.freeze.freeze();
+                debug!("snapshot: {} process(es) stopped", n);
+                self.io.send_record(ty::OK, id, Record::new().u32(tag::snapshot_prepare_ok::STOPPED, n as u32));
                 // Flush the OK, then stay silent until the host speaks again.
                 self.flush();
                 self.io.quiesced = true;

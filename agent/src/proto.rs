@@ -168,6 +168,9 @@ pub mod tag {
     pub mod configure_ok {
         pub const BOOT_ID: u8 = 1;
     }
+    pub mod snapshot_prepare_ok {
+        pub const STOPPED: u8 = 1;
+    }
     pub mod error {
         pub const CODE: u8 = 1;
         pub const MESSAGE: u8 = 2;

@@ -71,6 +71,7 @@ export const Tag = {
     hosts_file: 14,
   },
   CONFIGURE_OK: { boot_id: 1 },
+  SNAPSHOT_PREPARE_OK: { stopped: 1 },
   EXEC: {
     argv: 1,
     env: 2,

@@ -88,14 +88,17 @@ export async function captureVm(vm: Vm, stage: string): Promise<{ ram: SnapshotF
   try {
     await vm.conn.request(MsgType.SNAPSHOT_PREPARE);
   } catch (e) {
+    // The agent may have stopped the guest's processes before it failed to answer.
+    await vm.configure({ identity: "reseed" }).catch(() => undefined);
     resume();
     throw e;
   }
-  const qmp = await vm.qmp();
+  let qmp: QmpClient | undefined;
   let running = true;
-  await qmp.execute("stop");
-  running = false;
   try {
+    qmp = await vm.qmp();
+    await qmp.execute("stop");
+    running = false;
     if (vm.ram.kind === "shared-file") {
       await saveState(qmp, vm.runtimeDir, statePath, { ignoreShared: true, timeoutMs: SAVE_TIMEOUT_MS });
       const copy = await sparseCopyWithHash(join(vm.runtimeDir, "ram"), ramPath);
@@ -114,9 +117,12 @@ export async function captureVm(vm: Vm, stage: string): Promise<{ ram: SnapshotF
     }
     return { ram: await fileRecord(ramPath), state: await fileRecord(statePath) };
   } finally {
-    if (!running) await qmp.execute("cont").catch(() => undefined);
-    // Any frame ends the agent's quiet period.
-    await vm.conn.ping().catch(() => undefined);
+    if (!running) await qmp?.execute("cont").catch(() => undefined);
+    // Any frame ends the agent's quiet period. SNAPSHOT_PREPARE stopped
+    // every guest process; a CONFIGURE continues them, after reseeding the
+    // RNG (the snapshot file holds this VM's RNG state) and stepping the
+    // clock. This VM keeps its hostname, machine-id and boot_id.
+    await vm.configure({ identity: "reseed" }).catch(() => undefined);
     resume();
   }
 }

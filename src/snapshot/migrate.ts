@@ -85,19 +85,25 @@ export async function loadState(qmp: QmpClient, dir: string, file: string, o: { 
   await new Promise<void>((resolve, reject) => {
     const s = connect(sock);
     let connected = false;
+    let rs: ReturnType<typeof createReadStream> | undefined;
     s.on("error", (e) => {
       if (!connected) reject(e);
     });
     s.once("connect", () => {
       connected = true;
-      const rs = createReadStream(file, { highWaterMark: 256 * 1024 });
+      rs = createReadStream(file, { highWaterMark: 256 * 1024 });
       rs.on("error", (e) => {
         s.destroy();
         reject(e);
       });
       rs.pipe(s);
     });
-    s.once("close", () => resolve());
+    s.once("close", () => {
+      // When QEMU closes first, pipe() only unpipes: the file stream would
+      // stay open (a descriptor and a buffer per restore; found by the soak).
+      rs?.destroy();
+      resolve();
+    });
   });
   await waitMigration(qmp, "loading the VM state", o.timeoutMs);
   await unlink(sock).catch(() => undefined);

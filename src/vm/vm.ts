@@ -446,9 +446,13 @@ export class Vm {
   /**
    * @internal Sends CONFIGURE: identity, clock, entropy, image config, and
    * the guest's network (`net`; the agent applies it idempotently, so it is
-   * sent again after every restore).
+   * sent again after every restore). `identity`: `true` (default) sends a
+   * new clock, entropy, machine-id and boot_id; `"reseed"` only the clock
+   * and entropy (a VM that runs on after a snapshot keeps its identity);
+   * `false` none. Every successful CONFIGURE also continues the processes
+   * the agent stopped for a snapshot (docs/snapshots.md).
    */
-  async configure(p: { hostname?: string; config?: GuestConfig; identity?: boolean; net?: GuestNetConfig }): Promise<string> {
+  async configure(p: { hostname?: string; config?: GuestConfig; identity?: boolean | "reseed"; net?: GuestNetConfig }): Promise<string> {
     const r = new RecordBuilder();
     if (p.net !== undefined) {
       encodeNetConfig(r, p.net);
@@ -463,6 +467,8 @@ export class Vm {
     if (p.identity !== false) {
       r.u64(Tag.CONFIGURE.time_ns, BigInt(Date.now()) * 1_000_000n);
       r.bytes(Tag.CONFIGURE.entropy, randomBytes(64));
+    }
+    if (p.identity === undefined || p.identity === true) {
       r.bytes(Tag.CONFIGURE.machine_id, randomBytes(16).toString("hex"));
       r.bytes(Tag.CONFIGURE.boot_id, randomUUID());
     }
