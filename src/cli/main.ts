@@ -44,7 +44,7 @@ function overview(): string {
     "Runs OCI images as microVMs (QEMU microvm; snapshots restore in milliseconds).",
     "",
     "commands:",
-    ...COMMANDS.map((c) => `  ${c.name.padEnd(w)}${c.summary.split(/\. |\.$/)[0]}`),
+    ...COMMANDS.map((c) => `  ${c.name.padEnd(w)}${c.summary.split(/\. |\.$|: /)[0]}`),
     "",
     "`supermachine COMMAND --help` (or `supermachine help COMMAND`) shows a command's options.",
     "Environment: SUPERMACHINE_CACHE_DIR, SUPERMACHINE_SNAPSHOTS_DIR, SUPERMACHINE_ACCEL, SUPERMACHINE_DEBUG=1 (stack traces).",
@@ -78,7 +78,8 @@ const HANDLERS: Record<string, Handler> = {
   },
   help: async (args) => {
     const p = parseCommand(HELP, args);
-    if (p.help || p.positionals.length === 0) {
+    if (p.help) return -1;
+    if (p.positionals.length === 0) {
       process.stdout.write(overview());
       return 0;
     }
