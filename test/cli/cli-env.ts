@@ -22,6 +22,8 @@ export interface CliEnv {
   readonly env: NodeJS.ProcessEnv;
   run(args: string[], o?: { env?: NodeJS.ProcessEnv; input?: string; timeoutMs?: number }): SpawnSyncReturns<string>;
   spawn(args: string[], o?: { env?: NodeJS.ProcessEnv }): ChildProcess;
+  /** Like run() without blocking this process's event loop (servers in the test keep answering). */
+  runAsync(args: string[], o?: { env?: NodeJS.ProcessEnv }): Promise<{ status: number | null; stdout: string; stderr: string }>;
   /** QEMU processes of this environment still alive. */
   qemus(): number[];
   /** Entries left in the runtime dir. */
@@ -55,6 +57,15 @@ export function cliEnv(name: string): CliEnv {
     run: (args, o = {}) =>
       spawnSync(process.execPath, [BIN, ...args], { encoding: "utf8", timeout: o.timeoutMs ?? 300_000, env: { ...env, ...o.env }, cwd: work, ...(o.input !== undefined ? { input: o.input } : {}) }),
     spawn: (args, o = {}) => spawn(process.execPath, [BIN, ...args], { env: { ...env, ...o.env }, cwd: work, stdio: ["pipe", "pipe", "pipe"] }),
+    runAsync: (args, o = {}) =>
+      new Promise((resolve) => {
+        const child = spawn(process.execPath, [BIN, ...args], { env: { ...env, ...o.env }, cwd: work, stdio: ["ignore", "pipe", "pipe"] });
+        let stdout = "";
+        let stderr = "";
+        child.stdout!.on("data", (b: Buffer) => (stdout += b.toString()));
+        child.stderr!.on("data", (b: Buffer) => (stderr += b.toString()));
+        child.once("close", (status) => resolve({ status, stdout, stderr }));
+      }),
     qemus: () => pidsMatching(new RegExp(`qemu-system.*${esc}`)),
     runtimeLeft: () => {
       try {
