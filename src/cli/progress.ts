@@ -61,7 +61,7 @@ export class ProgressView {
         break;
       }
       case "unpack":
-        this.set("unpack", `unpack layer ${p.layer + 1}/${p.layers}  ${formatBytes(p.bytes)}`, p.bytes === 0, `unpack:${p.layer}`);
+        this.set("unpack", this.tty ? `unpack layer ${p.layer + 1}/${p.layers}  ${formatBytes(p.bytes)}` : `unpack layer ${p.layer + 1}/${p.layers}`, !this.tty);
         break;
       case "pack":
         this.set("pack", "pack root filesystem (erofs)", true);

@@ -13,7 +13,7 @@ import { BIN, cliEnv, type CliEnv } from "./cli-env.js";
 
 /**
  * Runs argv on a new pty (rows 24, cols 80) and plays `steps`:
- * ["send", text] | ["expect", regex, timeoutS] | ["winsize", rows, cols].
+ * ["send", text] | ["expect", regex, timeoutS] | ["pause", s] | ["winsize", rows, cols].
  * Prints {"status": exit status, "log": [...]} as JSON; a failed expect
  * ends the run with the output seen so far.
  */
@@ -57,6 +57,8 @@ for st in steps:
             ok = False
             break
         log.append(["matched", st[1]])
+    elif st[0] == "pause":
+        time.sleep(st[1])
     elif st[0] == "winsize":
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", st[1], st[2], 0, 0))
         log.append(["winsize", st[1], st[2]])
@@ -96,8 +98,10 @@ describe("supermachine run -it (pseudo-terminal)", { timeout: VM_TEST_TIMEOUT },
       ["send", "sleep 0.5; stty size\r"],
       ["expect", "\\r*\\n40 100\\r*\\n", 30],
       ["expect", "PROMPT> ", 30],
-      ["send", "sleep 60; echo sleep-status=$?\r"],
-      ["expect", "sleep 60", 10],
+      // Ctrl-C once the sleep runs (sent earlier, the shell would read it as input).
+      ["send", "echo started; sleep 60; echo sleep-status=$?\r"],
+      ["expect", "\\nstarted\\r*\\n", 30],
+      ["pause", 2],
       ["send", "\x03"],
       ["expect", "PROMPT> ", 30],
       ["send", "echo still-$((40+2))\r"],
