@@ -77,18 +77,18 @@ describe("supermachine pull / build / images / snapshots / rm / prune", { timeou
     assert.match(b.stderr, /bake app-snap: boot/);
     assert.match(b.stderr, /snapshot app-snap baked/);
     const file = join(c.work, "build.json");
-    writeFileSync(file, JSON.stringify({ ref: "default", name: "other-snap", memoryMib: 128, env: { A: "1" }, nope: true }));
+    writeFileSync(file, JSON.stringify({ ref: "default", name: "other-snap", memoryMib: 192, env: { A: "1" }, nope: true }));
     const bad = await c.runAsync(["build", "-f", file]);
     assert.equal(bad.status, 125, "an unknown key is refused");
     assert.match(bad.stderr, /unknown key "nope"/);
-    writeFileSync(file, JSON.stringify({ ref: "default", name: "other-snap", memoryMib: 128, env: { A: "1" } }));
+    writeFileSync(file, JSON.stringify({ ref: "default", name: "other-snap", memoryMib: 192, env: { A: "1" } }));
     const g = await c.runAsync(["build", "-f", file]);
     assert.equal(g.status, 0, g.stderr);
     const snaps = await json<Listed[]>(["snapshots", "ls", "--json"]);
     assert.deepEqual(snaps.map((s) => s.name).sort(), ["app-snap", "other-snap"]);
     assert.equal(snaps.find((s) => s.name === "app-snap")!.ref, ref);
     const other = snaps.find((s) => s.name === "other-snap") as Listed & { memoryMib: number };
-    assert.equal(other.memoryMib, 128);
+    assert.equal(other.memoryMib, 192);
   });
 
   it("prune removes what is unused and nothing in use (a pool running from a snapshot keeps it)", async () => {
