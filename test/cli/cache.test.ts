@@ -45,8 +45,11 @@ describe("supermachine pull / build / images / snapshots / rm / prune", { timeou
   });
   after(async () => {
     await reg?.stop();
-    assert.deepEqual(c.qemus(), [], "no VM left behind");
-    c.remove();
+    try {
+      assert.deepEqual(c.qemus(), [], "no VM left behind");
+    } finally {
+      c.remove();
+    }
   });
 
   // Async: the registry fixture's proxy lives in this process and must keep answering.

@@ -84,8 +84,11 @@ describe("supermachine run -it (pseudo-terminal)", { timeout: VM_TEST_TIMEOUT },
     c = cliEnv("pty");
   });
   after(() => {
-    assert.deepEqual(c.qemus(), [], "no VM left behind");
-    c.remove();
+    try {
+      assert.deepEqual(c.qemus(), [], "no VM left behind");
+    } finally {
+      c.remove();
+    }
   });
 
   it("prompt, stty size follows a resize, Ctrl-C interrupts sleep and the shell survives, exit 3 exits 3", () => {

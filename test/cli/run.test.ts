@@ -20,8 +20,11 @@ describe("supermachine run", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     c = cliEnv("run");
   });
   after(() => {
-    assert.deepEqual(c.qemus(), [], "no VM left behind");
-    c.remove();
+    try {
+      assert.deepEqual(c.qemus(), [], "no VM left behind");
+    } finally {
+      c.remove();
+    }
   });
 
   it("runs a command in the default image (`run -- CMD`), exits with its status, leaves nothing behind", () => {
