@@ -510,6 +510,7 @@ export async function prune(o: PruneOptions): Promise<PruneResult> {
     }
   }
   const removed: PruneEntry[] = [];
+  if (!o.dryRun && o.snapshots !== false) await removeLeftovers(snapshotsDir);
   if (!o.dryRun) {
     const goneImages = [...pick].filter((c) => c.img).map((c) => c.img!);
     if (goneImages.length) await removeImages(goneImages, imgs, cacheDir);
@@ -531,4 +532,18 @@ export async function prune(o: PruneOptions): Promise<PruneResult> {
   for (const c of cands) if (pick.has(c)) removed.push(strip(c));
   const freedBytes = removed.reduce((n, c) => n + c.sizeBytes, 0);
   return { removed, keptInUse: [...keptInUse].map(strip), freedBytes, remainingBytes: cands.reduce((n, c) => n + c.sizeBytes, 0) - freedBytes };
+}
+
+/**
+ * What interrupted work left in the snapshots directory: bake stages of dead
+ * processes (`.<name>.tmp-<pid>-<rand>`), and the `.old-` / `.removing-`
+ * directories a crash left between a rename and its removal.
+ */
+async function removeLeftovers(snapshotsDir: string): Promise<void> {
+  for (const n of await readdir(snapshotsDir).catch(() => [] as string[])) {
+    if (!n.startsWith(".")) continue;
+    const tmp = /\.tmp-(\d+)-[0-9a-f]+$/.exec(n);
+    const gone = tmp ? !pidAlive(Number(tmp[1])) : /\.(?:old|removing)-[0-9a-f]+$/.test(n);
+    if (gone) await rm(join(snapshotsDir, n), { recursive: true, force: true });
+  }
 }

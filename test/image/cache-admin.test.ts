@@ -59,7 +59,14 @@ describe("cache administration", () => {
     assert.deepEqual(held.inUse.map((l) => l.pid), [process.pid]);
     assert.ok(Date.now() - held.lastUsedAt.getTime() < DAY, "taking a lease is a use");
     await assert.rejects(removeSnapshot("old", d), (e: unknown) => e instanceof SnapshotError && /in use by process/.test(e.message));
+    const dead = spawnSync("true").pid!;
+    mkdirSync(join(d.snapshotsDir, `.x.tmp-${dead}-abcd`));
+    mkdirSync(join(d.snapshotsDir, `.x.tmp-${process.pid}-abcd`));
+    mkdirSync(join(d.snapshotsDir, ".x.removing-abcd"));
     const r = await prune({ ...d, all: true });
+    assert.ok(!existsSync(join(d.snapshotsDir, `.x.tmp-${dead}-abcd`)), "a dead bake's stage goes");
+    assert.ok(!existsSync(join(d.snapshotsDir, ".x.removing-abcd")));
+    assert.ok(existsSync(join(d.snapshotsDir, `.x.tmp-${process.pid}-abcd`)), "a live bake's stage stays");
     assert.deepEqual(r.removed.map((e) => e.name), ["new"]);
     assert.deepEqual(r.keptInUse.map((e) => e.name), ["old"]);
     lease.release();
