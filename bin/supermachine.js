@@ -14,7 +14,8 @@ main(process.argv.slice(2)).then(
     process.exitCode = code;
   },
   (err) => {
-    process.stderr.write(`supermachine: ${err?.stack ?? err}\n`);
+    // main() never rejects; this is the last resort.
+    process.stderr.write(`supermachine: internal error: ${process.env.SUPERMACHINE_DEBUG === "1" ? err?.stack ?? err : err?.message ?? err}\n`);
     process.exitCode = 125;
   },
 );

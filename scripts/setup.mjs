@@ -45,7 +45,8 @@ const arm = process.arch === "arm64";
 const RUNTIME = [arm ? "qemu-system-arm" : "qemu-system-x86", "busybox-static", "xz-utils", "util-linux", "zstd", "bubblewrap"];
 // iproute2: the tests' network namespace (scripts/test.mjs). bubblewrap
 // (above) and runsc: the peers the bench harness's smoke test measures.
-const TEST = ["iproute2", "erofs-utils", "docker-registry", "skopeo", "umoci", "mmdebstrap", "openssl", "apache2-utils", "tar", "gzip", "runsc"];
+// python3: its pty module drives `supermachine run -it` in test/cli/pty.test.ts.
+const TEST = ["iproute2", "erofs-utils", "docker-registry", "skopeo", "umoci", "mmdebstrap", "openssl", "apache2-utils", "tar", "gzip", "runsc", "python3"];
 
 function missingPackages(pkgs) {
   return pkgs.filter((p) => {

@@ -12,6 +12,21 @@ export { Image, type BuildOptions, type ExtraFile, type MountSpec, type VolumeSp
 export { defaultImageRef } from "./guest/default-image.js";
 export { Pool, type PoolOptions, type PoolStats } from "./pool/pool.js";
 export { resolveImage, type ImageProgress, type ResolvedImage } from "./image/resolve.js";
+export {
+  listImages,
+  findImages,
+  removeImage,
+  listSnapshots,
+  removeSnapshot,
+  prune,
+  type CacheDirs,
+  type CachedImage,
+  type CachedSnapshot,
+  type SnapshotLeaseInfo,
+  type PruneOptions,
+  type PruneResult,
+  type PruneEntry,
+} from "./image/cache-admin.js";
 export { ExecChild } from "./vm/exec-child.js";
 export { DEFAULT_LAYER_LIMITS, LAYER_LIMIT_ENV, type LayerLimits } from "./rootfs/limits.js";
 export { TcpForwarder } from "./vm/tcp-forwarder.js";

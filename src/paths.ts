@@ -15,3 +15,11 @@ export function defaultCacheDir(env: NodeJS.ProcessEnv = process.env): string {
   if (env.XDG_CACHE_HOME) return resolve(env.XDG_CACHE_HOME, "supermachine");
   return join(env.HOME || homedir(), ".cache", "supermachine");
 }
+
+/**
+ * Where snapshots go: `$SUPERMACHINE_SNAPSHOTS_DIR`, else
+ * `~/.local/supermachine-snapshots`.
+ */
+export function defaultSnapshotsDir(env: NodeJS.ProcessEnv = process.env): string {
+  return env.SUPERMACHINE_SNAPSHOTS_DIR ?? join(env.HOME || homedir(), ".local", "supermachine-snapshots");
+}

@@ -9,7 +9,6 @@ import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { copyFile, link, mkdir, open, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
-import { homedir } from "node:os";
 import { basename, join, resolve } from "node:path";
 import { promisify } from "node:util";
 import { ImageError, PoolError, SnapshotError, TimeoutError, invalidOption } from "../errors.js";
@@ -18,7 +17,8 @@ import { assertSupportedHost } from "../platform/host.js";
 import { DEFAULT_IMAGE_CONFIG } from "../guest/default-image.js";
 import { acquireLock } from "../oci/lock.js";
 import type { PullPolicy } from "../oci/pull.js";
-import { defaultCacheDir } from "../paths.js";
+import { defaultCacheDir, defaultSnapshotsDir } from "../paths.js";
+import { leaseSnapshot, recordImageUse, type SnapshotLease } from "./cache-admin.js";
 import { RecordBuilder } from "../protocol/codec.js";
 import { FILE_LIMIT, MsgType, Tag } from "../protocol/constants.js";
 import { directoryImage } from "../rootfs/cache.js";
@@ -119,8 +119,19 @@ export interface BuildOptions {
   readonly layerLimits?: LayerLimits;
   /** (extension) e.g. "linux/amd64". @default the host's */
   readonly platform?: string;
-  /** (extension) Pull and unpack progress. */
+  /**
+   * (extension) Progress: pull (bytes per layer), unpack, pack (the erofs
+   * image), then the bake's phases (boot, warmup, snapshot) or
+   * `snapshot-cached` on a cache hit.
+   */
   readonly onProgress?: (p: ImageProgress) => void;
+  /**
+   * (extension) Start the image's workload (ENTRYPOINT + CMD, or cmd) in
+   * restored VMs. `false` bakes a VM that only runs what is exec'd in it
+   * (what `supermachine run IMAGE COMMAND` uses). Part of the cache key.
+   * @default true
+   */
+  readonly runWorkload?: boolean;
   /** (extension) */
   readonly signal?: AbortSignal;
   /** (extension) Deadline for booting (and each restore's resume). @default 120000 (TCG), 30000 (KVM) */
@@ -129,9 +140,7 @@ export interface BuildOptions {
   readonly listenerTimeoutMs?: number;
 }
 
-export function defaultSnapshotsDir(): string {
-  return process.env.SUPERMACHINE_SNAPSHOTS_DIR ?? join(process.env.HOME || homedir(), ".local", "supermachine-snapshots");
-}
+export { defaultSnapshotsDir };
 
 let qemuVersionMemo: Promise<string> | undefined;
 function qemuVersion(): Promise<string> {
@@ -153,6 +162,7 @@ interface ValidBuild {
   listenerRequired: boolean;
   extraFiles: { hostPath: string; guestPath: string; mode?: number }[];
   warmupTag: string;
+  runWorkload: boolean;
   warmup?: (vm: Vm) => Promise<void>;
   snapshotsDir: string;
   cacheDir: string;
@@ -188,6 +198,7 @@ function validateBuild(o: BuildOptions): ValidBuild {
   });
   if (o.mounts !== undefined && o.mounts.length > 0) throw new ImageError("mounts (virtio-fs host directories) are not supported yet by supermachine for Linux; remove the mounts option");
   if (o.volumes !== undefined && o.volumes.length > 0) throw new ImageError("volumes are not supported yet by supermachine for Linux; remove the volumes option");
+  if (o.runWorkload !== undefined && typeof o.runWorkload !== "boolean") throw invalidOption("runWorkload", "a boolean", o.runWorkload);
   if (o.warmupTag !== undefined && typeof o.warmupTag !== "string") throw invalidOption("warmupTag", "a string", o.warmupTag);
   if (o.warmup !== undefined && typeof o.warmup !== "function") throw invalidOption("warmup", "an async function (vm) => void", o.warmup);
   return {
@@ -202,6 +213,7 @@ function validateBuild(o: BuildOptions): ValidBuild {
     listenerRequired: o.listenerRequired ?? false,
     extraFiles,
     warmupTag: o.warmupTag ?? "default",
+    runWorkload: o.runWorkload ?? true,
     ...(o.warmup ? { warmup: o.warmup } : {}),
     snapshotsDir: resolve(o.snapshotsDir ?? defaultSnapshotsDir()),
     cacheDir: o.cacheDir ?? defaultCacheDir(),
@@ -222,6 +234,7 @@ async function resolveRootfsFor(v: ValidBuild, o: BuildOptions): Promise<Resolve
   if (v.ref.startsWith("dir:")) {
     const dir = v.ref.slice(4);
     const rootfsImage = await directoryImage(dir, v.cacheDir, o.signal ? { signal: o.signal } : {});
+    await recordImageUse(rootfsImage, { ref: `dir:${resolve(dir)}`, digest: basename(rootfsImage, ".erofs"), blobs: [], cacheDir: v.cacheDir });
     return { ref: v.ref, digest: `sha256:${basename(rootfsImage).replace(/^dir-|\.erofs$|-root$/g, "")}`, rootfsImage, config: { ...DEFAULT_IMAGE_CONFIG, env: [...DEFAULT_IMAGE_CONFIG.env] }, entrypoint: [], cmd: [] };
   }
   const r = await resolveImage(v.ref, {
@@ -304,13 +317,22 @@ export class Image {
   /** A QEMU started ahead of the next restore (pools keep one ready). */
   private spare: Promise<StartedQemu> | undefined;
   private spareUsers = 0;
+  /** This process's lease on the snapshot (cache-admin.ts): prune keeps it while held. */
+  private readonly lease: SnapshotLease;
+  /**
+   * (extension) The image's ENTRYPOINT and CMD (what `supermachine run`
+   * combines with its COMMAND); null for an Image loaded from a snapshot.
+   */
+  readonly imageCmd: { readonly entrypoint: readonly string[]; readonly cmd: readonly string[] } | null;
   /** The Image.build options this image came from (to bake it again at another size). */
   private readonly recipe: BuildOptions | undefined;
   /** The same image at other sizes (pools with memoryMib/vcpus overrides), by "MEMxCPUS". */
   private siblings = new Map<string, Promise<Image>>();
 
   /** @internal */
-  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm; recipe?: BuildOptions; network?: CompiledPolicy }) {
+  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm; recipe?: BuildOptions; network?: CompiledPolicy; imageCmd?: { entrypoint: string[]; cmd: string[] } }) {
+    this.lease = leaseSnapshot(p.snapshotPath);
+    this.imageCmd = p.imageCmd ?? null;
     this.network = p.network ?? compilePolicy(true);
     this.snapshotPath = p.snapshotPath;
     this.manifest = p.manifest;
@@ -349,7 +371,8 @@ export class Image {
         return { ...f, data, mode: f.mode ?? st.mode & 0o7777, sha256: createHash("sha256").update(data).digest("hex") };
       }),
     );
-    const workloadArgv = v.cmd ?? [...root.entrypoint, ...root.cmd];
+    const workloadArgv = v.runWorkload ? (v.cmd ?? [...root.entrypoint, ...root.cmd]) : [];
+    const imageCmd = { entrypoint: root.entrypoint, cmd: root.cmd };
     const config: GuestConfig = { ...root.config, env: mergeEnv(root.config.env ?? [], v.env) };
     const inputs = {
       format: SNAPSHOT_VERSION,
@@ -367,19 +390,27 @@ export class Image {
       listenerRequired: v.listenerRequired,
       extraFiles: files.map((f) => ({ guestPath: f.guestPath, sha256: f.sha256, mode: f.mode })),
       warmupTag: v.warmupTag,
+      // Only when set, so the keys of existing snapshots stay the same.
+      ...(v.runWorkload ? {} : { workload: false }),
     };
     const key = createHash("sha256").update(JSON.stringify(inputs)).digest("hex");
     const name = v.name ?? `sm-${key.slice(0, 16)}`;
     const dir = join(v.snapshotsDir, name);
     const hit = await readManifest(dir, "quick").catch(() => undefined);
-    if (hit && hit.key === key) return new Image({ snapshotPath: dir, manifest: hit, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network });
+    if (hit && hit.key === key) {
+      options.onProgress?.({ stage: "snapshot-cached", name });
+      return new Image({ snapshotPath: dir, manifest: hit, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network, imageCmd });
+    }
     await mkdir(v.snapshotsDir, { recursive: true, mode: SNAPSHOT_DIR_MODE });
     // One baker per snapshot across processes; the others use its result.
     const valid = async () => (await readManifest(dir, "quick").catch(() => undefined))?.key === key;
     const lock = await acquireLock(join(v.snapshotsDir, `.${name}.lock`), { until: valid, staleMs: 10 * 60_000, ...(options.signal ? { signal: options.signal } : {}) });
     try {
       const again = await readManifest(dir, "quick").catch(() => undefined);
-      if (again && again.key === key) return new Image({ snapshotPath: dir, manifest: again, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network });
+      if (again && again.key === key) {
+        options.onProgress?.({ stage: "snapshot-cached", name });
+        return new Image({ snapshotPath: dir, manifest: again, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network, imageCmd });
+      }
       const workload: WorkloadSpec | null =
         workloadArgv.length > 0
           ? {
@@ -398,6 +429,8 @@ export class Image {
         await linkOrCopy(root.rootfsImage, join(stage, "rootfs.erofs"));
         const rootfsSum = await rootfsDigest(root.rootfsImage);
         const id = randomBytes(4).toString("hex");
+        const phase = (p: "boot" | "warmup" | "snapshot" | "done") => options.onProgress?.({ stage: "bake", phase: p, name });
+        phase("boot");
         vm = await launchVm({
           id,
           accel,
@@ -415,12 +448,14 @@ export class Image {
           ...(options.signal ? { signal: options.signal } : {}),
           origin: { image: { ref: root.ref, digest: root.digest }, config, workload, guestPort: v.guestPort, listenerRequired: v.listenerRequired, cacheDir: v.cacheDir },
         });
+        phase("warmup");
         for (const f of files) await vm.conn.writeFile(Buffer.from(f.guestPath), f.data, f.mode, true);
         if (workload && workload.startAt === "bake") {
           await startWorkload(vm, workload);
           await waitListener(vm, v.guestPort, options.listenerTimeoutMs ?? 120_000);
         }
         if (v.warmup) await v.warmup(vm);
+        phase("snapshot");
         const captured = await captureVm(vm, stage);
         const manifest: SnapshotManifest = {
           format: SNAPSHOT_FORMAT,
@@ -450,7 +485,8 @@ export class Image {
         // The bake VM lives on as the first VM handed out (warm handoff); it
         // must look like a restored one.
         if (workload && workload.startAt === "restore") await startWorkload(vm, workload);
-        return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm, recipe: options, network: v.network });
+        phase("done");
+        return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm, recipe: options, network: v.network, imageCmd });
       } catch (e) {
         await vm?.destroy();
         await rm(stage, { recursive: true, force: true });
@@ -582,8 +618,13 @@ export class Image {
     return Pool.create(this, options);
   }
 
-  /** Destroys the warm-handoff VM if no pool took it, and any QEMU started ahead (also of the sizes pools baked). */
+  /**
+   * Destroys the warm-handoff VM if no pool took it, and any QEMU started
+   * ahead (also of the sizes pools baked), and gives up this object's lease
+   * on the snapshot (`prune` may then remove it once no pool uses it).
+   */
   async close(): Promise<void> {
+    this.lease.release();
     const siblings = [...this.siblings.values()];
     this.siblings.clear();
     await Promise.all(siblings.map((s) => s.then((i) => i.close(), () => undefined)));

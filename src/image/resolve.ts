@@ -15,15 +15,24 @@ import { openLayer, pullImage, type PullOptions, type PullProgress } from "../oc
 import type { ImageConfig } from "../oci/manifest.js";
 import { defaultCacheDir } from "../paths.js";
 import { buildRootfsImage } from "../rootfs/index.js";
+import { recordImageUse } from "./cache-admin.js";
 import type { GuestConfig } from "../vm/vm.js";
 
 export const DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/** Progress of pulling and unpacking one image. */
+/**
+ * Progress of pulling, unpacking and baking one image: `pull` per layer
+ * (bytes), `unpack` per layer (uncompressed bytes applied), `pack` when the
+ * erofs image is written, `rootfs-cached` when it already was; Image.build
+ * adds `bake` phases (boot, warmup, snapshot, done) or `snapshot-cached`.
+ */
 export type ImageProgress =
   | ({ stage: "pull" } & PullProgress)
   | { stage: "unpack"; layer: number; layers: number; bytes: number }
-  | { stage: "rootfs-cached" };
+  | { stage: "pack" }
+  | { stage: "rootfs-cached" }
+  | { stage: "bake"; phase: "boot" | "warmup" | "snapshot" | "done"; name: string }
+  | { stage: "snapshot-cached"; name: string };
 
 export interface ResolveImageOptions extends Omit<PullOptions, "onProgress"> {
   onProgress?: (p: ImageProgress) => void;
@@ -81,7 +90,7 @@ export async function resolveImage(ref: string, o: ResolveImageOptions = {}): Pr
             out,
             ...(o.limits ? { limits: o.limits } : {}),
             ...(o.signal ? { signal: o.signal } : {}),
-            ...(onProgress ? { onProgress: (p) => onProgress({ stage: "unpack", layer: p.layer, layers: pulled.layers.length, bytes: p.bytes }) } : {}),
+            ...(onProgress ? { onProgress: (p) => onProgress({ stage: "unpack", layer: p.layer, layers: pulled.layers.length, bytes: p.bytes }), onPack: () => onProgress({ stage: "pack" }) } : {}),
           });
         } finally {
           await unlink(spoolPath).catch(() => undefined);
@@ -91,6 +100,12 @@ export async function resolveImage(ref: string, o: ResolveImageOptions = {}): Pr
       await lock?.release();
     }
   }
+  await recordImageUse(out, {
+    ref: pulled.ref,
+    digest: pulled.manifestDigest,
+    blobs: pulled.layers.map((l) => ({ digest: l.digest, size: l.size, path: l.path })),
+    cacheDir,
+  });
   return {
     ref: pulled.ref,
     manifestDigest: pulled.manifestDigest,

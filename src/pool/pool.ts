@@ -11,6 +11,7 @@
 
 import { ClosedError, PoolError, SupermachineError, TimeoutError, invalidOption } from "../errors.js";
 import type { Image } from "../image/image.js";
+import { leaseSnapshot, type SnapshotLease } from "../image/cache-admin.js";
 import type { Vm } from "../vm/vm.js";
 import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
 
@@ -105,6 +106,8 @@ export class Pool {
   private queue: (() => void)[] = [];
   private waiters: Waiter[] = [];
   private closed = false;
+  /** Keeps `prune` off the snapshot while the pool lives (cache-admin.ts). */
+  private snapshotLease: SnapshotLease | undefined;
   private evictTimer: NodeJS.Timeout | undefined;
   private lastError: Error | undefined;
 
@@ -139,6 +142,7 @@ export class Pool {
     // Another size: the image baked at that size (once, then cached).
     if (p.memoryMib !== image.memoryMib || p.vcpus !== image.vcpus) p = new Pool(await image.sibling(p.memoryMib, p.vcpus), o);
     image.accelFor();
+    p.snapshotLease = leaseSnapshot(p.image.snapshotPath);
     image.keepSpare(true);
     const handoff = image.takeHandoff();
     if (handoff) {
@@ -360,6 +364,7 @@ export class Pool {
   async shutdown(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.snapshotLease?.release();
     this.image.keepSpare(false);
     if (this.evictTimer) clearInterval(this.evictTimer);
     for (const w of this.waiters.splice(0)) {

@@ -51,6 +51,8 @@ export interface BuildRootfsOptions {
   readonly out: string;
   /** Per-layer progress: bytes of tar read so far in layer `layer`. */
   readonly onProgress?: (progress: LayerProgress) => void;
+  /** Called once when every layer is applied and the erofs image is being written. */
+  readonly onPack?: () => void;
   readonly signal?: AbortSignal;
   /** 16-byte volume UUID. @default all zero (reproducible images) */
   readonly uuid?: Buffer;
@@ -150,6 +152,7 @@ export async function buildRootfsImage(options: BuildRootfsOptions): Promise<Roo
   try {
     const { tree } = await treeFromLayers(source.layers, spool, { onProgress: options.onProgress, signal: options.signal, limits });
     await spool.close();
+    options.onPack?.();
     const img = await writeErofs(tree, out, writeOpts);
     return { path: img.path, sizeBytes: img.sizeBytes, inodes: img.inodes };
   } finally {
