@@ -6,4 +6,5 @@ pub mod files;
 pub mod net;
 pub mod session;
 pub mod tcp;
+pub mod volumes;
 pub mod workload;
