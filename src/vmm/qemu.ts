@@ -18,6 +18,7 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import type { Writable } from "node:stream";
 import { existsSync } from "node:fs";
+import { chown } from "node:fs/promises";
 import { delimiter, dirname, join, resolve } from "node:path";
 import { MissingAssetError, QemuError } from "../errors.js";
 import { guestText } from "../guest-text.js";
@@ -285,6 +286,11 @@ export class QemuProcess {
     for (const d of launch.disks ?? []) {
       if (outside(d.file)) (d.readOnly ? readOnly : readWrite).push(d.file);
       readOnly.push(...d.backing.filter(outside));
+      // QEMU opens a writable image again, by path and as the QEMU user,
+      // when it re-activates its disks after a migration (a snapshot's
+      // `cont`, a restore's end): the VM's own overlay (and the empty image
+      // under a bake's) belong to that user.
+      if (plan.runAs) for (const f of [d.file, ...d.backing].filter((f) => !outside(f))) await chown(f, plan.runAs.uid, plan.runAs.gid);
     }
     // A NIC peer outside the runtime dir (tests put their own there): QEMU
     // connects to it at start, still as root, so binding it is enough.
