@@ -9,7 +9,7 @@
 
 import { execFile } from "node:child_process";
 import { existsSync } from "node:fs";
-import { open, rm } from "node:fs/promises";
+import { chmod, open, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { delimiter, join } from "node:path";
 import { promisify } from "node:util";
 import { MissingAssetError, QemuError } from "../errors.js";
@@ -73,10 +73,31 @@ export async function makeExt4(path: string, sizeMib: number, label: string): Pr
   }
 }
 
+/**
+ * A fresh overlay's bytes depend only on its backing file's path and size:
+ * restores of one snapshot reuse the first one's (a write instead of a
+ * qemu-img run on every restore). Bounded.
+ */
+const templates = new Map<string, Buffer>();
+const MAX_TEMPLATES = 64;
+
 /** A qcow2 overlay at `path` whose reads fall through to the raw image `base` (never written). */
 export async function makeOverlay(path: string, base: string): Promise<void> {
+  const key = `${base}\0${(await stat(base)).size}`;
+  const t = templates.get(key);
   try {
+    if (t) {
+      await writeFile(path, t, { flag: "wx", mode: 0o600 });
+      return;
+    }
     await run("qemu-img", "qemu-utils", ["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", "-b", base, "-F", "raw", path]);
+    await chmod(path, 0o600);
+    const bytes = await readFile(path);
+    // qemu-img writes only a header, tables and refcounts for an empty overlay.
+    if (bytes.length <= 4 << 20) {
+      if (templates.size >= MAX_TEMPLATES) templates.delete(templates.keys().next().value as string);
+      templates.set(key, bytes);
+    }
   } catch (e) {
     await rm(path, { force: true });
     throw e;

@@ -271,6 +271,14 @@ describe("volumes and diskMib on real VMs", { timeout: 4 * VM_TEST_TIMEOUT }, ()
   it("a snapshot whose volume image is missing, cut short or changed is refused", async () => {
     const copy = join(snapshotsDir, "copy");
     await execFileP("cp", ["-a", "--sparse=always", image.snapshotPath, copy]);
+    // A manifest whose volume name would make a path elsewhere.
+    const mpath = join(copy, "manifest.json");
+    const good = await readFile(mpath, "utf8");
+    const bad = JSON.parse(good) as { disks: { name: string }[] };
+    bad.disks[1]!.name = "../../etc/passwd";
+    await writeFile(mpath, JSON.stringify(bad));
+    await assert.rejects(readManifest(copy, "quick"), (e: unknown) => e instanceof SnapshotError && /bad disks\[1\] name/.test(e.message));
+    await writeFile(mpath, good);
     const vol = join(copy, "vol-small.img");
     const orig = await readFile(vol);
     // Changed: the full check notices (the quick check of a cache hit does not read volumes).
