@@ -59,7 +59,17 @@ export function locateKernel(cacheDir: string, explicit?: { kernel?: string; mod
   }
   const root = kernelCacheRoot(cacheDir);
   const currentFile = join(root, "current");
-  const version = existsSync(currentFile) ? readFileSync(currentFile, "utf8").trim() : undefined;
+  let version = existsSync(currentFile) ? readFileSync(currentFile, "utf8").trim() : undefined;
+  // `current` is shared by every copy of the library using this cache; one
+  // with another module set (an older or newer version) may have moved it.
+  // Prefer a complete directory made for this version's modules.
+  if (version && cachedModuleSet(join(root, version)) !== MODULE_SET) {
+    const match = (existsSync(root) ? readdirSync(root) : [])
+      .filter((d) => !d.startsWith(".") && d !== "current" && existsSync(join(root, d, "complete")) && cachedModuleSet(join(root, d)) === MODULE_SET)
+      .sort()
+      .pop();
+    if (match) version = match;
+  }
   const dir = version ? join(root, version) : undefined;
   if (!dir || !existsSync(join(dir, "complete"))) {
     throw new MissingAssetError(
