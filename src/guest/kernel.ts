@@ -64,10 +64,7 @@ export function locateKernel(cacheDir: string, explicit?: { kernel?: string; mod
   // with another module set (an older or newer version) may have moved it.
   // Prefer a complete directory made for this version's modules.
   if (version && cachedModuleSet(join(root, version)) !== MODULE_SET) {
-    const match = (existsSync(root) ? readdirSync(root) : [])
-      .filter((d) => !d.startsWith(".") && d !== "current" && existsSync(join(root, d, "complete")) && cachedModuleSet(join(root, d)) === MODULE_SET)
-      .sort()
-      .pop();
+    const match = matchingKernelDir(root);
     if (match) version = match;
   }
   const dir = version ? join(root, version) : undefined;
@@ -131,6 +128,14 @@ export async function extractVmlinux(bzImage: string, out: string): Promise<bool
 /** The module set a kernel cache directory was made for (`modules/wanted`). */
 const MODULE_SET = GUEST_MODULES.join(",");
 
+/** The newest complete kernel directory made for this library's module set. */
+function matchingKernelDir(root: string): string | undefined {
+  return (existsSync(root) ? readdirSync(root) : [])
+    .filter((d) => !d.startsWith(".") && d !== "current" && existsSync(join(root, d, "complete")) && cachedModuleSet(join(root, d)) === MODULE_SET)
+    .sort()
+    .pop();
+}
+
 function cachedModuleSet(dir: string): string | undefined {
   const f = join(dir, "modules", "wanted");
   return existsSync(f) ? readFileSync(f, "utf8").trim() : undefined;
@@ -156,6 +161,9 @@ export async function fetchDebianKernel(cacheDir: string, opts: { refresh?: bool
     // added) is fetched again, into a directory of its own: VMs booting
     // from the old one meanwhile keep it.
     if (existsSync(join(root, v, "complete")) && cachedModuleSet(join(root, v)) === MODULE_SET) return { version: v, dir: join(root, v), fetched: false };
+    // Another copy of the library moved `current`: ours is still there.
+    const ours = matchingKernelDir(root);
+    if (ours) return { version: ours, dir: join(root, ours), fetched: false };
   }
   for (const tool of ["apt-get", "apt-cache", "dpkg-deb"]) {
     if (!(await run("sh", ["-c", `command -v ${tool}`]).then(() => true, () => false))) {
