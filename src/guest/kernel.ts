@@ -13,7 +13,9 @@
  *                       cache made for another set is fetched again
  *     release           `uname -r` of this kernel
  *     complete          written last: the directory is usable
- *   <cache>/kernel/current   the version to use (a one-line file)
+ *   <cache>/kernel/current   the version to use (a one-line file); when it names
+ *                            another module set (another copy of the library
+ *                            moved it), the newest directory made for ours wins
  */
 
 import { execFile } from "node:child_process";
