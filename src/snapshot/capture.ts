@@ -22,7 +22,7 @@ import { createRuntimeDir, removeRuntimeDir } from "../vm/runtime-dir.js";
 import { launchVm, type LaunchSpec, type StartedQemu, type Vm } from "../vm/vm.js";
 import { sha256File, sparseCopyWithHash, stubKernelPath } from "./files.js";
 import { manifestDisks, type SnapshotDisk, type SnapshotFile, type SnapshotManifest } from "./manifest.js";
-import { flattenOverlay, overlayPath, type QemuDisk } from "../volumes/disks.js";
+import { emptyImagePath, flattenOverlay, overlayPath, type QemuDisk } from "../volumes/disks.js";
 import { diskFileName, diskSerial, type DiskPlan } from "../volumes/spec.js";
 import { loadState, saveState } from "./migrate.js";
 
@@ -89,7 +89,10 @@ export async function captureVm(vm: Vm, stage: string): Promise<{ ram: SnapshotF
   // The disks are flattened while the VM is stopped (its writes after the
   // snapshot go on into its own overlay, never into the snapshot's images).
   const flattenDisks = async () => {
-    for (const d of plans) await flattenOverlay(overlayPath(vm.runtimeDir, d), join(stage, diskFileName(d)));
+    const bases = vm.launch.diskBases;
+    for (const [i, d] of plans.entries()) {
+      await flattenOverlay(overlayPath(vm.runtimeDir, d), bases?.[i] ?? emptyImagePath(vm.runtimeDir, d), join(stage, diskFileName(d)));
+    }
   };
   const diskRecords = async (): Promise<SnapshotDisk[]> => {
     const out: SnapshotDisk[] = [];

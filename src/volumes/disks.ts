@@ -10,7 +10,7 @@
 import { execFile } from "node:child_process";
 import { existsSync } from "node:fs";
 import { chmod, open, readFile, rm, stat, writeFile } from "node:fs/promises";
-import { delimiter, join } from "node:path";
+import { delimiter, join, resolve } from "node:path";
 import { promisify } from "node:util";
 import { MissingAssetError, QemuError } from "../errors.js";
 import { diskFileName, diskSerial, type DiskPlan } from "./spec.js";
@@ -104,13 +104,57 @@ export async function makeOverlay(path: string, base: string): Promise<void> {
   }
 }
 
+const QCOW2_MAGIC = 0x514649fb;
+/** Incompatible-feature bits we accept in an overlay: only "dirty" (lazy refcounts). */
+const QCOW2_INCOMPAT_OK = 1n;
+
 /**
- * Flattens an overlay (with what it reads through to) into a new sparse raw
- * image at `dest`. The VM must be stopped: `-U` reads past QEMU's lock.
+ * Checks a VM's overlay before a host tool reads it. QEMU wrote it, and QEMU
+ * runs the guest: a QEMU the guest took over could point the header at a
+ * host file (a backing file or an external data file) for the unconfined
+ * `qemu-img` to copy into the snapshot. The header must be qcow2 v3 with no
+ * incompatible feature but "dirty", and name `base` as its backing file
+ * (which the flattening passes explicitly anyway).
  */
-export async function flattenOverlay(overlay: string, dest: string): Promise<void> {
+export async function checkOverlayHeader(overlay: string, base: string): Promise<void> {
+  const f = await open(overlay, "r");
   try {
-    await run("qemu-img", "qemu-utils", ["convert", "-U", "-f", "qcow2", "-O", "raw", "-S", "4k", overlay, dest]);
+    const h = Buffer.alloc(104);
+    const { bytesRead } = await f.read(h, 0, h.length, 0);
+    const bad = (why: string) => new QemuError(`the VM's disk overlay ${overlay} is not the one this library made (${why}); refusing to read it`);
+    if (bytesRead < h.length || h.readUInt32BE(0) !== QCOW2_MAGIC) throw bad("no qcow2 header");
+    if (h.readUInt32BE(4) !== 3) throw bad(`qcow2 version ${h.readUInt32BE(4)}`);
+    const incompat = h.readBigUInt64BE(72);
+    if ((incompat & ~QCOW2_INCOMPAT_OK) !== 0n) throw bad(`incompatible features 0x${incompat.toString(16)}`);
+    const off = h.readBigUInt64BE(8);
+    const len = h.readUInt32BE(16);
+    const want = Buffer.from(base);
+    if (len !== want.length || off > 65536n) throw bad("another backing file");
+    const name = Buffer.alloc(len);
+    await f.read(name, 0, len, Number(off));
+    if (!name.equals(want)) throw bad("another backing file");
+  } finally {
+    await f.close();
+  }
+}
+
+/**
+ * Flattens an overlay (with the raw image `base` it reads through to) into a
+ * new sparse raw image at `dest`. The VM must be stopped: `-U` reads past
+ * QEMU's lock. The header is checked first, and the backing file and its
+ * format are given explicitly, not taken from the header.
+ */
+export async function flattenOverlay(overlay: string, base: string, dest: string): Promise<void> {
+  overlay = resolve(overlay);
+  base = resolve(base);
+  await checkOverlayHeader(overlay, base);
+  const spec = {
+    driver: "qcow2",
+    file: { driver: "file", filename: overlay },
+    backing: { driver: "raw", file: { driver: "file", filename: base } },
+  };
+  try {
+    await run("qemu-img", "qemu-utils", ["convert", "-U", "-O", "raw", "-S", "4k", `json:${JSON.stringify(spec)}`, dest]);
   } catch (e) {
     await rm(dest, { force: true });
     throw e;
@@ -133,6 +177,11 @@ export function overlayPath(runtimeDir: string, d: DiskPlan): string {
   return join(runtimeDir, `${diskFileName(d)}.qcow2`);
 }
 
+/** The empty ext4 image under a bake's (or boot's) overlay of disk `d`. */
+export function emptyImagePath(runtimeDir: string, d: DiskPlan): string {
+  return join(runtimeDir, `${diskFileName(d)}.empty`);
+}
+
 /**
  * Creates a VM's disks in its runtime directory: for each disk an overlay
  * over `bases[i]` (the snapshot's image), or over a fresh empty ext4 image
@@ -141,9 +190,9 @@ export function overlayPath(runtimeDir: string, d: DiskPlan): string {
 export async function prepareDisks(runtimeDir: string, disks: readonly DiskPlan[], bases?: readonly string[]): Promise<QemuDisk[]> {
   const out: QemuDisk[] = [];
   for (const [i, d] of disks.entries()) {
-    let base = bases?.[i];
+    let base = bases?.[i] !== undefined ? resolve(bases[i]!) : undefined;
     if (!base) {
-      base = join(runtimeDir, `${diskFileName(d)}.empty`);
+      base = emptyImagePath(runtimeDir, d);
       await makeExt4(base, d.sizeMib, d.role === "disk" ? "sm-disk" : d.name);
     }
     const file = overlayPath(runtimeDir, d);

@@ -17,7 +17,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { promisify } from "node:util";
-import { SnapshotError } from "../../src/errors.js";
+import { QemuError, SnapshotError } from "../../src/errors.js";
+import { flattenOverlay, makeExt4, makeOverlay } from "../../src/volumes/disks.js";
 import { Image, type BuildOptions } from "../../src/image/image.js";
 import { sha256File } from "../../src/snapshot/files.js";
 import { readManifest } from "../../src/snapshot/manifest.js";
@@ -85,6 +86,52 @@ describe("volumes and diskMib: option errors, before anything boots", () => {
       assert.deepEqual(readdirSync(snapshotsDir), [], "nothing written");
     });
   }
+});
+
+describe("disk images on the host", () => {
+  let dir: string;
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), "sm-voldisk-"));
+  });
+  after(() => rm(dir, { recursive: true, force: true }));
+
+  it("an empty ext4 image is sparse; an untouched overlay flattens to the same bytes", async () => {
+    const base = join(dir, "base.img");
+    await makeExt4(base, 16, "t");
+    const st = statSync(base);
+    assert.equal(st.size, 16 * MiB);
+    assert.ok(st.blocks * 512 < 4 * MiB, `${st.blocks * 512} bytes allocated`);
+    const ovl = join(dir, "a.qcow2");
+    await makeOverlay(ovl, base);
+    await flattenOverlay(ovl, base, join(dir, "flat.img"));
+    assert.equal(await sha256File(join(dir, "flat.img")), await sha256File(base));
+    // A second overlay of the same image (the template path) is the same file.
+    await makeOverlay(join(dir, "b.qcow2"), base);
+    assert.deepEqual(await readFile(join(dir, "b.qcow2")), await readFile(ovl));
+  });
+
+  it("an overlay whose header names another backing file, or an external data file, is refused before qemu-img reads it", async () => {
+    const base = join(dir, "base2.img");
+    await makeExt4(base, 16, "t");
+    const ovl = join(dir, "evil.qcow2");
+    await makeOverlay(ovl, base);
+    const good = await readFile(ovl);
+    const off = Number(good.readBigUInt64BE(8));
+    const len = good.readUInt32BE(16);
+    const target = "/etc/hostname";
+    const evil = Buffer.from(good);
+    evil.fill(0, off, off + len);
+    evil.write(target, off);
+    evil.writeUInt32BE(target.length, 16);
+    await writeFile(ovl, evil);
+    await assert.rejects(flattenOverlay(ovl, base, join(dir, "out1.img")), (e: unknown) => e instanceof QemuError && /another backing file/.test(e.message));
+    assert.equal(existsSync(join(dir, "out1.img")), false);
+    const dataFile = Buffer.from(good);
+    dataFile.writeBigUInt64BE(4n, 72);
+    await writeFile(ovl, dataFile);
+    await assert.rejects(flattenOverlay(ovl, base, join(dir, "out2.img")), (e: unknown) => e instanceof QemuError && /incompatible features 0x4/.test(e.message));
+    assert.equal(existsSync(join(dir, "out2.img")), false);
+  });
 });
 
 describe("volumes and diskMib on real VMs", { timeout: 4 * VM_TEST_TIMEOUT }, () => {
