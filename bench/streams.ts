@@ -16,6 +16,7 @@ import { DEFAULT_IMAGE_CONFIG, ensureDefaultImage } from "../src/guest/default-i
 import { defaultCacheDir } from "../src/paths.js";
 import { Background, waitUntil } from "./proc.js";
 import { Args, fmtMs, summarize, table } from "./stats.js";
+import { tcpConnect, tcpTransfer } from "./tcp-clients.js";
 
 const MiB = 1 << 20;
 
@@ -96,49 +97,6 @@ async function vmStdin(vm: Vm, mib: number, chunk: Buffer): Promise<number> {
   const r = await c.wait();
   if (r.exitCode !== 0) throw new Error(`dd exited ${r.exitCode}`);
   return mib / ((performance.now() - t) / 1000);
-}
-
-/** MiB/s of one connection: download (the server sends) or upload (we send, then half-close). */
-function tcpTransfer(port: number, mib: number, upload: Buffer | undefined): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const t = performance.now();
-    const s = connect({ host: "127.0.0.1", port, allowHalfOpen: true });
-    let n = 0;
-    s.on("data", (b: Buffer) => (n += b.length));
-    s.on("error", reject);
-    s.on("end", () => {
-      s.end();
-      if (!upload && n !== mib * MiB) return reject(new Error(`received ${n} bytes`));
-      resolve(mib / ((performance.now() - t) / 1000));
-    });
-    if (upload) {
-      let i = 0;
-      const pump = () => {
-        while (i < mib) {
-          i++;
-          if (!s.write(upload)) return void s.once("drain", pump);
-        }
-        s.end();
-      };
-      s.once("connect", pump);
-    }
-  });
-}
-
-/** connect() → a 1-byte round trip through a per-connection `cat`. */
-function tcpConnect(port: number): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const t = performance.now();
-    const s = connect({ host: "127.0.0.1", port });
-    s.once("connect", () => s.write("x"));
-    s.once("data", () => {
-      const ms = performance.now() - t;
-      s.destroy();
-      resolve(ms);
-    });
-    s.once("error", reject);
-    s.once("close", () => reject(new Error("closed before the echo")));
-  });
 }
 
 async function retrying<T>(f: () => Promise<T>, what: string): Promise<T> {

@@ -24,6 +24,9 @@ async function main(): Promise<void> {
     show("uname -a", await vm.exec({ argv: ["uname", "-a"] }));
     show("cat /proc/cpuinfo | grep 'model name'", await vm.exec({ argv: ["sh", "-c", "grep -m1 'model name' /proc/cpuinfo"] }));
     show("echo hello from the VM", await vm.exec({ argv: ["echo", "hello from the VM"] }));
+    show("ip -4 addr show eth0; cat /etc/resolv.conf    (the VM network: docs/network.md)", await vm.exec({ argv: ["sh", "-c", "ip -4 addr show eth0; cat /etc/resolv.conf"] }));
+    await vm.setNetwork(false);
+    show("nslookup example.com    (after vm.setNetwork(false): refused by the host)", await vm.exec({ argv: ["sh", "-c", "nslookup example.com 2>&1 | grep -m1 NXDOMAIN"] }));
     show("sh -c 'echo to stderr >&2; exit 3'", await vm.exec({ argv: ["sh", "-c", "echo to stderr >&2; exit 3"] }));
 
     await vm.writeFile("/tmp/script.sh", Buffer.from("#!/bin/sh\necho \"args: $*\"; echo \"cwd: $(pwd)\"\n"));

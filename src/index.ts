@@ -9,6 +9,7 @@ export { Vm, type VmBootOptions, type GuestConfig, type VmNetwork } from "./vm/v
 export type { NetworkPolicy, NetworkOption } from "./net/policy.js";
 export { GUEST_NETWORK, type NetworkStats, type NetworkDeniedEvent } from "./net/stack.js";
 export { Image, type BuildOptions, type ExtraFile, type MountSpec, type VolumeSpec, type WarmupVm } from "./image/image.js";
+export { defaultImageRef } from "./guest/default-image.js";
 export { Pool, type PoolOptions, type PoolStats } from "./pool/pool.js";
 export { resolveImage, type ImageProgress, type ResolvedImage } from "./image/resolve.js";
 export { ExecChild } from "./vm/exec-child.js";
@@ -17,3 +18,5 @@ export { TcpForwarder } from "./vm/tcp-forwarder.js";
 export type { ExecOptions, ExecOutput, ExecWaitResult, StagedFileMode, Winsize } from "./vm/options.js";
 export { confinement, type ConfinementItem, type ConfinementReport } from "./vmm/confine.js";
 export { chooseAccelerator, type Accelerator, type AcceleratorOption, type AcceleratorChoice } from "./vmm/accel.js";
+export { SUPPORTED_HOSTS, assertSupportedHost, platformPackageName, platformPackageStatus, type PlatformAssets, type PlatformPackageStatus } from "./platform/index.js";
+export { doctor, formatDoctorReport, type DoctorCheck, type DoctorOptions, type DoctorReport, type DoctorStatus } from "./doctor/index.js";

@@ -949,8 +949,10 @@ export class AgentConnection {
     const busy = this.error === undefined && (this.streams.size > 0 || this.heldPings > 0 || this.hello !== undefined);
     if (busy === this.refed) return;
     this.refed = busy;
-    if (busy) this.sock.ref();
-    else this.sock.unref();
+    // (A plain Duplex, as the fuzzer's, has neither.)
+    const s = this.sock as Partial<Socket>;
+    if (busy) s.ref?.();
+    else s.unref?.();
   }
 
   /** Destroys the connection and fails every open stream with `err`. */

@@ -3,6 +3,8 @@
  *
  *   supermachine run [options] [--rootfs DIR | IMAGE] -- ARGV...
  *   supermachine info [--json]
+ *   supermachine doctor [--json]
+ *   supermachine setup [--dry-run]
  *
  * `run` boots a VM, runs ARGV, streams its stdout/stderr to ours, exits with
  * its exit code, and leaves no VM behind (also on Ctrl-C).
@@ -23,6 +25,13 @@ import type { ImageConfig } from "../oci/manifest.js";
 const USAGE = `usage:
   supermachine run [options] [--rootfs DIR | IMAGE] -- COMMAND [ARG...]
   supermachine info [--json]
+  supermachine doctor [--json]
+  supermachine setup [--dry-run]
+
+doctor: checks QEMU, the boot assets, /dev/kvm, hardware virtualization,
+cgroups, bubblewrap/setpriv and disk space, and prints what to do about each
+problem; exits 1 when something required is missing. setup: installs what
+doctor finds missing with apt-get (as root), then runs doctor.
 
 info: accelerator, QEMU, boot assets, and which confinements apply to QEMU
 (docs/confinement.md); --json prints the same as one JSON object.
@@ -43,7 +52,7 @@ run options:
 IMAGE is an OCI reference (alpine, host:port/repo:tag, repo@sha256:...) or an
 offline source (oci:DIR[:tag], oci-archive:FILE, docker-archive:FILE); without
 a COMMAND the image's Entrypoint + Cmd run. With neither --rootfs nor IMAGE,
-the default image (busybox, built locally by \`npm run setup\`) is used. Exit status: the command's; 124 when --timeout
+the default image (busybox, built locally on first use) is used. Exit status: the command's; 124 when --timeout
 killed it; 128+N when signal N killed it; 125 when supermachine itself failed.`;
 
 export async function main(argv: string[]): Promise<number> {
@@ -54,8 +63,27 @@ export async function main(argv: string[]): Promise<number> {
   }
   if (cmd === "run") return run(rest);
   if (cmd === "info") return info(rest);
+  if (cmd === "doctor" || cmd === "setup") return doctorCommand(cmd, rest);
   process.stderr.write(`supermachine: unknown command ${JSON.stringify(cmd)}\n${USAGE}\n`);
   return 2;
+}
+
+async function doctorCommand(cmd: "doctor" | "setup", args: string[]): Promise<number> {
+  let values: { json?: boolean; "dry-run"?: boolean };
+  try {
+    values = parseArgs({ args, options: cmd === "doctor" ? { json: { type: "boolean" } } : { json: { type: "boolean" }, "dry-run": { type: "boolean" } } }).values;
+  } catch (e) {
+    process.stderr.write(`supermachine ${cmd}: ${(e as Error).message}\n${USAGE}\n`);
+    return 2;
+  }
+  const { doctor, formatDoctorReport } = await import("../doctor/index.js");
+  let report;
+  if (cmd === "setup") {
+    const { runSetup } = await import("../doctor/setup.js");
+    report = await runSetup({ dryRun: values["dry-run"] === true, log: (s) => process.stderr.write(`supermachine setup: ${s}\n`) });
+  } else report = await doctor();
+  process.stdout.write(values.json ? `${JSON.stringify(report, null, 2)}\n` : `${formatDoctorReport(report)}\n`);
+  return report.ok ? 0 : 1;
 }
 
 async function info(args: string[]): Promise<number> {

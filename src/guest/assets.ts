@@ -15,6 +15,7 @@ import type { Accelerator } from "../vmm/accel.js";
 import { buildCpio, S_IFCHR, S_IFDIR, S_IFREG, type CpioEntry } from "./cpio.js";
 import { locateKernel, type KernelAssets } from "./kernel.js";
 import { diskCmdline, type DiskPlan } from "../volumes/spec.js";
+import { missingAssetsHint, platformAssets } from "../platform/package.js";
 
 /** Root of this package (where agent/ and package.json live). */
 export const PACKAGE_ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "..");
@@ -27,15 +28,21 @@ export function defaultAgentPath(): string {
   return join(PACKAGE_ROOT, "agent", "target", agentTargetTriple(), "release", "supermachine-agent");
 }
 
+/**
+ * The guest agent binary: `explicit`, else SUPERMACHINE_AGENT, else the
+ * installed platform package's, else a checkout's cargo build.
+ */
 export function locateAgent(explicit?: string): string {
-  const p = explicit ?? process.env.SUPERMACHINE_AGENT ?? defaultAgentPath();
-  if (!existsSync(p)) {
-    throw new MissingAssetError(
-      "agent",
-      `the guest agent binary ${p} does not exist. Run \`npm run setup\` (it builds agent/ with cargo), or set SUPERMACHINE_AGENT to a static supermachine-agent binary.`,
-    );
+  const p = explicit ?? process.env.SUPERMACHINE_AGENT;
+  if (p !== undefined && p !== "") {
+    if (!existsSync(p)) throw new MissingAssetError("agent", `the guest agent binary ${p} (from ${explicit ? "the agentPath option" : "SUPERMACHINE_AGENT"}) does not exist.`);
+    return p;
   }
-  return p;
+  const pkg = platformAssets();
+  if (pkg) return pkg.agent;
+  const built = defaultAgentPath();
+  if (existsSync(built)) return built;
+  throw new MissingAssetError("agent", `no guest agent: ${missingAssetsHint()}`);
 }
 
 export interface BootAssets {

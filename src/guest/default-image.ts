@@ -9,6 +9,8 @@ import { existsSync, readFileSync } from "node:fs";
 import { chmod, copyFile, mkdir, rename, rm, symlink, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { MissingAssetError } from "../errors.js";
+import { platformAssets } from "../platform/package.js";
+import { defaultCacheDir } from "../paths.js";
 
 /** Bumped when the layout below changes. */
 const VERSION = 1;
@@ -18,7 +20,8 @@ export function defaultImageDir(cacheDir: string): string {
 }
 
 function findBusybox(): string {
-  const candidates = [process.env.SUPERMACHINE_BUSYBOX, "/bin/busybox", "/usr/bin/busybox"].filter((p): p is string => !!p);
+  // SUPERMACHINE_BUSYBOX, else the platform package's (static), else the host's.
+  const candidates = [process.env.SUPERMACHINE_BUSYBOX, platformAssets()?.busybox, "/bin/busybox", "/usr/bin/busybox"].filter((p): p is string => !!p);
   for (const c of candidates) if (existsSync(c)) return c;
   throw new MissingAssetError(
     "busybox",
@@ -86,3 +89,14 @@ export const DEFAULT_IMAGE_CONFIG = {
   env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"],
   workingDir: "/",
 };
+
+/**
+ * (extension) A reference to the default image for `Image.build({ ref })`:
+ * `dir:<path>` of the busybox root filesystem built locally from the host's
+ * static busybox (built on first use; no registry, no network). The examples
+ * use it where the seed names a registry image.
+ * @param options.cacheDir Where the image is built. @default ~/.cache/supermachine (or SUPERMACHINE_CACHE_DIR)
+ */
+export async function defaultImageRef(options: { readonly cacheDir?: string } = {}): Promise<string> {
+  return `dir:${await ensureDefaultImage(options.cacheDir ?? defaultCacheDir())}`;
+}

@@ -26,6 +26,7 @@ import { join } from "node:path";
 import { promisify } from "node:util";
 import { MissingAssetError } from "../errors.js";
 import { GUEST_MODULES, indexModules, resolveModules } from "./modules.js";
+import { isCheckout, missingAssetsHint, platformAssets } from "../platform/package.js";
 
 const run = promisify(execFile);
 
@@ -48,7 +49,8 @@ function debianArch(): string {
 
 /**
  * Finds the kernel to boot: an explicit path (option or SUPERMACHINE_KERNEL,
- * with modules from SUPERMACHINE_MODULES), else the cached Debian kernel.
+ * with modules from SUPERMACHINE_MODULES), else the installed platform
+ * package's, else the cached Debian kernel (a checkout's `npm run setup`).
  */
 export function locateKernel(cacheDir: string, explicit?: { kernel?: string; modulesDir?: string }): KernelAssets {
   const kernel = explicit?.kernel ?? process.env.SUPERMACHINE_KERNEL;
@@ -59,6 +61,8 @@ export function locateKernel(cacheDir: string, explicit?: { kernel?: string; mod
     }
     return { kernel, ...(modulesDir ? { modulesDir } : {}), id: `path:${kernel}:${modulesDir ?? ""}` };
   }
+  const pkg = platformAssets();
+  if (pkg) return { kernel: pkg.kernel, modulesDir: pkg.modulesDir, id: pkg.kernelId };
   const root = kernelCacheRoot(cacheDir);
   const currentFile = join(root, "current");
   let version = existsSync(currentFile) ? readFileSync(currentFile, "utf8").trim() : undefined;
@@ -71,6 +75,9 @@ export function locateKernel(cacheDir: string, explicit?: { kernel?: string; mod
   }
   const dir = version ? join(root, version) : undefined;
   if (!dir || !existsSync(join(dir, "complete"))) {
+    if (!isCheckout()) {
+      throw new MissingAssetError("kernel", `no guest kernel: ${missingAssetsHint()}`);
+    }
     throw new MissingAssetError(
       "kernel",
       `no guest kernel in ${root}. Run \`npm run setup\` (it fetches Debian's linux-image-${debianArch()} with apt-get download), ` +

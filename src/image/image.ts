@@ -14,6 +14,7 @@ import { basename, join, resolve } from "node:path";
 import { promisify } from "node:util";
 import { ImageError, PoolError, SnapshotError, TimeoutError, invalidOption } from "../errors.js";
 import { bootAssets, kernelCmdline } from "../guest/assets.js";
+import { assertSupportedHost } from "../platform/host.js";
 import { DEFAULT_IMAGE_CONFIG } from "../guest/default-image.js";
 import { acquireLock } from "../oci/lock.js";
 import type { PullPolicy } from "../oci/pull.js";
@@ -344,6 +345,7 @@ export class Image {
    * returns without booting anything.
    */
   static async build(options: BuildOptions): Promise<Image> {
+    assertSupportedHost();
     const v = validateBuild(options);
     const accel = chooseAccelerator(options.accel);
     warnTcgOnce(accel);
@@ -477,6 +479,7 @@ export class Image {
 
   /** Loads a snapshot directory, checking every file against its manifest. */
   static async fromSnapshot(path: string): Promise<Image> {
+    assertSupportedHost();
     if (typeof path !== "string" || path === "") throw invalidOption("path", "a snapshot directory", path);
     const dir = resolve(path);
     const manifest = await readManifest(dir, "full");

@@ -3,9 +3,9 @@
  * RAM files are mostly holes), hashing, and the stub kernel restores boot.
  */
 
-import { createHash } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { createReadStream, existsSync } from "node:fs";
-import { chmod, mkdir, open, rename, writeFile } from "node:fs/promises";
+import { chmod, mkdir, open, rename, unlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 
 const BLOCK = 4096;
@@ -126,8 +126,15 @@ export async function stubKernelPath(cacheDir: string): Promise<string> {
   const p = join(dir, "stub-kernel-v1.elf");
   if (existsSync(p)) return p;
   await mkdir(dir, { recursive: true });
-  const tmp = `${p}.${process.pid}.tmp`;
-  await writeFile(tmp, stubKernel());
-  await rename(tmp, p);
+  // Unique per call: concurrent first restores (a pool filling on a fresh
+  // cache) each write their own file; the last rename wins, all equal.
+  const tmp = `${p}.${process.pid}.${randomBytes(6).toString("hex")}.tmp`;
+  try {
+    await writeFile(tmp, stubKernel());
+    await rename(tmp, p);
+  } catch (e) {
+    await unlink(tmp).catch(() => undefined);
+    throw e;
+  }
   return p;
 }

@@ -29,6 +29,7 @@ import {
 } from "../errors.js";
 import type { Image } from "../image/image.js";
 import { bootAssets, kernelCmdline } from "../guest/assets.js";
+import { assertSupportedHost } from "../platform/host.js";
 import { defaultCacheDir } from "../paths.js";
 import { RecordBuilder } from "../protocol/codec.js";
 import { FILE_LIMIT, MsgType, Tag, WireError } from "../protocol/constants.js";
@@ -376,7 +377,16 @@ export class Vm {
     this.runtimeDir = p.runtimeDir;
     this.ram = p.ram;
     this.launch = p.launch;
-    p.conn.onFatal = (err) => this.died(err);
+    p.conn.onFatal = (err) => {
+      if (!(err instanceof ClosedError)) return this.died(err);
+      // The channel closed under us: QEMU is most likely exiting. Wait a
+      // moment for its exit status, so the error says how it ended.
+      const t = setTimeout(() => this.died(err), 1000);
+      void this.qemu.exited.then((ex) => {
+        clearTimeout(t);
+        this.died(new GuestDiedError(`the VM ${this.id} stopped: ${err.message}; QEMU exited (${ex.signal ?? `code ${ex.code}`})`, this.qemu.consoleTail(), { cause: err }));
+      });
+    };
     p.qemu.onDeviceError = (msg) => this.died(new GuestDiedError(`the VM ${this.id} stopped: QEMU disabled a device the guest misused (${msg})`, this.qemu.consoleTail()));
     p.conn.startLiveness(livenessTimeoutMs(), (e) => this.died(new GuestDiedError(`the VM ${this.id} stopped: ${e.message}`, this.qemu.consoleTail())));
     void p.qemu.exited.then((ex) => {
@@ -391,6 +401,7 @@ export class Vm {
    * kernel and initramfs, the agent as PID 1.
    */
   static async boot(o: VmBootOptions = {}): Promise<Vm> {
+    assertSupportedHost();
     if (typeof o !== "object" || o === null) throw invalidOption("options", "an object", o);
     const memoryMib = positiveInt(o.memoryMib, "memoryMib", 256, 1 << 20);
     const vcpus = positiveInt(o.vcpus, "vcpus", 1, 64);

