@@ -30,8 +30,14 @@ const execFileP = promisify(execFile);
 const MiB = 1024 * 1024;
 
 async function sh(vm: Vm, script: string, timeoutMs = 300_000): Promise<{ stdout: string; stderr: string; exitCode: number }> {
-  const r = await vm.exec({ argv: ["sh", "-c", script], timeoutMs });
-  return { stdout: r.stdout.toString(), stderr: r.stderr.toString(), exitCode: r.exitCode };
+  try {
+    const r = await vm.exec({ argv: ["sh", "-c", script], timeoutMs });
+    return { stdout: r.stdout.toString(), stderr: r.stderr.toString(), exitCode: r.exitCode };
+  } catch (e) {
+    // Say which VM, and what its console said.
+    await new Promise((r) => setTimeout(r, 500));
+    throw new Error(`VM ${vm.id} (${vm.status}): ${(e as Error).message}\n--- console ---\n${vm.consoleTail(4000)}`, { cause: e });
+  }
 }
 
 /** This process's VM runtime directories (they hold the overlays). */
