@@ -42,7 +42,8 @@ function run(cmd, argv, opts = {}) {
 
 const arm = process.arch === "arm64";
 // bubblewrap confines QEMU (docs/confinement.md); util-linux has setpriv.
-const RUNTIME = [arm ? "qemu-system-arm" : "qemu-system-x86", "busybox-static", "xz-utils", "util-linux", "zstd", "bubblewrap"];
+// qemu-utils (qemu-img) and e2fsprogs (mkfs.ext4): volumes and diskMib (docs/volumes.md).
+const RUNTIME = [arm ? "qemu-system-arm" : "qemu-system-x86", "busybox-static", "xz-utils", "util-linux", "zstd", "bubblewrap", "qemu-utils", "e2fsprogs"];
 // iproute2: the tests' network namespace (scripts/test.mjs). bubblewrap
 // (above) and runsc: the peers the bench harness's smoke test measures.
 // python3: its pty module drives `supermachine run -it` in test/cli/pty.test.ts.

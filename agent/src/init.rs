@@ -6,6 +6,7 @@
 //! cgroup2 → hostname, loopback.
 
 use crate::log;
+use crate::service::volumes::{self, DiskConfig};
 use crate::sys::{self, cstring};
 use std::ffi::CString;
 use std::fs;
@@ -34,6 +35,7 @@ struct Cmdline {
     hostname: String,
     cgroups: bool,
     memcg: bool,
+    disks: DiskConfig,
 }
 
 fn parse_cmdline() -> Cmdline {
@@ -45,6 +47,7 @@ fn parse_cmdline() -> Cmdline {
         hostname: "supermachine".to_string(),
         cgroups: true,
         memcg: true,
+        disks: DiskConfig::default(),
     };
     for word in text.split_whitespace() {
         if let Some((k, v)) = word.split_once('=') {
@@ -56,7 +59,9 @@ fn parse_cmdline() -> Cmdline {
                 "sm.cgroups" => c.cgroups = v != "0" && v != "off",
                 "sm.memcg" => c.memcg = v != "0" && v != "off",
                 "sm.debug" => crate::DEBUG.store(v == "1", std::sync::atomic::Ordering::Relaxed),
-                _ => {}
+                _ => {
+                    c.disks.take(k, v);
+                }
             }
         }
     }
@@ -135,11 +140,19 @@ fn mount_root(c: &Cmdline) -> Result<(), String> {
     if !wait_for(&c.root, Duration::from_secs(10)) {
         return Err(format!("root disk {} did not appear", c.root));
     }
+    // With several disks the root is not necessarily the first one probed:
+    // the host names it by its serial.
+    let root = volumes::find_by_serial(volumes::ROOT_SERIAL, Duration::from_secs(if c.disks.disk.is_some() || !c.disks.volumes.is_empty() { 10 } else { 1 }))
+        .unwrap_or_else(|| c.root.clone());
     mkdir_p("/mnt/lower");
     mkdir_p("/mnt/rw");
     mkdir_p("/mnt/root");
-    mount(&c.root, "/mnt/lower", &c.rootfstype, sys::MS_RDONLY, "").map_err(|e| e.to_string())?;
-    mount("tmpfs", "/mnt/rw", "tmpfs", 0, "mode=0755").map_err(|e| e.to_string())?;
+    mount(&root, "/mnt/lower", &c.rootfstype, sys::MS_RDONLY, "").map_err(|e| e.to_string())?;
+    match &c.disks.disk {
+        // The writable layer on its own ext4 disk (diskMib).
+        Some(serial) => volumes::mount_disk(serial, "/mnt/rw")?,
+        None => mount("tmpfs", "/mnt/rw", "tmpfs", 0, "mode=0755").map_err(|e| e.to_string())?,
+    }
     mkdir_p("/mnt/rw/upper");
     mkdir_p("/mnt/rw/work");
     mount("overlay", "/mnt/root", "overlay", 0, "lowerdir=/mnt/lower,upperdir=/mnt/rw/upper,workdir=/mnt/rw/work")
@@ -254,6 +267,9 @@ pub fn boot() -> BootReport {
         errors.push(format!("root filesystem: {}", e));
     }
     errors.extend(mount_runtime_dirs());
+    if c.root != "none" {
+        errors.extend(volumes::mount_volumes(&c.disks));
+    }
     if let Err(e) = set_hostname(c.hostname.as_bytes()) {
         errors.push(format!("sethostname: {}", e));
     }

@@ -29,7 +29,7 @@ export type DoctorStatus = "ok" | "warn" | "fail";
 
 /** One check of {@link doctor}. */
 export interface DoctorCheck {
-  /** Stable identifier: "platform", "qemu", "assets", "kvm", "cpu-virtualization", "accelerator", "cgroup", "bubblewrap", "setpriv", "disk", "busybox". */
+  /** Stable identifier: "platform", "qemu", "assets", "kvm", "cpu-virtualization", "accelerator", "cgroup", "bubblewrap", "setpriv", "disk", "busybox", "volumes". */
   readonly id: string;
   readonly title: string;
   readonly status: DoctorStatus;
@@ -327,8 +327,24 @@ export async function doctor(o: DoctorOptions = {}): Promise<DoctorReport> {
   } catch (e) {
     checks.push({ id: "cgroup", title: "confinement", status: "fail", required: true, detail: (e as Error).message, fix: "fix or unset SUPERMACHINE_QEMU_USER / SUPERMACHINE_CGROUP (docs/confinement.md)" });
   }
-  checks.push(checkDisk([{ label: "cache", dir: cacheDir }, { label: "snapshots", dir: snapshotsDir }], o.minFreeMib ?? 2048), checkBusybox());
+  checks.push(checkDisk([{ label: "cache", dir: cacheDir }, { label: "snapshots", dir: snapshotsDir }], o.minFreeMib ?? 2048), checkBusybox(), checkVolumeTools());
   return { ok: !checks.some((c) => c.required && c.status === "fail"), platform, accelerator, checks };
+}
+
+/** qemu-img and mkfs.ext4: only images with volumes or diskMib need them (docs/volumes.md). */
+function checkVolumeTools(): DoctorCheck {
+  const missing = [
+    ...(hasCommand("qemu-img") ? [] : [{ cmd: "qemu-img", pkg: "qemu-utils" }]),
+    ...(hasCommand("mkfs.ext4") ? [] : [{ cmd: "mkfs.ext4", pkg: "e2fsprogs" }]),
+  ];
+  return {
+    id: "volumes",
+    title: "volumes and diskMib (qemu-img, mkfs.ext4)",
+    status: missing.length ? "warn" : "ok",
+    required: false,
+    detail: missing.length ? `${missing.map((m) => m.cmd).join(" and ")} not found: Image.build with volumes or diskMib fails` : "qemu-img and mkfs.ext4 found",
+    ...(missing.length ? { fix: aptFix(missing.map((m) => m.pkg), missing.map((m) => m.cmd).join(" and ")) } : {}),
+  };
 }
 
 /** The report as text: one line per check, a `fix:` line under each problem, a verdict last. */

@@ -31,6 +31,8 @@ function missingPackages(wanted: readonly string[]): string[] {
 /** What `setup` would do on this host, given a doctor report. */
 export function setupPlan(report: DoctorReport): SetupPlan {
   const wanted = ["qemu-system-x86", "bubblewrap", "util-linux"];
+  // Volumes and diskMib (docs/volumes.md).
+  if (report.checks.some((c) => c.id === "volumes" && c.status !== "ok")) wanted.push("qemu-utils", "e2fsprogs");
   if (report.checks.some((c) => c.id === "busybox" && c.status !== "ok")) wanted.push("busybox-static");
   const hasApt = existsSync("/usr/bin/apt-get") && existsSync("/usr/bin/dpkg-query");
   const root = typeof process.getuid === "function" && process.getuid() === 0;

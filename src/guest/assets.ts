@@ -14,6 +14,7 @@ import { defaultCacheDir } from "../paths.js";
 import type { Accelerator } from "../vmm/accel.js";
 import { buildCpio, S_IFCHR, S_IFDIR, S_IFREG, type CpioEntry } from "./cpio.js";
 import { locateKernel, type KernelAssets } from "./kernel.js";
+import { diskCmdline, type DiskPlan } from "../volumes/spec.js";
 import { missingAssetsHint, platformAssets } from "../platform/package.js";
 
 /** Root of this package (where agent/ and package.json live). */
@@ -125,6 +126,8 @@ export interface CmdlineOptions {
   accel: Accelerator;
   hostname?: string;
   hasRootfs: boolean;
+  /** Volumes and the writable layer (sm.disk=, sm.vol=; see docs/volumes.md). */
+  disks?: readonly DiskPlan[];
   /** TSC frequency for the guest (TCG); default: the host's, from /proc/cpuinfo. */
   tscKhz?: number | null;
 }
@@ -187,6 +190,7 @@ export function kernelCmdline(o: CmdlineOptions): string {
   }
   parts.push(`sm.root=${o.hasRootfs ? "/dev/vda" : "none"}`);
   if (o.hostname) parts.push(`sm.hostname=${o.hostname}`);
+  if (o.disks) parts.push(...diskCmdline(o.disks));
   // The agent's frame-by-frame trace on the console (consoleTail), for debugging.
   if (process.env.SUPERMACHINE_GUEST_DEBUG === "1") parts.push("sm.debug=1");
   return parts.join(" ");

@@ -13,7 +13,9 @@
  *                       cache made for another set is fetched again
  *     release           `uname -r` of this kernel
  *     complete          written last: the directory is usable
- *   <cache>/kernel/current   the version to use (a one-line file)
+ *   <cache>/kernel/current   the version to use (a one-line file); when it names
+ *                            another module set (another copy of the library
+ *                            moved it), the newest directory made for ours wins
  */
 
 import { execFile } from "node:child_process";
@@ -63,7 +65,14 @@ export function locateKernel(cacheDir: string, explicit?: { kernel?: string; mod
   if (pkg) return { kernel: pkg.kernel, modulesDir: pkg.modulesDir, id: pkg.kernelId };
   const root = kernelCacheRoot(cacheDir);
   const currentFile = join(root, "current");
-  const version = existsSync(currentFile) ? readFileSync(currentFile, "utf8").trim() : undefined;
+  let version = existsSync(currentFile) ? readFileSync(currentFile, "utf8").trim() : undefined;
+  // `current` is shared by every copy of the library using this cache; one
+  // with another module set (an older or newer version) may have moved it.
+  // Prefer a complete directory made for this version's modules.
+  if (version && cachedModuleSet(join(root, version)) !== MODULE_SET) {
+    const match = matchingKernelDir(root);
+    if (match) version = match;
+  }
   const dir = version ? join(root, version) : undefined;
   if (!dir || !existsSync(join(dir, "complete"))) {
     if (!isCheckout()) {
@@ -128,6 +137,14 @@ export async function extractVmlinux(bzImage: string, out: string): Promise<bool
 /** The module set a kernel cache directory was made for (`modules/wanted`). */
 const MODULE_SET = GUEST_MODULES.join(",");
 
+/** The newest complete kernel directory made for this library's module set. */
+function matchingKernelDir(root: string): string | undefined {
+  return (existsSync(root) ? readdirSync(root) : [])
+    .filter((d) => !d.startsWith(".") && d !== "current" && existsSync(join(root, d, "complete")) && cachedModuleSet(join(root, d)) === MODULE_SET)
+    .sort()
+    .pop();
+}
+
 function cachedModuleSet(dir: string): string | undefined {
   const f = join(dir, "modules", "wanted");
   return existsSync(f) ? readFileSync(f, "utf8").trim() : undefined;
@@ -153,6 +170,9 @@ export async function fetchDebianKernel(cacheDir: string, opts: { refresh?: bool
     // added) is fetched again, into a directory of its own: VMs booting
     // from the old one meanwhile keep it.
     if (existsSync(join(root, v, "complete")) && cachedModuleSet(join(root, v)) === MODULE_SET) return { version: v, dir: join(root, v), fetched: false };
+    // Another copy of the library moved `current`: ours is still there.
+    const ours = matchingKernelDir(root);
+    if (ours) return { version: ours, dir: join(root, ours), fetched: false };
   }
   for (const tool of ["apt-get", "apt-cache", "dpkg-deb"]) {
     if (!(await run("sh", ["-c", `command -v ${tool}`]).then(() => true, () => false))) {

@@ -15,6 +15,8 @@ export const GUEST_MODULES = [
   "virtio_blk",
   "erofs",
   "overlay",
+  // Volumes and the disk-backed writable layer (docs/volumes.md).
+  "ext4",
   // The VM's network (virtio-net on QEMU's -netdev stream).
   "virtio_net",
   // For live host mounts (virtio-fs).

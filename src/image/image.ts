@@ -32,6 +32,8 @@ import { findQemu } from "../vmm/qemu.js";
 import { discardQemu, launchVm, startQemu, type GuestConfig, type StartedQemu, type Vm } from "../vm/vm.js";
 import { Pool, type PoolOptions } from "../pool/pool.js";
 import { guestConfigOf, resolveImage, type ImageProgress } from "./resolve.js";
+import { checkDiskTools } from "../volumes/disks.js";
+import { diskFileName, validateDisks, type DiskPlan, type VolumeSpec } from "../volumes/spec.js";
 
 const execFileP = promisify(execFile);
 
@@ -50,12 +52,7 @@ export interface MountSpec {
   readonly symlinks?: "deny" | "opaque" | "follow";
 }
 
-/** A block-device volume. Accepted by the types; not supported yet. */
-export interface VolumeSpec {
-  readonly name: string;
-  readonly sizeMib: number;
-  readonly mountPoint: string;
-}
+export type { VolumeSpec } from "../volumes/spec.js";
 
 /** The VM `warmup` receives: a full Vm. */
 export type WarmupVm = Vm;
@@ -88,8 +85,20 @@ export interface BuildOptions {
   readonly extraFiles?: readonly ExtraFile[];
   /** Not supported yet: a non-empty list is refused. */
   readonly mounts?: readonly MountSpec[];
-  /** Not supported yet: a non-empty list is refused. */
+  /**
+   * Block-device volumes (ext4 on virtio-blk), mounted at their mountPoint in
+   * every VM. What warmup writes to them is baked with the snapshot; every
+   * restored VM writes to a copy-on-write view of its own, discarded at
+   * release. See docs/volumes.md. @default []
+   */
   readonly volumes?: readonly VolumeSpec[];
+  /**
+   * (extension) A disk-backed writable layer of this many MiB (sparse; an
+   * ext4 disk under the root overlay) instead of a tmpfs, so that what the
+   * guest writes outside volumes does not count against memoryMib. Baked and
+   * restored copy-on-write like volumes. @default undefined (a tmpfs layer)
+   */
+  readonly diskMib?: number;
   /**
    * (extension) The VM's network and its egress policy: `true` is the public
    * internet (private, loopback, link-local and the VM network's own ranges
@@ -167,6 +176,7 @@ interface ValidBuild {
   snapshotsDir: string;
   cacheDir: string;
   network: CompiledPolicy;
+  disks: DiskPlan[];
 }
 
 function validateBuild(o: BuildOptions): ValidBuild {
@@ -197,8 +207,8 @@ function validateBuild(o: BuildOptions): ValidBuild {
     return { hostPath: resolve(f.hostPath), guestPath: f.guestPath, ...(f.mode !== undefined ? { mode: f.mode } : {}) };
   });
   if (o.mounts !== undefined && o.mounts.length > 0) throw new ImageError("mounts (virtio-fs host directories) are not supported yet by supermachine for Linux; remove the mounts option");
-  if (o.volumes !== undefined && o.volumes.length > 0) throw new ImageError("volumes are not supported yet by supermachine for Linux; remove the volumes option");
   if (o.runWorkload !== undefined && typeof o.runWorkload !== "boolean") throw invalidOption("runWorkload", "a boolean", o.runWorkload);
+  const disks = validateDisks(o.volumes, o.diskMib);
   if (o.warmupTag !== undefined && typeof o.warmupTag !== "string") throw invalidOption("warmupTag", "a string", o.warmupTag);
   if (o.warmup !== undefined && typeof o.warmup !== "function") throw invalidOption("warmup", "an async function (vm) => void", o.warmup);
   return {
@@ -218,6 +228,7 @@ function validateBuild(o: BuildOptions): ValidBuild {
     snapshotsDir: resolve(o.snapshotsDir ?? defaultSnapshotsDir()),
     cacheDir: o.cacheDir ?? defaultCacheDir(),
     network: compilePolicy(o.network),
+    disks,
   };
 }
 
@@ -361,6 +372,7 @@ export class Image {
     const accel = chooseAccelerator(options.accel);
     warnTcgOnce(accel);
     const bootTimeoutMs = options.bootTimeoutMs ?? (accel.accel === "tcg" ? 120_000 : 30_000);
+    if (v.disks.length) checkDiskTools();
     const [root, assets, qemu] = await Promise.all([resolveRootfsFor(v, options), bootAssets({ cacheDir: v.cacheDir }), qemuVersion()]);
     const files = await Promise.all(
       v.extraFiles.map(async (f, i) => {
@@ -390,6 +402,7 @@ export class Image {
       listenerRequired: v.listenerRequired,
       extraFiles: files.map((f) => ({ guestPath: f.guestPath, sha256: f.sha256, mode: f.mode })),
       warmupTag: v.warmupTag,
+      disks: v.disks,
       // Only when set, so the keys of existing snapshots stay the same.
       ...(v.runWorkload ? {} : { workload: false }),
     };
@@ -438,8 +451,9 @@ export class Image {
           vcpus: v.vcpus,
           kernel: assets.kernel,
           initrd: assets.initrd,
-          cmdline: kernelCmdline({ accel: accel.accel, hostname: `sm-${id}`, hasRootfs: true }),
+          cmdline: kernelCmdline({ accel: accel.accel, hostname: `sm-${id}`, hasRootfs: true, disks: v.disks }),
           rootfsImage: join(stage, "rootfs.erofs"),
+          ...(v.disks.length ? { disks: v.disks } : {}),
           ram: { kind: "shared-file" },
           hostname: `sm-${id}`,
           config,
@@ -475,10 +489,12 @@ export class Image {
           listenerRequired: v.listenerRequired,
           inputs,
           files: { ram: captured.ram, state: captured.state, rootfs: { size: (await stat(join(stage, "rootfs.erofs"))).size, sha256: rootfsSum } },
+          ...(captured.disks.length ? { disks: captured.disks } : {}),
         };
         await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: SNAPSHOT_FILE_MODE });
-        await sealSnapshotDir(stage);
-        for (const f of ["ram", "state", "manifest.json"]) await fsyncFile(join(stage, f));
+        const diskFiles = captured.disks.map(diskFileName);
+        await sealSnapshotDir(stage, diskFiles);
+        for (const f of ["ram", "state", ...diskFiles, "manifest.json"]) await fsyncFile(join(stage, f));
         await publish(stage, dir);
         // The stage is gone: the handoff VM's disk (same inode) now lives under dir.
         vm.launch.rootfsImage = join(dir, "rootfs.erofs");

@@ -21,7 +21,9 @@ import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { createRuntimeDir, removeRuntimeDir } from "../vm/runtime-dir.js";
 import { launchVm, type LaunchSpec, type StartedQemu, type Vm } from "../vm/vm.js";
 import { sha256File, sparseCopyWithHash, stubKernelPath } from "./files.js";
-import type { SnapshotFile, SnapshotManifest } from "./manifest.js";
+import { manifestDisks, type SnapshotDisk, type SnapshotFile, type SnapshotManifest } from "./manifest.js";
+import { emptyImagePath, flattenOverlay, overlayPath, type QemuDisk } from "../volumes/disks.js";
+import { diskFileName, diskSerial, type DiskPlan } from "../volumes/spec.js";
 import { loadState, saveState } from "./migrate.js";
 
 const SAVE_TIMEOUT_MS = 120_000;
@@ -35,7 +37,7 @@ async function fileRecord(path: string): Promise<SnapshotFile> {
  * shared file at `ramPath`, and saves its device state (RAM left out) to
  * `statePath`.
  */
-async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string, statePath: string): Promise<void> {
+async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string, statePath: string, disks: QemuDisk[]): Promise<void> {
   const dir = createRuntimeDir();
   const q = await QemuProcess.start({
     accel: launch.accel.accel,
@@ -44,6 +46,9 @@ async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string,
     kernel: await stubKernelPath(launch.origin.cacheDir),
     cmdline: "",
     ...(launch.rootfsImage ? { rootfs: launch.rootfsImage } : {}),
+    // The same disks (the stream holds their devices' state), read-only:
+    // the helper never runs the guest.
+    ...(disks.length ? { disks } : {}),
     memoryFile: { path: ramPath, share: true },
     incoming: true,
     paused: true,
@@ -77,9 +82,23 @@ async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string,
  * Writes `ram` and `state` of a running VM into `stage`. The VM is paused
  * (and its agent quiet) only while its state is saved; it runs on after.
  */
-export async function captureVm(vm: Vm, stage: string): Promise<{ ram: SnapshotFile; state: SnapshotFile }> {
+export async function captureVm(vm: Vm, stage: string): Promise<{ ram: SnapshotFile; state: SnapshotFile; disks: SnapshotDisk[] }> {
   const ramPath = join(stage, "ram");
   const statePath = join(stage, "state");
+  const plans = vm.launch.disks ?? [];
+  // The disks are flattened while the VM is stopped (its writes after the
+  // snapshot go on into its own overlay, never into the snapshot's images).
+  const flattenDisks = async () => {
+    const bases = vm.launch.diskBases;
+    for (const [i, d] of plans.entries()) {
+      await flattenOverlay(overlayPath(vm.runtimeDir, d), bases?.[i] ?? emptyImagePath(vm.runtimeDir, d), join(stage, diskFileName(d)));
+    }
+  };
+  const diskRecords = async (): Promise<SnapshotDisk[]> => {
+    const out: SnapshotDisk[] = [];
+    for (const d of plans) out.push({ role: d.role, name: d.name, sizeMib: d.sizeMib, mountPoint: d.mountPoint, ...(await fileRecord(join(stage, diskFileName(d)))) });
+    return out;
+  };
   // No liveness pings while the agent is quiet and the VM paused (a ping
   // would also end the agent's quiet period).
   const resume = vm.conn.pauseLiveness();
@@ -102,20 +121,23 @@ export async function captureVm(vm: Vm, stage: string): Promise<{ ram: SnapshotF
     if (vm.ram.kind === "shared-file") {
       await saveState(qmp, vm.runtimeDir, statePath, { ignoreShared: true, timeoutMs: SAVE_TIMEOUT_MS });
       const copy = await sparseCopyWithHash(join(vm.runtimeDir, "ram"), ramPath);
+      await flattenDisks();
       await qmp.execute("cont");
       running = true;
-      return { ram: { size: copy.size, sha256: copy.sha256 }, state: await fileRecord(statePath) };
+      return { ram: { size: copy.size, sha256: copy.sha256 }, state: await fileRecord(statePath), disks: await diskRecords() };
     }
     const stream = join(stage, `state.full-${randomBytes(4).toString("hex")}`);
     try {
       await saveState(qmp, vm.runtimeDir, stream, { ignoreShared: false, timeoutMs: SAVE_TIMEOUT_MS });
+      await flattenDisks();
       await qmp.execute("cont");
       running = true;
-      await reconstitute(vm.launch, stream, ramPath, statePath);
+      const helperDisks: QemuDisk[] = plans.map((d, i) => ({ serial: diskSerial(d, i), file: join(stage, diskFileName(d)), format: "raw", readOnly: true, backing: [] }));
+      await reconstitute(vm.launch, stream, ramPath, statePath, helperDisks);
     } finally {
       await unlink(stream).catch(() => undefined);
     }
-    return { ram: await fileRecord(ramPath), state: await fileRecord(statePath) };
+    return { ram: await fileRecord(ramPath), state: await fileRecord(statePath), disks: await diskRecords() };
   } finally {
     if (!running) await qmp?.execute("cont").catch(() => undefined);
     // Any frame ends the agent's quiet period. SNAPSHOT_PREPARE stopped
@@ -148,6 +170,7 @@ export interface RestoreOptions {
 /** The launch of a VM restored from a snapshot: its RAM maps the snapshot's copy-on-write. */
 export async function restoreSpec(o: RestoreOptions, id: string = randomBytes(4).toString("hex")): Promise<LaunchSpec> {
   const m = o.manifest;
+  const disks: DiskPlan[] = manifestDisks(m).map((d) => ({ role: d.role, name: d.name, sizeMib: d.sizeMib, mountPoint: d.mountPoint }));
   return {
     id,
     accel: o.accel,
@@ -156,6 +179,7 @@ export async function restoreSpec(o: RestoreOptions, id: string = randomBytes(4)
     kernel: await stubKernelPath(o.cacheDir),
     cmdline: "",
     rootfsImage: join(o.snapshotDir, "rootfs.erofs"),
+    ...(disks.length ? { disks, diskBases: disks.map((d) => join(o.snapshotDir, diskFileName(d))) } : {}),
     ram: { kind: "snapshot", path: join(o.snapshotDir, "ram") },
     incomingState: join(o.snapshotDir, "state"),
     hostname: `sm-${id}`,

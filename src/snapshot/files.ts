@@ -54,12 +54,12 @@ export async function sparseCopyWithHash(src: string, dst: string): Promise<{ si
 
 /**
  * Makes a snapshot directory private before it is published: the directory
- * 0700 and its four files 0600, whatever the umask and whoever wrote them
+ * 0700 and its files (the four, and its disk images) 0600, whatever the umask and whoever wrote them
  * (QEMU wrote the state; rootfs.erofs may be a hard link of the cache's
  * image). readManifest refuses group/other-writable snapshots.
  */
-export async function sealSnapshotDir(dir: string): Promise<void> {
-  for (const f of ["ram", "state", "rootfs.erofs", "manifest.json"]) await chmod(join(dir, f), 0o600);
+export async function sealSnapshotDir(dir: string, diskFiles: readonly string[] = []): Promise<void> {
+  for (const f of ["ram", "state", "rootfs.erofs", "manifest.json", ...diskFiles]) await chmod(join(dir, f), 0o600);
   await chmod(dir, 0o700);
 }
 

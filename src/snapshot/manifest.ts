@@ -6,6 +6,8 @@
  *   ram             guest memory (sparse), mapped copy-on-write by restores
  *   state           QEMU device state (migration stream without RAM)
  *   rootfs.erofs    the root filesystem image the VM's disk points at
+ *   disk.img        (diskMib) the writable layer's ext4 image, raw, sparse
+ *   vol-NAME.img    (volumes) each volume's ext4 image, raw, sparse
  *
  * A snapshot is validated in one place ({@link readManifest}) before QEMU
  * sees it, Firecracker-style: the directory is ours and not writable by
@@ -24,15 +26,17 @@ import { join } from "node:path";
 import { SnapshotError } from "../errors.js";
 import type { GuestConfig } from "../vm/vm.js";
 import { sha256File } from "./files.js";
+import { diskFileName, MAX_VOLUME_MIB, MAX_VOLUMES } from "../volumes/spec.js";
 
 export const SNAPSHOT_FORMAT = "supermachine-snapshot";
-export const SNAPSHOT_VERSION = 2;
+export const SNAPSHOT_VERSION = 3;
 const MAX_MANIFEST = 1 << 20;
 /** Caps on what a manifest may announce (well above anything we write). */
 const MAX_MEMORY_MIB = 1 << 20;
 const MAX_VCPUS = 1024;
 const MAX_STATE_BYTES = 1 << 30;
 const MAX_ROOTFS_BYTES = 2 ** 44;
+const MAX_DISKS = MAX_VOLUMES + 1;
 /** Mode bits for snapshot directories and files. */
 export const SNAPSHOT_DIR_MODE = 0o700;
 export const SNAPSHOT_FILE_MODE = 0o600;
@@ -40,6 +44,16 @@ export const SNAPSHOT_FILE_MODE = 0o600;
 export interface SnapshotFile {
   size: number;
   sha256: string;
+}
+
+/** A disk of the snapshot's VM (docs/volumes.md): its raw image is `diskFileName(d)`. */
+export interface SnapshotDisk extends SnapshotFile {
+  role: "disk" | "volume";
+  /** The volume's name ("disk" for the writable layer). */
+  name: string;
+  sizeMib: number;
+  /** Volumes: where the guest mounted it; null for the writable layer. */
+  mountPoint: string | null;
 }
 
 export interface WorkloadSpec {
@@ -71,6 +85,13 @@ export interface SnapshotManifest {
   /** What went into the key, for humans. */
   inputs: Record<string, unknown>;
   files: { ram: SnapshotFile; state: SnapshotFile; rootfs: SnapshotFile };
+  /** Volumes and the writable layer, in the VM's device order. @default [] */
+  disks?: SnapshotDisk[];
+}
+
+/** The disks of a manifest (none before they existed). */
+export function manifestDisks(m: SnapshotManifest): SnapshotDisk[] {
+  return m.disks ?? [];
 }
 
 function fail(dir: string, why: string): never {
@@ -131,6 +152,21 @@ export function checkManifest(dir: string, m: unknown): SnapshotManifest {
   if (f.ram.size !== x.memoryMib! * 1024 * 1024) fail(dir, `the manifest's ram size ${f.ram.size} is not memoryMib (${x.memoryMib}) MiB`);
   if (f.state.size > MAX_STATE_BYTES) fail(dir, `the manifest's state size ${f.state.size} is over the ${MAX_STATE_BYTES}-byte cap`);
   if (f.rootfs.size > MAX_ROOTFS_BYTES) fail(dir, `the manifest's rootfs size ${f.rootfs.size} is over the ${MAX_ROOTFS_BYTES}-byte cap`);
+  if (x.disks !== undefined) {
+    if (!Array.isArray(x.disks) || x.disks.length > MAX_DISKS) fail(dir, `bad disks (an array of at most ${MAX_DISKS})`);
+    const names = new Set<string>();
+    x.disks.forEach((d: unknown, i) => {
+      const k = d as SnapshotDisk;
+      if (!isFile(d) || (k.role !== "disk" && k.role !== "volume") || !isStr(k.name) || !Number.isInteger(k.sizeMib) || k.sizeMib < 1 || k.sizeMib > MAX_VOLUME_MIB) fail(dir, `bad disks[${i}]`);
+      // The name becomes a file name: it must be what validateDisks allows.
+      if (k.role === "volume" ? !/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(k.name) || !isStr(k.mountPoint) || !k.mountPoint.startsWith("/") : k.name !== "disk" || k.mountPoint !== null) fail(dir, `bad disks[${i}] name or mountPoint`);
+      const file = diskFileName(k);
+      if (names.has(file)) fail(dir, `disks[${i}] repeats ${file}`);
+      names.add(file);
+      if (k.size !== k.sizeMib * 1024 * 1024) fail(dir, `disks[${i}] size ${k.size} is not its sizeMib (${k.sizeMib}) MiB`);
+    });
+    if (x.disks.filter((d) => d.role === "disk").length > 1) fail(dir, "more than one writable-layer disk");
+  }
   return x as SnapshotManifest;
 }
 
@@ -165,11 +201,24 @@ export async function readManifest(dir: string, verify: "quick" | "full"): Promi
     checkRegular(dir, name, fst);
     if (fst.size !== m.files[name].size) fail(dir, `${name} is ${fst.size} bytes, the manifest says ${m.files[name].size}`);
   }
+  for (const d of manifestDisks(m)) {
+    const name = diskFileName(d);
+    const fst = await lstat(join(dir, name)).catch(() => undefined);
+    if (!fst) fail(dir, `${name} file is missing`);
+    checkRegular(dir, name, fst);
+    if (fst.size !== d.size) fail(dir, `${name} is ${fst.size} bytes, the manifest says ${d.size}`);
+  }
   const check = verify === "full" ? (["state", "ram", "rootfs"] as const) : (["state"] as const);
   for (const name of check) {
     const file = join(dir, name === "rootfs" ? "rootfs.erofs" : name);
     const sum = await sha256File(file);
     if (sum !== m.files[name].sha256) fail(dir, `${name} does not match its checksum (corrupt or changed after the snapshot was taken)`);
+  }
+  if (verify === "full") {
+    for (const d of manifestDisks(m)) {
+      const name = diskFileName(d);
+      if ((await sha256File(join(dir, name))) !== d.sha256) fail(dir, `${name} does not match its checksum (corrupt or changed after the snapshot was taken)`);
+    }
   }
   return m;
 }

@@ -46,6 +46,8 @@ import { ExecProxy } from "./exec-proxy.js";
 import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutput, type ValidExec } from "./options.js";
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
+import { prepareDisks } from "../volumes/disks.js";
+import type { DiskPlan } from "../volumes/spec.js";
 import { NetworkStack, guestNetConfig } from "../net/stack.js";
 import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
 import type { NetworkDeniedEvent, NetworkStats } from "../net/stack.js";
@@ -161,6 +163,10 @@ export interface LaunchSpec {
   network?: CompiledPolicy;
   /** The host network stack's unix socket (see QemuLaunch.netSocket); absent: no NIC. */
   netSocket?: string;
+  /** Volumes and the writable layer (docs/volumes.md); the guest learns of them from the kernel command line at boot. */
+  disks?: readonly DiskPlan[];
+  /** Restore: the snapshot's image of each disk (each VM writes to an overlay of its own); absent: fresh empty filesystems. */
+  diskBases?: readonly string[];
 }
 
 /** @internal A QEMU process started for a LaunchSpec, not yet attached to. */
@@ -184,6 +190,7 @@ export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
   let net: NetworkStack | undefined;
   try {
     net = await NetworkStack.listen(join(dir, "net.sock"), { policy: spec.network ?? compilePolicy(true) });
+    const disks = spec.disks?.length ? await prepareDisks(dir, spec.disks, spec.diskBases) : undefined;
     const memoryFile =
       spec.ram.kind === "shared-file"
         ? { path: join(dir, "ram"), share: true }
@@ -199,6 +206,7 @@ export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
       ...(spec.initrd ? { initrd: spec.initrd } : {}),
       cmdline: spec.cmdline,
       ...(spec.rootfsImage ? { rootfs: spec.rootfsImage } : {}),
+      ...(disks ? { disks } : {}),
       ...(memoryFile ? { memoryFile } : {}),
       ...(spec.incomingState ? { incoming: true } : {}),
       dir,
@@ -841,12 +849,13 @@ export class Vm {
         if (this.launch.rootfsImage) await link(this.launch.rootfsImage, rootfs).catch(() => copyFile(this.launch.rootfsImage!, rootfs));
         else throw new SnapshotError("this VM has no root filesystem image to snapshot");
         const captured = await captureVm(this, stage);
+        const { diskFileName } = await import("../volumes/spec.js");
         const rootfsFile = { size: (await stat(rootfs)).size, sha256: await sha256File(rootfs) };
         const o = this.origin;
         const manifest: SnapshotManifest = {
           format: SNAPSHOT_FORMAT,
           version: SNAPSHOT_VERSION,
-          key: createHash("sha256").update(`${captured.ram.sha256}:${captured.state.sha256}`).digest("hex"),
+          key: createHash("sha256").update([captured.ram.sha256, captured.state.sha256, ...captured.disks.map((d) => d.sha256)].join(":")).digest("hex"),
           name: basename(dest),
           createdAt: new Date().toISOString(),
           accel: this.accelerator,
@@ -862,9 +871,10 @@ export class Vm {
           listenerRequired: o.listenerRequired,
           inputs: { from: "Vm.snapshot", vm: this.id },
           files: { ram: captured.ram, state: captured.state, rootfs: rootfsFile },
+          ...(captured.disks.length ? { disks: captured.disks } : {}),
         };
         await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: 0o600 });
-        await sealSnapshotDir(stage);
+        await sealSnapshotDir(stage, captured.disks.map(diskFileName));
         await rename(stage, dest);
         return new Image({ snapshotPath: dest, manifest, baked: false, cacheDir: o.cacheDir });
       } catch (e) {

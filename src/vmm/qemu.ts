@@ -18,9 +18,12 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import type { Writable } from "node:stream";
 import { existsSync, realpathSync } from "node:fs";
+import { chown } from "node:fs/promises";
 import { delimiter, dirname, join, resolve } from "node:path";
 import { MissingAssetError, QemuError } from "../errors.js";
 import { guestText } from "../guest-text.js";
+import type { QemuDisk } from "../volumes/disks.js";
+import { ROOT_SERIAL } from "../volumes/spec.js";
 import type { Accelerator } from "./accel.js";
 import { confineLaunch, confinementPlan, decodeExit, descendantPid, qemuFeatures, type ConfinedCommand } from "./confine.js";
 
@@ -36,6 +39,12 @@ export interface QemuLaunch {
   cmdline: string;
   /** Read-only root filesystem image (virtio-blk). */
   rootfs?: string;
+  /**
+   * Writable disks after the root disk (volumes, the writable layer), each a
+   * virtio-blk device the guest finds by its serial. QEMU never flushes them
+   * to stable storage (`cache=unsafe`): they are throwaway per-VM overlays.
+   */
+  disks?: readonly QemuDisk[];
   /** Directory for the sockets (short path: unix sockets are ≤ 107 bytes). */
   dir: string;
   /**
@@ -144,6 +153,11 @@ export function findQemu(explicit?: string): string {
   }
 }
 
+/** A path inside a QEMU option value: a comma is written twice. */
+function optPath(p: string): string {
+  return p.replace(/,/g, ",,");
+}
+
 /** Builds QEMU's argument vector. Pure, for tests. */
 export function qemuArgs(l: QemuLaunch): string[] {
   const a: string[] = [];
@@ -182,8 +196,12 @@ export function qemuArgs(l: QemuLaunch): string[] {
   a.push("-chardev", `socket,id=agent,path=${join(l.dir, "agent.sock")},server=on,wait=off`);
   a.push("-device", "virtserialport,chardev=agent,name=sm.agent");
   if (l.rootfs) {
-    a.push("-drive", `id=root,file=${l.rootfs},format=raw,if=none,readonly=on`);
-    a.push("-device", "virtio-blk-device,drive=root");
+    a.push("-drive", `id=root,file=${optPath(l.rootfs)},format=raw,if=none,readonly=on`);
+    a.push("-device", `virtio-blk-device,drive=root,serial=${ROOT_SERIAL}`);
+  }
+  for (const [i, d] of (l.disks ?? []).entries()) {
+    a.push("-drive", `id=disk${i},file=${optPath(d.file)},format=${d.format},if=none,${d.readOnly ? "readonly=on" : "cache=unsafe"}`);
+    a.push("-device", `virtio-blk-device,drive=disk${i},serial=${d.serial}`);
   }
   if (l.netSocket !== undefined) {
     // QEMU's option syntax would split the path at a comma.
@@ -261,12 +279,25 @@ export class QemuProcess {
       kernel: resolve(l.kernel),
       ...(l.initrd ? { initrd: resolve(l.initrd) } : {}),
       ...(l.rootfs ? { rootfs: resolve(l.rootfs) } : {}),
+      ...(l.disks ? { disks: l.disks.map((d) => ({ ...d, file: resolve(d.file), backing: d.backing.map((b) => resolve(b)) })) } : {}),
       ...(mem ? { memoryFile: mem } : {}),
       ...(plan.runAs ? { runAs: { ...plan.runAs, runWith: can.runWithUser } } : {}),
       dir: resolve(l.dir),
     };
     const readOnly = [launch.kernel, ...(launch.initrd ? [launch.initrd] : []), ...(launch.rootfs ? [launch.rootfs] : [])];
     const readWrite = [launch.dir];
+    // Overlays live in the runtime dir; what they read through to (a
+    // snapshot's disk images) is bound read-only.
+    const outside = (p: string) => !p.startsWith(launch.dir + "/");
+    for (const d of launch.disks ?? []) {
+      if (outside(d.file)) (d.readOnly ? readOnly : readWrite).push(d.file);
+      readOnly.push(...d.backing.filter(outside));
+      // QEMU opens a writable image again, by path and as the QEMU user,
+      // when it re-activates its disks after a migration (a snapshot's
+      // `cont`, a restore's end): the VM's own overlay (and the empty image
+      // under a bake's) belong to that user.
+      if (plan.runAs) for (const f of [d.file, ...d.backing].filter((f) => !outside(f))) await chown(f, plan.runAs.uid, plan.runAs.gid);
+    }
     // A NIC peer outside the runtime dir (tests put their own there): QEMU
     // connects to it at start, still as root, so binding it is enough.
     if (launch.netSocket && !launch.netSocket.startsWith(launch.dir + "/")) readWrite.push(launch.netSocket);

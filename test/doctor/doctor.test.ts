@@ -24,7 +24,7 @@ describe("doctor", () => {
     const r = await doctor();
     assert.deepEqual(
       r.checks.map((c) => c.id),
-      ["platform", "qemu", "assets", "kvm", "cpu-virtualization", "accelerator", "cgroup", "bubblewrap", "setpriv", "disk", "busybox"],
+      ["platform", "qemu", "assets", "kvm", "cpu-virtualization", "accelerator", "cgroup", "bubblewrap", "setpriv", "disk", "busybox", "volumes"],
     );
     assert.equal(r.ok, true, `this checkout ran setup: ${JSON.stringify(r.checks.filter((c) => c.status === "fail"))}`);
     assert.deepEqual(r.accelerator, chooseAccelerator());

@@ -4,7 +4,8 @@
  */
 
 import assert from "node:assert/strict";
-import { readFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, it } from "node:test";
 import { bootAssets, kernelCmdline } from "../../src/guest/assets.js";
@@ -54,6 +55,29 @@ describe("guest assets", () => {
     assert.ok(at("failover") < at("net_failover"));
     assert.ok(at("net_failover") < at("virtio_net"));
     assert.ok(at("virtio") < at("virtio_net"));
+    // Volumes and diskMib: ext4 after what it needs.
+    assert.ok(at("jbd2") < at("ext4"));
+    assert.ok(at("mbcache") < at("ext4"));
+  });
+
+  it("a 'current' moved to another module set (another copy of the library) does not change the kernel used", () => {
+    const root = mkdtempSync(join(tmpdir(), "sm-kcache-"));
+    try {
+      const make = (name: string, wanted: string) => {
+        mkdirSync(join(root, "kernel", name, "modules"), { recursive: true });
+        writeFileSync(join(root, "kernel", name, "modules", "wanted"), `${wanted}\n`);
+        writeFileSync(join(root, "kernel", name, "vmlinux"), "");
+        writeFileSync(join(root, "kernel", name, "complete"), "");
+      };
+      make("6.1+mours", GUEST_MODULES.join(","));
+      make("6.1+mother", "virtio_mmio,virtio_blk");
+      writeFileSync(join(root, "kernel", "current"), "6.1+mother\n");
+      assert.equal(locateKernel(root).id, "debian:6.1+mours");
+      writeFileSync(join(root, "kernel", "current"), "6.1+mours\n");
+      assert.equal(locateKernel(root).id, "debian:6.1+mours");
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
   });
 
   it("the kernel cache records the module set it was made for (an older set is fetched again)", async () => {

@@ -76,6 +76,25 @@ describe("QEMU command line", () => {
     const { rootfs: _r, ...noRoot } = base;
     assert.deepEqual(devices(qemuArgs(noRoot)), ["virtio-serial-device", "virtserialport"]);
   });
+
+  it("disks after the root disk, found by serial: writable overlays never flushed, read-only images read-only, commas escaped", () => {
+    const a = qemuArgs({
+      ...base,
+      rootfs: "/r/a,b.erofs",
+      disks: [
+        { serial: "sm-disk", file: "/run/x/disk.img.qcow2", format: "qcow2", readOnly: false, backing: ["/s/disk.img"] },
+        { serial: "sm-vol-1", file: "/s/vol-x.img", format: "raw", readOnly: true, backing: [] },
+      ],
+    });
+    const drives = a.filter((_, i) => a[i - 1] === "-drive");
+    assert.deepEqual(drives, [
+      "id=root,file=/r/a,,b.erofs,format=raw,if=none,readonly=on",
+      "id=disk0,file=/run/x/disk.img.qcow2,format=qcow2,if=none,cache=unsafe",
+      "id=disk1,file=/s/vol-x.img,format=raw,if=none,readonly=on",
+    ]);
+    const blk = a.filter((v, i) => a[i - 1] === "-device" && v.startsWith("virtio-blk-device"));
+    assert.deepEqual(blk, ["virtio-blk-device,drive=root,serial=sm-root", "virtio-blk-device,drive=disk0,serial=sm-disk", "virtio-blk-device,drive=disk1,serial=sm-vol-1"]);
+  });
 });
 
 describe("QEMU process", () => {

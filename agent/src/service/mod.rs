@@ -7,4 +7,5 @@ pub mod freeze;
 pub mod net;
 pub mod session;
 pub mod tcp;
+pub mod volumes;
 pub mod workload;
