@@ -226,7 +226,12 @@ export class VmCgroup {
           await writeFile(join(dir, "cpu.weight"), String(QEMU_CPU_WEIGHT));
           await writeFile(join(dir, "memory.oom.group"), "1").catch(() => undefined);
         } else if (b.controller === "memory") {
-          await writeFile(join(dir, "memory.limit_in_bytes"), memBytes);
+          // A soft limit on v1: v1 charges the page cache of the VM's disk
+          // and RAM files to the cgroup and has no per-cgroup dirty-page
+          // throttling, so a hard limit OOM-kills QEMU under heavy guest
+          // writes (a 1 GiB write filled a 512 MiB cgroup here). v2 throttles
+          // writeback per cgroup and gets memory.max.
+          await writeFile(join(dir, "memory.soft_limit_in_bytes"), memBytes);
         } else if (b.controller === "pids") {
           await writeFile(join(dir, "pids.max"), pids);
         } else {

@@ -236,7 +236,7 @@ async function makePlan(env: NodeJS.ProcessEnv): Promise<Plan> {
   const cg = await findCgroupRoot(isRoot, env);
   if (cg.root) await sweepCgroups(cg.root).catch(() => undefined);
   const cgDetail = cg.root
-    ? `cgroup v${cg.root.version} under ${cg.root.bases.map((b) => b.dir).join(", ")}: memory = guest RAM + ${QEMU_MEMORY_OVERHEAD_MIB} MiB, tasks = ${QEMU_PIDS_BASE} + vCPUs, equal CPU weight`
+    ? `cgroup v${cg.root.version} under ${cg.root.bases.map((b) => b.dir).join(", ")}: memory = guest RAM + ${QEMU_MEMORY_OVERHEAD_MIB} MiB${cg.root.version === 1 ? " (soft limit on v1)" : ""}, tasks = ${QEMU_PIDS_BASE} + vCPUs, equal CPU weight`
     : cg.detail;
   const report: ConfinementReport = {
     nodeIsRoot: isRoot,

@@ -128,7 +128,7 @@ function checkConfined(vm: Vm, report: ConfinementReport, what: string): Record<
     assert.equal(readFileSync(join(dirs.pids, "pids.max"), "utf8").trim(), String(pidsMax));
     assert.equal(readFileSync(join(dirs.cpu, "cpu.weight"), "utf8").trim(), "100");
   } else {
-    assert.equal(readFileSync(join(dirs.memory, "memory.limit_in_bytes"), "utf8").trim(), String(memBytes));
+    assert.equal(readFileSync(join(dirs.memory, "memory.soft_limit_in_bytes"), "utf8").trim(), String(memBytes));
     assert.equal(readFileSync(join(dirs.pids, "pids.max"), "utf8").trim(), String(pidsMax));
     assert.equal(readFileSync(join(dirs.cpu, "cpu.shares"), "utf8").trim(), "1024");
   }
@@ -226,7 +226,7 @@ describe("VM cgroups", () => {
       for (const b of bases) await mkdir(b.dir);
       const cg = await VmCgroup.create({ version: 1, bases }, "sm-abc", 256, 1);
       const [m, p, c] = cg.dirs;
-      assert.equal(await readFile(join(m!, "memory.limit_in_bytes"), "utf8"), String((256 + QEMU_MEMORY_OVERHEAD_MIB) * 1024 * 1024));
+      assert.equal(await readFile(join(m!, "memory.soft_limit_in_bytes"), "utf8"), String((256 + QEMU_MEMORY_OVERHEAD_MIB) * 1024 * 1024));
       assert.equal(await readFile(join(p!, "pids.max"), "utf8"), String(QEMU_PIDS_BASE + 1));
       assert.equal(await readFile(join(c!, "cpu.shares"), "utf8"), "1024");
     } finally {
