@@ -30,6 +30,8 @@ import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type Accelerato
 import { findQemu } from "../vmm/qemu.js";
 import { discardQemu, launchVm, startQemu, type GuestConfig, type StartedQemu, type Vm } from "../vm/vm.js";
 import { Pool, type PoolOptions } from "../pool/pool.js";
+import { checkHostPaths, validateMounts, type ValidMount } from "../mounts/attach.js";
+import type { MountSpec } from "../mounts/server.js";
 import { guestConfigOf, resolveImage, type ImageProgress } from "./resolve.js";
 
 const execFileP = promisify(execFile);
@@ -42,12 +44,7 @@ export interface ExtraFile {
   readonly mode?: number;
 }
 
-/** A live host directory mount (virtio-fs). Accepted by the types; not supported yet. */
-export interface MountSpec {
-  readonly hostPath: string;
-  readonly guestTag: string;
-  readonly symlinks?: "deny" | "opaque" | "follow";
-}
+export type { MountSpec } from "../mounts/server.js";
 
 /** A block-device volume. Accepted by the types; not supported yet. */
 export interface VolumeSpec {
@@ -85,7 +82,16 @@ export interface BuildOptions {
   readonly listenerRequired?: boolean;
   /** Host files staged into the guest before the snapshot (content is part of the cache key). */
   readonly extraFiles?: readonly ExtraFile[];
-  /** Not supported yet: a non-empty list is refused. */
+  /**
+   * Live host directories (docs/mounts.md): each is registered with every
+   * VM (the bake's, every restore's) by its guestTag; the guest mounts it
+   * with `mount -t virtiofs <guestTag> <dir>` (run through vm.exec), or it
+   * is mounted at guestPath automatically. Host contents are never part of
+   * the snapshot; hostPath is not part of the cache key (tags, guest paths
+   * and policies are). A mount the warmup made is mounted again at the same
+   * place in every restored VM.
+   * @default []
+   */
   readonly mounts?: readonly MountSpec[];
   /** Not supported yet: a non-empty list is refused. */
   readonly volumes?: readonly VolumeSpec[];
@@ -156,6 +162,7 @@ interface ValidBuild {
   snapshotsDir: string;
   cacheDir: string;
   network: CompiledPolicy;
+  mounts: ValidMount[];
 }
 
 function validateBuild(o: BuildOptions): ValidBuild {
@@ -185,7 +192,7 @@ function validateBuild(o: BuildOptions): ValidBuild {
     if (f.mode !== undefined && (!Number.isInteger(f.mode) || f.mode < 0 || f.mode > 0o7777)) throw invalidOption(`extraFiles[${i}].mode`, "permission bits", f.mode);
     return { hostPath: resolve(f.hostPath), guestPath: f.guestPath, ...(f.mode !== undefined ? { mode: f.mode } : {}) };
   });
-  if (o.mounts !== undefined && o.mounts.length > 0) throw new ImageError("mounts (virtio-fs host directories) are not supported yet by supermachine for Linux; remove the mounts option");
+  const mounts = validateMounts(o.mounts);
   if (o.volumes !== undefined && o.volumes.length > 0) throw new ImageError("volumes are not supported yet by supermachine for Linux; remove the volumes option");
   if (o.warmupTag !== undefined && typeof o.warmupTag !== "string") throw invalidOption("warmupTag", "a string", o.warmupTag);
   if (o.warmup !== undefined && typeof o.warmup !== "function") throw invalidOption("warmup", "an async function (vm) => void", o.warmup);
@@ -205,6 +212,7 @@ function validateBuild(o: BuildOptions): ValidBuild {
     snapshotsDir: resolve(o.snapshotsDir ?? defaultSnapshotsDir()),
     cacheDir: o.cacheDir ?? defaultCacheDir(),
     network: compilePolicy(o.network),
+    mounts,
   };
 }
 
@@ -305,11 +313,13 @@ export class Image {
   private spareUsers = 0;
   /** The Image.build options this image came from (to bake it again at another size). */
   private readonly recipe: BuildOptions | undefined;
+  /** Host directories of the manifest's mounts, by tag (from the build options; else the manifest's). */
+  private readonly mountHosts: Map<string, string>;
   /** The same image at other sizes (pools with memoryMib/vcpus overrides), by "MEMxCPUS". */
   private siblings = new Map<string, Promise<Image>>();
 
   /** @internal */
-  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm; recipe?: BuildOptions; network?: CompiledPolicy }) {
+  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm; recipe?: BuildOptions; network?: CompiledPolicy; mounts?: readonly ValidMount[] }) {
     this.network = p.network ?? compilePolicy(true);
     this.snapshotPath = p.snapshotPath;
     this.manifest = p.manifest;
@@ -318,6 +328,7 @@ export class Image {
     this.bootTimeoutMs = p.bootTimeoutMs ?? (p.manifest.accel === "tcg" ? 120_000 : 30_000);
     this.handoff = p.handoff;
     this.recipe = p.recipe;
+    this.mountHosts = new Map((p.mounts ?? []).map((m) => [m.guestTag, m.hostPath]));
   }
 
   get memoryMib(): number {
@@ -334,6 +345,7 @@ export class Image {
    */
   static async build(options: BuildOptions): Promise<Image> {
     const v = validateBuild(options);
+    await checkHostPaths(v.mounts);
     const accel = chooseAccelerator(options.accel);
     warnTcgOnce(accel);
     const bootTimeoutMs = options.bootTimeoutMs ?? (accel.accel === "tcg" ? 120_000 : 30_000);
@@ -365,19 +377,21 @@ export class Image {
       listenerRequired: v.listenerRequired,
       extraFiles: files.map((f) => ({ guestPath: f.guestPath, sha256: f.sha256, mode: f.mode })),
       warmupTag: v.warmupTag,
+      // Where and how each mount appears, never its host directory.
+      ...(v.mounts.length ? { mounts: v.mounts.map((m) => ({ guestTag: m.guestTag, guestPath: m.guestPath ?? null, symlinks: m.symlinks, readOnly: m.readOnly })) } : {}),
     };
     const key = createHash("sha256").update(JSON.stringify(inputs)).digest("hex");
     const name = v.name ?? `sm-${key.slice(0, 16)}`;
     const dir = join(v.snapshotsDir, name);
     const hit = await readManifest(dir, "quick").catch(() => undefined);
-    if (hit && hit.key === key) return new Image({ snapshotPath: dir, manifest: hit, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network });
+    if (hit && hit.key === key) return new Image({ snapshotPath: dir, manifest: hit, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network, mounts: v.mounts });
     await mkdir(v.snapshotsDir, { recursive: true, mode: SNAPSHOT_DIR_MODE });
     // One baker per snapshot across processes; the others use its result.
     const valid = async () => (await readManifest(dir, "quick").catch(() => undefined))?.key === key;
     const lock = await acquireLock(join(v.snapshotsDir, `.${name}.lock`), { until: valid, staleMs: 10 * 60_000, ...(options.signal ? { signal: options.signal } : {}) });
     try {
       const again = await readManifest(dir, "quick").catch(() => undefined);
-      if (again && again.key === key) return new Image({ snapshotPath: dir, manifest: again, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network });
+      if (again && again.key === key) return new Image({ snapshotPath: dir, manifest: again, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network, mounts: v.mounts });
       const workload: WorkloadSpec | null =
         workloadArgv.length > 0
           ? {
@@ -410,6 +424,7 @@ export class Image {
           config,
           bootTimeoutMs,
           network: v.network,
+          mounts: v.mounts,
           ...(options.signal ? { signal: options.signal } : {}),
           origin: { image: { ref: root.ref, digest: root.digest }, config, workload, guestPort: v.guestPort, listenerRequired: v.listenerRequired, cacheDir: v.cacheDir },
         });
@@ -438,6 +453,7 @@ export class Image {
           listenerRequired: v.listenerRequired,
           inputs,
           files: { ram: captured.ram, state: captured.state, rootfs: { size: (await stat(join(stage, "rootfs.erofs"))).size, sha256: rootfsSum } },
+          ...(captured.mounts.length ? { mounts: captured.mounts } : {}),
         };
         await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: SNAPSHOT_FILE_MODE });
         await sealSnapshotDir(stage);
@@ -448,7 +464,7 @@ export class Image {
         // The bake VM lives on as the first VM handed out (warm handoff); it
         // must look like a restored one.
         if (workload && workload.startAt === "restore") await startWorkload(vm, workload);
-        return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm, recipe: options, network: v.network });
+        return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm, recipe: options, network: v.network, mounts: v.mounts });
       } catch (e) {
         await vm?.destroy();
         await rm(stage, { recursive: true, force: true });
@@ -496,9 +512,21 @@ export class Image {
       cacheDir: this.cacheDir,
       bootTimeoutMs: o.timeoutMs ?? this.bootTimeoutMs,
       accel: this.accelFor(),
+      mounts: this.restoreMounts(),
       ...(o.signal ? { signal: o.signal } : {}),
       ...(o.timings ? { timings: o.timings } : {}),
     };
+  }
+
+  /** The snapshot's mounts, with this image's host directories. */
+  private restoreMounts(): ValidMount[] {
+    return (this.manifest.mounts ?? []).map((m) => ({
+      guestTag: m.guestTag,
+      symlinks: m.symlinks,
+      readOnly: m.readOnly,
+      hostPath: this.mountHosts.get(m.guestTag) ?? m.hostPath,
+      ...(m.guestPath !== undefined ? { guestPath: m.guestPath } : {}),
+    }));
   }
 
   /**

@@ -48,6 +48,8 @@ import { TcpForwarder } from "./tcp-forwarder.js";
 import { NetworkStack, guestNetConfig } from "../net/stack.js";
 import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
 import type { NetworkDeniedEvent, NetworkStats } from "../net/stack.js";
+import { MountAttachment, checkHostPaths, validateMounts, type ValidMount } from "../mounts/attach.js";
+import type { MountSpec } from "../mounts/server.js";
 
 /** What a Vm shows of its network stack. */
 export interface VmNetwork {
@@ -94,6 +96,8 @@ export interface VmBootOptions {
   hostname?: string;
   /** (extension) The VM's egress policy; see BuildOptions.network. @default true */
   network?: NetworkOption;
+  /** Live host directories (see BuildOptions.mounts and docs/mounts.md). @default [] */
+  mounts?: readonly MountSpec[];
   /** Deadline for QEMU start + kernel boot + agent handshake. @default 120000 under TCG, 30000 under KVM */
   bootTimeoutMs?: number;
   signal?: AbortSignal;
@@ -160,6 +164,8 @@ export interface LaunchSpec {
   network?: CompiledPolicy;
   /** The host network stack's unix socket (see QemuLaunch.netSocket); absent: no NIC. */
   netSocket?: string;
+  /** Mounts registered with the agent once it answers (guestPath: mounted there). */
+  mounts?: readonly ValidMount[];
 }
 
 /** @internal A QEMU process started for a LaunchSpec, not yet attached to. */
@@ -282,6 +288,16 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
       ...(spec.netSocket === undefined ? { net: guestNetConfig() } : {}),
     });
     phase("configure");
+    if (spec.mounts?.length) {
+      try {
+        await vm._attachMounts(spec.mounts);
+      } catch (e) {
+        await vm._closeMounts();
+        conn.destroy(new ClosedError("the VM's mounts could not be attached"));
+        throw e;
+      }
+      phase("mounts");
+    }
     return vm;
   } catch (e) {
     await discardQemu(s);
@@ -340,6 +356,8 @@ export class Vm {
   /** The execPath socket, once asked for. */
   private proxy: ExecProxy | undefined;
   private closing: Promise<void> | undefined;
+  /** Mounts registered with the agent. */
+  private mounts: MountAttachment[] = [];
   /** @internal Called once when the guest dies on its own. */
   _onDeath: ((vm: Vm, err: SupermachineError) => void) | undefined;
 
@@ -391,6 +409,8 @@ export class Vm {
     }
     if (o.rootfs !== undefined && o.rootfsImage !== undefined) throw invalidOption("rootfs", "either rootfs or rootfsImage, not both", o.rootfs);
     const network = compilePolicy(o.network);
+    const mounts = validateMounts(o.mounts);
+    await checkHostPaths(mounts);
     const choice = chooseAccelerator(o.accel);
     warnTcgOnce(choice);
     const bootTimeoutMs = positiveInt(o.bootTimeoutMs, "bootTimeoutMs", choice.accel === "tcg" ? 120_000 : 30_000, 3_600_000);
@@ -419,6 +439,7 @@ export class Vm {
       config,
       bootTimeoutMs,
       network,
+      mounts,
       ...(o.signal ? { signal: o.signal } : {}),
       ...(o.qemuBinary ? { qemuBinary: o.qemuBinary } : {}),
       origin: {
@@ -457,6 +478,40 @@ export class Vm {
     }
     const ok = await this.conn.request(MsgType.CONFIGURE, r);
     return (ok.str(Tag.CONFIGURE_OK.boot_id, 64) ?? "").replace(/[^0-9a-f-]/g, "");
+  }
+
+  /**
+   * @internal Registers mounts with the agent (each mounted at its
+   * guestPath, when it has one). On failure the ones attached stay (the
+   * caller destroys the VM).
+   */
+  async _attachMounts(list: readonly ValidMount[]): Promise<void> {
+    for (const m of list) this.mounts.push(await MountAttachment.attach(this.conn, m, m.guestPath));
+  }
+
+  /**
+   * @internal Detaches every mount (before a snapshot): unmounted in the
+   * guest, host servers closed. Returns them with guestPath = where each
+   * was mounted, for {@link _attachMounts} after the snapshot and in every
+   * restored VM.
+   */
+  async _detachMounts(): Promise<ValidMount[]> {
+    const all = this.mounts;
+    this.mounts = [];
+    const out: ValidMount[] = [];
+    for (const a of all) {
+      const at = await a.detach();
+      const { guestPath: _g, ...rest } = a.spec;
+      out.push({ ...rest, ...(at !== undefined ? { guestPath: at } : {}) });
+    }
+    return out;
+  }
+
+  /** @internal Closes the host servers of every mount (the VM is going away). */
+  async _closeMounts(): Promise<void> {
+    const mounts = this.mounts;
+    this.mounts = [];
+    await Promise.all(mounts.map((m) => m.close()));
   }
 
   /** @internal */
@@ -543,6 +598,7 @@ export class Vm {
     this.deathError = e;
     this.proxy?.close();
     this.conn.destroy(e);
+    void this._closeMounts();
     void this.qmpClient?.then((q) => q.close(), () => undefined);
     this.qemu.kill("SIGKILL");
     this.net.close();
@@ -845,6 +901,7 @@ export class Vm {
           listenerRequired: o.listenerRequired,
           inputs: { from: "Vm.snapshot", vm: this.id },
           files: { ram: captured.ram, state: captured.state, rootfs: rootfsFile },
+          ...(captured.mounts.length ? { mounts: captured.mounts } : {}),
         };
         await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: 0o600 });
         await sealSnapshotDir(stage);
@@ -912,6 +969,7 @@ export class Vm {
     this.conn.onFatal = () => undefined;
     this.proxy?.close();
     this.conn.destroy(err);
+    await this._closeMounts();
     void this.qmpClient?.then((q) => q.close(), () => undefined);
     this.net.close();
     await this.qemu.stop();

@@ -3,6 +3,7 @@
 
 pub mod exec;
 pub mod files;
+pub mod mounts;
 pub mod net;
 pub mod session;
 pub mod tcp;
