@@ -57,7 +57,7 @@ describe("mounts in real VMs", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     // Host symlinks to a file outside each mount.
     for (const d of [ws, deny, follow]) await symlink(marker, join(d, "escape"));
     // The hostile guest's program (std-only Rust, static).
-    raceBin = join(root, "race");
+    raceBin = join(root, "racer-bin");
     execFileSync("rustc", ["-O", "-C", "strip=symbols", "-C", "panic=abort", "-C", "target-feature=+crt-static", "--target", "x86_64-unknown-linux-gnu", join(REPO_ROOT, "test", "fixtures", "mounts", "race.rs"), "-o", raceBin], { stdio: "inherit" });
     vm = await bootDefault({
       mounts: [
