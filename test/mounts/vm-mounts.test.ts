@@ -156,7 +156,7 @@ describe("mounts in real VMs", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     assert.equal(await readFile(join(ro, "keep.txt"), "utf8"), "read only\n");
   });
 
-  it("a hostile guest racing symlink swaps (a directory renamed to a symlink to /) never reaches outside hostPath", async () => {
+  it("a hostile guest racing symlink swaps (a directory renamed to a symlink to /) never reaches outside hostPath", async (t) => {
     // Inside the mount, d<marker path> exists with other content, so reads
     // succeed while d is the directory and the race is real.
     await mkdir(join(race, "d", outside), { recursive: true });
@@ -172,6 +172,7 @@ describe("mounts in real VMs", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     assert.equal(readFileSync(marker, "utf8"), MARKER);
     const m = /swaps=(\d+) reads=(\d+) hits=(\d+) creates=(\d+)/.exec(out);
     assert.ok(m, out.slice(-500));
+    t.diagnostic(m[0]);
     const [swaps, reads, hits] = [Number(m[1]), Number(m[2]), Number(m[3])];
     assert.ok(swaps > 0 && swaps + reads >= 2000, `the race ran thousands of times (${m[0]})`);
     assert.ok(hits > 0, `reads under the real directory succeeded, so the race was live (${m[0]})`);
@@ -254,6 +255,22 @@ describe("mounts and snapshots", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
       const r = await sh(restored, "cat /root/seen-at-bake; cat /src/state.txt /auto/state.txt; grep -c ' fuse ' /proc/mounts; echo new > /src/from-restore");
       assert.equal(r.out, "bake-time\nbake-time\nafter-bake\nafter-bake\n2\n", r.err);
       assert.equal(await readFile(join(src, "from-restore"), "utf8"), "new\n");
+      // Vm.snapshot detaches and re-attaches too; Image.fromSnapshot mounts the manifest's host path.
+      const snap = await restored.snapshot(join(root, "vm-snapshot"));
+      assert.deepEqual(snap.manifest.mounts?.map((m) => [m.guestTag, m.guestPath, m.hostPath]), [
+        ["src", "/src", src],
+        ["auto", "/auto", src],
+      ]);
+      assert.equal((await sh(restored, "cat /src/state.txt")).out, "after-bake\n", "the snapshotted VM has its mount back");
+      await writeFile(join(src, "state.txt"), "after-vm-snapshot\n");
+      const loaded = await Image.fromSnapshot(join(root, "vm-snapshot"));
+      const fromSnap = await loaded.restore();
+      try {
+        assert.equal((await sh(fromSnap, "cat /src/state.txt /auto/state.txt")).out, "after-vm-snapshot\nafter-vm-snapshot\n");
+      } finally {
+        await fromSnap.destroy();
+        await loaded.close();
+      }
     } finally {
       await restored.destroy();
     }
