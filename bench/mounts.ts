@@ -167,7 +167,7 @@ interface GuestResult {
 async function vmPart(work: string): Promise<void> {
   const bin = join(work, "fsbench-bin");
   const src = fileURLToPath(new URL("../../bench/guest/fsbench.rs", import.meta.url));
-  execFileSync("rustc", ["-O", "-C", "strip=symbols", "-C", "panic=abort", "-C", "target-feature=+crt-static", "--target", "x86_64-unknown-linux-gnu", src, "-o", bin], { stdio: "inherit" });
+  execFileSync("rustc", ["-O", "-C", "strip=symbols", "-C", "panic=abort", "-C", "target-feature=+crt-static", "--target", /host: (\S+)/.exec(execFileSync("rustc", ["-vV"], { encoding: "utf8" }))![1]!, src, "-o", bin], { stdio: "inherit" });
   const share = join(work, "share");
   mkdirSync(share);
   const vm = await Vm.boot({ rootfs: await ensureDefaultImage(defaultCacheDir()), config: DEFAULT_IMAGE_CONFIG, memoryMib: 512, mounts: [{ hostPath: share, guestTag: "bench", guestPath: "/mnt/bench" }] });

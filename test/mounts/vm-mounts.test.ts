@@ -58,7 +58,7 @@ describe("mounts in real VMs", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     for (const d of [ws, deny, follow]) await symlink(marker, join(d, "escape"));
     // The hostile guest's program (std-only Rust, static).
     raceBin = join(root, "racer-bin");
-    execFileSync("rustc", ["-O", "-C", "strip=symbols", "-C", "panic=abort", "-C", "target-feature=+crt-static", "--target", "x86_64-unknown-linux-gnu", join(REPO_ROOT, "test", "fixtures", "mounts", "race.rs"), "-o", raceBin], { stdio: "inherit" });
+    execFileSync("rustc", ["-O", "-C", "strip=symbols", "-C", "panic=abort", "-C", "target-feature=+crt-static", "--target", /host: (\S+)/.exec(execFileSync("rustc", ["-vV"], { encoding: "utf8" }))![1]!, join(REPO_ROOT, "test", "fixtures", "mounts", "race.rs"), "-o", raceBin], { stdio: "inherit" });
     vm = await bootDefault({
       mounts: [
         { hostPath: ws, guestTag: "workspace" },
