@@ -190,6 +190,20 @@ describe("mounts in real VMs", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     assert.equal(c.out, "from-vm2\n", c.err);
   });
 
+  it("a host that never answers: the agent answers EIO after its 30 s deadline, the guest does not hang", async () => {
+    // A MOUNT stream whose requests nobody answers (not even INIT).
+    const silent = vm!.conn.mount("silent", "/mnt/silent", false);
+    let requests = 0;
+    silent.onRequest = () => requests++;
+    assert.equal(await silent.registered, "/mnt/silent");
+    const t0 = Date.now();
+    const r = await sh(vm!, "cat /mnt/silent/anything; echo status=$?", 120_000);
+    assert.match(r.out, /status=[1-9]/);
+    assert.ok(Date.now() - t0 >= 29_000, "the guest waited for the agent's deadline");
+    assert.ok(requests >= 1, "the request reached the host");
+    await silent.detach(30_000);
+  });
+
   it("no FUSE mount of the VMs is left on the host", () => {
     // The guest's mounts live in the guest kernel; the host only serves them.
     for (const v of [vm, vm2]) if (v) assert.deepEqual(hostMountsOf(v.id), []);
