@@ -81,6 +81,11 @@ describe("mounts in real VMs", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
   it("Pattern 5: mount -t virtiofs through exec, read, write back, host edits seen within 1 s", async () => {
     const m = await vm!.exec({ argv: ["mount", "-t", "virtiofs", "workspace", "/workspace"] });
     assert.equal(m.exitCode, 0, m.stderr.toString());
+    const again = await vm!.exec({ argv: ["/bin/mount", "-t", "virtiofs", "workspace", "/workspace"] });
+    assert.equal(again.exitCode, 0, "mounting the same tag on the same place again is a no-op");
+    const elsewhere = await vm!.exec({ argv: ["mount", "-t", "virtiofs", "workspace", "/elsewhere"] });
+    assert.equal(elsewhere.exitCode, 32);
+    assert.match(elsewhere.stderr.toString(), /already mounted on \/workspace/);
     const r = await vm!.exec({ argv: ["cat", "/workspace/hello.txt"] });
     assert.equal(r.stdout.toString(), "hello from the host\n");
     const w = await sh(vm!, "echo written by the guest > /workspace/from-guest.txt && mkdir -p /workspace/made/deep && echo x > /workspace/made/deep/f");
@@ -266,6 +271,8 @@ describe("mounts and snapshots", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     }
     const restored = await image.restore();
     try {
+      // The seed's own mount command, run again after restore, finds it in place.
+      assert.equal((await restored.exec({ argv: ["mount", "-t", "virtiofs", "src", "/src"] })).exitCode, 0);
       const r = await sh(restored, "cat /root/seen-at-bake; cat /src/state.txt /auto/state.txt; grep -c ' fuse ' /proc/mounts; echo new > /src/from-restore");
       assert.equal(r.out, "bake-time\nbake-time\nafter-bake\nafter-bake\n2\n", r.err);
       assert.equal(await readFile(join(src, "from-restore"), "utf8"), "new\n");

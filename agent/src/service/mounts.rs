@@ -190,10 +190,14 @@ impl MountService {
         if dir.first() != Some(&b'/') || dir.contains(&0) {
             return Err(ReqError::BadRequest(format!("mount point {:?} is not an absolute path", String::from_utf8_lossy(dir))));
         }
+        let path = PathBuf::from(std::ffi::OsStr::from_bytes(dir));
         if let Some(c) = &m.conn {
+            // The same mount again (warmup mounted it; the restored VM has it): done.
+            if c.path == path {
+                return Ok(());
+            }
             return Err(ReqError::BadRequest(format!("{} is already mounted on {}", m.tag, c.path.display())));
         }
-        let path = PathBuf::from(std::ffi::OsStr::from_bytes(dir));
         std::fs::create_dir_all(&path).map_err(|e| ReqError::from_io(&format!("create mount point {}", path.display()), &e))?;
         let dev = FuseDevice::open().map_err(|e| ReqError::from_io("open /dev/fuse", &e))?;
         dev.set_nonblocking().map_err(|e| ReqError::from_io("/dev/fuse O_NONBLOCK", &e))?;
