@@ -499,10 +499,16 @@ export class Vm {
     const all = this.mounts;
     this.mounts = [];
     const out: ValidMount[] = [];
-    for (const a of all) {
-      const at = await a.detach();
-      const { guestPath: _g, ...rest } = a.spec;
-      out.push({ ...rest, ...(at !== undefined ? { guestPath: at } : {}) });
+    try {
+      for (const a of all) {
+        const at = await a.detach();
+        const { guestPath: _g, ...rest } = a.spec;
+        out.push({ ...rest, ...(at !== undefined ? { guestPath: at } : {}) });
+      }
+    } catch (e) {
+      // No snapshot without every mount detached; the host servers close.
+      await Promise.all(all.map((a) => a.close()));
+      throw e;
     }
     return out;
   }
