@@ -9,6 +9,7 @@ use crate::proto::{self, tag, ty, Record};
 use crate::service::exec::{self as exec_service, ExecService};
 use crate::service::files::FileService;
 use crate::service::freeze::FreezeService;
+use crate::service::mounts::{MountService, TK_FUSE};
 use crate::service::net::NetService;
 use crate::service::session::Session;
 use crate::service::tcp::TcpService;
@@ -38,6 +39,7 @@ pub struct Agent {
     workload: WorkloadService,
     net: NetService,
     freeze: FreezeService,
+    mounts: MountService,
 }
 
 fn find_port(name: &str) -> io::Result<PathBuf> {
@@ -88,6 +90,7 @@ pub fn run(boot: &BootReport) -> io::Result<()> {
         workload: WorkloadService::new(),
         net: NetService::new(),
         freeze: FreezeService::new(),
+        mounts: MountService::new(),
     };
     a.io.add(a.sig.raw(), sys::EPOLLIN, TK_SIG);
     a.open_port()?;
@@ -144,11 +147,13 @@ impl Agent {
                     TK_IN => self.exec.pump_in(&mut self.io, stream),
                     TK_TCP => self.tcp.event(&mut self.io, stream, bits),
                     TK_DRAIN => self.exec.drain(&mut self.io, tok & 0xffff_ffff_ffff),
+                    TK_FUSE => self.mounts.event(&mut self.io, stream),
                     _ => {}
                 }
             }
             let now = sys::monotonic_ms();
             self.exec.check_deadlines(now);
+            self.mounts.check_deadlines(&mut self.io, now);
             if self.workload.waiting() {
                 self.workload.poll_listen_waits(&mut self.io, now);
             }
@@ -158,6 +163,9 @@ impl Agent {
     fn next_timeout(&self) -> i32 {
         let now = sys::monotonic_ms();
         let mut t = self.exec.next_deadline();
+        if let Some(m) = self.mounts.next_deadline() {
+            t = Some(t.map_or(m, |x| x.min(m)));
+        }
         if self.workload.waiting() {
             t = Some(t.map_or(now + 10, |x| x.min(now + 10)));
         }
@@ -311,11 +319,11 @@ impl Agent {
 
     /// Whether a stream id is taken by any service.
     fn stream_open(&self, id: u32) -> bool {
-        self.exec.owns(id) || self.files.owns(id) || self.tcp.owns(id)
+        self.exec.owns(id) || self.files.owns(id) || self.tcp.owns(id) || self.mounts.owns(id)
     }
 
     fn dispatch(&mut self, t: u8, flags: u8, id: u32, p: &[u8]) {
-        let opens_stream = matches!(t, ty::EXEC | ty::WRITE_FILE | ty::READ_FILE | ty::TCP_CONNECT);
+        let opens_stream = matches!(t, ty::EXEC | ty::WRITE_FILE | ty::READ_FILE | ty::TCP_CONNECT | ty::MOUNT);
         if opens_stream && self.stream_open(id) {
             self.io.send_error(id, ReqError::BadRequest(format!("stream {} already open", id)));
             return;
@@ -356,6 +364,9 @@ impl Agent {
                 self.resync = true;
             }
             ty::EXEC => {
+                if self.mounts.intercept_exec(&mut self.io, id, p) {
+                    return;
+                }
                 if let Err(e) = self.exec.start(&mut self.io, &self.session, id, p) {
                     self.io.send_error(id, e);
                 }
@@ -367,7 +378,10 @@ impl Agent {
                 self.files.cancel(&mut self.io, id);
                 self.tcp.cancel(&mut self.io, id);
                 self.workload.cancel(id);
+                self.mounts.cancel(&mut self.io, id);
             }
+            ty::MOUNT => self.mounts.open(&mut self.io, id, p),
+            ty::FUSE => self.mounts.message(&mut self.io, id, flags, p),
             ty::DATA => {
                 self.exec.data(&mut self.io, id, flags, p);
                 self.files.data(&mut self.io, id, flags, p);
@@ -417,6 +431,7 @@ impl Agent {
         self.exec.reset(&mut self.io);
         self.files.reset();
         self.tcp.reset(&mut self.io);
+        self.mounts.reset(&mut self.io);
     }
 }
 

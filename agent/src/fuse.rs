@@ -4,11 +4,10 @@
 //! a request beyond its header: the host file server is the security
 //! boundary and answers every request.
 //!
-//! Not wired into the event loop yet (agent.rs is being restructured): the
-//! caller opens a `FuseDevice`, mounts it, reads requests with
-//! `read_request` (blocking; one thread per mount, or O_NONBLOCK + epoll),
-//! forwards them, and writes each host reply or notification with
-//! `write_message`.
+//! Used by crate::service::mounts: it opens a `FuseDevice`, mounts it,
+//! makes it non-blocking, reads requests with `read_request` from its epoll
+//! loop, forwards them, and writes each host reply (and, from a thread of
+//! its own, each notification) with `write_message`.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -22,7 +21,12 @@ use std::path::Path;
 extern "C" {
     fn mount(src: *const c_char, target: *const c_char, fstype: *const c_char, flags: c_ulong, data: *const c_void) -> c_int;
     fn umount2(target: *const c_char, flags: c_int) -> c_int;
+    fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
 }
+
+const F_GETFL: c_int = 3;
+const F_SETFL: c_int = 4;
+const O_NONBLOCK: c_int = 0x800;
 
 const O_CLOEXEC: c_int = 0x80000;
 const MS_RDONLY: c_ulong = 1;
@@ -172,6 +176,21 @@ impl FuseDevice {
 
     pub fn fd(&self) -> RawFd {
         self.file.as_raw_fd()
+    }
+
+    /// Reads return WouldBlock instead of waiting (the agent's epoll loop).
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        let fd = self.fd();
+        let fl = unsafe { fcntl(fd, F_GETFL) };
+        if fl < 0 || unsafe { fcntl(fd, F_SETFL, fl | O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// A second descriptor of the same connection (for the notification writer).
+    pub fn try_clone(&self) -> io::Result<FuseDevice> {
+        Ok(FuseDevice { file: self.file.try_clone()? })
     }
 
     /// Mounts this connection on `target` (which must exist), with `tag` as

@@ -36,6 +36,9 @@ pub mod ty {
     pub const WORKLOAD_START: u8 = 0x50;
     pub const WORKLOAD_SIGNAL: u8 = 0x51;
     pub const WAIT_LISTEN: u8 = 0x52;
+    pub const MOUNT: u8 = 0x60;
+    pub const MOUNTED: u8 = 0x61;
+    pub const FUSE: u8 = 0x62;
     pub const OK: u8 = 0x7e;
     pub const ERROR: u8 = 0x7f;
 
@@ -63,6 +66,9 @@ pub mod ty {
             WORKLOAD_START => "WORKLOAD_START",
             WORKLOAD_SIGNAL => "WORKLOAD_SIGNAL",
             WAIT_LISTEN => "WAIT_LISTEN",
+            MOUNT => "MOUNT",
+            MOUNTED => "MOUNTED",
+            FUSE => "FUSE",
             OK => "OK",
             ERROR => "ERROR",
             _ => return None,
@@ -164,6 +170,14 @@ pub mod tag {
     pub mod wait_listen {
         pub const PORT: u8 = 1;
         pub const TIMEOUT_MS: u8 = 2;
+    }
+    pub mod mount {
+        pub const TAG: u8 = 1;
+        pub const GUEST_PATH: u8 = 2;
+        pub const READ_ONLY: u8 = 3;
+    }
+    pub mod mounted {
+        pub const GUEST_PATH: u8 = 1;
     }
     pub mod configure_ok {
         pub const BOOT_ID: u8 = 1;
@@ -391,6 +405,8 @@ mod tests {
             ty::WORKLOAD_START => &[("argv", workload_start::ARGV), ("env", workload_start::ENV), ("cwd", workload_start::CWD), ("user", workload_start::USER)],
             ty::WORKLOAD_SIGNAL => &[("signum", workload_signal::SIGNUM)],
             ty::WAIT_LISTEN => &[("port", wait_listen::PORT), ("timeout_ms", wait_listen::TIMEOUT_MS)],
+            ty::MOUNT => &[("tag", mount::TAG), ("guest_path", mount::GUEST_PATH), ("read_only", mount::READ_ONLY)],
+            ty::MOUNTED => &[("guest_path", mounted::GUEST_PATH)],
             ty::ERROR => &[("code", error::CODE), ("message", error::MESSAGE)],
             ty::OK => &[("size", read_file_ok::SIZE)],
             _ => &[],
@@ -500,7 +516,7 @@ mod tests {
             let (fr, used) = parse_frame(&f.hex).unwrap().unwrap();
             assert_eq!(used, f.hex.len(), "fixture {}", f.name);
             assert_eq!((fr.ty, fr.flags, fr.stream, fr.payload), (f.ty, f.flags, f.stream, &f.payload[..]), "fixture {}", f.name);
-            if fr.ty != ty::DATA && fr.ty != ty::PING && fr.ty != ty::PONG && fr.ty != ty::WINDOW {
+            if fr.ty != ty::DATA && fr.ty != ty::PING && fr.ty != ty::PONG && fr.ty != ty::WINDOW && fr.ty != ty::FUSE {
                 decode_fields(fr.payload).unwrap_or_else(|e| panic!("fixture {}: {}", f.name, e));
             }
         }

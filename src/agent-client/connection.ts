@@ -20,6 +20,7 @@ import { DecodeError, FrameReader, RecordBuilder, RecordReader, encodeFrame, typ
 import {
   Channel,
   DATA_CHUNK,
+  FuseFlags,
   INITIAL_WINDOW,
   MAGIC,
   MAX_PAYLOAD,
@@ -121,6 +122,8 @@ export type OutputChannel = typeof Channel.STDOUT | typeof Channel.STDERR;
 
 abstract class StreamBase {
   done = false;
+  /** A long-lived stream (a mount) that must not keep the event loop alive. */
+  readonly background: boolean = false;
   private deadline: NodeJS.Timeout | undefined;
   constructor(
     readonly conn: AgentConnection,
@@ -595,6 +598,103 @@ class ReadFileStream extends RequestStream {
  * A TCP connection to a port inside the guest. As with ExecStream, the chunk
  * given to `onData` is a view valid only during the call.
  */
+/** Longest guest path a MOUNTED frame may carry. */
+const MAX_MOUNT_PATH = 4096;
+
+/**
+ * A MOUNT stream (docs/protocol.md, "Mounts"): one registered tag. The agent
+ * reports where the tag is mounted (MOUNTED, each time it changes) and
+ * forwards every FUSE request of that mount; the host answers with
+ * {@link reply} and pushes notifications with {@link notify}. It does not
+ * keep the event loop alive.
+ */
+export class MountStream extends StreamBase {
+  override readonly background = true;
+  /** The agent mounted the tag (a guest path) or it is not mounted (null). */
+  onMounted: (guestPath: string | null) => void = () => undefined;
+  /** A raw FUSE request (fuse_in_header + body). */
+  onRequest: (request: Buffer) => void = () => undefined;
+  /** Resolves with the first MOUNTED (the registration's answer), rejects with its ERROR. */
+  readonly registered: Promise<string | null>;
+  /** Resolves when the agent ended the stream (OK after CANCEL), rejects with ERROR or a dead connection. */
+  readonly ended: Promise<void>;
+  private resolveRegistered!: (p: string | null) => void;
+  private rejectRegistered!: (e: Error) => void;
+  private resolveEnded!: () => void;
+  private rejectEnded!: (e: Error) => void;
+
+  constructor(conn: AgentConnection, id: number) {
+    super(conn, id);
+    this.registered = new Promise((res, rej) => {
+      this.resolveRegistered = res;
+      this.rejectRegistered = rej;
+    });
+    this.ended = new Promise((res, rej) => {
+      this.resolveEnded = res;
+      this.rejectEnded = rej;
+    });
+    this.registered.catch(() => undefined);
+    this.ended.catch(() => undefined);
+  }
+
+  onFrame(f: Frame): string | undefined {
+    switch (f.type) {
+      case MsgType.MOUNTED: {
+        const p = new RecordReader(f.payload).bytes(Tag.MOUNTED.guest_path);
+        if (p === undefined) return "MOUNTED without a guest_path";
+        if (p.length > MAX_MOUNT_PATH || (p.length > 0 && p[0] !== 0x2f) || p.includes(0)) return "MOUNTED with a bad guest path";
+        const path = p.length === 0 ? null : p.toString("utf8");
+        this.clearDeadline();
+        this.resolveRegistered(path);
+        this.onMounted(path);
+        return undefined;
+      }
+      case MsgType.FUSE:
+        if (f.flags !== 0) return `FUSE with flags ${f.flags} from the agent`;
+        if (f.payload.length < 40) return "FUSE request shorter than its header";
+        this.onRequest(f.payload);
+        return undefined;
+      case MsgType.OK:
+        this.finish();
+        this.rejectRegistered(new ClosedError("the mount was detached"));
+        this.resolveEnded();
+        return undefined;
+      case MsgType.ERROR: {
+        const e = agentErrorFrom(f.payload);
+        this.finish();
+        this.rejectRegistered(e);
+        this.rejectEnded(e);
+        return undefined;
+      }
+      default:
+        return `${typeName(f.type) ?? f.type} on a mount stream`;
+    }
+  }
+
+  fail(err: Error): void {
+    this.rejectRegistered(err);
+    this.rejectEnded(err);
+  }
+
+  /** Sends the raw reply to a request. */
+  reply(message: Uint8Array): void {
+    if (!this.done) this.conn._send(MsgType.FUSE, FuseFlags.REPLY, this.id, message);
+  }
+
+  /** Sends a raw notification (fuse_out_header with unique 0). */
+  notify(message: Uint8Array): void {
+    if (!this.done) this.conn._send(MsgType.FUSE, FuseFlags.NOTIFY, this.id, message);
+  }
+
+  /** Asks the agent to unmount and forget the tag; resolves on its OK. */
+  detach(timeoutMs: number): Promise<void> {
+    if (this.done) return Promise.resolve();
+    this.conn._send(MsgType.CANCEL, 0, this.id);
+    this.armDeadline(timeoutMs, "MOUNT: detach");
+    return this.ended;
+  }
+}
+
 export class TcpStream extends StreamBase {
   readonly connected: Promise<void>;
   /** Resolves when the stream has ended: "closed" (both sides done) or "reset". */
@@ -751,12 +851,16 @@ const ALLOWED_FROM_AGENT = new Set<number>([
   MsgType.RESET,
   MsgType.OK,
   MsgType.ERROR,
+  MsgType.MOUNTED,
+  MsgType.FUSE,
 ]);
 
 export class AgentConnection {
   private sock: Socket;
   private reader = new FrameReader();
   private streams = new Map<number, StreamBase>();
+  /** Open streams that do not hold the event loop (mounts). */
+  private backgroundStreams = 0;
   private nextId = 1;
   private pings = new Map<string, () => void>();
   private hello: ((h: HelloInfo) => void) | undefined;
@@ -946,7 +1050,7 @@ export class AgentConnection {
    * keep a script from exiting.
    */
   private updateRef(): void {
-    const busy = this.error === undefined && (this.streams.size > 0 || this.heldPings > 0 || this.hello !== undefined);
+    const busy = this.error === undefined && (this.streams.size > this.backgroundStreams || this.heldPings > 0 || this.hello !== undefined);
     if (busy === this.refed) return;
     this.refed = busy;
     // (A plain Duplex, as the fuzzer's, has neither.)
@@ -963,6 +1067,7 @@ export class AgentConnection {
     this.sock.destroy();
     const streams = [...this.streams.values()];
     this.streams.clear();
+    this.backgroundStreams = 0;
     for (const s of streams) {
       s.clearDeadline();
       s.fail(err);
@@ -1163,6 +1268,7 @@ export class AgentConnection {
 
   /** @internal */
   _release(id: number): void {
+    if (this.streams.get(id)?.background) this.backgroundStreams--;
     this.streams.delete(id);
     this.credits.delete(id * 4 + 1);
     this.credits.delete(id * 4 + 2);
@@ -1183,6 +1289,7 @@ export class AgentConnection {
     const id = this.nextId++;
     const s = make(id);
     this.streams.set(id, s);
+    if (s.background) this.backgroundStreams++;
     this.updateRef();
     return s;
   }
@@ -1315,6 +1422,20 @@ export class AgentConnection {
   openRaw(type: number, payload: Uint8Array, forward: (f: Frame) => void, onEnd: (err?: Error) => void): RawStream {
     const s = this.open((id) => new RawStream(this, id, forward, onEnd));
     this._send(type, 0, s.id, payload);
+    return s;
+  }
+
+  /**
+   * MOUNT: registers `tag` in the agent (and mounts it on `guestPath` when
+   * given). Await `registered` for the agent's answer.
+   */
+  mount(tag: string, guestPath: string | undefined, readOnly: boolean): MountStream {
+    const r = new RecordBuilder().bytes(Tag.MOUNT.tag, tag);
+    if (guestPath !== undefined) r.bytes(Tag.MOUNT.guest_path, Buffer.from(guestPath, "utf8"));
+    r.bool(Tag.MOUNT.read_only, readOnly);
+    const s = this.open((id) => new MountStream(this, id));
+    s.armDeadline(this.deadlines.requestMs, "MOUNT");
+    this._send(MsgType.MOUNT, 0, s.id, r.build());
     return s;
   }
 

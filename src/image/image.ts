@@ -31,6 +31,8 @@ import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type Accelerato
 import { findQemu } from "../vmm/qemu.js";
 import { discardQemu, launchVm, startQemu, type GuestConfig, type StartedQemu, type Vm } from "../vm/vm.js";
 import { Pool, type PoolOptions } from "../pool/pool.js";
+import { checkHostPaths, validateMounts, type ValidMount } from "../mounts/attach.js";
+import type { MountSpec } from "../mounts/server.js";
 import { guestConfigOf, resolveImage, type ImageProgress } from "./resolve.js";
 import { checkDiskTools } from "../volumes/disks.js";
 import { diskFileName, validateDisks, type DiskPlan, type VolumeSpec } from "../volumes/spec.js";
@@ -45,12 +47,7 @@ export interface ExtraFile {
   readonly mode?: number;
 }
 
-/** A live host directory mount (virtio-fs). Accepted by the types; not supported yet. */
-export interface MountSpec {
-  readonly hostPath: string;
-  readonly guestTag: string;
-  readonly symlinks?: "deny" | "opaque" | "follow";
-}
+export type { MountSpec } from "../mounts/server.js";
 
 export type { VolumeSpec } from "../volumes/spec.js";
 
@@ -83,7 +80,16 @@ export interface BuildOptions {
   readonly listenerRequired?: boolean;
   /** Host files staged into the guest before the snapshot (content is part of the cache key). */
   readonly extraFiles?: readonly ExtraFile[];
-  /** Not supported yet: a non-empty list is refused. */
+  /**
+   * Live host directories (docs/mounts.md): each is registered with every
+   * VM (the bake's, every restore's) by its guestTag; the guest mounts it
+   * with `mount -t virtiofs <guestTag> <dir>` (run through vm.exec), or it
+   * is mounted at guestPath automatically. Host contents are never part of
+   * the snapshot; hostPath is not part of the cache key (tags, guest paths
+   * and policies are). A mount the warmup made is mounted again at the same
+   * place in every restored VM.
+   * @default []
+   */
   readonly mounts?: readonly MountSpec[];
   /**
    * Block-device volumes (ext4 on virtio-blk), mounted at their mountPoint in
@@ -177,6 +183,7 @@ interface ValidBuild {
   cacheDir: string;
   network: CompiledPolicy;
   disks: DiskPlan[];
+  mounts: ValidMount[];
 }
 
 function validateBuild(o: BuildOptions): ValidBuild {
@@ -206,9 +213,9 @@ function validateBuild(o: BuildOptions): ValidBuild {
     if (f.mode !== undefined && (!Number.isInteger(f.mode) || f.mode < 0 || f.mode > 0o7777)) throw invalidOption(`extraFiles[${i}].mode`, "permission bits", f.mode);
     return { hostPath: resolve(f.hostPath), guestPath: f.guestPath, ...(f.mode !== undefined ? { mode: f.mode } : {}) };
   });
-  if (o.mounts !== undefined && o.mounts.length > 0) throw new ImageError("mounts (virtio-fs host directories) are not supported yet by supermachine for Linux; remove the mounts option");
   if (o.runWorkload !== undefined && typeof o.runWorkload !== "boolean") throw invalidOption("runWorkload", "a boolean", o.runWorkload);
   const disks = validateDisks(o.volumes, o.diskMib);
+  const mounts = validateMounts(o.mounts);
   if (o.warmupTag !== undefined && typeof o.warmupTag !== "string") throw invalidOption("warmupTag", "a string", o.warmupTag);
   if (o.warmup !== undefined && typeof o.warmup !== "function") throw invalidOption("warmup", "an async function (vm) => void", o.warmup);
   return {
@@ -229,6 +236,7 @@ function validateBuild(o: BuildOptions): ValidBuild {
     cacheDir: o.cacheDir ?? defaultCacheDir(),
     network: compilePolicy(o.network),
     disks,
+    mounts,
   };
 }
 
@@ -337,11 +345,13 @@ export class Image {
   readonly imageCmd: { readonly entrypoint: readonly string[]; readonly cmd: readonly string[] } | null;
   /** The Image.build options this image came from (to bake it again at another size). */
   private readonly recipe: BuildOptions | undefined;
+  /** Host directories of the manifest's mounts, by tag (from the build options; else the manifest's). */
+  private readonly mountHosts: Map<string, string>;
   /** The same image at other sizes (pools with memoryMib/vcpus overrides), by "MEMxCPUS". */
   private siblings = new Map<string, Promise<Image>>();
 
   /** @internal */
-  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm; recipe?: BuildOptions; network?: CompiledPolicy; imageCmd?: { entrypoint: string[]; cmd: string[] } }) {
+  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm; recipe?: BuildOptions; network?: CompiledPolicy; imageCmd?: { entrypoint: string[]; cmd: string[] }; mounts?: readonly ValidMount[] }) {
     this.lease = leaseSnapshot(p.snapshotPath);
     this.imageCmd = p.imageCmd ?? null;
     this.network = p.network ?? compilePolicy(true);
@@ -352,6 +362,7 @@ export class Image {
     this.bootTimeoutMs = p.bootTimeoutMs ?? (p.manifest.accel === "tcg" ? 120_000 : 30_000);
     this.handoff = p.handoff;
     this.recipe = p.recipe;
+    this.mountHosts = new Map((p.mounts ?? []).map((m) => [m.guestTag, m.hostPath]));
   }
 
   get memoryMib(): number {
@@ -369,6 +380,7 @@ export class Image {
   static async build(options: BuildOptions): Promise<Image> {
     assertSupportedHost();
     const v = validateBuild(options);
+    await checkHostPaths(v.mounts);
     const accel = chooseAccelerator(options.accel);
     warnTcgOnce(accel);
     const bootTimeoutMs = options.bootTimeoutMs ?? (accel.accel === "tcg" ? 120_000 : 30_000);
@@ -405,6 +417,8 @@ export class Image {
       disks: v.disks,
       // Only when set, so the keys of existing snapshots stay the same.
       ...(v.runWorkload ? {} : { workload: false }),
+      // Where and how each mount appears, never its host directory.
+      ...(v.mounts.length ? { mounts: v.mounts.map((m) => ({ guestTag: m.guestTag, guestPath: m.guestPath ?? null, symlinks: m.symlinks, readOnly: m.readOnly })) } : {}),
     };
     const key = createHash("sha256").update(JSON.stringify(inputs)).digest("hex");
     const name = v.name ?? `sm-${key.slice(0, 16)}`;
@@ -412,7 +426,7 @@ export class Image {
     const hit = await readManifest(dir, "quick").catch(() => undefined);
     if (hit && hit.key === key) {
       options.onProgress?.({ stage: "snapshot-cached", name });
-      return new Image({ snapshotPath: dir, manifest: hit, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network, imageCmd });
+      return new Image({ snapshotPath: dir, manifest: hit, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network, imageCmd, mounts: v.mounts });
     }
     await mkdir(v.snapshotsDir, { recursive: true, mode: SNAPSHOT_DIR_MODE });
     // One baker per snapshot across processes; the others use its result.
@@ -422,7 +436,7 @@ export class Image {
       const again = await readManifest(dir, "quick").catch(() => undefined);
       if (again && again.key === key) {
         options.onProgress?.({ stage: "snapshot-cached", name });
-        return new Image({ snapshotPath: dir, manifest: again, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network, imageCmd });
+        return new Image({ snapshotPath: dir, manifest: again, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network, imageCmd, mounts: v.mounts });
       }
       const workload: WorkloadSpec | null =
         workloadArgv.length > 0
@@ -459,6 +473,7 @@ export class Image {
           config,
           bootTimeoutMs,
           network: v.network,
+          mounts: v.mounts,
           ...(options.signal ? { signal: options.signal } : {}),
           origin: { image: { ref: root.ref, digest: root.digest }, config, workload, guestPort: v.guestPort, listenerRequired: v.listenerRequired, cacheDir: v.cacheDir },
         });
@@ -490,6 +505,7 @@ export class Image {
           inputs,
           files: { ram: captured.ram, state: captured.state, rootfs: { size: (await stat(join(stage, "rootfs.erofs"))).size, sha256: rootfsSum } },
           ...(captured.disks.length ? { disks: captured.disks } : {}),
+          ...(captured.mounts.length ? { mounts: captured.mounts } : {}),
         };
         await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: SNAPSHOT_FILE_MODE });
         const diskFiles = captured.disks.map(diskFileName);
@@ -502,7 +518,7 @@ export class Image {
         // must look like a restored one.
         if (workload && workload.startAt === "restore") await startWorkload(vm, workload);
         phase("done");
-        return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm, recipe: options, network: v.network, imageCmd });
+        return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm, recipe: options, network: v.network, imageCmd, mounts: v.mounts });
       } catch (e) {
         await vm?.destroy();
         await rm(stage, { recursive: true, force: true });
@@ -551,9 +567,21 @@ export class Image {
       cacheDir: this.cacheDir,
       bootTimeoutMs: o.timeoutMs ?? this.bootTimeoutMs,
       accel: this.accelFor(),
+      mounts: this.restoreMounts(),
       ...(o.signal ? { signal: o.signal } : {}),
       ...(o.timings ? { timings: o.timings } : {}),
     };
+  }
+
+  /** The snapshot's mounts, with this image's host directories. */
+  private restoreMounts(): ValidMount[] {
+    return (this.manifest.mounts ?? []).map((m) => ({
+      guestTag: m.guestTag,
+      symlinks: m.symlinks,
+      readOnly: m.readOnly,
+      hostPath: this.mountHosts.get(m.guestTag) ?? m.hostPath,
+      ...(m.guestPath !== undefined ? { guestPath: m.guestPath } : {}),
+    }));
   }
 
   /**

@@ -37,6 +37,9 @@ export const MsgType = {
   WORKLOAD_START: 0x50,
   WORKLOAD_SIGNAL: 0x51,
   WAIT_LISTEN: 0x52,
+  MOUNT: 0x60,
+  MOUNTED: 0x61,
+  FUSE: 0x62,
   OK: 0x7e,
   ERROR: 0x7f,
 } as const;
@@ -98,8 +101,13 @@ export const Tag = {
   WORKLOAD_START_OK: { pid: 1 },
   WORKLOAD_SIGNAL: { signum: 1 },
   WAIT_LISTEN: { port: 1, timeout_ms: 2 },
+  MOUNT: { tag: 1, guest_path: 2, read_only: 3 },
+  MOUNTED: { guest_path: 1 },
   ERROR: { code: 1, message: 2 },
 } as const;
+
+/** FUSE frame flags: a reply to a request, or a notification (host → agent). */
+export const FuseFlags = { REPLY: 0, NOTIFY: 1 } as const;
 
 export const WireError = {
   BAD_REQUEST: 1,

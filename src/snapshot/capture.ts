@@ -21,9 +21,10 @@ import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { createRuntimeDir, removeRuntimeDir } from "../vm/runtime-dir.js";
 import { launchVm, type LaunchSpec, type StartedQemu, type Vm } from "../vm/vm.js";
 import { sha256File, sparseCopyWithHash, stubKernelPath } from "./files.js";
-import { manifestDisks, type SnapshotDisk, type SnapshotFile, type SnapshotManifest } from "./manifest.js";
+import { manifestDisks, type SnapshotDisk, type SnapshotFile, type SnapshotManifest, type SnapshotMount } from "./manifest.js";
 import { emptyImagePath, flattenOverlay, overlayPath, type QemuDisk } from "../volumes/disks.js";
 import { diskFileName, diskSerial, type DiskPlan } from "../volumes/spec.js";
+import type { ValidMount } from "../mounts/attach.js";
 import { loadState, saveState } from "./migrate.js";
 
 const SAVE_TIMEOUT_MS = 120_000;
@@ -82,7 +83,23 @@ async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string,
  * Writes `ram` and `state` of a running VM into `stage`. The VM is paused
  * (and its agent quiet) only while its state is saved; it runs on after.
  */
-export async function captureVm(vm: Vm, stage: string): Promise<{ ram: SnapshotFile; state: SnapshotFile; disks: SnapshotDisk[] }> {
+export async function captureVm(vm: Vm, stage: string): Promise<{ ram: SnapshotFile; state: SnapshotFile; disks: SnapshotDisk[]; mounts: SnapshotMount[] }> {
+  // Host directories are never part of a snapshot: unmounted in the guest
+  // first, mounted again at the same places afterwards (and in every restore).
+  const mounts = await vm._detachMounts();
+  let files: { ram: SnapshotFile; state: SnapshotFile; disks: SnapshotDisk[] };
+  try {
+    files = await captureDetached(vm, stage);
+  } finally {
+    if (vm.status === "ready" && mounts.length > 0) await vm._attachMounts(mounts);
+  }
+  return {
+    ...files,
+    mounts: mounts.map((m) => ({ guestTag: m.guestTag, symlinks: m.symlinks, readOnly: m.readOnly, hostPath: m.hostPath, ...(m.guestPath !== undefined ? { guestPath: m.guestPath } : {}) })),
+  };
+}
+
+async function captureDetached(vm: Vm, stage: string): Promise<{ ram: SnapshotFile; state: SnapshotFile; disks: SnapshotDisk[] }> {
   const ramPath = join(stage, "ram");
   const statePath = join(stage, "state");
   const plans = vm.launch.disks ?? [];
@@ -165,6 +182,8 @@ export interface RestoreOptions {
    * devices), and only then.
    */
   netSocket?: string;
+  /** Mounts of the restored VM (each mounted at its guestPath): the manifest's, with the caller's host paths. */
+  mounts?: readonly ValidMount[];
 }
 
 /** The launch of a VM restored from a snapshot: its RAM maps the snapshot's copy-on-write. */
@@ -188,6 +207,7 @@ export async function restoreSpec(o: RestoreOptions, id: string = randomBytes(4)
     ...(o.timings ? { timings: o.timings } : {}),
     ...(o.network ? { network: o.network } : {}),
     ...(o.netSocket !== undefined ? { netSocket: o.netSocket } : {}),
+    ...(o.mounts?.length ? { mounts: o.mounts } : {}),
     origin: {
       image: m.image,
       config: m.config,

@@ -65,6 +65,19 @@ export interface WorkloadSpec {
   startAt: "bake" | "restore";
 }
 
+/**
+ * A mount the snapshotted VM had. Its content is not in the snapshot; a
+ * restore mounts it again at guestPath. hostPath is where it was (a
+ * default for Image.fromSnapshot), not part of the cache key.
+ */
+export interface SnapshotMount {
+  guestTag: string;
+  symlinks: "deny" | "opaque" | "follow";
+  readOnly: boolean;
+  hostPath: string;
+  guestPath?: string;
+}
+
 export interface SnapshotManifest {
   format: typeof SNAPSHOT_FORMAT;
   version: number;
@@ -87,6 +100,8 @@ export interface SnapshotManifest {
   files: { ram: SnapshotFile; state: SnapshotFile; rootfs: SnapshotFile };
   /** Volumes and the writable layer, in the VM's device order. @default [] */
   disks?: SnapshotDisk[];
+  /** Mounts to attach on restore (absent: none). */
+  mounts?: SnapshotMount[];
 }
 
 /** The disks of a manifest (none before they existed). */
@@ -146,6 +161,22 @@ export function checkManifest(dir: string, m: unknown): SnapshotManifest {
     }
   }
   if (!Number.isInteger(x.guestPort) || typeof x.listenerRequired !== "boolean") fail(dir, "bad guestPort or listenerRequired");
+  if (x.mounts !== undefined) {
+    if (!Array.isArray(x.mounts) || x.mounts.length > 64) fail(dir, "bad mounts");
+    for (const m of x.mounts) {
+      const ok =
+        typeof m === "object" &&
+        m !== null &&
+        isStr(m.guestTag) &&
+        /^[A-Za-z0-9][A-Za-z0-9._-]{0,35}$/.test(m.guestTag) &&
+        (m.symlinks === "deny" || m.symlinks === "opaque" || m.symlinks === "follow") &&
+        typeof m.readOnly === "boolean" &&
+        isStr(m.hostPath) &&
+        !m.hostPath.includes("\0") &&
+        (m.guestPath === undefined || (isStr(m.guestPath) && m.guestPath.startsWith("/") && m.guestPath.length <= 4096 && !m.guestPath.includes("\0")));
+      if (!ok) fail(dir, "bad mounts entry");
+    }
+  }
   const f = x.files;
   if (!f || !isFile(f.ram) || !isFile(f.state) || !isFile(f.rootfs)) fail(dir, "bad files record");
   if (x.memoryMib! > MAX_MEMORY_MIB || x.vcpus! > MAX_VCPUS) fail(dir, `memoryMib ${x.memoryMib} or vcpus ${x.vcpus} out of range`);

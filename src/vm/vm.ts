@@ -51,6 +51,8 @@ import type { DiskPlan } from "../volumes/spec.js";
 import { NetworkStack, guestNetConfig } from "../net/stack.js";
 import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
 import type { NetworkDeniedEvent, NetworkStats } from "../net/stack.js";
+import { MountAttachment, checkHostPaths, validateMounts, type ValidMount } from "../mounts/attach.js";
+import type { MountSpec } from "../mounts/server.js";
 
 /** What a Vm shows of its network stack. */
 export interface VmNetwork {
@@ -97,6 +99,8 @@ export interface VmBootOptions {
   hostname?: string;
   /** (extension) The VM's egress policy; see BuildOptions.network. @default true */
   network?: NetworkOption;
+  /** Live host directories (see BuildOptions.mounts and docs/mounts.md). @default [] */
+  mounts?: readonly MountSpec[];
   /** Deadline for QEMU start + kernel boot + agent handshake. @default 120000 under TCG, 30000 under KVM */
   bootTimeoutMs?: number;
   signal?: AbortSignal;
@@ -167,6 +171,8 @@ export interface LaunchSpec {
   disks?: readonly DiskPlan[];
   /** Restore: the snapshot's image of each disk (each VM writes to an overlay of its own); absent: fresh empty filesystems. */
   diskBases?: readonly string[];
+  /** Mounts registered with the agent once it answers (guestPath: mounted there). */
+  mounts?: readonly ValidMount[];
 }
 
 /** @internal A QEMU process started for a LaunchSpec, not yet attached to. */
@@ -291,6 +297,16 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
       ...(spec.netSocket === undefined ? { net: guestNetConfig() } : {}),
     });
     phase("configure");
+    if (spec.mounts?.length) {
+      try {
+        await vm._attachMounts(spec.mounts);
+      } catch (e) {
+        await vm._closeMounts();
+        conn.destroy(new ClosedError("the VM's mounts could not be attached"));
+        throw e;
+      }
+      phase("mounts");
+    }
     return vm;
   } catch (e) {
     await discardQemu(s);
@@ -349,6 +365,8 @@ export class Vm {
   /** The execPath socket, once asked for. */
   private proxy: ExecProxy | undefined;
   private closing: Promise<void> | undefined;
+  /** Mounts registered with the agent. */
+  private mounts: MountAttachment[] = [];
   /** @internal Called once when the guest dies on its own. */
   _onDeath: ((vm: Vm, err: SupermachineError) => void) | undefined;
 
@@ -377,16 +395,8 @@ export class Vm {
     this.runtimeDir = p.runtimeDir;
     this.ram = p.ram;
     this.launch = p.launch;
-    p.conn.onFatal = (err) => {
-      if (!(err instanceof ClosedError)) return this.died(err);
-      // The channel closed under us: QEMU is most likely exiting. Wait a
-      // moment for its exit status, so the error says how it ended.
-      const t = setTimeout(() => this.died(err), 1000);
-      void this.qemu.exited.then((ex) => {
-        clearTimeout(t);
-        this.died(new GuestDiedError(`the VM ${this.id} stopped: ${err.message}; QEMU exited (${ex.signal ?? `code ${ex.code}`})`, this.qemu.consoleTail(), { cause: err }));
-      });
-    };
+    // At once: the connection fails its pending requests with what died() gives it.
+    p.conn.onFatal = (err) => this.died(err);
     p.qemu.onDeviceError = (msg) => this.died(new GuestDiedError(`the VM ${this.id} stopped: QEMU disabled a device the guest misused (${msg})`, this.qemu.consoleTail()));
     p.conn.startLiveness(livenessTimeoutMs(), (e) => this.died(new GuestDiedError(`the VM ${this.id} stopped: ${e.message}`, this.qemu.consoleTail())));
     void p.qemu.exited.then((ex) => {
@@ -410,6 +420,8 @@ export class Vm {
     }
     if (o.rootfs !== undefined && o.rootfsImage !== undefined) throw invalidOption("rootfs", "either rootfs or rootfsImage, not both", o.rootfs);
     const network = compilePolicy(o.network);
+    const mounts = validateMounts(o.mounts);
+    await checkHostPaths(mounts);
     const choice = chooseAccelerator(o.accel);
     warnTcgOnce(choice);
     const bootTimeoutMs = positiveInt(o.bootTimeoutMs, "bootTimeoutMs", choice.accel === "tcg" ? 120_000 : 30_000, 3_600_000);
@@ -438,6 +450,7 @@ export class Vm {
       config,
       bootTimeoutMs,
       network,
+      mounts,
       ...(o.signal ? { signal: o.signal } : {}),
       ...(o.qemuBinary ? { qemuBinary: o.qemuBinary } : {}),
       origin: {
@@ -482,6 +495,46 @@ export class Vm {
     }
     const ok = await this.conn.request(MsgType.CONFIGURE, r);
     return (ok.str(Tag.CONFIGURE_OK.boot_id, 64) ?? "").replace(/[^0-9a-f-]/g, "");
+  }
+
+  /**
+   * @internal Registers mounts with the agent (each mounted at its
+   * guestPath, when it has one). On failure the ones attached stay (the
+   * caller destroys the VM).
+   */
+  async _attachMounts(list: readonly ValidMount[]): Promise<void> {
+    for (const m of list) this.mounts.push(await MountAttachment.attach(this.conn, m, m.guestPath));
+  }
+
+  /**
+   * @internal Detaches every mount (before a snapshot): unmounted in the
+   * guest, host servers closed. Returns them with guestPath = where each
+   * was mounted, for {@link _attachMounts} after the snapshot and in every
+   * restored VM.
+   */
+  async _detachMounts(): Promise<ValidMount[]> {
+    const all = this.mounts;
+    this.mounts = [];
+    const out: ValidMount[] = [];
+    try {
+      for (const a of all) {
+        const at = await a.detach();
+        const { guestPath: _g, ...rest } = a.spec;
+        out.push({ ...rest, ...(at !== undefined ? { guestPath: at } : {}) });
+      }
+    } catch (e) {
+      // No snapshot without every mount detached; the host servers close.
+      await Promise.all(all.map((a) => a.close()));
+      throw e;
+    }
+    return out;
+  }
+
+  /** @internal Closes the host servers of every mount (the VM is going away). */
+  async _closeMounts(): Promise<void> {
+    const mounts = this.mounts;
+    this.mounts = [];
+    await Promise.all(mounts.map((m) => m.close()));
   }
 
   /** @internal */
@@ -568,6 +621,7 @@ export class Vm {
     this.deathError = e;
     this.proxy?.close();
     this.conn.destroy(e);
+    void this._closeMounts();
     void this.qmpClient?.then((q) => q.close(), () => undefined);
     this.qemu.kill("SIGKILL");
     this.net.close();
@@ -872,6 +926,7 @@ export class Vm {
           inputs: { from: "Vm.snapshot", vm: this.id },
           files: { ram: captured.ram, state: captured.state, rootfs: rootfsFile },
           ...(captured.disks.length ? { disks: captured.disks } : {}),
+          ...(captured.mounts.length ? { mounts: captured.mounts } : {}),
         };
         await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: 0o600 });
         await sealSnapshotDir(stage, captured.disks.map(diskFileName));
@@ -939,6 +994,7 @@ export class Vm {
     this.conn.onFatal = () => undefined;
     this.proxy?.close();
     this.conn.destroy(err);
+    await this._closeMounts();
     void this.qmpClient?.then((q) => q.close(), () => undefined);
     this.net.close();
     await this.qemu.stop();

@@ -70,6 +70,8 @@ const TAGS_BY_TYPE: Partial<Record<MsgTypeName, Record<string, number>>> = {
   WORKLOAD_START: Tag.WORKLOAD_START,
   WORKLOAD_SIGNAL: Tag.WORKLOAD_SIGNAL,
   WAIT_LISTEN: Tag.WAIT_LISTEN,
+  MOUNT: Tag.MOUNT,
+  MOUNTED: Tag.MOUNTED,
   ERROR: Tag.ERROR,
   OK: Tag.READ_FILE_OK,
 };

@@ -1,0 +1,446 @@
+//! The mounts service (docs/mounts.md): live host directories as FUSE
+//! filesystems. Each MOUNT stream registers one tag; the FUSE connection
+//! mounted for it moves raw requests from /dev/fuse to the host (FUSE
+//! frames on the stream) and writes the host's raw replies back. The host's
+//! file server answers every request; the agent only routes them.
+//!
+//! - /dev/fuse is non-blocking and in the agent's epoll set: the event loop
+//!   never waits on it.
+//! - At most MAX_IN_FLIGHT requests per mount are forwarded and unanswered;
+//!   beyond that the agent stops reading /dev/fuse (the kernel queues them).
+//! - A request the host has not answered within REPLY_DEADLINE_MS gets EIO
+//!   from the agent, so no guest process hangs forever on a silent host.
+//! - Notifications (FUSE frames with flags 1) are written by a thread of the
+//!   mount's own, from a bounded queue: a FUSE_NOTIFY_INVAL_ENTRY write can
+//!   block on a directory lock that only a later reply releases, so replies
+//!   never wait behind notifications. A full queue drops the notification
+//!   (they only invalidate caches; the host repeats eviction notices).
+//! - `mount -t virtiofs <tag> <dir>` run through EXEC is performed here
+//!   (see [`MountService::intercept_exec`]).
+
+use crate::fuse::{self, FuseDevice, InHeader, OUT_HEADER_SIZE, REQUEST_BUFFER_SIZE};
+use crate::io::{token, Io, ReqError};
+use crate::proto::{self, tag, ty, Record};
+use crate::sys;
+use crate::log;
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, SyncSender};
+
+/// epoll token kind of a mount's /dev/fuse.
+pub const TK_FUSE: u64 = 7 << 56;
+/// Requests forwarded to the host and not answered yet, per mount.
+pub const MAX_IN_FLIGHT: usize = 64;
+/// How long the agent waits for the host's reply before answering EIO.
+pub const REPLY_DEADLINE_MS: u64 = 30_000;
+/// Notifications queued for the writer thread, per mount.
+const NOTIFY_QUEUE: usize = 256;
+const EIO: i32 = 5;
+const ENODEV: i32 = 19;
+/// Mounts registered at once.
+const MAX_MOUNTS: usize = 64;
+
+struct Conn {
+    dev: FuseDevice,
+    path: PathBuf,
+    /// unique → deadline (monotonic ms).
+    pending: HashMap<u64, u64>,
+    notify: SyncSender<Vec<u8>>,
+    /// EPOLLIN is off while MAX_IN_FLIGHT requests are pending.
+    paused: bool,
+}
+
+struct Mount {
+    tag: String,
+    read_only: bool,
+    conn: Option<Conn>,
+}
+
+pub struct MountService {
+    mounts: HashMap<u32, Mount>,
+    buf: Vec<u8>,
+}
+
+fn eio_reply(unique: u64) -> [u8; OUT_HEADER_SIZE] {
+    let mut r = [0u8; OUT_HEADER_SIZE];
+    r[0..4].copy_from_slice(&(OUT_HEADER_SIZE as u32).to_le_bytes());
+    r[4..8].copy_from_slice(&(-EIO).to_le_bytes());
+    r[8..16].copy_from_slice(&unique.to_le_bytes());
+    r
+}
+
+fn req_message(e: ReqError) -> String {
+    match e {
+        ReqError::BadRequest(m) | ReqError::NotFound(m) | ReqError::Permission(m) | ReqError::TooLarge(m) | ReqError::Io(m) | ReqError::Refused(m) | ReqError::Unsupported(m) | ReqError::Timeout(m) | ReqError::Internal(m) => m,
+    }
+}
+
+fn mounted_record(path: Option<&Path>) -> Record {
+    Record::new().bytes(tag::mounted::GUEST_PATH, path.map(|p| p.as_os_str().as_bytes()).unwrap_or(b""))
+}
+
+/// What an intercepted `mount -t virtiofs TAG DIR` asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MountCommand {
+    pub tag: String,
+    pub dir: Vec<u8>,
+    pub read_only: bool,
+}
+
+/// Recognises `mount -t virtiofs [-o OPTS] TAG DIR` (argv[0] `mount` or a
+/// path ending in `/mount`; `-t virtiofs`, `-tvirtiofs`, `--types virtiofs`
+/// and `--types=virtiofs`; `-o` options may include `ro`). Anything else,
+/// including a `sh -c "mount ..."`, is not a mount command here.
+pub fn parse_mount_command(argv: &[&[u8]]) -> Option<MountCommand> {
+    let a0 = *argv.first()?;
+    if a0 != b"mount" && !a0.ends_with(b"/mount") {
+        return None;
+    }
+    let mut fstype: Option<&[u8]> = None;
+    let mut read_only = false;
+    let mut positional: Vec<&[u8]> = Vec::new();
+    let mut i = 1;
+    while i < argv.len() {
+        let a = argv[i];
+        if a == b"-t" || a == b"--types" {
+            fstype = Some(*argv.get(i + 1)?);
+            i += 2;
+            continue;
+        }
+        if a == b"-o" || a == b"--options" {
+            let o = *argv.get(i + 1)?;
+            read_only |= o.split(|c| *c == b',').any(|x| x == b"ro");
+            i += 2;
+            continue;
+        }
+        if let Some(t) = a.strip_prefix(b"--types=".as_ref()) {
+            fstype = Some(t);
+        } else if a.starts_with(b"-t") && a.len() > 2 {
+            fstype = Some(&a[2..]);
+        } else if a == b"-r" || a == b"--read-only" {
+            read_only = true;
+        } else if a.starts_with(b"-") {
+            return None;
+        } else {
+            positional.push(a);
+        }
+        i += 1;
+    }
+    if fstype != Some(b"virtiofs".as_ref()) || positional.len() != 2 {
+        return None;
+    }
+    let tag = std::str::from_utf8(positional[0]).ok()?.to_string();
+    Some(MountCommand { tag, dir: positional[1].to_vec(), read_only })
+}
+
+impl MountService {
+    pub fn new() -> MountService {
+        MountService { mounts: HashMap::new(), buf: vec![0u8; REQUEST_BUFFER_SIZE] }
+    }
+
+    pub fn owns(&self, id: u32) -> bool {
+        self.mounts.contains_key(&id)
+    }
+
+    /// MOUNT: registers a tag on stream `id`, and mounts it at once when
+    /// the request names a guest path. Answers MOUNTED (the path, or empty).
+    pub fn open(&mut self, io: &mut Io, id: u32, p: &[u8]) {
+        if let Err(e) = self.try_open(io, id, p) {
+            self.mounts.remove(&id);
+            io.send_error(id, e);
+        }
+    }
+
+    fn try_open(&mut self, io: &mut Io, id: u32, p: &[u8]) -> Result<(), ReqError> {
+        let mut tag_v: Option<String> = None;
+        let mut path: Option<Vec<u8>> = None;
+        let mut read_only = false;
+        for f in proto::fields(p) {
+            let (t, v) = f?;
+            match t {
+                tag::mount::TAG => tag_v = Some(String::from_utf8_lossy(v).into_owned()),
+                tag::mount::GUEST_PATH => path = Some(v.to_vec()),
+                tag::mount::READ_ONLY => read_only = proto::val_bool(t, v)?,
+                _ => {}
+            }
+        }
+        let tag_s = tag_v.ok_or_else(|| ReqError::BadRequest("MOUNT without a tag".into()))?;
+        if !fuse::valid_tag(&tag_s) {
+            return Err(ReqError::BadRequest(format!("bad mount tag {:?}", tag_s)));
+        }
+        if self.mounts.values().any(|m| m.tag == tag_s) {
+            return Err(ReqError::BadRequest(format!("mount tag {} is already registered", tag_s)));
+        }
+        if self.mounts.len() >= MAX_MOUNTS {
+            return Err(ReqError::TooLarge(format!("more than {} mounts", MAX_MOUNTS)));
+        }
+        self.mounts.insert(id, Mount { tag: tag_s, read_only, conn: None });
+        match path {
+            Some(pth) if !pth.is_empty() => self.attach(io, id, &pth, false)?,
+            _ => io.send_record(ty::MOUNTED, id, mounted_record(None)),
+        }
+        Ok(())
+    }
+
+    /// Mounts the tag of stream `id` on `dir` (created if missing).
+    fn attach(&mut self, io: &mut Io, id: u32, dir: &[u8], read_only: bool) -> Result<(), ReqError> {
+        let m = self.mounts.get_mut(&id).ok_or_else(|| ReqError::NotFound("no such mount".into()))?;
+        if dir.first() != Some(&b'/') || dir.contains(&0) {
+            return Err(ReqError::BadRequest(format!("mount point {:?} is not an absolute path", String::from_utf8_lossy(dir))));
+        }
+        let path = PathBuf::from(std::ffi::OsStr::from_bytes(dir));
+        if let Some(c) = &m.conn {
+            // The same mount again (warmup mounted it; the restored VM has it): done.
+            if c.path == path {
+                return Ok(());
+            }
+            return Err(ReqError::BadRequest(format!("{} is already mounted on {}", m.tag, c.path.display())));
+        }
+        std::fs::create_dir_all(&path).map_err(|e| ReqError::from_io(&format!("create mount point {}", path.display()), &e))?;
+        let dev = FuseDevice::open().map_err(|e| ReqError::from_io("open /dev/fuse", &e))?;
+        dev.set_nonblocking().map_err(|e| ReqError::from_io("/dev/fuse O_NONBLOCK", &e))?;
+        let writer = dev.try_clone().map_err(|e| ReqError::from_io("dup /dev/fuse", &e))?;
+        dev.mount(&m.tag, &path, m.read_only || read_only).map_err(|e| ReqError::from_io(&format!("mount {} on {}", m.tag, path.display()), &e))?;
+        let (tx, rx) = sync_channel::<Vec<u8>>(NOTIFY_QUEUE);
+        let spawned = std::thread::Builder::new().name("fuse-notify".into()).spawn(move || {
+            let mut w = writer;
+            for msg in rx {
+                if let Err(e) = w.write_message(&msg) {
+                    if e.raw_os_error() == Some(ENODEV) {
+                        break;
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            let _ = fuse::unmount(&path);
+            return Err(ReqError::from_io("start the notification writer", &e));
+        }
+        io.add(dev.fd(), sys::EPOLLIN, token(TK_FUSE, id, 0));
+        io.send_record(ty::MOUNTED, id, mounted_record(Some(&path)));
+        m.conn = Some(Conn { dev, path, pending: HashMap::new(), notify: tx, paused: false });
+        Ok(())
+    }
+
+    /// Ends the FUSE connection of `m` (not the registration): pending
+    /// requests get EIO, the mount is detached, the descriptors closed.
+    fn detach(io: &mut Io, m: &mut Mount) -> bool {
+        let mut c = match m.conn.take() {
+            Some(c) => c,
+            None => return false,
+        };
+        for (unique, _) in c.pending.drain() {
+            let _ = c.dev.write_message(&eio_reply(unique));
+        }
+        io.remove(c.dev.fd());
+        if let Err(e) = fuse::unmount(&c.path) {
+            // EINVAL: the guest unmounted it itself.
+            if e.raw_os_error() != Some(22) {
+                log!("unmount {}: {}", c.path.display(), e);
+            }
+        }
+        true
+    }
+
+    /// CANCEL of a MOUNT stream: unmount, forget the tag, answer OK.
+    pub fn cancel(&mut self, io: &mut Io, id: u32) {
+        if let Some(mut m) = self.mounts.remove(&id) {
+            Self::detach(io, &mut m);
+            io.send_record(ty::OK, id, Record::new());
+        }
+    }
+
+    /// A new session: the old host's file servers are gone.
+    pub fn reset(&mut self, io: &mut Io) {
+        for (_, mut m) in self.mounts.drain() {
+            Self::detach(io, &mut m);
+        }
+    }
+
+    /// /dev/fuse of stream `id` is readable.
+    pub fn event(&mut self, io: &mut Io, id: u32) {
+        let now = sys::monotonic_ms();
+        let mut gone = false;
+        {
+            let m = match self.mounts.get_mut(&id) {
+                Some(m) => m,
+                None => return,
+            };
+            let c = match m.conn.as_mut() {
+                Some(c) => c,
+                None => return,
+            };
+            while c.pending.len() < MAX_IN_FLIGHT {
+                match c.dev.read_request(&mut self.buf) {
+                    Ok(n) => {
+                        let h = match InHeader::parse(&self.buf[..n]) {
+                            Ok(h) => h,
+                            Err(_) => continue,
+                        };
+                        if h.expects_reply() {
+                            c.pending.insert(h.unique, now + REPLY_DEADLINE_MS);
+                        }
+                        io.send(ty::FUSE, 0, id, &self.buf[..n]);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.raw_os_error() == Some(ENODEV) => {
+                        gone = true;
+                        break;
+                    }
+                    Err(e) => {
+                        log!("read /dev/fuse ({}): {}", m.tag, e);
+                        gone = true;
+                        break;
+                    }
+                }
+            }
+            if !gone && c.pending.len() >= MAX_IN_FLIGHT && !c.paused {
+                c.paused = true;
+                io.modify(c.dev.fd(), 0, token(TK_FUSE, id, 0));
+            }
+        }
+        if gone {
+            // Unmounted in the guest (umount): the tag stays registered.
+            if let Some(m) = self.mounts.get_mut(&id) {
+                Self::detach(io, m);
+            }
+            io.send_record(ty::MOUNTED, id, mounted_record(None));
+        }
+    }
+
+    /// A FUSE frame from the host: a reply (flags 0) or a notification (flags 1).
+    pub fn message(&mut self, io: &mut Io, id: u32, flags: u8, p: &[u8]) {
+        let c = match self.mounts.get_mut(&id).and_then(|m| m.conn.as_mut()) {
+            Some(c) => c,
+            None => return,
+        };
+        if fuse::check_out_message(p).is_err() {
+            log!("bad FUSE message from the host ({} bytes): dropped", p.len());
+            return;
+        }
+        if flags == 1 {
+            let _ = c.notify.try_send(p.to_vec());
+            return;
+        }
+        let mut u = [0u8; 8];
+        u.copy_from_slice(&p[8..16]);
+        let unique = u64::from_le_bytes(u);
+        // A reply the agent already answered (EIO after the deadline) is late.
+        if c.pending.remove(&unique).is_none() {
+            return;
+        }
+        if let Err(e) = c.dev.write_message(p) {
+            log!("write reply to /dev/fuse: {}", e);
+        }
+        if c.paused && c.pending.len() < MAX_IN_FLIGHT {
+            c.paused = false;
+            io.modify(c.dev.fd(), sys::EPOLLIN, token(TK_FUSE, id, 0));
+            self.event(io, id);
+        }
+    }
+
+    /// Answers EIO for every request past its deadline.
+    pub fn check_deadlines(&mut self, io: &mut Io, now: u64) {
+        let mut rearm = Vec::new();
+        for (id, m) in self.mounts.iter_mut() {
+            if let Some(c) = m.conn.as_mut() {
+                let late: Vec<u64> = c.pending.iter().filter(|(_, d)| **d <= now).map(|(u, _)| *u).collect();
+                for u in late {
+                    c.pending.remove(&u);
+                    log!("mount {}: no reply from the host within {} ms: EIO", m.tag, REPLY_DEADLINE_MS);
+                    let _ = c.dev.write_message(&eio_reply(u));
+                }
+                if c.paused && c.pending.len() < MAX_IN_FLIGHT {
+                    c.paused = false;
+                    io.modify(c.dev.fd(), sys::EPOLLIN, token(TK_FUSE, *id, 0));
+                    rearm.push(*id);
+                }
+            }
+        }
+        for id in rearm {
+            self.event(io, id);
+        }
+    }
+
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.mounts.values().filter_map(|m| m.conn.as_ref()).flat_map(|c| c.pending.values().copied()).min()
+    }
+
+    /// EXEC of `mount -t virtiofs TAG DIR`: performed here (Debian images
+    /// have no mount binary, and no virtio-fs device exists). Returns false
+    /// when the request is not such a command (the exec runs as usual).
+    pub fn intercept_exec(&mut self, io: &mut Io, id: u32, p: &[u8]) -> bool {
+        let mut argv: Vec<&[u8]> = Vec::new();
+        let mut report_started = false;
+        for f in proto::fields(p) {
+            match f {
+                Ok((tag::exec::ARGV, v)) => argv.push(v),
+                Ok((tag::exec::REPORT_STARTED, v)) => report_started = v == [1],
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+        let cmd = match parse_mount_command(&argv) {
+            Some(c) => c,
+            None => return false,
+        };
+        let found = self.mounts.iter().find(|(_, m)| m.tag == cmd.tag).map(|(k, _)| *k);
+        let result = match found {
+            Some(mid) => self.attach(io, mid, &cmd.dir, cmd.read_only).map_err(req_message),
+            None => {
+                let mut tags: Vec<&str> = self.mounts.values().map(|m| m.tag.as_str()).collect();
+                tags.sort();
+                Err(format!("no mount with tag {} is configured for this VM (mounts option: {})", cmd.tag, if tags.is_empty() { "none".to_string() } else { tags.join(", ") }))
+            }
+        };
+        if report_started {
+            io.send_record(ty::STARTED, id, Record::new().u32(tag::started::PID, 0));
+        }
+        let code = match result {
+            Ok(()) => 0,
+            Err(msg) => {
+                let text = format!("mount: {}: {}\n", String::from_utf8_lossy(&cmd.dir), msg);
+                io.send(ty::DATA, 2, id, text.as_bytes());
+                32
+            }
+        };
+        io.send(ty::EOF, 1, id, &[]);
+        io.send(ty::EOF, 2, id, &[]);
+        io.send_record(ty::EXIT, id, Record::new().i32(tag::exit::EXIT_CODE, code).bool(tag::exit::TIMED_OUT, false));
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(s: &[&'static str]) -> Vec<&'static [u8]> {
+        s.iter().map(|a| a.as_bytes()).collect()
+    }
+
+    #[test]
+    fn recognises_the_seeds_mount_command() {
+        let c = parse_mount_command(&argv(&["mount", "-t", "virtiofs", "workspace", "/workspace"])).unwrap();
+        assert_eq!(c, MountCommand { tag: "workspace".into(), dir: b"/workspace".to_vec(), read_only: false });
+        let c = parse_mount_command(&argv(&["/bin/mount", "-tvirtiofs", "-o", "ro,noatime", "src", "/src"])).unwrap();
+        assert!(c.read_only);
+        assert!(parse_mount_command(&argv(&["/usr/bin/mount", "--types=virtiofs", "a", "/b"])).is_some());
+        assert!(parse_mount_command(&argv(&["mount", "-t", "ext4", "/dev/vdb", "/data"])).is_none());
+        assert!(parse_mount_command(&argv(&["mount", "-t", "virtiofs", "onlytag"])).is_none());
+        assert!(parse_mount_command(&argv(&["sh", "-c", "mount -t virtiofs a /b"])).is_none());
+        assert!(parse_mount_command(&argv(&["mount", "-a"])).is_none());
+        assert!(parse_mount_command(&argv(&["umount", "-t", "virtiofs", "a", "/b"])).is_none());
+        assert!(parse_mount_command(&argv(&["mount", "-t"])).is_none());
+    }
+
+    #[test]
+    fn eio_reply_is_a_valid_out_header() {
+        let r = eio_reply(77);
+        fuse::check_out_message(&r).unwrap();
+        assert_eq!(i32::from_le_bytes([r[4], r[5], r[6], r[7]]), -EIO);
+        assert_eq!(u64::from_le_bytes([r[8], r[9], r[10], r[11], r[12], r[13], r[14], r[15]]), 77);
+    }
+}
