@@ -19,12 +19,8 @@ import { parseCommand, parseCount, parseDurationMs, parseMib, UsageError } from 
 import { RUN } from "./commands.js";
 import { ProgressView } from "./progress.js";
 
-/**
- * Whether BuildOptions.mounts (host directories with guestPath/readOnly) is
- * implemented in this build. TODO(integrator): set to true once the FUSE
- * mounts branch is merged; `-v` then passes its mounts through.
- */
-export const MOUNTS_SUPPORTED = false;
+/** Whether BuildOptions.mounts (host directories with guestPath/readOnly) is implemented: `-v` passes its mounts through. */
+export const MOUNTS_SUPPORTED = true;
 
 /** A `-v HOST:GUEST[:ro]` mount, as BuildOptions.mounts takes it. */
 export interface CliMount {
@@ -185,6 +181,7 @@ export async function runCommand(args: string[]): Promise<number> {
         ...(memoryMib ? { memoryMib } : {}),
         ...(vcpus ? { vcpus } : {}),
         ...(network !== undefined ? { network } : {}),
+        ...(mounts.length ? { mounts } : {}),
         ...(str("accel") ? { accel: str("accel") as AcceleratorOption } : {}),
       };
       const t0 = Date.now();
@@ -206,7 +203,8 @@ export async function runCommand(args: string[]): Promise<number> {
         ...(network !== undefined ? { network } : {}),
         ...(disks.length ? { volumes: disks } : {}),
         ...(str("accel") ? { accel: str("accel") as AcceleratorOption } : {}),
-        // TODO(integrator): with MOUNTS_SUPPORTED, pass `mounts` here.
+        // Host paths are not part of the snapshot key: a moved checkout reuses the snapshot.
+        ...(mounts.length ? { mounts } : {}),
       };
       const t0 = Date.now();
       img = await Image.build(build);

@@ -6,7 +6,7 @@
  */
 
 import assert from "node:assert/strict";
-import { chmodSync, copyFileSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
+import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import { createServer, type Server } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -50,6 +50,22 @@ describe("supermachine run", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     assert.match(second.stderr, /snapshot sm-[0-9a-f]+ \(cached\)/);
     // One snapshot for the image, whatever the number of runs.
     assert.equal(readdirSync(c.snapshotsDir).filter((n) => n.startsWith("sm-")).length, 1);
+  });
+
+  it("-v HOST:GUEST mounts a host directory: `run -v DIR:/work -w /work IMAGE sh -c 'ls; echo hi > out'` leaves out on the host", () => {
+    const dir = mkdtempSync(join(tmpdir(), "sm-cli-v-"));
+    try {
+      writeFileSync(join(dir, "from-host.txt"), "host file\n");
+      const r = c.run(["run", "-q", "-v", `${dir}:/work`, "-w", "/work", "default", "sh", "-c", "ls; echo hi > out"]);
+      assert.equal(r.status, 0, r.stderr);
+      assert.match(r.stdout, /from-host\.txt/);
+      assert.equal(readFileSync(join(dir, "out"), "utf8"), "hi\n");
+      const ro = c.run(["run", "-q", "-v", `${dir}:/work:ro`, "default", "sh", "-c", "echo x > /work/nope"]);
+      assert.notEqual(ro.status, 0, "a :ro mount refuses writes");
+      assert.equal(existsSync(join(dir, "nope")), false);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it("a command killed by signal N exits 128+N: `sh -c 'kill -TERM $$'` exits 143, SIGKILL 137", () => {
