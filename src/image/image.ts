@@ -28,7 +28,7 @@ import { sealSnapshotDir, sha256File } from "../snapshot/files.js";
 import { readManifest, SNAPSHOT_DIR_MODE, SNAPSHOT_FILE_MODE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
 import { findQemu } from "../vmm/qemu.js";
-import { discardQemu, launchVm, startQemu, type GuestConfig, type StartedQemu, type Vm } from "../vm/vm.js";
+import { discardQemu, launchVm, startQemu, type GuestConfig, type PhaseCpu, type StartedQemu, type Vm } from "../vm/vm.js";
 import { Pool, type PoolOptions } from "../pool/pool.js";
 import { guestConfigOf, resolveImage, type ImageProgress } from "./resolve.js";
 
@@ -488,7 +488,7 @@ export class Image {
     return vm?.status === "ready" ? vm : undefined;
   }
 
-  private restoreOptions(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number>; network?: CompiledPolicy }): RestoreOptions {
+  private restoreOptions(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number>; cpu?: Record<string, PhaseCpu>; network?: CompiledPolicy }): RestoreOptions {
     return {
       network: o.network ?? this.network,
       snapshotDir: this.snapshotPath,
@@ -498,6 +498,7 @@ export class Image {
       accel: this.accelFor(),
       ...(o.signal ? { signal: o.signal } : {}),
       ...(o.timings ? { timings: o.timings } : {}),
+      ...(o.cpu ? { cpu: o.cpu } : {}),
     };
   }
 
@@ -526,7 +527,7 @@ export class Image {
   }
 
   /** @internal Restores one VM from the snapshot (copy-on-write RAM). */
-  async restore(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number>; network?: CompiledPolicy } = {}): Promise<Vm> {
+  async restore(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number>; cpu?: Record<string, PhaseCpu>; network?: CompiledPolicy } = {}): Promise<Vm> {
     let started: StartedQemu | undefined;
     if (this.spare) {
       const s = this.spare;

@@ -14,6 +14,12 @@ import type { Image } from "../image/image.js";
 import type { Vm } from "../vm/vm.js";
 import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
 
+/**
+ * @internal What every prewarm runs first (bench/refill.ts replays it): the
+ * agent's binary, so the guest's exec path is translated before a user's.
+ */
+export const BASE_PREWARM: readonly (readonly string[])[] = [["/proc/1/exe", "--version"]];
+
 export interface PoolOptions {
   /** Idle VMs to keep warm. @default 1 */
   readonly min?: number;
@@ -127,7 +133,7 @@ export class Pool {
     if (typeof pw !== "boolean" && !(Array.isArray(pw) && pw.every((a) => Array.isArray(a) && a.length > 0 && a.every((x) => typeof x === "string")))) {
       throw invalidOption("prewarm", "a boolean or a list of argv arrays", pw);
     }
-    this.prewarm = pw === false ? [] : [["/proc/1/exe", "--version"], ...(pw === true ? [] : pw.map((a) => [...a]))];
+    this.prewarm = pw === false ? [] : [...BASE_PREWARM.map((a) => [...a]), ...(pw === true ? [] : pw.map((a) => [...a]))];
     this.network = o.network === undefined ? image.network : compilePolicy(o.network);
     this.memoryMib = int(o.memoryMib, "memoryMib", image.memoryMib, 32);
     this.vcpus = int(o.vcpus, "vcpus", image.vcpus, 1);

@@ -129,6 +129,8 @@ export interface RestoreOptions {
   signal?: AbortSignal;
   accel: LaunchSpec["accel"];
   timings?: Record<string, number>;
+  /** CPU per phase (see LaunchSpec.cpu). */
+  cpu?: LaunchSpec["cpu"];
   /** The restored VM's egress policy (not part of the snapshot). */
   network?: LaunchSpec["network"];
   /**
@@ -156,6 +158,7 @@ export async function restoreSpec(o: RestoreOptions, id: string = randomBytes(4)
     bootTimeoutMs: o.bootTimeoutMs,
     ...(o.signal ? { signal: o.signal } : {}),
     ...(o.timings ? { timings: o.timings } : {}),
+    ...(o.cpu ? { cpu: o.cpu } : {}),
     ...(o.network ? { network: o.network } : {}),
     ...(o.netSocket !== undefined ? { netSocket: o.netSocket } : {}),
     origin: {

@@ -156,10 +156,23 @@ export interface LaunchSpec {
   origin: VmOrigin;
   /** Filled with the milliseconds each phase took (for benchmarks). */
   timings?: Record<string, number>;
+  /**
+   * Filled with the CPU milliseconds each phase (same names as `timings`)
+   * cost QEMU with its confinement chain, and this Node process (for
+   * benchmarks: bench/refill.ts). QEMU's figure for the first phase counts
+   * from its process start, also when it was started ahead of time.
+   */
+  cpu?: Record<string, PhaseCpu>;
   /** The egress policy applied when the VM starts. @default public internet */
   network?: CompiledPolicy;
   /** The host network stack's unix socket (see QemuLaunch.netSocket); absent: no NIC. */
   netSocket?: string;
+}
+
+/** @internal CPU milliseconds one launch phase cost (see LaunchSpec.cpu). */
+export interface PhaseCpu {
+  qemuMs: number;
+  nodeMs: number;
 }
 
 /** @internal A QEMU process started for a LaunchSpec, not yet attached to. */
@@ -229,12 +242,23 @@ export async function discardQemu(s: StartedQemu): Promise<void> {
  */
 export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise<Vm> {
   let mark = performance.now();
+  // CPU sampling only when a benchmark asks (it reads /proc).
+  let nodeMark = spec.cpu ? process.cpuUsage() : undefined;
+  let qemuMark = 0;
+  let s: StartedQemu | undefined;
   const phase = (name: string) => {
     const now = performance.now();
     if (spec.timings) spec.timings[name] = now - mark;
     mark = now;
+    if (spec.cpu && nodeMark && s) {
+      const node = process.cpuUsage(nodeMark);
+      const qemuNow = s.qemu.cpuTimeMs();
+      spec.cpu[name] = { qemuMs: qemuNow - qemuMark, nodeMs: (node.user + node.system) / 1000 };
+      qemuMark = qemuNow;
+      nodeMark = process.cpuUsage();
+    }
   };
-  const s = started ?? (await startQemu(spec));
+  s = started ?? (await startQemu(spec));
   s.net.setPolicy(spec.network ?? compilePolicy(true));
   phase("qemu");
   const { dir, qemu: q, qmp } = s;

@@ -1,0 +1,229 @@
+/**
+ * What one fresh VM costs: the CPU time of each phase of a restore from a
+ * snapshot (QEMU with its confinement chain, and Node, apart), then the CPU
+ * idle VMs burn. The busybox default image, built as `dir:`; each refill is
+ * what a pool does (Image.restore, then the prewarm), then a first user exec.
+ *
+ * CPU time, not wall time: the machines this runs on are shared, and other
+ * processes' load stretches wall times (printed too, for reference) far more
+ * than CPU times. QEMU's CPU is its threads' scheduler run time
+ * (/proc/PID/task/TID/schedstat, ns); Node's is process.cpuUsage().
+ *
+ *   node dist/bench/refill.js [--refills N] [--idle-seconds S] [--idle-vms 1,16] [--no-paused]
+ */
+
+import { Image } from "../src/index.js";
+import { BASE_PREWARM } from "../src/pool/pool.js";
+import type { PhaseCpu, Vm } from "../src/vm/vm.js";
+import { busyboxImage } from "./images.js";
+import { enterLoopbackNetns } from "./netns.js";
+import { Args, fmtMs, sleep, summarize, table } from "./stats.js";
+
+const HELP = `usage: node dist/bench/refill.js [options]
+
+  --refills N        fresh VMs measured, one at a time (default 20; 2 more first, not counted)
+  --idle-seconds S   how long idle VMs are watched (default 10)
+  --idle-vms A,B     idle VM counts (default 1,16)
+  --no-paused        skip the paused-idle comparison (QMP stop, then cont on use)
+`;
+
+const PHASES: readonly { key: string; what: string }[] = [
+  { key: "qemu", what: "QEMU start → QMP ready" },
+  { key: "loadState", what: "state load (incoming migration) + cont" },
+  { key: "agent", what: "first agent frame (HELLO)" },
+  { key: "configure", what: "configure (hostname, network)" },
+  { key: "prewarm", what: "prewarm (pool: `/proc/1/exe --version`)" },
+  { key: "exec", what: "first user exec (`echo hi`)" },
+];
+
+interface Refill {
+  cpu: Record<string, PhaseCpu>;
+  wallMs: Record<string, number>;
+  tbFlushes: number | undefined;
+}
+
+/** CPU ms of QEMU (with its wrapper) and Node while `f` runs. */
+async function measured<T>(vm: Vm, f: () => Promise<T>): Promise<{ value: T; cpu: PhaseCpu; wallMs: number }> {
+  const q0 = vm.qemu.cpuTimeMs();
+  const n0 = process.cpuUsage();
+  const t0 = performance.now();
+  const value = await f();
+  const wallMs = performance.now() - t0;
+  const n = process.cpuUsage(n0);
+  return { value, cpu: { qemuMs: vm.qemu.cpuTimeMs() - q0, nodeMs: (n.user + n.system) / 1000 }, wallMs };
+}
+
+/** QEMU's translation-buffer flush count ("info jit"), if it reports one. */
+async function tbFlushes(vm: Vm): Promise<number | undefined> {
+  try {
+    const qmp = await vm.qmp();
+    const out = await qmp.execute<string>("human-monitor-command", { "command-line": "info jit" });
+    const m = /TB flush count\s+(\d+)/.exec(out);
+    return m ? Number(m[1]) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+async function prewarm(vm: Vm): Promise<void> {
+  for (const argv of BASE_PREWARM) {
+    const r = await vm.exec({ argv: [...argv], timeoutMs: 120_000, maxOutputBytes: 1 << 20 });
+    if (r.exitCode !== 0) throw new Error(`prewarm ${argv.join(" ")} exited ${r.exitCode}`);
+  }
+}
+
+async function refill(image: Image): Promise<Refill> {
+  const cpu: Record<string, PhaseCpu> = {};
+  const wallMs: Record<string, number> = {};
+  const vm = await image.restore({ cpu, timings: wallMs, timeoutMs: 120_000 });
+  try {
+    const p = await measured(vm, () => prewarm(vm));
+    cpu.prewarm = p.cpu;
+    wallMs.prewarm = p.wallMs;
+    const e = await measured(vm, () => vm.exec({ argv: ["echo", "hi"], timeoutMs: 120_000 }));
+    if (e.value.stdout.toString() !== "hi\n") throw new Error(`echo printed ${JSON.stringify(e.value.stdout.toString())}`);
+    cpu.exec = e.cpu;
+    wallMs.exec = e.wallMs;
+    return { cpu, wallMs, tbFlushes: await tbFlushes(vm) };
+  } finally {
+    await vm.destroy();
+  }
+}
+
+/** Restores `n` VMs (prewarmed, as a pool holds them), ready to watch. */
+async function idleVms(image: Image, n: number): Promise<Vm[]> {
+  const vms: Vm[] = [];
+  try {
+    for (let i = 0; i < n; i++) {
+      const vm = await image.restore({ timeoutMs: 120_000 });
+      vms.push(vm);
+      await prewarm(vm);
+    }
+  } catch (e) {
+    await Promise.all(vms.map((v) => v.destroy()));
+    throw e;
+  }
+  return vms;
+}
+
+/** QEMU CPU ms per second of wall time, per VM, over `seconds`. */
+async function idleCpu(vms: readonly Vm[], seconds: number): Promise<number[]> {
+  const before = vms.map((v) => v.qemu.cpuTimeMs());
+  const t0 = performance.now();
+  await sleep(seconds * 1000);
+  const s = (performance.now() - t0) / 1000;
+  return vms.map((v, i) => (v.qemu.cpuTimeMs() - before[i]!) / s);
+}
+
+const pct = (msPerS: number) => `${(msPerS / 10).toFixed(2)} %`;
+
+async function main(): Promise<void> {
+  const a = new Args();
+  if (a.has("help")) {
+    console.log(HELP);
+    return;
+  }
+  enterLoopbackNetns();
+  const refills = Math.max(1, Math.round(a.num("refills", 20)));
+  const idleSeconds = a.num("idle-seconds", 10);
+  const idleCounts = (a.list("idle-vms") ?? ["1", "16"]).map((s) => Math.max(1, Math.round(Number(s))));
+  const paused = !a.has("no-paused");
+
+  const busybox = await busyboxImage();
+  const image = await Image.build({ ref: busybox.ref, bootTimeoutMs: 120_000 });
+  try {
+    // Discarded: the first restores fault the snapshot files into the page cache.
+    for (let i = 0; i < 2; i++) await refill(image);
+    const runs: Refill[] = [];
+    for (let i = 0; i < refills; i++) {
+      runs.push(await refill(image));
+      process.stderr.write(`refill ${i + 1}/${refills}\r`);
+    }
+    process.stderr.write("\n");
+
+    const rows: string[][] = [];
+    const col = (f: (r: Refill) => number) => summarize(runs.map(f));
+    const row = (what: string, f: (r: Refill) => PhaseCpu | undefined, wall: (r: Refill) => number | undefined) => {
+      const q = col((r) => f(r)?.qemuMs ?? NaN);
+      const n = col((r) => f(r)?.nodeMs ?? NaN);
+      const t = col((r) => (f(r) ? f(r)!.qemuMs + f(r)!.nodeMs : NaN));
+      const w = col((r) => wall(r) ?? NaN);
+      rows.push([what, fmtMs(q.p50), fmtMs(q.p90), fmtMs(n.p50), fmtMs(n.p90), fmtMs(t.p50), fmtMs(t.p90), fmtMs(w.p50)]);
+    };
+    for (const p of PHASES) row(p.what, (r) => r.cpu[p.key], (r) => r.wallMs[p.key]);
+    const sum = (r: Refill, keys: readonly string[]): PhaseCpu => ({
+      qemuMs: keys.reduce((s, k) => s + (r.cpu[k]?.qemuMs ?? 0), 0),
+      nodeMs: keys.reduce((s, k) => s + (r.cpu[k]?.nodeMs ?? 0), 0),
+    });
+    const refillKeys = PHASES.filter((p) => p.key !== "exec").map((p) => p.key);
+    const wallSum = (r: Refill, keys: readonly string[]) => keys.reduce((s, k) => s + (r.wallMs[k] ?? 0), 0);
+    row("**refill (restore → ready, prewarm included)**", (r) => sum(r, refillKeys), (r) => wallSum(r, refillKeys));
+    row("**refill + first exec**", (r) => sum(r, PHASES.map((p) => p.key)), (r) => wallSum(r, PHASES.map((p) => p.key)));
+    const flushes = runs.map((r) => r.tbFlushes).filter((v): v is number => v !== undefined);
+
+    console.log(`\nRefill CPU per fresh VM (busybox, ${refills} refills, milliseconds of CPU; wall p50 for reference only: this machine is shared and wall times are noisy)\n`);
+    console.log(table(["phase", "QEMU p50", "QEMU p90", "Node p50", "Node p90", "total p50", "total p90", "wall p50"], rows));
+    console.log(`\nTB flushes after the first exec: ${flushes.length ? `max ${Math.max(...flushes)} over ${flushes.length} VMs` : "not reported"}`);
+
+    const idleRows: string[][] = [];
+    for (const n of idleCounts) {
+      const vms = await idleVms(image, n);
+      try {
+        await sleep(2000); // let restore-time work settle
+        const running = await idleCpu(vms, idleSeconds);
+        const total = running.reduce((s, v) => s + v, 0);
+        idleRows.push([`${n} idle VM${n > 1 ? "s" : ""}, running`, fmtMs(summarize(running).p50), pct(total)]);
+        if (paused) {
+          const qmps = await Promise.all(vms.map((v) => v.qmp()));
+          const stopCpu: number[] = [];
+          for (let i = 0; i < vms.length; i++) stopCpu.push((await measured(vms[i]!, () => qmps[i]!.execute("stop"))).cpu.qemuMs);
+          const stopped = await idleCpu(vms, idleSeconds);
+          const st = stopped.reduce((s, v) => s + v, 0);
+          idleRows.push([`${n} idle VM${n > 1 ? "s" : ""}, paused (QMP stop)`, fmtMs(summarize(stopped).p50), pct(st)]);
+          const resume: PhaseCpu[] = [];
+          const resumeWall: number[] = [];
+          for (let i = 0; i < vms.length; i++) {
+            const m = await measured(vms[i]!, async () => {
+              await qmps[i]!.execute("cont");
+              return vms[i]!.exec({ argv: ["echo", "hi"], timeoutMs: 120_000 });
+            });
+            resume.push(m.cpu);
+            resumeWall.push(m.wallMs);
+          }
+          const r = summarize(resume.map((c) => c.qemuMs + c.nodeMs));
+          idleRows.push([
+            `  → cont + exec \`echo hi\` (${n} VM${n > 1 ? "s" : ""}): CPU p50 ${fmtMs(r.p50)} ms, p90 ${fmtMs(r.p90)} ms, wall p50 ${fmtMs(summarize(resumeWall).p50)} ms; stop ${fmtMs(summarize(stopCpu).p50)} ms QEMU CPU`,
+            "",
+            "",
+          ]);
+        }
+      } finally {
+        await Promise.all(vms.map((v) => v.destroy()));
+      }
+    }
+    console.log(`\nIdle CPU (QEMU, over ${idleSeconds} s, after 2 s settling)\n`);
+    console.log(table(["VMs", "ms CPU/s per VM (p50)", "all together, % of one core"], idleRows));
+    const idleExec = await (async () => {
+      const vms = await idleVms(image, 1);
+      try {
+        const vm = vms[0]!;
+        for (let i = 0; i < 5; i++) await vm.exec({ argv: ["echo", "hi"] });
+        const s: PhaseCpu[] = [];
+        for (let i = 0; i < 20; i++) s.push((await measured(vm, () => vm.exec({ argv: ["echo", "hi"] }))).cpu);
+        return s;
+      } finally {
+        await Promise.all(vms.map((v) => v.destroy()));
+      }
+    })();
+    const q = summarize(idleExec.map((c) => c.qemuMs));
+    const n = summarize(idleExec.map((c) => c.nodeMs));
+    console.log(`\nFor comparison, exec \`echo hi\` on a held, warm VM: QEMU p50 ${fmtMs(q.p50)} ms, Node p50 ${fmtMs(n.p50)} ms CPU`);
+  } finally {
+    await image.close();
+  }
+}
+
+main().catch((e: unknown) => {
+  console.error(e);
+  process.exit(1);
+});
