@@ -9,10 +9,11 @@
  * than CPU times. QEMU's CPU is its threads' scheduler run time
  * (/proc/PID/task/TID/schedstat, ns); Node's is process.cpuUsage().
  *
- *   node dist/bench/refill.js [--refills N] [--idle-seconds S] [--idle-vms 1,16] [--no-paused]
+ *   node dist/bench/refill.js [--refills N] [--cpu-models max,qemu64] [--idle-seconds S] [--idle-vms 1,16] [--no-paused]
  */
 
 import { Image } from "../src/index.js";
+import { DEFAULT_TCG_CPU } from "../src/vmm/qemu.js";
 import { BASE_PREWARM } from "../src/pool/pool.js";
 import type { PhaseCpu, Vm } from "../src/vm/vm.js";
 import { busyboxImage } from "./images.js";
@@ -24,6 +25,8 @@ const HELP = `usage: node dist/bench/refill.js [options]
   --refills N        fresh VMs measured, one at a time (default 20; 2 more first, not counted)
   --idle-seconds S   how long idle VMs are watched (default 10)
   --idle-vms A,B     idle VM counts (default 1,16)
+  --cpu-models A,B   TCG guest CPU models to compare, each baked into its own snapshot
+                     (default: the library's default, max); idle VMs use the first
   --no-paused        skip the paused-idle comparison (QMP stop, then cont on use)
 `;
 
@@ -40,6 +43,8 @@ interface Refill {
   cpu: Record<string, PhaseCpu>;
   wallMs: Record<string, number>;
   tbFlushes: number | undefined;
+  /** QEMU CPU ms of a third `echo hi` (translated by then). */
+  warmExecQemuMs: number;
 }
 
 /** CPU ms of QEMU (with its wrapper) and Node while `f` runs. */
@@ -84,13 +89,15 @@ async function refill(image: Image): Promise<Refill> {
     if (e.value.stdout.toString() !== "hi\n") throw new Error(`echo printed ${JSON.stringify(e.value.stdout.toString())}`);
     cpu.exec = e.cpu;
     wallMs.exec = e.wallMs;
-    return { cpu, wallMs, tbFlushes: await tbFlushes(vm) };
+    await vm.exec({ argv: ["echo", "hi"] });
+    const warm = await measured(vm, () => vm.exec({ argv: ["echo", "hi"] }));
+    return { cpu, wallMs, tbFlushes: await tbFlushes(vm), warmExecQemuMs: warm.cpu.qemuMs };
   } finally {
     await vm.destroy();
   }
 }
 
-/** Restores `n` VMs (prewarmed, as a pool holds them), ready to watch. */
+/** Restores `n` VMs (prewarmed, as a pool holds them, and `echo` run twice), ready to watch. */
 async function idleVms(image: Image, n: number): Promise<Vm[]> {
   const vms: Vm[] = [];
   try {
@@ -98,6 +105,8 @@ async function idleVms(image: Image, n: number): Promise<Vm[]> {
       const vm = await image.restore({ timeoutMs: 120_000 });
       vms.push(vm);
       await prewarm(vm);
+      // Translated already, so a later `echo` measures resume, not translation.
+      for (let j = 0; j < 2; j++) await vm.exec({ argv: ["echo", "hi"], timeoutMs: 120_000 });
     }
   } catch (e) {
     await Promise.all(vms.map((v) => v.destroy()));
@@ -117,6 +126,50 @@ async function idleCpu(vms: readonly Vm[], seconds: number): Promise<number[]> {
 
 const pct = (msPerS: number) => `${(msPerS / 10).toFixed(2)} %`;
 
+async function measureRefills(image: Image, refills: number): Promise<Refill[]> {
+  // Discarded: the first restores fault the snapshot files into the page cache.
+  for (let i = 0; i < 2; i++) await refill(image);
+  const runs: Refill[] = [];
+  for (let i = 0; i < refills; i++) {
+    runs.push(await refill(image));
+    process.stderr.write(`refill ${i + 1}/${refills}\r`);
+  }
+  process.stderr.write("\n");
+  return runs;
+}
+
+/** Prints the phase table of one model; returns its row of the per-model summary. */
+function printRefills(runs: readonly Refill[], model: string, refills: number): string[][] {
+  const rows: string[][] = [];
+  const col = (f: (r: Refill) => number) => summarize(runs.map(f));
+  const row = (what: string, f: (r: Refill) => PhaseCpu | undefined, wall: (r: Refill) => number | undefined) => {
+    const q = col((r) => f(r)?.qemuMs ?? NaN);
+    const n = col((r) => f(r)?.nodeMs ?? NaN);
+    const t = col((r) => (f(r) ? f(r)!.qemuMs + f(r)!.nodeMs : NaN));
+    const w = col((r) => wall(r) ?? NaN);
+    rows.push([what, fmtMs(q.p50), fmtMs(q.p90), fmtMs(n.p50), fmtMs(n.p90), fmtMs(t.p50), fmtMs(t.p90), fmtMs(w.p50)]);
+    return { q, n, t };
+  };
+  for (const p of PHASES) row(p.what, (r) => r.cpu[p.key], (r) => r.wallMs[p.key]);
+  const sum = (r: Refill, keys: readonly string[]): PhaseCpu => ({
+    qemuMs: keys.reduce((s, k) => s + (r.cpu[k]?.qemuMs ?? 0), 0),
+    nodeMs: keys.reduce((s, k) => s + (r.cpu[k]?.nodeMs ?? 0), 0),
+  });
+  const refillKeys = PHASES.filter((p) => p.key !== "exec").map((p) => p.key);
+  const allKeys = PHASES.map((p) => p.key);
+  const wallSum = (r: Refill, keys: readonly string[]) => keys.reduce((s, k) => s + (r.wallMs[k] ?? 0), 0);
+  const total = row("**refill (restore → ready, prewarm included)**", (r) => sum(r, refillKeys), (r) => wallSum(r, refillKeys));
+  row("**refill + first exec**", (r) => sum(r, allKeys), (r) => wallSum(r, allKeys));
+  const flushes = runs.map((r) => r.tbFlushes).filter((v): v is number => v !== undefined);
+  const exec = summarize(runs.map((r) => (r.cpu.exec ? r.cpu.exec.qemuMs + r.cpu.exec.nodeMs : NaN)));
+  const warm = summarize(runs.map((r) => r.warmExecQemuMs));
+
+  console.log(`\nRefill CPU per fresh VM, -cpu ${model} (busybox, ${refills} refills, milliseconds of CPU; wall p50 for reference only: this machine is shared and wall times are noisy)\n`);
+  console.log(table(["phase", "QEMU p50", "QEMU p90", "Node p50", "Node p90", "total p50", "total p90", "wall p50"], rows));
+  console.log(`\nTB flushes (QEMU "info jit") after the first exec: ${flushes.length ? `max ${Math.max(...flushes)} over ${flushes.length} VMs` : "not reported"}; a later, warm exec \`echo hi\`: QEMU p50 ${fmtMs(warm.p50)} ms CPU`);
+  return [[model, fmtMs(total.q.p50), fmtMs(total.n.p50), fmtMs(total.t.p50), fmtMs(total.t.p90), fmtMs(exec.p50), fmtMs(warm.p50)]];
+}
+
 async function main(): Promise<void> {
   const a = new Args();
   if (a.has("help")) {
@@ -129,42 +182,26 @@ async function main(): Promise<void> {
   const idleCounts = (a.list("idle-vms") ?? ["1", "16"]).map((s) => Math.max(1, Math.round(Number(s))));
   const paused = !a.has("no-paused");
 
+  const models = a.list("cpu-models") ?? [DEFAULT_TCG_CPU];
   const busybox = await busyboxImage();
-  const image = await Image.build({ ref: busybox.ref, bootTimeoutMs: 120_000 });
+  const images: Image[] = [];
   try {
-    // Discarded: the first restores fault the snapshot files into the page cache.
-    for (let i = 0; i < 2; i++) await refill(image);
-    const runs: Refill[] = [];
-    for (let i = 0; i < refills; i++) {
-      runs.push(await refill(image));
-      process.stderr.write(`refill ${i + 1}/${refills}\r`);
+    const summaryRows: string[][] = [];
+    for (const model of models) {
+      // Read by Image.build (the bake) and kept in the snapshot for its restores.
+      process.env.SUPERMACHINE_TCG_CPU = model;
+      const t0 = performance.now();
+      const image = await Image.build({ ref: busybox.ref, bootTimeoutMs: 120_000 });
+      images.push(image);
+      process.stderr.write(`-cpu ${model}: image ready in ${fmtMs(performance.now() - t0)} ms\n`);
+      const runs = await measureRefills(image, refills);
+      summaryRows.push(...printRefills(runs, model, refills));
     }
-    process.stderr.write("\n");
-
-    const rows: string[][] = [];
-    const col = (f: (r: Refill) => number) => summarize(runs.map(f));
-    const row = (what: string, f: (r: Refill) => PhaseCpu | undefined, wall: (r: Refill) => number | undefined) => {
-      const q = col((r) => f(r)?.qemuMs ?? NaN);
-      const n = col((r) => f(r)?.nodeMs ?? NaN);
-      const t = col((r) => (f(r) ? f(r)!.qemuMs + f(r)!.nodeMs : NaN));
-      const w = col((r) => wall(r) ?? NaN);
-      rows.push([what, fmtMs(q.p50), fmtMs(q.p90), fmtMs(n.p50), fmtMs(n.p90), fmtMs(t.p50), fmtMs(t.p90), fmtMs(w.p50)]);
-    };
-    for (const p of PHASES) row(p.what, (r) => r.cpu[p.key], (r) => r.wallMs[p.key]);
-    const sum = (r: Refill, keys: readonly string[]): PhaseCpu => ({
-      qemuMs: keys.reduce((s, k) => s + (r.cpu[k]?.qemuMs ?? 0), 0),
-      nodeMs: keys.reduce((s, k) => s + (r.cpu[k]?.nodeMs ?? 0), 0),
-    });
-    const refillKeys = PHASES.filter((p) => p.key !== "exec").map((p) => p.key);
-    const wallSum = (r: Refill, keys: readonly string[]) => keys.reduce((s, k) => s + (r.wallMs[k] ?? 0), 0);
-    row("**refill (restore → ready, prewarm included)**", (r) => sum(r, refillKeys), (r) => wallSum(r, refillKeys));
-    row("**refill + first exec**", (r) => sum(r, PHASES.map((p) => p.key)), (r) => wallSum(r, PHASES.map((p) => p.key)));
-    const flushes = runs.map((r) => r.tbFlushes).filter((v): v is number => v !== undefined);
-
-    console.log(`\nRefill CPU per fresh VM (busybox, ${refills} refills, milliseconds of CPU; wall p50 for reference only: this machine is shared and wall times are noisy)\n`);
-    console.log(table(["phase", "QEMU p50", "QEMU p90", "Node p50", "Node p90", "total p50", "total p90", "wall p50"], rows));
-    console.log(`\nTB flushes after the first exec: ${flushes.length ? `max ${Math.max(...flushes)} over ${flushes.length} VMs` : "not reported"}`);
-
+    if (models.length > 1) {
+      console.log(`\nPer CPU model (same run), CPU ms p50: refill = restore → ready with prewarm; first exec after it\n`);
+      console.log(table(["-cpu", "refill QEMU", "refill Node", "refill total", "refill total p90", "first exec total", "warm exec QEMU"], summaryRows));
+    }
+    const image = images[0]!;
     const idleRows: string[][] = [];
     for (const n of idleCounts) {
       const vms = await idleVms(image, n);
@@ -190,9 +227,12 @@ async function main(): Promise<void> {
             resume.push(m.cpu);
             resumeWall.push(m.wallMs);
           }
+          const control: PhaseCpu[] = [];
+          for (const vm of vms) control.push((await measured(vm, () => vm.exec({ argv: ["echo", "hi"], timeoutMs: 120_000 }))).cpu);
           const r = summarize(resume.map((c) => c.qemuMs + c.nodeMs));
+          const c = summarize(control.map((c) => c.qemuMs + c.nodeMs));
           idleRows.push([
-            `  → cont + exec \`echo hi\` (${n} VM${n > 1 ? "s" : ""}): CPU p50 ${fmtMs(r.p50)} ms, p90 ${fmtMs(r.p90)} ms, wall p50 ${fmtMs(summarize(resumeWall).p50)} ms; stop ${fmtMs(summarize(stopCpu).p50)} ms QEMU CPU`,
+            `  → on use: \`cont\` + exec \`echo hi\` CPU p50 ${fmtMs(r.p50)} ms (p90 ${fmtMs(r.p90)}) vs the same exec on a running VM ${fmtMs(c.p50)} ms (p90 ${fmtMs(c.p90)}); wall p50 ${fmtMs(summarize(resumeWall).p50)} ms; \`stop\` ${fmtMs(summarize(stopCpu).p50)} ms QEMU CPU`,
             "",
             "",
           ]);
@@ -203,23 +243,8 @@ async function main(): Promise<void> {
     }
     console.log(`\nIdle CPU (QEMU, over ${idleSeconds} s, after 2 s settling)\n`);
     console.log(table(["VMs", "ms CPU/s per VM (p50)", "all together, % of one core"], idleRows));
-    const idleExec = await (async () => {
-      const vms = await idleVms(image, 1);
-      try {
-        const vm = vms[0]!;
-        for (let i = 0; i < 5; i++) await vm.exec({ argv: ["echo", "hi"] });
-        const s: PhaseCpu[] = [];
-        for (let i = 0; i < 20; i++) s.push((await measured(vm, () => vm.exec({ argv: ["echo", "hi"] }))).cpu);
-        return s;
-      } finally {
-        await Promise.all(vms.map((v) => v.destroy()));
-      }
-    })();
-    const q = summarize(idleExec.map((c) => c.qemuMs));
-    const n = summarize(idleExec.map((c) => c.nodeMs));
-    console.log(`\nFor comparison, exec \`echo hi\` on a held, warm VM: QEMU p50 ${fmtMs(q.p50)} ms, Node p50 ${fmtMs(n.p50)} ms CPU`);
   } finally {
-    await image.close();
+    for (const i of images) await i.close();
   }
 }
 

@@ -27,7 +27,7 @@ import { captureVm, restoreSpec, restoreVm, type RestoreOptions } from "../snaps
 import { sealSnapshotDir, sha256File } from "../snapshot/files.js";
 import { readManifest, SNAPSHOT_DIR_MODE, SNAPSHOT_FILE_MODE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
-import { findQemu } from "../vmm/qemu.js";
+import { DEFAULT_TCG_CPU, findQemu, tcgCpuModel } from "../vmm/qemu.js";
 import { discardQemu, launchVm, startQemu, type GuestConfig, type PhaseCpu, type StartedQemu, type Vm } from "../vm/vm.js";
 import { Pool, type PoolOptions } from "../pool/pool.js";
 import { guestConfigOf, resolveImage, type ImageProgress } from "./resolve.js";
@@ -348,6 +348,7 @@ export class Image {
       }),
     );
     const workloadArgv = v.cmd ?? [...root.entrypoint, ...root.cmd];
+    const cpuModel = accel.accel === "tcg" ? tcgCpuModel() : undefined;
     const config: GuestConfig = { ...root.config, env: mergeEnv(root.config.env ?? [], v.env) };
     const inputs = {
       format: SNAPSHOT_VERSION,
@@ -356,6 +357,8 @@ export class Image {
       assets: assets.id,
       qemu,
       accel: accel.accel,
+      // Only a non-default model changes the key (existing snapshots stay valid).
+      ...(cpuModel && cpuModel !== DEFAULT_TCG_CPU ? { cpuModel } : {}),
       arch: process.arch,
       memoryMib: v.memoryMib,
       vcpus: v.vcpus,
@@ -404,6 +407,7 @@ export class Image {
           kernel: assets.kernel,
           initrd: assets.initrd,
           cmdline: kernelCmdline({ accel: accel.accel, hostname: `sm-${id}`, hasRootfs: true }),
+          ...(cpuModel ? { cpuModel } : {}),
           rootfsImage: join(stage, "rootfs.erofs"),
           ram: { kind: "shared-file" },
           hostname: `sm-${id}`,
@@ -429,6 +433,7 @@ export class Image {
           accel: accel.accel,
           arch: process.arch,
           qemuVersion: qemu,
+          ...(cpuModel ? { cpuModel } : {}),
           memoryMib: v.memoryMib,
           vcpus: v.vcpus,
           image: { ref: root.ref, digest: root.digest },

@@ -49,6 +49,7 @@ async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string,
     paused: true,
     dir,
     name: `sm-${launch.id}-s`,
+    ...(launch.cpuModel ? { cpuModel: launch.cpuModel } : {}),
     // The stream holds the NIC's state, so the helper needs the same device.
     // It never runs the guest: its netdev is left unconnected (QEMU 7.2
     // starts anyway when nobody listens). Every VM has a NIC.
@@ -157,6 +158,7 @@ export async function restoreSpec(o: RestoreOptions, id: string = randomBytes(4)
     hostname: `sm-${id}`,
     bootTimeoutMs: o.bootTimeoutMs,
     ...(o.signal ? { signal: o.signal } : {}),
+    ...(m.cpuModel ? { cpuModel: m.cpuModel } : {}),
     ...(o.timings ? { timings: o.timings } : {}),
     ...(o.cpu ? { cpu: o.cpu } : {}),
     ...(o.network ? { network: o.network } : {}),

@@ -35,7 +35,7 @@ import { FILE_LIMIT, MsgType, Tag, WireError } from "../protocol/constants.js";
 import { encodeNetConfig, type GuestNetConfig } from "../protocol/net-config.js";
 import { directoryImage } from "../rootfs/cache.js";
 import { chooseAccelerator, warnTcgOnce, type Accelerator, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
-import { QemuProcess } from "../vmm/qemu.js";
+import { QemuProcess, tcgCpuModel } from "../vmm/qemu.js";
 import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { loadState } from "../snapshot/migrate.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
@@ -154,6 +154,8 @@ export interface LaunchSpec {
   signal?: AbortSignal;
   qemuBinary?: string;
   origin: VmOrigin;
+  /** TCG's guest CPU model (a restore: its snapshot's). @default DEFAULT_TCG_CPU */
+  cpuModel?: string;
   /** Filled with the milliseconds each phase took (for benchmarks). */
   timings?: Record<string, number>;
   /**
@@ -217,6 +219,7 @@ export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
       // Every VM has a NIC on its own stack (a test may put its own peer there).
       netSocket: spec.netSocket ?? join(dir, "net.sock"),
       name: `sm-${spec.id}`,
+      ...(spec.cpuModel ? { cpuModel: spec.cpuModel } : {}),
     });
     const qmp = spec.incomingState ? await connectQmp(qemu, Date.now() + spec.bootTimeoutMs) : undefined;
     return { id: spec.id, dir, qemu, net, ...(qmp ? { qmp } : {}) };
@@ -446,6 +449,7 @@ export class Vm {
       kernel: assets.kernel,
       initrd: assets.initrd,
       cmdline: kernelCmdline({ accel: choice.accel, hostname, hasRootfs: rootfsImage !== undefined }),
+      ...(choice.accel === "tcg" ? { cpuModel: tcgCpuModel() } : {}),
       ...(rootfsImage ? { rootfsImage } : {}),
       ram: { kind: "anonymous" },
       hostname,

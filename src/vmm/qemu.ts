@@ -24,6 +24,28 @@ import { guestText } from "../guest-text.js";
 import type { Accelerator } from "./accel.js";
 import { confineLaunch, confinementPlan, decodeExit, descendantPid, qemuFeatures, type ConfinedCommand } from "./confine.js";
 
+/** TCG's guest CPU model when nothing else is asked (docs/performance.md). */
+export const DEFAULT_TCG_CPU = "max";
+
+const CPU_MODEL_RE = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$/;
+
+/** True for a `-cpu` model name QEMU may be given (no options, no commas). */
+export function isCpuModelName(s: unknown): boolean {
+  return typeof s === "string" && CPU_MODEL_RE.test(s);
+}
+
+/**
+ * @internal The guest CPU model new TCG VMs (boots, bakes) get:
+ * SUPERMACHINE_TCG_CPU (for benchmarks comparing models), else
+ * {@link DEFAULT_TCG_CPU}. Restores use their snapshot's.
+ */
+export function tcgCpuModel(env: NodeJS.ProcessEnv = process.env): string {
+  const v = env.SUPERMACHINE_TCG_CPU;
+  if (v === undefined || v === "") return DEFAULT_TCG_CPU;
+  if (!isCpuModelName(v)) throw new QemuError(`SUPERMACHINE_TCG_CPU=${JSON.stringify(v.slice(0, 80))} is not a QEMU CPU model name (letters, digits, "._+-"; see \`qemu-system-x86_64 -cpu help\`). Unset it for the default (${DEFAULT_TCG_CPU}).`);
+  return v;
+}
+
 export interface QemuLaunch {
   /** Path of qemu-system-*; default from SUPERMACHINE_QEMU or PATH. */
   qemuBinary?: string;
@@ -50,6 +72,11 @@ export interface QemuLaunch {
   paused?: boolean;
   /** Process name shown by ps (≤ 15 chars). */
   name: string;
+  /**
+   * TCG's guest CPU model (`-cpu`); a restore must use its snapshot's.
+   * Ignored under KVM (`-cpu host`). @default {@link DEFAULT_TCG_CPU}
+   */
+  cpuModel?: string;
   /**
    * Unix socket of the host's network stack: the VM gets a virtio-net NIC
    * whose frames QEMU carries there (`-netdev stream`, QEMU the client: a
@@ -145,7 +172,7 @@ export function qemuArgs(l: QemuLaunch): string[] {
   a.push("-M", "microvm,x-option-roms=off,isa-serial=on,acpi=on");
   if (l.accel === "kvm") a.push("-accel", "kvm", "-cpu", "host");
   // tb-size bounds TCG's translation cache (and so QEMU's RSS).
-  else a.push("-accel", "tcg,tb-size=64", "-cpu", "max");
+  else a.push("-accel", "tcg,tb-size=64", "-cpu", l.cpuModel ?? DEFAULT_TCG_CPU);
   if (l.memoryFile) {
     a.push("-m", `${l.memoryMib}M`);
     a.push(
