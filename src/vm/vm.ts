@@ -355,6 +355,8 @@ export class Vm {
   /** @internal The launch this VM came from (reused to rebuild it elsewhere). */
   readonly launch: LaunchSpec;
   private qmpClient: Promise<QmpClient> | undefined;
+  /** Set while paused by _pause(): restarts the liveness check. */
+  private pausedLiveness: (() => void) | undefined;
   private state: State = "ready";
   private deathError: SupermachineError | undefined;
   private inflight = 0;
@@ -494,6 +496,35 @@ export class Vm {
     }
     const ok = await this.conn.request(MsgType.CONFIGURE, r);
     return (ok.str(Tag.CONFIGURE_OK.boot_id, 64) ?? "").replace(/[^0-9a-f-]/g, "");
+  }
+
+  /**
+   * @internal Stops the guest's vCPUs (QMP `stop`): a VM waiting idle in a
+   * pool then costs no CPU (docs/performance.md). The liveness check waits
+   * until {@link Vm._resume}.
+   */
+  async _pause(): Promise<void> {
+    const resumeLiveness = this.conn.pauseLiveness();
+    try {
+      await (await this.qmp()).execute("stop");
+    } catch (e) {
+      resumeLiveness();
+      throw e;
+    }
+    this.pausedLiveness = resumeLiveness;
+  }
+
+  /**
+   * @internal Continues a VM stopped by {@link Vm._pause}, and sets the
+   * guest's clock: under emulation it stood still while the VM was stopped.
+   */
+  async _resume(): Promise<void> {
+    await (await this.qmp()).execute("cont");
+    this.pausedLiveness?.();
+    this.pausedLiveness = undefined;
+    const r = new RecordBuilder();
+    r.u64(Tag.CONFIGURE.time_ns, BigInt(Date.now()) * 1_000_000n);
+    await this.conn.request(MsgType.CONFIGURE, r);
   }
 
   /** @internal */
