@@ -126,12 +126,12 @@ async function idleCpu(vms: readonly Vm[], seconds: number): Promise<number[]> {
 
 const pct = (msPerS: number) => `${(msPerS / 10).toFixed(2)} %`;
 
-async function measureRefills(image: Image, refills: number): Promise<Refill[]> {
+async function measureRefills(images: readonly Image[], refills: number): Promise<Refill[][]> {
   // Discarded: the first restores fault the snapshot files into the page cache.
-  for (let i = 0; i < 2; i++) await refill(image);
-  const runs: Refill[] = [];
+  for (const image of images) for (let i = 0; i < 2; i++) await refill(image);
+  const runs: Refill[][] = images.map(() => []);
   for (let i = 0; i < refills; i++) {
-    runs.push(await refill(image));
+    for (let m = 0; m < images.length; m++) runs[m]!.push(await refill(images[m]!));
     process.stderr.write(`refill ${i + 1}/${refills}\r`);
   }
   process.stderr.write("\n");
@@ -186,17 +186,17 @@ async function main(): Promise<void> {
   const busybox = await busyboxImage();
   const images: Image[] = [];
   try {
-    const summaryRows: string[][] = [];
     for (const model of models) {
       // Read by Image.build (the bake) and kept in the snapshot for its restores.
       process.env.SUPERMACHINE_TCG_CPU = model;
       const t0 = performance.now();
-      const image = await Image.build({ ref: busybox.ref, bootTimeoutMs: 120_000 });
-      images.push(image);
+      images.push(await Image.build({ ref: busybox.ref, bootTimeoutMs: 120_000 }));
       process.stderr.write(`-cpu ${model}: image ready in ${fmtMs(performance.now() - t0)} ms\n`);
-      const runs = await measureRefills(image, refills);
-      summaryRows.push(...printRefills(runs, model, refills));
     }
+    // Interleaved (one refill per model in turn), so the machine's load changes hit every model alike.
+    const runs = await measureRefills(images, refills);
+    const summaryRows: string[][] = [];
+    models.forEach((model, i) => summaryRows.push(...printRefills(runs[i]!, model, refills)));
     if (models.length > 1) {
       console.log(`\nPer CPU model (same run), CPU ms p50: refill = restore → ready with prewarm; first exec after it\n`);
       console.log(table(["-cpu", "refill QEMU", "refill Node", "refill total", "refill total p90", "first exec total", "warm exec QEMU"], summaryRows));
