@@ -89,7 +89,7 @@ interface IdleVm {
 /**
  * Whether pools stop the vCPUs of the fresh VMs they hold idle (resumed on
  * acquire): under TCG an idle running VM costs ~5 ms of CPU per second, a
- * stopped one nothing, and resuming ~3 ms once (docs/performance.md).
+ * stopped one nothing, and resuming (clock set included) ~4 ms once (docs/performance.md).
  * SUPERMACHINE_POOL_PAUSE_IDLE=0 or 1 overrides (for benchmarks).
  */
 function pauseIdleFor(accel: "kvm" | "tcg", env: NodeJS.ProcessEnv = process.env): boolean {
