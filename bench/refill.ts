@@ -97,6 +97,16 @@ async function refill(image: Image): Promise<Refill> {
   }
 }
 
+/** Runs `f`; a failure names the step and carries the VM's console tail. */
+async function annotate<T>(vm: Vm, step: string, f: () => Promise<T>): Promise<T> {
+  try {
+    return await f();
+  } catch (e) {
+    const ex = vm.qemu.exitStatus;
+    throw new Error(`${step} of VM ${vm.id} (status ${vm.status}, QEMU ${ex ? JSON.stringify(ex) : "running"}) failed: ${(e as Error).message}\n--- console ---\n${vm.consoleTail(2048)}`, { cause: e });
+  }
+}
+
 /** Restores `n` VMs (prewarmed, as a pool holds them, and `echo` run twice), ready to watch. */
 async function idleVms(image: Image, n: number): Promise<Vm[]> {
   const vms: Vm[] = [];
@@ -104,7 +114,7 @@ async function idleVms(image: Image, n: number): Promise<Vm[]> {
     for (let i = 0; i < n; i++) {
       const vm = await image.restore({ timeoutMs: 120_000 });
       vms.push(vm);
-      await prewarm(vm);
+      await annotate(vm, "prewarm", () => prewarm(vm));
       // Translated already, so a later `echo` measures resume, not translation.
       for (let j = 0; j < 2; j++) await vm.exec({ argv: ["echo", "hi"], timeoutMs: 120_000 });
     }
@@ -214,7 +224,7 @@ async function main(): Promise<void> {
         if (paused) {
           // What a pool does with the fresh VMs it holds idle (src/pool/pool.ts).
           const stopCpu: number[] = [];
-          for (const vm of vms) stopCpu.push((await measured(vm, () => vm._pause())).cpu.qemuMs);
+          for (const vm of vms) stopCpu.push((await measured(vm, () => annotate(vm, "pause", () => vm._pause()))).cpu.qemuMs);
           const stopped = await idleCpu(vms, idleSeconds);
           const st = stopped.reduce((s, v) => s + v, 0);
           idleRows.push([`${n} idle VM${n > 1 ? "s" : ""}, paused (QMP stop, as pools do)`, fmtMs(summarize(stopped).p50), pct(st)]);
@@ -222,7 +232,7 @@ async function main(): Promise<void> {
           const resumeWall: number[] = [];
           for (let i = 0; i < vms.length; i++) {
             const m = await measured(vms[i]!, async () => {
-              await vms[i]!._resume();
+              await annotate(vms[i]!, "resume", () => vms[i]!._resume());
               return vms[i]!.exec({ argv: ["echo", "hi"], timeoutMs: 120_000 });
             });
             resume.push(m.cpu);
