@@ -28,8 +28,8 @@ import { captureVm, restoreSpec, restoreVm, type RestoreOptions } from "../snaps
 import { sealSnapshotDir, sha256File } from "../snapshot/files.js";
 import { readManifest, SNAPSHOT_DIR_MODE, SNAPSHOT_FILE_MODE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
-import { findQemu } from "../vmm/qemu.js";
-import { discardQemu, launchVm, startQemu, type GuestConfig, type StartedQemu, type Vm } from "../vm/vm.js";
+import { DEFAULT_TCG_CPU, findQemu, tcgCpuModel } from "../vmm/qemu.js";
+import { discardQemu, launchVm, startQemu, type GuestConfig, type PhaseCpu, type StartedQemu, type Vm } from "../vm/vm.js";
 import { Pool, type PoolOptions } from "../pool/pool.js";
 import { checkHostPaths, validateMounts, type ValidMount } from "../mounts/attach.js";
 import type { MountSpec } from "../mounts/server.js";
@@ -397,6 +397,7 @@ export class Image {
     );
     const workloadArgv = v.runWorkload ? (v.cmd ?? [...root.entrypoint, ...root.cmd]) : [];
     const imageCmd = { entrypoint: root.entrypoint, cmd: root.cmd };
+    const cpuModel = accel.accel === "tcg" ? tcgCpuModel() : undefined;
     const config: GuestConfig = { ...root.config, env: mergeEnv(root.config.env ?? [], v.env) };
     const inputs = {
       format: SNAPSHOT_VERSION,
@@ -405,6 +406,8 @@ export class Image {
       assets: assets.id,
       qemu,
       accel: accel.accel,
+      // Only a non-default model changes the key (existing snapshots stay valid).
+      ...(cpuModel && cpuModel !== DEFAULT_TCG_CPU ? { cpuModel } : {}),
       arch: process.arch,
       memoryMib: v.memoryMib,
       vcpus: v.vcpus,
@@ -466,6 +469,7 @@ export class Image {
           kernel: assets.kernel,
           initrd: assets.initrd,
           cmdline: kernelCmdline({ accel: accel.accel, hostname: `sm-${id}`, hasRootfs: true, disks: v.disks }),
+          ...(cpuModel ? { cpuModel } : {}),
           rootfsImage: join(stage, "rootfs.erofs"),
           ...(v.disks.length ? { disks: v.disks } : {}),
           ram: { kind: "shared-file" },
@@ -495,6 +499,7 @@ export class Image {
           accel: accel.accel,
           arch: process.arch,
           qemuVersion: qemu,
+          ...(cpuModel ? { cpuModel } : {}),
           memoryMib: v.memoryMib,
           vcpus: v.vcpus,
           image: { ref: root.ref, digest: root.digest },
@@ -559,7 +564,7 @@ export class Image {
     return vm?.status === "ready" ? vm : undefined;
   }
 
-  private restoreOptions(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number>; network?: CompiledPolicy }): RestoreOptions {
+  private restoreOptions(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number>; cpu?: Record<string, PhaseCpu>; network?: CompiledPolicy }): RestoreOptions {
     return {
       network: o.network ?? this.network,
       snapshotDir: this.snapshotPath,
@@ -570,6 +575,7 @@ export class Image {
       mounts: this.restoreMounts(),
       ...(o.signal ? { signal: o.signal } : {}),
       ...(o.timings ? { timings: o.timings } : {}),
+      ...(o.cpu ? { cpu: o.cpu } : {}),
     };
   }
 
@@ -609,7 +615,7 @@ export class Image {
   }
 
   /** @internal Restores one VM from the snapshot (copy-on-write RAM). */
-  async restore(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number>; network?: CompiledPolicy } = {}): Promise<Vm> {
+  async restore(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number>; cpu?: Record<string, PhaseCpu>; network?: CompiledPolicy } = {}): Promise<Vm> {
     let started: StartedQemu | undefined;
     if (this.spare) {
       const s = this.spare;

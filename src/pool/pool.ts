@@ -15,6 +15,12 @@ import { leaseSnapshot, type SnapshotLease } from "../image/cache-admin.js";
 import type { Vm } from "../vm/vm.js";
 import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
 
+/**
+ * @internal What every prewarm runs first (bench/refill.ts replays it): the
+ * agent's binary, so the guest's exec path is translated before a user's.
+ */
+export const BASE_PREWARM: readonly (readonly string[])[] = [["/proc/1/exe", "--version"]];
+
 export interface PoolOptions {
   /** Idle VMs to keep warm. @default 1 */
   readonly min?: number;
@@ -77,6 +83,20 @@ interface Waiter {
 interface IdleVm {
   vm: Vm;
   since: number;
+  /** Set when the pool stopped the VM's vCPUs: true once stopped (false: it stayed running). */
+  paused?: Promise<boolean>;
+}
+
+/**
+ * Whether pools stop the vCPUs of the fresh VMs they hold idle (resumed on
+ * acquire): under TCG an idle running VM costs ~5 ms of CPU per second, a
+ * stopped one nothing, and resuming (clock set included) ~4 ms once (docs/performance.md).
+ * SUPERMACHINE_POOL_PAUSE_IDLE=0 or 1 overrides (for benchmarks).
+ */
+function pauseIdleFor(accel: "kvm" | "tcg", env: NodeJS.ProcessEnv = process.env): boolean {
+  const v = env.SUPERMACHINE_POOL_PAUSE_IDLE;
+  if (v === "0" || v === "1") return v === "1";
+  return accel === "tcg";
 }
 
 /** Vm methods that return a promise: on a released lease they reject (the others throw). */
@@ -96,6 +116,7 @@ export class Pool {
   private readonly restoreOnRelease: boolean;
   private readonly restoreTimeoutMs: number;
   private readonly prewarm: string[][];
+  private readonly pauseIdle: boolean;
   private readonly network: CompiledPolicy;
   private readonly memoryMib: number;
   private readonly vcpus: number;
@@ -103,6 +124,8 @@ export class Pool {
   private inUse = new Set<Vm>();
   private starting = 0;
   private restoring = 0;
+  /** Taken from idle by acquire(), being resumed. */
+  private resuming = 0;
   private queue: (() => void)[] = [];
   private waiters: Waiter[] = [];
   private closed = false;
@@ -130,7 +153,8 @@ export class Pool {
     if (typeof pw !== "boolean" && !(Array.isArray(pw) && pw.every((a) => Array.isArray(a) && a.length > 0 && a.every((x) => typeof x === "string")))) {
       throw invalidOption("prewarm", "a boolean or a list of argv arrays", pw);
     }
-    this.prewarm = pw === false ? [] : [["/proc/1/exe", "--version"], ...(pw === true ? [] : pw.map((a) => [...a]))];
+    this.prewarm = pw === false ? [] : [...BASE_PREWARM.map((a) => [...a]), ...(pw === true ? [] : pw.map((a) => [...a]))];
+    this.pauseIdle = pauseIdleFor(image.manifest.accel);
     this.network = o.network === undefined ? image.network : compilePolicy(o.network);
     this.memoryMib = int(o.memoryMib, "memoryMib", image.memoryMib, 32);
     this.vcpus = int(o.vcpus, "vcpus", image.vcpus, 1);
@@ -147,7 +171,7 @@ export class Pool {
     const handoff = image.takeHandoff();
     if (handoff) {
       handoff.net.setPolicy(p.network);
-      p.offer(handoff);
+      p.offer(handoff, true);
     }
     p.fill();
     // pool() resolves once min VMs are warm (or the first restore failed).
@@ -169,7 +193,7 @@ export class Pool {
   /** Synchronous and exact. */
   stats(): PoolStats {
     return {
-      alive: this.idle.length + this.inUse.size + this.starting,
+      alive: this.idle.length + this.inUse.size + this.starting + this.resuming,
       inUse: this.inUse.size,
       idle: this.idle.length,
       waiting: this.waiters.length,
@@ -179,7 +203,7 @@ export class Pool {
   }
 
   private get alive(): number {
-    return this.idle.length + this.inUse.size + this.starting;
+    return this.idle.length + this.inUse.size + this.starting + this.resuming;
   }
 
   /**
@@ -192,8 +216,10 @@ export class Pool {
   acquire(): Promise<Vm> {
     if (this.closed) return Promise.reject(new PoolError("acquire() on a pool that was shut down; create a new pool with image.pool()"));
     while (this.idle.length) {
-      const { vm } = this.idle.pop()!;
+      const entry = this.idle.pop()!;
+      const { vm } = entry;
       if (vm.status !== "ready") continue;
+      if (entry.paused) return this.resumeAndLease(entry);
       const leased = this.lease(vm);
       this.fill();
       return Promise.resolve(leased);
@@ -217,6 +243,29 @@ export class Pool {
     });
   }
 
+  /** Continues a VM the pool stopped while idle, then hands it out (another one if it cannot). */
+  private async resumeAndLease(entry: IdleVm): Promise<Vm> {
+    const { vm } = entry;
+    this.resuming++;
+    this.fill();
+    let ok = false;
+    try {
+      if (await entry.paused) await vm._resume();
+      ok = true;
+    } catch {
+      /* dead or unreachable: dropped below */
+    } finally {
+      this.resuming--;
+    }
+    if (!ok || this.closed || vm.status !== "ready") {
+      void vm.destroy();
+      return this.acquire();
+    }
+    const leased = this.lease(vm);
+    this.fill();
+    return leased;
+  }
+
   /** Starts restores for waiters (up to max) and to keep min warm. */
   private fill(): void {
     if (this.closed) return;
@@ -230,7 +279,7 @@ export class Pool {
       (vm) => {
         this.starting--;
         this.lastError = undefined;
-        this.offer(vm);
+        this.offer(vm, true);
       },
       (e: unknown) => {
         this.starting--;
@@ -266,8 +315,12 @@ export class Pool {
     }
   }
 
-  /** A VM became available: to the first waiter, else to idle. */
-  private offer(vm: Vm): void {
+  /**
+   * A VM became available: to the first waiter, else to idle. A `fresh` one
+   * (restored, never handed out) waits there stopped when pauseIdle is on;
+   * one reused dirty keeps running (its holder's processes with it).
+   */
+  private offer(vm: Vm, fresh: boolean): void {
     if (this.closed || vm.status !== "ready") {
       void vm.destroy();
       this.fill();
@@ -283,7 +336,9 @@ export class Pool {
       w.resolve(this.lease(vm));
       return;
     }
-    this.idle.push({ vm, since: Date.now() });
+    const entry: IdleVm = { vm, since: Date.now() };
+    if (fresh && this.pauseIdle) entry.paused = vm._pause().then(() => true, () => false);
+    this.idle.push(entry);
   }
 
   /**
@@ -346,7 +401,7 @@ export class Pool {
     }
     // Reused as it is: the holder's spawned processes and execPath sessions must not outlive the lease.
     vm.endSessions(released);
-    this.offer(vm);
+    this.offer(vm, false);
   }
 
   private evictIdle(): void {
@@ -376,6 +431,6 @@ export class Pool {
     this.inUse.clear();
     await Promise.all(all.map((vm) => vm.destroy()));
     // Restores in flight destroy their VM when they finish (offer()).
-    while (this.starting > 0) await new Promise((r) => setTimeout(r, 10));
+    while (this.starting > 0 || this.resuming > 0) await new Promise((r) => setTimeout(r, 10));
   }
 }

@@ -55,6 +55,7 @@ async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string,
     paused: true,
     dir,
     name: `sm-${launch.id}-s`,
+    ...(launch.cpuModel ? { cpuModel: launch.cpuModel } : {}),
     // The stream holds the NIC's state, so the helper needs the same device.
     // It never runs the guest: its netdev is left unconnected (QEMU 7.2
     // starts anyway when nobody listens). Every VM has a NIC.
@@ -174,6 +175,8 @@ export interface RestoreOptions {
   signal?: AbortSignal;
   accel: LaunchSpec["accel"];
   timings?: Record<string, number>;
+  /** CPU per phase (see LaunchSpec.cpu). */
+  cpu?: LaunchSpec["cpu"];
   /** The restored VM's egress policy (not part of the snapshot). */
   network?: LaunchSpec["network"];
   /**
@@ -204,7 +207,9 @@ export async function restoreSpec(o: RestoreOptions, id: string = randomBytes(4)
     hostname: `sm-${id}`,
     bootTimeoutMs: o.bootTimeoutMs,
     ...(o.signal ? { signal: o.signal } : {}),
+    ...(m.cpuModel ? { cpuModel: m.cpuModel } : {}),
     ...(o.timings ? { timings: o.timings } : {}),
+    ...(o.cpu ? { cpu: o.cpu } : {}),
     ...(o.network ? { network: o.network } : {}),
     ...(o.netSocket !== undefined ? { netSocket: o.netSocket } : {}),
     ...(o.mounts?.length ? { mounts: o.mounts } : {}),

@@ -24,6 +24,7 @@ import { lstat, readFile, realpath } from "node:fs/promises";
 import type { Stats } from "node:fs";
 import { join } from "node:path";
 import { SnapshotError } from "../errors.js";
+import { isCpuModelName } from "../vmm/qemu.js";
 import type { GuestConfig } from "../vm/vm.js";
 import { sha256File } from "./files.js";
 import { diskFileName, MAX_VOLUME_MIB, MAX_VOLUMES } from "../volumes/spec.js";
@@ -88,6 +89,8 @@ export interface SnapshotManifest {
   accel: "kvm" | "tcg";
   arch: string;
   qemuVersion: string;
+  /** TCG's guest CPU model at bake; restores use the same. Absent: DEFAULT_TCG_CPU. */
+  cpuModel?: string;
   memoryMib: number;
   vcpus: number;
   image: { ref: string; digest: string };
@@ -150,6 +153,7 @@ export function checkManifest(dir: string, m: unknown): SnapshotManifest {
   if (!isStr(x.name)) fail(dir, "bad name");
   if (x.accel !== "kvm" && x.accel !== "tcg") fail(dir, "bad accel");
   if (!isStr(x.arch) || !isStr(x.qemuVersion) || !isStr(x.createdAt)) fail(dir, "bad arch, qemuVersion or createdAt");
+  if (x.cpuModel !== undefined && !isCpuModelName(x.cpuModel)) fail(dir, "bad cpuModel");
   if (!Number.isInteger(x.memoryMib) || x.memoryMib! < 1 || !Number.isInteger(x.vcpus) || x.vcpus! < 1) fail(dir, "bad memoryMib or vcpus");
   if (typeof x.image !== "object" || x.image === null || !isStr(x.image.ref) || !isStr(x.image.digest)) fail(dir, "bad image");
   if (typeof x.config !== "object" || x.config === null) fail(dir, "bad config");

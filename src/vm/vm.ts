@@ -36,7 +36,7 @@ import { FILE_LIMIT, MsgType, Tag, WireError } from "../protocol/constants.js";
 import { encodeNetConfig, type GuestNetConfig } from "../protocol/net-config.js";
 import { directoryImage } from "../rootfs/cache.js";
 import { chooseAccelerator, warnTcgOnce, type Accelerator, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
-import { QemuProcess } from "../vmm/qemu.js";
+import { QemuProcess, tcgCpuModel } from "../vmm/qemu.js";
 import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { loadState } from "../snapshot/migrate.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
@@ -161,8 +161,17 @@ export interface LaunchSpec {
   signal?: AbortSignal;
   qemuBinary?: string;
   origin: VmOrigin;
+  /** TCG's guest CPU model (a restore: its snapshot's). @default DEFAULT_TCG_CPU */
+  cpuModel?: string;
   /** Filled with the milliseconds each phase took (for benchmarks). */
   timings?: Record<string, number>;
+  /**
+   * Filled with the CPU milliseconds each phase (same names as `timings`)
+   * cost QEMU with its confinement chain, and this Node process (for
+   * benchmarks: bench/refill.ts). QEMU's figure for the first phase counts
+   * from its process start, also when it was started ahead of time.
+   */
+  cpu?: Record<string, PhaseCpu>;
   /** The egress policy applied when the VM starts. @default public internet */
   network?: CompiledPolicy;
   /** The host network stack's unix socket (see QemuLaunch.netSocket); absent: no NIC. */
@@ -173,6 +182,12 @@ export interface LaunchSpec {
   diskBases?: readonly string[];
   /** Mounts registered with the agent once it answers (guestPath: mounted there). */
   mounts?: readonly ValidMount[];
+}
+
+/** @internal CPU milliseconds one launch phase cost (see LaunchSpec.cpu). */
+export interface PhaseCpu {
+  qemuMs: number;
+  nodeMs: number;
 }
 
 /** @internal A QEMU process started for a LaunchSpec, not yet attached to. */
@@ -219,6 +234,7 @@ export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
       // Every VM has a NIC on its own stack (a test may put its own peer there).
       netSocket: spec.netSocket ?? join(dir, "net.sock"),
       name: `sm-${spec.id}`,
+      ...(spec.cpuModel ? { cpuModel: spec.cpuModel } : {}),
     });
     const qmp = spec.incomingState ? await connectQmp(qemu, Date.now() + spec.bootTimeoutMs) : undefined;
     return { id: spec.id, dir, qemu, net, ...(qmp ? { qmp } : {}) };
@@ -244,12 +260,23 @@ export async function discardQemu(s: StartedQemu): Promise<void> {
  */
 export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise<Vm> {
   let mark = performance.now();
+  // CPU sampling only when a benchmark asks (it reads /proc).
+  let nodeMark = spec.cpu ? process.cpuUsage() : undefined;
+  let qemuMark = 0;
+  let s: StartedQemu | undefined;
   const phase = (name: string) => {
     const now = performance.now();
     if (spec.timings) spec.timings[name] = now - mark;
     mark = now;
+    if (spec.cpu && nodeMark && s) {
+      const node = process.cpuUsage(nodeMark);
+      const qemuNow = s.qemu.cpuTimeMs();
+      spec.cpu[name] = { qemuMs: qemuNow - qemuMark, nodeMs: (node.user + node.system) / 1000 };
+      qemuMark = qemuNow;
+      nodeMark = process.cpuUsage();
+    }
   };
-  const s = started ?? (await startQemu(spec));
+  s = started ?? (await startQemu(spec));
   s.net.setPolicy(spec.network ?? compilePolicy(true));
   phase("qemu");
   const { dir, qemu: q, qmp } = s;
@@ -353,6 +380,8 @@ export class Vm {
   /** @internal The launch this VM came from (reused to rebuild it elsewhere). */
   readonly launch: LaunchSpec;
   private qmpClient: Promise<QmpClient> | undefined;
+  /** Set while paused by _pause(): restarts the liveness check. */
+  private pausedLiveness: (() => void) | undefined;
   private state: State = "ready";
   private deathError: SupermachineError | undefined;
   private inflight = 0;
@@ -444,6 +473,7 @@ export class Vm {
       kernel: assets.kernel,
       initrd: assets.initrd,
       cmdline: kernelCmdline({ accel: choice.accel, hostname, hasRootfs: rootfsImage !== undefined }),
+      ...(choice.accel === "tcg" ? { cpuModel: tcgCpuModel() } : {}),
       ...(rootfsImage ? { rootfsImage } : {}),
       ram: { kind: "anonymous" },
       hostname,
@@ -535,6 +565,35 @@ export class Vm {
     const mounts = this.mounts;
     this.mounts = [];
     await Promise.all(mounts.map((m) => m.close()));
+  }
+
+  /**
+   * @internal Stops the guest's vCPUs (QMP `stop`): a VM waiting idle in a
+   * pool then costs no CPU (docs/performance.md). The liveness check waits
+   * until {@link Vm._resume}.
+   */
+  async _pause(): Promise<void> {
+    const resumeLiveness = this.conn.pauseLiveness();
+    try {
+      await (await this.qmp()).execute("stop");
+    } catch (e) {
+      resumeLiveness();
+      throw e;
+    }
+    this.pausedLiveness = resumeLiveness;
+  }
+
+  /**
+   * @internal Continues a VM stopped by {@link Vm._pause}, and sets the
+   * guest's clock: under emulation it stood still while the VM was stopped.
+   */
+  async _resume(): Promise<void> {
+    await (await this.qmp()).execute("cont");
+    this.pausedLiveness?.();
+    this.pausedLiveness = undefined;
+    const r = new RecordBuilder();
+    r.u64(Tag.CONFIGURE.time_ns, BigInt(Date.now()) * 1_000_000n);
+    await this.conn.request(MsgType.CONFIGURE, r);
   }
 
   /** @internal */

@@ -17,7 +17,7 @@
 
 import { spawn, type ChildProcess } from "node:child_process";
 import type { Writable } from "node:stream";
-import { existsSync, realpathSync } from "node:fs";
+import { existsSync, readFileSync, readdirSync, realpathSync } from "node:fs";
 import { chown } from "node:fs/promises";
 import { delimiter, dirname, join, resolve } from "node:path";
 import { MissingAssetError, QemuError } from "../errors.js";
@@ -26,6 +26,28 @@ import type { QemuDisk } from "../volumes/disks.js";
 import { ROOT_SERIAL } from "../volumes/spec.js";
 import type { Accelerator } from "./accel.js";
 import { confineLaunch, confinementPlan, decodeExit, descendantPid, qemuFeatures, type ConfinedCommand } from "./confine.js";
+
+/** TCG's guest CPU model when nothing else is asked (docs/performance.md). */
+export const DEFAULT_TCG_CPU = "max";
+
+const CPU_MODEL_RE = /^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$/;
+
+/** True for a `-cpu` model name QEMU may be given (no options, no commas). */
+export function isCpuModelName(s: unknown): boolean {
+  return typeof s === "string" && CPU_MODEL_RE.test(s);
+}
+
+/**
+ * @internal The guest CPU model new TCG VMs (boots, bakes) get:
+ * SUPERMACHINE_TCG_CPU (for benchmarks comparing models), else
+ * {@link DEFAULT_TCG_CPU}. Restores use their snapshot's.
+ */
+export function tcgCpuModel(env: NodeJS.ProcessEnv = process.env): string {
+  const v = env.SUPERMACHINE_TCG_CPU;
+  if (v === undefined || v === "") return DEFAULT_TCG_CPU;
+  if (!isCpuModelName(v)) throw new QemuError(`SUPERMACHINE_TCG_CPU=${JSON.stringify(v.slice(0, 80))} is not a QEMU CPU model name (letters, digits, "._+-"; see \`qemu-system-x86_64 -cpu help\`). Unset it for the default (${DEFAULT_TCG_CPU}).`);
+  return v;
+}
 
 export interface QemuLaunch {
   /** Path of qemu-system-*; default from SUPERMACHINE_QEMU or PATH. */
@@ -59,6 +81,11 @@ export interface QemuLaunch {
   paused?: boolean;
   /** Process name shown by ps (≤ 15 chars). */
   name: string;
+  /**
+   * TCG's guest CPU model (`-cpu`); a restore must use its snapshot's.
+   * Ignored under KVM (`-cpu host`). @default {@link DEFAULT_TCG_CPU}
+   */
+  cpuModel?: string;
   /**
    * Unix socket of the host's network stack: the VM gets a virtio-net NIC
    * whose frames QEMU carries there (`-netdev stream`, QEMU the client: a
@@ -165,7 +192,7 @@ export function qemuArgs(l: QemuLaunch): string[] {
   a.push("-M", "microvm,x-option-roms=off,isa-serial=on,acpi=on");
   if (l.accel === "kvm") a.push("-accel", "kvm", "-cpu", "host");
   // tb-size bounds TCG's translation cache (and so QEMU's RSS).
-  else a.push("-accel", "tcg,tb-size=64", "-cpu", "max");
+  else a.push("-accel", "tcg,tb-size=64", "-cpu", l.cpuModel ?? DEFAULT_TCG_CPU);
   if (l.memoryFile) {
     a.push("-m", `${l.memoryMib}M`);
     a.push(
@@ -355,6 +382,26 @@ export class QemuProcess {
     return this.qemuPid;
   }
 
+  /**
+   * @internal CPU time (user + system, ms) used so far by QEMU, bubblewrap's
+   * init and the confinement wrapper (its exec chain): the sum of their
+   * threads' scheduler run time (/proc/PID/task/TID/schedstat, ns), or of
+   * /proc/PID/stat's clock ticks where schedstat is missing. Threads that
+   * already exited are not counted. For benchmarks (reads /proc, sync).
+   */
+  cpuTimeMs(): number {
+    const pids = new Set<number>();
+    if (this.child.pid !== undefined) pids.add(this.child.pid);
+    if (this.qemuPid !== undefined) {
+      pids.add(this.qemuPid);
+      const pp = parentPid(this.qemuPid);
+      if (pp !== undefined && pp > 1) pids.add(pp);
+    }
+    let ms = 0;
+    for (const pid of pids) ms += processCpuMs(pid);
+    return ms;
+  }
+
   get exitStatus(): QemuExit | undefined {
     return this.exitInfo;
   }
@@ -401,3 +448,44 @@ export class QemuProcess {
     return this.exited;
   }
 }
+
+function parentPid(pid: number): number | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, "latin1");
+    const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+    return Number.isInteger(ppid) ? ppid : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** CPU ms of one process (0 when it is gone); see QemuProcess.cpuTimeMs. */
+function processCpuMs(pid: number): number {
+  let tids: string[];
+  try {
+    tids = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return 0;
+  }
+  let ns = 0;
+  let schedstat = true;
+  for (const tid of tids) {
+    try {
+      const v = Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, "latin1").split(" ")[0]);
+      if (Number.isFinite(v)) ns += v;
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === "ENOENT" && existsSync(`/proc/${pid}/task/${tid}`)) schedstat = false;
+    }
+  }
+  if (schedstat) return ns / 1e6;
+  try {
+    // utime and stime: fields 14 and 15, i.e. the 12th and 13th after the command name's ")".
+    const f = readFileSync(`/proc/${pid}/stat`, "latin1").split(")").pop()!.trim().split(" ");
+    return ((Number(f[11]) + Number(f[12])) * 1000) / CLOCK_TICKS_PER_S;
+  } catch {
+    return 0;
+  }
+}
+
+/** USER_HZ: 100 on every Linux architecture Node runs on. */
+const CLOCK_TICKS_PER_S = 100;

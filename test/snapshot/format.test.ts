@@ -100,6 +100,10 @@ describe("snapshot format", () => {
   it("a foreign format", async () => rejects(await makeSnapshot((m) => ((m as { format: string }).format = "other")), "quick", /format "other"/));
   it("a newer version", async () => rejects(await makeSnapshot((m) => (m.version = SNAPSHOT_VERSION + 1)), "quick", /version/));
   it("a bad shape", async () => rejects(await makeSnapshot((m) => ((m as { memoryMib: unknown }).memoryMib = "lots")), "quick", /memoryMib/));
+  it("a bad cpuModel (it goes on QEMU's command line)", async () => {
+    await rejects(await makeSnapshot((m) => ((m as { cpuModel: unknown }).cpuModel = "max,+avx512f")), "quick", /cpuModel/);
+    await rejects(await makeSnapshot((m) => ((m as { cpuModel: unknown }).cpuModel = 7)), "quick", /cpuModel/);
+  });
   it("a missing file", async () => {
     const dir = await makeSnapshot();
     rmSync(join(dir, "state"));

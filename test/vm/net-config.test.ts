@@ -276,6 +276,20 @@ describe("guest network configuration (real VM, NIC on a test peer)", { timeout:
     assert.equal(await sh(vm!, "cat /proc/net/route /proc/net/fib_trie /etc/hosts /etc/resolv.conf /sys/class/net/eth0/mtu"), before);
   });
 
+  it("a configuration that differs from the last one applied is applied (the agent skips only an unchanged one)", async () => {
+    const state = "cat /sys/class/net/eth0/mtu /etc/resolv.conf; grep -c 'gateway.internal' /etc/hosts; grep '127.0.1.1' /etc/hosts";
+    const original = await sh(vm!, state);
+    await vm!.configure({ hostname: "net-test", identity: false, net: { ...NET, mtu: 1500, resolvConf: "nameserver 198.19.0.9\n" } });
+    assert.equal(Number(await sh(vm!, "cat /sys/class/net/eth0/mtu")), 1500);
+    assert.equal(await sh(vm!, "cat /etc/resolv.conf"), "nameserver 198.19.0.9\n");
+    // Only the hostname changes: /etc/hosts follows it.
+    await vm!.configure({ hostname: "net-test-2", identity: false, net: { ...NET, mtu: 1500, resolvConf: "nameserver 198.19.0.9\n" } });
+    assert.match(await sh(vm!, "cat /etc/hosts"), /^127\.0\.1\.1\tnet-test-2$/m);
+    // Back to the first configuration: everything returns.
+    await vm!.configure({ hostname: "net-test", identity: false, net: NET });
+    assert.equal(await sh(vm!, state), original);
+  });
+
   it("the link works both ways: ARP for the gateway, a reply, then a TCP SYN to an outside address", async () => {
     const t0 = peer.frames.length;
     // nc fails (nobody answers the SYN); only its packets matter. (The busybox

@@ -8,7 +8,8 @@ import { chmod, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, it } from "node:test";
-import { GUEST_MAC, QemuProcess, qemuArgs, type QemuLaunch } from "../../src/vmm/qemu.js";
+import { QemuError } from "../../src/errors.js";
+import { DEFAULT_TCG_CPU, GUEST_MAC, QemuProcess, qemuArgs, tcgCpuModel, type QemuLaunch } from "../../src/vmm/qemu.js";
 
 const base: QemuLaunch = {
   accel: "tcg",
@@ -43,6 +44,24 @@ describe("QEMU command line", () => {
     const k = qemuArgs({ ...base, accel: "kvm" });
     assert.equal(k[k.indexOf("-accel") + 1], "kvm");
     assert.equal(k[k.indexOf("-cpu") + 1], "host");
+  });
+
+  it("TCG's CPU model: the default, or the launch's (a restore passes its snapshot's); KVM ignores it", () => {
+    const t = qemuArgs(base);
+    assert.equal(t[t.indexOf("-cpu") + 1], DEFAULT_TCG_CPU);
+    const q = qemuArgs({ ...base, cpuModel: "qemu64" });
+    assert.equal(q[q.indexOf("-cpu") + 1], "qemu64");
+    const k = qemuArgs({ ...base, accel: "kvm", cpuModel: "qemu64" });
+    assert.equal(k[k.indexOf("-cpu") + 1], "host");
+  });
+
+  it("SUPERMACHINE_TCG_CPU picks the model of new VMs; anything but a model name is refused", () => {
+    assert.equal(tcgCpuModel({}), DEFAULT_TCG_CPU);
+    assert.equal(tcgCpuModel({ SUPERMACHINE_TCG_CPU: "" }), DEFAULT_TCG_CPU);
+    assert.equal(tcgCpuModel({ SUPERMACHINE_TCG_CPU: "Nehalem-v2" }), "Nehalem-v2");
+    for (const bad of ["max,+avx", "qemu64 -monitor stdio", "-help", "a".repeat(65), "x\ny"]) {
+      assert.throws(() => tcgCpuModel({ SUPERMACHINE_TCG_CPU: bad }), (e: unknown) => e instanceof QemuError && /SUPERMACHINE_TCG_CPU/.test(e.message), bad);
+    }
   });
 
   it("memory and vCPUs as asked; file-backed RAM for snapshots", () => {

@@ -198,26 +198,51 @@ fn rtentry(gateway: Option<[u8; 4]>) -> sys::Rtentry {
     }
 }
 
-/// The guest's network interface; remembers its name once found.
+/// The interface fields of a NetConfig, as last applied.
+type IfaceConfig = (Option<[u8; 4]>, Option<u32>, Option<[u8; 4]>, Option<u32>);
+
+/// The guest's network interface; remembers its name once found, and what
+/// it last applied (kept across a snapshot, like the rest of the agent).
 pub struct NetService {
     iface: Option<String>,
+    applied_iface: Option<IfaceConfig>,
+    applied_resolv: Option<Vec<u8>>,
+    applied_hosts: Option<Vec<u8>>,
 }
 
 impl NetService {
     pub fn new() -> NetService {
-        NetService { iface: None }
+        NetService { iface: None, applied_iface: None, applied_resolv: None, applied_hosts: None }
     }
 
     /// Applies `c` (already checked). `hostname` is this VM's, for /etc/hosts.
+    /// What equals the last configuration this agent applied is skipped: a
+    /// restore re-sends the configuration the snapshot's VM already has,
+    /// and under emulation each kernel path costs its translation again
+    /// (docs/performance.md).
     pub fn apply(&mut self, c: &NetConfig, hostname: &[u8]) -> Result<(), ReqError> {
         if c.touches_interface() {
-            self.configure_interface(c)?;
+            let want: IfaceConfig = (c.addr, c.prefix, c.gateway, c.mtu);
+            if self.applied_iface != Some(want) {
+                self.applied_iface = None;
+                self.configure_interface(c)?;
+                self.applied_iface = Some(want);
+            }
         }
         if let Some(r) = &c.resolv_conf {
-            replace_file("/etc/resolv.conf", r).map_err(|e| ReqError::from_io("write /etc/resolv.conf", &e))?;
+            if self.applied_resolv.as_ref() != Some(r) {
+                self.applied_resolv = None;
+                replace_file("/etc/resolv.conf", r).map_err(|e| ReqError::from_io("write /etc/resolv.conf", &e))?;
+                self.applied_resolv = Some(r.clone());
+            }
         }
         if let Some(h) = &c.hosts {
-            replace_file("/etc/hosts", &hosts_content(h, hostname)).map_err(|e| ReqError::from_io("write /etc/hosts", &e))?;
+            let content = hosts_content(h, hostname);
+            if self.applied_hosts.as_ref() != Some(&content) {
+                self.applied_hosts = None;
+                replace_file("/etc/hosts", &content).map_err(|e| ReqError::from_io("write /etc/hosts", &e))?;
+                self.applied_hosts = Some(content);
+            }
         }
         Ok(())
     }

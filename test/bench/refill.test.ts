@@ -1,0 +1,37 @@
+/**
+ * bench/refill.ts with tiny counts, so it cannot rot: it restores real VMs,
+ * prints the phase table with a number in every cell, and the idle table.
+ */
+
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { join } from "node:path";
+import { describe, it } from "node:test";
+import { REPO_ROOT, VM_TEST_TIMEOUT } from "../helpers.js";
+
+describe("bench/refill (quick)", { timeout: VM_TEST_TIMEOUT }, () => {
+  it("prints CPU per phase and idle CPU", async () => {
+    const r = await new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve, reject) => {
+      const c = spawn(process.execPath, [join(REPO_ROOT, "dist", "bench", "refill.js"), "--refills", "1", "--idle-seconds", "1", "--idle-vms", "1"], { stdio: ["ignore", "pipe", "pipe"] });
+      let stdout = "";
+      let stderr = "";
+      c.stdout.on("data", (b: Buffer) => (stdout += b.toString()));
+      c.stderr.on("data", (b: Buffer) => (stderr = (stderr + b.toString()).slice(-100_000)));
+      c.once("error", reject);
+      c.once("close", (code) => resolve({ code, stdout, stderr }));
+    });
+    assert.equal(r.code, 0, r.stderr.slice(-4000));
+    for (const phase of ["QEMU start → QMP ready", "state load", "first agent frame", "configure", "prewarm", "first user exec", "refill (restore → ready"]) {
+      const line = r.stdout.split("\n").find((l) => l.includes(phase));
+      assert.ok(line, `a row for ${phase}:\n${r.stdout}`);
+      const cells = line.split("|").slice(2, -1).map((c) => c.trim());
+      assert.equal(cells.length, 7, line);
+      for (const c of cells) assert.ok(Number.isFinite(Number(c)) && Number(c) >= 0, `${phase}: ${JSON.stringify(c)} is not a figure`);
+    }
+    // Every phase runs guest code or QEMU: none is free.
+    const total = r.stdout.split("\n").find((l) => l.includes("refill + first exec"))!;
+    assert.ok(Number(total.split("|")[2]) > 0, total);
+    assert.match(r.stdout, /1 idle VM, running \| [0-9.]+ \|/);
+    assert.match(r.stdout, /1 idle VM, paused \(QMP stop, as pools do\) \| [0-9.]+ \|/);
+  });
+});

@@ -1,0 +1,125 @@
+/**
+ * Under TCG a pool stops the vCPUs of the fresh VMs it holds idle (QMP
+ * `stop`) and continues them on acquire, with the guest's clock set again
+ * (it stood still while stopped). A VM reused dirty keeps running. Real
+ * restored VMs; no figure is asserted (docs/performance.md has them).
+ */
+
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, it } from "node:test";
+import { Image } from "../../src/image/image.js";
+import type { Pool } from "../../src/pool/pool.js";
+import type { Vm } from "../../src/vm/vm.js";
+import { VM_TEST_TIMEOUT, defaultRootfs, waitFor } from "../helpers.js";
+
+/** The VMs a pool holds idle (a test looks inside). */
+function idleVms(pool: Pool): { vm: Vm; paused?: Promise<boolean> }[] {
+  return (pool as unknown as { idle: { vm: Vm; paused?: Promise<boolean> }[] }).idle;
+}
+
+async function qmpStatus(vm: Vm): Promise<string | undefined> {
+  return (await (await vm.qmp()).execute<{ status?: string }>("query-status")).status;
+}
+
+async function guestClockLagS(vm: Vm): Promise<number> {
+  const r = await vm.exec({ argv: ["date", "+%s"] });
+  assert.equal(r.exitCode, 0, r.stderr.toString());
+  return Date.now() / 1000 - Number(r.stdout.toString().trim());
+}
+
+describe("Pool: idle VMs stopped, resumed on acquire", { timeout: 2 * VM_TEST_TIMEOUT }, () => {
+  let snapshotsDir: string;
+  let image: Image;
+  const saved = process.env.SUPERMACHINE_POOL_PAUSE_IDLE;
+
+  before(async () => {
+    snapshotsDir = await mkdtemp(join(tmpdir(), "sm-pause-"));
+    image = await Image.build({ ref: `dir:${await defaultRootfs()}`, snapshotsDir, warmupTag: `pause-${randomBytes(3).toString("hex")}` });
+  });
+
+  after(async () => {
+    if (saved === undefined) delete process.env.SUPERMACHINE_POOL_PAUSE_IDLE;
+    else process.env.SUPERMACHINE_POOL_PAUSE_IDLE = saved;
+    await image?.close();
+    await rm(snapshotsDir, { recursive: true, force: true });
+  });
+
+  it("an idle fresh VM is stopped; acquire continues it with the guest's clock set", async (t) => {
+    if (image.manifest.accel !== "tcg") {
+      process.env.SUPERMACHINE_POOL_PAUSE_IDLE = "1";
+      t.diagnostic("KVM here: pausing forced on for the test");
+    }
+    const pool = await image.pool({ min: 1, max: 1 });
+    try {
+      const [entry] = idleVms(pool);
+      assert.ok(entry, "one idle VM");
+      assert.equal(await entry.paused, true, "the pool stopped it");
+      assert.equal(await qmpStatus(entry.vm), "paused");
+      // Long enough that a clock left standing would show.
+      await new Promise((r) => setTimeout(r, 5000));
+      const vm = await pool.acquire();
+      try {
+        assert.equal(await qmpStatus(vm), "running");
+        assert.equal((await vm.exec({ argv: ["echo", "resumed"] })).stdout.toString(), "resumed\n");
+        const lag = await guestClockLagS(vm);
+        assert.ok(Math.abs(lag) < 3, `the guest clock is ${lag.toFixed(1)} s behind the host's after 5 s stopped`);
+      } finally {
+        await vm.release();
+      }
+      // Its replacement is stopped in turn.
+      await waitFor(() => idleVms(pool).length === 1, 120_000, "the replacement");
+      assert.equal(await idleVms(pool)[0]!.paused, true);
+    } finally {
+      await pool.shutdown();
+    }
+  });
+
+  it("a VM reused dirty (restoreOnRelease: false) keeps running in idle", async () => {
+    process.env.SUPERMACHINE_POOL_PAUSE_IDLE = "1";
+    const pool = await image.pool({ min: 1, max: 1, restoreOnRelease: false });
+    try {
+      const vm = await pool.acquire();
+      await vm.exec({ argv: ["true"] });
+      await vm.release();
+      const [entry] = idleVms(pool);
+      assert.ok(entry, "the released VM is idle again");
+      assert.equal(entry.paused, undefined, "not stopped");
+      assert.equal(await qmpStatus(entry.vm), "running");
+      const again = await pool.acquire();
+      assert.equal((await again.exec({ argv: ["echo", "ok"] })).stdout.toString(), "ok\n");
+      await again.release();
+    } finally {
+      await pool.shutdown();
+    }
+  });
+
+  it("SUPERMACHINE_POOL_PAUSE_IDLE=0 leaves idle VMs running", async () => {
+    process.env.SUPERMACHINE_POOL_PAUSE_IDLE = "0";
+    const pool = await image.pool({ min: 1, max: 1 });
+    try {
+      const [entry] = idleVms(pool);
+      assert.ok(entry);
+      assert.equal(entry.paused, undefined);
+      assert.equal(await qmpStatus(entry.vm), "running");
+    } finally {
+      await pool.shutdown();
+    }
+  });
+
+  it("shutdown() while idle VMs are stopped ends their QEMU", async () => {
+    process.env.SUPERMACHINE_POOL_PAUSE_IDLE = "1";
+    const pool = await image.pool({ min: 2, max: 2 });
+    const vms = idleVms(pool).map((e) => e.vm);
+    assert.equal(vms.length, 2);
+    await Promise.all(idleVms(pool).map((e) => e.paused));
+    await pool.shutdown();
+    for (const vm of vms) {
+      assert.equal(vm.status, "closed");
+      assert.ok(vm.qemu.exitStatus, "QEMU exited");
+    }
+  });
+});
