@@ -40,6 +40,7 @@ const EXPECTED: Readonly<Record<string, ExampleSpec | readonly RegExp[]>> = {
     /^VM 1, from the host: {2}HTTP 200: hello from the service baked into the snapshot {2}\(via 127\.0\.0\.1:\d+\)$/,
     /^VM 2, from the host: {2}HTTP 200: hello from the service baked into the snapshot /,
   ],
+  "06-mount-workspace.mjs": [/^host reads: built in the VM$/, /^fresh from the host$/],
   "04-resource-files.mjs": [/^ {2}guest> name = "example"$/, /^ {2}guest> -----BEGIN CERTIFICATE-----$/, /^same files again: {2}same snapshot: true, booted: false$/, /^edited app\.toml: {3}new snapshot: true, guest reads name = "edited"$/],
 };
 
