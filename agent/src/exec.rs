@@ -17,6 +17,20 @@ use std::path::{Path, PathBuf};
 
 pub const DEFAULT_PATH: &[u8] = b"/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// The environment of a process the agent starts: `overlay` merged over the
+/// image's `base`, plus HOME from the user's passwd entry when neither has it.
+pub fn process_env(base: &[Vec<u8>], overlay: &[Vec<u8>], identity: &Identity) -> Vec<Vec<u8>> {
+    let mut env = merge_env(base, overlay);
+    if env_get(&env, b"HOME").is_none() {
+        if let Some(h) = &identity.home {
+            let mut e = b"HOME=".to_vec();
+            e.extend_from_slice(h);
+            env.push(e);
+        }
+    }
+    env
+}
+
 /// Merges `overlay` (KEY=VALUE entries) over `base`: a key in the overlay
 /// replaces the base entry in place; new keys are appended in order.
 pub fn merge_env(base: &[Vec<u8>], overlay: &[Vec<u8>]) -> Vec<Vec<u8>> {

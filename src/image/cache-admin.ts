@@ -36,6 +36,7 @@ import { basename, dirname, join, resolve } from "node:path";
 import { ImageError, SnapshotError, invalidOption } from "../errors.js";
 import { defaultCacheDir, defaultSnapshotsDir } from "../paths.js";
 import { readManifest } from "../snapshot/manifest.js";
+import { pidAlive } from "../oci/lock.js";
 
 const MAX_RECORD_BYTES = 64 * 1024;
 const MAX_LEASE_BYTES = 4096;
@@ -261,15 +262,6 @@ function procStartTime(pid: number): string | null {
     return rest[19] ?? null;
   } catch {
     return null;
-  }
-}
-
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
   }
 }
 

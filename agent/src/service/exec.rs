@@ -210,14 +210,7 @@ impl ExecService {
         }
         let user = user.unwrap_or_else(|| session.user.clone());
         let identity = users::resolve(&user).map_err(ReqError::BadRequest)?;
-        let mut env = exec::merge_env(&session.env, &env);
-        if exec::env_get(&env, b"HOME").is_none() {
-            if let Some(h) = &identity.home {
-                let mut e = b"HOME=".to_vec();
-                e.extend_from_slice(h);
-                env.push(e);
-            }
-        }
+        let env = exec::process_env(&session.env, &env, &identity);
         let cwd = cwd.unwrap_or_else(|| session.cwd.clone());
         {
             use std::os::unix::ffi::OsStrExt;

@@ -72,14 +72,7 @@ impl WorkloadService {
             return Err(ReqError::BadRequest(format!("a workload is already running (pid {})", pid)));
         }
         let identity = users::resolve(&user.unwrap_or_else(|| session.user.clone())).map_err(ReqError::BadRequest)?;
-        let mut env = exec::merge_env(&session.env, &env);
-        if exec::env_get(&env, b"HOME").is_none() {
-            if let Some(h) = &identity.home {
-                let mut e = b"HOME=".to_vec();
-                e.extend_from_slice(h);
-                env.push(e);
-            }
-        }
+        let env = exec::process_env(&session.env, &env, &identity);
         let cwd = cwd.unwrap_or_else(|| session.cwd.clone());
         let program = exec::resolve_program(&argv[0], &env, &cwd).map_err(|nr| ReqError::NotFound(nr.message))?;
         let cargv: Vec<CString> = argv.iter().map(|a| CString::new(a.clone()).unwrap_or_default()).collect();
