@@ -15,7 +15,7 @@ import { mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { debianPythonTar, newLayout } from "../fixtures/oci/images.js";
+import { debianPythonLayout } from "../fixtures/oci/images.js";
 import { REPO_ROOT, VM_TEST_TIMEOUT, pidsMatching, processAlive } from "../helpers.js";
 
 /** What the test knows of one example. */
@@ -95,14 +95,7 @@ describe("examples/*.mjs run as written and exit by themselves", { timeout: 4 * 
   before(async () => {
     work = await mkdtemp(join(tmpdir(), "sm-examples-"));
     // The seed's python:slim, offline: Debian bookworm + python3-minimal as an OCI layout.
-    const layout = await newLayout(join(work, "layout"));
-    const py = await layout.addImage({
-      layers: [{ tar: await readFile(await debianPythonTar()) }],
-      config: { config: { Env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], Cmd: ["python3"] } },
-    });
-    layout.tag(py.manifest, "python");
-    await layout.save();
-    pythonRef = `oci:${layout.dir}:python`;
+    pythonRef = await debianPythonLayout(join(work, "layout"));
   });
 
   after(async () => {

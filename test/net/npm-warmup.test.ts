@@ -13,14 +13,14 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { Image } from "../../src/image/image.js";
 import { defaultCacheDir } from "../../src/paths.js";
-import { debianPythonTar, hostNodeLayerTar, newLayout } from "../fixtures/oci/images.js";
+import { debianPythonLayout, hostNodeLayerTar } from "../fixtures/oci/images.js";
 import { startNpmRegistry, type NpmRegistry } from "../fixtures/npm/registry.js";
 import { VM_TEST_TIMEOUT } from "../helpers.js";
 
 describe("npm install in warmup through the VM network", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
   let work: string;
   let registry: NpmRegistry;
-  let layoutDir: string;
+  let nodeRef: string;
 
   before(async () => {
     work = await mkdtemp(join(tmpdir(), "sm-npm-"));
@@ -37,14 +37,7 @@ describe("npm install in warmup through the VM network", { timeout: 3 * VM_TEST_
         files: { "index.js": "const u = require('sm-util');\nexports.greet = (n) => u.shout('hello ' + n);\n" },
       },
     ]);
-    const layout = await newLayout(join(work, "layout"));
-    const img = await layout.addImage({
-      layers: [{ tar: await readFile(await debianPythonTar()) }, { tar: await readFile(await hostNodeLayerTar()) }],
-      config: { config: { Env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"], WorkingDir: "/work" } },
-    });
-    layout.tag(img.manifest, "node");
-    await layout.save();
-    layoutDir = layout.dir;
+    nodeRef = await debianPythonLayout(join(work, "layout"), { extraLayers: [await readFile(await hostNodeLayerTar())], env: ["HOME=/root"], workingDir: "/work", tag: "node" });
   });
 
   after(async () => {
@@ -55,7 +48,7 @@ describe("npm install in warmup through the VM network", { timeout: 3 * VM_TEST_
   test("npm install in warmup; every restored VM has node_modules, without a network", async () => {
     const url = `http://registry.local:${registry.port}/`;
     const image = await Image.build({
-      ref: `oci:${layoutDir}:node`,
+      ref: nodeRef,
       snapshotsDir: join(work, "snapshots"),
       cacheDir: join(work, "cache"),
       memoryMib: 512,

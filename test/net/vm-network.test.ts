@@ -19,7 +19,7 @@ import { resolveImage } from "../../src/image/resolve.js";
 import type { NetworkDeniedEvent } from "../../src/net/stack.js";
 import { Vm } from "../../src/vm/vm.js";
 import { DEFAULT_IMAGE_CONFIG } from "../../src/guest/default-image.js";
-import { debianPythonTar, newLayout } from "../fixtures/oci/images.js";
+import { debianPythonLayout } from "../fixtures/oci/images.js";
 import { VM_TEST_TIMEOUT, bootDefault, defaultRootfs } from "../helpers.js";
 
 const BIG = 32 << 20;
@@ -168,14 +168,7 @@ describe("VM network", { timeout: 4 * VM_TEST_TIMEOUT }, () => {
   });
 
   test("Python sockets in a Debian image resolve through the host's DNS and fetch", async () => {
-    const layout = await newLayout(join(work, "layout"));
-    const py = await layout.addImage({
-      layers: [{ tar: await readFile(await debianPythonTar()) }],
-      config: { config: { Env: ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"], Cmd: ["python3"] } },
-    });
-    layout.tag(py.manifest, "python");
-    await layout.save();
-    const img = await resolveImage(`oci:${layout.dir}:python`, { cacheDir: join(work, "cache") });
+    const img = await resolveImage(await debianPythonLayout(join(work, "layout")), { cacheDir: join(work, "cache") });
     const vm = await Vm.boot({ rootfsImage: img.rootfsImage, config: { env: ["PATH=/usr/bin:/bin"] }, network: myhost });
     try {
       const code = [
