@@ -9,6 +9,12 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 fn path_of(bytes: &[u8]) -> Result<PathBuf, ReqError> {
+    if crate::fuse::under_active(bytes) {
+        return Err(ReqError::BadRequest(format!(
+            "{} is on a host directory mount: read and write it on the host (or through exec in the guest)",
+            String::from_utf8_lossy(bytes)
+        )));
+    }
     if bytes.first() != Some(&b'/') {
         return Err(ReqError::BadRequest(format!(
             "path {:?} must be absolute",

@@ -100,6 +100,43 @@ fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
 
+/// Where FUSE file systems served by this agent are mounted now. The agent
+/// serves them from its own event loop, so the agent itself must never
+/// touch a path under one synchronously (a stat there would wait for an
+/// answer only the blocked loop could forward): exec moves such work into
+/// the child (`--sm-exec`), file transfers refuse such paths.
+static ACTIVE_MOUNTS: std::sync::Mutex<Vec<std::path::PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+pub fn register_active(p: &Path) {
+    if let Ok(mut v) = ACTIVE_MOUNTS.lock() {
+        v.push(p.to_path_buf());
+    }
+}
+
+pub fn unregister_active(p: &Path) {
+    if let Ok(mut v) = ACTIVE_MOUNTS.lock() {
+        v.retain(|x| x != p);
+    }
+}
+
+/// Is `path` (absolute, as bytes) on a FUSE mount this agent serves?
+pub fn under_active(path: &[u8]) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let v = match ACTIVE_MOUNTS.lock() {
+        Ok(v) => v,
+        Err(_) => return false,
+    };
+    v.iter().any(|m| {
+        let m = m.as_os_str().as_bytes();
+        path.starts_with(m) && (path.len() == m.len() || path[m.len()] == b'/' || m == b"/")
+    })
+}
+
+/// Whether any FUSE mount is active.
+pub fn any_active() -> bool {
+    ACTIVE_MOUNTS.lock().map(|v| !v.is_empty()).unwrap_or(false)
+}
+
 /// Options of one FUSE mount, as mount(2) data.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountOptions {

@@ -46,7 +46,11 @@ macro_rules! debug {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    // Before anything reads argv as UTF-8: a program's arguments may be any bytes.
+    if std::env::args_os().nth(1).map(|a| a == "--sm-exec").unwrap_or(false) {
+        sm_exec();
+    }
+    let args: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
     if args.iter().any(|a| a == "--version") {
         println!("{}", AGENT_VERSION);
         return;
@@ -70,5 +74,51 @@ fn main() {
             std::process::exit(1);
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `--sm-exec CWD PROGRAM ARGS...`: what the agent's exec does for a process
+/// whose working directory, program or PATH is on a host directory mount
+/// (the agent's loop serves that mount and must not touch it itself): change
+/// directory, find the program, exec it. Failures are reported like a shell's
+/// (127 not found, 126 not runnable).
+fn sm_exec() -> ! {
+    use std::os::unix::ffi::OsStrExt;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(2).collect();
+    if args.len() < 2 {
+        eprintln!("supermachine: --sm-exec CWD PROGRAM [ARGS...]");
+        std::process::exit(125);
+    }
+    let cwd = args[0].as_bytes().to_vec();
+    if let Err(e) = std::env::set_current_dir(std::path::Path::new(&args[0])) {
+        eprintln!("supermachine: working directory {}: {}", String::from_utf8_lossy(&cwd), e);
+        std::process::exit(126);
+    }
+    let argv: Vec<Vec<u8>> = args[1..].iter().map(|a| a.as_bytes().to_vec()).collect();
+    let env: Vec<Vec<u8>> = std::env::vars_os()
+        .map(|(k, v)| {
+            let mut e = k.as_bytes().to_vec();
+            e.push(b'=');
+            e.extend_from_slice(v.as_bytes());
+            e
+        })
+        .collect();
+    match exec::resolve_program(&argv[0], &env, &cwd) {
+        Ok(program) => {
+            let c: Vec<std::ffi::CString> = argv.iter().map(|a| std::ffi::CString::new(a.clone()).unwrap_or_default()).collect();
+            let mut ptrs: Vec<*const std::os::raw::c_char> = c.iter().map(|a| a.as_ptr()).collect();
+            ptrs.push(std::ptr::null());
+            extern "C" {
+                fn execv(path: *const std::os::raw::c_char, argv: *const *const std::os::raw::c_char) -> i32;
+            }
+            unsafe { execv(program.as_ptr(), ptrs.as_ptr()) };
+            let e = std::io::Error::last_os_error();
+            eprintln!("supermachine: {}: {}", String::from_utf8_lossy(&argv[0]), e);
+            std::process::exit(126);
+        }
+        Err(nr) => {
+            eprintln!("supermachine: {}", nr.message);
+            std::process::exit(nr.exit_code);
+        }
     }
 }

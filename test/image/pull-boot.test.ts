@@ -216,6 +216,8 @@ describe("pull + boot", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     assert.equal(a.stdout.trim(), b.stdout.trim());
     const files = readdirSync(join(fresh, "rootfs"));
     assert.deepEqual(files.filter((f) => f.endsWith(".erofs")).length, 1);
-    assert.deepEqual(files.filter((f) => !f.endsWith(".erofs")), [], `leftovers: ${files.join(", ")}`);
+    // Beside it, its record (last use, references: src/image/cache-admin.ts), and nothing else.
+    assert.deepEqual(files.filter((f) => f.endsWith(".json")).length, 1, `records: ${files.join(", ")}`);
+    assert.deepEqual(files.filter((f) => !f.endsWith(".erofs") && !f.endsWith(".json")), [], `leftovers: ${files.join(", ")}`);
   });
 });

@@ -104,6 +104,22 @@ describe("mounts in real VMs", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     assert.match(mounts.out, /^workspace \/workspace fuse rw,nosuid,nodev/);
   });
 
+  it("exec with its working directory, program or PATH on a mount runs (the agent never blocks on its own mount); readFile there is refused clearly", async () => {
+    await writeFile(join(ws, "tool.sh"), "#!/bin/sh\necho tool ran in $(pwd)\n", { mode: 0o755 });
+    const inCwd = await vm!.exec({ argv: ["sh", "-c", "pwd; ls hello.txt"], cwd: "/mnt/follow/..", timeoutMs: 60_000 });
+    assert.equal(inCwd.exitCode, 0);
+    const cwd = await vm!.exec({ argv: ["cat", "hello.txt"], cwd: "/workspace", timeoutMs: 60_000 });
+    assert.equal(cwd.stdout.toString(), "hello from the host\n", cwd.stderr.toString());
+    const prog = await vm!.exec({ argv: ["/workspace/tool.sh"], cwd: "/workspace", timeoutMs: 60_000 });
+    assert.equal(prog.stdout.toString(), "tool ran in /workspace\n", prog.stderr.toString());
+    const viaPath = await vm!.exec({ argv: ["tool.sh"], env: { PATH: "/workspace:/bin" }, timeoutMs: 60_000 });
+    assert.equal(viaPath.stdout.toString(), "tool ran in /\n", viaPath.stderr.toString());
+    const missing = await vm!.exec({ argv: ["true"], cwd: "/workspace/no-such-dir", timeoutMs: 60_000 });
+    assert.equal(missing.exitCode, 126);
+    assert.match(missing.stderr.toString(), /working directory \/workspace\/no-such-dir/);
+    await assert.rejects(vm!.readFile("/workspace/hello.txt"), /host directory mount/);
+  });
+
   it("mount of an unknown tag exits 32 and names the configured tags; sh -c mount is not intercepted", async () => {
     const r = await vm!.exec({ argv: ["mount", "-t", "virtiofs", "nope", "/nope"] });
     assert.equal(r.exitCode, 32);

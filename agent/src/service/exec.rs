@@ -3,6 +3,7 @@
 //! the reaping of children. Owns the per-exec cgroups.
 
 use crate::exec::{self, Cgroups, NotRunnable, SpawnSpec, Stdio};
+use crate::fuse;
 use crate::io::{token, Io, ReqError, CHUNK, SPLICE_MAX, TK_DRAIN, TK_IN, TK_OUT};
 use crate::proto::{self, tag, ty, Record};
 use crate::service::session::Session;
@@ -215,7 +216,8 @@ impl ExecService {
         {
             use std::os::unix::ffi::OsStrExt;
             let path = Path::new(std::ffi::OsStr::from_bytes(&cwd));
-            if !path.is_dir() {
+            // On a host directory mount the child checks (see launch).
+            if !crate::fuse::under_active(&cwd) && !path.is_dir() {
                 return Err(ReqError::NotFound(format!(
                     "working directory {} does not exist in the guest",
                     String::from_utf8_lossy(&cwd)
@@ -280,11 +282,24 @@ impl ExecService {
 
     /// Starts `argv` for exec stream `id` with fresh pipes (or a pty).
     fn launch(&mut self, io: &mut Io, id: u32, e: &mut Exec, argv: &[Vec<u8>], want_stdin: bool) -> Result<(), Launch> {
-        let program = exec::resolve_program(&argv[0], &e.env, &e.cwd).map_err(Launch::NotRunnable)?;
         let io_err = |what: &str, err: stdio::Error| Launch::Io(ReqError::from_io(what, &err));
-        let cargv: Vec<CString> = argv.iter().map(|a| CString::new(a.clone()).unwrap_or_default()).collect();
+        // A working directory, program or PATH entry on a host directory mount
+        // is looked at by the child, never by this loop (it serves the mount):
+        // the agent binary starts as `--sm-exec CWD ARGV...`, changes directory
+        // and execs the program itself.
+        let trampoline = fuse::any_active() && touches_mounts(&argv[0], &e.env, &e.cwd);
+        let (program, cargv, ccwd) = if trampoline {
+            let mut v: Vec<CString> = vec![CString::new("/proc/1/exe").unwrap_or_default(), CString::new("--sm-exec").unwrap_or_default()];
+            v.push(CString::new(e.cwd.clone()).map_err(|_| Launch::Io(ReqError::BadRequest("cwd has a NUL byte".into())))?);
+            v.extend(argv.iter().map(|a| CString::new(a.clone()).unwrap_or_default()));
+            (CString::new("/proc/1/exe").unwrap_or_default(), v, CString::new("/").unwrap_or_default())
+        } else {
+            let program = exec::resolve_program(&argv[0], &e.env, &e.cwd).map_err(Launch::NotRunnable)?;
+            let cargv: Vec<CString> = argv.iter().map(|a| CString::new(a.clone()).unwrap_or_default()).collect();
+            let ccwd = CString::new(e.cwd.clone()).map_err(|_| Launch::Io(ReqError::BadRequest("cwd has a NUL byte".into())))?;
+            (program, cargv, ccwd)
+        };
         let cenv: Vec<CString> = e.env.iter().map(|a| CString::new(a.clone()).unwrap_or_default()).collect();
-        let ccwd = CString::new(e.cwd.clone()).map_err(|_| Launch::Io(ReqError::BadRequest("cwd has a NUL byte".into())))?;
         let pid;
         if let Some((cols, rows)) = e.tty {
             let pty = exec::open_pty(cols, rows).map_err(|x| io_err("open pty", x))?;
@@ -705,4 +720,28 @@ mod tests {
         assert_eq!(exit_code(3 << 8), 3);
         assert_eq!(exit_code(9), -1);
     }
+}
+
+/// Does starting `argv0` in `cwd` with this environment look at a path on a
+/// host directory mount (the working directory, a relative or absolute
+/// program path, or a PATH entry)?
+fn touches_mounts(argv0: &[u8], env: &[Vec<u8>], cwd: &[u8]) -> bool {
+    let abs = |p: &[u8]| -> Vec<u8> {
+        if p.first() == Some(&b'/') {
+            p.to_vec()
+        } else {
+            let mut v = cwd.to_vec();
+            v.push(b'/');
+            v.extend_from_slice(p);
+            v
+        }
+    };
+    if fuse::under_active(cwd) {
+        return true;
+    }
+    if argv0.contains(&b'/') {
+        return fuse::under_active(&abs(argv0));
+    }
+    let path = exec::env_get(env, b"PATH").unwrap_or(exec::DEFAULT_PATH);
+    path.split(|b| *b == b':').any(|d| fuse::under_active(&abs(if d.is_empty() { b"." } else { d })))
 }

@@ -220,6 +220,7 @@ impl MountService {
         }
         io.add(dev.fd(), sys::EPOLLIN, token(TK_FUSE, id, 0));
         io.send_record(ty::MOUNTED, id, mounted_record(Some(&path)));
+        fuse::register_active(&path);
         m.conn = Some(Conn { dev, path, pending: HashMap::new(), notify: tx, paused: false });
         Ok(())
     }
@@ -235,6 +236,7 @@ impl MountService {
             let _ = c.dev.write_message(&eio_reply(unique));
         }
         io.remove(c.dev.fd());
+        fuse::unregister_active(&c.path);
         if let Err(e) = fuse::unmount(&c.path) {
             // EINVAL: the guest unmounted it itself.
             if e.raw_os_error() != Some(22) {
