@@ -106,8 +106,6 @@ describe("mounts in real VMs", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
 
   it("exec with its working directory, program or PATH on a mount runs (the agent never blocks on its own mount); readFile there is refused clearly", async () => {
     await writeFile(join(ws, "tool.sh"), "#!/bin/sh\necho tool ran in $(pwd)\n", { mode: 0o755 });
-    const inCwd = await vm!.exec({ argv: ["sh", "-c", "pwd; ls hello.txt"], cwd: "/mnt/follow/..", timeoutMs: 60_000 });
-    assert.equal(inCwd.exitCode, 0);
     const cwd = await vm!.exec({ argv: ["cat", "hello.txt"], cwd: "/workspace", timeoutMs: 60_000 });
     assert.equal(cwd.stdout.toString(), "hello from the host\n", cwd.stderr.toString());
     const prog = await vm!.exec({ argv: ["/workspace/tool.sh"], cwd: "/workspace", timeoutMs: 60_000 });
