@@ -7,30 +7,13 @@ import { test, type TestContext } from "node:test";
 import { MountError, SupermachineError } from "../../src/errors.js";
 import { FuseServer, MAX_WRITE_BYTES, type FuseServerOptions, type MountSpec } from "../../src/mounts/server.js";
 import { Errno, Fattr, NotifyCode, Op, S_IFDIR, S_IFMT, S_IFREG, cstr, encodeRequest, parseReply, struct } from "../../src/mounts/wire.js";
+import { serve, errnoOf } from "./helpers.js";
 import { FuseCallError, FuseClient, O_CREAT, O_EXCL, O_RDONLY, O_RDWR, O_TRUNC, O_WRONLY, ROOT, openFdCount } from "../../src/mounts/client.js";
 
 function tmp(t: TestContext, prefix = "sm-mount-"): string {
   const dir = mkdtempSync(join(tmpdir(), prefix));
   t.after(() => rmSync(dir, { recursive: true, force: true }));
   return dir;
-}
-
-async function serve(t: TestContext, spec: Partial<MountSpec> & { hostPath: string }, options?: FuseServerOptions): Promise<FuseClient> {
-  const server = await FuseServer.open({ guestTag: "work", ...spec }, options);
-  t.after(() => server.close());
-  const c = new FuseClient(server);
-  await c.init();
-  return c;
-}
-
-async function errnoOf(p: Promise<unknown>): Promise<number> {
-  try {
-    await p;
-  } catch (err) {
-    if (err instanceof FuseCallError) return err.errno;
-    throw err;
-  }
-  return 0;
 }
 
 test("open validates the mount: missing or non-directory hostPath is a MountError naming hostPath; bad options are TypeErrors", async (t) => {

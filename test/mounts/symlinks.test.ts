@@ -6,6 +6,7 @@ import { test, type TestContext } from "node:test";
 import { FuseServer, type SymlinkPolicy } from "../../src/mounts/server.js";
 import { Errno, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG } from "../../src/mounts/wire.js";
 import { FuseCallError, FuseClient, ROOT } from "../../src/mounts/client.js";
+import { errnoOf, serve } from "./helpers.js";
 
 const MARKER = "OUTSIDE-SECRET-7f3a";
 
@@ -32,24 +33,6 @@ function fixture(t: TestContext): { root: string; mnt: string; outside: string }
   symlinkSync("../outside/secret", join(mnt, "rel-up"));
   symlinkSync("real.txt", join(mnt, "inner"));
   return { root, mnt, outside };
-}
-
-async function serve(t: TestContext, hostPath: string, symlinks?: SymlinkPolicy): Promise<FuseClient> {
-  const server = await FuseServer.open({ hostPath, guestTag: "w", ...(symlinks ? { symlinks } : {}) });
-  t.after(() => server.close());
-  const c = new FuseClient(server);
-  await c.init();
-  return c;
-}
-
-async function errnoOf(p: Promise<unknown>): Promise<number> {
-  try {
-    await p;
-  } catch (err) {
-    if (err instanceof FuseCallError) return err.errno;
-    throw err;
-  }
-  return 0;
 }
 
 /** Tries every way a guest could read a file through the host symlink `name`; returns everything that came back. */
@@ -87,7 +70,7 @@ async function tryToRead(c: FuseClient, name: string): Promise<string> {
 
 test('"deny": the guest cannot create symlinks (EPERM) and host symlinks are not traversable (EACCES at LOOKUP)', async (t) => {
   const { mnt } = fixture(t);
-  const c = await serve(t, mnt, "deny");
+  const c = await serve(t, { hostPath: mnt, symlinks: "deny" });
   assert.equal(await errnoOf(c.symlink(ROOT, "escape", "/etc/passwd")), Errno.EPERM);
   assert.ok(!existsSync(join(mnt, "escape")));
   for (const name of ["abs-file", "abs-dir", "rel-up", "inner"]) {
@@ -102,7 +85,7 @@ test('"deny": the guest cannot create symlinks (EPERM) and host symlinks are not
 
 test('"opaque" (default): guest symlink targets are stored verbatim and never resolved; host symlinks are leaves, not traversed', async (t) => {
   const { mnt, outside } = fixture(t);
-  const c = await serve(t, mnt);
+  const c = await serve(t, { hostPath: mnt });
   assert.equal(c.server.spec.symlinks, "opaque");
 
   // A hostile target, stored byte for byte.
@@ -146,7 +129,7 @@ test('"opaque" (default): guest symlink targets are stored verbatim and never re
 
 test('"follow": host symlinks are followed (trusted trees), including to files outside the mount', async (t) => {
   const { mnt } = fixture(t);
-  const c = await serve(t, mnt, "follow");
+  const c = await serve(t, { hostPath: mnt, symlinks: "follow" });
   const f = await c.lookup(ROOT, "abs-file");
   assert.equal(f.attr.mode & S_IFMT, S_IFREG);
   assert.equal((await c.readFile(f.nodeid)).toString(), MARKER);
