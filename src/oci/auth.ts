@@ -13,6 +13,7 @@
 
 import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
+import { existsSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { homedir } from "node:os";
 import { join } from "node:path";
@@ -119,7 +120,31 @@ function parseAuthEntry(key: string, raw: unknown, path: string): AuthEntry | un
  * the file.
  */
 export async function loadDockerConfig(dir?: string): Promise<DockerConfig> {
-  const path = join(dir ?? dockerConfigDir(), "config.json");
+  return loadAuthFile(join(dir ?? dockerConfigDir(), "config.json"));
+}
+
+/**
+ * Where podman, skopeo and buildah keep registry credentials (the same
+ * `auths` format as Docker's): $REGISTRY_AUTH_FILE, else
+ * $XDG_RUNTIME_DIR/containers/auth.json when it exists, else
+ * ~/.config/containers/auth.json.
+ */
+export function containersAuthPath(env: NodeJS.ProcessEnv = process.env): string {
+  if (env.REGISTRY_AUTH_FILE) return env.REGISTRY_AUTH_FILE;
+  if (env.XDG_RUNTIME_DIR) {
+    const p = join(env.XDG_RUNTIME_DIR, "containers", "auth.json");
+    if (existsSync(p)) return p;
+  }
+  return join(env.HOME || homedir(), ".config", "containers", "auth.json");
+}
+
+/** Reads a containers auth.json (podman's); a missing file is empty. */
+export async function loadContainersAuth(path: string = containersAuthPath()): Promise<DockerConfig> {
+  return loadAuthFile(path);
+}
+
+/** Reads a config.json / auth.json holding `auths`, `credHelpers`, `credsStore`. */
+async function loadAuthFile(path: string): Promise<DockerConfig> {
   let text: string;
   try {
     const buf = await readFile(path);
@@ -381,11 +406,17 @@ const TOKEN_CHARS = /^[\x21-\x7e]{1,65536}$/;
 export class Authenticator {
   private readonly state = new Map<string, RegistryAuthState>();
   private config: Promise<DockerConfig> | undefined;
+  private podman: Promise<DockerConfig> | undefined;
 
   constructor(
     private readonly transport: AuthTransport,
     private readonly opts: {
       readonly dockerConfigDir?: string | undefined;
+      /**
+       * podman's auth.json, consulted when Docker's config has nothing for a
+       * registry. @default containersAuthPath() unless dockerConfigDir is given (then none)
+       */
+      readonly containersAuthFile?: string | undefined;
       readonly signal?: AbortSignal | undefined;
       /** Credentials to use instead of Docker's config, by registry domain. */
       readonly credentials?: ((domain: string) => Credentials | undefined) | undefined;
@@ -409,7 +440,13 @@ export class Authenticator {
         const explicit = this.opts.credentials?.(domain);
         if (explicit) return { credentials: explicit, source: "credentials option" };
         this.config ??= loadDockerConfig(this.opts.dockerConfigDir);
-        return resolveCredentials(domain, await this.config, { signal: this.opts.signal });
+        const docker = await resolveCredentials(domain, await this.config, { signal: this.opts.signal });
+        const podmanFile = this.opts.containersAuthFile ?? (this.opts.dockerConfigDir === undefined ? containersAuthPath() : undefined);
+        if (docker.credentials || podmanFile === undefined) return docker;
+        this.podman ??= loadContainersAuth(podmanFile);
+        const podman = await resolveCredentials(domain, await this.podman, { signal: this.opts.signal });
+        if (podman.credentials) return { credentials: podman.credentials, source: podman.source.replace("config.json auths", "auth.json auths") };
+        return { credentials: undefined, source: `${docker.source}; podman: ${podman.source.replace(/^none \(|\)$/g, "").replace("no Docker config.json found", `no ${podmanFile}`)}` };
       })();
       // A failed resolution is retried next time.
       s.resolved.catch(() => {

@@ -31,6 +31,8 @@ export { RegistryClient } from "./registry.js";
 export type { RegistryClientOptions } from "./registry.js";
 export {
   loadDockerConfig,
+  loadContainersAuth,
+  containersAuthPath,
   resolveCredentials,
   dockerConfigDir,
   normalizeAuthKey,

@@ -19,6 +19,7 @@ import {
   pullImage,
   resolveCredentials,
 } from "../../src/oci/index.js";
+import { Authenticator, containersAuthPath, loadContainersAuth } from "../../src/oci/auth.js";
 import { BUSYBOX_CONFIG, busyboxTar, newLayout } from "../fixtures/oci/images.js";
 import type { BuiltImage } from "../fixtures/oci/layout.js";
 import { removeDir, tempDir } from "../fixtures/oci/util.js";
@@ -107,6 +108,34 @@ describe("registry auth: config parsing and challenges", () => {
       const none = await resolveCredentials("other.example", { ...cfg, credsStore: undefined });
       assert.equal(none.credentials, undefined);
       assert.match(none.source, /^none/);
+    } finally {
+      await removeDir(dir);
+    }
+  });
+
+  test("podman's auth.json: read when Docker's config has nothing for a registry, named as the source", async () => {
+    const dir = await tempDir("podmanauth");
+    try {
+      const podmanFile = join(dir, "auth.json");
+      await writeFile(podmanFile, JSON.stringify({ auths: { "pod.example:5000": { auth: b64("podder:secret") } } }));
+      const cfg = await loadContainersAuth(podmanFile);
+      assert.deepEqual(cfg.auths.get("pod.example:5000")?.credentials, { username: "podder", password: "secret" });
+      assert.equal(containersAuthPath({ REGISTRY_AUTH_FILE: podmanFile }), podmanFile);
+      assert.equal(containersAuthPath({ HOME: "/home/u" }), "/home/u/.config/containers/auth.json");
+      const dockerDir = join(dir, "docker");
+      await writeConfig(dockerDir, { auths: { "docker-only.example": { username: "d", password: "p" } } });
+      const transport = { send: () => Promise.reject(new Error("no token server here")), allowHttp: () => true };
+      const a = new Authenticator(transport, { dockerConfigDir: dockerDir, containersAuthFile: podmanFile });
+      const pod = await a.credentialsFor("pod.example:5000", "pod.example:5000");
+      assert.deepEqual(pod.credentials, { username: "podder", password: "secret" });
+      assert.match(pod.source, /auth\.json auths/);
+      const docker = await a.credentialsFor("docker-only.example", "docker-only.example");
+      assert.deepEqual(docker.credentials, { username: "d", password: "p" }, "Docker's config comes first");
+      const none = await a.credentialsFor("nobody.example", "nobody.example");
+      assert.equal(none.credentials, undefined);
+      // With only a Docker config dir given, podman's file is not read (tests and explicit configs stay isolated).
+      const isolated = new Authenticator(transport, { dockerConfigDir: dockerDir });
+      assert.equal((await isolated.credentialsFor("pod.example:5000", "pod.example:5000")).credentials, undefined);
     } finally {
       await removeDir(dir);
     }
