@@ -23,6 +23,7 @@ import { RecordBuilder } from "../protocol/codec.js";
 import { FILE_LIMIT, MsgType, Tag } from "../protocol/constants.js";
 import { directoryImage } from "../rootfs/cache.js";
 import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
+import { tracedProgress } from "../diagnostics.js";
 import type { LayerLimits } from "../rootfs/limits.js";
 import { captureVm, restoreSpec, restoreVm, type RestoreOptions } from "../snapshot/capture.js";
 import { sealSnapshotDir, sha256File } from "../snapshot/files.js";
@@ -379,6 +380,8 @@ export class Image {
    */
   static async build(options: BuildOptions): Promise<Image> {
     assertSupportedHost();
+    // Progress also goes to diagnostics_channel and NODE_DEBUG (src/diagnostics.ts).
+    if (typeof options === "object" && options !== null) options = { ...options, onProgress: tracedProgress(options.onProgress) };
     const v = validateBuild(options);
     await checkHostPaths(v.mounts);
     const accel = chooseAccelerator(options.accel);

@@ -13,6 +13,7 @@ import { ImageError } from "../errors.js";
 import { acquireLock } from "../oci/lock.js";
 import { openLayer, pullImage, type PullOptions, type PullProgress } from "../oci/pull.js";
 import type { ImageConfig } from "../oci/manifest.js";
+import { tracedProgress } from "../diagnostics.js";
 import { defaultCacheDir } from "../paths.js";
 import { buildRootfsImage } from "../rootfs/index.js";
 import { recordImageUse } from "./cache-admin.js";
@@ -65,7 +66,8 @@ export function guestConfigOf(c: ImageConfig): GuestConfig {
 /** Pulls `ref` and returns a bootable root filesystem image for it. */
 export async function resolveImage(ref: string, o: ResolveImageOptions = {}): Promise<ResolvedImage> {
   const cacheDir = o.cacheDir ?? defaultCacheDir();
-  const { onProgress, ...pullOpts } = o;
+  const { onProgress: userProgress, ...pullOpts } = o;
+  const onProgress = tracedProgress(userProgress);
   const pulled = await pullImage(ref, {
     ...pullOpts,
     cacheDir,

@@ -14,6 +14,7 @@ import type { Image } from "../image/image.js";
 import { leaseSnapshot, type SnapshotLease } from "../image/cache-admin.js";
 import type { Vm } from "../vm/vm.js";
 import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
+import { channels, trace } from "../diagnostics.js";
 
 /**
  * @internal What every prewarm runs first (bench/refill.ts replays it): the
@@ -214,6 +215,17 @@ export class Pool {
    * shutdown().
    */
   acquire(): Promise<Vm> {
+    const t0 = performance.now();
+    const fromIdle = this.idle.length > 0;
+    const p = this.acquireVm();
+    p.then(
+      () => trace(channels.poolAcquire, { waitedMs: Math.round(performance.now() - t0), from: fromIdle ? "idle" : "wait" }),
+      () => undefined,
+    );
+    return p;
+  }
+
+  private acquireVm(): Promise<Vm> {
     if (this.closed) return Promise.reject(new PoolError("acquire() on a pool that was shut down; create a new pool with image.pool()"));
     while (this.idle.length) {
       const entry = this.idle.pop()!;
@@ -301,14 +313,21 @@ export class Pool {
     this.restoring++;
     try {
       if (this.closed) throw new ClosedError("the pool was shut down");
-      const vm = await this.image.restore({ timeoutMs: this.restoreTimeoutMs, network: this.network });
+      const t0 = performance.now();
       try {
-        for (const argv of this.prewarm) await vm.exec({ argv, timeoutMs: this.restoreTimeoutMs, maxOutputBytes: 1 << 20 });
+        const vm = await this.image.restore({ timeoutMs: this.restoreTimeoutMs, network: this.network });
+        try {
+          for (const argv of this.prewarm) await vm.exec({ argv, timeoutMs: this.restoreTimeoutMs, maxOutputBytes: 1 << 20 });
+        } catch (e) {
+          await vm.destroy();
+          throw e;
+        }
+        trace(channels.poolRefill, { ms: Math.round(performance.now() - t0), ok: true });
+        return vm;
       } catch (e) {
-        await vm.destroy();
+        trace(channels.poolRefill, { ms: Math.round(performance.now() - t0), ok: false, message: (e as Error).message.split("\n")[0] });
         throw e;
       }
-      return vm;
     } finally {
       this.restoring--;
       this.queue.shift()?.();

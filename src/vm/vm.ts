@@ -49,6 +49,7 @@ import { TcpForwarder } from "./tcp-forwarder.js";
 import { prepareDisks } from "../volumes/disks.js";
 import type { DiskPlan } from "../volumes/spec.js";
 import { NetworkStack, guestNetConfig } from "../net/stack.js";
+import { channels, trace } from "../diagnostics.js";
 import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
 import type { NetworkDeniedEvent, NetworkStats } from "../net/stack.js";
 import { MountAttachment, checkHostPaths, validateMounts, type ValidMount } from "../mounts/attach.js";
@@ -260,6 +261,7 @@ export async function discardQemu(s: StartedQemu): Promise<void> {
  */
 export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise<Vm> {
   let mark = performance.now();
+  const started0 = mark;
   // CPU sampling only when a benchmark asks (it reads /proc).
   let nodeMark = spec.cpu ? process.cpuUsage() : undefined;
   let qemuMark = 0;
@@ -324,6 +326,7 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
       ...(spec.netSocket === undefined ? { net: guestNetConfig() } : {}),
     });
     phase("configure");
+    trace(channels.vmStart, { id: s.id, how: spec.incomingState ? "restore" : "boot", accel: spec.accel.accel, ms: Math.round(performance.now() - started0), ...(spec.timings ? { phases: spec.timings } : {}) });
     if (spec.mounts?.length) {
       try {
         await vm._attachMounts(spec.mounts);
@@ -678,6 +681,7 @@ export class Vm {
         : new GuestDiedError(`the VM ${this.id} stopped: ${err.message}`, this.qemu.consoleTail(), { cause: err });
     this.state = "dead";
     this.deathError = e;
+    trace(channels.vmDeath, { id: this.id, code: e.code, message: e.message.split("\n")[0] });
     this.proxy?.close();
     this.conn.destroy(e);
     void this._closeMounts();
