@@ -61,8 +61,4 @@ export class NameTable {
   static address(e: NameEntry): Buffer {
     return numberToIp(e.synthetic);
   }
-
-  get size(): number {
-    return this.byName.size;
-  }
 }

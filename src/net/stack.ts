@@ -519,11 +519,11 @@ export class NetworkStack extends EventEmitter implements FlowHost {
     this.dirty.delete(flow);
   }
 
-  countIn(n: number): void {
+  countFromGuest(n: number): void {
     this.counters.bytesOut += n;
   }
 
-  countOut(n: number): void {
+  countToGuest(n: number): void {
     this.counters.bytesIn += n;
   }
 

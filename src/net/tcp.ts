@@ -32,8 +32,10 @@ export interface FlowHost {
   readonly linkBlocked: boolean;
   /** The flow is finished: forget it. */
   remove(flow: TcpFlow): void;
-  countIn(n: number): void;
-  countOut(n: number): void;
+  /** Payload bytes the guest sent out (to the upstream socket). */
+  countFromGuest(n: number): void;
+  /** Payload bytes sent to the guest. */
+  countToGuest(n: number): void;
 }
 
 export type FlowState = "connecting" | "established" | "closed";
@@ -158,7 +160,7 @@ export class TcpFlow {
       if (data.length > room) data = data.subarray(0, room);
       if (data.length > 0 && this.socket && !this.guestFin) {
         this.rcvNxt = seqAdd(this.rcvNxt, data.length);
-        this.host.countIn(data.length);
+        this.host.countFromGuest(data.length);
         this.socket.write(data);
       }
       n = data.length;
@@ -228,7 +230,7 @@ export class TcpFlow {
       const n = Math.min(avail, room, this.mss);
       if (n <= 0 || this.finSent) break;
       this.host.emitSegment(this, ACK | PSH, this.sndNxt, this.rcvNxt, this.windowField(), { offset: inflight, length: n });
-      this.host.countOut(n);
+      this.host.countToGuest(n);
       this.ackPending = false;
       this.sndNxt = seqAdd(this.sndNxt, n);
       this.armTimer(true);

@@ -14,6 +14,7 @@ import { after, before, describe, it } from "node:test";
 import { AgentConnection } from "../../src/agent-client/connection.js";
 import { ProtocolError, TimeoutError } from "../../src/errors.js";
 import { FrameReader, RecordBuilder, encodeFrame, type Frame } from "../../src/protocol/codec.js";
+import { listenFakeAgent } from "./fake-agent.js";
 import { INITIAL_WINDOW, MAGIC, MAX_PAYLOAD, MsgType, Tag } from "../../src/protocol/constants.js";
 
 type Script = (sock: Socket, frames: AsyncGenerator<Frame>) => Promise<void>;
@@ -28,35 +29,14 @@ let n = 0;
 /** A fake agent: answers HELLO, then runs `script`. */
 async function fakeAgent(script: Script): Promise<{ path: string; server: Server }> {
   const path = join(dir, `a${n++}.sock`);
-  const server = createServer((sock) => {
-    const rd = new FrameReader();
-    const queue: Frame[] = [];
-    let wake: (() => void) | undefined;
-    sock.on("data", (b) => {
-      queue.push(...rd.push(b));
-      wake?.();
-    });
-    sock.on("error", () => undefined);
-    async function* frames(): AsyncGenerator<Frame> {
-      for (;;) {
-        while (queue.length) yield queue.shift()!;
-        await new Promise<void>((r) => (wake = r));
-      }
-    }
-    const it = frames();
-    void (async () => {
-      const hello = (await it.next()).value as Frame;
-      assert.equal(hello.type, MsgType.HELLO);
-      const ack = new RecordBuilder()
-        .bytes(Tag.HELLO_ACK.magic, MAGIC)
-        .u32(Tag.HELLO_ACK.version, 1)
-        .bytes(Tag.HELLO_ACK.agent_version, "fake")
-        .u32(Tag.HELLO_ACK.max_payload, MAX_PAYLOAD);
-      sock.write(encodeFrame(MsgType.HELLO_ACK, 0, 0, ack.build()));
-      await script(sock, it);
-    })().catch(() => sock.destroy());
-  });
-  await new Promise<void>((r) => server.listen(path, r));
+  const server = await listenFakeAgent(path, (sock, next) =>
+    script(
+      sock,
+      (async function* (): AsyncGenerator<Frame> {
+        for (;;) yield await next();
+      })(),
+    ),
+  );
   return { path, server };
 }
 

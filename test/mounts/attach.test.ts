@@ -15,6 +15,7 @@ import { MountError, ProtocolError } from "../../src/errors.js";
 import { MountAttachment, validateMounts } from "../../src/mounts/attach.js";
 import { Op, cstr, encodeRequest, parseReply, struct } from "../../src/mounts/wire.js";
 import { FrameReader, RecordBuilder, RecordReader, encodeFrame, type Frame } from "../../src/protocol/codec.js";
+import { listenFakeAgent } from "../agent-client/fake-agent.js";
 import { MAGIC, MAX_PAYLOAD, MsgType, Tag, WireError } from "../../src/protocol/constants.js";
 
 let dir: string;
@@ -31,27 +32,7 @@ type Agent = { sock: Socket; next: () => Promise<Frame> };
 let n = 0;
 async function fakeAgent(script: (a: Agent) => Promise<void>): Promise<{ conn: AgentConnection; server: Server; fatal: Promise<Error> }> {
   const path = join(dir, `a${n++}.sock`);
-  const server = createServer((sock) => {
-    const rd = new FrameReader();
-    const queue: Frame[] = [];
-    let wake: (() => void) | undefined;
-    sock.on("data", (b) => {
-      queue.push(...rd.push(b));
-      wake?.();
-    });
-    sock.on("error", () => undefined);
-    const next = async (): Promise<Frame> => {
-      while (!queue.length) await new Promise<void>((r) => (wake = r));
-      return queue.shift()!;
-    };
-    void (async () => {
-      assert.equal((await next()).type, MsgType.HELLO);
-      const ack = new RecordBuilder().bytes(Tag.HELLO_ACK.magic, MAGIC).u32(Tag.HELLO_ACK.version, 1).bytes(Tag.HELLO_ACK.agent_version, "fake").u32(Tag.HELLO_ACK.max_payload, MAX_PAYLOAD);
-      sock.write(encodeFrame(MsgType.HELLO_ACK, 0, 0, ack.build()));
-      await script({ sock, next });
-    })().catch(() => sock.destroy());
-  });
-  await new Promise<void>((r) => server.listen(path, r));
+  const server = await listenFakeAgent(path, (sock, next) => script({ sock, next }));
   const conn = await AgentConnection.connect(path, { timeoutMs: 5000 });
   const fatal = new Promise<Error>((r) => (conn.onFatal = r));
   return { conn, server, fatal };

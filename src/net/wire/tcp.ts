@@ -63,13 +63,7 @@ export function tcpHeaderLength(withSynOptions: boolean): number {
   return withSynOptions ? TCP_HEADER + 8 : TCP_HEADER;
 }
 
-export interface TcpEmit {
-  srcPort: number;
-  dstPort: number;
-  seq: number;
-  ack: number;
-  flags: number;
-  window: number;
+export interface TcpEmit extends Pick<TcpSegment, "srcPort" | "dstPort" | "seq" | "ack" | "flags" | "window"> {
   /** On a SYN: announce this MSS and (when set) this window scale. */
   synOptions?: { mss: number; windowScale?: number };
 }
