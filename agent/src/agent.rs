@@ -9,7 +9,7 @@ use crate::proto::{self, tag, ty, Record};
 use crate::service::exec::{self as exec_service, ExecService};
 use crate::service::files::FileService;
 use crate::service::freeze::FreezeService;
-use crate::service::mounts::{MountService, TK_FUSE};
+use crate::service::mounts::{MountService, TK_FUSE, TK_MOUNT_JOB};
 use crate::service::net::NetService;
 use crate::service::session::Session;
 use crate::service::tcp::TcpService;
@@ -148,6 +148,7 @@ impl Agent {
                     TK_TCP => self.tcp.event(&mut self.io, stream, bits),
                     TK_DRAIN => self.exec.drain(&mut self.io, tok & 0xffff_ffff_ffff),
                     TK_FUSE => self.mounts.event(&mut self.io, stream),
+                    TK_MOUNT_JOB => self.mounts.job_event(&mut self.io, stream),
                     _ => {}
                 }
             }

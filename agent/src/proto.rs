@@ -178,6 +178,7 @@ pub mod tag {
     }
     pub mod mounted {
         pub const GUEST_PATH: u8 = 1;
+        pub const SETTLING: u8 = 2;
     }
     pub mod configure_ok {
         pub const BOOT_ID: u8 = 1;
@@ -406,7 +407,7 @@ mod tests {
             ty::WORKLOAD_SIGNAL => &[("signum", workload_signal::SIGNUM)],
             ty::WAIT_LISTEN => &[("port", wait_listen::PORT), ("timeout_ms", wait_listen::TIMEOUT_MS)],
             ty::MOUNT => &[("tag", mount::TAG), ("guest_path", mount::GUEST_PATH), ("read_only", mount::READ_ONLY)],
-            ty::MOUNTED => &[("guest_path", mounted::GUEST_PATH)],
+            ty::MOUNTED => &[("guest_path", mounted::GUEST_PATH), ("settling", mounted::SETTLING)],
             ty::ERROR => &[("code", error::CODE), ("message", error::MESSAGE)],
             ty::OK => &[("size", read_file_ok::SIZE)],
             _ => &[],

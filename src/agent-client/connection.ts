@@ -614,8 +614,10 @@ export class MountStream extends StreamBase {
   onMounted: (guestPath: string | null) => void = () => undefined;
   /** A raw FUSE request (fuse_in_header + body). */
   onRequest: (request: Buffer) => void = () => undefined;
-  /** Resolves with the first MOUNTED (the registration's answer), rejects with its ERROR. */
+  /** Resolves with the first settled MOUNTED (the registration's answer), rejects with its ERROR. */
   readonly registered: Promise<string | null>;
+  /** The path of the last MOUNTED (null: not mounted). */
+  private mountedAt: string | null = null;
   /** Resolves when the agent ended the stream (OK after CANCEL), rejects with ERROR or a dead connection. */
   readonly ended: Promise<void>;
   private resolveRegistered!: (p: string | null) => void;
@@ -640,13 +642,22 @@ export class MountStream extends StreamBase {
   onFrame(f: Frame): string | undefined {
     switch (f.type) {
       case MsgType.MOUNTED: {
-        const p = new RecordReader(f.payload).bytes(Tag.MOUNTED.guest_path);
+        const r = new RecordReader(f.payload);
+        const p = r.bytes(Tag.MOUNTED.guest_path);
         if (p === undefined) return "MOUNTED without a guest_path";
         if (p.length > MAX_MOUNT_PATH || (p.length > 0 && p[0] !== 0x2f) || p.includes(0)) return "MOUNTED with a bad guest path";
         const path = p.length === 0 ? null : p.toString("utf8");
-        this.clearDeadline();
-        this.resolveRegistered(path);
-        this.onMounted(path);
+        // settling: mounted and served, the mounts below it still being placed.
+        const settling = r.bool(Tag.MOUNTED.settling) ?? false;
+        if (!settling) {
+          this.clearDeadline();
+          this.resolveRegistered(path);
+        }
+        // The same path again is the end of settling, not a new connection.
+        if (path === null || path !== this.mountedAt) {
+          this.mountedAt = path;
+          this.onMounted(path);
+        }
         return undefined;
       }
       case MsgType.FUSE:

@@ -102,7 +102,7 @@ export const Tag = {
   WORKLOAD_SIGNAL: { signum: 1 },
   WAIT_LISTEN: { port: 1, timeout_ms: 2 },
   MOUNT: { tag: 1, guest_path: 2, read_only: 3 },
-  MOUNTED: { guest_path: 1 },
+  MOUNTED: { guest_path: 1, settling: 2 },
   ERROR: { code: 1, message: 2 },
 } as const;
 

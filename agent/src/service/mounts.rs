@@ -17,6 +17,15 @@
 //!   (they only invalidate caches; the host repeats eviction notices).
 //! - `mount -t virtiofs <tag> <dir>` run through EXEC is performed here
 //!   (see [`MountService::intercept_exec`]).
+//! - Mounts that were below the guest path before the tag was mounted there
+//!   (the seed's Pattern 6: a volume at /work/node_modules, the source then
+//!   mounted at /work) are bound back on top of the new mount, so they stay
+//!   visible. The originals stay where they were, hidden under the FUSE
+//!   mount; unmounting the tag (lazily, with the binds) uncovers them again,
+//!   which is what a snapshot needs. Placing the binds walks the new FUSE
+//!   mount (mkdir of the mount point on the host when missing), which only
+//!   this loop can serve, so a thread does it; the loop finishes the MOUNT or
+//!   the intercepted exec when the thread reports (a socket pair in epoll).
 
 use crate::fuse::{self, FuseDevice, InHeader, OUT_HEADER_SIZE, REQUEST_BUFFER_SIZE};
 use crate::io::{token, Io, ReqError};
@@ -24,8 +33,12 @@ use crate::proto::{self, tag, ty, Record};
 use crate::sys;
 use crate::log;
 use std::collections::HashMap;
-use std::io;
+use std::fs::File;
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, SyncSender};
 
@@ -41,6 +54,15 @@ const EIO: i32 = 5;
 const ENODEV: i32 = 19;
 /// Mounts registered at once.
 const MAX_MOUNTS: usize = 64;
+/// epoll token kind of a mount's submount job (its end of the socket pair).
+pub const TK_MOUNT_JOB: u64 = 8 << 56;
+/// Mounts below a guest path that are bound back on top of it, at most.
+const MAX_SUBMOUNTS: usize = 16;
+/// Bytes of a job's report read, at most.
+const MAX_JOB_REPORT: usize = 16 * 1024;
+const O_PATH: i32 = 0o10000000;
+const O_DIRECTORY: i32 = 0o200000;
+const O_NOFOLLOW: i32 = 0o400000;
 
 struct Conn {
     dev: FuseDevice,
@@ -56,6 +78,25 @@ struct Mount {
     tag: String,
     read_only: bool,
     conn: Option<Conn>,
+    /// Submounts being bound back on top of the new mount.
+    job: Option<Job>,
+}
+
+/// Who is told when a mount is complete.
+enum Reply {
+    /// A MOUNT with a guest path: the final MOUNTED.
+    Mounted,
+    /// An intercepted `mount` exec on stream `exec_id`: its exit.
+    Exec { exec_id: u32, dir: Vec<u8> },
+}
+
+/// A thread binding submounts back on top of a new mount.
+struct Job {
+    /// The loop's end: the thread writes its report (one error per line)
+    /// and closes its end.
+    sock: UnixStream,
+    report: Vec<u8>,
+    reply: Reply,
 }
 
 pub struct MountService {
@@ -79,6 +120,93 @@ fn req_message(e: ReqError) -> String {
 
 fn mounted_record(path: Option<&Path>) -> Record {
     Record::new().bytes(tag::mounted::GUEST_PATH, path.map(|p| p.as_os_str().as_bytes()).unwrap_or(b""))
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, and so on).
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = (b[i + 1] - b'0') as u32 * 64 + (b[i + 2] - b'0') as u32 * 8 + (b[i + 3] - b'0') as u32;
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// The mount points strictly below `dir` in `mountinfo`, outermost only
+/// (a bind with MS_REC carries the ones nested in them), as paths relative
+/// to `dir`, in mount order.
+pub fn submounts_below(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = Vec::new();
+    for line in mountinfo.lines() {
+        let mp = match line.split(' ').nth(4) {
+            Some(m) => PathBuf::from(std::ffi::OsStr::from_bytes(&unescape_mountinfo(m))),
+            None => continue,
+        };
+        let rel = match mp.strip_prefix(dir) {
+            Ok(r) if !r.as_os_str().is_empty() => r.to_path_buf(),
+            _ => continue,
+        };
+        if found.iter().any(|f| rel.starts_with(f)) {
+            continue;
+        }
+        found.retain(|f| !f.starts_with(&rel));
+        found.push(rel);
+    }
+    found
+}
+
+/// Opens `p` as an O_PATH handle without following a final symlink.
+fn open_path(p: &Path, directory: bool) -> io::Result<File> {
+    let mut flags = O_PATH | O_NOFOLLOW | sys::O_CLOEXEC;
+    if directory {
+        flags |= O_DIRECTORY;
+    }
+    std::fs::OpenOptions::new().read(true).custom_flags(flags).open(p)
+}
+
+/// The job's thread: binds each submount (an O_PATH handle of its root,
+/// taken before the tag was mounted over it) on `rel` inside the new mount
+/// at `dir`, creating the directory there when missing. `covered_dev` is the
+/// device `dir` had before: if `dir` shows it again, the mount is gone and
+/// nothing is bound. Returns one message per failure.
+fn place_submounts(dir: &Path, covered_dev: u64, subs: Vec<(PathBuf, File)>) -> Vec<String> {
+    let root = match open_path(dir, true) {
+        Ok(r) => r,
+        Err(e) => return vec![format!("open {}: {}", dir.display(), e)],
+    };
+    match root.metadata() {
+        Ok(m) if m.dev() != covered_dev => {}
+        Ok(_) => return vec![format!("{} was unmounted before the mounts below it were placed", dir.display())],
+        Err(e) => return vec![format!("stat {}: {}", dir.display(), e)],
+    }
+    let mut errors = Vec::new();
+    for (rel, src) in subs {
+        let shown = dir.join(&rel);
+        let target = PathBuf::from(format!("/proc/self/fd/{}", root.as_raw_fd())).join(&rel);
+        let placed = std::fs::create_dir_all(&target)
+            .map_err(|e| format!("create {} on the mount: {}", shown.display(), e))
+            .and_then(|_| match std::fs::symlink_metadata(&target) {
+                Ok(m) if m.is_dir() => Ok(()),
+                Ok(_) => Err(format!("{} on the mount is not a directory", shown.display())),
+                Err(e) => Err(format!("stat {}: {}", shown.display(), e)),
+            })
+            .and_then(|_| {
+                crate::init::mount(&format!("/proc/self/fd/{}", src.as_raw_fd()), &target.to_string_lossy(), "", sys::MS_BIND | sys::MS_REC, "")
+                    .map_err(|e| format!("bind the mount of {} back on top: {}", shown.display(), e))
+            });
+        if let Err(e) = placed {
+            errors.push(e);
+        }
+    }
+    errors
 }
 
 /// What an intercepted `mount -t virtiofs TAG DIR` asks for.
@@ -176,32 +304,55 @@ impl MountService {
         if self.mounts.len() >= MAX_MOUNTS {
             return Err(ReqError::TooLarge(format!("more than {} mounts", MAX_MOUNTS)));
         }
-        self.mounts.insert(id, Mount { tag: tag_s, read_only, conn: None });
+        self.mounts.insert(id, Mount { tag: tag_s, read_only, conn: None, job: None });
         match path {
-            Some(pth) if !pth.is_empty() => self.attach(io, id, &pth, false)?,
+            Some(pth) if !pth.is_empty() => self.attach(io, id, &pth, false, Reply::Mounted)?,
             _ => io.send_record(ty::MOUNTED, id, mounted_record(None)),
         }
         Ok(())
     }
 
-    /// Mounts the tag of stream `id` on `dir` (created if missing).
-    fn attach(&mut self, io: &mut Io, id: u32, dir: &[u8], read_only: bool) -> Result<(), ReqError> {
+    /// Mounts the tag of stream `id` on `dir` (created if missing) and
+    /// answers `reply` (now, or when the submounts are placed).
+    fn attach(&mut self, io: &mut Io, id: u32, dir: &[u8], read_only: bool, reply: Reply) -> Result<(), ReqError> {
         let m = self.mounts.get_mut(&id).ok_or_else(|| ReqError::NotFound("no such mount".into()))?;
         if dir.first() != Some(&b'/') || dir.contains(&0) {
             return Err(ReqError::BadRequest(format!("mount point {:?} is not an absolute path", String::from_utf8_lossy(dir))));
+        }
+        if m.job.is_some() {
+            return Err(ReqError::BadRequest(format!("{} is still being mounted", m.tag)));
         }
         let path = PathBuf::from(std::ffi::OsStr::from_bytes(dir));
         if let Some(c) = &m.conn {
             // The same mount again (warmup mounted it; the restored VM has it): done.
             if c.path == path {
+                Self::finish(io, id, reply, &path, Vec::new());
                 return Ok(());
             }
             return Err(ReqError::BadRequest(format!("{} is already mounted on {}", m.tag, c.path.display())));
         }
         std::fs::create_dir_all(&path).map_err(|e| ReqError::from_io(&format!("create mount point {}", path.display()), &e))?;
+        // What the mount will cover: handles on the roots of the mounts
+        // below `dir`, taken while they are still reachable.
+        let covered_dev = std::fs::metadata(&path).map(|m| m.dev()).map_err(|e| ReqError::from_io(&format!("stat {}", path.display()), &e))?;
+        let mut subs: Vec<(PathBuf, File)> = Vec::new();
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for rel in submounts_below(&info, &path).into_iter().take(MAX_SUBMOUNTS) {
+            match open_path(&path.join(&rel), true) {
+                Ok(f) => subs.push((rel, f)),
+                Err(e) => log!("mount {}: {} stays hidden: {}", m.tag, path.join(&rel).display(), e),
+            }
+        }
         let dev = FuseDevice::open().map_err(|e| ReqError::from_io("open /dev/fuse", &e))?;
         dev.set_nonblocking().map_err(|e| ReqError::from_io("/dev/fuse O_NONBLOCK", &e))?;
         let writer = dev.try_clone().map_err(|e| ReqError::from_io("dup /dev/fuse", &e))?;
+        let (job_sock, thread_sock) = if subs.is_empty() {
+            (None, None)
+        } else {
+            let (a, b) = UnixStream::pair().map_err(|e| ReqError::from_io("socketpair", &e))?;
+            a.set_nonblocking(true).map_err(|e| ReqError::from_io("socketpair O_NONBLOCK", &e))?;
+            (Some(a), Some(b))
+        };
         dev.mount(&m.tag, &path, m.read_only || read_only).map_err(|e| ReqError::from_io(&format!("mount {} on {}", m.tag, path.display()), &e))?;
         let (tx, rx) = sync_channel::<Vec<u8>>(NOTIFY_QUEUE);
         let spawned = std::thread::Builder::new().name("fuse-notify".into()).spawn(move || {
@@ -219,15 +370,109 @@ impl MountService {
             return Err(ReqError::from_io("start the notification writer", &e));
         }
         io.add(dev.fd(), sys::EPOLLIN, token(TK_FUSE, id, 0));
-        io.send_record(ty::MOUNTED, id, mounted_record(Some(&path)));
         fuse::register_active(&path);
-        m.conn = Some(Conn { dev, path, pending: HashMap::new(), notify: tx, paused: false });
+        m.conn = Some(Conn { dev, path: path.clone(), pending: HashMap::new(), notify: tx, paused: false });
+        let (sock, mut tsock) = match (job_sock, thread_sock) {
+            (Some(a), Some(b)) => (a, b),
+            _ => {
+                io.send_record(ty::MOUNTED, id, mounted_record(Some(&path)));
+                Self::finish(io, id, reply, &path, Vec::new());
+                return Ok(());
+            }
+        };
+        // Mounted and served from here on; the submounts follow.
+        io.send_record(ty::MOUNTED, id, mounted_record(Some(&path)).bool(tag::mounted::SETTLING, true));
+        let tdir = path.clone();
+        let spawned = std::thread::Builder::new().name("mount-place".into()).spawn(move || {
+            let errors = place_submounts(&tdir, covered_dev, subs);
+            let _ = tsock.write_all(errors.join("\n").as_bytes());
+        });
+        if let Err(e) = spawned {
+            Self::finish(io, id, reply, &path, vec![format!("start the thread that places the mounts below {}: {}", path.display(), e)]);
+            return Ok(());
+        }
+        io.add(sock.as_raw_fd(), sys::EPOLLIN, token(TK_MOUNT_JOB, id, 0));
+        m.job = Some(Job { sock, report: Vec::new(), reply });
         Ok(())
+    }
+
+    /// A mount is complete: the final MOUNTED, or the intercepted exec's
+    /// output and exit (32, mount(8)'s "mount failure", when something
+    /// below the mount could not be placed back on top).
+    fn finish(io: &mut Io, id: u32, reply: Reply, path: &Path, errors: Vec<String>) {
+        for e in &errors {
+            log!("mount on {}: {}", path.display(), e);
+        }
+        match reply {
+            Reply::Mounted => io.send_record(ty::MOUNTED, id, mounted_record(Some(path))),
+            Reply::Exec { exec_id, dir } => {
+                if let Some(c) = io_exec_error(&dir, &errors) {
+                    io.send(ty::DATA, 2, exec_id, c.as_bytes());
+                }
+                Self::exec_exit(io, exec_id, if errors.is_empty() { 0 } else { 32 });
+            }
+        }
+    }
+
+    fn exec_exit(io: &mut Io, exec_id: u32, code: i32) {
+        io.send(ty::EOF, 1, exec_id, &[]);
+        io.send(ty::EOF, 2, exec_id, &[]);
+        io.send_record(ty::EXIT, exec_id, Record::new().i32(tag::exit::EXIT_CODE, code).bool(tag::exit::TIMED_OUT, false));
+    }
+
+    /// The job socket of mount `id` is readable: collect the report; at its
+    /// end (the thread closed its side) finish the mount.
+    pub fn job_event(&mut self, io: &mut Io, id: u32) {
+        let m = match self.mounts.get_mut(&id) {
+            Some(m) => m,
+            None => return,
+        };
+        let done = match m.job.as_mut() {
+            None => return,
+            Some(j) => {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match j.sock.read(&mut buf) {
+                        Ok(0) => break true,
+                        Ok(n) => {
+                            let room = MAX_JOB_REPORT.saturating_sub(j.report.len());
+                            j.report.extend_from_slice(&buf[..n.min(room)]);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(_) => break true,
+                    }
+                }
+            }
+        };
+        if !done {
+            return;
+        }
+        let j = match m.job.take() {
+            Some(j) => j,
+            None => return,
+        };
+        io.remove(j.sock.as_raw_fd());
+        let errors: Vec<String> = String::from_utf8_lossy(&j.report).lines().filter(|l| !l.is_empty()).map(|l| l.to_string()).collect();
+        match m.conn.as_ref().map(|c| c.path.clone()) {
+            Some(p) => Self::finish(io, id, j.reply, &p, errors),
+            // Detached meanwhile: the mount's own answer went out then.
+            None => {}
+        }
     }
 
     /// Ends the FUSE connection of `m` (not the registration): pending
     /// requests get EIO, the mount is detached, the descriptors closed.
     fn detach(io: &mut Io, m: &mut Mount) -> bool {
+        if let Some(j) = m.job.take() {
+            io.remove(j.sock.as_raw_fd());
+            // The thread finds the mount gone (or its binds go with it).
+            if let Reply::Exec { exec_id, dir } = j.reply {
+                let text = format!("mount: {}: unmounted while it was being mounted\n", String::from_utf8_lossy(&dir));
+                io.send(ty::DATA, 2, exec_id, text.as_bytes());
+                Self::exec_exit(io, exec_id, 32);
+            }
+        }
         let mut c = match m.conn.take() {
             Some(c) => c,
             None => return false,
@@ -389,30 +634,34 @@ impl MountService {
             None => return false,
         };
         let found = self.mounts.iter().find(|(_, m)| m.tag == cmd.tag).map(|(k, _)| *k);
+        if report_started {
+            io.send_record(ty::STARTED, id, Record::new().u32(tag::started::PID, 0));
+        }
         let result = match found {
-            Some(mid) => self.attach(io, mid, &cmd.dir, cmd.read_only).map_err(req_message),
+            Some(mid) => self.attach(io, mid, &cmd.dir, cmd.read_only, Reply::Exec { exec_id: id, dir: cmd.dir.clone() }).map_err(req_message),
             None => {
                 let mut tags: Vec<&str> = self.mounts.values().map(|m| m.tag.as_str()).collect();
                 tags.sort();
                 Err(format!("no mount with tag {} is configured for this VM (mounts option: {})", cmd.tag, if tags.is_empty() { "none".to_string() } else { tags.join(", ") }))
             }
         };
-        if report_started {
-            io.send_record(ty::STARTED, id, Record::new().u32(tag::started::PID, 0));
+        // Success is answered by attach (at once, or when the job ends).
+        if let Err(msg) = result {
+            let text = format!("mount: {}: {}\n", String::from_utf8_lossy(&cmd.dir), msg);
+            io.send(ty::DATA, 2, id, text.as_bytes());
+            Self::exec_exit(io, id, 32);
         }
-        let code = match result {
-            Ok(()) => 0,
-            Err(msg) => {
-                let text = format!("mount: {}: {}\n", String::from_utf8_lossy(&cmd.dir), msg);
-                io.send(ty::DATA, 2, id, text.as_bytes());
-                32
-            }
-        };
-        io.send(ty::EOF, 1, id, &[]);
-        io.send(ty::EOF, 2, id, &[]);
-        io.send_record(ty::EXIT, id, Record::new().i32(tag::exit::EXIT_CODE, code).bool(tag::exit::TIMED_OUT, false));
         true
     }
+}
+
+/// The stderr text of an intercepted mount whose submounts failed.
+fn io_exec_error(dir: &[u8], errors: &[String]) -> Option<String> {
+    if errors.is_empty() {
+        return None;
+    }
+    let d = String::from_utf8_lossy(dir);
+    Some(errors.iter().map(|e| format!("mount: {}: {}\n", d, e)).collect())
 }
 
 #[cfg(test)]
@@ -436,6 +685,27 @@ mod tests {
         assert!(parse_mount_command(&argv(&["mount", "-a"])).is_none());
         assert!(parse_mount_command(&argv(&["umount", "-t", "virtiofs", "a", "/b"])).is_none());
         assert!(parse_mount_command(&argv(&["mount", "-t"])).is_none());
+    }
+
+    #[test]
+    fn finds_the_outermost_mounts_below_a_path() {
+        let info = "\
+22 1 0:20 / / rw - overlay overlay rw
+30 22 254:16 / /work/node_modules rw,nodev - ext4 /dev/vdb rw
+31 30 0:40 / /work/node_modules/.cache rw - tmpfs tmpfs rw
+32 22 0:41 / /workspace rw - tmpfs tmpfs rw
+33 22 0:42 / /work rw - tmpfs tmpfs rw
+34 22 254:32 / /work/my\\040dir rw - ext4 /dev/vdc rw
+35 22 0:43 / /work2/x rw - tmpfs tmpfs rw
+";
+        let subs = submounts_below(info, Path::new("/work"));
+        assert_eq!(subs, vec![PathBuf::from("node_modules"), PathBuf::from("my dir")]);
+        assert!(submounts_below(info, Path::new("/srv")).is_empty());
+        // A nested mount seen before its parent is replaced by the parent.
+        let info2 = "40 1 0:1 / /a/b/c rw - tmpfs t rw\n41 1 0:2 / /a/b rw - tmpfs t rw\n";
+        assert_eq!(submounts_below(info2, Path::new("/a")), vec![PathBuf::from("b")]);
+        assert_eq!(unescape_mountinfo("x\\134y\\011"), b"x\\y\t".to_vec());
+        assert_eq!(unescape_mountinfo("end\\04"), b"end\\04".to_vec());
     }
 
     #[test]
