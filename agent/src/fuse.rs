@@ -48,6 +48,7 @@ pub const MAX_MESSAGE: usize = 1024 * 1024;
 
 /// The opcodes the kernel expects no reply to.
 pub const FUSE_FORGET: u32 = 2;
+pub const FUSE_INIT: u32 = 26;
 pub const FUSE_INTERRUPT: u32 = 36;
 pub const FUSE_BATCH_FORGET: u32 = 42;
 

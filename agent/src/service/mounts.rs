@@ -54,6 +54,10 @@ const EIO: i32 = 5;
 const ENODEV: i32 = 19;
 /// Mounts registered at once.
 const MAX_MOUNTS: usize = 64;
+/// Read-ahead of a mount, KiB. The kernel starts a FUSE mount at 128 KiB
+/// (one 128 KiB READ in flight at a time, so a sequential read waits a whole
+/// round trip per 128 KiB); a larger window keeps several READs in flight.
+const READ_AHEAD_KB: u32 = 1024;
 /// epoll token kind of a mount's submount job (its end of the socket pair).
 pub const TK_MOUNT_JOB: u64 = 8 << 56;
 /// Mounts below a guest path that are bound back on top of it, at most.
@@ -72,6 +76,8 @@ struct Conn {
     notify: SyncSender<Vec<u8>>,
     /// EPOLLIN is off while MAX_IN_FLIGHT requests are pending.
     paused: bool,
+    /// The unique of the connection's FUSE_INIT, until its reply is written.
+    init_unique: Option<u64>,
 }
 
 struct Mount {
@@ -161,6 +167,42 @@ pub fn submounts_below(mountinfo: &str, dir: &Path) -> Vec<PathBuf> {
         found.push(rel);
     }
     found
+}
+
+/// The `major:minor` of the topmost FUSE mount on `path` in `mountinfo`.
+pub fn fuse_device_at(mountinfo: &str, path: &Path) -> Option<String> {
+    let mut found = None;
+    for line in mountinfo.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() < 7 || Path::new(std::ffi::OsStr::from_bytes(&unescape_mountinfo(f[4]))) != path {
+            continue;
+        }
+        let sep = match f.iter().position(|x| *x == "-") {
+            Some(i) => i,
+            None => continue,
+        };
+        if f.get(sep + 1) == Some(&"fuse") {
+            found = Some(f[2].to_string());
+        }
+    }
+    found
+}
+
+/// Sets the read-ahead of the FUSE mount on `path` (its backing device's
+/// `read_ahead_kb`). Reads mountinfo and sysfs only: nothing here touches
+/// the mount itself, which this loop serves.
+fn set_read_ahead(path: &Path, kb: u32) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let dev = match fuse_device_at(&info, path) {
+        Some(d) => d,
+        None => return,
+    };
+    if !dev.bytes().all(|b| b.is_ascii_digit() || b == b':') {
+        return;
+    }
+    if let Err(e) = std::fs::write(format!("/sys/class/bdi/{}/read_ahead_kb", dev), kb.to_string()) {
+        log!("read-ahead of {}: {}", path.display(), e);
+    }
 }
 
 /// Opens `p` as an O_PATH handle without following a final symlink.
@@ -371,7 +413,7 @@ impl MountService {
         }
         io.add(dev.fd(), sys::EPOLLIN, token(TK_FUSE, id, 0));
         fuse::register_active(&path);
-        m.conn = Some(Conn { dev, path: path.clone(), pending: HashMap::new(), notify: tx, paused: false });
+        m.conn = Some(Conn { dev, path: path.clone(), pending: HashMap::new(), notify: tx, paused: false, init_unique: None });
         let (sock, mut tsock) = match (job_sock, thread_sock) {
             (Some(a), Some(b)) => (a, b),
             _ => {
@@ -529,6 +571,9 @@ impl MountService {
                         if h.expects_reply() {
                             c.pending.insert(h.unique, now + REPLY_DEADLINE_MS);
                         }
+                        if h.opcode == fuse::FUSE_INIT {
+                            c.init_unique = Some(h.unique);
+                        }
                         io.send(ty::FUSE, 0, id, &self.buf[..n]);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -580,6 +625,11 @@ impl MountService {
         }
         if let Err(e) = c.dev.write_message(p) {
             log!("write reply to /dev/fuse: {}", e);
+        }
+        if c.init_unique == Some(unique) {
+            // The kernel applied INIT (and its read-ahead) in that write.
+            c.init_unique = None;
+            set_read_ahead(&c.path, READ_AHEAD_KB);
         }
         if c.paused && c.pending.len() < MAX_IN_FLIGHT {
             c.paused = false;
@@ -705,6 +755,9 @@ mod tests {
         let info2 = "40 1 0:1 / /a/b/c rw - tmpfs t rw\n41 1 0:2 / /a/b rw - tmpfs t rw\n";
         assert_eq!(submounts_below(info2, Path::new("/a")), vec![PathBuf::from("b")]);
         assert_eq!(unescape_mountinfo("x\\134y\\011"), b"x\\y\t".to_vec());
+        let info3 = "50 1 0:44 / /work rw - tmpfs tmpfs rw\n51 1 0:45 / /work rw,nosuid,nodev - fuse src rw,user_id=0\n";
+        assert_eq!(fuse_device_at(info3, Path::new("/work")), Some("0:45".to_string()));
+        assert_eq!(fuse_device_at(info3, Path::new("/wor")), None);
         assert_eq!(unescape_mountinfo("end\\04"), b"end\\04".to_vec());
     }
 
