@@ -156,7 +156,12 @@ describe("Pattern 6: a volume below a mount", { timeout: 4 * VM_TEST_TIMEOUT }, 
     const ro = join(root, "ro");
     await mkdir(ro);
     await writeFile(join(ro, "a.txt"), "ro\n");
-    const vm = await bootDefault({ mounts: [{ hostPath: ro, guestTag: "ro", readOnly: true }] });
+    const vm = await bootDefault({
+      mounts: [
+        { hostPath: ro, guestTag: "ro", readOnly: true },
+        { hostPath: src, guestTag: "other" },
+      ],
+    });
     vms.push(vm);
     const t = await sh(vm, "mkdir -p /srv/cache && mount -t tmpfs tmpfs /srv/cache && echo t > /srv/cache/t");
     assert.equal(t.code, 0, t.err);
@@ -164,5 +169,9 @@ describe("Pattern 6: a volume below a mount", { timeout: 4 * VM_TEST_TIMEOUT }, 
     assert.equal(m.exitCode, 32, "the read-only mount has no cache directory for the tmpfs");
     assert.match(m.stderr.toString(), /mount: \/srv: .*\/srv\/cache/);
     assert.equal((await sh(vm, "cat /srv/a.txt")).out, "ro\n", "the mount itself is in place");
+    // A mount inside another mount of the VM is refused (the agent serves both).
+    const inner = await vm.exec({ argv: ["mount", "-t", "virtiofs", "other", "/srv/inner"] });
+    assert.equal(inner.exitCode, 32);
+    assert.match(inner.stderr.toString(), /inside another mount/);
   });
 });

@@ -373,6 +373,10 @@ impl MountService {
             }
             return Err(ReqError::BadRequest(format!("{} is already mounted on {}", m.tag, c.path.display())));
         }
+        // Making the mount point would walk a mount this loop serves.
+        if fuse::under_active(dir) {
+            return Err(ReqError::BadRequest(format!("{} is inside another mount of this VM: mount {} outside it", path.display(), m.tag)));
+        }
         std::fs::create_dir_all(&path).map_err(|e| ReqError::from_io(&format!("create mount point {}", path.display()), &e))?;
         // What the mount will cover: handles on the roots of the mounts
         // below `dir`, taken while they are still reachable.
