@@ -71,6 +71,8 @@ for (const policy of ["opaque", "deny"] as const satisfies readonly SymlinkPolic
     let serial = 0;
     const worker = async (): Promise<void> => {
       while (running) {
+        // Requests arrive as I/O events in a VM: yield to them (and to the child's exit) each round.
+        await new Promise((r) => setImmediate(r));
         // What a path-based server would do: this one does reach outside (the race is real).
         try {
           if (readFileSync(join(mnt, "d", "f"), "utf8").startsWith(MARKER)) seen.naiveEscapes++;
