@@ -695,6 +695,63 @@ export class MountStream extends StreamBase {
   }
 }
 
+/**
+ * The session's LOGS stream: output of guest processes no stream reads any
+ * more (detached by a new session, or background children of a finished
+ * exec), as LOG frames. The host stores every chunk at once (a bounded
+ * ring, src/vm/logs.ts), so the window is credited back on receipt: the
+ * window only paces an honest agent. Does not hold the event loop.
+ */
+export class LogStream extends StreamBase {
+  override readonly background = true;
+  /** One chunk; `data` is a view valid only during the call. */
+  onLog: (pid: number, channel: OutputChannel, data: Buffer, droppedBytes: number) => void = () => undefined;
+  /** The stream ended: `err` when the agent refused it or the connection died. */
+  onEnd: (err?: Error) => void = () => undefined;
+  private recv = new Receiver();
+
+  onFrame(f: Frame): string | undefined {
+    switch (f.type) {
+      case MsgType.LOG: {
+        if (f.flags !== 0) return `LOG with flags ${f.flags}`;
+        const r = new RecordReader(f.payload);
+        const pid = r.u32(Tag.LOG.pid);
+        const channel = r.u32(Tag.LOG.channel);
+        const data = r.bytes(Tag.LOG.data);
+        const dropped = r.u64(Tag.LOG.dropped) ?? 0n;
+        if (pid === undefined || data === undefined || (channel !== 1 && channel !== 2)) return "LOG without pid, data or a channel of 1 or 2";
+        const bad = this.recv.take(data.length);
+        if (bad) return bad;
+        this.onLog(pid, channel, data, dropped > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(dropped));
+        this.conn._credit(this.id, 1, this.recv.credit(data.length));
+        return undefined;
+      }
+      case MsgType.OK:
+        this.finish();
+        this.onEnd();
+        return undefined;
+      case MsgType.ERROR: {
+        const e = agentErrorFrom(f.payload);
+        this.finish();
+        this.fail(e);
+        return undefined;
+      }
+      default:
+        return `${typeName(f.type) ?? f.type} on a LOGS stream`;
+    }
+  }
+
+  fail(err: Error): void {
+    this.onEnd(err);
+  }
+
+  /** Closes the stream (the agent keeps buffering for a later one). */
+  close(): void {
+    if (this.done) return;
+    this.conn._send(MsgType.CANCEL, 0, this.id);
+  }
+}
+
 export class TcpStream extends StreamBase {
   readonly connected: Promise<void>;
   /** Resolves when the stream has ended: "closed" (both sides done) or "reset". */
@@ -853,6 +910,7 @@ const ALLOWED_FROM_AGENT = new Set<number>([
   MsgType.ERROR,
   MsgType.MOUNTED,
   MsgType.FUSE,
+  MsgType.LOG,
 ]);
 
 export class AgentConnection {
@@ -1436,6 +1494,13 @@ export class AgentConnection {
     const s = this.open((id) => new MountStream(this, id));
     s.armDeadline(this.deadlines.requestMs, "MOUNT");
     this._send(MsgType.MOUNT, 0, s.id, r.build());
+    return s;
+  }
+
+  /** LOGS: opens the session's log stream (agent feature `logs`; one per session). */
+  logs(): LogStream {
+    const s = this.open((id) => new LogStream(this, id));
+    this._send(MsgType.LOGS, 0, s.id);
     return s;
   }
 

@@ -43,6 +43,7 @@ import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type Workload
 import { ExecChild } from "./exec-child.js";
 import { collectOutput } from "./exec-collect.js";
 import { ExecProxy } from "./exec-proxy.js";
+import { LOG_BUFFER_BYTES, LogRing, type LogReader } from "./logs.js";
 import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutput, type ValidExec } from "./options.js";
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
@@ -396,6 +397,7 @@ export class Vm {
   private children = new Set<ExecChild>();
   /** The execPath socket, once asked for. */
   private proxy: ExecProxy | undefined;
+  private logRing: LogRing | undefined;
   private closing: Promise<void> | undefined;
   /** Mounts registered with the agent. */
   private mounts: MountAttachment[] = [];
@@ -673,6 +675,32 @@ export class Vm {
     return this.qemu.consoleTail(maxBytes);
   }
 
+  /**
+   * Output of guest processes that no exec or spawn reads any more, as a
+   * Readable (object mode) of {@link LogEntry} labelled with pid and stream:
+   * a server a warmup started with `vm.spawn` and left running (in a VM
+   * restored from the image its ExecChild is gone), or a background child
+   * of a finished exec. Starts with what the agent and the host still hold
+   * (the guest keeps the newest 256 KiB while nobody reads, the host the
+   * newest {@link LOG_BUFFER_BYTES} per VM; `droppedBytes` counts what was
+   * lost). Each call gives a new reader; every reader ends when the VM ends
+   * or goes back to its pool. Reading does not hold the event loop open.
+   * Output of processes started by exec/spawn on this Vm goes to them, not
+   * here; the workload's (ENTRYPOINT) goes to the guest console
+   * ({@link consoleTail}). See docs/logs.md.
+   */
+  logs(): LogReader {
+    this.ensureUsable();
+    if (!this.conn.info?.features.includes("logs")) {
+      throw new AgentError(
+        7,
+        `the guest agent of VM ${this.id} (version ${this.agentVersion}) has no log stream (agent feature "logs"): the image was baked with an older supermachine; rebuild it (Image.build with a new warmupTag, or remove the snapshot)`,
+      );
+    }
+    if (!this.logRing || this.logRing.done) this.logRing = new LogRing(this.conn.logs());
+    return this.logRing.reader();
+  }
+
   private died(err: Error): void {
     if (this.state === "closed" || this.state === "dead") return;
     const e =
@@ -938,6 +966,8 @@ export class Vm {
    * bring-your-own-client sessions (the next holder gets a new execPath).
    */
   endSessions(err: Error): void {
+    this.logRing?.close();
+    this.logRing = undefined;
     for (const c of this.children) c._end(err);
     this.children.clear();
     this.proxy?.close();
