@@ -384,6 +384,7 @@ impl Agent {
                 }
             }
             ty::SIGNAL => self.exec.signal(id, p),
+            ty::DETACH => self.exec.detach(&mut self.io, id),
             ty::RESIZE => self.exec.resize(id, p),
             ty::CANCEL => {
                 self.exec.cancel(id);

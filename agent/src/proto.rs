@@ -26,6 +26,7 @@ pub mod ty {
     pub const SIGNAL: u8 = 0x13;
     pub const RESIZE: u8 = 0x14;
     pub const CANCEL: u8 = 0x15;
+    pub const DETACH: u8 = 0x16;
     pub const DATA: u8 = 0x20;
     pub const EOF: u8 = 0x21;
     pub const WINDOW: u8 = 0x22;
@@ -58,6 +59,7 @@ pub mod ty {
             SIGNAL => "SIGNAL",
             RESIZE => "RESIZE",
             CANCEL => "CANCEL",
+            DETACH => "DETACH",
             DATA => "DATA",
             EOF => "EOF",
             WINDOW => "WINDOW",

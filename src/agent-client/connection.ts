@@ -307,6 +307,7 @@ export class ExecStream extends StreamBase {
   private resolveExit!: (e: ExitInfo) => void;
   private rejectExit!: (e: Error) => void;
   private resolveStarted!: (pid: number) => void;
+  private detachError: Error | undefined;
   private rejectStarted!: (e: Error) => void;
 
   constructor(conn: AgentConnection, id: number) {
@@ -381,6 +382,18 @@ export class ExecStream extends StreamBase {
         });
         return undefined;
       }
+      case MsgType.OK: {
+        if (!this.detachError) return "OK on an exec stream that was not detached";
+        for (const ch of [1, 2] as const) {
+          if (!this.out[ch].eof) {
+            this.out[ch].eof = true;
+            this.onEof(ch);
+          }
+        }
+        this.finish();
+        this.fail(this.detachError);
+        return undefined;
+      }
       case MsgType.ERROR: {
         const e = agentErrorFrom(f.payload);
         this.finish();
@@ -427,6 +440,17 @@ export class ExecStream extends StreamBase {
   resize(cols: number, rows: number): void {
     if (this.done) return;
     this.conn._send(MsgType.RESIZE, 0, this.id, new RecordBuilder().u32(Tag.RESIZE.cols, cols).u32(Tag.RESIZE.rows, rows).build());
+  }
+
+  /**
+   * DETACH: stops reading the process, which keeps running; its output goes
+   * to the session's log stream from now on. The stream ends (with OK);
+   * what is pending fails with `err`.
+   */
+  detach(err: Error): void {
+    if (this.done) return;
+    this.detachError = err;
+    this.conn._send(MsgType.DETACH, 0, this.id);
   }
 
   /** Kills the process tree; the stream still ends with EXIT. */

@@ -523,7 +523,8 @@ export class Image {
         // The stage is gone: the handoff VM's disk (same inode) now lives under dir.
         vm.launch.rootfsImage = join(dir, "rootfs.erofs");
         // The bake VM lives on as the first VM handed out (warm handoff); it
-        // must look like a restored one.
+        // must look like a restored one: the warmup's processes detached.
+        vm._detachChildren();
         if (workload && workload.startAt === "restore") await startWorkload(vm, workload);
         phase("done");
         return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm, recipe: options, network: v.network, imageCmd, mounts: v.mounts });

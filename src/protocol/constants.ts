@@ -27,6 +27,7 @@ export const MsgType = {
   SIGNAL: 0x13,
   RESIZE: 0x14,
   CANCEL: 0x15,
+  DETACH: 0x16,
   DATA: 0x20,
   EOF: 0x21,
   WINDOW: 0x22,

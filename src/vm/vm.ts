@@ -954,6 +954,19 @@ export class Vm {
     await this.close();
   }
 
+  /**
+   * @internal The bake is over and this VM is handed out as the image's
+   * first: processes the warmup spawned keep running, detached as in every
+   * VM restored from the snapshot (their output goes to {@link logs}); their
+   * ExecChild objects reject further use. Needs agent feature `logs`.
+   */
+  _detachChildren(): void {
+    if (!this.conn.info?.features.includes("logs")) return;
+    const err = new ClosedError(`the process was detached when the image was baked (VM ${this.id}); its output goes to vm.logs()`);
+    for (const c of this.children) c._detach(err);
+    this.children.clear();
+  }
+
   /** @internal Stops this VM's TCP forwarders (the VM changes hands). */
   stopForwarders(): void {
     for (const f of this.forwarders) f.destroy();

@@ -117,6 +117,30 @@ impl ExecService {
         }
     }
 
+    /// DETACH: the host stops reading this exec. The process keeps running
+    /// as if its session had ended (its output goes to the logs service);
+    /// the stream ends with OK.
+    pub fn detach(&mut self, io: &mut Io, id: u32) {
+        let mut e = match self.streams.remove(&id) {
+            Some(e) => e,
+            // Already finished (its EXIT raced this frame): nothing to do.
+            None => return,
+        };
+        if let Some(fd) = e.stdin.take() {
+            io.remove(fd.raw());
+        }
+        for (i, ch) in e.out.iter_mut().enumerate() {
+            if let Some(fd) = ch.fd.take() {
+                io.remove(fd.raw());
+                self.orphans.push(Orphan { pid: e.label_pid, channel: i as u8 + 1, fd });
+            }
+        }
+        if e.pid > 0 {
+            self.pids.remove(&e.pid);
+        }
+        io.send_record(ty::OK, id, Record::new());
+    }
+
     pub fn cancel(&mut self, id: u32) {
         if let Some(e) = self.streams.get_mut(&id) {
             e.killed = true;
