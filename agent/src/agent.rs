@@ -169,6 +169,9 @@ impl Agent {
         for o in self.exec.orphans.drain(..) {
             self.logs.adopt(&mut self.io, o);
         }
+        for o in self.workload.orphans.drain(..) {
+            self.logs.adopt(&mut self.io, o);
+        }
         self.logs.flush(&mut self.io);
     }
 

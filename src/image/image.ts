@@ -707,8 +707,11 @@ async function waitListener(vm: Vm, port: number, timeoutMs: number): Promise<vo
   try {
     await vm.conn.waitListen(port, timeoutMs);
   } catch (e) {
+    const output = await vm._logsTail().catch(() => "");
     throw new TimeoutError(
-      `listenerRequired: nothing listened on guest port ${port} within ${timeoutMs} ms of starting the workload. Check guestPort, the workload's command (cmd), or raise listenerTimeoutMs.\n--- guest console (tail) ---\n${vm.consoleTail()}`,
+      `listenerRequired: nothing listened on guest port ${port} within ${timeoutMs} ms of starting the workload. Check guestPort, the workload's command (cmd), or raise listenerTimeoutMs.\n` +
+        (output ? `--- workload output (tail) ---\n${output}\n` : "") +
+        `--- guest console (tail) ---\n${vm.consoleTail()}`,
       timeoutMs,
       { cause: e },
     );

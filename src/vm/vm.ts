@@ -43,7 +43,8 @@ import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type Workload
 import { ExecChild } from "./exec-child.js";
 import { collectOutput } from "./exec-collect.js";
 import { ExecProxy } from "./exec-proxy.js";
-import { LOG_BUFFER_BYTES, LogRing, type LogReader } from "./logs.js";
+import { LOG_BUFFER_BYTES, LogRing, type LogEntry, type LogReader } from "./logs.js";
+import { guestText } from "../guest-text.js";
 import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutput, type ValidExec } from "./options.js";
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
@@ -676,18 +677,19 @@ export class Vm {
   }
 
   /**
-   * Output of guest processes that no exec or spawn reads any more, as a
-   * Readable (object mode) of {@link LogEntry} labelled with pid and stream:
-   * a server a warmup started with `vm.spawn` and left running (in a VM
-   * restored from the image its ExecChild is gone), or a background child
-   * of a finished exec. Starts with what the agent and the host still hold
-   * (the guest keeps the newest 256 KiB while nobody reads, the host the
-   * newest {@link LOG_BUFFER_BYTES} per VM; `droppedBytes` counts what was
-   * lost). Each call gives a new reader; every reader ends when the VM ends
-   * or goes back to its pool. Reading does not hold the event loop open.
-   * Output of processes started by exec/spawn on this Vm goes to them, not
-   * here; the workload's (ENTRYPOINT) goes to the guest console
-   * ({@link consoleTail}). See docs/logs.md.
+   * The VM's logs: the output of the workload (the image's ENTRYPOINT + CMD,
+   * started by the image) and of guest processes that no exec or spawn
+   * reads any more (a server a warmup started with `vm.spawn` and left
+   * running: in the VMs of the image its ExecChild is gone; a background
+   * child of a finished exec), as a Readable (object mode) of
+   * {@link LogEntry} labelled with pid and stream. Starts with what the
+   * agent and the host still hold (the guest keeps the newest 256 KiB while
+   * nobody reads, the workload's start-up lines from before the snapshot
+   * included; the host the newest {@link LOG_BUFFER_BYTES} per VM;
+   * `droppedBytes` counts what was lost). Each call gives a new reader;
+   * every reader ends when the VM ends or goes back to its pool. Reading
+   * does not hold the event loop open. Output of processes started by
+   * exec/spawn on this Vm goes to them, not here. See docs/logs.md.
    */
   logs(): LogReader {
     this.ensureUsable();
@@ -952,6 +954,30 @@ export class Vm {
    */
   async release(): Promise<void> {
     await this.close();
+  }
+
+  /**
+   * @internal The tail of what {@link logs} holds now (waiting up to
+   * `waitMs` for the agent to send what it kept), as printable text, for
+   * error messages (a workload that never listened). "" when there is none.
+   */
+  async _logsTail(waitMs = 1_000, maxBytes = 4096): Promise<string> {
+    if (this.state !== "ready" || !this.conn.info?.features.includes("logs")) return "";
+    const reader = this.logs();
+    const chunks: Buffer[] = [];
+    await new Promise<void>((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        reader.destroy();
+        resolve();
+      };
+      const timer = setTimeout(done, waitMs);
+      reader.on("data", (e: LogEntry) => chunks.push(e.data));
+      reader.once("end", done);
+      reader.once("error", done);
+    });
+    const all = Buffer.concat(chunks);
+    return guestText(all.subarray(Math.max(0, all.length - maxBytes)).toString("utf8"), { maxChars: maxBytes, keep: "tail" });
   }
 
   /**

@@ -102,6 +102,53 @@ describe("vm.logs() of a VM restored from a snapshot", { timeout: 3 * VM_TEST_TI
   });
 });
 
+describe("vm.logs() of an image's workload", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
+  let snapshotsDir: string;
+  let image: Image;
+
+  before(async () => {
+    snapshotsDir = await mkdtemp(join(tmpdir(), "sm-logs-wl-"));
+    image = await Image.build({
+      ref: `dir:${await defaultRootfs()}`,
+      snapshotsDir,
+      warmupTag: `logs-workload-${randomBytes(3).toString("hex")}`,
+      // A server that says hello, warns on stderr and beats (bounded: 10 minutes).
+      cmd: ["sh", "-c", "echo serving; echo warn >&2; (i=0; while [ $i -lt 600 ]; do echo beat; i=$((i+1)); sleep 1; done) & exec httpd -f -p 80 -h /etc"],
+      guestPort: 80,
+      listenerRequired: true,
+    });
+  });
+
+  after(async () => {
+    await image?.close();
+    if (snapshotsDir) await rm(snapshotsDir, { recursive: true, force: true });
+  });
+
+  it("a restored VM's logs start with the workload's lines from before the snapshot, then what it prints after", async () => {
+    assert.equal(image.baked, true);
+    const pool = await image.pool({ min: 1, max: 2 });
+    try {
+      const vms = [await pool.acquire(), await pool.acquire()];
+      try {
+        const vm = vms[1]!; // restored from the snapshot
+        const seen = await readUntil(vm.logs(), (all) => (text(all, "stdout").match(/^beat$/gm) ?? []).length >= 2 && text(all, "stderr").includes("warn\n"), 120_000, "the workload's lines");
+        assert.ok(text(seen, "stdout").startsWith("serving\n"), `stdout starts with the start-up line: ${JSON.stringify(text(seen, "stdout").slice(0, 40))}`);
+        assert.equal(text(seen, "stderr"), "warn\n");
+        const pids = new Set(seen.map((e) => e.pid));
+        assert.equal(pids.size, 1, "one workload, one pid label");
+        assert.ok([...pids][0]! > 1);
+        // The server works, and its exec path is untouched.
+        const r = await vm.exec({ argv: ["wget", "-qO-", "http://127.0.0.1:80/passwd"] });
+        assert.match(r.stdout.toString(), /^root:/);
+      } finally {
+        for (const vm of vms) await vm.release();
+      }
+    } finally {
+      await pool.shutdown();
+    }
+  });
+});
+
 describe("vm.logs() under a flood", { timeout: VM_TEST_TIMEOUT }, () => {
   it("background output of a finished exec comes out, the host keeps at most LOG_BUFFER_BYTES, and data plus droppedBytes add up", async () => {
     const vm = await bootDefault();

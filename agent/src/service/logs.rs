@@ -3,7 +3,8 @@
 //! A process started by EXEC whose session ended (a new HELLO: the host
 //! went away, or a clone restored from a snapshot) keeps running detached,
 //! and a background child that still holds an exec's pipes after the exec
-//! finished keeps writing. Their pipes come here. The service always reads
+//! finished keeps writing; and the workload (WORKLOAD_START) from its
+//! start. Their pipes come here. The service always reads
 //! them (a writer never blocks on a full pipe, as before), labels each chunk
 //! with the pid of the exec it came from and the channel, and sends it as
 //! LOG frames on the session's LOGS stream under its channel-1 window. With
@@ -66,14 +67,12 @@ impl LogService {
         self.sources.insert(t, o);
     }
 
-    /// A new session: the old one's stream is gone, and so is what it was
-    /// sent (in a clone: output from before the snapshot). Sources stay.
+    /// A new session: the old one's stream is gone. Sources and what no
+    /// host was sent yet stay (in a clone: the workload's output from
+    /// before the snapshot, e.g. its start-up lines).
     pub fn reset(&mut self) {
         self.stream = None;
         self.credit = 0;
-        self.pending.clear();
-        self.pending_bytes = 0;
-        self.dropped = 0;
     }
 
     /// LOGS: opens the session's log stream (one per session).
