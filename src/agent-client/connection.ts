@@ -972,6 +972,17 @@ export class AgentConnection {
   private refed = true;
   /** Pings a caller waits for (liveness probes do not count). */
   private heldPings = 0;
+  /** Callers waiting on a background stream (a log reader in a read). */
+  private holds = 0;
+
+  /**
+   * @internal A caller waits for a background stream's data (+1) or stopped
+   * waiting (-1): while any does, the socket holds the event loop.
+   */
+  _hold(delta: 1 | -1): void {
+    this.holds = Math.max(0, this.holds + delta);
+    this.updateRef();
+  }
 
   private constructor(sock: Socket, limits?: Partial<AgentLimits>, deadlines?: Partial<AgentDeadlines>) {
     this.sock = sock;
@@ -1128,11 +1139,12 @@ export class AgentConnection {
   /**
    * The socket holds Node's event loop only while the host waits for the
    * guest: open streams (exec, spawn, files, TCP), pings a caller awaits, the
-   * handshake. An idle VM (in a pool, or stashed by a bake) then does not
-   * keep a script from exiting.
+   * handshake, a caller waiting on a background stream ({@link _hold}). An
+   * idle VM (in a pool, or stashed by a bake) then does not keep a script
+   * from exiting.
    */
   private updateRef(): void {
-    const busy = this.error === undefined && (this.streams.size > this.backgroundStreams || this.heldPings > 0 || this.hello !== undefined);
+    const busy = this.error === undefined && (this.streams.size > this.backgroundStreams || this.heldPings > 0 || this.holds > 0 || this.hello !== undefined);
     if (busy === this.refed) return;
     this.refed = busy;
     // (A plain Duplex, as the fuzzer's, has neither.)

@@ -54,6 +54,8 @@ export class LogRing {
   private totalBytes = 0;
   private ended = false;
   private readonly readers = new Set<LogReader>();
+  /** Readers waiting in a read (someone consumes them): they hold the event loop. */
+  private waiting = 0;
 
   constructor(
     private readonly stream: LogStream,
@@ -120,6 +122,14 @@ export class LogRing {
     this.readers.delete(r);
   }
 
+  /** @internal A reader starts (+1) or stops (-1) waiting for entries. */
+  _waiting(delta: 1 | -1): void {
+    const before = this.waiting;
+    this.waiting = Math.max(0, this.waiting + delta);
+    if (before === 0 && this.waiting > 0) this.stream.conn._hold(1);
+    else if (before > 0 && this.waiting === 0) this.stream.conn._hold(-1);
+  }
+
   /** Ends every reader, after the entries it has not read yet. */
   end(): void {
     if (this.ended) return;
@@ -138,8 +148,10 @@ export class LogRing {
 /**
  * A Readable (object mode) of {@link LogEntry}: `for await (const e of vm.logs())`.
  * It ends when the VM ends (released, closed, destroyed or dead) or changes
- * hands in a pool, after the entries it had not read yet. It never holds the
- * event loop open by itself; `destroy()` it to stop reading early.
+ * hands in a pool, after the entries it had not read yet. Like a read of a
+ * spawned process, it holds the event loop only while a consumer waits for
+ * its next entry (`for await`, a `'data'` listener); an unread or paused
+ * reader does not. `destroy()` it to stop reading early.
  */
 export class LogReader extends Readable {
   private waiting = false;
@@ -150,16 +162,18 @@ export class LogReader extends Readable {
     private seq: number,
     private offset: number,
   ) {
-    super({ objectMode: true, highWaterMark: 16 });
+    // No read-ahead: _read runs only when a consumer asks, so "waiting"
+    // means someone waits (and holds the event loop), never a prefetch.
+    super({ objectMode: true, highWaterMark: 0 });
   }
 
   override _read(): void {
-    this.waiting = false;
+    this.setWaiting(false);
     for (;;) {
       const e = this.ring._at(this.seq);
       if (e === undefined) {
         if (this.ring.done) this.push(null);
-        else this.waiting = true;
+        else this.setWaiting(true);
         return;
       }
       const lost = e.offset - e.agentDropped - this.offset;
@@ -180,7 +194,15 @@ export class LogReader extends Readable {
     if (this.waiting) this._read();
   }
 
+  /** A consumer waits for entries: hold the event loop as a read of a spawned process does. */
+  private setWaiting(w: boolean): void {
+    if (w === this.waiting) return;
+    this.waiting = w;
+    this.ring._waiting(w ? 1 : -1);
+  }
+
   override _destroy(err: Error | null, cb: (error?: Error | null) => void): void {
+    this.setWaiting(false);
     this.ring._forget(this);
     cb(err);
   }

@@ -12,11 +12,12 @@ import { randomBytes } from "node:crypto";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { spawn } from "node:child_process";
 import { after, before, describe, it } from "node:test";
 import { ClosedError } from "../../src/errors.js";
 import { Image } from "../../src/image/image.js";
 import { LOG_BUFFER_BYTES, type LogEntry, type LogReader, type LogRing } from "../../src/vm/logs.js";
-import { VM_TEST_TIMEOUT, bootDefault, defaultRootfs } from "../helpers.js";
+import { REPO_ROOT, VM_TEST_TIMEOUT, bootDefault, defaultRootfs, pidsMatching, processAlive } from "../helpers.js";
 
 /** Reads entries until `done(entries)` holds, or fails after `timeoutMs`. */
 async function readUntil(reader: LogReader, done: (all: LogEntry[]) => boolean, timeoutMs: number, what: string): Promise<LogEntry[]> {
@@ -212,5 +213,43 @@ describe("vm.logs() under a flood", { timeout: VM_TEST_TIMEOUT }, () => {
     for await (const e of reader) rest.push(e);
     assert.ok(reader.readableEnded);
     assert.throws(() => vm.logs(), ClosedError);
+  });
+});
+
+describe("vm.logs() and the event loop", { timeout: VM_TEST_TIMEOUT }, () => {
+  it("a script awaiting a VM's logs waits for them, then (the reader unread, the VM left open) exits by itself, leaving no QEMU", async () => {
+    const work = await mkdtemp(join(tmpdir(), "sm-logs-exit-"));
+    try {
+      const runtimeDir = join(work, "rt");
+      const dist = join(REPO_ROOT, "dist", "src");
+      const script =
+        `import { Vm } from ${JSON.stringify(join(dist, "index.js"))};\n` +
+        `import { DEFAULT_IMAGE_CONFIG } from ${JSON.stringify(join(dist, "guest", "default-image.js"))};\n` +
+        `const vm = await Vm.boot({ rootfs: ${JSON.stringify(await defaultRootfs())}, config: DEFAULT_IMAGE_CONFIG });\n` +
+        `const reader = vm.logs();\n` +
+        `await vm.exec({ argv: ["sh", "-c", "(while :; do echo bg; sleep 1; done) & exit 0"] });\n` +
+        `for await (const e of reader.iterator({ destroyOnReturn: false })) { console.log("GOT " + e.data.toString().trim()); break; }\n` +
+        `console.log("LAST LINE");\n`;
+      const file = join(work, "script.mjs");
+      await (await import("node:fs/promises")).writeFile(file, script);
+      const child = spawn(process.execPath, [file], { env: { ...process.env, SUPERMACHINE_RUNTIME_DIR: runtimeDir }, stdio: ["ignore", "pipe", "pipe"] });
+      let stdout = "";
+      let stderr = "";
+      let killer: NodeJS.Timeout | undefined;
+      child.stdout.on("data", (b: Buffer) => {
+        stdout += b.toString();
+        if (!killer && stdout.includes("LAST LINE")) killer = setTimeout(() => child.kill("SIGKILL"), 30_000);
+      });
+      child.stderr.on("data", (b: Buffer) => (stderr += b.toString()));
+      const [code, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((r) => child.once("exit", (c, sg) => r([c, sg])));
+      if (killer) clearTimeout(killer);
+      assert.match(stdout, /^GOT bg$/m, `stdout: ${stdout}\nstderr: ${stderr}`);
+      assert.equal(signal, null, `the script did not exit within 30 s of its last line (killed)\nstderr: ${stderr}`);
+      assert.equal(code, 0, stderr);
+      const left = pidsMatching(new RegExp(`qemu-system.*${runtimeDir.replace(/[.*+?^${}()|[\]\\]/g, "\\$&")}`)).filter(processAlive);
+      assert.deepEqual(left, [], "no QEMU left behind");
+    } finally {
+      await rm(work, { recursive: true, force: true });
+    }
   });
 });
