@@ -30,6 +30,12 @@ export interface ProxyRoute {
   readonly url: URL;
   /** The environment variable it came from, e.g. "HTTPS_PROXY" or "https_proxy". */
   readonly variable: string;
+  /**
+   * Set when the variable holds no usable proxy (a socks5:// URL, garbage):
+   * thrown only when a request would go through it, so that loopback and
+   * NO_PROXY hosts still work.
+   */
+  readonly error?: ProxyError;
 }
 
 /** One NO_PROXY entry, parsed. */
@@ -62,16 +68,20 @@ function parseProxyUrl(value: string, variable: string): ProxyRoute {
   try {
     url = new URL(/^[a-z][a-z0-9+.-]*:\/\//i.test(value) ? value : `http://${value}`);
   } catch {
-    throw new ProxyError(`${variable} is not a proxy URL (${JSON.stringify(redactedString(value))}); set it to http://[user:password@]host:port`, redactedString(value), variable);
+    const error = new ProxyError(`${variable} is not a proxy URL (${JSON.stringify(redactedString(value))}); set it to http://[user:password@]host:port`, redactedString(value), variable);
+    return { url: new URL("http://invalid.invalid"), variable, error };
   }
   if (url.protocol !== "http:") {
-    throw new ProxyError(
-      `${variable} names a ${url.protocol.replace(/:$/, "")} proxy (${redactedProxy(url)}); only http:// proxies are supported (https targets are tunnelled with CONNECT through them): set ${variable} to http://host:port`,
+    const error = new ProxyError(
+      `${variable} names a ${url.protocol.replace(/:$/, "")} proxy (${redactedProxy(url)}); only http:// proxies are supported (https targets are tunnelled with CONNECT through them): set ${variable} to http://host:port, or list the registry in NO_PROXY`,
       redactedProxy(url),
       variable,
     );
+    return { url, variable, error };
   }
-  if (url.hostname === "") throw new ProxyError(`${variable} has no host (${redactedProxy(url)}); set it to http://host:port`, redactedProxy(url), variable);
+  if (url.hostname === "") {
+    return { url, variable, error: new ProxyError(`${variable} has no host (${redactedProxy(url)}); set it to http://host:port`, redactedProxy(url), variable) };
+  }
   return { url, variable };
 }
 
@@ -137,7 +147,7 @@ function normalizeIpv6(address: string): string {
   }
 }
 
-/** Reads the proxy variables of `env` (throws ProxyError for a proxy URL we cannot use). */
+/** Reads the proxy variables of `env` (a proxy URL we cannot use fails the requests that would use it). */
 export function proxySettingsFromEnv(env: Env = process.env): ProxySettings {
   const all = pick(env, "all_proxy");
   const https = pick(env, "https_proxy") ?? all;
@@ -179,10 +189,14 @@ export function bypassesProxy(noProxy: readonly NoProxyRule[], target: URL): boo
   return false;
 }
 
-/** The proxy to use for `target`, or undefined for a direct connection. */
+/**
+ * The proxy to use for `target`, or undefined for a direct connection.
+ * Throws the ProxyError of a variable that holds no usable proxy.
+ */
 export function proxyFor(settings: ProxySettings, target: URL): ProxyRoute | undefined {
   const route = target.protocol === "https:" ? settings.https : target.protocol === "http:" ? settings.http : undefined;
   if (route === undefined || bypassesProxy(settings.noProxy, target)) return undefined;
+  if (route.error) throw route.error;
   return route;
 }
 

@@ -183,11 +183,16 @@ describe("proxy settings from the environment", () => {
     assert.equal(none.http, undefined);
   });
 
-  test("a proxy URL of another scheme is refused, naming the variable", () => {
+  test("a proxy URL of another scheme fails the requests that would use it, naming the variable; loopback and NO_PROXY hosts still go direct", () => {
+    const s = proxySettingsFromEnv({ HTTPS_PROXY: "socks5://user:secret@proxy.example:1080", NO_PROXY: "internal.example" });
     assert.throws(
-      () => proxySettingsFromEnv({ HTTPS_PROXY: "socks5://user:secret@proxy.example:1080" }),
-      (e: unknown) => e instanceof ProxyError && e.variable === "HTTPS_PROXY" && /HTTPS_PROXY/.test(e.message) && !e.message.includes("secret"),
+      () => proxyFor(s, new URL("https://registry.example/v2/")),
+      (e: unknown) => e instanceof ProxyError && e.variable === "HTTPS_PROXY" && /only http:\/\/ proxies/.test(e.message) && !e.message.includes("secret"),
     );
+    assert.equal(proxyFor(s, new URL("https://127.0.0.1:5000/v2/")), undefined);
+    assert.equal(proxyFor(s, new URL("https://internal.example/v2/")), undefined);
+    const bad = proxySettingsFromEnv({ http_proxy: "http://[::1" });
+    assert.throws(() => proxyFor(bad, new URL("http://registry.example/v2/")), (e: unknown) => e instanceof ProxyError && /http_proxy is not a proxy URL/.test(e.message));
   });
 
   test("NO_PROXY: suffixes with or without a dot, host:port, IPs, CIDR, *; loopback always direct", () => {
