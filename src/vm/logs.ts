@@ -16,11 +16,12 @@
 import { Readable } from "node:stream";
 import type { LogStream, OutputChannel } from "../agent-client/connection.js";
 
-/** One chunk of a detached guest process's output. */
+/** One chunk of a detached guest process's output, or of the guest console. */
 export interface LogEntry {
-  /** The pid (in the guest) of the process its exec or spawn started. */
+  /** The pid (in the guest) of the process its exec or spawn started, or the workload's; 0 for the console. */
   readonly pid: number;
-  readonly stream: "stdout" | "stderr";
+  /** "console": what the guest kernel's serial console printed (only with `console: true`). */
+  readonly stream: "stdout" | "stderr" | "console";
   readonly data: Buffer;
   /**
    * Bytes lost just before this entry: dropped by the agent (its buffer of
@@ -30,6 +31,18 @@ export interface LogEntry {
   readonly droppedBytes: number;
 }
 
+/** Options of `vm.logs()`. */
+export interface LogsOptions {
+  /**
+   * Also the guest's serial console (kernel messages: an OOM kill, a
+   * panic; whatever a process writes to /dev/console), as entries of
+   * stream "console" and pid 0, from the first `vm.logs({ console: true })`
+   * on (earlier console output: `vm.consoleTail()`).
+   * @default false
+   */
+  readonly console?: boolean;
+}
+
 /** Host memory for a VM's log entries. */
 export const LOG_BUFFER_BYTES = 1024 * 1024;
 /** What one entry costs beyond its data (object, Buffer header). */
@@ -37,10 +50,13 @@ const ENTRY_OVERHEAD_BYTES = 128;
 
 interface Stored {
   readonly seq: number;
-  /** Data bytes (and agent drops) before this entry since the ring started. */
+  /** Process output bytes (and agent drops) before this entry since the ring started. */
   readonly offset: number;
+  /** Console bytes before this entry since the ring started. */
+  readonly consoleOffset: number;
   readonly pid: number;
-  readonly channel: OutputChannel;
+  /** 1 stdout, 2 stderr, 0 the console. */
+  readonly channel: OutputChannel | 0;
   readonly data: Buffer;
   readonly agentDropped: number;
 }
@@ -52,6 +68,10 @@ export class LogRing {
   private costBytes = 0;
   private nextSeq = 0;
   private totalBytes = 0;
+  private consoleBytes = 0;
+  private consolePending: Buffer[] = [];
+  private consolePendingBytes = 0;
+  private consoleTimer: NodeJS.Timeout | undefined;
   private ended = false;
   private readonly readers = new Set<LogReader>();
   /** Readers waiting in a read (someone consumes them): they hold the event loop. */
@@ -77,11 +97,38 @@ export class LogRing {
     return n;
   }
 
-  private push(pid: number, channel: OutputChannel, view: Buffer, agentDropped: number): void {
+  /**
+   * @internal A chunk of the guest console. A serial console arrives a few
+   * bytes at a time: chunks are gathered into lines (up to 4 KiB, or what
+   * came within 50 ms) so that one entry is not one byte.
+   */
+  _pushConsole(chunk: Buffer): void {
     if (this.ended) return;
+    this.consolePending.push(Buffer.from(chunk));
+    this.consolePendingBytes += chunk.length;
+    if (chunk.includes(0x0a) || this.consolePendingBytes >= 4096) this.flushConsole();
+    else if (!this.consoleTimer) {
+      this.consoleTimer = setTimeout(() => this.flushConsole(), 50);
+      this.consoleTimer.unref();
+    }
+  }
+
+  private flushConsole(): void {
+    if (this.consoleTimer) clearTimeout(this.consoleTimer);
+    this.consoleTimer = undefined;
+    if (this.consolePendingBytes === 0) return;
+    const all = Buffer.concat(this.consolePending, this.consolePendingBytes);
+    this.consolePending = [];
+    this.consolePendingBytes = 0;
+    this.push(0, 0, all, 0);
+  }
+
+  private push(pid: number, channel: OutputChannel | 0, view: Buffer, agentDropped: number): void {
+    if (this.ended || view.length === 0) return;
     this.totalBytes += agentDropped;
-    const e: Stored = { seq: this.nextSeq++, offset: this.totalBytes, pid, channel, data: Buffer.from(view), agentDropped };
-    this.totalBytes += view.length;
+    const e: Stored = { seq: this.nextSeq++, offset: this.totalBytes, consoleOffset: this.consoleBytes, pid, channel, data: Buffer.from(view), agentDropped };
+    if (channel === 0) this.consoleBytes += view.length;
+    else this.totalBytes += view.length;
     this.entries.push(e);
     this.costBytes += e.data.length + ENTRY_OVERHEAD_BYTES;
     while (this.costBytes > this.maxBytes && this.head < this.entries.length) {
@@ -104,15 +151,16 @@ export class LogRing {
     return this.entries[i];
   }
 
-  /** @internal Total data bytes before `seq` (for a reader that fell behind). */
-  get _totalBytes(): number {
-    return this.totalBytes;
-  }
-
   /** A new reader from the oldest entry still held. */
-  reader(): LogReader {
+  reader(console = false): LogReader {
     const first = this.entries[this.head];
-    const r = new LogReader(this, first ? first.seq : this.nextSeq, first ? first.offset - first.agentDropped : this.totalBytes);
+    const r = new LogReader(
+      this,
+      console,
+      first ? first.seq : this.nextSeq,
+      first ? first.offset - first.agentDropped : this.totalBytes,
+      first ? first.consoleOffset : this.consoleBytes,
+    );
     if (!this.ended) this.readers.add(r);
     return r;
   }
@@ -133,6 +181,7 @@ export class LogRing {
   /** Ends every reader, after the entries it has not read yet. */
   end(): void {
     if (this.ended) return;
+    this.flushConsole();
     this.ended = true;
     for (const r of this.readers) r._wake();
     this.readers.clear();
@@ -155,12 +204,16 @@ export class LogRing {
  */
 export class LogReader extends Readable {
   private waiting = false;
+  /** Process output lost before console entries this reader skipped. */
+  private lostBefore = 0;
 
   /** @internal */
   constructor(
     private readonly ring: LogRing,
+    private readonly console: boolean,
     private seq: number,
     private offset: number,
+    private consoleOffset: number,
   ) {
     // No read-ahead: _read runs only when a consumer asks, so "waiting"
     // means someone waits (and holds the event loop), never a prefetch.
@@ -176,15 +229,23 @@ export class LogReader extends Readable {
         else this.setWaiting(true);
         return;
       }
-      const lost = e.offset - e.agentDropped - this.offset;
+      // Bytes evicted from the ring between this reader's position and e.
+      const lost = this.lostBefore + Math.max(0, e.offset - e.agentDropped - this.offset);
+      const lostConsole = this.console ? Math.max(0, e.consoleOffset - this.consoleOffset) : 0;
+      this.seq = e.seq + 1;
+      this.offset = e.channel === 0 ? e.offset : e.offset + e.data.length;
+      this.consoleOffset = e.channel === 0 ? e.consoleOffset + e.data.length : e.consoleOffset;
+      if (e.channel === 0 && !this.console) {
+        this.lostBefore = lost + e.agentDropped;
+        continue;
+      }
+      this.lostBefore = 0;
       const entry: LogEntry = {
         pid: e.pid,
-        stream: e.channel === 1 ? "stdout" : "stderr",
+        stream: e.channel === 0 ? "console" : e.channel === 1 ? "stdout" : "stderr",
         data: e.data,
-        droppedBytes: e.agentDropped + Math.max(0, lost),
+        droppedBytes: e.agentDropped + lost + lostConsole,
       };
-      this.seq = e.seq + 1;
-      this.offset = e.offset + e.data.length;
       if (!this.push(entry)) return;
     }
   }

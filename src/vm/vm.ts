@@ -43,7 +43,7 @@ import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type Workload
 import { ExecChild } from "./exec-child.js";
 import { collectOutput } from "./exec-collect.js";
 import { ExecProxy } from "./exec-proxy.js";
-import { LOG_BUFFER_BYTES, LogRing, type LogEntry, type LogReader } from "./logs.js";
+import { LOG_BUFFER_BYTES, LogRing, type LogEntry, type LogReader, type LogsOptions } from "./logs.js";
 import { guestText } from "../guest-text.js";
 import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutput, type ValidExec } from "./options.js";
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
@@ -689,9 +689,12 @@ export class Vm {
    * `droppedBytes` counts what was lost). Each call gives a new reader;
    * every reader ends when the VM ends or goes back to its pool. Reading
    * does not hold the event loop open. Output of processes started by
-   * exec/spawn on this Vm goes to them, not here. See docs/logs.md.
+   * exec/spawn on this Vm goes to them, not here. With `console: true` the
+   * guest's serial console (kernel messages) is in it too. See docs/logs.md.
    */
-  logs(): LogReader {
+  logs(options: LogsOptions = {}): LogReader {
+    if (typeof options !== "object" || options === null) throw invalidOption("options", "an object such as { console: true }", options);
+    if (options.console !== undefined && typeof options.console !== "boolean") throw invalidOption("console", "a boolean", options.console);
     this.ensureUsable();
     if (!this.conn.info?.features.includes("logs")) {
       throw new AgentError(
@@ -699,8 +702,14 @@ export class Vm {
         `the guest agent of VM ${this.id} (version ${this.agentVersion}) has no log stream (agent feature "logs"): the image was baked with an older supermachine; rebuild it (Image.build with a new warmupTag, or remove the snapshot)`,
       );
     }
-    if (!this.logRing || this.logRing.done) this.logRing = new LogRing(this.conn.logs());
-    return this.logRing.reader();
+    if (!this.logRing || this.logRing.done) {
+      this.logRing = new LogRing(this.conn.logs());
+      this.qemu.onConsole = undefined;
+    }
+    const ring = this.logRing;
+    // The console goes into the ring only once a reader asked for it.
+    if (options.console === true) this.qemu.onConsole ??= (chunk) => ring._pushConsole(chunk);
+    return ring.reader(options.console === true);
   }
 
   private died(err: Error): void {
@@ -1007,6 +1016,7 @@ export class Vm {
   endSessions(err: Error): void {
     this.logRing?.close();
     this.logRing = undefined;
+    this.qemu.onConsole = undefined;
     for (const c of this.children) c._end(err);
     this.children.clear();
     this.proxy?.close();

@@ -34,7 +34,7 @@ async function readUntil(reader: LogReader, done: (all: LogEntry[]) => boolean, 
   }
 }
 
-const text = (entries: readonly LogEntry[], stream: "stdout" | "stderr"): string =>
+const text = (entries: readonly LogEntry[], stream: LogEntry["stream"]): string =>
   entries.filter((e) => e.stream === stream).map((e) => e.data.toString()).join("");
 
 describe("vm.logs() of a VM restored from a snapshot", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
@@ -193,6 +193,22 @@ describe("vm.logs() under a flood", { timeout: VM_TEST_TIMEOUT }, () => {
       const ok = await vm.exec({ argv: ["echo", "still fine"] });
       assert.equal(ok.stdout.toString(), "still fine\n");
       reader.destroy();
+    } finally {
+      await vm.destroy();
+    }
+  });
+
+  it("with console: true, the guest console is in the stream too (stream \"console\", pid 0); other readers do not see it", async () => {
+    const vm = await bootDefault();
+    try {
+      const plain = vm.logs();
+      const withConsole = vm.logs({ console: true });
+      assert.throws(() => vm.logs({ console: "yes" } as never), TypeError);
+      await vm.exec({ argv: ["sh", "-c", "echo to-the-console > /dev/console; (sleep 1; echo from-a-child) & exit 0"] });
+      const got = await readUntil(withConsole, (all) => text(all, "stdout").includes("from-a-child\n") && text(all, "console").includes("to-the-console"), 60_000, "the console line and the child's line");
+      for (const e of got.filter((x) => x.stream === "console")) assert.equal(e.pid, 0);
+      const plainGot = await readUntil(plain, (all) => text(all, "stdout").includes("from-a-child\n"), 30_000, "the child's line (plain reader)");
+      assert.ok(plainGot.every((e) => e.stream !== "console"), "a reader without console: true gets no console entries");
     } finally {
       await vm.destroy();
     }
