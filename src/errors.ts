@@ -28,6 +28,7 @@ export type ErrorCode =
   | "ERR_SM_IMAGE"
   | "ERR_SM_REGISTRY"
   | "ERR_SM_AUTH"
+  | "ERR_SM_PROXY"
   | "ERR_SM_NOT_FOUND"
   | "ERR_SM_DIGEST_MISMATCH"
   | "ERR_SM_PLATFORM"
@@ -315,6 +316,26 @@ export class AuthError extends SupermachineError {
     super("ERR_SM_AUTH", message, options);
     this.registry = registry;
     this.credentialSource = credentialSource;
+  }
+}
+
+/**
+ * The HTTP proxy taken from the environment (`HTTPS_PROXY`, `HTTP_PROXY`,
+ * `ALL_PROXY`, lower-case forms first) could not be used: unreachable,
+ * refused the tunnel (e.g. 407 without or with wrong credentials), or is of
+ * a kind we do not speak. `variable` names the environment variable to fix;
+ * `proxy` is its URL without credentials.
+ */
+export class ProxyError extends SupermachineError {
+  readonly proxy: string;
+  readonly variable: string;
+  /** The proxy's HTTP status when it answered (407, 403, 502, …). */
+  readonly status: number | undefined;
+  constructor(message: string, proxy: string, variable: string, status?: number, options?: SupermachineErrorOptions) {
+    super("ERR_SM_PROXY", message, options);
+    this.proxy = proxy;
+    this.variable = variable;
+    this.status = status;
   }
 }
 

@@ -30,6 +30,7 @@ export {
 export { ExecChild } from "./vm/exec-child.js";
 export { DEFAULT_LAYER_LIMITS, LAYER_LIMIT_ENV, type LayerLimits } from "./rootfs/limits.js";
 export { TcpForwarder } from "./vm/tcp-forwarder.js";
+export { LogReader, LOG_BUFFER_BYTES, type LogEntry, type LogsOptions } from "./vm/logs.js";
 export type { ExecOptions, ExecOutput, ExecWaitResult, StagedFileMode, Winsize } from "./vm/options.js";
 export { confinement, type ConfinementItem, type ConfinementReport } from "./vmm/confine.js";
 export { chooseAccelerator, type Accelerator, type AcceleratorOption, type AcceleratorChoice } from "./vmm/accel.js";

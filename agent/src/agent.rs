@@ -9,6 +9,7 @@ use crate::proto::{self, tag, ty, Record};
 use crate::service::exec::{self as exec_service, ExecService};
 use crate::service::files::FileService;
 use crate::service::freeze::FreezeService;
+use crate::service::logs::LogService;
 use crate::service::mounts::{MountService, TK_FUSE, TK_MOUNT_JOB};
 use crate::service::net::NetService;
 use crate::service::session::Session;
@@ -40,6 +41,7 @@ pub struct Agent {
     net: NetService,
     freeze: FreezeService,
     mounts: MountService,
+    logs: LogService,
 }
 
 fn find_port(name: &str) -> io::Result<PathBuf> {
@@ -91,6 +93,7 @@ pub fn run(boot: &BootReport) -> io::Result<()> {
         net: NetService::new(),
         freeze: FreezeService::new(),
         mounts: MountService::new(),
+        logs: LogService::new(),
     };
     a.io.add(a.sig.raw(), sys::EPOLLIN, TK_SIG);
     a.open_port()?;
@@ -112,6 +115,7 @@ impl Agent {
         let mut events = vec![sys::EpollEvent { events: 0, data: 0 }; 64];
         loop {
             self.read_port();
+            self.adopt_orphans();
             self.flush();
             let idle_work = self.exec.cgroups.has_idle_work();
             let timeout = if idle_work { 0 } else { self.next_timeout() };
@@ -146,7 +150,7 @@ impl Agent {
                     TK_OUT => self.exec.pump_out(&mut self.io, stream, ch),
                     TK_IN => self.exec.pump_in(&mut self.io, stream),
                     TK_TCP => self.tcp.event(&mut self.io, stream, bits),
-                    TK_DRAIN => self.exec.drain(&mut self.io, tok & 0xffff_ffff_ffff),
+                    TK_DRAIN => self.logs.event(&mut self.io, tok & 0xffff_ffff_ffff),
                     TK_FUSE => self.mounts.event(&mut self.io, stream),
                     TK_MOUNT_JOB => self.mounts.job_event(&mut self.io, stream),
                     _ => {}
@@ -159,6 +163,17 @@ impl Agent {
                 self.workload.poll_listen_waits(&mut self.io, now);
             }
         }
+    }
+
+    /// Output pipes the exec service let go of go to the logs service.
+    fn adopt_orphans(&mut self) {
+        for o in self.exec.orphans.drain(..) {
+            self.logs.adopt(&mut self.io, o);
+        }
+        for o in self.workload.orphans.drain(..) {
+            self.logs.adopt(&mut self.io, o);
+        }
+        self.logs.flush(&mut self.io);
     }
 
     fn next_timeout(&self) -> i32 {
@@ -320,11 +335,11 @@ impl Agent {
 
     /// Whether a stream id is taken by any service.
     fn stream_open(&self, id: u32) -> bool {
-        self.exec.owns(id) || self.files.owns(id) || self.tcp.owns(id) || self.mounts.owns(id)
+        self.exec.owns(id) || self.files.owns(id) || self.tcp.owns(id) || self.mounts.owns(id) || self.logs.owns(id)
     }
 
     fn dispatch(&mut self, t: u8, flags: u8, id: u32, p: &[u8]) {
-        let opens_stream = matches!(t, ty::EXEC | ty::WRITE_FILE | ty::READ_FILE | ty::TCP_CONNECT | ty::MOUNT);
+        let opens_stream = matches!(t, ty::EXEC | ty::WRITE_FILE | ty::READ_FILE | ty::TCP_CONNECT | ty::MOUNT | ty::LOGS);
         if opens_stream && self.stream_open(id) {
             self.io.send_error(id, ReqError::BadRequest(format!("stream {} already open", id)));
             return;
@@ -373,6 +388,7 @@ impl Agent {
                 }
             }
             ty::SIGNAL => self.exec.signal(id, p),
+            ty::DETACH => self.exec.detach(&mut self.io, id),
             ty::RESIZE => self.exec.resize(id, p),
             ty::CANCEL => {
                 self.exec.cancel(id);
@@ -380,6 +396,12 @@ impl Agent {
                 self.tcp.cancel(&mut self.io, id);
                 self.workload.cancel(id);
                 self.mounts.cancel(&mut self.io, id);
+                self.logs.cancel(&mut self.io, id);
+            }
+            ty::LOGS => {
+                if let Err(e) = self.logs.open(&mut self.io, id) {
+                    self.io.send_error(id, e);
+                }
             }
             ty::MOUNT => self.mounts.open(&mut self.io, id, p),
             ty::FUSE => self.mounts.message(&mut self.io, id, flags, p),
@@ -399,6 +421,7 @@ impl Agent {
                     self.exec.window(&mut self.io, id, flags, n);
                     self.files.window(&mut self.io, id, flags, n);
                     self.tcp.window(&mut self.io, id, flags, n);
+                    self.logs.window(&mut self.io, id, flags, n);
                 }
             }
             ty::WRITE_FILE => self.files.write_file(&mut self.io, id, p),
@@ -433,6 +456,7 @@ impl Agent {
         self.files.reset();
         self.tcp.reset(&mut self.io);
         self.mounts.reset(&mut self.io);
+        self.logs.reset();
     }
 }
 

@@ -26,6 +26,7 @@ pub mod ty {
     pub const SIGNAL: u8 = 0x13;
     pub const RESIZE: u8 = 0x14;
     pub const CANCEL: u8 = 0x15;
+    pub const DETACH: u8 = 0x16;
     pub const DATA: u8 = 0x20;
     pub const EOF: u8 = 0x21;
     pub const WINDOW: u8 = 0x22;
@@ -39,6 +40,8 @@ pub mod ty {
     pub const MOUNT: u8 = 0x60;
     pub const MOUNTED: u8 = 0x61;
     pub const FUSE: u8 = 0x62;
+    pub const LOGS: u8 = 0x70;
+    pub const LOG: u8 = 0x71;
     pub const OK: u8 = 0x7e;
     pub const ERROR: u8 = 0x7f;
 
@@ -56,6 +59,7 @@ pub mod ty {
             SIGNAL => "SIGNAL",
             RESIZE => "RESIZE",
             CANCEL => "CANCEL",
+            DETACH => "DETACH",
             DATA => "DATA",
             EOF => "EOF",
             WINDOW => "WINDOW",
@@ -69,6 +73,8 @@ pub mod ty {
             MOUNT => "MOUNT",
             MOUNTED => "MOUNTED",
             FUSE => "FUSE",
+            LOGS => "LOGS",
+            LOG => "LOG",
             OK => "OK",
             ERROR => "ERROR",
             _ => return None,
@@ -179,6 +185,12 @@ pub mod tag {
     pub mod mounted {
         pub const GUEST_PATH: u8 = 1;
         pub const SETTLING: u8 = 2;
+    }
+    pub mod log {
+        pub const PID: u8 = 1;
+        pub const CHANNEL: u8 = 2;
+        pub const DATA: u8 = 3;
+        pub const DROPPED: u8 = 4;
     }
     pub mod configure_ok {
         pub const BOOT_ID: u8 = 1;
@@ -408,6 +420,7 @@ mod tests {
             ty::WAIT_LISTEN => &[("port", wait_listen::PORT), ("timeout_ms", wait_listen::TIMEOUT_MS)],
             ty::MOUNT => &[("tag", mount::TAG), ("guest_path", mount::GUEST_PATH), ("read_only", mount::READ_ONLY)],
             ty::MOUNTED => &[("guest_path", mounted::GUEST_PATH), ("settling", mounted::SETTLING)],
+            ty::LOG => &[("pid", log::PID), ("channel", log::CHANNEL), ("data", log::DATA), ("dropped", log::DROPPED)],
             ty::ERROR => &[("code", error::CODE), ("message", error::MESSAGE)],
             ty::OK => &[("size", read_file_ok::SIZE)],
             _ => &[],

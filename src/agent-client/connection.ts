@@ -307,6 +307,7 @@ export class ExecStream extends StreamBase {
   private resolveExit!: (e: ExitInfo) => void;
   private rejectExit!: (e: Error) => void;
   private resolveStarted!: (pid: number) => void;
+  private detachError: Error | undefined;
   private rejectStarted!: (e: Error) => void;
 
   constructor(conn: AgentConnection, id: number) {
@@ -381,6 +382,18 @@ export class ExecStream extends StreamBase {
         });
         return undefined;
       }
+      case MsgType.OK: {
+        if (!this.detachError) return "OK on an exec stream that was not detached";
+        for (const ch of [1, 2] as const) {
+          if (!this.out[ch].eof) {
+            this.out[ch].eof = true;
+            this.onEof(ch);
+          }
+        }
+        this.finish();
+        this.fail(this.detachError);
+        return undefined;
+      }
       case MsgType.ERROR: {
         const e = agentErrorFrom(f.payload);
         this.finish();
@@ -427,6 +440,17 @@ export class ExecStream extends StreamBase {
   resize(cols: number, rows: number): void {
     if (this.done) return;
     this.conn._send(MsgType.RESIZE, 0, this.id, new RecordBuilder().u32(Tag.RESIZE.cols, cols).u32(Tag.RESIZE.rows, rows).build());
+  }
+
+  /**
+   * DETACH: stops reading the process, which keeps running; its output goes
+   * to the session's log stream from now on. The stream ends (with OK);
+   * what is pending fails with `err`.
+   */
+  detach(err: Error): void {
+    if (this.done) return;
+    this.detachError = err;
+    this.conn._send(MsgType.DETACH, 0, this.id);
   }
 
   /** Kills the process tree; the stream still ends with EXIT. */
@@ -706,6 +730,63 @@ export class MountStream extends StreamBase {
   }
 }
 
+/**
+ * The session's LOGS stream: output of guest processes no stream reads any
+ * more (detached by a new session, or background children of a finished
+ * exec), as LOG frames. The host stores every chunk at once (a bounded
+ * ring, src/vm/logs.ts), so the window is credited back on receipt: the
+ * window only paces an honest agent. Does not hold the event loop.
+ */
+export class LogStream extends StreamBase {
+  override readonly background = true;
+  /** One chunk; `data` is a view valid only during the call. */
+  onLog: (pid: number, channel: OutputChannel, data: Buffer, droppedBytes: number) => void = () => undefined;
+  /** The stream ended: `err` when the agent refused it or the connection died. */
+  onEnd: (err?: Error) => void = () => undefined;
+  private recv = new Receiver();
+
+  onFrame(f: Frame): string | undefined {
+    switch (f.type) {
+      case MsgType.LOG: {
+        if (f.flags !== 0) return `LOG with flags ${f.flags}`;
+        const r = new RecordReader(f.payload);
+        const pid = r.u32(Tag.LOG.pid);
+        const channel = r.u32(Tag.LOG.channel);
+        const data = r.bytes(Tag.LOG.data);
+        const dropped = r.u64(Tag.LOG.dropped) ?? 0n;
+        if (pid === undefined || data === undefined || (channel !== 1 && channel !== 2)) return "LOG without pid, data or a channel of 1 or 2";
+        const bad = this.recv.take(data.length);
+        if (bad) return bad;
+        this.onLog(pid, channel, data, dropped > BigInt(Number.MAX_SAFE_INTEGER) ? Number.MAX_SAFE_INTEGER : Number(dropped));
+        this.conn._credit(this.id, 1, this.recv.credit(data.length));
+        return undefined;
+      }
+      case MsgType.OK:
+        this.finish();
+        this.onEnd();
+        return undefined;
+      case MsgType.ERROR: {
+        const e = agentErrorFrom(f.payload);
+        this.finish();
+        this.fail(e);
+        return undefined;
+      }
+      default:
+        return `${typeName(f.type) ?? f.type} on a LOGS stream`;
+    }
+  }
+
+  fail(err: Error): void {
+    this.onEnd(err);
+  }
+
+  /** Closes the stream (the agent keeps buffering for a later one). */
+  close(): void {
+    if (this.done) return;
+    this.conn._send(MsgType.CANCEL, 0, this.id);
+  }
+}
+
 export class TcpStream extends StreamBase {
   readonly connected: Promise<void>;
   /** Resolves when the stream has ended: "closed" (both sides done) or "reset". */
@@ -864,6 +945,7 @@ const ALLOWED_FROM_AGENT = new Set<number>([
   MsgType.ERROR,
   MsgType.MOUNTED,
   MsgType.FUSE,
+  MsgType.LOG,
 ]);
 
 export class AgentConnection {
@@ -901,6 +983,17 @@ export class AgentConnection {
   private refed = true;
   /** Pings a caller waits for (liveness probes do not count). */
   private heldPings = 0;
+  /** Callers waiting on a background stream (a log reader in a read). */
+  private holds = 0;
+
+  /**
+   * @internal A caller waits for a background stream's data (+1) or stopped
+   * waiting (-1): while any does, the socket holds the event loop.
+   */
+  _hold(delta: 1 | -1): void {
+    this.holds = Math.max(0, this.holds + delta);
+    this.updateRef();
+  }
 
   private constructor(sock: Socket, limits?: Partial<AgentLimits>, deadlines?: Partial<AgentDeadlines>) {
     this.sock = sock;
@@ -1057,11 +1150,12 @@ export class AgentConnection {
   /**
    * The socket holds Node's event loop only while the host waits for the
    * guest: open streams (exec, spawn, files, TCP), pings a caller awaits, the
-   * handshake. An idle VM (in a pool, or stashed by a bake) then does not
-   * keep a script from exiting.
+   * handshake, a caller waiting on a background stream ({@link _hold}). An
+   * idle VM (in a pool, or stashed by a bake) then does not keep a script
+   * from exiting.
    */
   private updateRef(): void {
-    const busy = this.error === undefined && (this.streams.size > this.backgroundStreams || this.heldPings > 0 || this.hello !== undefined);
+    const busy = this.error === undefined && (this.streams.size > this.backgroundStreams || this.heldPings > 0 || this.holds > 0 || this.hello !== undefined);
     if (busy === this.refed) return;
     this.refed = busy;
     // (A plain Duplex, as the fuzzer's, has neither.)
@@ -1447,6 +1541,13 @@ export class AgentConnection {
     const s = this.open((id) => new MountStream(this, id));
     s.armDeadline(this.deadlines.requestMs, "MOUNT");
     this._send(MsgType.MOUNT, 0, s.id, r.build());
+    return s;
+  }
+
+  /** LOGS: opens the session's log stream (agent feature `logs`; one per session). */
+  logs(): LogStream {
+    const s = this.open((id) => new LogStream(this, id));
+    this._send(MsgType.LOGS, 0, s.id);
     return s;
   }
 

@@ -523,7 +523,8 @@ export class Image {
         // The stage is gone: the handoff VM's disk (same inode) now lives under dir.
         vm.launch.rootfsImage = join(dir, "rootfs.erofs");
         // The bake VM lives on as the first VM handed out (warm handoff); it
-        // must look like a restored one.
+        // must look like a restored one: the warmup's processes detached.
+        vm._detachChildren();
         if (workload && workload.startAt === "restore") await startWorkload(vm, workload);
         phase("done");
         return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm, recipe: options, network: v.network, imageCmd, mounts: v.mounts });
@@ -706,8 +707,11 @@ async function waitListener(vm: Vm, port: number, timeoutMs: number): Promise<vo
   try {
     await vm.conn.waitListen(port, timeoutMs);
   } catch (e) {
+    const output = await vm._logsTail().catch(() => "");
     throw new TimeoutError(
-      `listenerRequired: nothing listened on guest port ${port} within ${timeoutMs} ms of starting the workload. Check guestPort, the workload's command (cmd), or raise listenerTimeoutMs.\n--- guest console (tail) ---\n${vm.consoleTail()}`,
+      `listenerRequired: nothing listened on guest port ${port} within ${timeoutMs} ms of starting the workload. Check guestPort, the workload's command (cmd), or raise listenerTimeoutMs.\n` +
+        (output ? `--- workload output (tail) ---\n${output}\n` : "") +
+        `--- guest console (tail) ---\n${vm.consoleTail()}`,
       timeoutMs,
       { cause: e },
     );

@@ -7,13 +7,19 @@
  * Everything a server sends is hostile: sizes are bounded, redirects counted,
  * and a scheme downgrade (https → http) is refused unless the target host is
  * allowed plain HTTP.
+ *
+ * Requests go through the proxy the environment names (HTTPS_PROXY,
+ * HTTP_PROXY, NO_PROXY: src/oci/proxy.ts), decided per URL, so each redirect
+ * hop is routed on its own.
  */
 
 import * as http from "node:http";
 import * as https from "node:https";
-import type { Readable } from "node:stream";
+import type { Duplex, Readable } from "node:stream";
 import { setTimeout as sleep } from "node:timers/promises";
-import { AbortError } from "../errors.js";
+import * as tls from "node:tls";
+import { AbortError, ProxyError } from "../errors.js";
+import { connectTunnel, proxyAuthorization, proxyFor, type ProxyRoute, type ProxySettings, proxyRefused, proxyUnreachable } from "./proxy.js";
 
 export type HttpMethod = "GET" | "HEAD" | "POST";
 
@@ -50,16 +56,83 @@ export class NetworkError extends Error {
   }
 }
 
+/**
+ * An https agent whose connections are CONNECT tunnels through one proxy:
+ * TLS runs end to end inside the tunnel (certificates checked against the
+ * target host), keep-alive pooling as usual.
+ */
+class TunnelAgent extends https.Agent {
+  private readonly pending = new Set<AbortController>();
+  constructor(
+    private readonly route: ProxyRoute,
+    private readonly connectTimeoutMs: number,
+    options: https.AgentOptions,
+  ) {
+    super(options);
+  }
+
+  override createConnection(options: https.RequestOptions, callback?: (err: Error | null, stream: Duplex) => void): undefined {
+    const ac = new AbortController();
+    this.pending.add(ac);
+    const host = options.host ?? options.hostname ?? "localhost";
+    const port = Number(options.port ?? 443);
+    connectTunnel(this.route, host, port, this.connectTimeoutMs, ac.signal).then(
+      (socket) => {
+        this.pending.delete(ac);
+        callback?.(null, tls.connect({ ...(options as tls.ConnectionOptions), socket }));
+      },
+      (err: Error) => {
+        this.pending.delete(ac);
+        callback?.(err, undefined as unknown as Duplex);
+      },
+    );
+    return undefined;
+  }
+
+  override destroy(): void {
+    for (const ac of this.pending) ac.abort(new Error("agent destroyed"));
+    this.pending.clear();
+    super.destroy();
+  }
+}
+
+/** Errors on connecting to a forwarding proxy that mean "the proxy is not there". */
+const PROXY_CONNECT_ERRORS = new Set(["ECONNREFUSED", "ENOTFOUND", "EAI_AGAIN", "EHOSTUNREACH", "ENETUNREACH", "EADDRNOTAVAIL"]);
+
 /** Keep-alive agents for one client; `destroy()` closes their sockets. */
 export class Agents {
   readonly http = new http.Agent({ keepAlive: true, maxSockets: 8 });
   readonly https = new https.Agent({ keepAlive: true, maxSockets: 8 });
   /** For registries listed as insecure: TLS without certificate verification. */
   readonly httpsInsecure = new https.Agent({ keepAlive: true, maxSockets: 8, rejectUnauthorized: false });
+  private readonly tunnels = new Map<string, TunnelAgent>();
+
+  /**
+   * @param proxy where requests go (none: always direct)
+   * @param connectTimeoutMs bound on connecting to a proxy and its answer to CONNECT
+   */
+  constructor(
+    readonly proxy: ProxySettings = { https: undefined, http: undefined, noProxy: [] },
+    private readonly connectTimeoutMs = 30_000,
+  ) {}
+
+  /** The tunnelling agent for `route` (one per proxy and TLS mode). */
+  tunnel(route: ProxyRoute, tlsInsecure: boolean): https.Agent {
+    const key = `${tlsInsecure ? "insecure" : "verify"} ${route.url.href}`;
+    let agent = this.tunnels.get(key);
+    if (agent === undefined) {
+      agent = new TunnelAgent(route, this.connectTimeoutMs, { keepAlive: true, maxSockets: 8, ...(tlsInsecure ? { rejectUnauthorized: false } : {}) });
+      this.tunnels.set(key, agent);
+    }
+    return agent;
+  }
+
   destroy(): void {
     this.http.destroy();
     this.https.destroy();
     this.httpsInsecure.destroy();
+    for (const agent of this.tunnels.values()) agent.destroy();
+    this.tunnels.clear();
   }
 }
 
@@ -77,13 +150,29 @@ export function sendOnce(
   if (signal?.aborted) return Promise.reject(abortError(signal));
   return new Promise<HttpResponse>((resolve, reject) => {
     const isHttps = url.protocol === "https:";
-    const mod = isHttps ? https : http;
-    const agent = isHttps ? (tlsInsecure ? agents.httpsInsecure : agents.https) : agents.http;
+    const route = proxyFor(agents.proxy, url);
     const headers: Record<string, string> = { "user-agent": "supermachine", ...opts.headers };
     if (opts.body) headers["content-length"] = String(opts.body.length);
     let settled = false;
     let gotResponse = false;
-    const req = mod.request(url, { method: opts.method, headers, agent });
+    let req: http.ClientRequest;
+    if (route === undefined) {
+      const agent = isHttps ? (tlsInsecure ? agents.httpsInsecure : agents.https) : agents.http;
+      req = (isHttps ? https : http).request(url, { method: opts.method, headers, agent });
+    } else if (isHttps) {
+      req = https.request(url, { method: opts.method, headers, agent: agents.tunnel(route, tlsInsecure) });
+    } else {
+      // Plain http through a proxy: the absolute URI in the request line.
+      const auth = proxyAuthorization(route.url);
+      req = http.request({
+        host: route.url.hostname.replace(/^\[|\]$/g, ""),
+        port: Number(route.url.port || 80),
+        method: opts.method,
+        path: url.href,
+        headers: { ...headers, host: url.host, ...(auth ? { "proxy-authorization": auth } : {}) },
+        agent: agents.http,
+      });
+    }
     const onAbort = (): void => {
       req.destroy(abortError(signal!));
     };
@@ -97,12 +186,20 @@ export function sendOnce(
       signal?.removeEventListener("abort", onAbort);
       if (settled) return;
       settled = true;
-      if (err instanceof AbortError) return reject(err);
+      if (err instanceof AbortError || err instanceof ProxyError) return reject(err);
+      if (route !== undefined && !isHttps && !gotResponse && PROXY_CONNECT_ERRORS.has(err.code ?? "")) return reject(proxyUnreachable(route, err));
       reject(new NetworkError(`${err.code ?? "error"}: ${err.message}`, err.code ?? "EUNKNOWN", url, gotResponse, err));
     });
     req.on("response", (res) => {
       gotResponse = true;
       settled = true;
+      if (route !== undefined && !isHttps && res.statusCode === 407) {
+        // The forwarding proxy wants credentials (an origin never sends 407).
+        res.resume();
+        signal?.removeEventListener("abort", onAbort);
+        reject(proxyRefused(route, url.host, 407, `HTTP/${res.httpVersion} 407 ${res.statusMessage ?? ""}`.trim()));
+        return;
+      }
       // Errors while the body streams surface on the body stream itself.
       res.on("error", () => {});
       res.on("close", () => signal?.removeEventListener("abort", onAbort));

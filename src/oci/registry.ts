@@ -31,6 +31,7 @@ import {
   sendFollowing,
 } from "./http.js";
 import { MANIFEST_ACCEPT, MAX_MANIFEST_BYTES } from "./manifest.js";
+import { proxySettingsFromEnv } from "./proxy.js";
 import type { ImageReference } from "./reference.js";
 
 export interface RegistryClientOptions {
@@ -51,6 +52,13 @@ export interface RegistryClientOptions {
   readonly dockerConfigDir?: string | undefined;
   /** Credentials to use instead of Docker's config (by reference domain). */
   readonly credentials?: ((domain: string) => Credentials | undefined) | undefined;
+  /**
+   * Where the proxy variables are read: `https_proxy`/`HTTPS_PROXY`,
+   * `http_proxy`/`HTTP_PROXY`, `all_proxy`/`ALL_PROXY`, `no_proxy`/`NO_PROXY`
+   * (lower-case wins; loopback always goes direct; see docs/oci.md).
+   * @default process.env
+   */
+  readonly env?: Readonly<Record<string, string | undefined>> | undefined;
 }
 
 export interface FetchedManifest {
@@ -80,7 +88,7 @@ export class RegistryClient {
   readonly timeoutMs: number;
   readonly retries: number;
   readonly retryBaseMs: number;
-  private readonly agents = new Agents();
+  private readonly agents: Agents;
   private readonly insecure: Set<string>;
   private readonly scheme = new Map<string, "https:" | "http:">();
   private readonly reached = new Set<string>();
@@ -94,6 +102,7 @@ export class RegistryClient {
     this.retries = opts.retries ?? 4;
     this.retryBaseMs = opts.retryBaseMs ?? 200;
     this.signal = opts.signal;
+    this.agents = new Agents(proxySettingsFromEnv(opts.env ?? process.env), this.timeoutMs);
     this.insecure = new Set((opts.insecureRegistries ?? []).map((h) => h.toLowerCase().replace(/^[a-z]+:\/\//, "").replace(/\/.*$/, "")));
     this.auth = new Authenticator(
       {

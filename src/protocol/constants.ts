@@ -27,6 +27,7 @@ export const MsgType = {
   SIGNAL: 0x13,
   RESIZE: 0x14,
   CANCEL: 0x15,
+  DETACH: 0x16,
   DATA: 0x20,
   EOF: 0x21,
   WINDOW: 0x22,
@@ -40,6 +41,8 @@ export const MsgType = {
   MOUNT: 0x60,
   MOUNTED: 0x61,
   FUSE: 0x62,
+  LOGS: 0x70,
+  LOG: 0x71,
   OK: 0x7e,
   ERROR: 0x7f,
 } as const;
@@ -103,6 +106,7 @@ export const Tag = {
   WAIT_LISTEN: { port: 1, timeout_ms: 2 },
   MOUNT: { tag: 1, guest_path: 2, read_only: 3 },
   MOUNTED: { guest_path: 1, settling: 2 },
+  LOG: { pid: 1, channel: 2, data: 3, dropped: 4 },
   ERROR: { code: 1, message: 2 },
 } as const;
 

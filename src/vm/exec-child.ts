@@ -243,6 +243,17 @@ export class ExecChild {
     this.abandon(err);
   }
 
+  /**
+   * @internal The host stops reading the process, which keeps running (a
+   * warmup's server in the VM handed out after a bake): its output goes to
+   * `vm.logs()`; reads, writes and wait() reject with `err`.
+   */
+  _detach(err: Error): void {
+    if (this.ended) return;
+    this.stream.detach(err);
+    this.abandon(err);
+  }
+
   /** Settles when the process has exited or its stream failed (for the VM's bookkeeping). */
   get _settled(): Promise<unknown> {
     return this.result.catch(() => undefined);

@@ -29,7 +29,7 @@ import { MAGIC, MAX_PAYLOAD, MsgType, PROTOCOL_VERSION, Tag, WireError } from ".
 /** Requests a client may open a stream with. */
 const OPENERS = new Set<number>([MsgType.EXEC, MsgType.WRITE_FILE, MsgType.READ_FILE, MsgType.TCP_CONNECT, MsgType.WORKLOAD_SIGNAL, MsgType.WAIT_LISTEN]);
 /** Requests that change the VM under the Vm object: refused with ERROR on the client's stream. */
-const REFUSED = new Set<number>([MsgType.CONFIGURE, MsgType.SNAPSHOT_PREPARE, MsgType.WORKLOAD_START, MsgType.MOUNT]);
+const REFUSED = new Set<number>([MsgType.CONFIGURE, MsgType.SNAPSHOT_PREPARE, MsgType.WORKLOAD_START, MsgType.MOUNT, MsgType.LOGS]);
 /** Frames a client may send on a stream it opened. */
 const ON_STREAM = new Set<number>([MsgType.SIGNAL, MsgType.RESIZE, MsgType.CANCEL, MsgType.DATA, MsgType.EOF, MsgType.WINDOW]);
 /** A client that does not read its socket is cut off past this much queued output. */
@@ -220,7 +220,7 @@ class ProxySession {
       this.refuse(
         f.stream,
         WireError.PERMISSION,
-        `this request (type ${f.type}) is not allowed through execPath: the Vm object owns CONFIGURE, SNAPSHOT_PREPARE and WORKLOAD_START`,
+        `this request (type ${f.type}) is not allowed through execPath: the Vm object owns CONFIGURE, SNAPSHOT_PREPARE, WORKLOAD_START, MOUNT and LOGS (use vm.logs())`,
       );
       return true;
     }

@@ -43,6 +43,8 @@ import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type Workload
 import { ExecChild } from "./exec-child.js";
 import { collectOutput } from "./exec-collect.js";
 import { ExecProxy } from "./exec-proxy.js";
+import { LOG_BUFFER_BYTES, LogRing, type LogEntry, type LogReader, type LogsOptions } from "./logs.js";
+import { guestText } from "../guest-text.js";
 import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutput, type ValidExec } from "./options.js";
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
@@ -396,6 +398,7 @@ export class Vm {
   private children = new Set<ExecChild>();
   /** The execPath socket, once asked for. */
   private proxy: ExecProxy | undefined;
+  private logRing: LogRing | undefined;
   private closing: Promise<void> | undefined;
   /** Mounts registered with the agent. */
   private mounts: MountAttachment[] = [];
@@ -673,6 +676,42 @@ export class Vm {
     return this.qemu.consoleTail(maxBytes);
   }
 
+  /**
+   * The VM's logs: the output of the workload (the image's ENTRYPOINT + CMD,
+   * started by the image) and of guest processes that no exec or spawn
+   * reads any more (a server a warmup started with `vm.spawn` and left
+   * running: in the VMs of the image its ExecChild is gone; a background
+   * child of a finished exec), as a Readable (object mode) of
+   * {@link LogEntry} labelled with pid and stream. Starts with what the
+   * agent and the host still hold (the guest keeps the newest 256 KiB while
+   * nobody reads, the workload's start-up lines from before the snapshot
+   * included; the host the newest {@link LOG_BUFFER_BYTES} per VM;
+   * `droppedBytes` counts what was lost). Each call gives a new reader;
+   * every reader ends when the VM ends or goes back to its pool. Reading
+   * does not hold the event loop open. Output of processes started by
+   * exec/spawn on this Vm goes to them, not here. With `console: true` the
+   * guest's serial console (kernel messages) is in it too. See docs/logs.md.
+   */
+  logs(options: LogsOptions = {}): LogReader {
+    if (typeof options !== "object" || options === null) throw invalidOption("options", "an object such as { console: true }", options);
+    if (options.console !== undefined && typeof options.console !== "boolean") throw invalidOption("console", "a boolean", options.console);
+    this.ensureUsable();
+    if (!this.conn.info?.features.includes("logs")) {
+      throw new AgentError(
+        7,
+        `the guest agent of VM ${this.id} (version ${this.agentVersion}) has no log stream (agent feature "logs"): the image was baked with an older supermachine; rebuild it (Image.build with a new warmupTag, or remove the snapshot)`,
+      );
+    }
+    if (!this.logRing || this.logRing.done) {
+      this.logRing = new LogRing(this.conn.logs());
+      this.qemu.onConsole = undefined;
+    }
+    const ring = this.logRing;
+    // The console goes into the ring only once a reader asked for it.
+    if (options.console === true) this.qemu.onConsole ??= (chunk) => ring._pushConsole(chunk);
+    return ring.reader(options.console === true);
+  }
+
   private died(err: Error): void {
     if (this.state === "closed" || this.state === "dead") return;
     const e =
@@ -926,6 +965,43 @@ export class Vm {
     await this.close();
   }
 
+  /**
+   * @internal The tail of what {@link logs} holds now (waiting up to
+   * `waitMs` for the agent to send what it kept), as printable text, for
+   * error messages (a workload that never listened). "" when there is none.
+   */
+  async _logsTail(waitMs = 1_000, maxBytes = 4096): Promise<string> {
+    if (this.state !== "ready" || !this.conn.info?.features.includes("logs")) return "";
+    const reader = this.logs();
+    const chunks: Buffer[] = [];
+    await new Promise<void>((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        reader.destroy();
+        resolve();
+      };
+      const timer = setTimeout(done, waitMs);
+      reader.on("data", (e: LogEntry) => chunks.push(e.data));
+      reader.once("end", done);
+      reader.once("error", done);
+    });
+    const all = Buffer.concat(chunks);
+    return guestText(all.subarray(Math.max(0, all.length - maxBytes)).toString("utf8"), { maxChars: maxBytes, keep: "tail" });
+  }
+
+  /**
+   * @internal The bake is over and this VM is handed out as the image's
+   * first: processes the warmup spawned keep running, detached as in every
+   * VM restored from the snapshot (their output goes to {@link logs}); their
+   * ExecChild objects reject further use. Needs agent feature `logs`.
+   */
+  _detachChildren(): void {
+    if (!this.conn.info?.features.includes("logs")) return;
+    const err = new ClosedError(`the process was detached when the image was baked (VM ${this.id}); its output goes to vm.logs()`);
+    for (const c of this.children) c._detach(err);
+    this.children.clear();
+  }
+
   /** @internal Stops this VM's TCP forwarders (the VM changes hands). */
   stopForwarders(): void {
     for (const f of this.forwarders) f.destroy();
@@ -938,6 +1014,9 @@ export class Vm {
    * bring-your-own-client sessions (the next holder gets a new execPath).
    */
   endSessions(err: Error): void {
+    this.logRing?.close();
+    this.logRing = undefined;
+    this.qemu.onConsole = undefined;
     for (const c of this.children) c._end(err);
     this.children.clear();
     this.proxy?.close();

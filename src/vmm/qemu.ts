@@ -264,12 +264,17 @@ export class QemuProcess {
    * that device, so the VM can no longer be reached and should be ended.
    */
   onDeviceError: ((message: string) => void) | undefined;
+  /** Called with each chunk the guest's serial console printed (vm.logs({ console: true })). */
+  onConsole: ((chunk: Buffer) => void) | undefined;
 
   private constructor(child: ChildProcess, l: QemuLaunch, c: ConfinedCommand) {
     this.child = child;
     this.agentSocket = join(l.dir, "agent.sock");
     this.qmpSocket = join(l.dir, "qmp.sock");
-    const onData = (b: Buffer) => this.keep(b);
+    const onData = (b: Buffer) => {
+      this.keep(b);
+      this.onConsole?.(b);
+    };
     child.stdout?.on("data", onData);
     child.stderr?.on("data", (b: Buffer) => {
       this.keep(b);

@@ -72,6 +72,7 @@ const TAGS_BY_TYPE: Partial<Record<MsgTypeName, Record<string, number>>> = {
   WAIT_LISTEN: Tag.WAIT_LISTEN,
   MOUNT: Tag.MOUNT,
   MOUNTED: Tag.MOUNTED,
+  LOG: Tag.LOG,
   ERROR: Tag.ERROR,
   OK: Tag.READ_FILE_OK,
 };

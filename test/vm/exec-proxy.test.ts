@@ -154,6 +154,11 @@ describe("execPath: bring-your-own client sessions", { timeout: VM_TEST_TIMEOUT 
       assert.equal(refused.type, MsgType.ERROR);
       assert.match(new RecordReader(refused.payload).str(Tag.ERROR.message, 4096) ?? "", /not allowed through execPath/);
       assert.notEqual((await vm.exec({ argv: ["hostname"] })).stdout.toString(), "evil\n");
+      // The log stream is the Vm object's (vm.logs()).
+      a.send(MsgType.LOGS, 0, 8);
+      const noLogs = await a.next((f) => f.stream === 8);
+      assert.equal(noLogs.type, MsgType.ERROR);
+      assert.match(new RecordReader(noLogs.payload).str(Tag.ERROR.message, 4096) ?? "", /LOGS \(use vm\.logs\(\)\)/);
     } finally {
       a.close();
       b.close();

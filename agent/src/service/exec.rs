@@ -4,8 +4,9 @@
 
 use crate::exec::{self, Cgroups, NotRunnable, SpawnSpec, Stdio};
 use crate::fuse;
-use crate::io::{token, Io, ReqError, CHUNK, SPLICE_MAX, TK_DRAIN, TK_IN, TK_OUT};
+use crate::io::{token, Io, ReqError, CHUNK, SPLICE_MAX, TK_IN, TK_OUT};
 use crate::proto::{self, tag, ty, Record};
+use crate::service::logs::Orphan;
 use crate::service::session::Session;
 use crate::sys::{self, Fd};
 use crate::users::{self, Identity};
@@ -32,6 +33,9 @@ impl OutCh {
 
 pub struct Exec {
     pid: i32,
+    /// The pid of the process started last (kept after it is reaped): the
+    /// label of this exec's output once no host reads it (logs service).
+    label_pid: i32,
     /// Raw wait status of the current process once reaped.
     status: Option<i32>,
     rusage_maxrss_kib: u64,
@@ -58,14 +62,15 @@ pub struct Exec {
 pub struct ExecService {
     streams: HashMap<u32, Box<Exec>>,
     pids: HashMap<i32, u32>,
-    drains: HashMap<u64, Fd>,
-    next_drain: u64,
+    /// Output pipes no stream reads any more, for the logs service (the
+    /// event loop moves them there after every round).
+    pub orphans: Vec<Orphan>,
     pub cgroups: Cgroups,
 }
 
 impl ExecService {
     pub fn new(cgroups: bool) -> ExecService {
-        ExecService { streams: HashMap::new(), pids: HashMap::new(), drains: HashMap::new(), next_drain: 1, cgroups: Cgroups::new(cgroups) }
+        ExecService { streams: HashMap::new(), pids: HashMap::new(), orphans: Vec::new(), cgroups: Cgroups::new(cgroups) }
     }
 
     pub fn owns(&self, id: u32) -> bool {
@@ -73,7 +78,7 @@ impl ExecService {
     }
 
     /// A new session: forget the old one's streams; their processes keep
-    /// running, detached, and their output is drained.
+    /// running, detached, and their output goes to the logs service.
     pub fn reset(&mut self, io: &mut Io) {
         let ids: Vec<u32> = self.streams.keys().copied().collect();
         for id in ids {
@@ -81,10 +86,10 @@ impl ExecService {
                 if let Some(fd) = e.stdin.take() {
                     io.remove(fd.raw());
                 }
-                for ch in e.out.iter_mut() {
+                for (i, ch) in e.out.iter_mut().enumerate() {
                     if let Some(fd) = ch.fd.take() {
                         io.remove(fd.raw());
-                        self.start_drain(io, fd);
+                        self.orphans.push(Orphan { pid: e.label_pid, channel: i as u8 + 1, fd });
                     }
                 }
                 if e.pid > 0 {
@@ -110,6 +115,30 @@ impl ExecService {
                 }
             }
         }
+    }
+
+    /// DETACH: the host stops reading this exec. The process keeps running
+    /// as if its session had ended (its output goes to the logs service);
+    /// the stream ends with OK.
+    pub fn detach(&mut self, io: &mut Io, id: u32) {
+        let mut e = match self.streams.remove(&id) {
+            Some(e) => e,
+            // Already finished (its EXIT raced this frame): nothing to do.
+            None => return,
+        };
+        if let Some(fd) = e.stdin.take() {
+            io.remove(fd.raw());
+        }
+        for (i, ch) in e.out.iter_mut().enumerate() {
+            if let Some(fd) = ch.fd.take() {
+                io.remove(fd.raw());
+                self.orphans.push(Orphan { pid: e.label_pid, channel: i as u8 + 1, fd });
+            }
+        }
+        if e.pid > 0 {
+            self.pids.remove(&e.pid);
+        }
+        io.send_record(ty::OK, id, Record::new());
     }
 
     pub fn cancel(&mut self, id: u32) {
@@ -228,6 +257,7 @@ impl ExecService {
         let now = sys::monotonic_ms();
         let mut e = Box::new(Exec {
             pid: 0,
+            label_pid: 0,
             status: None,
             rusage_maxrss_kib: 0,
             chain: if chain.is_empty() { None } else { Some(chain) },
@@ -365,6 +395,7 @@ impl ExecService {
             }
         }
         e.pid = pid;
+        e.label_pid = pid;
         e.status = None;
         self.pids.insert(pid, id);
         for (i, ch) in e.out.iter_mut().enumerate() {
@@ -387,7 +418,7 @@ impl ExecService {
             2 => 1,
             _ => return,
         };
-        let ExecService { streams, drains, next_drain, .. } = self;
+        let ExecService { streams, orphans, .. } = self;
         let e = match streams.get_mut(&id) {
             Some(e) => e,
             None => return,
@@ -443,12 +474,9 @@ impl ExecService {
                 io.remove(fd.raw());
                 out.watching = false;
                 if exited {
-                    // Keep reading and discarding: a background child that
+                    // Keep reading (logs service): a background child that
                     // still holds the pipe must not get SIGPIPE.
-                    let t = *next_drain;
-                    *next_drain += 1;
-                    io.add(fd.raw(), sys::EPOLLIN, TK_DRAIN | t);
-                    drains.insert(t, fd);
+                    orphans.push(Orphan { pid: e.label_pid, channel: ch, fd });
                 }
             } else {
                 let want = out.credit > 0;
@@ -459,38 +487,6 @@ impl ExecService {
             }
         }
         self.check_finish(io, id);
-    }
-
-    fn start_drain(&mut self, io: &mut Io, fd: Fd) {
-        let t = self.next_drain;
-        self.next_drain += 1;
-        io.add(fd.raw(), sys::EPOLLIN, TK_DRAIN | t);
-        self.drains.insert(t, fd);
-    }
-
-    pub fn drain(&mut self, io: &mut Io, t: u64) {
-        let mut close = false;
-        if let Some(fd) = self.drains.get(&t) {
-            loop {
-                match fd.read(&mut io.scratch) {
-                    Ok(0) => {
-                        close = true;
-                        break;
-                    }
-                    Ok(_) => continue,
-                    Err(e) if sys::is_would_block(&e) => break,
-                    Err(_) => {
-                        close = true;
-                        break;
-                    }
-                }
-            }
-        }
-        if close {
-            if let Some(fd) = self.drains.remove(&t) {
-                io.remove(fd.raw());
-            }
-        }
     }
 
     /// Writes buffered stdin bytes to the process; WINDOW credits the host.

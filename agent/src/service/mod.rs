@@ -4,6 +4,7 @@
 pub mod exec;
 pub mod files;
 pub mod freeze;
+pub mod logs;
 pub mod mounts;
 pub mod net;
 pub mod session;

@@ -63,7 +63,7 @@ impl Session {
             .bytes(tag::hello_ack::MAGIC, proto::MAGIC)
             .u32(tag::hello_ack::VERSION, proto::PROTOCOL_VERSION)
             .bytes(tag::hello_ack::AGENT_VERSION, AGENT_VERSION.as_bytes());
-        let mut features = vec!["exec", "files", "tcp", "tty", "workload", "snapshot", "net", "freeze", "mounts"];
+        let mut features = vec!["exec", "files", "tcp", "tty", "workload", "snapshot", "net", "freeze", "mounts", "logs"];
         if cgroups {
             features.push("cgroup");
         }

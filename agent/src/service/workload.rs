@@ -1,11 +1,12 @@
 //! The workload service: WORKLOAD_START (the image's entrypoint, detached,
-//! output on the console), WORKLOAD_SIGNAL, and WAIT_LISTEN (until a guest
-//! port accepts connections).
+//! its output on pipes read by the logs service), WORKLOAD_SIGNAL, and
+//! WAIT_LISTEN (until a guest port accepts connections).
 
 use crate::exec::{self, SpawnSpec, Stdio};
 use crate::io::{Io, ReqError};
 use crate::log;
 use crate::proto::{self, tag, ty, Record};
+use crate::service::logs::Orphan;
 use crate::service::session::Session;
 use crate::sys::{self, Fd};
 use crate::users;
@@ -22,12 +23,15 @@ pub struct WorkloadService {
     workload: Option<i32>,
     listen_waits: Vec<ListenWait>,
     console: Option<Fd>,
+    /// The workload's output pipes, for the logs service (moved there by
+    /// the event loop).
+    pub orphans: Vec<Orphan>,
 }
 
 impl WorkloadService {
     pub fn new() -> WorkloadService {
         let console = CString::new("/dev/console").ok().and_then(|c| sys::open_path(&c, sys::O_WRONLY | sys::O_NOCTTY, 0).ok());
-        WorkloadService { workload: None, listen_waits: Vec::new(), console }
+        WorkloadService { workload: None, listen_waits: Vec::new(), console, orphans: Vec::new() }
     }
 
     pub fn reset(&mut self) {
@@ -78,17 +82,37 @@ impl WorkloadService {
         let cargv: Vec<CString> = argv.iter().map(|a| CString::new(a.clone()).unwrap_or_default()).collect();
         let cenv: Vec<CString> = env.iter().map(|a| CString::new(a.clone()).unwrap_or_default()).collect();
         let ccwd = CString::new(cwd).map_err(|_| ReqError::BadRequest("cwd has a NUL byte".into()))?;
-        let out = self.console.as_ref().map(|f| f.raw()).unwrap_or(2);
+        // stdout and stderr on pipes the logs service reads (the host sees
+        // them with vm.logs()); the console only when pipes cannot be made.
+        let pipes = match (sys::pipe(sys::O_NONBLOCK), sys::pipe(sys::O_NONBLOCK)) {
+            (Ok(o), Ok(e)) => {
+                for fd in [&o.1, &e.1] {
+                    let fl = unsafe { sys::fcntl(fd.raw(), sys::F_GETFL) };
+                    unsafe { sys::fcntl(fd.raw(), sys::F_SETFL, fl & !sys::O_NONBLOCK) };
+                }
+                Some((o, e))
+            }
+            _ => None,
+        };
+        let console = self.console.as_ref().map(|f| f.raw()).unwrap_or(2);
+        let stdio = match &pipes {
+            Some((o, e)) => Stdio::Pipes { stdin: None, stdout: o.1.raw(), stderr: e.1.raw() },
+            None => Stdio::Detached { out: console },
+        };
         let spec = SpawnSpec {
             program: &program,
             argv: &cargv,
             env: &cenv,
             cwd: &ccwd,
-            stdio: Stdio::Detached { out },
+            stdio,
             identity: &identity,
             cgroup: None,
         };
         let pid = exec::spawn(&spec).map_err(|e| ReqError::from_io("workload spawn", &e))?;
+        if let Some((o, e)) = pipes {
+            self.orphans.push(Orphan { pid, channel: 1, fd: o.0 });
+            self.orphans.push(Orphan { pid, channel: 2, fd: e.0 });
+        }
         self.workload = Some(pid);
         Ok(Record::new().u32(tag::workload_start_ok::PID, pid as u32))
     }
