@@ -174,6 +174,8 @@ test("race (guest-driven): the guest itself swaps a directory for a symlink to /
   let reads = 0;
   const worker = async (): Promise<void> => {
     while (running) {
+      // As in a VM, requests arrive as I/O events: let the swapper's file system calls complete.
+      await new Promise((r) => setImmediate(r));
       let d;
       try {
         d = await c.lookup(ROOT, "d");
