@@ -249,9 +249,10 @@ describe("guest network configuration (real VM, NIC on a test peer)", { timeout:
     assert.equal(features[15], "1", `mergeable receive buffers not negotiated (${features})`);
   });
 
-  it("CONFIGURE sets address, prefix, MTU, default route, resolv.conf (replacing a symlink) and hosts", async () => {
-    // An image whose resolv.conf is a symlink (systemd-resolved style).
+  it("CONFIGURE sets address, prefix, MTU, default route, resolv.conf and hosts (replacing symlinks)", async () => {
+    // An image whose resolv.conf and hosts are symlinks (systemd-resolved style).
     await sh(vm!, "ln -sf /run/resolvconf/resolv.conf /etc/resolv.conf && test -L /etc/resolv.conf");
+    await sh(vm!, "ln -sf /tmp/hosts-elsewhere /etc/hosts && test -L /etc/hosts");
     await vm!.configure({ hostname: "net-test", identity: false, net: NET });
     const flags = Number(await sh(vm!, "cat /sys/class/net/eth0/flags"));
     assert.equal(flags & 0x1, 0x1, `eth0 is not up (flags ${flags.toString(16)})`);
@@ -267,6 +268,10 @@ describe("guest network configuration (real VM, NIC on a test peer)", { timeout:
     assert.match(hosts, /^127\.0\.0\.1\s+localhost$/m);
     assert.match(hosts, /^198\.19\.0\.1\tgateway\.internal$/m);
     assert.match(hosts, /^127\.0\.1\.1\tnet-test$/m);
+    // Not followed: the link's target was not created. /etc/hosts is a bind
+    // mount of a tmpfs file, as /etc/hostname is (agent/src/etcfiles.rs).
+    assert.equal(await sh(vm!, "test ! -e /tmp/hosts-elsewhere && test ! -L /etc/hosts && echo replaced"), "replaced\n");
+    assert.equal(await sh(vm!, "grep -cE ' /etc/(hosts|hostname) ' /proc/self/mountinfo"), "2\n");
   });
 
   it("re-configuring with the same settings is idempotent", async () => {

@@ -102,7 +102,7 @@ impl Session {
                     hostname = Some(v.to_vec());
                     let mut line = v.to_vec();
                     line.push(b'\n');
-                    let _ = fs::write("/etc/hostname", &line);
+                    let _ = crate::etcfiles::write("/etc/hostname", &line);
                 }
                 tag::configure::TIME_NS => {
                     let ns = proto::val_u64(t, v)?;
@@ -114,7 +114,7 @@ impl Session {
                 tag::configure::MACHINE_ID => {
                     let mut line = v.to_vec();
                     line.push(b'\n');
-                    fs::write("/etc/machine-id", &line).map_err(|e| ReqError::from_io("/etc/machine-id", &e))?;
+                    crate::etcfiles::write("/etc/machine-id", &line).map_err(|e| ReqError::from_io("/etc/machine-id", &e))?;
                 }
                 tag::configure::BOOT_ID => set_boot_id(v).map_err(|e| ReqError::from_io("boot_id", &e))?,
                 _ => {}
