@@ -9,7 +9,7 @@
  * than CPU times. QEMU's CPU is its threads' scheduler run time
  * (/proc/PID/task/TID/schedstat, ns); Node's is process.cpuUsage().
  *
- *   node dist/bench/refill.js [--refills N] [--cpu-models max,qemu64] [--agents A,B] [--prewarms pool,agent,true,none]
+ *   node dist/bench/refill.js [--refills N] [--cpu-models max,qemu64] [--agents A,B] [--prewarms pool,agent,true,none] [--bake-prewarms on,off]
  *                             [--idle-seconds S] [--idle-vms 1,16] [--no-paused] [--no-idle]
  *
  * Several models, agents or prewarms are compared in one run, interleaved
@@ -37,6 +37,9 @@ const HELP = `usage: node dist/bench/refill.js [options]
   --prewarms A,B     prewarms to compare: "pool" (what the pool runs, default), "agent"
                      (\`/proc/1/exe --version\`), "true" (the image's \`true\`), "none", or
                      several joined by "+" (run in that order)
+  --bake-prewarms A,B  whether the bake runs the pool's prewarm before its snapshot: "on" (what
+                     Image.build does, default) or "off" (SUPERMACHINE_BAKE_PREWARM=0), each baked
+                     into its own snapshot
   --no-paused        skip the paused-idle comparison (QMP stop, then cont on use)
   --no-idle          skip the idle measurements
 `;
@@ -237,6 +240,8 @@ async function main(): Promise<void> {
   const models = a.list("cpu-models") ?? [DEFAULT_TCG_CPU];
   const agents = a.list("agents") ?? ["default"];
   const prewarms = a.list("prewarms") ?? ["pool"];
+  const bakePrewarms = a.list("bake-prewarms") ?? ["on"];
+  for (const w of bakePrewarms) if (w !== "on" && w !== "off") throw new TypeError(`--bake-prewarms: expected on or off, got ${JSON.stringify(w)}`);
   const prewarmLists = prewarms.map(prewarmOf);
   const busybox = await busyboxImage();
   const images: Image[] = [];
@@ -244,7 +249,7 @@ async function main(): Promise<void> {
   const defaultAgent = process.env.SUPERMACHINE_AGENT;
   try {
     for (const model of models) {
-      for (const agent of agents) {
+      for (const agent of agents) for (const bakePrewarm of bakePrewarms) {
         // Read by Image.build (the bake) and kept in the snapshot for its restores.
         process.env.SUPERMACHINE_TCG_CPU = model;
         if (agent === "default") {
@@ -252,9 +257,11 @@ async function main(): Promise<void> {
           else process.env.SUPERMACHINE_AGENT = defaultAgent;
         } else process.env.SUPERMACHINE_AGENT = agent;
         const t0 = performance.now();
+        if (bakePrewarm === "off") process.env.SUPERMACHINE_BAKE_PREWARM = "0";
+        else delete process.env.SUPERMACHINE_BAKE_PREWARM;
         const image = await Image.build({ ref: busybox.ref, bootTimeoutMs: 120_000 });
         images.push(image);
-        const what = [`-cpu ${model}`, ...(agents.length > 1 ? [`agent ${agent}`] : [])].join(", ");
+        const what = [`-cpu ${model}`, ...(agents.length > 1 ? [`agent ${agent}`] : []), ...(bakePrewarms.length > 1 ? [`bake prewarm ${bakePrewarm}`] : [])].join(", ");
         process.stderr.write(`${what}: image ready in ${fmtMs(performance.now() - t0)} ms\n`);
         prewarms.forEach((p, i) => variants.push({ label: `${what}, prewarm ${p}`, image, prewarm: prewarmLists[i]! }));
       }
