@@ -413,8 +413,8 @@ export class Image {
       accel: accel.accel,
       // Only a non-default model changes the key (existing snapshots stay valid).
       ...(cpuModel && cpuModel !== DEFAULT_TCG_CPU ? { cpuModel } : {}),
-      // Only when turned off (bench/refill.ts compares), like cpuModel.
-      ...(bakePrewarm ? {} : { bakePrewarm: false }),
+      // Snapshots baked before the prewarm existed are baked again.
+      bakePrewarm,
       arch: process.arch,
       memoryMib: v.memoryMib,
       vcpus: v.vcpus,
