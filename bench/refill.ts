@@ -40,6 +40,10 @@ const HELP = `usage: node dist/bench/refill.js [options]
   --bake-prewarms A,B  whether the bake runs the pool's prewarm before its snapshot: "on" (what
                      Image.build does, default) or "off" (SUPERMACHINE_BAKE_PREWARM=0), each baked
                      into its own snapshot
+  --before AGENT     instead of the variants above, compare two: this code as it is ("after")
+                     and as it was before the changes of 2026-11-30 afternoon ("before": the
+                     given agent binary, prewarm "agent", no bake prewarm, QEMU's self-announce
+                     after each restore: SUPERMACHINE_RESTORE_ANNOUNCE=1)
   --no-paused        skip the paused-idle comparison (QMP stop, then cont on use)
   --no-idle          skip the idle measurements
 `;
@@ -77,6 +81,8 @@ interface Variant {
   label: string;
   image: Image;
   prewarm: Prewarm;
+  /** Environment of this variant's restores (set before each one). */
+  env?: Record<string, string | undefined>;
 }
 
 const PHASES: readonly { key: string; what: string }[] = [
@@ -122,6 +128,10 @@ async function tbFlushes(vm: Vm): Promise<number | undefined> {
 const prewarm = PREWARMS.pool!;
 
 async function refill(v: Variant): Promise<Refill> {
+  for (const [k, val] of Object.entries(v.env ?? {})) {
+    if (val === undefined) delete process.env[k];
+    else process.env[k] = val;
+  }
   const cpu: Record<string, PhaseCpu> = {};
   const wallMs: Record<string, number> = {};
   const vm = await v.image.restore({ cpu, timings: wallMs, timeoutMs: 120_000 });
@@ -247,25 +257,43 @@ async function main(): Promise<void> {
   const images: Image[] = [];
   const variants: Variant[] = [];
   const defaultAgent = process.env.SUPERMACHINE_AGENT;
+  const bake = async (model: string, agent: string, bakePrewarm: boolean, what: string): Promise<Image> => {
+    // Read by Image.build (the bake) and kept in the snapshot for its restores.
+    process.env.SUPERMACHINE_TCG_CPU = model;
+    if (agent === "default") {
+      if (defaultAgent === undefined) delete process.env.SUPERMACHINE_AGENT;
+      else process.env.SUPERMACHINE_AGENT = defaultAgent;
+    } else process.env.SUPERMACHINE_AGENT = agent;
+    if (bakePrewarm) delete process.env.SUPERMACHINE_BAKE_PREWARM;
+    else process.env.SUPERMACHINE_BAKE_PREWARM = "0";
+    const t0 = performance.now();
+    const image = await Image.build({ ref: busybox.ref, bootTimeoutMs: 120_000 });
+    images.push(image);
+    process.stderr.write(`${what}: image ready in ${fmtMs(performance.now() - t0)} ms\n`);
+    return image;
+  };
+  const before = a.str("before");
+  let idleImage: Image | undefined;
   try {
-    for (const model of models) {
-      for (const agent of agents) for (const bakePrewarm of bakePrewarms) {
-        // Read by Image.build (the bake) and kept in the snapshot for its restores.
-        process.env.SUPERMACHINE_TCG_CPU = model;
-        if (agent === "default") {
-          if (defaultAgent === undefined) delete process.env.SUPERMACHINE_AGENT;
-          else process.env.SUPERMACHINE_AGENT = defaultAgent;
-        } else process.env.SUPERMACHINE_AGENT = agent;
-        const t0 = performance.now();
-        if (bakePrewarm === "off") process.env.SUPERMACHINE_BAKE_PREWARM = "0";
-        else delete process.env.SUPERMACHINE_BAKE_PREWARM;
-        const image = await Image.build({ ref: busybox.ref, bootTimeoutMs: 120_000 });
-        images.push(image);
-        const what = [`-cpu ${model}`, ...(agents.length > 1 ? [`agent ${agent}`] : []), ...(bakePrewarms.length > 1 ? [`bake prewarm ${bakePrewarm}`] : [])].join(", ");
-        process.stderr.write(`${what}: image ready in ${fmtMs(performance.now() - t0)} ms\n`);
-        prewarms.forEach((p, i) => variants.push({ label: `${what}, prewarm ${p}`, image, prewarm: prewarmLists[i]! }));
+    if (before !== undefined) {
+      const model = models[0]!;
+      const old = await bake(model, before, false, "before");
+      variants.push({ label: `before: -cpu ${model}, agent ${before}, prewarm agent, no bake prewarm, self-announce`, image: old, prewarm: PREWARMS.agent!, env: { SUPERMACHINE_RESTORE_ANNOUNCE: "1" } });
+      idleImage = await bake(model, "default", true, "after");
+      variants.push({ label: `after: -cpu ${model}, this code`, image: idleImage, prewarm: PREWARMS.pool!, env: { SUPERMACHINE_RESTORE_ANNOUNCE: undefined } });
+    } else {
+      for (const model of models) {
+        for (const agent of agents) {
+          for (const bakePrewarm of bakePrewarms) {
+            const what = [`-cpu ${model}`, ...(agents.length > 1 ? [`agent ${agent}`] : []), ...(bakePrewarms.length > 1 ? [`bake prewarm ${bakePrewarm}`] : [])].join(", ");
+            const image = await bake(model, agent, bakePrewarm === "on", what);
+            prewarms.forEach((p, i) => variants.push({ label: `${what}, prewarm ${p}`, image, prewarm: prewarmLists[i]! }));
+          }
+        }
       }
+      idleImage = images[0]!;
     }
+    delete process.env.SUPERMACHINE_BAKE_PREWARM;
     const runs = await measureRefills(variants, refills);
     const summaryRows: string[][] = [];
     variants.forEach((v, i) => summaryRows.push(...printRefills(runs[i]!, v.label, refills)));
@@ -274,7 +302,8 @@ async function main(): Promise<void> {
       console.log(table(["variant", "refill QEMU", "refill Node", "refill total", "refill total p90", "first exec total", "refill + first exec", "warm exec QEMU"], summaryRows));
     }
     if (a.has("no-idle")) return;
-    const image = images[0]!;
+    delete process.env.SUPERMACHINE_RESTORE_ANNOUNCE;
+    const image = idleImage;
     const idleRows: string[][] = [];
     for (const n of idleCounts) {
       const vms = await idleVms(image, n);

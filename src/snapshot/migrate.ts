@@ -83,8 +83,9 @@ export async function loadState(qmp: QmpClient, dir: string, file: string, o: { 
   // switches learn where the MAC went; here the link is a host stack of the
   // VM's own that knows the guest's fixed MAC. Under TCG the ~12 frames and
   // the guest's paths that send them cost ~40 ms of CPU per restore
-  // (docs/performance.md).
-  await qmp.execute("migrate-set-parameters", { "announce-rounds": 0 });
+  // (docs/performance.md). @internal SUPERMACHINE_RESTORE_ANNOUNCE=1 keeps
+  // QEMU's default (bench/refill.ts compares).
+  if (process.env.SUPERMACHINE_RESTORE_ANNOUNCE !== "1") await qmp.execute("migrate-set-parameters", { "announce-rounds": 0 });
   const sock = join(dir, MIGRATION_IN_SOCKET);
   // QEMU closes its end once it has read the stream, possibly before our
   // side has seen every write acknowledged: success is what query-migrate
