@@ -295,6 +295,18 @@ describe("guest network configuration (real VM, NIC on a test peer)", { timeout:
     assert.equal(await sh(vm!, state), original);
   });
 
+  it("writeFile replaces the content of /etc/hosts and /etc/hostname (bind mounts: written in place, not renamed over)", async () => {
+    const original = await vm!.readFile("/etc/hosts");
+    try {
+      await vm!.writeFile("/etc/hosts", Buffer.from("127.0.0.1 localhost\n10.9.8.7 mine\n"));
+      assert.equal(await sh(vm!, "cat /etc/hosts"), "127.0.0.1 localhost\n10.9.8.7 mine\n");
+      await vm!.writeFile("/etc/hostname", Buffer.from("written\n"));
+      assert.equal(await sh(vm!, "cat /etc/hostname; ls -a /etc | grep -c sm- || true"), "written\n0\n");
+    } finally {
+      await vm!.writeFile("/etc/hosts", original);
+    }
+  });
+
   it("the link works both ways: ARP for the gateway, a reply, then a TCP SYN to an outside address", async () => {
     const t0 = peer.frames.length;
     // nc fails (nobody answers the SYN); only its packets matter. (The busybox
