@@ -497,8 +497,11 @@ export class Image {
         if (v.warmup) await v.warmup(vm);
         // What a pool's prewarm runs, once before the snapshot: the program's
         // pages are then in the snapshot's page cache, so no restored VM
-        // reads them from its disk again (docs/performance.md).
-        if (bakePrewarm) await basePrewarm(vm, bootTimeoutMs);
+        // reads them from its disk again (docs/performance.md). Only an
+        // optimization: an exec the image's config cannot run (say, a User
+        // missing from its /etc/passwd) does not fail the bake; a VM that
+        // died fails the capture below, which says so.
+        if (bakePrewarm) await basePrewarm(vm, bootTimeoutMs).catch(() => undefined);
         phase("snapshot");
         const captured = await captureVm(vm, stage);
         const manifest: SnapshotManifest = {

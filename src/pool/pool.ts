@@ -66,10 +66,12 @@ export interface PoolOptions {
    * (extension) Commands run on each restored VM before it is handed out,
    * to warm QEMU's translation cache: under TCG a new QEMU process translates
    * every guest code path on first use, which makes the first exec in a
-   * fresh VM ~150 ms slower. `true` runs a no-op program (the image's own
+   * fresh VM ~100 ms slower. `true` runs a no-op program (the image's own
    * `true`, else the agent's `--version`) that warms the kernel's process
-   * paths and the image's usual program start-up; a list of argv runs
-   * those too (e.g. [["python3", "-c", "pass"]]). Output is discarded;
+   * paths and the image's usual program start-up, except on a VM that a
+   * waiting acquire() takes at once (its own first exec does the same
+   * work); a list of argv runs those too, always (e.g.
+   * [["python3", "-c", "pass"]]). Output is discarded;
    * effects on the guest's files stay. @default true under TCG, false under KVM
    */
   readonly prewarm?: boolean | readonly (readonly string[])[];
@@ -331,14 +333,20 @@ export class Pool {
       const t0 = performance.now();
       try {
         const vm = await this.image.restore({ timeoutMs: this.restoreTimeoutMs, network: this.network });
+        // A VM that an acquire() already waits for goes to it without the
+        // base prewarm: that caller's own first exec translates the same
+        // paths, and under TCG the prewarm would cost it ≈ 100 ms of CPU
+        // before it gets the VM and ≈ 25 ms more in all (docs/performance.md).
+        // The prewarm pays off for VMs that wait idle.
+        const prewarmed = this.basePrewarm && this.waiters.length === 0;
         try {
-          if (this.basePrewarm) await basePrewarm(vm, this.restoreTimeoutMs);
+          if (prewarmed) await basePrewarm(vm, this.restoreTimeoutMs);
           for (const argv of this.prewarm) await vm.exec({ argv, timeoutMs: this.restoreTimeoutMs, maxOutputBytes: 1 << 20 });
         } catch (e) {
           await vm.destroy();
           throw e;
         }
-        trace(channels.poolRefill, { ms: Math.round(performance.now() - t0), ok: true });
+        trace(channels.poolRefill, { ms: Math.round(performance.now() - t0), ok: true, prewarmed });
         return vm;
       } catch (e) {
         trace(channels.poolRefill, { ms: Math.round(performance.now() - t0), ok: false, message: (e as Error).message.split("\n")[0] });
