@@ -295,6 +295,14 @@ describe("guest network configuration (real VM, NIC on a test peer)", { timeout:
     assert.equal(await sh(vm!, state), original);
   });
 
+  it("CONFIGURE's reply names the guest's boot_id: the one it set, or the current one", async () => {
+    const set = await vm!.configure({ identity: true });
+    assert.match(set, /^[0-9a-f-]{36}$/);
+    assert.equal(await sh(vm!, "cat /proc/sys/kernel/random/boot_id"), `${set}\n`);
+    // Without a boot_id field the agent reads it back.
+    assert.equal(await vm!.configure({ identity: "reseed" }), set);
+  });
+
   it("writeFile replaces the content of /etc/hosts and /etc/hostname (bind mounts: written in place, not renamed over)", async () => {
     const original = await vm!.readFile("/etc/hosts");
     try {
