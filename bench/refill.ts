@@ -9,12 +9,17 @@
  * than CPU times. QEMU's CPU is its threads' scheduler run time
  * (/proc/PID/task/TID/schedstat, ns); Node's is process.cpuUsage().
  *
- *   node dist/bench/refill.js [--refills N] [--cpu-models max,qemu64] [--idle-seconds S] [--idle-vms 1,16] [--no-paused]
+ *   node dist/bench/refill.js [--refills N] [--cpu-models max,qemu64] [--agents A,B] [--prewarms pool,agent,true,none] [--bake-prewarms on,off]
+ *                             [--idle-seconds S] [--idle-vms 1,16] [--no-paused] [--no-idle]
+ *
+ * Several models, agents or prewarms are compared in one run, interleaved
+ * (one refill of each variant in turn), so that the machine's load changes
+ * hit every variant alike.
  */
 
 import { Image } from "../src/index.js";
 import { DEFAULT_TCG_CPU } from "../src/vmm/qemu.js";
-import { BASE_PREWARM } from "../src/pool/pool.js";
+import { basePrewarm } from "../src/pool/pool.js";
 import type { PhaseCpu, Vm } from "../src/vm/vm.js";
 import { busyboxImage } from "./images.js";
 import { enterLoopbackNetns } from "./netns.js";
@@ -27,15 +32,65 @@ const HELP = `usage: node dist/bench/refill.js [options]
   --idle-vms A,B     idle VM counts (default 1,16)
   --cpu-models A,B   TCG guest CPU models to compare, each baked into its own snapshot
                      (default: the library's default, max); idle VMs use the first
+  --agents A,B       guest agent binaries to compare (SUPERMACHINE_AGENT for each bake; "default":
+                     the one the library finds), each baked into its own snapshot
+  --prewarms A,B     prewarms to compare: "pool" (what the pool runs, default), "agent"
+                     (\`/proc/1/exe --version\`), "true" (the image's \`true\`), "none", or
+                     several joined by "+" (run in that order)
+  --bake-prewarms A,B  whether the bake runs the pool's prewarm before its snapshot: "on" (what
+                     Image.build does, default) or "off" (SUPERMACHINE_BAKE_PREWARM=0), each baked
+                     into its own snapshot
+  --before AGENT     instead of the variants above, compare two: this code as it is ("after")
+                     and as it was before the changes of 2026-11-30 afternoon ("before": the
+                     given agent binary, prewarm "agent", no bake prewarm, QEMU's self-announce
+                     after each restore: SUPERMACHINE_RESTORE_ANNOUNCE=1)
   --no-paused        skip the paused-idle comparison (QMP stop, then cont on use)
+  --no-idle          skip the idle measurements
 `;
+
+type Prewarm = (vm: Vm) => Promise<void>;
+
+/** Runs `argv`, which must exit 0. */
+const run = (argv: readonly string[]): Prewarm => async (vm) => {
+  const r = await vm.exec({ argv: [...argv], timeoutMs: 120_000, maxOutputBytes: 1 << 20 });
+  if (r.exitCode !== 0) throw new Error(`prewarm ${argv.join(" ")} exited ${r.exitCode}`);
+};
+
+/** The prewarms --prewarms can name. */
+const PREWARMS: Record<string, Prewarm> = {
+  // What a pool runs (src/pool/pool.ts).
+  pool: (vm) => basePrewarm(vm, 120_000),
+  agent: run(["/proc/1/exe", "--version"]),
+  true: run(["true"]),
+  none: async () => undefined,
+};
+
+function prewarmOf(name: string): Prewarm {
+  const parts = name.split("+").map((part) => {
+    const p = PREWARMS[part];
+    if (!p) throw new TypeError(`--prewarms: unknown prewarm ${JSON.stringify(part)} (known: ${Object.keys(PREWARMS).join(", ")})`);
+    return p;
+  });
+  return async (vm) => {
+    for (const p of parts) await p(vm);
+  };
+}
+
+/** One thing compared: a baked image (CPU model, agent) and the prewarm run after each restore. */
+interface Variant {
+  label: string;
+  image: Image;
+  prewarm: Prewarm;
+  /** Environment of this variant's restores (set before each one). */
+  env?: Record<string, string | undefined>;
+}
 
 const PHASES: readonly { key: string; what: string }[] = [
   { key: "qemu", what: "QEMU start → QMP ready" },
   { key: "loadState", what: "state load (incoming migration) + cont" },
   { key: "agent", what: "first agent frame (HELLO)" },
   { key: "configure", what: "configure (hostname, network)" },
-  { key: "prewarm", what: "prewarm (pool: `/proc/1/exe --version`)" },
+  { key: "prewarm", what: "prewarm" },
   { key: "exec", what: "first user exec (`echo hi`)" },
 ];
 
@@ -70,19 +125,18 @@ async function tbFlushes(vm: Vm): Promise<number | undefined> {
   }
 }
 
-async function prewarm(vm: Vm): Promise<void> {
-  for (const argv of BASE_PREWARM) {
-    const r = await vm.exec({ argv: [...argv], timeoutMs: 120_000, maxOutputBytes: 1 << 20 });
-    if (r.exitCode !== 0) throw new Error(`prewarm ${argv.join(" ")} exited ${r.exitCode}`);
-  }
-}
+const prewarm = PREWARMS.pool!;
 
-async function refill(image: Image): Promise<Refill> {
+async function refill(v: Variant): Promise<Refill> {
+  for (const [k, val] of Object.entries(v.env ?? {})) {
+    if (val === undefined) delete process.env[k];
+    else process.env[k] = val;
+  }
   const cpu: Record<string, PhaseCpu> = {};
   const wallMs: Record<string, number> = {};
-  const vm = await image.restore({ cpu, timings: wallMs, timeoutMs: 120_000 });
+  const vm = await v.image.restore({ cpu, timings: wallMs, timeoutMs: 120_000 });
   try {
-    const p = await measured(vm, () => prewarm(vm));
+    const p = await measured(vm, () => v.prewarm(vm));
     cpu.prewarm = p.cpu;
     wallMs.prewarm = p.wallMs;
     const e = await measured(vm, () => vm.exec({ argv: ["echo", "hi"], timeoutMs: 120_000 }));
@@ -137,12 +191,12 @@ async function idleCpu(vms: readonly Vm[], seconds: number): Promise<number[]> {
 
 const pct = (msPerS: number) => `${(msPerS / 10).toFixed(2)} %`;
 
-async function measureRefills(images: readonly Image[], refills: number): Promise<Refill[][]> {
+async function measureRefills(variants: readonly Variant[], refills: number): Promise<Refill[][]> {
   // Discarded: the first restores fault the snapshot files into the page cache.
-  for (const image of images) for (let i = 0; i < 2; i++) await refill(image);
-  const runs: Refill[][] = images.map(() => []);
+  for (const v of variants) for (let i = 0; i < 2; i++) await refill(v);
+  const runs: Refill[][] = variants.map(() => []);
   for (let i = 0; i < refills; i++) {
-    for (let m = 0; m < images.length; m++) runs[m]!.push(await refill(images[m]!));
+    for (let m = 0; m < variants.length; m++) runs[m]!.push(await refill(variants[m]!));
     process.stderr.write(`refill ${i + 1}/${refills}\r`);
   }
   process.stderr.write("\n");
@@ -150,7 +204,7 @@ async function measureRefills(images: readonly Image[], refills: number): Promis
 }
 
 /** Prints the phase table of one model; returns its row of the per-model summary. */
-function printRefills(runs: readonly Refill[], model: string, refills: number): string[][] {
+function printRefills(runs: readonly Refill[], label: string, refills: number): string[][] {
   const rows: string[][] = [];
   const col = (f: (r: Refill) => number) => summarize(runs.map(f));
   const row = (what: string, f: (r: Refill) => PhaseCpu | undefined, wall: (r: Refill) => number | undefined) => {
@@ -170,15 +224,15 @@ function printRefills(runs: readonly Refill[], model: string, refills: number): 
   const allKeys = PHASES.map((p) => p.key);
   const wallSum = (r: Refill, keys: readonly string[]) => keys.reduce((s, k) => s + (r.wallMs[k] ?? 0), 0);
   const total = row("**refill (restore → ready, prewarm included)**", (r) => sum(r, refillKeys), (r) => wallSum(r, refillKeys));
-  row("**refill + first exec**", (r) => sum(r, allKeys), (r) => wallSum(r, allKeys));
+  const all = row("**refill + first exec**", (r) => sum(r, allKeys), (r) => wallSum(r, allKeys));
   const flushes = runs.map((r) => r.tbFlushes).filter((v): v is number => v !== undefined);
   const exec = summarize(runs.map((r) => (r.cpu.exec ? r.cpu.exec.qemuMs + r.cpu.exec.nodeMs : NaN)));
   const warm = summarize(runs.map((r) => r.warmExecQemuMs));
 
-  console.log(`\nRefill CPU per fresh VM, -cpu ${model} (busybox, ${refills} refills, milliseconds of CPU; wall p50 for reference only: this machine is shared and wall times are noisy)\n`);
+  console.log(`\nRefill CPU per fresh VM, ${label} (busybox, ${refills} refills, milliseconds of CPU; wall p50 for reference only: this machine is shared and wall times are noisy)\n`);
   console.log(table(["phase", "QEMU p50", "QEMU p90", "Node p50", "Node p90", "total p50", "total p90", "wall p50"], rows));
   console.log(`\nTB flushes (QEMU "info jit") after the first exec: ${flushes.length ? `max ${Math.max(...flushes)} over ${flushes.length} VMs` : "not reported"}; a later, warm exec \`echo hi\`: QEMU p50 ${fmtMs(warm.p50)} ms CPU`);
-  return [[model, fmtMs(total.q.p50), fmtMs(total.n.p50), fmtMs(total.t.p50), fmtMs(total.t.p90), fmtMs(exec.p50), fmtMs(warm.p50)]];
+  return [[label, fmtMs(total.q.p50), fmtMs(total.n.p50), fmtMs(total.t.p50), fmtMs(total.t.p90), fmtMs(exec.p50), fmtMs(all.t.p50), fmtMs(warm.p50)]];
 }
 
 async function main(): Promise<void> {
@@ -194,25 +248,62 @@ async function main(): Promise<void> {
   const paused = !a.has("no-paused");
 
   const models = a.list("cpu-models") ?? [DEFAULT_TCG_CPU];
+  const agents = a.list("agents") ?? ["default"];
+  const prewarms = a.list("prewarms") ?? ["pool"];
+  const bakePrewarms = a.list("bake-prewarms") ?? ["on"];
+  for (const w of bakePrewarms) if (w !== "on" && w !== "off") throw new TypeError(`--bake-prewarms: expected on or off, got ${JSON.stringify(w)}`);
+  const prewarmLists = prewarms.map(prewarmOf);
   const busybox = await busyboxImage();
   const images: Image[] = [];
+  const variants: Variant[] = [];
+  const defaultAgent = process.env.SUPERMACHINE_AGENT;
+  const bake = async (model: string, agent: string, bakePrewarm: boolean, what: string): Promise<Image> => {
+    // Read by Image.build (the bake) and kept in the snapshot for its restores.
+    process.env.SUPERMACHINE_TCG_CPU = model;
+    if (agent === "default") {
+      if (defaultAgent === undefined) delete process.env.SUPERMACHINE_AGENT;
+      else process.env.SUPERMACHINE_AGENT = defaultAgent;
+    } else process.env.SUPERMACHINE_AGENT = agent;
+    if (bakePrewarm) delete process.env.SUPERMACHINE_BAKE_PREWARM;
+    else process.env.SUPERMACHINE_BAKE_PREWARM = "0";
+    const t0 = performance.now();
+    const image = await Image.build({ ref: busybox.ref, bootTimeoutMs: 120_000 });
+    images.push(image);
+    process.stderr.write(`${what}: image ready in ${fmtMs(performance.now() - t0)} ms\n`);
+    return image;
+  };
+  const before = a.str("before");
+  let idleImage: Image | undefined;
   try {
-    for (const model of models) {
-      // Read by Image.build (the bake) and kept in the snapshot for its restores.
-      process.env.SUPERMACHINE_TCG_CPU = model;
-      const t0 = performance.now();
-      images.push(await Image.build({ ref: busybox.ref, bootTimeoutMs: 120_000 }));
-      process.stderr.write(`-cpu ${model}: image ready in ${fmtMs(performance.now() - t0)} ms\n`);
+    if (before !== undefined) {
+      const model = models[0]!;
+      const old = await bake(model, before, false, "before");
+      variants.push({ label: `before: -cpu ${model}, agent ${before}, prewarm agent, no bake prewarm, self-announce`, image: old, prewarm: PREWARMS.agent!, env: { SUPERMACHINE_RESTORE_ANNOUNCE: "1" } });
+      idleImage = await bake(model, "default", true, "after");
+      variants.push({ label: `after: -cpu ${model}, this code`, image: idleImage, prewarm: PREWARMS.pool!, env: { SUPERMACHINE_RESTORE_ANNOUNCE: undefined } });
+    } else {
+      for (const model of models) {
+        for (const agent of agents) {
+          for (const bakePrewarm of bakePrewarms) {
+            const what = [`-cpu ${model}`, ...(agents.length > 1 ? [`agent ${agent}`] : []), ...(bakePrewarms.length > 1 ? [`bake prewarm ${bakePrewarm}`] : [])].join(", ");
+            const image = await bake(model, agent, bakePrewarm === "on", what);
+            prewarms.forEach((p, i) => variants.push({ label: `${what}, prewarm ${p}`, image, prewarm: prewarmLists[i]! }));
+          }
+        }
+      }
+      idleImage = images[0]!;
     }
-    // Interleaved (one refill per model in turn), so the machine's load changes hit every model alike.
-    const runs = await measureRefills(images, refills);
+    delete process.env.SUPERMACHINE_BAKE_PREWARM;
+    const runs = await measureRefills(variants, refills);
     const summaryRows: string[][] = [];
-    models.forEach((model, i) => summaryRows.push(...printRefills(runs[i]!, model, refills)));
-    if (models.length > 1) {
-      console.log(`\nPer CPU model (same run), CPU ms p50: refill = restore → ready with prewarm; first exec after it\n`);
-      console.log(table(["-cpu", "refill QEMU", "refill Node", "refill total", "refill total p90", "first exec total", "warm exec QEMU"], summaryRows));
+    variants.forEach((v, i) => summaryRows.push(...printRefills(runs[i]!, v.label, refills)));
+    if (variants.length > 1) {
+      console.log(`\nPer variant (same run, interleaved), CPU ms p50: refill = restore → ready with prewarm; first exec after it\n`);
+      console.log(table(["variant", "refill QEMU", "refill Node", "refill total", "refill total p90", "first exec total", "refill + first exec", "warm exec QEMU"], summaryRows));
     }
-    const image = images[0]!;
+    if (a.has("no-idle")) return;
+    delete process.env.SUPERMACHINE_RESTORE_ANNOUNCE;
+    const image = idleImage;
     const idleRows: string[][] = [];
     for (const n of idleCounts) {
       const vms = await idleVms(image, n);

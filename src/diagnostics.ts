@@ -6,7 +6,8 @@
  *   supermachine:vm:start     { id, how: "boot" | "restore", accel, ms, phases }
  *   supermachine:vm:death     { id, code, message }       (died on its own)
  *   supermachine:pool:acquire { waitedMs, from: "idle" | "wait" }
- *   supermachine:pool:refill  { ms, ok, message? }       (one restore + prewarm)
+ *   supermachine:pool:refill  { ms, ok, prewarmed?, message? } (one restore + prewarm;
+ *                             prewarmed: the base prewarm ran, not skipped for a waiting acquire)
  *   supermachine:image        ImageProgress               (pull, unpack, pack, bake phases)
  *
  * Publishing costs nothing when nobody subscribes and NODE_DEBUG is unset.

@@ -39,6 +39,8 @@ pub struct WriteFile {
 }
 
 static mut TMP_COUNTER: u64 = 0;
+/// rename(2) onto a mount point.
+const EBUSY: i32 = 16;
 
 impl WriteFile {
     pub fn start(p: &[u8]) -> Result<WriteFile, ReqError> {
@@ -115,11 +117,26 @@ impl WriteFile {
             return Err(err);
         }
         if let Err(e) = fs::rename(&self.tmp, &self.target) {
-            let err = ReqError::from_io(&format!("renaming into {}", self.target.display()), &e);
+            // A mount point (/etc/hosts, /etc/hostname and /etc/machine-id
+            // are bind mounts, see etcfiles.rs) cannot be replaced: its
+            // content is, in place.
+            let r = if e.raw_os_error() == Some(EBUSY) { self.copy_in_place() } else { Err(e) };
+            if let Err(e) = r {
+                let err = ReqError::from_io(&format!("renaming into {}", self.target.display()), &e);
+                self.abort();
+                return Err(err);
+            }
             self.abort();
-            return Err(err);
         }
         Ok(())
+    }
+
+    /// Overwrites the target with the temporary file's content, and its mode.
+    fn copy_in_place(&self) -> std::io::Result<()> {
+        let data = fs::read(&self.tmp)?;
+        let mut f = OpenOptions::new().write(true).truncate(true).open(&self.target)?;
+        f.write_all(&data)?;
+        f.set_permissions(fs::Permissions::from_mode(self.mode))
     }
 
     pub fn abort(self) {

@@ -7,6 +7,7 @@
 //! kernel panic, so every failure is logged and survived.
 
 mod agent;
+mod etcfiles;
 mod exec;
 mod files;
 // Guest half of mounts (docs/mounts.md); not wired into the event loop yet.

@@ -31,7 +31,7 @@ import { readManifest, SNAPSHOT_DIR_MODE, SNAPSHOT_FILE_MODE, SNAPSHOT_FORMAT, S
 import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
 import { DEFAULT_TCG_CPU, findQemu, tcgCpuModel } from "../vmm/qemu.js";
 import { discardQemu, launchVm, startQemu, type GuestConfig, type PhaseCpu, type StartedQemu, type Vm } from "../vm/vm.js";
-import { Pool, type PoolOptions } from "../pool/pool.js";
+import { Pool, basePrewarm, type PoolOptions } from "../pool/pool.js";
 import { checkHostPaths, validateMounts, type ValidMount } from "../mounts/attach.js";
 import type { MountSpec } from "../mounts/server.js";
 import { guestConfigOf, resolveImage, type ImageProgress } from "./resolve.js";
@@ -401,6 +401,8 @@ export class Image {
     const workloadArgv = v.runWorkload ? (v.cmd ?? [...root.entrypoint, ...root.cmd]) : [];
     const imageCmd = { entrypoint: root.entrypoint, cmd: root.cmd };
     const cpuModel = accel.accel === "tcg" ? tcgCpuModel() : undefined;
+    // @internal SUPERMACHINE_BAKE_PREWARM=0: no prewarm before the snapshot (for benchmarks).
+    const bakePrewarm = process.env.SUPERMACHINE_BAKE_PREWARM !== "0";
     const config: GuestConfig = { ...root.config, env: mergeEnv(root.config.env ?? [], v.env) };
     const inputs = {
       format: SNAPSHOT_VERSION,
@@ -411,6 +413,8 @@ export class Image {
       accel: accel.accel,
       // Only a non-default model changes the key (existing snapshots stay valid).
       ...(cpuModel && cpuModel !== DEFAULT_TCG_CPU ? { cpuModel } : {}),
+      // Snapshots baked before the prewarm existed are baked again.
+      bakePrewarm,
       arch: process.arch,
       memoryMib: v.memoryMib,
       vcpus: v.vcpus,
@@ -491,6 +495,13 @@ export class Image {
           await waitListener(vm, v.guestPort, options.listenerTimeoutMs ?? 120_000);
         }
         if (v.warmup) await v.warmup(vm);
+        // What a pool's prewarm runs, once before the snapshot: the program's
+        // pages are then in the snapshot's page cache, so no restored VM
+        // reads them from its disk again (docs/performance.md). Only an
+        // optimization: an exec the image's config cannot run (say, a User
+        // missing from its /etc/passwd) does not fail the bake; a VM that
+        // died fails the capture below, which says so.
+        if (bakePrewarm) await basePrewarm(vm, bootTimeoutMs).catch(() => undefined);
         phase("snapshot");
         const captured = await captureVm(vm, stage);
         const manifest: SnapshotManifest = {

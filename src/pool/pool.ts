@@ -18,9 +18,20 @@ import { channels, trace } from "../diagnostics.js";
 
 /**
  * @internal What every prewarm runs first (bench/refill.ts replays it): the
- * agent's binary, so the guest's exec path is translated before a user's.
+ * image's own `true` (found in its PATH, as a user's command would be), so
+ * that the guest's exec path and the image's usual binary and libc start-up
+ * are translated before a user's exec. An image without `true` (exit 127:
+ * not found) runs the agent's binary instead (`/proc/1/exe --version`),
+ * which warms the kernel's process paths only. Measured in
+ * docs/performance.md: both cost the same, but after the image's `true` the
+ * first user exec of a busybox image costs ~15 ms of CPU instead of ~72.
+ * Image.build runs it once before the snapshot too, so the program's pages
+ * are in every restored VM's page cache.
  */
-export const BASE_PREWARM: readonly (readonly string[])[] = [["/proc/1/exe", "--version"]];
+export async function basePrewarm(vm: Vm, timeoutMs: number): Promise<void> {
+  const r = await vm.exec({ argv: ["true"], timeoutMs, maxOutputBytes: 1 << 20 });
+  if (r.exitCode !== 0) await vm.exec({ argv: ["/proc/1/exe", "--version"], timeoutMs, maxOutputBytes: 1 << 20 });
+}
 
 export interface PoolOptions {
   /** Idle VMs to keep warm. @default 1 */
@@ -55,9 +66,12 @@ export interface PoolOptions {
    * (extension) Commands run on each restored VM before it is handed out,
    * to warm QEMU's translation cache: under TCG a new QEMU process translates
    * every guest code path on first use, which makes the first exec in a
-   * fresh VM ~100 ms slower. `true` runs a no-op program (the agent's
-   * `--version`) that warms the kernel's process paths; a list of argv runs
-   * those too (e.g. [["python3", "-c", "pass"]]). Output is discarded;
+   * fresh VM ~100 ms slower. `true` runs a no-op program (the image's own
+   * `true`, else the agent's `--version`) that warms the kernel's process
+   * paths and the image's usual program start-up, except on a VM that a
+   * waiting acquire() takes at once (its own first exec does the same
+   * work); a list of argv runs those too, always (e.g.
+   * [["python3", "-c", "pass"]]). Output is discarded;
    * effects on the guest's files stay. @default true under TCG, false under KVM
    */
   readonly prewarm?: boolean | readonly (readonly string[])[];
@@ -116,6 +130,8 @@ export class Pool {
   private readonly idleTimeoutMs: number | undefined;
   private readonly restoreOnRelease: boolean;
   private readonly restoreTimeoutMs: number;
+  /** Whether the base prewarm runs (then the argv of `prewarm`). */
+  private readonly basePrewarm: boolean;
   private readonly prewarm: string[][];
   private readonly pauseIdle: boolean;
   private readonly network: CompiledPolicy;
@@ -154,7 +170,8 @@ export class Pool {
     if (typeof pw !== "boolean" && !(Array.isArray(pw) && pw.every((a) => Array.isArray(a) && a.length > 0 && a.every((x) => typeof x === "string")))) {
       throw invalidOption("prewarm", "a boolean or a list of argv arrays", pw);
     }
-    this.prewarm = pw === false ? [] : [...BASE_PREWARM.map((a) => [...a]), ...(pw === true ? [] : pw.map((a) => [...a]))];
+    this.basePrewarm = pw !== false;
+    this.prewarm = typeof pw === "boolean" ? [] : pw.map((a) => [...a]);
     this.pauseIdle = pauseIdleFor(image.manifest.accel);
     this.network = o.network === undefined ? image.network : compilePolicy(o.network);
     this.memoryMib = int(o.memoryMib, "memoryMib", image.memoryMib, 32);
@@ -316,13 +333,20 @@ export class Pool {
       const t0 = performance.now();
       try {
         const vm = await this.image.restore({ timeoutMs: this.restoreTimeoutMs, network: this.network });
+        // A VM that an acquire() already waits for goes to it without the
+        // base prewarm: that caller's own first exec translates the same
+        // paths, and under TCG the prewarm would cost it ≈ 100 ms of CPU
+        // before it gets the VM and ≈ 25 ms more in all (docs/performance.md).
+        // The prewarm pays off for VMs that wait idle.
+        const prewarmed = this.basePrewarm && this.waiters.length === 0;
         try {
+          if (prewarmed) await basePrewarm(vm, this.restoreTimeoutMs);
           for (const argv of this.prewarm) await vm.exec({ argv, timeoutMs: this.restoreTimeoutMs, maxOutputBytes: 1 << 20 });
         } catch (e) {
           await vm.destroy();
           throw e;
         }
-        trace(channels.poolRefill, { ms: Math.round(performance.now() - t0), ok: true });
+        trace(channels.poolRefill, { ms: Math.round(performance.now() - t0), ok: true, prewarmed });
         return vm;
       } catch (e) {
         trace(channels.poolRefill, { ms: Math.round(performance.now() - t0), ok: false, message: (e as Error).message.split("\n")[0] });

@@ -78,6 +78,14 @@ export async function saveState(qmp: QmpClient, dir: string, file: string, o: { 
  */
 export async function loadState(qmp: QmpClient, dir: string, file: string, o: { ignoreShared: boolean; timeoutMs: number }): Promise<void> {
   await setIgnoreShared(qmp, o.ignoreShared);
+  // No self-announce after the load. QEMU's default (5 rounds over ~0.5 s)
+  // has the guest's virtio-net send gratuitous ARP and IPv6 notices so that
+  // switches learn where the MAC went; here the link is a host stack of the
+  // VM's own that knows the guest's fixed MAC. Under TCG the ~12 frames and
+  // the guest's paths that send them cost ~40 ms of CPU per restore
+  // (docs/performance.md). @internal SUPERMACHINE_RESTORE_ANNOUNCE=1 keeps
+  // QEMU's default (bench/refill.ts compares).
+  if (process.env.SUPERMACHINE_RESTORE_ANNOUNCE !== "1") await qmp.execute("migrate-set-parameters", { "announce-rounds": 0 });
   const sock = join(dir, MIGRATION_IN_SOCKET);
   // QEMU closes its end once it has read the stream, possibly before our
   // side has seen every write acknowledged: success is what query-migrate

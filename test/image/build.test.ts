@@ -126,16 +126,18 @@ describe("Image.build and restores", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     const pool = await image.pool({ min: 2, max: 2 });
     try {
       const [a, b] = [await pool.acquire(), await pool.acquire()];
-      const probe = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; cat /proc/sys/kernel/random/boot_id; hostname; cat /etc/machine-id; date +%s; od -An -tx1 /root/seed | tr -d ' \\n'";
+      const probe = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; cat /proc/sys/kernel/random/boot_id; hostname; cat /etc/machine-id; date +%s; od -An -tx1 /root/seed | tr -d ' \\n'; echo; cat /etc/hostname; grep 127.0.1.1 /etc/hosts";
       const [ra, rb] = await Promise.all([a.exec({ argv: ["sh", "-c", probe] }), b.exec({ argv: ["sh", "-c", probe] })]);
       const now = Date.now() / 1000;
-      const [urA, bootA, hostA, midA, clockA, seedA] = ra.stdout.toString().trim().split("\n");
-      const [urB, bootB, hostB, midB, clockB, seedB] = rb.stdout.toString().trim().split("\n");
+      const [urA, bootA, hostA, midA, clockA, seedA, hostFileA, hostsA] = ra.stdout.toString().trim().split("\n");
+      const [urB, bootB, hostB, midB, clockB, seedB, hostFileB, hostsB] = rb.stdout.toString().trim().split("\n");
       assert.notEqual(urA, urB, "/dev/urandom must differ between clones");
       assert.match(bootA!, /^[0-9a-f-]{36}$/);
       assert.notEqual(bootA, bootB);
       assert.notEqual(hostA, hostB);
       assert.notEqual(midA, midB);
+      // /etc/hostname and /etc/hosts name each clone's own hostname.
+      assert.deepEqual([hostFileA, hostsA, hostFileB, hostsB], [hostA, `127.0.1.1\t${hostA}`, hostB, `127.0.1.1\t${hostB}`]);
       assert.ok(Math.abs(Number(clockA) - now) <= 2 && Math.abs(Number(clockB) - now) <= 2, `clocks ${clockA} ${clockB} vs host ${now}`);
       // What warmup wrote is, by design, the same in every clone.
       assert.equal(seedA, seedB);

@@ -240,7 +240,7 @@ impl NetService {
             let content = hosts_content(h, hostname);
             if self.applied_hosts.as_ref() != Some(&content) {
                 self.applied_hosts = None;
-                replace_file("/etc/hosts", &content).map_err(|e| ReqError::from_io("write /etc/hosts", &e))?;
+                crate::etcfiles::write("/etc/hosts", &content).map_err(|e| ReqError::from_io("write /etc/hosts", &e))?;
                 self.applied_hosts = Some(content);
             }
         }

@@ -83,6 +83,7 @@ impl Session {
         let mut env: Option<Vec<Vec<u8>>> = None;
         let mut net_config = NetConfig::default();
         let mut hostname: Option<Vec<u8>> = None;
+        let mut boot_id: Option<Vec<u8>> = None;
         for f in proto::fields(p) {
             let (t, v) = f?;
             if net_config.field(t, v)? {
@@ -102,7 +103,7 @@ impl Session {
                     hostname = Some(v.to_vec());
                     let mut line = v.to_vec();
                     line.push(b'\n');
-                    let _ = fs::write("/etc/hostname", &line);
+                    let _ = crate::etcfiles::write("/etc/hostname", &line);
                 }
                 tag::configure::TIME_NS => {
                     let ns = proto::val_u64(t, v)?;
@@ -114,9 +115,12 @@ impl Session {
                 tag::configure::MACHINE_ID => {
                     let mut line = v.to_vec();
                     line.push(b'\n');
-                    fs::write("/etc/machine-id", &line).map_err(|e| ReqError::from_io("/etc/machine-id", &e))?;
+                    crate::etcfiles::write("/etc/machine-id", &line).map_err(|e| ReqError::from_io("/etc/machine-id", &e))?;
                 }
-                tag::configure::BOOT_ID => set_boot_id(v).map_err(|e| ReqError::from_io("boot_id", &e))?,
+                tag::configure::BOOT_ID => {
+                    set_boot_id(v).map_err(|e| ReqError::from_io("boot_id", &e))?;
+                    boot_id = Some(v.to_vec());
+                }
                 _ => {}
             }
         }
@@ -129,8 +133,12 @@ impl Session {
             None => fs::read("/proc/sys/kernel/hostname").unwrap_or_default().into_iter().filter(|b| !b.is_ascii_whitespace()).collect(),
         };
         net.apply(&net_config, &hostname)?;
-        let boot_id = fs::read("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-        let boot_id: Vec<u8> = boot_id.into_iter().filter(|b| !b.is_ascii_whitespace()).collect();
+        // The one this frame set, else what the guest reads now (one file
+        // read less on the restore path).
+        let boot_id = match boot_id {
+            Some(b) => b,
+            None => fs::read("/proc/sys/kernel/random/boot_id").unwrap_or_default().into_iter().filter(|b| !b.is_ascii_whitespace()).collect(),
+        };
         Ok(Record::new().bytes(tag::configure_ok::BOOT_ID, &boot_id))
     }
 }

@@ -1,0 +1,125 @@
+/**
+ * The pool's base prewarm (src/pool/pool.ts basePrewarm): the image's own
+ * `true`, else the agent's binary. The order of the two on a fake exec; a
+ * real pool of an image that has no `true` (its VMs are still handed out);
+ * a real pool skips the base prewarm of a VM a waiting acquire() takes, and
+ * runs it for VMs that go idle (supermachine:pool:refill says which).
+ */
+
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { cp, mkdtemp, readdir, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { subscribe, unsubscribe } from "node:diagnostics_channel";
+import { after, before, describe, it } from "node:test";
+import { Image } from "../../src/image/image.js";
+import { basePrewarm } from "../../src/pool/pool.js";
+import type { ExecOptions, ExecOutput } from "../../src/vm/options.js";
+import type { Vm } from "../../src/vm/vm.js";
+import { VM_TEST_TIMEOUT, defaultRootfs, waitFor } from "../helpers.js";
+
+/** A stand-in with only exec(): records each argv, answers with `exitOf(argv)`. */
+function fakeVm(exitOf: (argv: readonly string[]) => number): { vm: Vm; calls: string[][] } {
+  const calls: string[][] = [];
+  const vm = {
+    exec: async (o: ExecOptions): Promise<ExecOutput> => {
+      const argv = o.argv.map(String);
+      calls.push(argv);
+      return { stdout: Buffer.alloc(0), stderr: Buffer.alloc(0), exitCode: exitOf(argv) } as ExecOutput;
+    },
+  } as unknown as Vm;
+  return { vm, calls };
+}
+
+describe("basePrewarm", () => {
+  it("runs the image's `true` only, when it exists", async () => {
+    const { vm, calls } = fakeVm(() => 0);
+    await basePrewarm(vm, 1000);
+    assert.deepEqual(calls, [["true"]]);
+  });
+
+  it("runs the agent's binary when the image has no `true` (exit 127)", async () => {
+    const { vm, calls } = fakeVm((argv) => (argv[0] === "true" ? 127 : 0));
+    await basePrewarm(vm, 1000);
+    assert.deepEqual(calls, [["true"], ["/proc/1/exe", "--version"]]);
+  });
+});
+
+describe("a pool of an image without `true`", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
+  let dir: string;
+  let image: Image | undefined;
+
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), "sm-prewarm-"));
+    const rootfs = join(dir, "rootfs");
+    await cp(await defaultRootfs(), rootfs, { recursive: true, verbatimSymlinks: true });
+    for (const d of ["bin", "sbin", "usr/bin", "usr/sbin"]) {
+      const names = await readdir(join(rootfs, d)).catch(() => [] as string[]);
+      if (names.includes("true")) await rm(join(rootfs, d, "true"));
+    }
+    image = await Image.build({ ref: `dir:${rootfs}`, snapshotsDir: join(dir, "snapshots"), warmupTag: `prewarm-${randomBytes(3).toString("hex")}` });
+  });
+
+  after(async () => {
+    await image?.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it("hands out prewarmed VMs (the prewarm falls back to the agent's binary)", async () => {
+    const pool = await image!.pool({ min: 1, max: 1, prewarm: true });
+    try {
+      const vm = await pool.acquire();
+      // The image really has no `true` program (the shell's builtin aside).
+      const r = await vm.exec({ argv: ["true"] });
+      assert.equal(r.exitCode, 127);
+      assert.equal((await vm.exec({ argv: ["echo", "ok"] })).stdout.toString(), "ok\n");
+      await vm.release();
+    } finally {
+      await pool.shutdown();
+    }
+  });
+});
+
+describe("the base prewarm and waiting acquires", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
+  let dir: string;
+  let image: Image | undefined;
+  const refills: { ok?: boolean; prewarmed?: boolean }[] = [];
+  const onRefill = (m: unknown) => void refills.push(m as { ok?: boolean; prewarmed?: boolean });
+
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), "sm-prewarm-wait-"));
+    image = await Image.build({ ref: `dir:${await defaultRootfs()}`, snapshotsDir: dir, warmupTag: `prewarm-wait-${randomBytes(3).toString("hex")}` });
+    // Drops the bake's VM (the warm handoff): every VM of the pools below is restored.
+    await image.close();
+    subscribe("supermachine:pool:refill", onRefill);
+  });
+
+  after(async () => {
+    unsubscribe("supermachine:pool:refill", onRefill);
+    await image?.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it("a VM restored for a waiting acquire() skips it; one restored to wait idle gets it", async () => {
+    const pool = await image!.pool({ min: 0, max: 1, prewarm: true });
+    try {
+      refills.length = 0;
+      // Nothing idle: this acquire waits for the restore it starts.
+      const vm = await pool.acquire();
+      assert.deepEqual(refills.map((r) => [r.ok, r.prewarmed]), [[true, false]]);
+      assert.equal((await vm.exec({ argv: ["echo", "ok"] })).stdout.toString(), "ok\n");
+      await vm.release();
+    } finally {
+      await pool.shutdown();
+    }
+    refills.length = 0;
+    const warm = await image!.pool({ min: 1, max: 1, prewarm: true });
+    try {
+      await waitFor(() => warm.stats().idle === 1, 120_000, "the idle VM");
+      assert.deepEqual(refills.map((r) => [r.ok, r.prewarmed]), [[true, true]]);
+    } finally {
+      await warm.shutdown();
+    }
+  });
+});
