@@ -44,7 +44,13 @@ export async function hostNodeImageRef() {
     await cp(busybox, stage, { recursive: true, verbatimSymlinks: true });
     await rm(join(stage, ".complete"), { force: true });
     // node and the shared libraries it needs, at the paths the loader looks in.
-    const libs = execFileSync("ldd", [node], { encoding: "utf8" })
+    let ldd = "";
+    try {
+      ldd = execFileSync("ldd", [node], { encoding: "utf8" });
+    } catch {
+      // a static node: "not a dynamic executable", nothing to copy
+    }
+    const libs = ldd
       .split("\n")
       .map((l) => /(?:=>\s*)?(\/\S+)\s+\(0x/.exec(l)?.[1])
       .filter((p) => p !== undefined);
@@ -55,7 +61,7 @@ export async function hostNodeImageRef() {
     }
     await cp(npm, join(stage, npm), { recursive: true, verbatimSymlinks: true });
     await rm(join(stage, "usr", "bin", "npm"), { force: true });
-    await symlink("../lib/node_modules/npm/bin/npm-cli.js", join(stage, "usr", "bin", "npm"));
+    await symlink(join(npm, "bin", "npm-cli.js"), join(stage, "usr", "bin", "npm"));
     if (!existsSync(join(stage, "usr", "bin", "node"))) await symlink(node, join(stage, "usr", "bin", "node"));
     await writeFile(join(stage, ".complete"), `${key}\n`);
     await rm(root, { recursive: true, force: true });
