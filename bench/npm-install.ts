@@ -124,7 +124,6 @@ async function main(): Promise<void> {
   const projectJson = JSON.stringify({ name: "bench-app", version: "1.0.0", private: true, dependencies: Object.fromEntries(top.map((n) => [n, "^1.0.0"])) }, null, 2);
   const requireAll = `node -e ${JSON.stringify(`for (const n of ${JSON.stringify(top)}) require(n)`)}`;
   const rows: string[][] = [];
-  const notes: string[] = [];
   const add = (what: string, s: Sample[], note = ""): void => {
     const p50 = (f: (x: Sample) => number | undefined): string => {
       const v = s.map(f).filter((x): x is number => x !== undefined);
@@ -264,7 +263,6 @@ async function main(): Promise<void> {
   );
   console.log(table(["where node_modules is", "runs", "wall p50 s", "user+sys p50 s (its own `time`)", "host CPU p50 s (QEMU + Node)", "notes"], rows));
   console.log(`\nmachine: ${cpus().length} × ${cpus()[0]?.model.replace(/\s+/g, " ").trim()}, ${Math.round(totalmem() / 2 ** 30)} GiB; load average at the end ${l1!.toFixed(2)} (1 min), ${l5!.toFixed(2)} (5 min); node ${process.version}`);
-  for (const n of notes) console.log(n);
 }
 
 await main();
