@@ -41,6 +41,15 @@ const EXPECTED: Readonly<Record<string, ExampleSpec | readonly RegExp[]>> = {
     /^VM 2, from the host: {2}HTTP 200: hello from the service baked into the snapshot /,
   ],
   "06-mount-workspace.mjs": [/^host reads: built in the VM$/, /^fresh from the host$/],
+  "07-npm-workspace-fast.mjs": [
+    /^warmup: npm install done at bake time \(\d+ registry requests\)$/,
+    /^VM 1: HELLO FROM THE SOURCE ON THE MOUNT! /,
+    /^VM 1: \/work\/node_modules has demo-greet, demo-shout$/,
+    /^VM 1 after a host edit: HELLO EDITED ON THE HOST!$/,
+    /^VM 2: HELLO EDITED ON THE HOST! /,
+    /^node_modules on the host: absent \(it lives in the volume\)$/,
+    /^registry requests by restored VMs: 0$/,
+  ],
   "04-resource-files.mjs": [/^ {2}guest> name = "example"$/, /^ {2}guest> -----BEGIN CERTIFICATE-----$/, /^same files again: {2}same snapshot: true, booted: false$/, /^edited app\.toml: {3}new snapshot: true, guest reads name = "edited"$/],
 };
 
@@ -103,7 +112,7 @@ describe("examples/*.mjs run as written and exit by themselves", { timeout: 4 * 
   });
 
   it("finds the examples", () => {
-    for (const f of ["00-quick-start.mjs", "01-one-shot-exec.mjs", "02-agent-runtime.mjs", "03-persistent-service.mjs", "04-resource-files.mjs"]) {
+    for (const f of ["00-quick-start.mjs", "01-one-shot-exec.mjs", "02-agent-runtime.mjs", "03-persistent-service.mjs", "04-resource-files.mjs", "06-mount-workspace.mjs", "07-npm-workspace-fast.mjs"]) {
       assert.ok(examples.includes(f), `examples/${f} is missing`);
     }
   });
