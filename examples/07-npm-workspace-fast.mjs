@@ -14,7 +14,7 @@
 // "registry.local" through the network policy (docs/network.md). For your
 // own project: hostPath is its directory, and `network` allows your registry.
 
-import { existsSync } from "node:fs";
+import { existsSync, readdirSync } from "node:fs";
 import { rm, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { Image } from "@supermachine/core";
@@ -72,7 +72,10 @@ try {
         await vm.release();
       }
     }
-    console.log(`node_modules on the host: ${existsSync(join(projectDir, "node_modules")) ? "present" : "absent (it lives in the volume)"}`);
+    // The agent made the volume's mount point inside the mounted tree (an empty directory, as Docker does).
+    const hostModules = join(projectDir, "node_modules");
+    const onHost = existsSync(hostModules) ? readdirSync(hostModules).length : 0;
+    console.log(`node_modules on the host: ${onHost === 0 ? "empty (the install lives in the volume)" : `${onHost} entries`}`);
     console.log(`registry requests by restored VMs: ${registry.requests - served}`);
   } finally {
     await pool.shutdown();

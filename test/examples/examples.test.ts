@@ -47,7 +47,7 @@ const EXPECTED: Readonly<Record<string, ExampleSpec | readonly RegExp[]>> = {
     /^VM 1: \/work\/node_modules has demo-greet, demo-shout$/,
     /^VM 1 after a host edit: HELLO EDITED ON THE HOST!$/,
     /^VM 2: HELLO EDITED ON THE HOST! /,
-    /^node_modules on the host: absent \(it lives in the volume\)$/,
+    /^node_modules on the host: empty \(the install lives in the volume\)$/,
     /^registry requests by restored VMs: 0$/,
   ],
   "04-resource-files.mjs": [/^ {2}guest> name = "example"$/, /^ {2}guest> -----BEGIN CERTIFICATE-----$/, /^same files again: {2}same snapshot: true, booted: false$/, /^edited app\.toml: {3}new snapshot: true, guest reads name = "edited"$/],
