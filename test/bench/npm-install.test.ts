@@ -7,24 +7,13 @@
  */
 
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { join } from "node:path";
 import { describe, it } from "node:test";
-import { REPO_ROOT, VM_TEST_TIMEOUT } from "../helpers.js";
+import { runBenchScript } from "./helpers.js";
+import { VM_TEST_TIMEOUT } from "../helpers.js";
 
 describe("bench/npm-install (quick)", { timeout: 2 * VM_TEST_TIMEOUT }, () => {
   it("installs on the host, into a volume, and loads a baked node_modules in a restored VM", async () => {
-    const r = await new Promise<{ code: number | null; stdout: string; stderr: string }>((resolve, reject) => {
-      const c = spawn(process.execPath, [join(REPO_ROOT, "dist", "bench", "npm-install.js"), "--runs", "1", "--packages", "4", "--files", "2", "--only", "host,volume,restore"], {
-        stdio: ["ignore", "pipe", "pipe"],
-      });
-      let stdout = "";
-      let stderr = "";
-      c.stdout.on("data", (b: Buffer) => (stdout += b.toString()));
-      c.stderr.on("data", (b: Buffer) => (stderr = (stderr + b.toString()).slice(-100_000)));
-      c.once("error", reject);
-      c.once("close", (code) => resolve({ code, stdout, stderr }));
-    });
+    const r = await runBenchScript("npm-install.js", ["--runs", "1", "--packages", "4", "--files", "2", "--only", "host,volume,restore"]);
     assert.equal(r.code, 0, r.stderr.slice(-4000));
     assert.match(r.stdout, /→ 4 packages, 12 files/);
     const rows: [string, number][] = [

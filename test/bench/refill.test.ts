@@ -4,21 +4,12 @@
  */
 
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { join } from "node:path";
 import { describe, it } from "node:test";
-import { REPO_ROOT, VM_TEST_TIMEOUT } from "../helpers.js";
+import { runBenchScript } from "./helpers.js";
+import { VM_TEST_TIMEOUT } from "../helpers.js";
 
 function runRefill(args: readonly string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const c = spawn(process.execPath, [join(REPO_ROOT, "dist", "bench", "refill.js"), ...args], { stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    c.stdout.on("data", (b: Buffer) => (stdout += b.toString()));
-    c.stderr.on("data", (b: Buffer) => (stderr = (stderr + b.toString()).slice(-100_000)));
-    c.once("error", reject);
-    c.once("close", (code) => resolve({ code, stdout, stderr }));
-  });
+  return runBenchScript("refill.js", args);
 }
 
 describe("bench/refill (quick)", { timeout: VM_TEST_TIMEOUT }, () => {

@@ -6,7 +6,6 @@
  */
 
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { existsSync, readFileSync, readdirSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -14,18 +13,11 @@ import { join } from "node:path";
 import { describe, it } from "node:test";
 import type { BenchResults } from "../../bench/report.js";
 import { fmtMs } from "../../bench/stats.js";
-import { REPO_ROOT, VM_TEST_TIMEOUT, pidsMatching } from "../helpers.js";
+import { VM_TEST_TIMEOUT, pidsMatching } from "../helpers.js";
+import { runBenchScript } from "./helpers.js";
 
 function runBench(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const c = spawn(process.execPath, [join(REPO_ROOT, "dist", "bench", "run.js"), ...args], { stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    c.stdout.on("data", (b: Buffer) => (stdout += b.toString()));
-    c.stderr.on("data", (b: Buffer) => (stderr = (stderr + b.toString()).slice(-200_000)));
-    c.once("error", reject);
-    c.once("close", (code) => resolve({ code, stdout, stderr }));
-  });
+  return runBenchScript("run.js", args, 200_000);
 }
 
 describe("bench harness (quick)", { timeout: VM_TEST_TIMEOUT }, () => {

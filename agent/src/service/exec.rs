@@ -82,21 +82,31 @@ impl ExecService {
     pub fn reset(&mut self, io: &mut Io) {
         let ids: Vec<u32> = self.streams.keys().copied().collect();
         for id in ids {
-            if let Some(mut e) = self.streams.remove(&id) {
-                if let Some(fd) = e.stdin.take() {
-                    io.remove(fd.raw());
-                }
-                for (i, ch) in e.out.iter_mut().enumerate() {
-                    if let Some(fd) = ch.fd.take() {
-                        io.remove(fd.raw());
-                        self.orphans.push(Orphan { pid: e.label_pid, channel: i as u8 + 1, fd });
-                    }
-                }
-                if e.pid > 0 {
-                    self.pids.remove(&e.pid);
-                }
+            self.let_go(io, id);
+        }
+    }
+
+    /// Stops serving exec `id`: its stdin closes, its output pipes go to the
+    /// orphans (read by the logs service), its process keeps running. False
+    /// if there is no such exec.
+    fn let_go(&mut self, io: &mut Io, id: u32) -> bool {
+        let mut e = match self.streams.remove(&id) {
+            Some(e) => e,
+            None => return false,
+        };
+        if let Some(fd) = e.stdin.take() {
+            io.remove(fd.raw());
+        }
+        for (i, ch) in e.out.iter_mut().enumerate() {
+            if let Some(fd) = ch.fd.take() {
+                io.remove(fd.raw());
+                self.orphans.push(Orphan { pid: e.label_pid, channel: i as u8 + 1, fd });
             }
         }
+        if e.pid > 0 {
+            self.pids.remove(&e.pid);
+        }
+        true
     }
 
     /// The earliest exec deadline (monotonic ms).
@@ -121,24 +131,10 @@ impl ExecService {
     /// as if its session had ended (its output goes to the logs service);
     /// the stream ends with OK.
     pub fn detach(&mut self, io: &mut Io, id: u32) {
-        let mut e = match self.streams.remove(&id) {
-            Some(e) => e,
-            // Already finished (its EXIT raced this frame): nothing to do.
-            None => return,
-        };
-        if let Some(fd) = e.stdin.take() {
-            io.remove(fd.raw());
+        // Already finished (its EXIT raced this frame): nothing to do.
+        if self.let_go(io, id) {
+            io.send_record(ty::OK, id, Record::new());
         }
-        for (i, ch) in e.out.iter_mut().enumerate() {
-            if let Some(fd) = ch.fd.take() {
-                io.remove(fd.raw());
-                self.orphans.push(Orphan { pid: e.label_pid, channel: i as u8 + 1, fd });
-            }
-        }
-        if e.pid > 0 {
-            self.pids.remove(&e.pid);
-        }
-        io.send_record(ty::OK, id, Record::new());
     }
 
     pub fn cancel(&mut self, id: u32) {
