@@ -300,7 +300,7 @@ fn spawn_fork(spec: &SpawnSpec) -> io::Result<i32> {
     let cg_fd = match spec.cgroup {
         Some(cg) => cstring(cg.as_os_str().to_string_lossy().as_bytes())
             .ok()
-            .and_then(|c| sys::open_path(&c, sys::O_RDONLY | 0x10000 /* O_DIRECTORY */, 0).ok()),
+            .and_then(|c| sys::open_path(&c, sys::O_RDONLY | sys::O_DIRECTORY, 0).ok()),
         None => None,
     };
     let mut pid = -1;

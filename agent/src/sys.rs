@@ -207,6 +207,16 @@ pub const O_NOCTTY: c_int = 0x100;
 pub const O_TRUNC: c_int = 0x200;
 pub const O_NONBLOCK: c_int = 0x800;
 pub const O_CLOEXEC: c_int = 0x80000;
+#[cfg(not(target_arch = "aarch64"))]
+pub const O_DIRECTORY: c_int = 0o200000;
+#[cfg(not(target_arch = "aarch64"))]
+pub const O_NOFOLLOW: c_int = 0o400000;
+// arm64 numbers these two differently (asm/fcntl.h).
+#[cfg(target_arch = "aarch64")]
+pub const O_DIRECTORY: c_int = 0o40000;
+#[cfg(target_arch = "aarch64")]
+pub const O_NOFOLLOW: c_int = 0o100000;
+pub const O_PATH: c_int = 0o10000000;
 pub const F_GETFL: c_int = 3;
 pub const F_SETFL: c_int = 4;
 pub const F_SETPIPE_SZ: c_int = 1031;

@@ -64,9 +64,6 @@ pub const TK_MOUNT_JOB: u64 = 8 << 56;
 const MAX_SUBMOUNTS: usize = 16;
 /// Bytes of a job's report read, at most.
 const MAX_JOB_REPORT: usize = 16 * 1024;
-const O_PATH: i32 = 0o10000000;
-const O_DIRECTORY: i32 = 0o200000;
-const O_NOFOLLOW: i32 = 0o400000;
 
 struct Conn {
     dev: FuseDevice,
@@ -205,13 +202,9 @@ fn set_read_ahead(path: &Path, kb: u32) {
     }
 }
 
-/// Opens `p` as an O_PATH handle without following a final symlink.
-fn open_path(p: &Path, directory: bool) -> io::Result<File> {
-    let mut flags = O_PATH | O_NOFOLLOW | sys::O_CLOEXEC;
-    if directory {
-        flags |= O_DIRECTORY;
-    }
-    std::fs::OpenOptions::new().read(true).custom_flags(flags).open(p)
+/// An O_PATH handle on the directory `p` (a final symlink is not followed).
+fn dir_handle(p: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new().read(true).custom_flags(sys::O_PATH | sys::O_NOFOLLOW | sys::O_DIRECTORY | sys::O_CLOEXEC).open(p)
 }
 
 /// The job's thread: binds each submount (an O_PATH handle of its root,
@@ -220,7 +213,7 @@ fn open_path(p: &Path, directory: bool) -> io::Result<File> {
 /// device `dir` had before: if `dir` shows it again, the mount is gone and
 /// nothing is bound. Returns one message per failure.
 fn place_submounts(dir: &Path, covered_dev: u64, subs: Vec<(PathBuf, File)>) -> Vec<String> {
-    let root = match open_path(dir, true) {
+    let root = match dir_handle(dir) {
         Ok(r) => r,
         Err(e) => return vec![format!("open {}: {}", dir.display(), e)],
     };
@@ -384,7 +377,7 @@ impl MountService {
         let mut subs: Vec<(PathBuf, File)> = Vec::new();
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
         for rel in submounts_below(&info, &path).into_iter().take(MAX_SUBMOUNTS) {
-            match open_path(&path.join(&rel), true) {
+            match dir_handle(&path.join(&rel)) {
                 Ok(f) => subs.push((rel, f)),
                 Err(e) => log!("mount {}: {} stays hidden: {}", m.tag, path.join(&rel).display(), e),
             }
@@ -392,12 +385,13 @@ impl MountService {
         let dev = FuseDevice::open().map_err(|e| ReqError::from_io("open /dev/fuse", &e))?;
         dev.set_nonblocking().map_err(|e| ReqError::from_io("/dev/fuse O_NONBLOCK", &e))?;
         let writer = dev.try_clone().map_err(|e| ReqError::from_io("dup /dev/fuse", &e))?;
-        let (job_sock, thread_sock) = if subs.is_empty() {
-            (None, None)
+        // The loop's end and the thread's end of the job's socket pair.
+        let pair = if subs.is_empty() {
+            None
         } else {
             let (a, b) = UnixStream::pair().map_err(|e| ReqError::from_io("socketpair", &e))?;
             a.set_nonblocking(true).map_err(|e| ReqError::from_io("socketpair O_NONBLOCK", &e))?;
-            (Some(a), Some(b))
+            Some((a, b))
         };
         dev.mount(&m.tag, &path, m.read_only || read_only).map_err(|e| ReqError::from_io(&format!("mount {} on {}", m.tag, path.display()), &e))?;
         let (tx, rx) = sync_channel::<Vec<u8>>(NOTIFY_QUEUE);
@@ -418,9 +412,9 @@ impl MountService {
         io.add(dev.fd(), sys::EPOLLIN, token(TK_FUSE, id, 0));
         fuse::register_active(&path);
         m.conn = Some(Conn { dev, path: path.clone(), pending: HashMap::new(), notify: tx, paused: false, init_unique: None });
-        let (sock, mut tsock) = match (job_sock, thread_sock) {
-            (Some(a), Some(b)) => (a, b),
-            _ => {
+        let (sock, mut tsock) = match pair {
+            Some(p) => p,
+            None => {
                 io.send_record(ty::MOUNTED, id, mounted_record(Some(&path)));
                 Self::finish(io, id, reply, &path, Vec::new());
                 return Ok(());
@@ -451,18 +445,21 @@ impl MountService {
         }
         match reply {
             Reply::Mounted => io.send_record(ty::MOUNTED, id, mounted_record(Some(path))),
-            Reply::Exec { exec_id, dir } => {
-                if let Some(c) = io_exec_error(&dir, &errors) {
-                    io.send(ty::DATA, 2, exec_id, c.as_bytes());
-                }
-                Self::exec_exit(io, exec_id, if errors.is_empty() { 0 } else { 32 });
-            }
+            Reply::Exec { exec_id, dir } => Self::exec_done(io, exec_id, &dir, &errors),
         }
     }
 
-    fn exec_exit(io: &mut Io, exec_id: u32, code: i32) {
+    /// Ends an intercepted `mount DIR` exec: each error as a `mount: DIR:`
+    /// line on stderr, then exit 0, or 32 (mount(8)'s "mount failure") when
+    /// there were errors.
+    fn exec_done(io: &mut Io, exec_id: u32, dir: &[u8], errors: &[String]) {
+        let d = String::from_utf8_lossy(dir);
+        for e in errors {
+            io.send(ty::DATA, 2, exec_id, format!("mount: {}: {}\n", d, e).as_bytes());
+        }
         io.send(ty::EOF, 1, exec_id, &[]);
         io.send(ty::EOF, 2, exec_id, &[]);
+        let code = if errors.is_empty() { 0 } else { 32 };
         io.send_record(ty::EXIT, exec_id, Record::new().i32(tag::exit::EXIT_CODE, code).bool(tag::exit::TIMED_OUT, false));
     }
 
@@ -500,10 +497,9 @@ impl MountService {
         };
         io.remove(j.sock.as_raw_fd());
         let errors: Vec<String> = String::from_utf8_lossy(&j.report).lines().filter(|l| !l.is_empty()).map(|l| l.to_string()).collect();
-        match m.conn.as_ref().map(|c| c.path.clone()) {
-            Some(p) => Self::finish(io, id, j.reply, &p, errors),
-            // Detached meanwhile: the mount's own answer went out then.
-            None => {}
+        // Detached meanwhile (no connection): the mount's answer went out then.
+        if let Some(p) = m.conn.as_ref().map(|c| c.path.clone()) {
+            Self::finish(io, id, j.reply, &p, errors);
         }
     }
 
@@ -514,9 +510,7 @@ impl MountService {
             io.remove(j.sock.as_raw_fd());
             // The thread finds the mount gone (or its binds go with it).
             if let Reply::Exec { exec_id, dir } = j.reply {
-                let text = format!("mount: {}: unmounted while it was being mounted\n", String::from_utf8_lossy(&dir));
-                io.send(ty::DATA, 2, exec_id, text.as_bytes());
-                Self::exec_exit(io, exec_id, 32);
+                Self::exec_done(io, exec_id, &dir, &["unmounted while it was being mounted".to_string()]);
             }
         }
         let mut c = match m.conn.take() {
@@ -701,21 +695,10 @@ impl MountService {
         };
         // Success is answered by attach (at once, or when the job ends).
         if let Err(msg) = result {
-            let text = format!("mount: {}: {}\n", String::from_utf8_lossy(&cmd.dir), msg);
-            io.send(ty::DATA, 2, id, text.as_bytes());
-            Self::exec_exit(io, id, 32);
+            Self::exec_done(io, id, &cmd.dir, &[msg]);
         }
         true
     }
-}
-
-/// The stderr text of an intercepted mount whose submounts failed.
-fn io_exec_error(dir: &[u8], errors: &[String]) -> Option<String> {
-    if errors.is_empty() {
-        return None;
-    }
-    let d = String::from_utf8_lossy(dir);
-    Some(errors.iter().map(|e| format!("mount: {}: {}\n", d, e)).collect())
 }
 
 #[cfg(test)]
