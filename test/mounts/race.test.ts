@@ -3,7 +3,7 @@ import { spawn } from "node:child_process";
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { test } from "node:test";
+import { test, type TestContext } from "node:test";
 import { FuseServer, type SymlinkPolicy } from "../../src/mounts/server.js";
 import { S_IFDIR, S_IFLNK, S_IFMT } from "../../src/mounts/wire.js";
 import { FuseClient, ROOT } from "../../src/mounts/client.js";
@@ -29,33 +29,50 @@ for (let i = 0; i < Number(swaps); i++) {
 }
 `;
 
+/**
+ * The race's tree: `mnt` (served) holds d/f = "inside-f"; `outside` (never
+ * served) holds f = MARKER. Returns a server on `mnt` that counts its
+ * replies and those carrying the marker, a client that has done INIT, and
+ * `checkNothingEscaped`, the assertions every race ends with.
+ */
+async function raceTree(t: TestContext, label: string, symlinks?: SymlinkPolicy) {
+  const root = mkdtempSync(join(tmpdir(), "sm-race-"));
+  t.after(() => rmSync(root, { recursive: true, force: true }));
+  const outside = join(root, "outside");
+  const mnt = join(root, "mnt");
+  mkdirSync(outside);
+  mkdirSync(join(mnt, "d"), { recursive: true });
+  writeFileSync(join(outside, "f"), MARKER + "file");
+  writeFileSync(join(mnt, "d", "f"), "inside-f");
+  const rootBefore = new Set(readdirSync("/"));
+  const server = await FuseServer.open({ hostPath: mnt, guestTag: "w", ...(symlinks ? { symlinks } : {}) });
+  t.after(() => server.close());
+  const marker = Buffer.from(MARKER);
+  const counts = { replies: 0, leaked: 0 };
+  const handle = server.handle.bind(server);
+  server.handle = async (req: Buffer) => {
+    const r = await handle(req);
+    counts.replies++;
+    if (r !== null && r.includes(marker)) counts.leaked++;
+    return r;
+  };
+  const c = new FuseClient(server);
+  await c.init();
+  const checkNothingEscaped = (): void => {
+    assert.equal(counts.leaked, 0, "a reply carried bytes of the file outside the mount");
+    assert.deepEqual(readdirSync(outside), ["f"], "nothing was created outside the mount");
+    assert.deepEqual(
+      readdirSync("/").filter((n) => !rootBefore.has(n)),
+      [],
+      "nothing was created in /",
+    );
+  };
+  return { outside, mnt, tag: `sm-race-${process.pid}-${label}-`, counts, c, checkNothingEscaped };
+}
+
 for (const policy of ["opaque", "deny"] as const satisfies readonly SymlinkPolicy[]) {
   test(`race (${policy}): a directory swapped for a symlink to outside or / thousands of times; no byte outside hostPath is read or written`, { timeout: 300_000 }, async (t) => {
-    const root = mkdtempSync(join(tmpdir(), "sm-race-"));
-    t.after(() => rmSync(root, { recursive: true, force: true }));
-    const outside = join(root, "outside");
-    const mnt = join(root, "mnt");
-    mkdirSync(outside);
-    mkdirSync(join(mnt, "d"), { recursive: true });
-    writeFileSync(join(outside, "f"), MARKER + "file");
-    writeFileSync(join(mnt, "d", "f"), "inside-f");
-    const tag = `sm-race-${process.pid}-${policy}-`;
-    const rootBefore = new Set(readdirSync("/"));
-
-    const server = await FuseServer.open({ hostPath: mnt, guestTag: "w", symlinks: policy });
-    t.after(() => server.close());
-    const marker = Buffer.from(MARKER);
-    let replies = 0;
-    let leaked = 0;
-    const handle = server.handle.bind(server);
-    server.handle = async (req: Buffer) => {
-      const r = await handle(req);
-      replies++;
-      if (r !== null && r.includes(marker)) leaked++;
-      return r;
-    };
-    const c = new FuseClient(server);
-    await c.init();
+    const { outside, mnt, tag, counts, c, checkNothingEscaped } = await raceTree(t, policy, policy);
 
     const child = spawn(process.execPath, ["-e", SWAPPER, mnt, outside, String(SWAPS)], { stdio: ["ignore", "ignore", "pipe"] });
     let childErr = "";
@@ -113,14 +130,8 @@ for (const policy of ["opaque", "deny"] as const satisfies readonly SymlinkPolic
     await Promise.all([worker(), worker(), worker(), worker()]);
     assert.equal(await exited, 0, childErr);
 
-    t.diagnostic(`replies ${replies}, ${JSON.stringify(seen)}`);
-    assert.equal(leaked, 0, "a reply carried bytes of the file outside the mount");
-    assert.deepEqual(readdirSync(outside), ["f"], "nothing was created outside the mount");
-    assert.deepEqual(
-      readdirSync("/").filter((n) => !rootBefore.has(n)),
-      [],
-      "nothing was created in /",
-    );
+    t.diagnostic(`replies ${counts.replies}, ${JSON.stringify(seen)}`);
+    checkNothingEscaped();
     assert.ok(seen.reads > 0 && seen.creates > 0, "the server did work during the race");
     // Every created file is inside the mount.
     const inside = [...readdirSync(join(mnt, "d")), ...readdirSync(mnt)].filter((n) => n.startsWith(tag));
@@ -132,28 +143,7 @@ for (const policy of ["opaque", "deny"] as const satisfies readonly SymlinkPolic
 }
 
 test("race (guest-driven): the guest itself swaps a directory for a symlink to / through the server while reading and creating under it", { timeout: 300_000 }, async (t) => {
-  const root = mkdtempSync(join(tmpdir(), "sm-race-"));
-  t.after(() => rmSync(root, { recursive: true, force: true }));
-  const outside = join(root, "outside");
-  const mnt = join(root, "mnt");
-  mkdirSync(outside);
-  mkdirSync(join(mnt, "d"), { recursive: true });
-  writeFileSync(join(outside, "f"), MARKER + "file");
-  writeFileSync(join(mnt, "d", "f"), "inside-f");
-  const tag = `sm-race-${process.pid}-guest-`;
-  const rootBefore = new Set(readdirSync("/"));
-  const server = await FuseServer.open({ hostPath: mnt, guestTag: "w" });
-  t.after(() => server.close());
-  const c = new FuseClient(server);
-  await c.init();
-  const marker = Buffer.from(MARKER);
-  let leaked = 0;
-  const handle = server.handle.bind(server);
-  server.handle = async (req: Buffer) => {
-    const r = await handle(req);
-    if (r !== null && r.includes(marker)) leaked++;
-    return r;
-  };
+  const { outside, tag, c, checkNothingEscaped } = await raceTree(t, "guest");
   let running = true;
   let swaps = 0;
   const swapper = async (): Promise<void> => {
@@ -203,8 +193,6 @@ test("race (guest-driven): the guest itself swaps a directory for a symlink to /
   await Promise.all([swapper(), worker(), worker(), worker()]);
   t.diagnostic(`swaps ${swaps}, reads ${reads}`);
   assert.equal(swaps, 2000);
-  assert.equal(leaked, 0);
-  assert.deepEqual(readdirSync(outside), ["f"]);
-  assert.deepEqual(readdirSync("/").filter((n) => !rootBefore.has(n)), []);
+  checkNothingEscaped();
   assert.ok(reads > 0);
 });
