@@ -117,6 +117,25 @@ export interface ExitInfo {
   peakRssKib: number | null;
 }
 
+/** A promise with its settle functions (Node 20 has no Promise.withResolvers). */
+interface Deferred<T> {
+  readonly promise: Promise<T>;
+  resolve(v: T): void;
+  reject(e: Error): void;
+}
+
+function deferred<T>(): Deferred<T> {
+  let resolve!: (v: T) => void;
+  let reject!: (e: Error) => void;
+  const promise = new Promise<T>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  // Callers that never look at it must not trigger unhandled rejections.
+  promise.catch(() => undefined);
+  return { promise, resolve, reject };
+}
+
 /** Bytes of one output channel, as the guest sent them. */
 export type OutputChannel = typeof Channel.STDOUT | typeof Channel.STDERR;
 
@@ -304,26 +323,15 @@ export class ExecStream extends StreamBase {
   onEof: (ch: OutputChannel) => void = () => undefined;
   private out = { 1: new Receiver(), 2: new Receiver() };
   private stdin: Sender;
-  private resolveExit!: (e: ExitInfo) => void;
-  private rejectExit!: (e: Error) => void;
-  private resolveStarted!: (pid: number) => void;
+  private readonly exitD = deferred<ExitInfo>();
+  private readonly startedD = deferred<number>();
   private detachError: Error | undefined;
-  private rejectStarted!: (e: Error) => void;
 
   constructor(conn: AgentConnection, id: number) {
     super(conn, id);
     this.stdin = new Sender(conn, id);
-    this.exit = new Promise((res, rej) => {
-      this.resolveExit = res;
-      this.rejectExit = rej;
-    });
-    this.started = new Promise((res, rej) => {
-      this.resolveStarted = res;
-      this.rejectStarted = rej;
-    });
-    // Callers that never look at these must not trigger unhandled rejections.
-    this.exit.catch(() => undefined);
-    this.started.catch(() => undefined);
+    this.exit = this.exitD.promise;
+    this.started = this.startedD.promise;
   }
 
   onFrame(f: Frame): string | undefined {
@@ -333,7 +341,7 @@ export class ExecStream extends StreamBase {
         const pid = r.u32(Tag.STARTED.pid);
         if (pid === undefined) return "STARTED without pid";
         this.clearDeadline();
-        this.resolveStarted(pid);
+        this.startedD.resolve(pid);
         return undefined;
       }
       case MsgType.DATA: {
@@ -373,8 +381,8 @@ export class ExecStream extends StreamBase {
         }
         this.finish();
         this.stdin.fail(new ClosedError("the process has exited"));
-        this.rejectStarted(new ClosedError("the process exited before reporting its pid"));
-        this.resolveExit({
+        this.startedD.reject(new ClosedError("the process exited before reporting its pid"));
+        this.exitD.resolve({
           exitCode,
           signal: signal ?? null,
           timedOut: r.bool(Tag.EXIT.timed_out) ?? false,
@@ -407,8 +415,8 @@ export class ExecStream extends StreamBase {
 
   fail(err: Error): void {
     this.stdin.fail(err);
-    this.rejectStarted(err);
-    this.rejectExit(err);
+    this.startedD.reject(err);
+    this.exitD.reject(err);
   }
 
   /** Credits `n` consumed bytes of `ch` back to the guest (coalesced into WINDOW frames). */
@@ -531,33 +539,24 @@ export class RawStream extends StreamBase {
 
 /** A request answered by one OK (with a record) or ERROR. */
 class RequestStream extends StreamBase {
-  readonly reply: Promise<RecordReader>;
-  private resolve!: (r: RecordReader) => void;
-  private reject!: (e: Error) => void;
-  constructor(conn: AgentConnection, id: number) {
-    super(conn, id);
-    this.reply = new Promise((res, rej) => {
-      this.resolve = res;
-      this.reject = rej;
-    });
-    this.reply.catch(() => undefined);
-  }
+  private readonly replyD = deferred<RecordReader>();
+  readonly reply = this.replyD.promise;
   onFrame(f: Frame): string | undefined {
     if (f.type === MsgType.OK) {
       const r = new RecordReader(f.payload);
       this.finish();
-      this.resolve(r);
+      this.replyD.resolve(r);
       return undefined;
     }
     if (f.type === MsgType.ERROR) {
       this.finish();
-      this.reject(agentErrorFrom(f.payload));
+      this.replyD.reject(agentErrorFrom(f.payload));
       return undefined;
     }
     return `${typeName(f.type) ?? f.type} on a request stream`;
   }
   fail(err: Error): void {
-    this.reject(err);
+    this.replyD.reject(err);
   }
 }
 
@@ -644,23 +643,13 @@ export class MountStream extends StreamBase {
   private mountedAt: string | null = null;
   /** Resolves when the agent ended the stream (OK after CANCEL), rejects with ERROR or a dead connection. */
   readonly ended: Promise<void>;
-  private resolveRegistered!: (p: string | null) => void;
-  private rejectRegistered!: (e: Error) => void;
-  private resolveEnded!: () => void;
-  private rejectEnded!: (e: Error) => void;
+  private readonly registeredD = deferred<string | null>();
+  private readonly endedD = deferred<void>();
 
   constructor(conn: AgentConnection, id: number) {
     super(conn, id);
-    this.registered = new Promise((res, rej) => {
-      this.resolveRegistered = res;
-      this.rejectRegistered = rej;
-    });
-    this.ended = new Promise((res, rej) => {
-      this.resolveEnded = res;
-      this.rejectEnded = rej;
-    });
-    this.registered.catch(() => undefined);
-    this.ended.catch(() => undefined);
+    this.registered = this.registeredD.promise;
+    this.ended = this.endedD.promise;
   }
 
   onFrame(f: Frame): string | undefined {
@@ -675,7 +664,7 @@ export class MountStream extends StreamBase {
         const settling = r.bool(Tag.MOUNTED.settling) ?? false;
         if (!settling) {
           this.clearDeadline();
-          this.resolveRegistered(path);
+          this.registeredD.resolve(path);
         }
         // The same path again is the end of settling, not a new connection.
         if (path === null || path !== this.mountedAt) {
@@ -691,14 +680,14 @@ export class MountStream extends StreamBase {
         return undefined;
       case MsgType.OK:
         this.finish();
-        this.rejectRegistered(new ClosedError("the mount was detached"));
-        this.resolveEnded();
+        this.registeredD.reject(new ClosedError("the mount was detached"));
+        this.endedD.resolve();
         return undefined;
       case MsgType.ERROR: {
         const e = agentErrorFrom(f.payload);
         this.finish();
-        this.rejectRegistered(e);
-        this.rejectEnded(e);
+        this.registeredD.reject(e);
+        this.endedD.reject(e);
         return undefined;
       }
       default:
@@ -707,8 +696,8 @@ export class MountStream extends StreamBase {
   }
 
   fail(err: Error): void {
-    this.rejectRegistered(err);
-    this.rejectEnded(err);
+    this.registeredD.reject(err);
+    this.endedD.reject(err);
   }
 
   /** Sends the raw reply to a request. */
@@ -795,31 +784,21 @@ export class TcpStream extends StreamBase {
   onEof: () => void = () => undefined;
   private recv = new Receiver();
   readonly sender: Sender;
-  private resolveConnected!: () => void;
-  private rejectConnected!: (e: Error) => void;
-  private resolveEnded!: (how: "closed" | "reset") => void;
-  private rejectEnded!: (e: Error) => void;
+  private readonly connectedD = deferred<void>();
+  private readonly endedD = deferred<"closed" | "reset">();
 
   constructor(conn: AgentConnection, id: number) {
     super(conn, id);
     this.sender = new Sender(conn, id);
-    this.connected = new Promise((res, rej) => {
-      this.resolveConnected = res;
-      this.rejectConnected = rej;
-    });
-    this.ended = new Promise((res, rej) => {
-      this.resolveEnded = res;
-      this.rejectEnded = rej;
-    });
-    this.connected.catch(() => undefined);
-    this.ended.catch(() => undefined);
+    this.connected = this.connectedD.promise;
+    this.ended = this.endedD.promise;
   }
 
   onFrame(f: Frame): string | undefined {
     switch (f.type) {
       case MsgType.STARTED:
         this.clearDeadline();
-        this.resolveConnected();
+        this.connectedD.resolve();
         return undefined;
       case MsgType.DATA: {
         if (f.flags !== 1) return `DATA on channel ${f.flags} of a TCP stream`;
@@ -839,14 +818,14 @@ export class TcpStream extends StreamBase {
       case MsgType.OK:
         this.finish();
         this.sender.fail(new ClosedError("the connection has ended"));
-        this.resolveConnected();
-        this.resolveEnded("closed");
+        this.connectedD.resolve();
+        this.endedD.resolve("closed");
         return undefined;
       case MsgType.RESET:
         this.finish();
         this.sender.fail(new ClosedError("the connection was reset"));
-        this.rejectConnected(new AgentError(6, "connection reset"));
-        this.resolveEnded("reset");
+        this.connectedD.reject(new AgentError(6, "connection reset"));
+        this.endedD.resolve("reset");
         return undefined;
       case MsgType.ERROR: {
         const e = agentErrorFrom(f.payload);
@@ -861,8 +840,8 @@ export class TcpStream extends StreamBase {
 
   fail(err: Error): void {
     this.sender.fail(err);
-    this.rejectConnected(err);
-    this.rejectEnded(err);
+    this.connectedD.reject(err);
+    this.endedD.reject(err);
   }
 
   /** Credits `n` consumed bytes back to the guest (coalesced into WINDOW frames). */
