@@ -28,6 +28,7 @@ import {
   PROTOCOL_VERSION,
   Tag,
   typeName,
+  WireError,
 } from "../protocol/constants.js";
 
 export const HOST_VERSION = "0.1.0";
@@ -824,7 +825,7 @@ export class TcpStream extends StreamBase {
       case MsgType.RESET:
         this.finish();
         this.sender.fail(new ClosedError("the connection was reset"));
-        this.connectedD.reject(new AgentError(6, "connection reset"));
+        this.connectedD.reject(new AgentError(WireError.REFUSED, "connection reset"));
         this.endedD.resolve("reset");
         return undefined;
       case MsgType.ERROR: {

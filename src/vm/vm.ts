@@ -696,9 +696,9 @@ export class Vm {
     if (typeof options !== "object" || options === null) throw invalidOption("options", "an object such as { console: true }", options);
     if (options.console !== undefined && typeof options.console !== "boolean") throw invalidOption("console", "a boolean", options.console);
     this.ensureUsable();
-    if (!this.conn.info?.features.includes("logs")) {
+    if (!this.hasLogs) {
       throw new AgentError(
-        7,
+        WireError.UNSUPPORTED,
         `the guest agent of VM ${this.id} (version ${this.agentVersion}) has no log stream (agent feature "logs"): the image was baked with an older supermachine; rebuild it (Image.build with a new warmupTag, or remove the snapshot)`,
       );
     }
@@ -965,13 +965,18 @@ export class Vm {
     await this.close();
   }
 
+  /** Whether this VM's agent has the log stream (agent feature "logs"). */
+  private get hasLogs(): boolean {
+    return this.conn.info?.features.includes("logs") ?? false;
+  }
+
   /**
    * @internal The tail of what {@link logs} holds now (waiting up to
    * `waitMs` for the agent to send what it kept), as printable text, for
    * error messages (a workload that never listened). "" when there is none.
    */
   async _logsTail(waitMs = 1_000, maxBytes = 4096): Promise<string> {
-    if (this.state !== "ready" || !this.conn.info?.features.includes("logs")) return "";
+    if (this.state !== "ready" || !this.hasLogs) return "";
     const reader = this.logs();
     const chunks: Buffer[] = [];
     await new Promise<void>((resolve) => {
@@ -996,7 +1001,7 @@ export class Vm {
    * ExecChild objects reject further use. Needs agent feature `logs`.
    */
   _detachChildren(): void {
-    if (!this.conn.info?.features.includes("logs")) return;
+    if (!this.hasLogs) return;
     const err = new ClosedError(`the process was detached when the image was baked (VM ${this.id}); its output goes to vm.logs()`);
     for (const c of this.children) c._detach(err);
     this.children.clear();
