@@ -20,6 +20,7 @@
 import * as net from "node:net";
 import { ProxyError } from "../errors.js";
 import { isLoopbackHost } from "./http.js";
+import { ipToNumber, parseIpv4Address } from "../net/wire/ipv4.js";
 
 /** Largest answer to CONNECT (status line and headers) read from a proxy. */
 export const MAX_PROXY_HEADER_BYTES = 16 * 1024;
@@ -92,8 +93,8 @@ function parsePort(text: string): number | undefined {
 }
 
 function ipv4ToInt(text: string): number | undefined {
-  if (net.isIPv4(text) === false) return undefined;
-  return text.split(".").reduce((acc, part) => acc * 256 + Number(part), 0);
+  const a = parseIpv4Address(text);
+  return a === undefined ? undefined : ipToNumber(a);
 }
 
 /** Parses NO_PROXY: a comma (or space) separated list; unparsable entries are skipped. */
