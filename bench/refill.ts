@@ -31,6 +31,7 @@ const HELP = `usage: node dist/bench/refill.js [options]
   --idle-seconds S   how long idle VMs are watched (default 10)
   --idle-vms A,B     idle VM counts (default 1,16)
   --cpu-models A,B   TCG guest CPU models to compare, each baked into its own snapshot
+                     (models with features: "max,-erms;qemu64", separated by ";")
                      (default: the library's default, max); idle VMs use the first
   --agents A,B       guest agent binaries to compare (SUPERMACHINE_AGENT for each bake; "default":
                      the one the library finds), each baked into its own snapshot
@@ -247,7 +248,9 @@ async function main(): Promise<void> {
   const idleCounts = (a.list("idle-vms") ?? ["1", "16"]).map((s) => Math.max(1, Math.round(Number(s))));
   const paused = !a.has("no-paused");
 
-  const models = a.list("cpu-models") ?? [DEFAULT_TCG_CPU];
+  // Models with feature flags ("max,-erms") are separated by ";".
+  const modelArg = a.str("cpu-models");
+  const models = modelArg?.includes(";") ? modelArg.split(";").map((s) => s.trim()).filter(Boolean) : (a.list("cpu-models") ?? [DEFAULT_TCG_CPU]);
   const agents = a.list("agents") ?? ["default"];
   const prewarms = a.list("prewarms") ?? ["pool"];
   const bakePrewarms = a.list("bake-prewarms") ?? ["on"];

@@ -29,7 +29,7 @@ import { captureVm, restoreSpec, restoreVm, type RestoreOptions } from "../snaps
 import { sealSnapshotDir, sha256File } from "../snapshot/files.js";
 import { readManifest, SNAPSHOT_DIR_MODE, SNAPSHOT_FILE_MODE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
-import { DEFAULT_TCG_CPU, findQemu, tcgCpuModel } from "../vmm/qemu.js";
+import { UNNAMED_TCG_CPU, findQemu, tcgCpuModel } from "../vmm/qemu.js";
 import { discardQemu, launchVm, startQemu, type GuestConfig, type PhaseCpu, type StartedQemu, type Vm } from "../vm/vm.js";
 import { Pool, basePrewarm, type PoolOptions } from "../pool/pool.js";
 import { checkHostPaths, validateMounts, type ValidMount } from "../mounts/attach.js";
@@ -411,8 +411,8 @@ export class Image {
       assets: assets.id,
       qemu,
       accel: accel.accel,
-      // Only a non-default model changes the key (existing snapshots stay valid).
-      ...(cpuModel && cpuModel !== DEFAULT_TCG_CPU ? { cpuModel } : {}),
+      // Keys without a model mean the old default, "max" (those snapshots stay valid).
+      ...(cpuModel && cpuModel !== UNNAMED_TCG_CPU ? { cpuModel } : {}),
       // Snapshots baked before the prewarm existed are baked again.
       bakePrewarm,
       arch: process.arch,

@@ -16,7 +16,7 @@ import { stat, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { SnapshotError } from "../errors.js";
 import { MsgType } from "../protocol/constants.js";
-import { QemuProcess } from "../vmm/qemu.js";
+import { QemuProcess, UNNAMED_TCG_CPU } from "../vmm/qemu.js";
 import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { createRuntimeDir, removeRuntimeDir } from "../vm/runtime-dir.js";
 import { launchVm, type LaunchSpec, type StartedQemu, type Vm } from "../vm/vm.js";
@@ -207,7 +207,8 @@ export async function restoreSpec(o: RestoreOptions, id: string = randomBytes(4)
     hostname: `sm-${id}`,
     bootTimeoutMs: o.bootTimeoutMs,
     ...(o.signal ? { signal: o.signal } : {}),
-    ...(m.cpuModel ? { cpuModel: m.cpuModel } : {}),
+    // A manifest without a model was baked with the old default.
+    cpuModel: m.cpuModel ?? UNNAMED_TCG_CPU,
     ...(o.timings ? { timings: o.timings } : {}),
     ...(o.cpu ? { cpu: o.cpu } : {}),
     ...(o.network ? { network: o.network } : {}),

@@ -59,7 +59,8 @@ describe("QEMU command line", () => {
     assert.equal(tcgCpuModel({}), DEFAULT_TCG_CPU);
     assert.equal(tcgCpuModel({ SUPERMACHINE_TCG_CPU: "" }), DEFAULT_TCG_CPU);
     assert.equal(tcgCpuModel({ SUPERMACHINE_TCG_CPU: "Nehalem-v2" }), "Nehalem-v2");
-    for (const bad of ["max,+avx", "qemu64 -monitor stdio", "-help", "a".repeat(65), "x\ny"]) {
+    assert.equal(tcgCpuModel({ SUPERMACHINE_TCG_CPU: "max,-erms,+avx,tsc-frequency=2100000" }), "max,-erms,+avx,tsc-frequency=2100000");
+    for (const bad of ["max,", "max,,avx", "max,-erms,", "max,a b", "max,x=y=z", "qemu64 -monitor stdio", "-help", "a".repeat(65), "x\ny"]) {
       assert.throws(() => tcgCpuModel({ SUPERMACHINE_TCG_CPU: bad }), (e: unknown) => e instanceof QemuError && /SUPERMACHINE_TCG_CPU/.test(e.message), bad);
     }
   });
