@@ -6,6 +6,7 @@
 use crate::init::BootReport;
 use crate::io::{Io, ReqError, TK_DRAIN, TK_IN, TK_KIND, TK_OUT, TK_PORT, TK_SIG, TK_TCP};
 use crate::proto::{self, tag, ty, Record};
+use crate::ring::Ring;
 use crate::service::exec::{self as exec_service, ExecService};
 use crate::service::files::FileService;
 use crate::service::freeze::FreezeService;
@@ -42,6 +43,8 @@ pub struct Agent {
     freeze: FreezeService,
     mounts: MountService,
     logs: LogService,
+    /// The stream ring disk, when the host attached one (ring.rs).
+    ring: Option<Ring>,
 }
 
 fn find_port(name: &str) -> io::Result<PathBuf> {
@@ -94,6 +97,7 @@ pub fn run(boot: &BootReport) -> io::Result<()> {
         freeze: FreezeService::new(),
         mounts: MountService::new(),
         logs: LogService::new(),
+        ring: Ring::open(),
     };
     a.io.add(a.sig.raw(), sys::EPOLLIN, TK_SIG);
     a.open_port()?;
@@ -297,6 +301,13 @@ impl Agent {
         let mut buf = buf;
         buf.drain(..pos);
         self.rbuf = buf;
+        // One acknowledgement for the ring regions this batch read.
+        if let Some(r) = self.ring.as_mut() {
+            if r.unacked > 0 {
+                self.io.send(ty::RING_ACK, 0, 0, &r.unacked.to_le_bytes());
+                r.unacked = 0;
+            }
+        }
     }
 
     fn flush(&mut self) {
@@ -338,6 +349,13 @@ impl Agent {
         self.exec.owns(id) || self.files.owns(id) || self.tcp.owns(id) || self.mounts.owns(id) || self.logs.owns(id)
     }
 
+    /// Bytes for stream `id` on channel `ch` (a DATA frame, or a DATA_REF's region).
+    fn data(&mut self, id: u32, ch: u8, p: &[u8]) {
+        self.exec.data(&mut self.io, id, ch, p);
+        self.files.data(&mut self.io, id, ch, p);
+        self.tcp.data(&mut self.io, id, ch, p);
+    }
+
     fn dispatch(&mut self, t: u8, flags: u8, id: u32, p: &[u8]) {
         let opens_stream = matches!(t, ty::EXEC | ty::WRITE_FILE | ty::READ_FILE | ty::TCP_CONNECT | ty::MOUNT | ty::LOGS);
         if opens_stream && self.stream_open(id) {
@@ -349,7 +367,7 @@ impl Agent {
                 // A new session: forget the streams of the old one; their
                 // processes keep running, detached.
                 self.reset_session();
-                self.session.hello(&mut self.io, p, self.exec.cgroups.enabled);
+                self.session.hello(&mut self.io, p, self.exec.cgroups.enabled, self.ring.is_some());
             }
             ty::PING => {
                 let n = p.len().min(64);
@@ -405,10 +423,24 @@ impl Agent {
             }
             ty::MOUNT => self.mounts.open(&mut self.io, id, p),
             ty::FUSE => self.mounts.message(&mut self.io, id, flags, p),
-            ty::DATA => {
-                self.exec.data(&mut self.io, id, flags, p);
-                self.files.data(&mut self.io, id, flags, p);
-                self.tcp.data(&mut self.io, id, flags, p);
+            ty::DATA => self.data(id, flags, p),
+            ty::DATA_REF => {
+                // Out of self while its buffer is lent to the services.
+                let mut ring = match self.ring.take() {
+                    Some(r) => r,
+                    None => {
+                        self.io.send_error(id, ReqError::BadRequest("DATA_REF without a stream ring".into()));
+                        return;
+                    }
+                };
+                match ring.read(p) {
+                    Ok(bytes) => self.data(id, flags, bytes),
+                    Err(e) => {
+                        log!("{}", e);
+                        self.io.send_error(id, ReqError::BadRequest(e));
+                    }
+                }
+                self.ring = Some(ring);
             }
             ty::EOF => {
                 self.exec.eof(&mut self.io, id, flags);

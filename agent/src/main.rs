@@ -16,6 +16,7 @@ mod fuse;
 mod init;
 mod io;
 mod proto;
+mod ring;
 mod service;
 mod sys;
 mod tcp;

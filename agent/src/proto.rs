@@ -30,6 +30,8 @@ pub mod ty {
     pub const DATA: u8 = 0x20;
     pub const EOF: u8 = 0x21;
     pub const WINDOW: u8 = 0x22;
+    pub const DATA_REF: u8 = 0x23;
+    pub const RING_ACK: u8 = 0x24;
     pub const WRITE_FILE: u8 = 0x30;
     pub const READ_FILE: u8 = 0x31;
     pub const TCP_CONNECT: u8 = 0x40;

@@ -115,6 +115,7 @@ extern "C" {
     pub fn signal(sig: c_int, handler: usize) -> usize;
     pub fn pipe2(fds: *mut c_int, flags: c_int) -> c_int;
     pub fn read(fd: c_int, buf: *mut c_void, n: usize) -> isize;
+    pub fn pread(fd: c_int, buf: *mut c_void, n: usize, off: i64) -> isize;
     pub fn write(fd: c_int, buf: *const c_void, n: usize) -> isize;
     pub fn close(fd: c_int) -> c_int;
     pub fn dup(fd: c_int) -> c_int;
@@ -211,9 +212,13 @@ pub const O_CLOEXEC: c_int = 0x80000;
 pub const O_DIRECTORY: c_int = 0o200000;
 #[cfg(not(target_arch = "aarch64"))]
 pub const O_NOFOLLOW: c_int = 0o400000;
-// arm64 numbers these two differently (asm/fcntl.h).
+#[cfg(not(target_arch = "aarch64"))]
+pub const O_DIRECT: c_int = 0o40000;
+// arm64 numbers these three differently (asm/fcntl.h).
 #[cfg(target_arch = "aarch64")]
 pub const O_DIRECTORY: c_int = 0o40000;
+#[cfg(target_arch = "aarch64")]
+pub const O_DIRECT: c_int = 0o200000;
 #[cfg(target_arch = "aarch64")]
 pub const O_NOFOLLOW: c_int = 0o100000;
 pub const O_PATH: c_int = 0o10000000;

@@ -15,6 +15,7 @@ import { randomBytes } from "node:crypto";
 import { connect, type Socket } from "node:net";
 import { AgentError, ClosedError, ProtocolError, ResourceLimitError, TimeoutError } from "../errors.js";
 import { ByteQueue } from "./byte-queue.js";
+import { RING_CHUNK, RING_MIN_PAYLOAD, type StreamRing } from "./ring.js";
 import { guestText } from "../guest-text.js";
 import { DecodeError, FrameReader, RecordBuilder, RecordReader, encodeFrame, type Frame } from "../protocol/codec.js";
 import {
@@ -259,8 +260,8 @@ class Sender {
         await this.conn._whenWritable();
         continue;
       }
-      const n = Math.min(this.credit, DATA_CHUNK, data.length - off);
-      this.conn._send(MsgType.DATA, Channel.STDIN, this.id, data.subarray(off, off + n));
+      const n = Math.min(this.credit, this.conn._dataChunk, data.length - off);
+      this.conn._sendData(Channel.STDIN, this.id, data.subarray(off, off + n));
       this.credit -= n;
       this.outstanding -= n;
       off += n;
@@ -926,6 +927,7 @@ const ALLOWED_FROM_AGENT = new Set<number>([
   MsgType.MOUNTED,
   MsgType.FUSE,
   MsgType.LOG,
+  MsgType.RING_ACK,
 ]);
 
 export class AgentConnection {
@@ -965,6 +967,42 @@ export class AgentConnection {
   private heldPings = 0;
   /** Callers waiting on a background stream (a log reader in a read). */
   private holds = 0;
+  /** The stream ring, when the VM has one and the agent reads it (ring.ts). */
+  private ring: StreamRing | undefined;
+  /** @internal Largest payload a Sender puts in one DATA or DATA_REF frame. */
+  _dataChunk = DATA_CHUNK;
+  /** @internal DATA_REF frames sent, and ring regions not acknowledged yet (for tests). */
+  get _ringStats(): { sent: number; pending: number } | undefined {
+    return this.ring ? { sent: this.ringSent, pending: this.ring.pending } : undefined;
+  }
+  private ringSent = 0;
+
+  /**
+   * @internal Bulk host → guest bytes go through the VM's stream ring from
+   * now on (the agent said it reads one: feature "ring").
+   */
+  _attachRing(ring: StreamRing): void {
+    this.ring?.close();
+    this.ring = ring;
+    this._dataChunk = Math.max(DATA_CHUNK, RING_CHUNK);
+  }
+
+  /** @internal Flow-controlled bytes for a stream: a DATA_REF into the ring when they are many and it has room, else a DATA frame. */
+  _sendData(channel: number, stream: number, bytes: Uint8Array): void {
+    if (this.ring && bytes.length >= RING_MIN_PAYLOAD && !this.error) {
+      const off = this.ring.place(bytes);
+      if (off !== undefined) {
+        const p = Buffer.allocUnsafe(12);
+        p.writeBigUInt64LE(BigInt(off), 0);
+        p.writeUInt32LE(bytes.length, 8);
+        this._send(MsgType.DATA_REF, channel, stream, p);
+        this.ringSent++;
+        return;
+      }
+    }
+    // Frames hold at most MAX_PAYLOAD: split what the ring did not take.
+    for (let off = 0; off < bytes.length; off += DATA_CHUNK) this._send(MsgType.DATA, channel, stream, bytes.subarray(off, off + DATA_CHUNK));
+  }
 
   /**
    * @internal A caller waits for a background stream's data (+1) or stopped
@@ -1150,6 +1188,7 @@ export class AgentConnection {
     this.error = err;
     if (this.liveness) clearInterval(this.liveness);
     this.sock.destroy();
+    this.ring?.close();
     const streams = [...this.streams.values()];
     this.streams.clear();
     this.backgroundStreams = 0;
@@ -1257,6 +1296,11 @@ export class AgentConnection {
         this.pings.delete(key);
         p();
         return undefined;
+      }
+      case MsgType.RING_ACK: {
+        if (!this.ring) return "RING_ACK without a stream ring";
+        if (f.payload.length !== 4) return `RING_ACK payload of ${f.payload.length} bytes`;
+        return this.ring.ack(f.payload.readUInt32LE(0));
       }
       case MsgType.ERROR: {
         const e = agentErrorFrom(f.payload);

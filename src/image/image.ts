@@ -415,6 +415,8 @@ export class Image {
       ...(cpuModel && cpuModel !== UNNAMED_TCG_CPU ? { cpuModel } : {}),
       // Snapshots baked before the prewarm existed are baked again.
       bakePrewarm,
+      // ...and those without the stream ring disk.
+      streamRing: true,
       arch: process.arch,
       memoryMib: v.memoryMib,
       vcpus: v.vcpus,
@@ -477,6 +479,7 @@ export class Image {
           initrd: assets.initrd,
           cmdline: kernelCmdline({ accel: accel.accel, hostname: `sm-${id}`, hasRootfs: true, disks: v.disks }),
           ...(cpuModel ? { cpuModel } : {}),
+          streamRing: true,
           rootfsImage: join(stage, "rootfs.erofs"),
           ...(v.disks.length ? { disks: v.disks } : {}),
           ram: { kind: "shared-file" },
@@ -514,6 +517,7 @@ export class Image {
           arch: process.arch,
           qemuVersion: qemu,
           ...(cpuModel ? { cpuModel } : {}),
+          streamRing: true,
           memoryMib: v.memoryMib,
           vcpus: v.vcpus,
           image: { ref: root.ref, digest: root.digest },

@@ -31,6 +31,8 @@ export const MsgType = {
   DATA: 0x20,
   EOF: 0x21,
   WINDOW: 0x22,
+  DATA_REF: 0x23,
+  RING_ACK: 0x24,
   WRITE_FILE: 0x30,
   READ_FILE: 0x31,
   TCP_CONNECT: 0x40,

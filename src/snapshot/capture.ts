@@ -19,7 +19,7 @@ import { MsgType } from "../protocol/constants.js";
 import { QemuProcess, UNNAMED_TCG_CPU } from "../vmm/qemu.js";
 import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { createRuntimeDir, removeRuntimeDir } from "../vm/runtime-dir.js";
-import { launchVm, type LaunchSpec, type StartedQemu, type Vm } from "../vm/vm.js";
+import { launchVm, ringDisk, type LaunchSpec, type StartedQemu, type Vm } from "../vm/vm.js";
 import { sha256File, sparseCopyWithHash, stubKernelPath } from "./files.js";
 import { manifestDisks, type SnapshotDisk, type SnapshotFile, type SnapshotManifest, type SnapshotMount } from "./manifest.js";
 import { emptyImagePath, flattenOverlay, overlayPath, type QemuDisk } from "../volumes/disks.js";
@@ -48,8 +48,8 @@ async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string,
     cmdline: "",
     ...(launch.rootfsImage ? { rootfs: launch.rootfsImage } : {}),
     // The same disks (the stream holds their devices' state), read-only:
-    // the helper never runs the guest.
-    ...(disks.length ? { disks } : {}),
+    // the helper never runs the guest; the same stream ring disk after them.
+    ...(disks.length || launch.streamRing ? { disks: [...disks, ...(launch.streamRing ? [ringDisk(dir)] : [])] } : {}),
     memoryFile: { path: ramPath, share: true },
     incoming: true,
     paused: true,
@@ -209,6 +209,7 @@ export async function restoreSpec(o: RestoreOptions, id: string = randomBytes(4)
     ...(o.signal ? { signal: o.signal } : {}),
     // A manifest without a model was baked with the old default.
     cpuModel: m.cpuModel ?? UNNAMED_TCG_CPU,
+    ...(m.streamRing ? { streamRing: true } : {}),
     ...(o.timings ? { timings: o.timings } : {}),
     ...(o.cpu ? { cpu: o.cpu } : {}),
     ...(o.network ? { network: o.network } : {}),

@@ -91,6 +91,8 @@ export interface SnapshotManifest {
   qemuVersion: string;
   /** TCG's guest CPU model at bake; restores use the same. Absent: DEFAULT_TCG_CPU. */
   cpuModel?: string;
+  /** The VM has the stream ring disk (docs/protocol.md, "Stream ring"); restores attach one too. */
+  streamRing?: boolean;
   memoryMib: number;
   vcpus: number;
   image: { ref: string; digest: string };
@@ -154,6 +156,7 @@ export function checkManifest(dir: string, m: unknown): SnapshotManifest {
   if (x.accel !== "kvm" && x.accel !== "tcg") fail(dir, "bad accel");
   if (!isStr(x.arch) || !isStr(x.qemuVersion) || !isStr(x.createdAt)) fail(dir, "bad arch, qemuVersion or createdAt");
   if (x.cpuModel !== undefined && !isCpuModelName(x.cpuModel)) fail(dir, "bad cpuModel");
+  if (x.streamRing !== undefined && typeof x.streamRing !== "boolean") fail(dir, "bad streamRing");
   if (!Number.isInteger(x.memoryMib) || x.memoryMib! < 1 || !Number.isInteger(x.vcpus) || x.vcpus! < 1) fail(dir, "bad memoryMib or vcpus");
   if (typeof x.image !== "object" || x.image === null || !isStr(x.image.ref) || !isStr(x.image.digest)) fail(dir, "bad image");
   if (typeof x.config !== "object" || x.config === null) fail(dir, "bad config");

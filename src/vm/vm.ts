@@ -48,7 +48,8 @@ import { guestText } from "../guest-text.js";
 import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutput, type ValidExec } from "./options.js";
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
-import { prepareDisks } from "../volumes/disks.js";
+import { prepareDisks, type QemuDisk } from "../volumes/disks.js";
+import { RING_SERIAL, StreamRing, createRingFile } from "../agent-client/ring.js";
 import type { DiskPlan } from "../volumes/spec.js";
 import { NetworkStack, guestNetConfig } from "../net/stack.js";
 import { channels, trace } from "../diagnostics.js";
@@ -166,6 +167,8 @@ export interface LaunchSpec {
   origin: VmOrigin;
   /** TCG's guest CPU model (a restore: its snapshot's). @default DEFAULT_TCG_CPU */
   cpuModel?: string;
+  /** Attach the stream ring disk (src/agent-client/ring.ts); a restore: when its snapshot has one. */
+  streamRing?: boolean;
   /** Filled with the milliseconds each phase took (for benchmarks). */
   timings?: Record<string, number>;
   /**
@@ -202,6 +205,15 @@ export interface StartedQemu {
   qmp?: QmpClient;
   /** The VM's host-side network stack (QEMU is connected to it). */
   net: NetworkStack;
+  /** The stream ring's file, when the VM has one. */
+  ring?: string;
+}
+
+/** @internal A VM's stream ring: an empty file in its runtime dir, attached read-only. */
+export function ringDisk(dir: string): QemuDisk {
+  const file = join(dir, "ring");
+  createRingFile(file);
+  return { serial: RING_SERIAL, file, format: "raw", readOnly: true, backing: [] };
 }
 
 /**
@@ -214,7 +226,9 @@ export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
   let net: NetworkStack | undefined;
   try {
     net = await NetworkStack.listen(join(dir, "net.sock"), { policy: spec.network ?? compilePolicy(true) });
-    const disks = spec.disks?.length ? await prepareDisks(dir, spec.disks, spec.diskBases) : undefined;
+    const disks: QemuDisk[] = spec.disks?.length ? await prepareDisks(dir, spec.disks, spec.diskBases) : [];
+    const ring = spec.streamRing ? ringDisk(dir) : undefined;
+    if (ring) disks.push(ring);
     const memoryFile =
       spec.ram.kind === "shared-file"
         ? { path: join(dir, "ram"), share: true }
@@ -230,7 +244,7 @@ export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
       ...(spec.initrd ? { initrd: spec.initrd } : {}),
       cmdline: spec.cmdline,
       ...(spec.rootfsImage ? { rootfs: spec.rootfsImage } : {}),
-      ...(disks ? { disks } : {}),
+      ...(disks.length ? { disks } : {}),
       ...(memoryFile ? { memoryFile } : {}),
       ...(spec.incomingState ? { incoming: true } : {}),
       dir,
@@ -240,7 +254,7 @@ export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
       ...(spec.cpuModel ? { cpuModel: spec.cpuModel } : {}),
     });
     const qmp = spec.incomingState ? await connectQmp(qemu, Date.now() + spec.bootTimeoutMs) : undefined;
-    return { id: spec.id, dir, qemu, net, ...(qmp ? { qmp } : {}) };
+    return { id: spec.id, dir, qemu, net, ...(qmp ? { qmp } : {}), ...(ring ? { ring: ring.file } : {}) };
   } catch (e) {
     net?.close();
     if (qemu) await qemu.stop();
@@ -307,6 +321,8 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
       conn.destroy(new ClosedError("boot failed"));
       throw new GuestDiedError(`the guest failed to boot: ${conn.info.bootError}`, q.consoleTail());
     }
+    // @internal SUPERMACHINE_STREAM_RING=0: frames only (for benchmarks comparing both).
+    if (s.ring && process.env.SUPERMACHINE_STREAM_RING !== "0" && conn.info?.features.includes("ring")) conn._attachRing(StreamRing.open(s.ring));
     const vm = new Vm({
       id: s.id,
       accel: spec.accel.accel,
@@ -480,6 +496,7 @@ export class Vm {
       initrd: assets.initrd,
       cmdline: kernelCmdline({ accel: choice.accel, hostname, hasRootfs: rootfsImage !== undefined }),
       ...(choice.accel === "tcg" ? { cpuModel: tcgCpuModel() } : {}),
+      streamRing: true,
       ...(rootfsImage ? { rootfsImage } : {}),
       ram: { kind: "anonymous" },
       hostname,
@@ -1062,6 +1079,8 @@ export class Vm {
           accel: this.accelerator,
           arch: process.arch,
           qemuVersion: "",
+          ...(this.launch.cpuModel ? { cpuModel: this.launch.cpuModel } : {}),
+          ...(this.launch.streamRing ? { streamRing: true } : {}),
           memoryMib: this.memoryMib,
           vcpus: this.vcpus,
           image: o.image,

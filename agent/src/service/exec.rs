@@ -151,7 +151,24 @@ impl ExecService {
                 return;
             }
             if e.stdin.is_some() && e.stdin_buf.len() - e.stdin_pos + p.len() <= 2 * proto::INITIAL_WINDOW as usize + proto::MAX_PAYLOAD {
-                e.stdin_buf.extend_from_slice(p);
+                // Nothing queued: straight into the pipe, and only what it
+                // does not take is copied to the buffer (a copy less per byte).
+                let mut off = 0;
+                if e.stdin_pos == e.stdin_buf.len() {
+                    if let Some(fd) = &e.stdin {
+                        while off < p.len() {
+                            match fd.write(&p[off..]) {
+                                Ok(n) => off += n,
+                                // Would block, or broken: pump_in sees it again and decides.
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                }
+                e.stdin_buf.extend_from_slice(&p[off..]);
+                if off > 0 {
+                    io.send_window(id, 0, off);
+                }
                 self.pump_in(io, id);
             } else {
                 io.send_window(id, 0, p.len());
@@ -362,6 +379,8 @@ impl ExecService {
             let stdin_pipe = if want_stdin {
                 let (r, w) = sys::pipe(0).map_err(|x| io_err("pipe", x))?;
                 w.set_nonblocking().map_err(|x| io_err("pipe", x))?;
+                // Larger pipes mean fewer wakeups per MiB streamed.
+                unsafe { sys::fcntl(w.raw(), sys::F_SETPIPE_SZ, 1 << 20) };
                 Some((r, w))
             } else {
                 None
@@ -521,6 +540,12 @@ impl ExecService {
         }
         if e.stdin_pos == e.stdin_buf.len() {
             e.stdin_buf.clear();
+            e.stdin_pos = 0;
+        } else if e.stdin_pos >= 256 * 1024 && e.stdin_pos * 2 >= e.stdin_buf.len() {
+            // A reader that never quite catches up: drop the written front
+            // (moving at most as many bytes as were written), or the buffer
+            // would grow by everything ever sent.
+            e.stdin_buf.drain(..e.stdin_pos);
             e.stdin_pos = 0;
         }
         io.send_window(id, 0, written);

@@ -31,7 +31,7 @@ impl Session {
     }
 
     /// HELLO: the caller has already reset every service for the new session.
-    pub fn hello(&mut self, io: &mut Io, p: &[u8], cgroups: bool) {
+    pub fn hello(&mut self, io: &mut Io, p: &[u8], cgroups: bool, ring: bool) {
         let mut magic_ok = false;
         let (mut min, mut max) = (0u32, 0u32);
         for f in proto::fields(p) {
@@ -66,6 +66,9 @@ impl Session {
         let mut features = vec!["exec", "files", "tcp", "tty", "workload", "snapshot", "net", "freeze", "mounts", "logs"];
         if cgroups {
             features.push("cgroup");
+        }
+        if ring {
+            features.push("ring");
         }
         for f in features {
             r = r.bytes(tag::hello_ack::FEATURE, f.as_bytes());

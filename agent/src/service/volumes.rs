@@ -58,7 +58,7 @@ fn mount_point_ok(p: &str) -> bool {
 }
 
 /// The /dev node of the virtio disk whose serial is `serial`, if present now.
-fn lookup(serial: &str) -> Option<String> {
+pub fn lookup(serial: &str) -> Option<String> {
     let entries = fs::read_dir("/sys/block").ok()?;
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();

@@ -1,0 +1,119 @@
+/**
+ * Host side of the stream ring (docs/protocol.md, "Stream ring").
+ *
+ * The agent's virtio-serial port hands the guest one page per read, so bulk
+ * host → guest bytes (stdin, file uploads, TCP uploads) cost the guest an
+ * interrupt and a read every 4 KiB. Payloads of at least
+ * {@link RING_MIN_PAYLOAD} bytes are instead written into the backing file
+ * of a small read-only virtio-blk disk, and a `DATA_REF` frame names the
+ * region; the agent reads it with one request. The agent acknowledges every
+ * `DATA_REF` once, in order (`RING_ACK`), and only then is its region written
+ * again. When the ring is full the bytes go as `DATA` frames: never a wait.
+ */
+
+import { closeSync, ftruncateSync, openSync, writeSync } from "node:fs";
+
+/** Size of each VM's ring file (sparse: pages are used only when written). */
+export const RING_BYTES = 2 << 20;
+/** Smaller payloads go as DATA frames (cheaper than a disk request). */
+export const RING_MIN_PAYLOAD = 16 * 1024;
+/** Payload per DATA_REF (one virtio-blk request holds up to ~500 KiB). */
+export const RING_CHUNK = 256 * 1024;
+/** The disk's serial, which the agent looks for. */
+export const RING_SERIAL = "sm-ring";
+/** Regions start at multiples of this (the agent reads them with O_DIRECT). */
+const ALIGN = 4096;
+
+/** Creates a VM's (empty, sparse) ring file. */
+export function createRingFile(path: string): void {
+  const fd = openSync(path, "wx", 0o600);
+  try {
+    ftruncateSync(fd, RING_BYTES);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+export class StreamRing {
+  private fd: number | undefined;
+  private readonly size: number;
+  /** Offset of the next region. */
+  private head = 0;
+  /** Bytes held by unacknowledged regions (with the tail a wrap skipped). */
+  private used = 0;
+  /** Each unacknowledged region's share of `used`, oldest first. */
+  private readonly regions: number[] = [];
+  private first = 0;
+
+  private constructor(fd: number, size: number) {
+    this.fd = fd;
+    this.size = size;
+  }
+
+  /** Opens a ring file made by {@link createRingFile}. */
+  static open(path: string, size = RING_BYTES): StreamRing {
+    return new StreamRing(openSync(path, "r+"), size);
+  }
+
+  /** Regions written and not acknowledged yet. */
+  get pending(): number {
+    return this.regions.length - this.first;
+  }
+
+  /**
+   * Writes `bytes` into a free region and returns its offset, or undefined
+   * when the ring is full, closed, or the write failed (the caller sends a
+   * DATA frame instead).
+   */
+  place(bytes: Uint8Array): number | undefined {
+    if (this.fd === undefined || bytes.length === 0 || bytes.length > this.size) return undefined;
+    const need = Math.ceil(bytes.length / ALIGN) * ALIGN;
+    let start = this.head;
+    let skip = 0;
+    if (start + need > this.size) {
+      skip = this.size - start;
+      start = 0;
+    }
+    if (this.used + skip + need > this.size) return undefined;
+    try {
+      let done = 0;
+      while (done < bytes.length) done += writeSync(this.fd, bytes, done, bytes.length - done, start + done);
+    } catch {
+      // No space left for the file (its filesystem is full): frames from now on.
+      this.close();
+      return undefined;
+    }
+    this.regions.push(skip + need);
+    this.used += skip + need;
+    this.head = (start + need) % this.size;
+    return start;
+  }
+
+  /** The agent read the `n` oldest regions. Returns a violation, or undefined. */
+  ack(n: number): string | undefined {
+    if (!Number.isInteger(n) || n < 1 || n > this.pending) return `RING_ACK of ${n} regions, ${this.pending} outstanding`;
+    for (let i = 0; i < n; i++) this.used -= this.regions[this.first++]!;
+    if (this.first === this.regions.length) {
+      this.regions.length = 0;
+      this.first = 0;
+      // Empty: start over at the front (fewer wraps).
+      this.head = 0;
+      this.used = 0;
+    } else if (this.first > 1024) {
+      this.regions.splice(0, this.first);
+      this.first = 0;
+    }
+    return undefined;
+  }
+
+  close(): void {
+    if (this.fd === undefined) return;
+    const fd = this.fd;
+    this.fd = undefined;
+    try {
+      closeSync(fd);
+    } catch {
+      /* already gone */
+    }
+  }
+}
