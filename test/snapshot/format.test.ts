@@ -100,8 +100,10 @@ describe("snapshot format", () => {
   it("a foreign format", async () => rejects(await makeSnapshot((m) => ((m as { format: string }).format = "other")), "quick", /format "other"/));
   it("a newer version", async () => rejects(await makeSnapshot((m) => (m.version = SNAPSHOT_VERSION + 1)), "quick", /version/));
   it("a bad shape", async () => rejects(await makeSnapshot((m) => ((m as { memoryMib: unknown }).memoryMib = "lots")), "quick", /memoryMib/));
+  it("a streamRing that is not a boolean", async () => rejects(await makeSnapshot((m) => ((m as { streamRing: unknown }).streamRing = "yes")), "quick", /streamRing/));
   it("a bad cpuModel (it goes on QEMU's command line)", async () => {
-    await rejects(await makeSnapshot((m) => ((m as { cpuModel: unknown }).cpuModel = "max,+avx512f")), "quick", /cpuModel/);
+    await rejects(await makeSnapshot((m) => ((m as { cpuModel: unknown }).cpuModel = "max,+avx -monitor stdio")), "quick", /cpuModel/);
+    await rejects(await makeSnapshot((m) => ((m as { cpuModel: unknown }).cpuModel = "max,,kvm=on")), "quick", /cpuModel/);
     await rejects(await makeSnapshot((m) => ((m as { cpuModel: unknown }).cpuModel = 7)), "quick", /cpuModel/);
   });
   it("a missing file", async () => {
