@@ -146,6 +146,10 @@ export class Pool {
   private queue: (() => void)[] = [];
   private waiters: Waiter[] = [];
   private closed = false;
+  /** Aborted by shutdown(): restores in flight stop instead of finishing. */
+  private readonly stopping = new AbortController();
+  /** Restored VMs running their prewarm (shutdown() destroys them). */
+  private readonly warming = new Set<Vm>();
   /** Keeps `prune` off the snapshot while the pool lives (cache-admin.ts). */
   private snapshotLease: SnapshotLease | undefined;
   private evictTimer: NodeJS.Timeout | undefined;
@@ -332,19 +336,23 @@ export class Pool {
       if (this.closed) throw new ClosedError("the pool was shut down");
       const t0 = performance.now();
       try {
-        const vm = await this.image.restore({ timeoutMs: this.restoreTimeoutMs, network: this.network });
+        const vm = await this.image.restore({ timeoutMs: this.restoreTimeoutMs, network: this.network, signal: this.stopping.signal });
         // A VM that an acquire() already waits for goes to it without the
         // base prewarm: that caller's own first exec translates the same
         // paths, and under TCG the prewarm would cost it ≈ 100 ms of CPU
         // before it gets the VM and ≈ 25 ms more in all (docs/performance.md).
         // The prewarm pays off for VMs that wait idle.
         const prewarmed = this.basePrewarm && this.waiters.length === 0;
+        this.warming.add(vm);
         try {
+          if (this.closed) throw new ClosedError("the pool was shut down");
           if (prewarmed) await basePrewarm(vm, this.restoreTimeoutMs);
           for (const argv of this.prewarm) await vm.exec({ argv, timeoutMs: this.restoreTimeoutMs, maxOutputBytes: 1 << 20 });
         } catch (e) {
           await vm.destroy();
           throw e;
+        } finally {
+          this.warming.delete(vm);
         }
         trace(channels.poolRefill, { ms: Math.round(performance.now() - t0), ok: true, prewarmed });
         return vm;
@@ -469,11 +477,14 @@ export class Pool {
       if (w.timer) clearTimeout(w.timer);
       w.reject(new PoolError("the pool was shut down while this acquire() was waiting"));
     }
-    const all = [...this.idle.map((i) => i.vm), ...this.inUse];
+    // Restores in flight stop where they are: a prewarm (a Python start-up
+    // under TCG takes seconds) must not hold up the caller's exit.
+    this.stopping.abort(new ClosedError("the pool was shut down"));
+    const all = [...this.idle.map((i) => i.vm), ...this.inUse, ...this.warming];
     this.idle = [];
     this.inUse.clear();
     await Promise.all(all.map((vm) => vm.destroy()));
-    // Restores in flight destroy their VM when they finish (offer()).
+    // Restores still in flight destroy their VM when they end (offer()).
     while (this.starting > 0 || this.resuming > 0) await new Promise((r) => setTimeout(r, 10));
   }
 }

@@ -3,7 +3,8 @@
  * `true`, else the agent's binary. The order of the two on a fake exec; a
  * real pool of an image that has no `true` (its VMs are still handed out);
  * a real pool skips the base prewarm of a VM a waiting acquire() takes, and
- * runs it for VMs that go idle (supermachine:pool:refill says which).
+ * runs it for VMs that go idle (supermachine:pool:refill says which);
+ * shutdown() does not wait for a prewarm in flight.
  */
 
 import assert from "node:assert/strict";
@@ -17,7 +18,7 @@ import { Image } from "../../src/image/image.js";
 import { basePrewarm } from "../../src/pool/pool.js";
 import type { ExecOptions, ExecOutput } from "../../src/vm/options.js";
 import type { Vm } from "../../src/vm/vm.js";
-import { VM_TEST_TIMEOUT, defaultRootfs, waitFor } from "../helpers.js";
+import { VM_TEST_TIMEOUT, defaultRootfs, pidsMatching, processAlive, waitFor } from "../helpers.js";
 
 /** A stand-in with only exec(): records each argv, answers with `exitOf(argv)`. */
 function fakeVm(exitOf: (argv: readonly string[]) => number): { vm: Vm; calls: string[][] } {
@@ -120,6 +121,28 @@ describe("the base prewarm and waiting acquires", { timeout: 3 * VM_TEST_TIMEOUT
       assert.deepEqual(refills.map((r) => [r.ok, r.prewarmed]), [[true, true]]);
     } finally {
       await warm.shutdown();
+    }
+  });
+
+  it("shutdown() does not wait for a prewarm: the VM being prewarmed is destroyed, its QEMU gone", async () => {
+    const started: string[] = [];
+    const onStart = (m: unknown) => void started.push((m as { id: string }).id);
+    subscribe("supermachine:vm:start", onStart);
+    try {
+      const pool = await image!.pool({ min: 1, max: 1, prewarm: [["sleep", "600"]] });
+      // The restore is done (the VM started) and its prewarm sleeps.
+      await waitFor(() => started.length === 1, 120_000, "the restored VM");
+      const qemu = pidsMatching(new RegExp(`sm-${started[0]}`));
+      assert.ok(qemu.length > 0, "its QEMU runs");
+      const t0 = performance.now();
+      await pool.shutdown();
+      const ms = performance.now() - t0;
+      // Far below the prewarm's 600 s: shutdown did not wait for it.
+      assert.ok(ms < 120_000, `shutdown took ${ms} ms`);
+      await waitFor(() => qemu.every((p) => !processAlive(p)), 30_000, "the prewarmed VM's QEMU to exit");
+      assert.equal(pool.stats().alive, 0);
+    } finally {
+      unsubscribe("supermachine:vm:start", onStart);
     }
   });
 });
