@@ -450,7 +450,8 @@ export function openLayer(layer: LayerBlob): Readable {
     return out;
   }
   if (compression === "gzip") {
-    const gunzip = zlib.createGunzip();
+    // Large output chunks: each chunk is a thread-pool round trip (16 KiB by default).
+    const gunzip = zlib.createGunzip({ chunkSize: 256 * 1024 });
     gunzip.on("error", (e) => fail(e, "decompress (gzip)"));
     src.pipe(gunzip).pipe(out);
     out.on("close", () => {
