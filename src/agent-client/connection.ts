@@ -251,7 +251,11 @@ class Sender {
     while (off < data.length) {
       if (this.failed) throw this.failed;
       if (this.closed) throw new ClosedError("stdin was already closed");
-      if (this.credit === 0) {
+      // With the stream ring, a large write waits for the credit of a whole
+      // region instead of trickling out in small frames (the window is at
+      // least 1 MiB, so that credit always comes once the guest reads).
+      const ringMin = this.conn._ringMin;
+      if (this.credit === 0 || (ringMin > 0 && data.length - off >= ringMin && this.credit < ringMin)) {
         await new Promise<void>((r) => this.waiters.push(r));
         continue;
       }
@@ -971,6 +975,10 @@ export class AgentConnection {
   private ring: StreamRing | undefined;
   /** @internal Largest payload a Sender puts in one DATA or DATA_REF frame. */
   _dataChunk = DATA_CHUNK;
+  /** @internal Smallest payload that goes through the stream ring (0: no ring). */
+  get _ringMin(): number {
+    return this.ring ? RING_MIN_PAYLOAD : 0;
+  }
   /** @internal DATA_REF frames sent, and ring regions not acknowledged yet (for tests). */
   get _ringStats(): { sent: number; pending: number } | undefined {
     return this.ring ? { sent: this.ringSent, pending: this.ring.pending } : undefined;

@@ -4,7 +4,7 @@
  * The agent's virtio-serial port hands the guest one page per read, so bulk
  * host → guest bytes (stdin, file uploads, TCP uploads) cost the guest an
  * interrupt and a read every 4 KiB. Payloads of at least
- * {@link RING_MIN_PAYLOAD} bytes are instead written into the backing file
+ * {@link RING_MIN_PAYLOAD} bytes (large writes: stdin, file uploads) are instead written into the backing file
  * of a small read-only virtio-blk disk, and a `DATA_REF` frame names the
  * region; the agent reads it with one request. The agent acknowledges every
  * `DATA_REF` once, in order (`RING_ACK`), and only then is its region written
@@ -15,8 +15,13 @@ import { closeSync, ftruncateSync, openSync, writeSync } from "node:fs";
 
 /** Size of each VM's ring file (sparse: pages are used only when written). */
 export const RING_BYTES = 2 << 20;
-/** Smaller payloads go as DATA frames (cheaper than a disk request). */
-export const RING_MIN_PAYLOAD = 16 * 1024;
+/**
+ * Smaller payloads go as DATA frames. Under TCG a disk request costs the
+ * guest about as much as 32 page-sized port reads (measured: 64 and 128 KiB
+ * payloads were as fast or faster as frames, 256 KiB ones 20–40 % faster
+ * through the ring; docs/performance.md).
+ */
+export const RING_MIN_PAYLOAD = 256 * 1024;
 /** Payload per DATA_REF (one virtio-blk request holds up to ~500 KiB). */
 export const RING_CHUNK = 256 * 1024;
 /** The disk's serial, which the agent looks for. */

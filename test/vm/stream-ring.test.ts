@@ -16,8 +16,8 @@ import { Image } from "../../src/image/image.js";
 import type { Vm } from "../../src/vm/vm.js";
 import { VM_TEST_TIMEOUT, bootDefault, defaultRootfs, waitFor } from "../helpers.js";
 
-/** Sizes around the ring's threshold (16 KiB) and chunk (256 KiB), then large. */
-const SIZES = [1, 4095, 16_383, 16_384, 16_385, 262_143, 262_145, 300_001, 1 << 20, 3 << 20];
+/** Small sizes, sizes around the ring's threshold and chunk (256 KiB), then large. */
+const SIZES = [1, 4095, 16_385, 262_143, 262_144, 262_145, 300_001, 524_289, 1 << 20, 3 << 20];
 
 /** Pipes `parts` into sha256sum in the guest; returns the guest's digest and the host's. */
 async function hashThroughStdin(vm: Vm, parts: Buffer[]): Promise<{ guest: string; host: string }> {
