@@ -32,7 +32,7 @@ import { confineLaunch, confinementPlan, decodeExit, descendantPid, qemuFeatures
  * every feature TCG emulates (x86-64-v3: AVX2, BMI, FMA...) but ERMS/FSRM.
  * With ERMS the guest kernel's and libc's copies use `rep movsb`, which TCG
  * runs one byte per iteration: dropping it doubled stream throughput and
- * took ≈ 10 % off a refill.
+ * made a warm exec ≈ 10 % cheaper (a refill's CPU did not move).
  */
 export const DEFAULT_TCG_CPU = "max,-erms,-fsrm";
 
