@@ -2,7 +2,9 @@
  * The host side of the stream ring (src/agent-client/ring.ts): regions are
  * written where the file says, never over an unacknowledged one, wrap to
  * the front, and a full or closed ring declines (the caller sends frames).
- * A guest's RING_ACK that acknowledges more than is outstanding is refused.
+ * A guest's RING_ACK that acknowledges more than is outstanding is refused;
+ * over a fake agent, a large stdin write becomes DATA_REF frames whose
+ * regions hold its bytes, and a bad RING_ACK ends the connection.
  */
 
 import assert from "node:assert/strict";
@@ -11,7 +13,13 @@ import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { RING_BYTES, StreamRing, createRingFile } from "../../src/agent-client/ring.js";
+import type { Server, Socket } from "node:net";
+import { AgentConnection } from "../../src/agent-client/connection.js";
+import { RING_BYTES, RING_CHUNK, StreamRing, createRingFile } from "../../src/agent-client/ring.js";
+import { ProtocolError } from "../../src/errors.js";
+import { encodeFrame, type Frame } from "../../src/protocol/codec.js";
+import { MsgType } from "../../src/protocol/constants.js";
+import { listenFakeAgent } from "./fake-agent.js";
 
 describe("StreamRing", () => {
   let dir: string;
@@ -82,3 +90,93 @@ describe("StreamRing", () => {
     r.close();
   });
 });
+
+describe("stream ring over a fake agent", () => {
+  let dir: string;
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), "sm-ring-conn-"));
+  });
+  after(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  /** A connection to a fake agent that hands every frame after HELLO to `onFrame`, with a ring attached. */
+  async function ringConnection(name: string, onFrame: (sock: Socket, f: Frame) => void): Promise<{ conn: AgentConnection; ringFile: string; fatal: Promise<Error>; server: Server }> {
+    const path = join(dir, `${name}.sock`);
+    const server = await listenFakeAgent(path, async (sock, next) => {
+      for (;;) onFrame(sock, await next());
+    });
+    const conn = await AgentConnection.connect(path, { timeoutMs: 5000 });
+    const fatal = new Promise<Error>((r) => (conn.onFatal = r));
+    const ringFile = join(dir, `${name}.ring`);
+    createRingFile(ringFile);
+    conn._attachRing(StreamRing.open(ringFile));
+    return { conn, ringFile, fatal, server };
+  }
+
+  it("a large stdin write goes as DATA_REF regions holding its bytes, small ones as DATA; acknowledged regions are reused", async () => {
+    const got: { type: number; payload: Buffer }[] = [];
+    const { conn, ringFile, server } = await ringConnection("ok", (sock, f) => {
+      if (f.type === MsgType.EXEC) return;
+      if (f.type === MsgType.DATA || f.type === MsgType.DATA_REF) {
+        got.push({ type: f.type, payload: Buffer.from(f.payload) });
+        if (f.type === MsgType.DATA_REF) sock.write(encodeFrame(MsgType.RING_ACK, 0, 0, Buffer.from([1, 0, 0, 0])));
+      }
+    });
+    try {
+      const s = conn.exec({ argv: [Buffer.from("cat")], stdin: true });
+      const big = randomBytes(RING_CHUNK + 1000);
+      await s.writeStdin(big);
+      await s.writeStdin(Buffer.from("small"));
+      await waitUntil(() => got.length >= 3);
+      assert.deepEqual(got.map((g) => g.type), [MsgType.DATA_REF, MsgType.DATA, MsgType.DATA]);
+      const off = Number(got[0]!.payload.readBigUInt64LE(0));
+      const len = got[0]!.payload.readUInt32LE(8);
+      assert.equal(len, RING_CHUNK);
+      assert.deepEqual((await readFile(ringFile)).subarray(off, off + len), big.subarray(0, RING_CHUNK));
+      assert.deepEqual(got[1]!.payload, big.subarray(RING_CHUNK));
+      assert.equal(got[2]!.payload.toString(), "small");
+      await waitUntil(() => conn._ringStats!.pending === 0);
+      assert.equal(conn._ringStats!.sent, 1);
+    } finally {
+      conn.destroy(new Error("done"));
+      server.close();
+    }
+  });
+
+  it("a RING_ACK for a region never sent is a protocol violation", async () => {
+    const { conn, fatal, server } = await ringConnection("bad", (sock, f) => {
+      if (f.type === MsgType.EXEC) sock.write(encodeFrame(MsgType.RING_ACK, 0, 0, Buffer.from([5, 0, 0, 0])));
+    });
+    try {
+      conn.exec({ argv: [Buffer.from("true")] }).exit.catch(() => undefined);
+      const err = await fatal;
+      assert.ok(err instanceof ProtocolError, String(err));
+      assert.match(err.message, /RING_ACK of 5 regions, 0 outstanding/);
+    } finally {
+      server.close();
+    }
+  });
+
+  it("a RING_ACK without a ring is a protocol violation", async () => {
+    const path = join(dir, "none.sock");
+    const server = await listenFakeAgent(path, async (sock, next) => {
+      for (;;) if ((await next()).type === MsgType.EXEC) sock.write(encodeFrame(MsgType.RING_ACK, 0, 0, Buffer.from([1, 0, 0, 0])));
+    });
+    const conn = await AgentConnection.connect(path, { timeoutMs: 5000 });
+    const fatal = new Promise<Error>((r) => (conn.onFatal = r));
+    try {
+      conn.exec({ argv: [Buffer.from("true")] }).exit.catch(() => undefined);
+      const err = await fatal;
+      assert.ok(err instanceof ProtocolError, String(err));
+      assert.match(err.message, /RING_ACK without a stream ring/);
+    } finally {
+      server.close();
+    }
+  });
+});
+
+async function waitUntil(cond: () => boolean): Promise<void> {
+  for (let i = 0; i < 500 && !cond(); i++) await new Promise((r) => setTimeout(r, 10));
+  assert.ok(cond(), "condition not reached within 5 s");
+}
