@@ -41,6 +41,27 @@ export function pidsMatching(re: RegExp): number[] {
   return out;
 }
 
+/** Live processes below this one (any depth) whose command line matches `re`. */
+export function descendantsMatching(re: RegExp): number[] {
+  const parent = new Map<number, number>();
+  for (const d of readdirSync("/proc")) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const st = readFileSync(`/proc/${d}/stat`, "latin1");
+      const f = st.slice(st.lastIndexOf(")") + 2).split(" ");
+      if (f[0] === "Z") continue;
+      parent.set(Number(d), Number(f[1]));
+    } catch {
+      /* gone */
+    }
+  }
+  const below = (pid: number): boolean => {
+    for (let p = parent.get(pid), n = 0; p !== undefined && n < 64; p = parent.get(p), n++) if (p === process.pid) return true;
+    return false;
+  };
+  return pidsMatching(re).filter((p) => parent.has(p) && below(p));
+}
+
 /** Whether `pid` runs (a zombie, or a process reaped while we look, does not). */
 export function processAlive(pid: number): boolean {
   try {

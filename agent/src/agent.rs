@@ -106,7 +106,8 @@ pub fn run(boot: &BootReport) -> io::Result<()> {
 
 impl Agent {
     fn open_port(&mut self) -> io::Result<()> {
-        let fd = open_port(&self.port_path)?;
+        let left = crate::init::TEMPLATE_PORT.swap(-1, std::sync::atomic::Ordering::SeqCst);
+        let fd = if left >= 0 { Fd(left) } else { open_port(&self.port_path)? };
         // Edge-triggered: a disconnected port reports HUP; level triggering
         // would spin. A host (re)connect wakes the port's wait queue.
         self.io.add(fd.raw(), sys::EPOLLIN | sys::EPOLLOUT | sys::EPOLLRDHUP | sys::EPOLLET, TK_PORT);

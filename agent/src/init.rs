@@ -22,6 +22,11 @@ pub struct BootReport {
     pub port_name: String,
 }
 
+/// The port as a boot template left it open (-1: none). Closing and
+/// reopening it would drop what the host sends in between, so the agent
+/// serves on this descriptor (taken once).
+pub static TEMPLATE_PORT: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
 impl BootReport {
     pub fn not_init() -> BootReport {
         BootReport { error: None, cgroups: false, port_name: "sm.agent".to_string() }
@@ -29,6 +34,9 @@ impl BootReport {
 }
 
 struct Cmdline {
+    /// A boot template (docs/boot-templates.md): stop after the modules and
+    /// wait for the real command line on the port.
+    template: bool,
     root: String,
     rootfstype: String,
     port: String,
@@ -38,9 +46,9 @@ struct Cmdline {
     disks: DiskConfig,
 }
 
-fn parse_cmdline() -> Cmdline {
-    let text = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+fn parse_cmdline(text: &str) -> Cmdline {
     let mut c = Cmdline {
+        template: false,
         root: "/dev/vda".to_string(),
         rootfstype: "erofs".to_string(),
         port: "sm.agent".to_string(),
@@ -52,6 +60,7 @@ fn parse_cmdline() -> Cmdline {
     for word in text.split_whitespace() {
         if let Some((k, v)) = word.split_once('=') {
             match k {
+                "sm.template" => c.template = v == "1",
                 "sm.root" => c.root = v.to_string(),
                 "sm.rootfstype" => c.rootfstype = v.to_string(),
                 "sm.port" => c.port = v.to_string(),
@@ -120,6 +129,83 @@ fn load_modules() -> Result<(), String> {
     } else {
         Err(format!("kernel modules failed to load: {}", failures.join("; ")))
     }
+}
+
+/// The longest command line a template accepts from the host.
+const TEMPLATE_LINE_MAX: usize = 16 * 1024;
+
+/// A boot template waits here, after the modules, for the command line of
+/// the VM it becomes: it says `SMTPL ready` on the port (again each second
+/// until a host reads it: nothing is connected before), the host saves the
+/// VM, and every VM restored from that state goes on from this read with
+/// its own line (`sm.root=… sm.hostname=…`, up to a newline), answered with
+/// `SMTPL ok`. The port stays open: the agent serves on it.
+fn template_wait(port_name: &str) -> Result<(String, sys::Fd), String> {
+    let mut path = None;
+    for _ in 0..500 {
+        if let Ok(entries) = fs::read_dir("/sys/class/virtio-ports") {
+            for e in entries.flatten() {
+                if fs::read_to_string(e.path().join("name")).unwrap_or_default().trim() == port_name {
+                    path = Some(Path::new("/dev").join(e.file_name()));
+                }
+            }
+        }
+        if path.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let path = path.ok_or_else(|| format!("template: no {} port", port_name))?;
+    let c = cstring(path.as_os_str().to_string_lossy().as_bytes()).map_err(|e| e.to_string())?;
+    let fd = sys::open_path(&c, sys::O_RDWR | sys::O_NOCTTY | sys::O_NONBLOCK, 0).map_err(|e| format!("template: open port: {}", e))?;
+    let mut line: Vec<u8> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut said = false;
+    let mut last_say = Instant::now() - Duration::from_secs(10);
+    loop {
+        // Until the host has answered, say ready now and then: a write
+        // while no host is connected is lost (or fails).
+        if !said || (line.is_empty() && last_say.elapsed() >= Duration::from_secs(1)) {
+            let msg = b"SMTPL ready\n";
+            let r = unsafe { sys::write(fd.raw(), msg.as_ptr() as *const _, msg.len()) };
+            said = r == msg.len() as isize;
+            last_say = Instant::now();
+        }
+        let mut pfd = sys::PollFd { fd: fd.raw(), events: sys::POLLIN, revents: 0 };
+        unsafe { sys::poll(&mut pfd, 1, 200) };
+        let r = unsafe { sys::read(fd.raw(), buf.as_mut_ptr() as *mut _, buf.len()) };
+        if r > 0 {
+            line.extend_from_slice(&buf[..r as usize]);
+            if let Some(end) = line.iter().position(|&b| b == b'\n') {
+                line.truncate(end);
+                let ok = b"SMTPL ok\n";
+                unsafe { sys::write(fd.raw(), ok.as_ptr() as *const _, ok.len()) };
+                return match String::from_utf8(line) {
+                    Ok(l) => Ok((l, fd)),
+                    Err(_) => Err("template: the command line is not UTF-8".to_string()),
+                };
+            }
+            if line.len() > TEMPLATE_LINE_MAX {
+                return Err("template: command line too long".to_string());
+            }
+        }
+    }
+}
+
+/// The template's root disk was a placeholder: unbind and bind its virtio
+/// device so the kernel reads the real disk's size (and drops the
+/// placeholder's cached blocks with the old disk).
+fn reprobe_disk(serial: &str) -> Result<(), String> {
+    let dev = volumes::lookup(serial).ok_or_else(|| format!("template: no disk {}", serial))?;
+    let name = dev.trim_start_matches("/dev/");
+    let link = fs::read_link(format!("/sys/block/{}/device", name)).map_err(|e| format!("template: {}: {}", name, e))?;
+    let vdev = link.file_name().and_then(|n| n.to_str()).ok_or("template: no virtio device")?.to_string();
+    fs::write("/sys/bus/virtio/drivers/virtio_blk/unbind", &vdev).map_err(|e| format!("template: unbind {}: {}", vdev, e))?;
+    fs::write("/sys/bus/virtio/drivers/virtio_blk/bind", &vdev).map_err(|e| format!("template: bind {}: {}", vdev, e))?;
+    if volumes::find_by_serial(serial, Duration::from_secs(10)).is_none() {
+        return Err(format!("template: disk {} did not come back", serial));
+    }
+    Ok(())
 }
 
 fn wait_for(path: &str, timeout: Duration) -> bool {
@@ -259,9 +345,24 @@ pub fn boot() -> BootReport {
             errors.push(e.to_string());
         }
     }
-    let c = parse_cmdline();
+    let mut c = parse_cmdline(&fs::read_to_string("/proc/cmdline").unwrap_or_default());
     if let Err(e) = load_modules() {
         errors.push(e);
+    }
+    if c.template {
+        match template_wait(&c.port) {
+            Ok((line, fd)) => {
+                TEMPLATE_PORT.store(fd.raw(), std::sync::atomic::Ordering::SeqCst);
+                std::mem::forget(fd);
+                c = parse_cmdline(&line);
+                if c.root != "none" {
+                    if let Err(e) = reprobe_disk(volumes::ROOT_SERIAL) {
+                        errors.push(e);
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
     }
     if let Err(e) = mount_root(&c) {
         errors.push(format!("root filesystem: {}", e));

@@ -23,6 +23,14 @@ pub struct EpollEvent {
 }
 
 #[repr(C)]
+pub struct PollFd {
+    pub fd: c_int,
+    pub events: i16,
+    pub revents: i16,
+}
+pub const POLLIN: i16 = 0x1;
+
+#[repr(C)]
 #[derive(Clone, Copy)]
 pub struct SigSet {
     _v: [u64; 16],
@@ -107,6 +115,7 @@ extern "C" {
     pub fn epoll_create1(flags: c_int) -> c_int;
     pub fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, event: *mut EpollEvent) -> c_int;
     pub fn epoll_wait(epfd: c_int, events: *mut EpollEvent, maxevents: c_int, timeout: c_int) -> c_int;
+    pub fn poll(fds: *mut PollFd, nfds: u64, timeout: c_int) -> c_int;
     pub fn signalfd(fd: c_int, mask: *const SigSet, flags: c_int) -> c_int;
     pub fn sigprocmask(how: c_int, set: *const SigSet, old: *mut SigSet) -> c_int;
     pub fn sigemptyset(set: *mut SigSet) -> c_int;

@@ -12,6 +12,8 @@
  */
 
 import { closeSync, ftruncateSync, openSync, writeSync } from "node:fs";
+import { join } from "node:path";
+import type { QemuDisk } from "../volumes/disks.js";
 
 /** Size of each VM's ring file (sparse: pages are used only when written). */
 export const RING_BYTES = 2 << 20;
@@ -37,6 +39,13 @@ export function createRingFile(path: string): void {
   } finally {
     closeSync(fd);
   }
+}
+
+/** A VM's stream ring: an empty file in its runtime dir, attached read-only. */
+export function ringDisk(dir: string): QemuDisk {
+  const file = join(dir, "ring");
+  createRingFile(file);
+  return { serial: RING_SERIAL, file, format: "raw", readOnly: true, backing: [] };
 }
 
 export class StreamRing {

@@ -26,7 +26,8 @@ import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/p
 import { tracedProgress } from "../diagnostics.js";
 import type { LayerLimits } from "../rootfs/limits.js";
 import { captureVm, restoreSpec, restoreVm, type RestoreOptions } from "../snapshot/capture.js";
-import { sealSnapshotDir, sha256File } from "../snapshot/files.js";
+import { sealSnapshotDir, sha256File, stubKernelPath } from "../snapshot/files.js";
+import { bootTemplate } from "../vm/boot-template.js";
 import { readManifest, SNAPSHOT_DIR_MODE, SNAPSHOT_FILE_MODE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
 import { UNNAMED_TCG_CPU, findQemu, tcgCpuModel } from "../vmm/qemu.js";
@@ -470,19 +471,24 @@ export class Image {
         const id = randomBytes(4).toString("hex");
         const phase = (p: "boot" | "warmup" | "snapshot" | "done") => options.onProgress?.({ stage: "bake", phase: p, name });
         phase("boot");
+        const cmdline = kernelCmdline({ accel: accel.accel, hostname: `sm-${id}`, hasRootfs: true, disks: v.disks });
+        // Without volumes the bake starts from the boot template (a copy of
+        // its RAM: the snapshot is then taken from that file).
+        const tpl = v.disks.length
+          ? undefined
+          : await bootTemplate({ accel: accel.accel, memoryMib: v.memoryMib, vcpus: v.vcpus, kernel: assets.kernel, initrd: assets.initrd, baseCmdline: kernelCmdline({ accel: accel.accel, hasRootfs: true }), ...(cpuModel ? { cpuModel } : {}), cacheDir: v.cacheDir, timeoutMs: bootTimeoutMs }, options.signal);
         vm = await launchVm({
           id,
           accel,
           memoryMib: v.memoryMib,
           vcpus: v.vcpus,
-          kernel: assets.kernel,
-          initrd: assets.initrd,
-          cmdline: kernelCmdline({ accel: accel.accel, hostname: `sm-${id}`, hasRootfs: true, disks: v.disks }),
+          ...(tpl
+            ? { kernel: await stubKernelPath(v.cacheDir), cmdline: "", ram: { kind: "shared-file" as const, from: tpl.ram }, incomingState: tpl.state, template: { line: cmdline } }
+            : { kernel: assets.kernel, initrd: assets.initrd, cmdline, ram: { kind: "shared-file" as const } }),
           ...(cpuModel ? { cpuModel } : {}),
           streamRing: true,
           rootfsImage: join(stage, "rootfs.erofs"),
           ...(v.disks.length ? { disks: v.disks } : {}),
-          ram: { kind: "shared-file" },
           hostname: `sm-${id}`,
           config,
           bootTimeoutMs,
@@ -614,14 +620,16 @@ export class Image {
    * a pool uses this image: QEMU's own start-up (~35 ms under TCG) leaves
    * the restore path.
    */
-  keepSpare(on: boolean): void {
+  keepSpare(on: boolean): Promise<void> {
     this.spareUsers += on ? 1 : -1;
     if (this.spareUsers > 0) this.prepareSpare();
     else if (this.spare) {
       const s = this.spare;
       this.spare = undefined;
-      void s.then(discardQemu, () => undefined);
+      // Resolves when the spare QEMU is gone.
+      return s.then(discardQemu, () => undefined);
     }
+    return Promise.resolve();
   }
 
   private prepareSpare(): void {

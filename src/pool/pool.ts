@@ -150,6 +150,8 @@ export class Pool {
   private readonly stopping = new AbortController();
   /** Restored VMs running their prewarm (shutdown() destroys them). */
   private readonly warming = new Set<Vm>();
+  /** Destroys of VMs that came back after shutdown() (it waits for them). */
+  private readonly teardown = new Set<Promise<unknown>>();
   /** Keeps `prune` off the snapshot while the pool lives (cache-admin.ts). */
   private snapshotLease: SnapshotLease | undefined;
   private evictTimer: NodeJS.Timeout | undefined;
@@ -189,7 +191,7 @@ export class Pool {
     if (p.memoryMib !== image.memoryMib || p.vcpus !== image.vcpus) p = new Pool(await image.sibling(p.memoryMib, p.vcpus), o);
     image.accelFor();
     p.snapshotLease = leaseSnapshot(p.image.snapshotPath);
-    image.keepSpare(true);
+    void image.keepSpare(true);
     const handoff = image.takeHandoff();
     if (handoff) {
       handoff.net.setPolicy(p.network);
@@ -291,7 +293,7 @@ export class Pool {
       this.resuming--;
     }
     if (!ok || this.closed || vm.status !== "ready") {
-      void vm.destroy();
+      this.dispose(vm);
       return this.acquire();
     }
     const leased = this.lease(vm);
@@ -373,7 +375,7 @@ export class Pool {
    */
   private offer(vm: Vm, fresh: boolean): void {
     if (this.closed || vm.status !== "ready") {
-      void vm.destroy();
+      this.dispose(vm);
       this.fill();
       return;
     }
@@ -438,6 +440,13 @@ export class Pool {
     });
   }
 
+  /** Destroys a VM nobody waits for; shutdown() waits for it. */
+  private dispose(vm: Vm): void {
+    const gone = vm.destroy().catch(() => undefined);
+    this.teardown.add(gone);
+    void gone.then(() => this.teardown.delete(gone));
+  }
+
   /** Takes a VM back from its holder. */
   private async give(vm: Vm): Promise<void> {
     this.inUse.delete(vm);
@@ -471,7 +480,7 @@ export class Pool {
     if (this.closed) return;
     this.closed = true;
     this.snapshotLease?.release();
-    this.image.keepSpare(false);
+    const spareGone = this.image.keepSpare(false);
     if (this.evictTimer) clearInterval(this.evictTimer);
     for (const w of this.waiters.splice(0)) {
       if (w.timer) clearTimeout(w.timer);
@@ -486,5 +495,7 @@ export class Pool {
     await Promise.all(all.map((vm) => vm.destroy()));
     // Restores still in flight destroy their VM when they end (offer()).
     while (this.starting > 0 || this.resuming > 0) await new Promise((r) => setTimeout(r, 10));
+    // Resolved only when every QEMU of the pool is gone.
+    await Promise.all([spareGone, ...this.teardown]);
   }
 }

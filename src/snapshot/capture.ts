@@ -12,15 +12,16 @@
  */
 
 import { randomBytes } from "node:crypto";
-import { stat, unlink } from "node:fs/promises";
+import { unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { SnapshotError } from "../errors.js";
 import { MsgType } from "../protocol/constants.js";
 import { QemuProcess, UNNAMED_TCG_CPU } from "../vmm/qemu.js";
 import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { createRuntimeDir, removeRuntimeDir } from "../vm/runtime-dir.js";
-import { launchVm, ringDisk, type LaunchSpec, type StartedQemu, type Vm } from "../vm/vm.js";
-import { sha256File, sparseCopyWithHash, stubKernelPath } from "./files.js";
+import { launchVm, type LaunchSpec, type StartedQemu, type Vm } from "../vm/vm.js";
+import { ringDisk } from "../agent-client/ring.js";
+import { fileRecord, sparseCopyWithHash, stubKernelPath } from "./files.js";
 import { manifestDisks, type SnapshotDisk, type SnapshotFile, type SnapshotManifest, type SnapshotMount } from "./manifest.js";
 import { emptyImagePath, flattenOverlay, overlayPath, type QemuDisk } from "../volumes/disks.js";
 import { diskFileName, diskSerial, type DiskPlan } from "../volumes/spec.js";
@@ -28,10 +29,6 @@ import type { ValidMount } from "../mounts/attach.js";
 import { loadState, saveState } from "./migrate.js";
 
 const SAVE_TIMEOUT_MS = 120_000;
-
-async function fileRecord(path: string): Promise<SnapshotFile> {
-  return { size: (await stat(path)).size, sha256: await sha256File(path) };
-}
 
 /**
  * Loads a full migration stream into a paused helper QEMU whose RAM is a

@@ -5,7 +5,7 @@
 
 import { createHash, randomBytes } from "node:crypto";
 import { createReadStream, existsSync } from "node:fs";
-import { chmod, mkdir, open, rename, unlink, writeFile } from "node:fs/promises";
+import { chmod, mkdir, open, rename, stat, unlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 
 const BLOCK = 4096;
@@ -118,6 +118,11 @@ export function stubKernel(): Buffer {
   const elf = Buffer.concat([hdr, load, pnote, note, code]);
   // QEMU's x86 loader also reads an 8 KiB bzImage header: pad past it.
   return Buffer.concat([elf, Buffer.alloc(65536 - elf.length)]);
+}
+
+/** Size and sha256 of a file. */
+export async function fileRecord(path: string): Promise<{ size: number; sha256: string }> {
+  return { size: (await stat(path)).size, sha256: await sha256File(path) };
 }
 
 /** Path of the restore stub kernel in the cache, written once. */

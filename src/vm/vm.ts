@@ -8,6 +8,8 @@
  * them throws ClosedError (or GuestDiedError with the console tail).
  */
 
+import { execFile } from "node:child_process";
+import { promisify } from "node:util";
 import { randomBytes, randomUUID } from "node:crypto";
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
@@ -49,7 +51,9 @@ import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutpu
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
 import { prepareDisks, type QemuDisk } from "../volumes/disks.js";
-import { RING_SERIAL, StreamRing, createRingFile } from "../agent-client/ring.js";
+import { StreamRing, ringDisk } from "../agent-client/ring.js";
+import { bootTemplate, continueFromTemplate } from "./boot-template.js";
+import { stubKernelPath } from "../snapshot/files.js";
 import type { DiskPlan } from "../volumes/spec.js";
 import { NetworkStack, guestNetConfig } from "../net/stack.js";
 import { channels, trace } from "../diagnostics.js";
@@ -126,12 +130,14 @@ export function livenessTimeoutMs(): number {
   return Number.isInteger(v) && v > 0 ? v : 60_000;
 }
 
+const execFileP = promisify(execFile);
+
 /** @internal How a VM's guest RAM is backed. */
 export type RamBacking =
   /** Plain anonymous memory (Vm.boot). */
   | { kind: "anonymous" }
-  /** A file in the runtime dir mapped shared: the file is the memory (bakes). */
-  | { kind: "shared-file" }
+  /** A file in the runtime dir mapped shared: the file is the memory (bakes); `from`: a copy of that file to start with (a boot template's). */
+  | { kind: "shared-file"; from?: string }
   /** A snapshot's RAM file mapped private: copy-on-write (restores). */
   | { kind: "snapshot"; path: string };
 
@@ -169,6 +175,12 @@ export interface LaunchSpec {
   cpuModel?: string;
   /** Attach the stream ring disk (src/agent-client/ring.ts); a restore: when its snapshot has one. */
   streamRing?: boolean;
+  /**
+   * The launch restores a boot template (boot-template.ts; `incomingState`
+   * and `ram` are the template's): after the state load the agent gets
+   * `line`, the kernel command line of this VM, and boots on.
+   */
+  template?: { line: string };
   /** Filled with the milliseconds each phase took (for benchmarks). */
   timings?: Record<string, number>;
   /**
@@ -209,13 +221,6 @@ export interface StartedQemu {
   ring?: string;
 }
 
-/** @internal A VM's stream ring: an empty file in its runtime dir, attached read-only. */
-export function ringDisk(dir: string): QemuDisk {
-  const file = join(dir, "ring");
-  createRingFile(file);
-  return { serial: RING_SERIAL, file, format: "raw", readOnly: true, backing: [] };
-}
-
 /**
  * @internal Starts the QEMU process of `spec` (and, for a restore, its QMP
  * connection), ready for {@link launchVm}. Pools start one ahead of need.
@@ -229,6 +234,10 @@ export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
     const disks: QemuDisk[] = spec.disks?.length ? await prepareDisks(dir, spec.disks, spec.diskBases) : [];
     const ring = spec.streamRing ? ringDisk(dir) : undefined;
     if (ring) disks.push(ring);
+    if (spec.ram.kind === "shared-file" && spec.ram.from) {
+      // Sparse: a template's RAM is mostly untouched pages.
+      await execFileP("cp", ["--sparse=always", spec.ram.from, join(dir, "ram")]);
+    }
     const memoryFile =
       spec.ram.kind === "shared-file"
         ? { path: join(dir, "ram"), share: true }
@@ -306,6 +315,10 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
       const st = await qmp.execute<{ status?: string }>("query-status");
       if (st.status !== "running") await qmp.execute("cont");
       phase("loadState");
+      if (spec.template) {
+        await continueFromTemplate(q, spec.template.line, deadline);
+        phase("template");
+      }
     }
     const conn = await AgentConnection.connect(q.agentSocket, {
       timeoutMs: Math.max(1, deadline - Date.now()),
@@ -344,7 +357,7 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
       ...(spec.netSocket === undefined ? { net: guestNetConfig() } : {}),
     });
     phase("configure");
-    trace(channels.vmStart, { id: s.id, how: spec.incomingState ? "restore" : "boot", accel: spec.accel.accel, ms: Math.round(performance.now() - started0), ...(spec.timings ? { phases: spec.timings } : {}) });
+    trace(channels.vmStart, { id: s.id, how: spec.incomingState && !spec.template ? "restore" : "boot", ...(spec.template ? { template: true } : {}), accel: spec.accel.accel, ms: Math.round(performance.now() - started0), ...(spec.timings ? { phases: spec.timings } : {}) });
     if (spec.mounts?.length) {
       try {
         await vm._attachMounts(spec.mounts);
@@ -487,18 +500,22 @@ export class Vm {
     const id = randomBytes(4).toString("hex");
     const hostname = o.hostname ?? `sm-${id}`;
     const config = o.config ?? {};
+    const cpuModel = choice.accel === "tcg" ? tcgCpuModel() : undefined;
+    const cmdline = kernelCmdline({ accel: choice.accel, hostname, hasRootfs: rootfsImage !== undefined });
+    // A VM with a root filesystem starts from the boot template (its RAM
+    // mapped copy-on-write) instead of booting.
+    const tpl = rootfsImage !== undefined ? await bootTemplate({ accel: choice.accel, memoryMib, vcpus, kernel: assets.kernel, initrd: assets.initrd, baseCmdline: kernelCmdline({ accel: choice.accel, hasRootfs: true }), ...(cpuModel ? { cpuModel } : {}), ...(o.qemuBinary ? { qemuBinary: o.qemuBinary } : {}), cacheDir, timeoutMs: bootTimeoutMs }, o.signal) : undefined;
     return launchVm({
       id,
       accel: choice,
       memoryMib,
       vcpus,
-      kernel: assets.kernel,
-      initrd: assets.initrd,
-      cmdline: kernelCmdline({ accel: choice.accel, hostname, hasRootfs: rootfsImage !== undefined }),
-      ...(choice.accel === "tcg" ? { cpuModel: tcgCpuModel() } : {}),
+      ...(tpl
+        ? { kernel: await stubKernelPath(cacheDir), cmdline: "", ram: { kind: "snapshot" as const, path: tpl.ram }, incomingState: tpl.state, template: { line: cmdline } }
+        : { kernel: assets.kernel, initrd: assets.initrd, cmdline, ram: { kind: "anonymous" as const } }),
+      ...(cpuModel ? { cpuModel } : {}),
       streamRing: true,
       ...(rootfsImage ? { rootfsImage } : {}),
-      ram: { kind: "anonymous" },
       hostname,
       config,
       bootTimeoutMs,

@@ -18,7 +18,7 @@ import { Image } from "../../src/image/image.js";
 import { basePrewarm } from "../../src/pool/pool.js";
 import type { ExecOptions, ExecOutput } from "../../src/vm/options.js";
 import type { Vm } from "../../src/vm/vm.js";
-import { VM_TEST_TIMEOUT, defaultRootfs, pidsMatching, processAlive, waitFor } from "../helpers.js";
+import { VM_TEST_TIMEOUT, defaultRootfs, descendantsMatching, pidsMatching, processAlive, waitFor } from "../helpers.js";
 
 /** A stand-in with only exec(): records each argv, answers with `exitOf(argv)`. */
 function fakeVm(exitOf: (argv: readonly string[]) => number): { vm: Vm; calls: string[][] } {
@@ -139,10 +139,21 @@ describe("the base prewarm and waiting acquires", { timeout: 3 * VM_TEST_TIMEOUT
       const ms = performance.now() - t0;
       // Far below the prewarm's 600 s: shutdown did not wait for it.
       assert.ok(ms < 120_000, `shutdown took ${ms} ms`);
-      await waitFor(() => qemu.every((p) => !processAlive(p)), 30_000, "the prewarmed VM's QEMU to exit");
+      // Resolved only with every QEMU of the pool gone (the spare started ahead of need too).
+      assert.deepEqual(qemu.filter((p) => processAlive(p)), [], "the prewarmed VM's QEMU exited");
+      assert.deepEqual(descendantsMatching(/qemu-system/), [], "no QEMU of this process remains");
       assert.equal(pool.stats().alive, 0);
     } finally {
       unsubscribe("supermachine:vm:start", onStart);
     }
+  });
+
+  it("release() then shutdown() at once: the refill the release started is stopped and no QEMU remains", async () => {
+    const pool = await image!.pool({ min: 1, max: 1, prewarm: true });
+    const vm = await pool.acquire();
+    assert.equal((await vm.exec({ argv: ["echo", "ok"] })).stdout.toString(), "ok\n");
+    await vm.release();
+    await pool.shutdown();
+    assert.deepEqual(descendantsMatching(/qemu-system/), [], "no QEMU of this process remains");
   });
 });

@@ -1,0 +1,293 @@
+/**
+ * Boot templates (docs/boot-templates.md): a cold boot without the boot.
+ *
+ * Under TCG a cold boot takes seconds, almost all of it the guest kernel's
+ * initialisation and the agent loading kernel modules, and none of it
+ * depends on the image. So the first cold boot on a machine (per kernel,
+ * initramfs, QEMU, accelerator, CPU model, memory and vCPUs) boots a
+ * template instead: the agent stops right after the modules and waits on
+ * its port (`sm.template=1`); the host saves that VM like a snapshot, into
+ * the cache. Every later cold boot (`Vm.boot`, a bake) restores the template
+ * with its own root filesystem disk, sends the agent the rest of its kernel
+ * command line (`sm.root`, `sm.hostname`, ...), and the agent goes on from
+ * there: re-probes the root disk (the template's was a placeholder), mounts
+ * it and serves as after a boot.
+ *
+ * Only VMs whose disks are the root filesystem and the stream ring use one
+ * (volumes and a writable layer disk are devices the template lacks).
+ * `SUPERMACHINE_BOOT_TEMPLATE=0` turns them off.
+ */
+
+import { execFile } from "node:child_process";
+import { createHash, randomBytes } from "node:crypto";
+import { statSync } from "node:fs";
+import { mkdir, readFile, readdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import { connect, type Socket } from "node:net";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { GuestDiedError, QemuError, TimeoutError } from "../errors.js";
+import { acquireLock } from "../oci/lock.js";
+import { fileRecord } from "../snapshot/files.js";
+import { saveState } from "../snapshot/migrate.js";
+import { connectQmp } from "../vmm/qmp.js";
+import { QemuProcess, findQemu } from "../vmm/qemu.js";
+import type { Accelerator } from "../vmm/accel.js";
+import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
+import { ringDisk } from "../agent-client/ring.js";
+
+const execFileP = promisify(execFile);
+
+/** Bumped when what a template holds changes (the agent's template protocol). */
+const TEMPLATE_VERSION = 1;
+/** A lock on a template build older than this is stale. */
+const BUILD_LOCK_STALE_MS = 600_000;
+const READY = "SMTPL ready";
+const OK = "SMTPL ok";
+/** What the agent may say before "ok" (bounded: it is the guest). */
+const MAX_REPLY_BYTES = 4096;
+
+export interface TemplateInputs {
+  accel: Accelerator;
+  memoryMib: number;
+  vcpus: number;
+  kernel: string;
+  initrd: string;
+  /** The kernel command line every VM of this template shares (no hostname, no disks). */
+  baseCmdline: string;
+  cpuModel?: string;
+  qemuBinary?: string;
+  cacheDir: string;
+  /** How long the build may take (the boot's own deadline). */
+  timeoutMs: number;
+}
+
+export interface BootTemplate {
+  dir: string;
+  ram: string;
+  state: string;
+}
+
+interface TemplateManifest {
+  version: number;
+  key: string;
+  inputs: unknown;
+  ram: { size: number };
+  state: { size: number; sha256: string };
+}
+
+/** Whether boot templates are on (SUPERMACHINE_BOOT_TEMPLATE=0 turns them off). */
+export function templatesEnabled(): boolean {
+  return process.env.SUPERMACHINE_BOOT_TEMPLATE !== "0";
+}
+
+/** Keys whose build failed in this process: not tried again (those boots go cold at once). */
+const failed = new Set<string>();
+
+function fileId(p: string): string {
+  const st = statSync(p);
+  return `${p}:${st.size}:${st.mtimeMs}`;
+}
+
+function templateKey(i: TemplateInputs): { key: string; inputs: unknown } {
+  const inputs = {
+    version: TEMPLATE_VERSION,
+    accel: i.accel,
+    memoryMib: i.memoryMib,
+    vcpus: i.vcpus,
+    kernel: fileId(i.kernel),
+    initrd: fileId(i.initrd),
+    qemu: fileId(findQemu(i.qemuBinary)),
+    cmdline: i.baseCmdline,
+    cpuModel: i.cpuModel ?? null,
+  };
+  return { key: createHash("sha256").update(JSON.stringify(inputs)).digest("hex"), inputs };
+}
+
+/** The template's files, if a valid one exists. Its state file is checked against the manifest (the cache is not trusted more than a snapshot). */
+async function validTemplate(dir: string, key: string): Promise<BootTemplate | undefined> {
+  try {
+    const m = JSON.parse(await readFile(join(dir, "manifest.json"), "utf8")) as TemplateManifest;
+    if (m.version !== TEMPLATE_VERSION || m.key !== key) return undefined;
+    const ram = join(dir, "ram");
+    const state = join(dir, "state");
+    if ((await stat(ram)).size !== m.ram.size) return undefined;
+    const s = await fileRecord(state);
+    if (s.size !== m.state.size || s.sha256 !== m.state.sha256) return undefined;
+    return { dir, ram, state };
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The boot template for `i`, built now if there is none (once per machine
+ * and inputs; concurrent callers wait for one build). Undefined when
+ * templates are off or the build failed (the caller boots cold; the reason
+ * goes to NODE_DEBUG=supermachine).
+ */
+export async function bootTemplate(i: TemplateInputs, signal?: AbortSignal): Promise<BootTemplate | undefined> {
+  if (!templatesEnabled()) return undefined;
+  const { key, inputs } = templateKey(i);
+  if (failed.has(key)) return undefined;
+  const root = join(i.cacheDir, "boot-templates");
+  const dir = join(root, key);
+  const have = await validTemplate(dir, key);
+  if (have) return have;
+  await mkdir(root, { recursive: true });
+  const lock = await acquireLock(join(root, `${key}.lock`), { until: async () => (await validTemplate(dir, key)) !== undefined, staleMs: BUILD_LOCK_STALE_MS, ...(signal ? { signal } : {}) });
+  try {
+    const again = await validTemplate(dir, key);
+    if (again) return again;
+    await rm(dir, { recursive: true, force: true });
+    const stage = `${dir}.tmp-${process.pid}-${randomBytes(4).toString("hex")}`;
+    try {
+      await buildTemplate(i, stage, key, inputs);
+      await rename(stage, dir);
+      await pruneTemplates(root, key);
+    } catch (e) {
+      if (!signal?.aborted) failed.add(key);
+      await rm(stage, { recursive: true, force: true });
+      if (process.env.NODE_DEBUG?.includes("supermachine")) console.error(`supermachine: boot template not built, booting cold: ${(e as Error).message}`);
+      return undefined;
+    }
+  } finally {
+    await lock?.release();
+  }
+  return validTemplate(dir, key);
+}
+
+/** Templates kept per cache (each is up to its memory size on disk, sparse). */
+const KEEP_TEMPLATES = 4;
+
+/** Removes the least recently built templates beyond KEEP_TEMPLATES (another kernel, agent or QEMU made them). */
+async function pruneTemplates(root: string, keep: string): Promise<void> {
+  const entries: { name: string; mtime: number }[] = [];
+  for (const name of await readdir(root).catch(() => [] as string[])) {
+    if (!/^[0-9a-f]{64}$/.test(name) || name === keep) continue;
+    const st = await stat(join(root, name, "manifest.json")).catch(() => undefined);
+    if (st) entries.push({ name, mtime: st.mtimeMs });
+  }
+  entries.sort((a, b) => b.mtime - a.mtime);
+  for (const e of entries.slice(KEEP_TEMPLATES - 1)) await rm(join(root, e.name), { recursive: true, force: true });
+}
+
+async function buildTemplate(i: TemplateInputs, stage: string, key: string, inputs: unknown): Promise<void> {
+  await mkdir(stage, { recursive: true, mode: 0o700 });
+  const rt = createRuntimeDir();
+  let q: QemuProcess | undefined;
+  try {
+    // The root disk's place: the VMs put their own image there.
+    const placeholder = join(rt, "root.placeholder");
+    await writeFile(placeholder, Buffer.alloc(4096));
+    const deadline = Date.now() + i.timeoutMs;
+    q = await QemuProcess.start({
+      ...(i.qemuBinary ? { qemuBinary: i.qemuBinary } : {}),
+      accel: i.accel,
+      memoryMib: i.memoryMib,
+      vcpus: i.vcpus,
+      kernel: i.kernel,
+      initrd: i.initrd,
+      cmdline: `${i.baseCmdline} sm.template=1`,
+      rootfs: placeholder,
+      disks: [ringDisk(rt)],
+      memoryFile: { path: join(rt, "ram"), share: true },
+      dir: rt,
+      // The device is part of the state; nobody needs to listen.
+      netSocket: join(rt, "net-unused.sock"),
+      name: `sm-tpl-${randomBytes(3).toString("hex")}`,
+      ...(i.cpuModel ? { cpuModel: i.cpuModel } : {}),
+    });
+    const sock = await connectAgentSocket(q, deadline);
+    try {
+      await readUntil(sock, READY, deadline, q);
+      const qmp = await connectQmp(q, deadline);
+      try {
+        await qmp.execute("stop");
+        await saveState(qmp, rt, join(stage, "state"), { ignoreShared: true, timeoutMs: Math.max(1, deadline - Date.now()) });
+      } finally {
+        qmp.close();
+      }
+    } finally {
+      sock.destroy();
+    }
+    // Sparse: the guest touched a fraction of its memory.
+    await execFileP("cp", ["--sparse=always", join(rt, "ram"), join(stage, "ram")]);
+    const manifest: TemplateManifest = {
+      version: TEMPLATE_VERSION,
+      key,
+      inputs,
+      ram: { size: (await stat(join(stage, "ram"))).size },
+      state: await fileRecord(join(stage, "state")),
+    };
+    await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: 0o600 });
+  } finally {
+    await q?.stop();
+    await removeRuntimeDir(rt);
+  }
+}
+
+/** Connects to the agent's port socket (QEMU creates it at start; retried). */
+async function connectAgentSocket(q: QemuProcess, deadline: number): Promise<Socket> {
+  let gone = false;
+  void q.exited.then(() => (gone = true));
+  for (;;) {
+    try {
+      return await new Promise<Socket>((resolve, reject) => {
+        const s = connect(q.agentSocket);
+        s.once("connect", () => resolve(s));
+        s.once("error", reject);
+      });
+    } catch (e) {
+      if (gone) throw new GuestDiedError("QEMU exited before the agent socket accepted a connection", q.consoleTail());
+      if (Date.now() > deadline) throw new TimeoutError(`the agent socket did not accept a connection: ${(e as Error).message}`, 0);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+}
+
+/** Reads lines from the agent until `want`; other lines (repeated "ready") are skipped. */
+function readUntil(sock: Socket, want: string, deadline: number, q: QemuProcess): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    let text = "";
+    const timer = setTimeout(() => done(new TimeoutError(`the boot template's agent did not say "${want}"\n--- guest console (tail) ---\n${q.consoleTail()}`, Math.max(0, deadline - Date.now()))), Math.max(1, deadline - Date.now()));
+    const onData = (b: Buffer) => {
+      text += b.toString("latin1");
+      const lines = text.split("\n");
+      text = lines.pop() ?? "";
+      if (lines.some((l) => l === want)) return done();
+      if (text.length > MAX_REPLY_BYTES) done(new QemuError(`the boot template's agent sent ${text.length} bytes without a line`));
+    };
+    const onClose = () => done(new GuestDiedError(`the agent's port closed before "${want}"`, q.consoleTail()));
+    const done = (e?: Error) => {
+      clearTimeout(timer);
+      sock.off("data", onData);
+      sock.off("close", onClose);
+      if (e) reject(e);
+      else resolve();
+    };
+    sock.on("data", onData);
+    sock.on("close", onClose);
+  });
+}
+
+/**
+ * A VM restored from a template goes on booting: sends the agent the rest
+ * of its command line and waits for its "ok". The caller then connects to
+ * the agent as after a cold boot.
+ */
+export async function continueFromTemplate(q: QemuProcess, cmdline: string, deadline: number): Promise<void> {
+  if (cmdline.includes("\n")) throw new TypeError("a template's command line is one line");
+  const sock = await connectAgentSocket(q, deadline);
+  try {
+    const reply = readUntil(sock, OK, deadline, q);
+    sock.write(`${cmdline}\n`);
+    await reply;
+  } finally {
+    sock.destroy();
+  }
+}
+
+/** @internal For tests: where a template for `i` lives, whether or not it exists. */
+export function templateDir(i: TemplateInputs): string {
+  return join(i.cacheDir, "boot-templates", templateKey(i).key);
+}
