@@ -159,7 +159,7 @@ export async function bootTemplate(i: TemplateInputs, signal?: AbortSignal): Pro
 /** Templates kept per cache (each is up to its memory size on disk, sparse). */
 const KEEP_TEMPLATES = 4;
 
-/** Removes the least recently built templates beyond KEEP_TEMPLATES (another kernel, agent or QEMU made them). */
+/** Removes the least recently built templates beyond KEEP_TEMPLATES, if over an hour old (another kernel, agent or QEMU made them). */
 async function pruneTemplates(root: string, keep: string): Promise<void> {
   const entries: { name: string; mtime: number }[] = [];
   for (const name of await readdir(root).catch(() => [] as string[])) {
@@ -168,7 +168,9 @@ async function pruneTemplates(root: string, keep: string): Promise<void> {
     if (st) entries.push({ name, mtime: st.mtimeMs });
   }
   entries.sort((a, b) => b.mtime - a.mtime);
-  for (const e of entries.slice(KEEP_TEMPLATES - 1)) await rm(join(root, e.name), { recursive: true, force: true });
+  // Only old ones: a VM of another process may be about to start from a new one.
+  const old = Date.now() - 3_600_000;
+  for (const e of entries.slice(KEEP_TEMPLATES - 1)) if (e.mtime < old) await rm(join(root, e.name), { recursive: true, force: true });
 }
 
 async function buildTemplate(i: TemplateInputs, stage: string, key: string, inputs: unknown): Promise<void> {
