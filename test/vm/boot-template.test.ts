@@ -1,0 +1,101 @@
+/**
+ * Boot templates (docs/boot-templates.md) on real VMs: a cold boot after
+ * the first restores the machine's template and boots on as itself (its
+ * own hostname, its own root disk at its real size); VMs from one template
+ * share nothing; a template whose files were tampered with is rebuilt, not
+ * used; SUPERMACHINE_BOOT_TEMPLATE=0 boots cold.
+ */
+
+import assert from "node:assert/strict";
+import { mkdtemp, readdir, rm, symlink, writeFile } from "node:fs/promises";
+import { subscribe, unsubscribe } from "node:diagnostics_channel";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, it } from "node:test";
+import { defaultCacheDir } from "../../src/paths.js";
+import { VM_TEST_TIMEOUT, bootDefault } from "../helpers.js";
+
+interface Start {
+  id: string;
+  how: string;
+  template?: boolean;
+}
+
+describe("boot templates", { timeout: VM_TEST_TIMEOUT }, () => {
+  let cacheDir: string;
+  const starts: Start[] = [];
+  const onStart = (m: unknown) => void starts.push(m as Start);
+  const saved = process.env.SUPERMACHINE_BOOT_TEMPLATE;
+
+  before(async () => {
+    // A cache of its own (kernel and initramfs linked in): the first boot here builds the template.
+    cacheDir = await mkdtemp(join(tmpdir(), "sm-tpl-"));
+    for (const sub of ["kernel", "initramfs", "restore", "rootfs"]) await symlink(join(defaultCacheDir(), sub), join(cacheDir, sub)).catch(() => undefined);
+    subscribe("supermachine:vm:start", onStart);
+  });
+  after(async () => {
+    unsubscribe("supermachine:vm:start", onStart);
+    if (saved === undefined) delete process.env.SUPERMACHINE_BOOT_TEMPLATE;
+    else process.env.SUPERMACHINE_BOOT_TEMPLATE = saved;
+    await rm(cacheDir, { recursive: true, force: true });
+  });
+
+  it("the first cold boot builds the template; the next ones restore it and boot on as themselves, sharing nothing", async () => {
+    starts.length = 0;
+    const first = await bootDefault({ cacheDir, hostname: "first-vm" });
+    try {
+      assert.equal((await first.exec({ argv: ["hostname"] })).stdout.toString(), "first-vm\n");
+    } finally {
+      await first.destroy();
+    }
+    const templates = await readdir(join(cacheDir, "boot-templates"));
+    assert.equal(templates.filter((n) => /^[0-9a-f]{64}$/.test(n)).length, 1, templates.join(" "));
+    const a = await bootDefault({ cacheDir, hostname: "vm-a" });
+    const b = await bootDefault({ cacheDir, hostname: "vm-b" });
+    try {
+      assert.deepEqual(starts.map((s) => [s.how, s.template === true]), [["boot", true], ["boot", true], ["boot", true]]);
+      assert.equal((await a.exec({ argv: ["hostname"] })).stdout.toString(), "vm-a\n");
+      assert.equal((await b.exec({ argv: ["hostname"] })).stdout.toString(), "vm-b\n");
+      // The root disk has its real size (the template's was a 4 KiB placeholder) and is mounted.
+      const size = await a.exec({ argv: ["sh", "-c", "cat /sys/block/vda/size; ls /bin/busybox"] });
+      assert.equal(size.exitCode, 0, size.stderr.toString());
+      assert.ok(Number(size.stdout.toString().split("\n")[0]) > 8, size.stdout.toString());
+      assert.match((await a.exec({ argv: ["cat", "/proc/cmdline"] })).stdout.toString(), /sm\.template=1/);
+      await a.writeFile("/tmp/only-a", Buffer.from("a"));
+      assert.equal((await b.exec({ argv: ["test", "-e", "/tmp/only-a"] })).exitCode, 1, "VMs of one template share no files");
+      const ids = await Promise.all([a, b].map(async (v) => (await v.exec({ argv: ["cat", "/proc/sys/kernel/random/boot_id"] })).stdout.toString()));
+      assert.notEqual(ids[0], ids[1]);
+    } finally {
+      await a.destroy();
+      await b.destroy();
+    }
+  });
+
+  it("a template whose state file was changed is rebuilt, not used", async () => {
+    const root = join(cacheDir, "boot-templates");
+    const [key] = (await readdir(root)).filter((n) => /^[0-9a-f]{64}$/.test(n));
+    await writeFile(join(root, key!, "state"), "not a migration stream");
+    starts.length = 0;
+    const vm = await bootDefault({ cacheDir });
+    try {
+      assert.equal((await vm.exec({ argv: ["echo", "ok"] })).stdout.toString(), "ok\n");
+      assert.equal(starts[0]?.template, true, "booted from the rebuilt template");
+    } finally {
+      await vm.destroy();
+    }
+  });
+
+  it("SUPERMACHINE_BOOT_TEMPLATE=0 boots cold", async () => {
+    process.env.SUPERMACHINE_BOOT_TEMPLATE = "0";
+    starts.length = 0;
+    const vm = await bootDefault({ cacheDir });
+    try {
+      assert.equal((await vm.exec({ argv: ["echo", "ok"] })).stdout.toString(), "ok\n");
+      assert.deepEqual(starts.map((s) => [s.how, s.template === true]), [["boot", false]]);
+      assert.doesNotMatch((await vm.exec({ argv: ["cat", "/proc/cmdline"] })).stdout.toString(), /sm\.template/);
+    } finally {
+      await vm.destroy();
+      delete process.env.SUPERMACHINE_BOOT_TEMPLATE;
+    }
+  });
+});
