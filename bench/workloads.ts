@@ -486,7 +486,8 @@ export async function workload5(ctx: Ctx): Promise<WorkloadResult> {
 async function freshCache(root: string, name: string): Promise<string> {
   const dir = join(root, name);
   await mkdir(dir, { recursive: true });
-  for (const sub of ["kernel", "initramfs", "restore"]) await symlink(join(defaultCacheDir(), sub), join(dir, sub)).catch(() => undefined);
+  // The machine's assets, not the image's: kernel, initramfs, restore stub, boot templates.
+  for (const sub of ["kernel", "initramfs", "restore", "boot-templates"]) await symlink(join(defaultCacheDir(), sub), join(dir, sub)).catch(() => undefined);
   return dir;
 }
 
@@ -684,7 +685,7 @@ export async function workload6(ctx: Ctx): Promise<WorkloadResult> {
     kind: "first-use",
     image: "python",
     notes: [
-      "The python image is pushed (skopeo) to a real local registry (Debian's docker-registry on 127.0.0.1); every system pulls it with this project's registry client into a fresh cache (the machine's kernel, initramfs and restore stub are linked in: only the image is new).",
+      "The python image is pushed (skopeo) to a real local registry (Debian's docker-registry on 127.0.0.1); every system pulls it with this project's registry client into a fresh cache (the machine's kernel, initramfs, restore stub and boot template are linked in: only the image is new).",
       `First use = everything until the first Python task's output: supermachine: Image.build (pull → erofs → boot → snapshot) → pool({ min: 1, max: 1 }) → acquire → exec; naive VM: resolveImage (pull → erofs) → Vm.boot → exec; bubblewrap / gVisor: pull → \`tar -x\` of the layer → run.`,
       "Cache hit = the same with everything cached: supermachine's Image.build finds its snapshot, the naive VM its erofs image, bubblewrap / gVisor the pulled image and the extracted directory (pullPolicy \"missing\", the default: a cached tag is not asked of the registry again).",
       `${cfg.coldSamples} cold and ${cfg.hitSamples} cache-hit samples per system (a cold sample costs seconds), interleaved.`,

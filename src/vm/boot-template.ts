@@ -20,7 +20,7 @@
 
 import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
-import { statSync } from "node:fs";
+import { realpathSync, statSync } from "node:fs";
 import { mkdir, readFile, readdir, rename, rm, stat, writeFile } from "node:fs/promises";
 import { connect, type Socket } from "node:net";
 import { join } from "node:path";
@@ -83,9 +83,11 @@ export function templatesEnabled(): boolean {
 /** Keys whose build failed in this process: not tried again (those boots go cold at once). */
 const failed = new Set<string>();
 
+/** A file's identity: its real path (caches may link the machine's assets in), size and mtime. */
 function fileId(p: string): string {
-  const st = statSync(p);
-  return `${p}:${st.size}:${st.mtimeMs}`;
+  const real = realpathSync(p);
+  const st = statSync(real);
+  return `${real}:${st.size}:${st.mtimeMs}`;
 }
 
 function templateKey(i: TemplateInputs): { key: string; inputs: unknown } {
