@@ -199,7 +199,7 @@ export class NaiveVm implements System {
   readonly id = "naive-vm" as const;
   readonly label = "naive VM (cold boot per task)";
   readonly isolation = "VM (QEMU microvm), cold boot";
-  detail = "same QEMU, kernel, agent and root filesystem image; Vm.boot per task, no snapshot";
+  detail = "same QEMU, kernel, agent and root filesystem image; Vm.boot per task (a cold boot: no boot template), no snapshot";
   private readonly rootfsImages = new Map<string, Promise<{ rootfsImage: string } | { rootfs: string }>>();
 
   private source(img: BenchImage): Promise<{ rootfsImage: string } | { rootfs: string }> {
@@ -212,7 +212,8 @@ export class NaiveVm implements System {
   }
 
   async boot(img: BenchImage): Promise<Vm> {
-    return Vm.boot({ ...(await this.source(img)), config: img.config });
+    // A cold boot: the boot template would make this a restore.
+    return Vm.boot({ ...(await this.source(img)), config: img.config, bootTemplate: false });
   }
 
   async oneShot(img: BenchImage, argv: readonly string[]): Promise<OneShot> {

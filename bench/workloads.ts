@@ -267,7 +267,7 @@ export function workload1(ctx: Ctx): Promise<WorkloadResult> {
     out: ECHO_OUT,
     notes: [
       `supermachine: pool({ min: ${ctx.cfg.poolSize}, max: ${ctx.cfg.poolSize}, restoreOnRelease: true, prewarm: [["echo","hi"]] }); a task is acquire → exec → release (awaited); the pool restores a fresh VM in the background after each release.`,
-      "naive VM: Vm.boot → exec → destroy per task.",
+      "naive VM: Vm.boot → exec → destroy per task, a real cold boot (bootTemplate: false).",
       "bubblewrap: `bwrap --unshare-all --die-with-parent --ro-bind ROOT / --proc /proc --dev /dev --tmpfs /tmp -- echo hi`; gVisor: `runsc --network=none run` of an OCI bundle on the same ROOT (read-only); host: spawn `/bin/echo hi`.",
       `Paced: per system, tasks start ≥ ${ctx.cfg.paceMs} ms apart in blocks of ${ctx.cfg.block} (+1 unrecorded lead-in), blocks of the systems interleaved; back to back when a task takes longer than ${ctx.cfg.paceMs} ms (gVisor, naive VM).`,
     ],
@@ -581,7 +581,7 @@ export async function workload6(ctx: Ctx): Promise<WorkloadResult> {
         const t = performance.now();
         const r = await resolveImage(ref, { cacheDir });
         const resolved = performance.now() - t;
-        const vm = await Vm.boot({ rootfsImage: r.rootfsImage, config: r.config, cacheDir });
+        const vm = await Vm.boot({ rootfsImage: r.rootfsImage, config: r.config, cacheDir, bootTemplate: false });
         try {
           expectOut((await vm.exec({ argv: PY, timeoutMs: 60_000 })).stdout.toString(), PY_OUT, "naive-vm");
         } finally {

@@ -117,6 +117,12 @@ export interface VmBootOptions {
   modulesDir?: string;
   agentPath?: string;
   qemuBinary?: string;
+  /**
+   * (extension) Start from the machine's boot template instead of booting
+   * the kernel (docs/boot-templates.md); false boots cold.
+   * @default true (SUPERMACHINE_BOOT_TEMPLATE=0 makes it false)
+   */
+  bootTemplate?: boolean;
 }
 
 type State = "ready" | "closing" | "closed" | "dead";
@@ -504,7 +510,8 @@ export class Vm {
     const cmdline = kernelCmdline({ accel: choice.accel, hostname, hasRootfs: rootfsImage !== undefined });
     // A VM with a root filesystem starts from the boot template (its RAM
     // mapped copy-on-write) instead of booting.
-    const tpl = rootfsImage !== undefined ? await bootTemplate({ accel: choice.accel, memoryMib, vcpus, kernel: assets.kernel, initrd: assets.initrd, baseCmdline: kernelCmdline({ accel: choice.accel, hasRootfs: true }), ...(cpuModel ? { cpuModel } : {}), ...(o.qemuBinary ? { qemuBinary: o.qemuBinary } : {}), cacheDir, timeoutMs: bootTimeoutMs }, o.signal) : undefined;
+    if (o.bootTemplate !== undefined && typeof o.bootTemplate !== "boolean") throw invalidOption("bootTemplate", "a boolean", o.bootTemplate);
+    const tpl = rootfsImage !== undefined && o.bootTemplate !== false ? await bootTemplate({ accel: choice.accel, memoryMib, vcpus, kernel: assets.kernel, initrd: assets.initrd, baseCmdline: kernelCmdline({ accel: choice.accel, hasRootfs: true }), ...(cpuModel ? { cpuModel } : {}), ...(o.qemuBinary ? { qemuBinary: o.qemuBinary } : {}), cacheDir, timeoutMs: bootTimeoutMs }, o.signal) : undefined;
     return launchVm({
       id,
       accel: choice,

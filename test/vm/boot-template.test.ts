@@ -3,7 +3,7 @@
  * the first restores the machine's template and boots on as itself (its
  * own hostname, its own root disk at its real size); VMs from one template
  * share nothing; a template whose files were tampered with is rebuilt, not
- * used; SUPERMACHINE_BOOT_TEMPLATE=0 boots cold.
+ * used; bootTemplate: false and SUPERMACHINE_BOOT_TEMPLATE=0 boot cold.
  */
 
 import assert from "node:assert/strict";
@@ -83,6 +83,18 @@ describe("boot templates", { timeout: VM_TEST_TIMEOUT }, () => {
     } finally {
       await vm.destroy();
     }
+  });
+
+  it("bootTemplate: false boots cold; a non-boolean is refused", async () => {
+    starts.length = 0;
+    const vm = await bootDefault({ cacheDir, bootTemplate: false });
+    try {
+      assert.equal((await vm.exec({ argv: ["echo", "ok"] })).stdout.toString(), "ok\n");
+      assert.deepEqual(starts.map((s) => [s.how, s.template === true]), [["boot", false]]);
+    } finally {
+      await vm.destroy();
+    }
+    await assert.rejects(bootDefault({ cacheDir, bootTemplate: "no" as unknown as boolean }), (e: unknown) => e instanceof TypeError && /bootTemplate/.test((e as Error).message));
   });
 
   it("SUPERMACHINE_BOOT_TEMPLATE=0 boots cold", async () => {
