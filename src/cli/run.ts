@@ -209,7 +209,7 @@ export async function runCommand(args: string[]): Promise<number> {
       const t0 = Date.now();
       img = await Image.build(build);
       view.done();
-      const handoff = img.takeHandoff();
+      const handoff = await img.takeHandoff();
       vm = handoff ?? (await img.restore({ signal: controller.signal }));
       debug(`vm ${vm.id} ${handoff ? `booted (baked snapshot ${img.manifest.name})` : `restored from snapshot ${img.manifest.name}`} in ${Date.now() - t0} ms`);
       const ic = img.imageCmd ?? { entrypoint: [], cmd: [] };

@@ -32,7 +32,7 @@ import { readManifest, SNAPSHOT_DIR_MODE, SNAPSHOT_FILE_MODE, SNAPSHOT_FORMAT, S
 import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
 import { UNNAMED_TCG_CPU, findQemu, tcgCpuModel } from "../vmm/qemu.js";
 import { discardQemu, launchVm, startQemu, type GuestConfig, type PhaseCpu, type StartedQemu, type Vm } from "../vm/vm.js";
-import { Pool, basePrewarm, type PoolOptions } from "../pool/pool.js";
+import { Pool, basePrewarm, pauseIdleFor, type PoolOptions } from "../pool/pool.js";
 import { checkHostPaths, validateMounts, type ValidMount } from "../mounts/attach.js";
 import type { MountSpec } from "../mounts/server.js";
 import { guestConfigOf, resolveImage, type ImageProgress } from "./resolve.js";
@@ -334,6 +334,7 @@ export class Image {
   /** @internal The egress policy of VMs restored through this object (pools may override it). */
   readonly network: CompiledPolicy;
   private handoff: Vm | undefined;
+  private readonly handoffPaused: boolean;
   private accelChoice: AcceleratorChoice | undefined;
   /** A QEMU started ahead of the next restore (pools keep one ready). */
   private spare: Promise<StartedQemu> | undefined;
@@ -353,7 +354,7 @@ export class Image {
   private siblings = new Map<string, Promise<Image>>();
 
   /** @internal */
-  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm; recipe?: BuildOptions; network?: CompiledPolicy; imageCmd?: { entrypoint: string[]; cmd: string[] }; mounts?: readonly ValidMount[] }) {
+  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm; handoffPaused?: boolean; recipe?: BuildOptions; network?: CompiledPolicy; imageCmd?: { entrypoint: string[]; cmd: string[] }; mounts?: readonly ValidMount[] }) {
     this.lease = leaseSnapshot(p.snapshotPath);
     this.imageCmd = p.imageCmd ?? null;
     this.network = p.network ?? compilePolicy(true);
@@ -363,6 +364,7 @@ export class Image {
     this.cacheDir = p.cacheDir;
     this.bootTimeoutMs = p.bootTimeoutMs ?? (p.manifest.accel === "tcg" ? 120_000 : 30_000);
     this.handoff = p.handoff;
+    this.handoffPaused = p.handoffPaused ?? false;
     this.recipe = p.recipe;
     this.mountHosts = new Map((p.mounts ?? []).map((m) => [m.guestTag, m.hostPath]));
   }
@@ -547,8 +549,12 @@ export class Image {
         // must look like a restored one: the warmup's processes detached.
         vm._detachChildren();
         if (workload && workload.startAt === "restore") await startWorkload(vm, workload);
+        // Until a pool takes it, it waits stopped where pools stop their idle
+        // VMs (TCG): a running idle VM costs ~5 ms of CPU a second.
+        let handoffPaused = false;
+        if (pauseIdleFor(accel.accel)) handoffPaused = await vm._pause().then(() => true, () => false);
         phase("done");
-        return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm, recipe: options, network: v.network, imageCmd, mounts: v.mounts });
+        return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm, handoffPaused, recipe: options, network: v.network, imageCmd, mounts: v.mounts });
       } catch (e) {
         await vm?.destroy();
         await rm(stage, { recursive: true, force: true });
@@ -582,11 +588,18 @@ export class Image {
     return here;
   }
 
-  /** @internal The bake's own VM, once (warm handoff). */
-  takeHandoff(): Vm | undefined {
+  /** @internal The bake's own VM, once (warm handoff), and whether it is stopped (Vm._pause): a pool keeps it so. */
+  takeHandoffAsIs(): { vm: Vm; paused: boolean } | undefined {
     const vm = this.handoff;
     this.handoff = undefined;
-    return vm?.status === "ready" ? vm : undefined;
+    return vm?.status === "ready" ? { vm, paused: this.handoffPaused } : undefined;
+  }
+
+  /** @internal The bake's own VM, once (warm handoff), running. */
+  async takeHandoff(): Promise<Vm | undefined> {
+    const h = this.takeHandoffAsIs();
+    if (h?.paused) await h.vm._resume();
+    return h?.vm;
   }
 
   private restoreOptions(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number>; cpu?: Record<string, PhaseCpu>; network?: CompiledPolicy }): RestoreOptions {

@@ -108,7 +108,7 @@ interface IdleVm {
  * stopped one nothing, and resuming (clock set included) ~4 ms once (docs/performance.md).
  * SUPERMACHINE_POOL_PAUSE_IDLE=0 or 1 overrides (for benchmarks).
  */
-function pauseIdleFor(accel: "kvm" | "tcg", env: NodeJS.ProcessEnv = process.env): boolean {
+export function pauseIdleFor(accel: "kvm" | "tcg", env: NodeJS.ProcessEnv = process.env): boolean {
   const v = env.SUPERMACHINE_POOL_PAUSE_IDLE;
   if (v === "0" || v === "1") return v === "1";
   return accel === "tcg";
@@ -192,10 +192,10 @@ export class Pool {
     image.accelFor();
     p.snapshotLease = leaseSnapshot(p.image.snapshotPath);
     void image.keepSpare(true);
-    const handoff = image.takeHandoff();
+    const handoff = image.takeHandoffAsIs();
     if (handoff) {
-      handoff.net.setPolicy(p.network);
-      p.offer(handoff, true);
+      handoff.vm.net.setPolicy(p.network);
+      p.offer(handoff.vm, true, handoff.paused);
     }
     p.fill();
     // pool() resolves once min VMs are warm (or the first restore failed).
@@ -373,7 +373,7 @@ export class Pool {
    * (restored, never handed out) waits there stopped when pauseIdle is on;
    * one reused dirty keeps running (its holder's processes with it).
    */
-  private offer(vm: Vm, fresh: boolean): void {
+  private offer(vm: Vm, fresh: boolean, stopped = false): void {
     if (this.closed || vm.status !== "ready") {
       this.dispose(vm);
       this.fill();
@@ -383,14 +383,16 @@ export class Pool {
       this.idle = this.idle.filter((i) => i.vm !== vm);
       this.fill();
     };
-    const w = this.waiters.shift();
+    const w = stopped ? undefined : this.waiters.shift();
     if (w) {
       if (w.timer) clearTimeout(w.timer);
       w.resolve(this.lease(vm));
       return;
     }
     const entry: IdleVm = { vm, since: Date.now() };
-    if (fresh && this.pauseIdle) entry.paused = vm._pause().then(() => true, () => false);
+    // A VM that is already stopped (the bake's) waits as one; acquire resumes it.
+    if (stopped) entry.paused = Promise.resolve(true);
+    else if (fresh && this.pauseIdle) entry.paused = vm._pause().then(() => true, () => false);
     this.idle.push(entry);
   }
 

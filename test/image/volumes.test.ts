@@ -165,7 +165,7 @@ describe("volumes and diskMib on real VMs", { timeout: 4 * VM_TEST_TIMEOUT }, ()
       },
     });
     assert.equal(image.baked, true);
-    handoff = image.takeHandoff();
+    handoff = await image.takeHandoff();
   });
 
   after(async () => {

@@ -79,7 +79,7 @@ describe("Pattern 6: a volume below a mount", { timeout: 4 * VM_TEST_TIMEOUT }, 
     // On the host: the mount point the agent created, and nothing of the volume.
     assert.ok(existsSync(join(src, "node_modules")), "the mount point exists in the host tree");
     assert.deepEqual(readdirSync(join(src, "node_modules")), [], "what warmup installed stayed on the volume");
-    const h = image.takeHandoff();
+    const h = await image.takeHandoff();
     if (h) vms.push(h);
   });
 
@@ -140,7 +140,7 @@ describe("Pattern 6: a volume below a mount", { timeout: 4 * VM_TEST_TIMEOUT }, 
       },
     });
     try {
-      const h = auto.takeHandoff();
+      const h = await auto.takeHandoff();
       if (h) vms.push(h);
       const vm = await auto.restore();
       vms.push(vm);

@@ -275,7 +275,7 @@ describe("mounts and snapshots", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     );
     assert.ok(!JSON.stringify(image.manifest.inputs).includes(src), "hostPath is not part of the cache key");
     await writeFile(join(src, "state.txt"), "after-bake\n");
-    const handoff = image.takeHandoff();
+    const handoff = await image.takeHandoff();
     assert.ok(handoff, "the bake VM is handed off");
     try {
       const h = await sh(handoff, "cat /src/state.txt");

@@ -1,7 +1,8 @@
 /**
  * Under TCG a pool stops the vCPUs of the fresh VMs it holds idle (QMP
  * `stop`) and continues them on acquire, with the guest's clock set again
- * (it stood still while stopped). A VM reused dirty keeps running. Real
+ * (it stood still while stopped). The bake's own VM waits stopped until
+ * it is taken. A VM reused dirty keeps running. Real
  * restored VMs; no figure is asserted (docs/performance.md has them).
  */
 
@@ -75,6 +76,27 @@ describe("Pool: idle VMs stopped, resumed on acquire", { timeout: 2 * VM_TEST_TI
       assert.equal(await idleVms(pool)[0]!.paused, true);
     } finally {
       await pool.shutdown();
+    }
+  });
+
+  it("the bake's own VM waits stopped until a pool or takeHandoff() takes it (TCG)", async (t) => {
+    if (image.manifest.accel !== "tcg") {
+      t.skip("KVM here: the bake's VM keeps running, like idle pool VMs");
+      return;
+    }
+    delete process.env.SUPERMACHINE_POOL_PAUSE_IDLE;
+    const again = await Image.build({ ref: `dir:${await defaultRootfs()}`, snapshotsDir, warmupTag: `pause-handoff-${randomBytes(3).toString("hex")}` });
+    try {
+      const h = again.takeHandoffAsIs();
+      assert.ok(h, "the bake's VM");
+      assert.equal(h.paused, true);
+      assert.equal(await qmpStatus(h.vm), "paused");
+      await h.vm._resume();
+      assert.equal((await h.vm.exec({ argv: ["echo", "awake"] })).stdout.toString(), "awake\n");
+      assert.ok(Math.abs(await guestClockLagS(h.vm)) < 3, "its clock was set on resume");
+      await h.vm.destroy();
+    } finally {
+      await again.close();
     }
   });
 
