@@ -58,6 +58,17 @@ fn find_port(name: &str) -> io::Result<PathBuf> {
     Err(io::Error::new(io::ErrorKind::NotFound, format!("virtio port {} not found", name)))
 }
 
+/// The device of virtio port `name`, waiting up to 5 s for it to appear.
+pub fn wait_for_port(name: &str) -> io::Result<PathBuf> {
+    for _ in 0..500 {
+        if let Ok(p) = find_port(name) {
+            return Ok(p);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Err(io::Error::new(io::ErrorKind::NotFound, format!("no {} virtio port", name)))
+}
+
 fn open_port(path: &Path) -> io::Result<Fd> {
     let c = sys::cstring(path.as_os_str().to_string_lossy().as_bytes())?;
     sys::open_path(&c, sys::O_RDWR | sys::O_NONBLOCK | sys::O_NOCTTY, 0)
@@ -72,15 +83,7 @@ pub fn run(boot: &BootReport) -> io::Result<()> {
         sys::sigprocmask(sys::SIG_BLOCK, &mask, std::ptr::null_mut());
     }
     let sig = Fd(sys::cvt(unsafe { sys::signalfd(-1, &mask, sys::SFD_NONBLOCK | sys::SFD_CLOEXEC) })?);
-    let mut port_path = None;
-    for _ in 0..500 {
-        if let Ok(p) = find_port(&boot.port_name) {
-            port_path = Some(p);
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-    let port_path = port_path.ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no sm.agent virtio port"))?;
+    let port_path = wait_for_port(&boot.port_name)?;
     let mut a = Agent {
         io: Io::new(ep),
         port: None,

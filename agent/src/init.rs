@@ -141,21 +141,7 @@ const TEMPLATE_LINE_MAX: usize = 16 * 1024;
 /// its own line (`sm.root=… sm.hostname=…`, up to a newline), answered with
 /// `SMTPL ok`. The port stays open: the agent serves on it.
 fn template_wait(port_name: &str) -> Result<(String, sys::Fd), String> {
-    let mut path = None;
-    for _ in 0..500 {
-        if let Ok(entries) = fs::read_dir("/sys/class/virtio-ports") {
-            for e in entries.flatten() {
-                if fs::read_to_string(e.path().join("name")).unwrap_or_default().trim() == port_name {
-                    path = Some(Path::new("/dev").join(e.file_name()));
-                }
-            }
-        }
-        if path.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let path = path.ok_or_else(|| format!("template: no {} port", port_name))?;
+    let path = crate::agent::wait_for_port(port_name).map_err(|e| format!("template: {}", e))?;
     let c = cstring(path.as_os_str().to_string_lossy().as_bytes()).map_err(|e| e.to_string())?;
     let fd = sys::open_path(&c, sys::O_RDWR | sys::O_NOCTTY | sys::O_NONBLOCK, 0).map_err(|e| format!("template: open port: {}", e))?;
     let mut line: Vec<u8> = Vec::new();

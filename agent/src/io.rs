@@ -243,3 +243,39 @@ impl Io {
         self.ctl(sys::EPOLL_CTL_DEL, fd, 0, 0);
     }
 }
+
+/// A send buffer whose front up to `pos` was written: drops that front once
+/// it is at least 256 KiB and half the buffer (moving at most as many bytes
+/// as were written), so a reader that never quite catches up does not make
+/// the buffer grow by everything ever sent. Returns the new position.
+pub fn compact_written(buf: &mut Vec<u8>, pos: usize) -> usize {
+    if pos == buf.len() {
+        buf.clear();
+        0
+    } else if pos >= 256 * 1024 && pos * 2 >= buf.len() {
+        buf.drain(..pos);
+        0
+    } else {
+        pos
+    }
+}
+
+#[cfg(test)]
+mod compact_tests {
+    use super::compact_written;
+
+    #[test]
+    fn drops_the_written_front_only_when_it_is_large_and_half() {
+        let mut b = vec![1u8; 10];
+        assert_eq!(compact_written(&mut b, 10), 0);
+        assert!(b.is_empty(), "all written: cleared");
+        let mut b = vec![1u8; 300 * 1024];
+        assert_eq!(compact_written(&mut b, 1000), 1000, "a small front stays");
+        assert_eq!(b.len(), 300 * 1024);
+        let mut b: Vec<u8> = (0..600 * 1024).map(|i| (i % 251) as u8).collect();
+        let want = b[256 * 1024..].to_vec();
+        assert_eq!(compact_written(&mut b, 256 * 1024), 256 * 1024, "under half the buffer: kept");
+        assert_eq!(compact_written(&mut b, 300 * 1024), 0);
+        assert_eq!(b, want[44 * 1024..].to_vec(), "the unwritten rest, in order");
+    }
+}

@@ -102,15 +102,7 @@ impl Conn {
     }
 
     pub fn queue(&mut self, data: &[u8]) {
-        if self.pending_pos == self.pending.len() {
-            self.pending.clear();
-            self.pending_pos = 0;
-        } else if self.pending_pos >= 256 * 1024 && self.pending_pos * 2 >= self.pending.len() {
-            // A socket that never quite catches up: drop the written front,
-            // or the buffer would grow by everything ever sent.
-            self.pending.drain(..self.pending_pos);
-            self.pending_pos = 0;
-        }
+        self.pending_pos = crate::io::compact_written(&mut self.pending, self.pending_pos);
         self.pending.extend_from_slice(data);
     }
 

@@ -538,16 +538,7 @@ impl ExecService {
                 io.remove(fd.raw());
             }
         }
-        if e.stdin_pos == e.stdin_buf.len() {
-            e.stdin_buf.clear();
-            e.stdin_pos = 0;
-        } else if e.stdin_pos >= 256 * 1024 && e.stdin_pos * 2 >= e.stdin_buf.len() {
-            // A reader that never quite catches up: drop the written front
-            // (moving at most as many bytes as were written), or the buffer
-            // would grow by everything ever sent.
-            e.stdin_buf.drain(..e.stdin_pos);
-            e.stdin_pos = 0;
-        }
+        e.stdin_pos = crate::io::compact_written(&mut e.stdin_buf, e.stdin_pos);
         io.send_window(id, 0, written);
         let pending = e.stdin_pos < e.stdin_buf.len();
         if let Some(fd) = &e.stdin {
