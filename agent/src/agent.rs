@@ -69,7 +69,7 @@ pub fn wait_for_port(name: &str) -> io::Result<PathBuf> {
     Err(io::Error::new(io::ErrorKind::NotFound, format!("no {} virtio port", name)))
 }
 
-fn open_port(path: &Path) -> io::Result<Fd> {
+pub fn open_port(path: &Path) -> io::Result<Fd> {
     let c = sys::cstring(path.as_os_str().to_string_lossy().as_bytes())?;
     sys::open_path(&c, sys::O_RDWR | sys::O_NONBLOCK | sys::O_NOCTTY, 0)
 }

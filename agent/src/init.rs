@@ -142,8 +142,7 @@ const TEMPLATE_LINE_MAX: usize = 16 * 1024;
 /// `SMTPL ok`. The port stays open: the agent serves on it.
 fn template_wait(port_name: &str) -> Result<(String, sys::Fd), String> {
     let path = crate::agent::wait_for_port(port_name).map_err(|e| format!("template: {}", e))?;
-    let c = cstring(path.as_os_str().to_string_lossy().as_bytes()).map_err(|e| e.to_string())?;
-    let fd = sys::open_path(&c, sys::O_RDWR | sys::O_NOCTTY | sys::O_NONBLOCK, 0).map_err(|e| format!("template: open port: {}", e))?;
+    let fd = crate::agent::open_port(&path).map_err(|e| format!("template: open port: {}", e))?;
     let mut line: Vec<u8> = Vec::new();
     let mut buf = [0u8; 4096];
     let mut said = false;

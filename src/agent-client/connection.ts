@@ -15,7 +15,7 @@ import { randomBytes } from "node:crypto";
 import { connect, type Socket } from "node:net";
 import { AgentError, ClosedError, ProtocolError, ResourceLimitError, TimeoutError } from "../errors.js";
 import { ByteQueue } from "./byte-queue.js";
-import { RING_CHUNK, RING_MIN_PAYLOAD, type StreamRing } from "./ring.js";
+import { RING_REGION_BYTES, type StreamRing } from "./ring.js";
 import { guestText } from "../guest-text.js";
 import { DecodeError, FrameReader, RecordBuilder, RecordReader, encodeFrame, type Frame } from "../protocol/codec.js";
 import {
@@ -902,6 +902,36 @@ export interface ConnectOptions {
   deadlines?: Partial<AgentDeadlines>;
 }
 
+/**
+ * Connects to the agent's port socket, retrying while QEMU has not created
+ * it yet (or not listened on it yet). Throws ClosedError once `gone`
+ * settles (QEMU exited), TimeoutError after `timeoutMs`.
+ */
+export async function connectAgentSocket(path: string, o: { timeoutMs: number; gone?: Promise<unknown>; signal?: AbortSignal }): Promise<Socket> {
+  const deadline = Date.now() + o.timeoutMs;
+  let gone = false;
+  o.gone?.then(() => (gone = true), () => (gone = true));
+  for (;;) {
+    if (o.signal?.aborted) throw o.signal.reason;
+    if (gone) throw new ClosedError("QEMU exited before the agent socket accepted a connection");
+    if (Date.now() > deadline) throw new TimeoutError(`could not connect to the agent socket ${path} within ${o.timeoutMs} ms`, o.timeoutMs);
+    try {
+      return await new Promise<Socket>((resolve, reject) => {
+        const s = connect(path);
+        s.once("connect", () => {
+          s.removeAllListeners("error");
+          resolve(s);
+        });
+        s.once("error", reject);
+      });
+    } catch (e) {
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code !== "ENOENT" && code !== "ECONNREFUSED") throw e;
+      await new Promise((r) => setTimeout(r, 5));
+    }
+  }
+}
+
 /** PONGs of pings that timed out are remembered (not a violation when late), this many. */
 const EXPIRED_PINGS = 64;
 
@@ -974,10 +1004,12 @@ export class AgentConnection {
   /** The stream ring, when the VM has one and the agent reads it (ring.ts). */
   private ring: StreamRing | undefined;
   /** @internal Largest payload a Sender puts in one DATA or DATA_REF frame. */
-  _dataChunk = DATA_CHUNK;
-  /** @internal Smallest payload that goes through the stream ring (0: no ring). */
+  get _dataChunk(): number {
+    return this.ring ? Math.max(DATA_CHUNK, RING_REGION_BYTES) : DATA_CHUNK;
+  }
+  /** @internal The payload that goes through the stream ring (0: no ring). */
   get _ringMin(): number {
-    return this.ring ? RING_MIN_PAYLOAD : 0;
+    return this.ring ? RING_REGION_BYTES : 0;
   }
   /** @internal DATA_REF frames sent, and ring regions not acknowledged yet (for tests). */
   get _ringStats(): { sent: number; pending: number } | undefined {
@@ -992,12 +1024,11 @@ export class AgentConnection {
   _attachRing(ring: StreamRing): void {
     this.ring?.close();
     this.ring = ring;
-    this._dataChunk = Math.max(DATA_CHUNK, RING_CHUNK);
   }
 
   /** @internal Flow-controlled bytes for a stream: a DATA_REF into the ring when they are many and it has room, else a DATA frame. */
   _sendData(channel: number, stream: number, bytes: Uint8Array): void {
-    if (this.ring && bytes.length >= RING_MIN_PAYLOAD && !this.error) {
+    if (this.ring && bytes.length >= RING_REGION_BYTES && !this.error) {
       const off = this.ring.place(bytes);
       if (off !== undefined) {
         const p = Buffer.allocUnsafe(12);
@@ -1038,29 +1069,7 @@ export class AgentConnection {
    */
   static async connect(path: string, o: ConnectOptions): Promise<AgentConnection> {
     const deadline = Date.now() + o.timeoutMs;
-    let gone = false;
-    o.gone?.then(() => (gone = true), () => (gone = true));
-    let sock: Socket | undefined;
-    for (;;) {
-      if (o.signal?.aborted) throw o.signal.reason;
-      if (gone) throw new ClosedError("QEMU exited before the agent socket accepted a connection");
-      if (Date.now() > deadline) throw new TimeoutError(`could not connect to the agent socket ${path} within ${o.timeoutMs} ms`, o.timeoutMs);
-      try {
-        sock = await new Promise<Socket>((resolve, reject) => {
-          const s = connect(path);
-          s.once("connect", () => {
-            s.removeAllListeners("error");
-            resolve(s);
-          });
-          s.once("error", reject);
-        });
-        break;
-      } catch (e) {
-        const code = (e as NodeJS.ErrnoException).code;
-        if (code !== "ENOENT" && code !== "ECONNREFUSED") throw e;
-        await new Promise((r) => setTimeout(r, 5));
-      }
-    }
+    const sock = await connectAgentSocket(path, { timeoutMs: o.timeoutMs, ...(o.gone ? { gone: o.gone } : {}), ...(o.signal ? { signal: o.signal } : {}) });
     const conn = new AgentConnection(sock, o.limits, o.deadlines);
     try {
       await conn.handshake(Math.max(1, deadline - Date.now()), o.signal, o.gone);

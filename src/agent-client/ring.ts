@@ -3,8 +3,8 @@
  *
  * The agent's virtio-serial port hands the guest one page per read, so bulk
  * host → guest bytes (stdin, file uploads, TCP uploads) cost the guest an
- * interrupt and a read every 4 KiB. Payloads of at least
- * {@link RING_MIN_PAYLOAD} bytes (large writes: stdin, file uploads) are instead written into the backing file
+ * interrupt and a read every 4 KiB. Payloads of {@link RING_REGION_BYTES}
+ * (large writes: stdin, file uploads) are instead written into the backing file
  * of a small read-only virtio-blk disk, and a `DATA_REF` frame names the
  * region; the agent reads it with one request. The agent acknowledges every
  * `DATA_REF` once, in order (`RING_ACK`), and only then is its region written
@@ -18,14 +18,13 @@ import type { QemuDisk } from "../volumes/disks.js";
 /** Size of each VM's ring file (sparse: pages are used only when written). */
 export const RING_BYTES = 2 << 20;
 /**
- * Smaller payloads go as DATA frames. Under TCG a disk request costs the
- * guest about as much as 32 page-sized port reads (measured: 64 and 128 KiB
- * payloads were as fast or faster as frames, 256 KiB ones 20–40 % faster
- * through the ring; docs/performance.md).
+ * What goes through the ring: payloads of exactly this size (a large write
+ * cut into regions); anything smaller goes as DATA frames. Under TCG a disk
+ * request costs the guest about as much as 32 page-sized port reads
+ * (measured: 64 and 128 KiB payloads were as fast or faster as frames,
+ * 256 KiB ones 20–40 % faster through the ring; docs/performance.md).
  */
-export const RING_MIN_PAYLOAD = 256 * 1024;
-/** Payload per DATA_REF (one virtio-blk request holds up to ~500 KiB). */
-export const RING_CHUNK = 256 * 1024;
+export const RING_REGION_BYTES = 256 * 1024;
 /** The disk's serial, which the agent looks for. */
 export const RING_SERIAL = "sm-ring";
 /** Regions start at multiples of this (the agent reads them with O_DIRECT). */
@@ -55,9 +54,8 @@ export class StreamRing {
   private head = 0;
   /** Bytes held by unacknowledged regions (with the tail a wrap skipped). */
   private used = 0;
-  /** Each unacknowledged region's share of `used`, oldest first. */
+  /** Each unacknowledged region's share of `used`, oldest first (at most size / 4 KiB of them). */
   private readonly regions: number[] = [];
-  private first = 0;
 
   private constructor(fd: number, size: number) {
     this.fd = fd;
@@ -71,7 +69,7 @@ export class StreamRing {
 
   /** Regions written and not acknowledged yet. */
   get pending(): number {
-    return this.regions.length - this.first;
+    return this.regions.length;
   }
 
   /**
@@ -106,17 +104,9 @@ export class StreamRing {
   /** The agent read the `n` oldest regions. Returns a violation, or undefined. */
   ack(n: number): string | undefined {
     if (!Number.isInteger(n) || n < 1 || n > this.pending) return `RING_ACK of ${n} regions, ${this.pending} outstanding`;
-    for (let i = 0; i < n; i++) this.used -= this.regions[this.first++]!;
-    if (this.first === this.regions.length) {
-      this.regions.length = 0;
-      this.first = 0;
-      // Empty: start over at the front (fewer wraps).
-      this.head = 0;
-      this.used = 0;
-    } else if (this.first > 1024) {
-      this.regions.splice(0, this.first);
-      this.first = 0;
-    }
+    for (const r of this.regions.splice(0, n)) this.used -= r;
+    // Empty: start over at the front (fewer wraps).
+    if (this.regions.length === 0) this.head = 0;
     return undefined;
   }
 

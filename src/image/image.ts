@@ -26,8 +26,8 @@ import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/p
 import { tracedProgress } from "../diagnostics.js";
 import type { LayerLimits } from "../rootfs/limits.js";
 import { captureVm, restoreSpec, restoreVm, type RestoreOptions } from "../snapshot/capture.js";
-import { sealSnapshotDir, sha256File, stubKernelPath } from "../snapshot/files.js";
-import { bootTemplate } from "../vm/boot-template.js";
+import { sealSnapshotDir, sha256File } from "../snapshot/files.js";
+import { coldBootLaunch } from "../vm/boot-template.js";
 import { readManifest, SNAPSHOT_DIR_MODE, SNAPSHOT_FILE_MODE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
 import { UNNAMED_TCG_CPU, findQemu, tcgCpuModel } from "../vmm/qemu.js";
@@ -473,20 +473,21 @@ export class Image {
         const id = randomBytes(4).toString("hex");
         const phase = (p: "boot" | "warmup" | "snapshot" | "done") => options.onProgress?.({ stage: "bake", phase: p, name });
         phase("boot");
-        const cmdline = kernelCmdline({ accel: accel.accel, hostname: `sm-${id}`, hasRootfs: true, disks: v.disks });
         // Without volumes the bake starts from the boot template (a copy of
         // its RAM: the snapshot is then taken from that file).
-        const tpl = v.disks.length
-          ? undefined
-          : await bootTemplate({ accel: accel.accel, memoryMib: v.memoryMib, vcpus: v.vcpus, kernel: assets.kernel, initrd: assets.initrd, baseCmdline: kernelCmdline({ accel: accel.accel, hasRootfs: true }), ...(cpuModel ? { cpuModel } : {}), cacheDir: v.cacheDir, timeoutMs: bootTimeoutMs }, options.signal);
+        const boot = await coldBootLaunch({
+          template: { accel: accel.accel, memoryMib: v.memoryMib, vcpus: v.vcpus, kernel: assets.kernel, initrd: assets.initrd, ...(cpuModel ? { cpuModel } : {}), cacheDir: v.cacheDir, timeoutMs: bootTimeoutMs },
+          cmdline: kernelCmdline({ accel: accel.accel, hostname: `sm-${id}`, hasRootfs: true, disks: v.disks }),
+          ram: "shared-file",
+          useTemplate: v.disks.length === 0,
+          ...(options.signal ? { signal: options.signal } : {}),
+        });
         vm = await launchVm({
           id,
           accel,
           memoryMib: v.memoryMib,
           vcpus: v.vcpus,
-          ...(tpl
-            ? { kernel: await stubKernelPath(v.cacheDir), cmdline: "", ram: { kind: "shared-file" as const, from: tpl.ram }, incomingState: tpl.state, template: { line: cmdline } }
-            : { kernel: assets.kernel, initrd: assets.initrd, cmdline, ram: { kind: "shared-file" as const } }),
+          ...boot,
           ...(cpuModel ? { cpuModel } : {}),
           streamRing: true,
           rootfsImage: join(stage, "rootfs.erofs"),

@@ -18,24 +18,23 @@
  * `SUPERMACHINE_BOOT_TEMPLATE=0` turns them off.
  */
 
-import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { realpathSync, statSync } from "node:fs";
 import { mkdir, readFile, readdir, rename, rm, stat, writeFile } from "node:fs/promises";
-import { connect, type Socket } from "node:net";
+import type { Socket } from "node:net";
 import { join } from "node:path";
-import { promisify } from "node:util";
 import { GuestDiedError, QemuError, TimeoutError } from "../errors.js";
 import { acquireLock } from "../oci/lock.js";
-import { fileRecord } from "../snapshot/files.js";
+import { connectAgentSocket } from "../agent-client/connection.js";
+import { fileRecord, sparseCopy, stubKernelPath } from "../snapshot/files.js";
+import { kernelCmdline } from "../guest/assets.js";
+import type { LaunchSpec } from "./vm.js";
 import { saveState } from "../snapshot/migrate.js";
 import { connectQmp } from "../vmm/qmp.js";
 import { QemuProcess, findQemu } from "../vmm/qemu.js";
 import type { Accelerator } from "../vmm/accel.js";
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { ringDisk } from "../agent-client/ring.js";
-
-const execFileP = promisify(execFile);
 
 /** Bumped when what a template holds changes (the agent's template protocol). */
 const TEMPLATE_VERSION = 1;
@@ -76,7 +75,7 @@ interface TemplateManifest {
 }
 
 /** Whether boot templates are on (SUPERMACHINE_BOOT_TEMPLATE=0 turns them off). */
-export function templatesEnabled(): boolean {
+function templatesEnabled(): boolean {
   return process.env.SUPERMACHINE_BOOT_TEMPLATE !== "0";
 }
 
@@ -201,7 +200,7 @@ async function buildTemplate(i: TemplateInputs, stage: string, key: string, inpu
       name: `sm-tpl-${randomBytes(3).toString("hex")}`,
       ...(i.cpuModel ? { cpuModel: i.cpuModel } : {}),
     });
-    const sock = await connectAgentSocket(q, deadline);
+    const sock = await agentSocket(q, deadline);
     try {
       await readUntil(sock, READY, deadline, q);
       const qmp = await connectQmp(q, deadline);
@@ -215,7 +214,7 @@ async function buildTemplate(i: TemplateInputs, stage: string, key: string, inpu
       sock.destroy();
     }
     // Sparse: the guest touched a fraction of its memory.
-    await execFileP("cp", ["--sparse=always", join(rt, "ram"), join(stage, "ram")]);
+    await sparseCopy(join(rt, "ram"), join(stage, "ram"));
     const manifest: TemplateManifest = {
       version: TEMPLATE_VERSION,
       key,
@@ -230,23 +229,9 @@ async function buildTemplate(i: TemplateInputs, stage: string, key: string, inpu
   }
 }
 
-/** Connects to the agent's port socket (QEMU creates it at start; retried). */
-async function connectAgentSocket(q: QemuProcess, deadline: number): Promise<Socket> {
-  let gone = false;
-  void q.exited.then(() => (gone = true));
-  for (;;) {
-    try {
-      return await new Promise<Socket>((resolve, reject) => {
-        const s = connect(q.agentSocket);
-        s.once("connect", () => resolve(s));
-        s.once("error", reject);
-      });
-    } catch (e) {
-      if (gone) throw new GuestDiedError("QEMU exited before the agent socket accepted a connection", q.consoleTail());
-      if (Date.now() > deadline) throw new TimeoutError(`the agent socket did not accept a connection: ${(e as Error).message}`, 0);
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  }
+/** The agent's port socket of `q` (retried while QEMU creates it). */
+function agentSocket(q: QemuProcess, deadline: number): Promise<Socket> {
+  return connectAgentSocket(q.agentSocket, { timeoutMs: Math.max(1, deadline - Date.now()), gone: q.exited });
 }
 
 /** Reads lines from the agent until `want`; other lines (repeated "ready") are skipped. */
@@ -281,7 +266,7 @@ function readUntil(sock: Socket, want: string, deadline: number, q: QemuProcess)
  */
 export async function continueFromTemplate(q: QemuProcess, cmdline: string, deadline: number): Promise<void> {
   if (cmdline.includes("\n")) throw new TypeError("a template's command line is one line");
-  const sock = await connectAgentSocket(q, deadline);
+  const sock = await agentSocket(q, deadline);
   try {
     const reply = readUntil(sock, OK, deadline, q);
     sock.write(`${cmdline}\n`);
@@ -291,7 +276,28 @@ export async function continueFromTemplate(q: QemuProcess, cmdline: string, dead
   }
 }
 
-/** @internal For tests: where a template for `i` lives, whether or not it exists. */
-export function templateDir(i: TemplateInputs): string {
-  return join(i.cacheDir, "boot-templates", templateKey(i).key);
+/**
+ * The launch fields of a cold boot of `cmdline`: the boot template's state
+ * and, for the agent, this VM's command line (its RAM mapped copy-on-write,
+ * or with `ram: "shared-file"` a copy in the runtime dir, which a bake
+ * snapshots from); without a template (`useTemplate` false, templates off,
+ * or the build failed) the kernel itself.
+ */
+export async function coldBootLaunch(o: {
+  template: Omit<TemplateInputs, "baseCmdline">;
+  cmdline: string;
+  ram: "anonymous" | "shared-file";
+  useTemplate: boolean;
+  signal?: AbortSignal;
+}): Promise<Pick<LaunchSpec, "kernel" | "initrd" | "cmdline" | "ram" | "incomingState" | "template">> {
+  const t = o.template;
+  const tpl = o.useTemplate ? await bootTemplate({ ...t, baseCmdline: kernelCmdline({ accel: t.accel, hasRootfs: true }) }, o.signal) : undefined;
+  if (!tpl) return { kernel: t.kernel, initrd: t.initrd, cmdline: o.cmdline, ram: { kind: o.ram } };
+  return {
+    kernel: await stubKernelPath(t.cacheDir),
+    cmdline: "",
+    ram: o.ram === "shared-file" ? { kind: "shared-file", from: tpl.ram } : { kind: "snapshot", path: tpl.ram },
+    incomingState: tpl.state,
+    template: { line: o.cmdline },
+  };
 }

@@ -8,8 +8,6 @@
  * them throws ClosedError (or GuestDiedError with the console tail).
  */
 
-import { execFile } from "node:child_process";
-import { promisify } from "node:util";
 import { randomBytes, randomUUID } from "node:crypto";
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
@@ -52,8 +50,8 @@ import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
 import { prepareDisks, type QemuDisk } from "../volumes/disks.js";
 import { StreamRing, ringDisk } from "../agent-client/ring.js";
-import { bootTemplate, continueFromTemplate } from "./boot-template.js";
-import { stubKernelPath } from "../snapshot/files.js";
+import { coldBootLaunch, continueFromTemplate } from "./boot-template.js";
+import { sparseCopy } from "../snapshot/files.js";
 import type { DiskPlan } from "../volumes/spec.js";
 import { NetworkStack, guestNetConfig } from "../net/stack.js";
 import { channels, trace } from "../diagnostics.js";
@@ -135,8 +133,6 @@ export function livenessTimeoutMs(): number {
   const v = Number(process.env.SUPERMACHINE_LIVENESS_MS);
   return Number.isInteger(v) && v > 0 ? v : 60_000;
 }
-
-const execFileP = promisify(execFile);
 
 /** @internal How a VM's guest RAM is backed. */
 export type RamBacking =
@@ -240,10 +236,8 @@ export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
     const disks: QemuDisk[] = spec.disks?.length ? await prepareDisks(dir, spec.disks, spec.diskBases) : [];
     const ring = spec.streamRing ? ringDisk(dir) : undefined;
     if (ring) disks.push(ring);
-    if (spec.ram.kind === "shared-file" && spec.ram.from) {
-      // Sparse: a template's RAM is mostly untouched pages.
-      await execFileP("cp", ["--sparse=always", spec.ram.from, join(dir, "ram")]);
-    }
+    // Sparse: a template's RAM is mostly untouched pages.
+    if (spec.ram.kind === "shared-file" && spec.ram.from) await sparseCopy(spec.ram.from, join(dir, "ram"));
     const memoryFile =
       spec.ram.kind === "shared-file"
         ? { path: join(dir, "ram"), share: true }
@@ -507,19 +501,22 @@ export class Vm {
     const hostname = o.hostname ?? `sm-${id}`;
     const config = o.config ?? {};
     const cpuModel = choice.accel === "tcg" ? tcgCpuModel() : undefined;
-    const cmdline = kernelCmdline({ accel: choice.accel, hostname, hasRootfs: rootfsImage !== undefined });
+    if (o.bootTemplate !== undefined && typeof o.bootTemplate !== "boolean") throw invalidOption("bootTemplate", "a boolean", o.bootTemplate);
     // A VM with a root filesystem starts from the boot template (its RAM
     // mapped copy-on-write) instead of booting.
-    if (o.bootTemplate !== undefined && typeof o.bootTemplate !== "boolean") throw invalidOption("bootTemplate", "a boolean", o.bootTemplate);
-    const tpl = rootfsImage !== undefined && o.bootTemplate !== false ? await bootTemplate({ accel: choice.accel, memoryMib, vcpus, kernel: assets.kernel, initrd: assets.initrd, baseCmdline: kernelCmdline({ accel: choice.accel, hasRootfs: true }), ...(cpuModel ? { cpuModel } : {}), ...(o.qemuBinary ? { qemuBinary: o.qemuBinary } : {}), cacheDir, timeoutMs: bootTimeoutMs }, o.signal) : undefined;
+    const boot = await coldBootLaunch({
+      template: { accel: choice.accel, memoryMib, vcpus, kernel: assets.kernel, initrd: assets.initrd, ...(cpuModel ? { cpuModel } : {}), ...(o.qemuBinary ? { qemuBinary: o.qemuBinary } : {}), cacheDir, timeoutMs: bootTimeoutMs },
+      cmdline: kernelCmdline({ accel: choice.accel, hostname, hasRootfs: rootfsImage !== undefined }),
+      ram: "anonymous",
+      useTemplate: rootfsImage !== undefined && o.bootTemplate !== false,
+      ...(o.signal ? { signal: o.signal } : {}),
+    });
     return launchVm({
       id,
       accel: choice,
       memoryMib,
       vcpus,
-      ...(tpl
-        ? { kernel: await stubKernelPath(cacheDir), cmdline: "", ram: { kind: "snapshot" as const, path: tpl.ram }, incomingState: tpl.state, template: { line: cmdline } }
-        : { kernel: assets.kernel, initrd: assets.initrd, cmdline, ram: { kind: "anonymous" as const } }),
+      ...boot,
       ...(cpuModel ? { cpuModel } : {}),
       streamRing: true,
       ...(rootfsImage ? { rootfsImage } : {}),
