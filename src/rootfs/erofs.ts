@@ -11,10 +11,20 @@
  *
  * The image is written to a temporary file next to `out`, fsynced and renamed,
  * so a half-written image never carries the final name.
+ *
+ * In place (writeErofsInPlace): the spool the layers were unpacked into
+ * becomes the image, so file bytes are never copied a second time:
+ *
+ *   block 0      [0, 1024) zero | superblock at 1024 (128 bytes)
+ *   spool data   every file's bytes where unpacking put them (4 KiB aligned),
+ *                FLAT_PLAIN, blkaddr = spool offset / 4096
+ *   data         whole blocks of directories and symlinks
+ *   metadata     from block meta_blkaddr on: 32 bytes unused (no inode may
+ *                have nid 0), then the inodes as above, nid relative to it
  */
 
 import { randomBytes } from "node:crypto";
-import { open, rename, rm, type FileHandle } from "node:fs/promises";
+import { open, rename, rm, stat, type FileHandle } from "node:fs/promises";
 import { basename, dirname, join } from "node:path";
 import { AbortError, ImageError } from "../errors.js";
 import { ioError } from "./spool.js";
@@ -73,6 +83,8 @@ export interface ErofsImage {
   readonly sizeBytes: number;
   readonly inodes: number;
   readonly blocks: number;
+  /** Written in place over its spool (writeErofsInPlace) instead of copied. */
+  readonly inPlace: boolean;
 }
 
 interface DirData {
@@ -193,9 +205,12 @@ function fillDirBlock(ino: Ino, b: number, out: Buffer): void {
 /** Sequential positional writer with a large buffer; gaps become zeros. */
 class Out {
   private buf = Buffer.allocUnsafe(8 << 20);
-  private start = 0;
   private used = 0;
-  constructor(private readonly fh: FileHandle) {}
+  /** Writes from file offset `start` on (what lies before it is left alone). */
+  constructor(
+    private readonly fh: FileHandle,
+    private start = 0,
+  ) {}
 
   get pos(): number {
     return this.start + this.used;
@@ -270,8 +285,21 @@ class Sources {
   }
 }
 
+/** Where the in-place layout puts things (see the module comment). */
+interface InPlace {
+  /** The spool file: file nodes whose content is there keep it where it is. */
+  readonly path: string;
+  /** First block after the spool's data. */
+  readonly dataEndBlock: number;
+}
+
+/** A file node whose bytes the in-place layout leaves where they are in the spool. */
+function keptInPlace(n: Node, inPlace: InPlace | undefined): boolean {
+  return inPlace !== undefined && n.kind === "file" && n.content !== null && n.content.path === inPlace.path && n.content.offset % BLKSZ === 0 && n.content.offset >= BLKSZ;
+}
+
 /** Lays the tree out: inode order, sizes, nids, data blocks. */
-function plan(tree: FsTree): { inos: Ino[]; buildSec: number; buildNsec: number; totalBlocks: number } {
+function plan(tree: FsTree, inPlace?: InPlace): { inos: Ino[]; buildSec: number; buildNsec: number; totalBlocks: number; metaBlkaddr: number } {
   const links = countLinks(tree);
   const inos: Ino[] = [];
   const byNode = new Map<Node, Ino>();
@@ -322,7 +350,8 @@ function plan(tree: FsTree): { inos: Ino[]; buildSec: number; buildNsec: number;
   for (const [k, n] of freq) if (n > bestN || (n === bestN && k < best)) [best, bestN] = [k, n];
   const [buildSec, buildNsec] = best.split(".").map(Number) as [number, number];
 
-  let pos = META_START;
+  // Byte offsets from the start of the metadata (block meta_blkaddr).
+  let pos = inPlace ? 32 : META_START;
   for (const ino of inos) {
     const n = ino.node;
     if (n.kind === "file") ino.size = n.size;
@@ -340,7 +369,7 @@ function plan(tree: FsTree): { inos: Ino[]; buildSec: number; buildNsec: number;
     // the next block for a tail is done when it wastes less than the data
     // block the tail would otherwise take.
     const mustSkip = base <= BLKSZ && base > left;
-    if (tail > 0 && base + tail <= BLKSZ) {
+    if (tail > 0 && base + tail <= BLKSZ && !keptInPlace(n, inPlace)) {
       if (base + tail <= left) ino.inline = true;
       else if (mustSkip || left <= BLKSZ - tail) ino.inline = true;
     }
@@ -349,16 +378,22 @@ function plan(tree: FsTree): { inos: Ino[]; buildSec: number; buildNsec: number;
     ino.tail = ino.inline ? tail : 0;
     pos += base + ino.tail;
   }
-  let blk = Math.ceil(pos / BLKSZ);
+  let blk = inPlace ? inPlace.dataEndBlock : Math.ceil(pos / BLKSZ);
   for (const ino of inos) {
     ino.blocks = ino.inline ? Math.floor(ino.size / BLKSZ) : Math.ceil(ino.size / BLKSZ);
-    if (ino.blocks > 0) {
+    const n = ino.node;
+    if (ino.blocks > 0 && n.kind === "file" && keptInPlace(n, inPlace)) {
+      ino.blkaddr = n.content!.offset / BLKSZ;
+      if (ino.blkaddr + ino.blocks > inPlace!.dataEndBlock) throw new ImageError(`file content at spool offset ${n.content!.offset} runs past the spool's end`);
+    } else if (ino.blocks > 0) {
       ino.blkaddr = blk;
       blk += ino.blocks;
     }
   }
+  const metaBlkaddr = inPlace ? blk : 0;
+  if (inPlace) blk += Math.ceil(pos / BLKSZ);
   if (blk > MAX_BLOCKS) throw new ImageError(`The image would need ${blk} blocks, over erofs' 2^32 limit (16 TiB)`);
-  return { inos, buildSec, buildNsec, totalBlocks: blk };
+  return { inos, buildSec, buildNsec, totalBlocks: blk, metaBlkaddr };
 }
 
 function inodeBytes(ino: Ino): Buffer {
@@ -391,7 +426,7 @@ function inodeBytes(ino: Ino): Buffer {
   return b;
 }
 
-function superblock(p: { rootNid: number; inodes: number; buildSec: number; buildNsec: number; blocks: number; uuid: Buffer; volumeName: string }): Buffer {
+function superblock(p: { rootNid: number; inodes: number; buildSec: number; buildNsec: number; blocks: number; metaBlkaddr: number; uuid: Buffer; volumeName: string }): Buffer {
   const b = Buffer.alloc(128);
   b.writeUInt32LE(EROFS_MAGIC, 0);
   b.writeUInt8(12, 12); // blkszbits: 4 KiB
@@ -401,7 +436,8 @@ function superblock(p: { rootNid: number; inodes: number; buildSec: number; buil
   b.writeUInt32LE(Math.floor(p.buildSec / 0x100000000), 28);
   b.writeUInt32LE(p.buildNsec, 32);
   b.writeUInt32LE(p.blocks, 36);
-  // meta_blkaddr (40) and xattr_blkaddr (44) are 0.
+  b.writeUInt32LE(p.metaBlkaddr, 40);
+  // xattr_blkaddr (44) is 0: xattrs are inline.
   p.uuid.copy(b, 48, 0, 16);
   Buffer.from(p.volumeName, "utf8").copy(b, 64, 0, 16);
   return b;
@@ -438,6 +474,55 @@ async function writeContent(out: Out, src: Sources, ino: Ino, signal: AbortSigna
   if (pad > 0) (await out.take(pad)).fill(0);
 }
 
+/** Writes every inode (with its xattrs and inline tail) at `metaBase` + nid × 32. */
+async function writeInodes(w: Out, src: Sources, inos: readonly Ino[], metaBase: number, signal: AbortSignal | undefined): Promise<void> {
+  for (const ino of inos) {
+    checkAbort(signal);
+    await w.seek(metaBase + ino.nid * 32);
+    await w.write(inodeBytes(ino));
+    if (ino.xattrs !== null) await w.write(ino.xattrs);
+    if (ino.tail === 0) continue;
+    const n = ino.node;
+    const tailAt = ino.blocks * BLKSZ;
+    if (n.kind === "dir") {
+      const block = Buffer.alloc(BLKSZ);
+      fillDirBlock(ino, ino.blocks, block);
+      await w.write(block.subarray(0, ino.tail));
+    } else if (n.kind === "symlink") {
+      await w.write(nameToBytes(n.target).subarray(tailAt));
+    } else if (n.kind === "file" && n.content !== null) {
+      await src.read(n.content.path, n.content.offset + tailAt, await w.take(ino.tail));
+    }
+  }
+}
+
+/** Writes the data blocks of every inode but those `kept` where they are. */
+async function writeData(w: Out, src: Sources, inos: readonly Ino[], kept: (ino: Ino) => boolean, signal: AbortSignal | undefined): Promise<void> {
+  for (const ino of inos) {
+    if (ino.blocks === 0 || kept(ino)) continue;
+    checkAbort(signal);
+    await w.seek(ino.blkaddr * BLKSZ);
+    await writeContent(w, src, ino, signal);
+  }
+}
+
+function checkContentRefs(inos: readonly Ino[]): void {
+  for (const ino of inos) {
+    const n = ino.node;
+    if (n.kind === "file" && n.size > 0 && (n.content === null || n.content.size !== n.size)) throw new ImageError(`file node of ${n.size} bytes has no matching content reference`);
+  }
+}
+
+async function syncDir(path: string): Promise<void> {
+  try {
+    const d = await open(path, "r");
+    await d.sync().catch(() => undefined);
+    await d.close();
+  } catch {
+    // Directory fsync is best effort (some filesystems refuse it).
+  }
+}
+
 /**
  * Writes `tree` as an erofs image at `out` (atomically: temp file, fsync,
  * rename). File contents are copied from their content references.
@@ -450,10 +535,7 @@ async function writeContent(out: Out, src: Sources, ino: Ino, signal: AbortSigna
  */
 export async function writeErofs(tree: FsTree, out: string, options: WriteErofsOptions = {}): Promise<ErofsImage> {
   const { inos, buildSec, buildNsec, totalBlocks } = plan(tree);
-  for (const ino of inos) {
-    const n = ino.node;
-    if (n.kind === "file" && n.size > 0 && (n.content === null || n.content.size !== n.size)) throw new ImageError(`file node of ${n.size} bytes has no matching content reference`);
-  }
+  checkContentRefs(inos);
   const tmp = join(dirname(out), `.${basename(out)}.${process.pid}.${randomBytes(6).toString("hex")}.tmp`);
   let fh: FileHandle | undefined;
   const src = new Sources();
@@ -461,31 +543,9 @@ export async function writeErofs(tree: FsTree, out: string, options: WriteErofsO
     fh = await open(tmp, "wx", 0o644);
     const w = new Out(fh);
     await w.seek(SB_OFFSET);
-    await w.write(superblock({ rootNid: inos[0]!.nid, inodes: inos.length, buildSec, buildNsec, blocks: totalBlocks, uuid: options.uuid ?? Buffer.alloc(16), volumeName: options.volumeName ?? "" }));
-    for (const ino of inos) {
-      checkAbort(options.signal);
-      await w.seek(ino.nid * 32);
-      await w.write(inodeBytes(ino));
-      if (ino.xattrs !== null) await w.write(ino.xattrs);
-      if (ino.tail === 0) continue;
-      const n = ino.node;
-      const tailAt = ino.blocks * BLKSZ;
-      if (n.kind === "dir") {
-        const block = Buffer.alloc(BLKSZ);
-        fillDirBlock(ino, ino.blocks, block);
-        await w.write(block.subarray(0, ino.tail));
-      } else if (n.kind === "symlink") {
-        await w.write(nameToBytes(n.target).subarray(tailAt));
-      } else if (n.kind === "file" && n.content !== null) {
-        await src.read(n.content.path, n.content.offset + tailAt, await w.take(ino.tail));
-      }
-    }
-    for (const ino of inos) {
-      if (ino.blocks === 0) continue;
-      checkAbort(options.signal);
-      await w.seek(ino.blkaddr * BLKSZ);
-      await writeContent(w, src, ino, options.signal);
-    }
+    await w.write(superblock({ rootNid: inos[0]!.nid, inodes: inos.length, buildSec, buildNsec, blocks: totalBlocks, metaBlkaddr: 0, uuid: options.uuid ?? Buffer.alloc(16), volumeName: options.volumeName ?? "" }));
+    await writeInodes(w, src, inos, 0, options.signal);
+    await writeData(w, src, inos, () => false, options.signal);
     await w.flush();
     await fh.truncate(totalBlocks * BLKSZ);
     await fh.sync();
@@ -500,12 +560,63 @@ export async function writeErofs(tree: FsTree, out: string, options: WriteErofsO
   } finally {
     await src.close().catch(() => undefined);
   }
+  await syncDir(dirname(out));
+  return { path: out, sizeBytes: totalBlocks * BLKSZ, inodes: inos.length, blocks: totalBlocks, inPlace: false };
+}
+
+/**
+ * Turns the spool the tree's files were unpacked into (`spoolPath`, its
+ * first 4 KiB block reserved: Spool.create's `reserve`, `spoolSize` bytes)
+ * into the erofs image at `out`: directories, symlinks and the metadata are
+ * appended, the superblock written into block 0, and the file renamed. File
+ * bytes stay where they are, instead of being copied into a new file
+ * (≈ 0.3–0.5 s for a 160 MB Debian image here).
+ *
+ * Returns undefined, without touching the spool, when that would keep too
+ * many dead bytes (contents that later layers replaced or deleted: more
+ * than a quarter of the spool), or when `out` is on another filesystem; the
+ * caller then copies with {@link writeErofs}. After an error the spool is
+ * garbage: the caller removes it. `out` appears only complete (fsynced, then
+ * renamed).
+ */
+export async function writeErofsInPlace(tree: FsTree, spoolPath: string, spoolSize: number, out: string, options: WriteErofsOptions = {}): Promise<ErofsImage | undefined> {
+  if (!Number.isSafeInteger(spoolSize) || spoolSize < BLKSZ) return undefined;
   try {
-    const d = await open(dirname(out), "r");
-    await d.sync().catch(() => undefined);
-    await d.close();
+    if ((await stat(spoolPath)).dev !== (await stat(dirname(out))).dev) return undefined;
   } catch {
-    // Directory fsync is best effort (some filesystems refuse it).
+    return undefined;
   }
-  return { path: out, sizeBytes: totalBlocks * BLKSZ, inodes: inos.length, blocks: totalBlocks };
+  const inPlace: InPlace = { path: spoolPath, dataEndBlock: Math.ceil(spoolSize / BLKSZ) };
+  const { inos, buildSec, buildNsec, totalBlocks, metaBlkaddr } = plan(tree, inPlace);
+  checkContentRefs(inos);
+  const kept = (ino: Ino): boolean => keptInPlace(ino.node, inPlace);
+  let live = 0;
+  for (const ino of inos) if (kept(ino)) live += ino.blocks * BLKSZ;
+  const spooled = (inPlace.dataEndBlock - 1) * BLKSZ;
+  if (spooled - live > spooled / 4) return undefined;
+  let fh: FileHandle | undefined;
+  const src = new Sources();
+  try {
+    fh = await open(spoolPath, "r+");
+    const w = new Out(fh, inPlace.dataEndBlock * BLKSZ);
+    await writeData(w, src, inos, kept, options.signal);
+    await writeInodes(w, src, inos, metaBlkaddr * BLKSZ, options.signal);
+    await w.flush();
+    const sb = superblock({ rootNid: inos[0]!.nid, inodes: inos.length, buildSec, buildNsec, blocks: totalBlocks, metaBlkaddr, uuid: options.uuid ?? Buffer.alloc(16), volumeName: options.volumeName ?? "" });
+    await fh.write(sb, 0, sb.length, SB_OFFSET);
+    await fh.truncate(totalBlocks * BLKSZ);
+    await fh.chmod(0o644);
+    await fh.sync();
+    await fh.close();
+    fh = undefined;
+    await rename(spoolPath, out);
+  } catch (err) {
+    await fh?.close().catch(() => undefined);
+    if (err instanceof AbortError || err instanceof ImageError) throw err;
+    throw ioError("writing the erofs image", out, err);
+  } finally {
+    await src.close().catch(() => undefined);
+  }
+  await syncDir(dirname(out));
+  return { path: out, sizeBytes: totalBlocks * BLKSZ, inodes: inos.length, blocks: totalBlocks, inPlace: true };
 }

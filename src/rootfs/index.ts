@@ -8,10 +8,10 @@
 import type { Readable } from "node:stream";
 import { invalidOption } from "../errors.js";
 import { treeFromDirectory } from "./directory.js";
-import { writeErofs } from "./erofs.js";
+import { writeErofs, writeErofsInPlace } from "./erofs.js";
 import { applyLayer, type LayerProgress, type LayerStats } from "./layers.js";
 import { LayerBudget, resolveLayerLimits, type LayerLimits } from "./limits.js";
-import { Spool } from "./spool.js";
+import { Spool, SPOOL_ALIGN } from "./spool.js";
 import { FsTree } from "./tree.js";
 
 export * from "./tree.js";
@@ -20,7 +20,7 @@ export { applyLayer, normalizePath, PATH_MAX, type ApplyLayerOptions, type Layer
 export { Spool, SPOOL_ALIGN } from "./spool.js";
 export { DEFAULT_LAYER_LIMITS, LAYER_LIMIT_ENV, LayerBudget, resolveLayerLimits, type LayerLimits, type ResolvedLayerLimits } from "./limits.js";
 export { treeFromDirectory, type TreeFromDirectoryOptions } from "./directory.js";
-export { writeErofs, xattrSupported, EROFS_MAGIC, type ErofsImage, type WriteErofsOptions } from "./erofs.js";
+export { writeErofs, writeErofsInPlace, xattrSupported, EROFS_MAGIC, type ErofsImage, type WriteErofsOptions } from "./erofs.js";
 
 /** One layer: an uncompressed tar stream, or a function opening it when its turn comes. */
 export type LayerSource = Readable | AsyncIterable<Uint8Array> | (() => Readable | AsyncIterable<Uint8Array> | Promise<Readable | AsyncIterable<Uint8Array>>);
@@ -65,6 +65,8 @@ export interface RootfsImage {
   readonly path: string;
   readonly sizeBytes: number;
   readonly inodes: number;
+  /** The layers' spool became the image (no second copy of the file bytes); false when copied. */
+  readonly inPlace: boolean;
 }
 
 function isReadableLike(v: unknown): v is Readable | AsyncIterable<Uint8Array> {
@@ -135,7 +137,7 @@ export async function buildRootfsImage(options: BuildRootfsOptions): Promise<Roo
     if (typeof source.path !== "string" || source.path === "") throw invalidOption("source.path", "a directory path", source.path);
     const tree = await treeFromDirectory(source.path, { ownerRoot: source.ownerRoot, signal: options.signal });
     const img = await writeErofs(tree, out, writeOpts);
-    return { path: img.path, sizeBytes: img.sizeBytes, inodes: img.inodes };
+    return { path: img.path, sizeBytes: img.sizeBytes, inodes: img.inodes, inPlace: false };
   }
   if (source.kind !== "layers") throw invalidOption("source.kind", "'directory' or 'layers'", (source as { kind: unknown }).kind);
   if (!Array.isArray(source.layers)) throw invalidOption("source.layers", "an array of tar streams", source.layers);
@@ -144,7 +146,8 @@ export async function buildRootfsImage(options: BuildRootfsOptions): Promise<Roo
 
   let spool: Spool;
   try {
-    spool = await Spool.create(source.spoolPath);
+    // Block 0 stays free: the spool may become the image (writeErofsInPlace).
+    spool = await Spool.create(source.spoolPath, { reserve: SPOOL_ALIGN });
   } catch (err) {
     destroyLater(source.layers, 0);
     throw err;
@@ -153,8 +156,10 @@ export async function buildRootfsImage(options: BuildRootfsOptions): Promise<Roo
     const { tree } = await treeFromLayers(source.layers, spool, { onProgress: options.onProgress, signal: options.signal, limits });
     await spool.close();
     options.onPack?.();
-    const img = await writeErofs(tree, out, writeOpts);
-    return { path: img.path, sizeBytes: img.sizeBytes, inodes: img.inodes };
+    // The spool becomes the image unless it is to be kept or holds too many
+    // bytes no file uses any more; then the files are copied.
+    const img = (source.keepSpool === true ? undefined : await writeErofsInPlace(tree, spool.path, spool.size, out, writeOpts)) ?? (await writeErofs(tree, out, writeOpts));
+    return { path: img.path, sizeBytes: img.sizeBytes, inodes: img.inodes, inPlace: img.inPlace };
   } finally {
     // Cleanup must not hide the error that got us here.
     if (source.keepSpool === true) await spool.close().catch(() => undefined);

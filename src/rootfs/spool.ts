@@ -32,15 +32,23 @@ export class Spool {
 
   private constructor(readonly path: string, private readonly fh: FileHandle) {}
 
-  /** Creates (or truncates) the spool file at `path`. */
-  static async create(path: string): Promise<Spool> {
+  /**
+   * Creates (or truncates) the spool file at `path`. `reserve` bytes at its
+   * start stay a hole, never handed out (block 0 of an erofs image written
+   * in place: writeErofsInPlace in erofs.ts).
+   */
+  static async create(path: string, options: { reserve?: number } = {}): Promise<Spool> {
+    const reserve = options.reserve ?? 0;
+    if (!Number.isInteger(reserve) || reserve < 0 || reserve % SPOOL_ALIGN !== 0) throw new RangeError(`spool reserve must be a multiple of ${SPOOL_ALIGN}, got ${reserve}`);
     let fh: FileHandle;
     try {
       fh = await open(path, "w+", 0o600);
     } catch (err) {
       throw ioError("creating the spool file", path, err);
     }
-    return new Spool(path, fh);
+    const s = new Spool(path, fh);
+    s.bufStart = reserve;
+    return s;
   }
 
   /** Bytes written so far, including alignment padding. */

@@ -21,7 +21,7 @@ import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { createRuntimeDir, removeRuntimeDir } from "../vm/runtime-dir.js";
 import { launchVm, type LaunchSpec, type StartedQemu, type Vm } from "../vm/vm.js";
 import { ringDisk } from "../agent-client/ring.js";
-import { fileRecord, sparseCopyWithHash, stubKernelPath } from "./files.js";
+import { fileRecord, sparseCopy, stubKernelPath } from "./files.js";
 import { manifestDisks, type SnapshotDisk, type SnapshotFile, type SnapshotManifest, type SnapshotMount } from "./manifest.js";
 import { emptyImagePath, flattenOverlay, overlayPath, type QemuDisk } from "../volumes/disks.js";
 import { diskFileName, diskSerial, type DiskPlan } from "../volumes/spec.js";
@@ -135,11 +135,14 @@ async function captureDetached(vm: Vm, stage: string): Promise<{ ram: SnapshotFi
     running = false;
     if (vm.ram.kind === "shared-file") {
       await saveState(qmp, vm.runtimeDir, statePath, { ignoreShared: true, timeoutMs: SAVE_TIMEOUT_MS });
-      const copy = await sparseCopyWithHash(join(vm.runtimeDir, "ram"), ramPath);
+      // Only the copy happens while the guest is stopped (cp copies the data
+      // extents and leaves the holes: ~40 ms for a Python guest's 80 MB of
+      // 256 MiB); the hash is taken from the copy once it runs again (~0.2 s).
+      await sparseCopy(join(vm.runtimeDir, "ram"), ramPath);
       await flattenDisks();
       await qmp.execute("cont");
       running = true;
-      return { ram: { size: copy.size, sha256: copy.sha256 }, state: await fileRecord(statePath), disks: await diskRecords() };
+      return { ram: await fileRecord(ramPath), state: await fileRecord(statePath), disks: await diskRecords() };
     }
     const stream = join(stage, `state.full-${randomBytes(4).toString("hex")}`);
     try {

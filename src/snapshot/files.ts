@@ -1,6 +1,6 @@
 /**
- * File helpers for snapshots: a sparse copy that hashes as it goes (guest
- * RAM files are mostly holes), hashing, and the stub kernel restores boot.
+ * File helpers for snapshots: a sparse copy (guest RAM files are mostly
+ * holes), hashing, and the stub kernel restores boot.
  */
 
 import { execFile } from "node:child_process";
@@ -11,49 +11,7 @@ import { join } from "node:path";
 import { promisify } from "node:util";
 
 const execFileP = promisify(execFile);
-const BLOCK = 4096;
 const CHUNK = 4 << 20;
-
-/**
- * Copies `src` to `dst` leaving holes where `src` reads as zeros, and returns
- * the sha256 of the full content (holes hash as zeros).
- */
-export async function sparseCopyWithHash(src: string, dst: string): Promise<{ size: number; sha256: string; dataBytes: number }> {
-  const h = createHash("sha256");
-  const zero = Buffer.alloc(BLOCK);
-  const rf = await open(src, "r");
-  const wf = await open(dst, "wx", 0o600);
-  try {
-    const size = (await rf.stat()).size;
-    const buf = Buffer.allocUnsafe(CHUNK);
-    let dataBytes = 0;
-    for (let off = 0; off < size; ) {
-      const { bytesRead } = await rf.read(buf, 0, Math.min(CHUNK, size - off), off);
-      if (bytesRead === 0) break;
-      const chunk = buf.subarray(0, bytesRead);
-      h.update(chunk);
-      // Write runs of non-zero blocks at their offsets; zero runs stay holes.
-      let runStart = -1;
-      for (let b = 0; b <= bytesRead; b += BLOCK) {
-        const end = Math.min(b + BLOCK, bytesRead);
-        const isData = b < bytesRead && !chunk.subarray(b, end).equals(end - b === BLOCK ? zero : zero.subarray(0, end - b));
-        if (isData && runStart < 0) runStart = b;
-        if (!isData && runStart >= 0) {
-          await wf.write(chunk, runStart, b - runStart, off + runStart);
-          dataBytes += b - runStart;
-          runStart = -1;
-        }
-      }
-      off += bytesRead;
-    }
-    await wf.truncate(size);
-    await wf.sync();
-    return { size, sha256: h.digest("hex"), dataBytes };
-  } finally {
-    await rf.close();
-    await wf.close();
-  }
-}
 
 /**
  * Makes a snapshot directory private before it is published: the directory

@@ -1,13 +1,14 @@
 import assert from "node:assert/strict";
 import { execFileSync } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Readable } from "node:stream";
 import { test, type TestContext } from "node:test";
 import { LayerError } from "../../src/errors.js";
 import { buildRootfsImage, type LayerProgress } from "../../src/rootfs/index.js";
-import { describeDir, dumpSuper, extract, fsck, tryMount } from "../fixtures/rootfs/erofs-check.js";
+import { describeDir, dumpSuper, extract, fsck, tryMount, xattrsOf } from "../fixtures/rootfs/erofs-check.js";
 import { tar } from "../fixtures/rootfs/tar-writer.js";
 
 function scratch(t: TestContext): string {
@@ -76,10 +77,75 @@ test("a layer breaking a rule fails the build with its index; nothing is left be
   assert.ok(later.destroyed, "later layers are destroyed");
 });
 
-test("keepSpool keeps the spool file", async (t) => {
+test("keepSpool keeps the spool file (and so copies)", async (t) => {
   const dir = scratch(t);
-  await buildRootfsImage({ source: { kind: "layers", layers: [Readable.from([tar([{ name: "f", data: "x" }])])], spoolPath: join(dir, "spool"), keepSpool: true }, out: join(dir, "img") });
+  const img = await buildRootfsImage({ source: { kind: "layers", layers: [Readable.from([tar([{ name: "f", data: "x" }])])], spoolPath: join(dir, "spool"), keepSpool: true }, out: join(dir, "img") });
   assert.ok(existsSync(join(dir, "spool")));
+  assert.equal(img.inPlace, false);
+  await fsck(img.path);
+});
+
+test("the spool becomes the image in place: every size, links, xattrs, big directories; readable by erofs-utils and the kernel", async (t) => {
+  const dir = scratch(t);
+  const sizes = [0, 1, 4095, 4096, 4097, 8192, 100_003];
+  const files = new Map<string, Buffer>(sizes.map((n, i) => [`data/f${n}`, randomBytes(n).fill(i + 1, 0, Math.min(n, 1))]));
+  const many = Array.from({ length: 400 }, (_, i) => ({ name: `many/entry-with-a-longish-name-${i}`, data: `${i}\n` }));
+  const layer = tar([
+    { name: "data/", mode: 0o755 },
+    ...[...files].map(([name, data]) => ({ name, data, mode: 0o644 })),
+    { name: "data/hard", type: "1", linkname: "data/f4097" },
+    { name: "data/link", type: "2", linkname: "f100003" },
+    { name: "data/x", data: "with xattr", pax: { "SCHILY.xattr.user.note": "hello" } },
+    { name: "many/", mode: 0o755 },
+    ...many,
+  ]);
+  const img = await buildRootfsImage({ source: { kind: "layers", layers: [Readable.from([layer])], spoolPath: join(dir, "spool") }, out: join(dir, "rootfs.img") });
+  assert.equal(img.inPlace, true);
+  assert.deepEqual(readdirSync(dir), ["rootfs.img"], "the spool is the image now");
+  assert.equal(statSync(img.path).size, img.sizeBytes);
+  assert.equal(statSync(img.path).mode & 0o777, 0o644);
+  assert.equal(dumpSuper(img.path).inodes, img.inodes);
+  await fsck(img.path);
+  const check = (root: string) => {
+    for (const [name, data] of files) assert.ok(readFileSync(join(root, name)).equals(data), name);
+    assert.ok(readFileSync(join(root, "data/hard")).equals(files.get("data/f4097")!));
+    assert.equal(readlinkSync(join(root, "data/link")), "f100003");
+    assert.equal(readdirSync(join(root, "many")).length, 400);
+    assert.equal(readFileSync(join(root, "many/entry-with-a-longish-name-399"), "utf8"), "399\n");
+  };
+  const x = await extract(img.path);
+  t.after(() => rmSync(x, { recursive: true, force: true }));
+  check(x);
+  const mnt = tryMount(img.path);
+  if (mnt === undefined) return;
+  try {
+    check(mnt.dir);
+    assert.equal(statSync(join(mnt.dir, "data/hard")).nlink, 2);
+    assert.equal(xattrsOf(join(mnt.dir, "data/x"))?.get("user.note")?.toString(), "hello");
+  } finally {
+    mnt.unmount();
+  }
+});
+
+test("a spool mostly dead (files replaced by a later layer) is copied into a compact image", async (t) => {
+  const dir = scratch(t);
+  const big = randomBytes(1 << 20);
+  const img = await buildRootfsImage({
+    source: {
+      kind: "layers",
+      layers: [Readable.from([tar([{ name: "big", data: big }, { name: "keep", data: "k" }])]), Readable.from([tar([{ name: "big", data: "small now" }])])],
+      spoolPath: join(dir, "spool"),
+    },
+    out: join(dir, "rootfs.img"),
+  });
+  assert.equal(img.inPlace, false);
+  assert.ok(img.sizeBytes < 64 * 1024, `${img.sizeBytes} bytes`);
+  assert.deepEqual(readdirSync(dir), ["rootfs.img"], "spool removed");
+  await fsck(img.path);
+  const x = await extract(img.path);
+  t.after(() => rmSync(x, { recursive: true, force: true }));
+  assert.equal(readFileSync(join(x, "big"), "utf8"), "small now");
+  assert.equal(readFileSync(join(x, "keep"), "utf8"), "k");
 });
 
 test("directory → image with ownerRoot, mountable when the host allows", async (t) => {

@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { SnapshotError } from "../../src/errors.js";
-import { sealSnapshotDir, sparseCopyWithHash, stubKernel } from "../../src/snapshot/files.js";
+import { sealSnapshotDir, sparseCopy, stubKernel } from "../../src/snapshot/files.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, readManifest, type SnapshotManifest } from "../../src/snapshot/manifest.js";
 
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
@@ -204,7 +204,7 @@ describe("snapshot files", () => {
     await readManifest(dir, "full");
   });
 
-  it("sparse copy keeps content, hashes it, and leaves zero blocks as holes", async () => {
+  it("sparse copy keeps content and its holes", async () => {
     const src = join(root, "sparse-src");
     const size = 16 << 20;
     const f = await open(src, "w");
@@ -214,13 +214,11 @@ describe("snapshot files", () => {
     await f.write(Buffer.from("tail"), 0, 4, size - 4);
     await f.close();
     const dst = join(root, "sparse-dst");
-    const r = await sparseCopyWithHash(src, dst);
+    await sparseCopy(src, dst);
     const a = await readFile(src);
     const b = await readFile(dst);
     assert.ok(a.equals(b));
-    assert.equal(r.sha256, sha(a));
-    assert.equal(r.size, size);
-    assert.equal(r.dataBytes, 8192 + 4096);
+    assert.equal(b.length, size);
     const st = await stat(dst);
     assert.ok(st.blocks * 512 < 1 << 20, `copy uses ${st.blocks * 512} bytes on disk`);
   });
