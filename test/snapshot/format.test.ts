@@ -6,7 +6,7 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { chmodSync, chownSync, copyFileSync, mkdtempSync, renameSync, rmSync, symlinkSync } from "node:fs";
-import { open, readFile, stat, writeFile } from "node:fs/promises";
+import { open, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
@@ -204,24 +204,29 @@ describe("snapshot files", () => {
     await readManifest(dir, "full");
   });
 
-  it("sparse copy keeps content and its holes", async () => {
-    const src = join(root, "sparse-src");
-    const size = 16 << 20;
-    const f = await open(src, "w");
-    await f.truncate(size);
-    const data = Buffer.alloc(8192, 7);
-    await f.write(data, 0, data.length, 5 << 20);
-    await f.write(Buffer.from("tail"), 0, 4, size - 4);
-    await f.close();
-    const dst = join(root, "sparse-dst");
-    await sparseCopy(src, dst);
-    const a = await readFile(src);
-    const b = await readFile(dst);
-    assert.ok(a.equals(b));
-    assert.equal(b.length, size);
-    const st = await stat(dst);
-    assert.ok(st.blocks * 512 < 1 << 20, `copy uses ${st.blocks * 512} bytes on disk`);
-  });
+  for (const [how, cp] of [["with coreutils' cp", undefined], ["by reading, without cp", null], ["by reading, when cp fails", "/bin/false"]] as const) {
+    it(`sparse copy keeps content and its holes (${how})`, async () => {
+      const src = join(root, "sparse-src");
+      const size = 16 << 20;
+      const f = await open(src, "w");
+      await f.truncate(size);
+      const data = Buffer.alloc(8192, 7);
+      await f.write(data, 0, data.length, 5 << 20);
+      await f.write(Buffer.from("tail"), 0, 4, size - 4);
+      // A block of zeros written as data: a hole in the copy.
+      await f.write(Buffer.alloc(4096), 0, 4096, 9 << 20);
+      await f.close();
+      const dst = join(root, "sparse-dst");
+      await rm(dst, { force: true });
+      await sparseCopy(src, dst, { cp });
+      const a = await readFile(src);
+      const b = await readFile(dst);
+      assert.ok(a.equals(b));
+      assert.equal(b.length, size);
+      const st = await stat(dst);
+      assert.ok(st.blocks * 512 <= 64 * 1024, `copy uses ${st.blocks * 512} bytes on disk`);
+    });
+  }
 
   it("the restore stub is an ELF with a PVH entry note, padded past the bzImage header", () => {
     const k = stubKernel();
