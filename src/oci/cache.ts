@@ -58,6 +58,8 @@ export interface IngestOptions {
   readonly retryBaseMs?: number;
   /** What the blob is, for messages: "layer 2 of docker.io/library/alpine:latest". */
   readonly what?: string;
+  /** Called once when this call starts downloading the blob (not when it is cached or another caller fetches it). */
+  readonly onLive?: ((live: LiveBlob) => void) | undefined;
 }
 
 /** Record of what a reference resolved to. */
@@ -84,11 +86,116 @@ function diskFull(path: string, cacheDir: string, err: unknown): DiskFullError {
   );
 }
 
-async function writeAll(fh: FileHandle, buf: Uint8Array): Promise<void> {
+/** Writes all of `buf` at file offset `pos` (positional: a restart from 0 after truncate(0) writes at 0). */
+async function writeAll(fh: FileHandle, buf: Uint8Array, pos: number): Promise<void> {
   let off = 0;
   while (off < buf.length) {
-    const { bytesWritten } = await fh.write(buf, off, buf.length - off);
+    const { bytesWritten } = await fh.write(buf, off, buf.length - off, pos + off);
     off += bytesWritten;
+  }
+}
+
+/**
+ * A blob while it downloads, for a reader that wants its bytes as they
+ * arrive (a layer unpacked while it downloads: src/image/resolve.ts). The
+ * bytes read before the download ends are NOT verified yet: the reader's
+ * stream ends only once the whole blob matched its digest and sits under its
+ * name, and errors if the download fails. What is read in between must be
+ * treated as hostile input (layers are anyway) and nothing built from it
+ * published before the end.
+ */
+export class LiveBlob {
+  private written = 0;
+  private outcome: { ok: true; path: string; size: number } | { ok: false; error: unknown } | undefined;
+  private wakers: Array<() => void> = [];
+
+  /** @param tmpPath the temp file the download writes (renamed to the blob's path when verified) */
+  constructor(readonly tmpPath: string) {}
+
+  /** @internal Bytes in the temp file so far (0 again when the source restarted). */
+  grow(written: number): void {
+    this.written = written;
+    this.wake();
+  }
+
+  /** @internal The blob is verified and renamed to `path`. */
+  finish(path: string, size: number): void {
+    this.outcome ??= { ok: true, path, size };
+    this.wake();
+  }
+
+  /** @internal The download failed; readers get `error`. */
+  fail(error: unknown): void {
+    this.outcome ??= { ok: false, error };
+    this.wake();
+  }
+
+  /** Resolves when the download is over (either way); never rejects. */
+  get settled(): Promise<void> {
+    return (async () => {
+      while (!this.outcome) await this.changed();
+    })();
+  }
+
+  /** The verified blob's path once the download is over; rejects with its error if it failed. */
+  async path(): Promise<string> {
+    await this.settled;
+    const o = this.outcome!;
+    if (!o.ok) throw o.error;
+    return o.path;
+  }
+
+  private wake(): void {
+    const w = this.wakers;
+    this.wakers = [];
+    for (const f of w) f();
+  }
+
+  private changed(): Promise<void> {
+    return this.outcome ? Promise.resolve() : new Promise((r) => this.wakers.push(r));
+  }
+
+  /**
+   * The blob's bytes from the start, as they are written; ends when the
+   * verified blob is complete, throws the download's error if it fails.
+   */
+  async *read(chunkSize = 256 * 1024): AsyncGenerator<Buffer> {
+    let fh: FileHandle | undefined;
+    try {
+      try {
+        fh = await open(this.tmpPath, "r");
+      } catch (err) {
+        // Renamed already (verified), or removed (failed).
+        if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+        await this.settled;
+        if (!this.outcome!.ok) throw this.outcome!.error;
+        fh = await open(this.outcome!.path, "r");
+      }
+      let pos = 0;
+      for (;;) {
+        const o = this.outcome;
+        if (o && !o.ok) throw o.error;
+        const bound = o ? o.size : this.written;
+        // While it downloads, read whole chunks: each read (and the
+        // decompressor's step on it) costs a round trip to the thread pool.
+        if (pos < bound && (o !== undefined || bound - pos >= chunkSize)) {
+          const buf = Buffer.allocUnsafe(Math.min(chunkSize, bound - pos));
+          const { bytesRead } = await fh.read(buf, 0, buf.length, pos);
+          if (bytesRead > 0) {
+            pos += bytesRead;
+            yield bytesRead === buf.length ? buf : buf.subarray(0, bytesRead);
+            continue;
+          }
+          // Short: the source restarted from 0 and has not written this far again.
+          if (o) throw new Error(`${this.outcome && this.outcome.ok ? this.outcome.path : this.tmpPath} is shorter than its verified size`);
+        } else if (o && pos >= o.size) {
+          return;
+        }
+        await this.changed();
+      }
+    } finally {
+      await fh?.close();
+    }
   }
 }
 
@@ -248,8 +355,13 @@ export class BlobCache {
     const tmp = join(dirname(path), `${hex}.${process.pid}.${randomBytes(6).toString("hex")}.tmp`);
     const what = opts.what ?? `blob ${digest}`;
     let fh: FileHandle | undefined;
+    let live: LiveBlob | undefined;
     try {
       fh = await open(tmp, fsc.O_CREAT | fsc.O_EXCL | fsc.O_WRONLY, 0o644);
+      if (opts.onLive) {
+        live = new LiveBlob(tmp);
+        opts.onLive(live);
+      }
       let digester = new Digester(algorithm);
       let written = 0;
       let lastReport = 0;
@@ -273,6 +385,7 @@ export class BlobCache {
             await fh.truncate(0);
             digester = new Digester(algorithm);
             written = 0;
+            live?.grow(0);
           }
           try {
             for await (const chunk of stream) {
@@ -285,8 +398,9 @@ export class BlobCache {
                 );
               }
               digester.update(b);
-              await writeAll(fh, b);
+              await writeAll(fh, b, written);
               written += b.length;
+              live?.grow(written);
               report(false);
             }
           } finally {
@@ -313,12 +427,14 @@ export class BlobCache {
       fh = undefined;
       await rename(tmp, path);
       await fsyncDir(dirname(path));
+      live?.finish(path, written);
       return written;
     } catch (err) {
       await fh?.close().catch(() => {});
       await unlink(tmp).catch(() => {});
-      if (isDiskFull(err)) throw diskFull(path, this.dir, err);
-      throw err;
+      const e = isDiskFull(err) ? diskFull(path, this.dir, err) : err;
+      live?.fail(e);
+      throw e;
     }
   }
 
@@ -344,8 +460,8 @@ export class BlobCache {
         for await (const chunk of stream) {
           abortIf(opts.signal);
           const b = chunk as Buffer;
+          await writeAll(fh, b, digester.bytes);
           digester.update(b);
-          await writeAll(fh, b);
           if (opts.onProgress && Date.now() - last >= 100) {
             last = Date.now();
             opts.onProgress(digester.bytes);
@@ -409,7 +525,7 @@ export class BlobCache {
       await mkdir(dirname(path), { recursive: true });
       let fh: FileHandle | undefined = await open(tmp, fsc.O_CREAT | fsc.O_EXCL | fsc.O_WRONLY, 0o644);
       try {
-        await writeAll(fh, Buffer.from(JSON.stringify(record)));
+        await writeAll(fh, Buffer.from(JSON.stringify(record)), 0);
         await fh.sync();
       } finally {
         await fh.close();

@@ -17,11 +17,11 @@
 
 import { spawn } from "node:child_process";
 import { closeSync, createReadStream, openSync, readSync } from "node:fs";
-import { PassThrough, type Readable } from "node:stream";
+import { PassThrough, Readable } from "node:stream";
 import * as zlib from "node:zlib";
 import { AbortError, ImageError, invalidOption, LayerError, MissingAssetError, NotFoundError } from "../errors.js";
 import { defaultCacheDir } from "../paths.js";
-import { BlobCache, type IngestResult } from "./cache.js";
+import { BlobCache, type IngestResult, type LiveBlob } from "./cache.js";
 import type { Credentials } from "./auth.js";
 import {
   checkConfigPlatform,
@@ -91,6 +91,24 @@ export interface PullOptions {
    * src/rootfs/limits.ts). @default the environment's, else the defaults
    */
   readonly limits?: LayerLimits;
+  /**
+   * @internal Called once the manifest and config are known, before any layer
+   * is fetched: each layer's blob as it arrives (see {@link EarlyImage}).
+   */
+  readonly onEarly?: (early: EarlyImage) => void;
+}
+
+/** @internal How a layer's blob arrives: a download to follow, or a file in the cache. */
+export type LayerArrival = { readonly kind: "file"; readonly path: string } | { readonly kind: "live"; readonly live: LiveBlob };
+
+/**
+ * @internal What pullImage knows before it fetches layers: the manifest's
+ * digest and, per layer, a promise of its arrival (rejected with the pull's
+ * error if the pull fails before the layer arrives).
+ */
+export interface EarlyImage {
+  readonly manifestDigest: string;
+  readonly layers: readonly { readonly layer: PulledLayer; readonly arrival: Promise<LayerArrival> }[];
 }
 
 /** One layer of a pulled image, in the cache. */
@@ -159,6 +177,18 @@ function emit(opts: PullOptions, e: PullProgress): void {
   }
 }
 
+/** A promise with its resolve/reject outside; settling twice is a no-op. A rejection nobody awaits is not reported. */
+function deferred<T>(): { promise: Promise<T>; resolve: (v: T) => void; reject: (e: unknown) => void } {
+  let resolve!: (v: T) => void;
+  let reject!: (e: unknown) => void;
+  const promise = new Promise<T>((res, rej) => {
+    resolve = res;
+    reject = rej;
+  });
+  promise.catch(() => undefined);
+  return { promise, resolve, reject };
+}
+
 /** Runs `fn` over items with at most `limit` at once; fails fast. */
 export async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (item: T, i: number) => Promise<R>): Promise<R[]> {
   const out = new Array<R>(items.length);
@@ -188,8 +218,8 @@ export async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (it
 export interface ContentFetcher {
   /** A manifest or index by digest, verified; also stores it in the cache. */
   manifest?(digest: string): Promise<Buffer>;
-  /** A blob into the cache, verified. */
-  blob?(desc: Descriptor, onBytes: (n: number) => void, what: string): Promise<IngestResult>;
+  /** A blob into the cache, verified; `onLive` sees its download start, when this call downloads it. */
+  blob?(desc: Descriptor, onBytes: (n: number) => void, what: string, onLive?: (live: LiveBlob) => void): Promise<IngestResult>;
 }
 
 /** Context for {@link resolveImage}. */
@@ -249,20 +279,33 @@ export async function resolveImage(ctx: ResolveContext, top: { bytes: Buffer; di
     }
   });
   if (manifest.config.size > MAX_MANIFEST_BYTES) throw new ImageError(`Image config ${manifest.config.digest} of ${ref} is ${manifest.config.size} bytes, over the ${MAX_MANIFEST_BYTES}-byte cap`);
-  const layers = await mapLimit(manifest.layers, v.concurrency, async (desc, i): Promise<PulledLayer> => {
-    const base = { layer: i, digest: desc.digest, bytesTotal: desc.size };
-    const path = v.cache.blobPath(desc.digest);
-    const layer: PulledLayer = { digest: desc.digest, mediaType: desc.mediaType, size: desc.size, path, compression: compressions[i]!, diffId: config.diffIds[i] };
-    if (await v.cache.has(desc.digest, desc.size)) {
-      emit(v.opts, { ...base, bytesDone: desc.size, phase: "cached" });
+  const pulledLayers = manifest.layers.map((desc, i): PulledLayer => ({ digest: desc.digest, mediaType: desc.mediaType, size: desc.size, path: v.cache.blobPath(desc.digest), compression: compressions[i]!, diffId: config.diffIds[i] }));
+  const arrivals = pulledLayers.map(() => deferred<LayerArrival>());
+  v.opts.onEarly?.({ manifestDigest, layers: pulledLayers.map((layer, i) => ({ layer, arrival: arrivals[i]!.promise })) });
+  let layers: PulledLayer[];
+  try {
+    layers = await mapLimit(manifest.layers, v.concurrency, async (desc, i): Promise<PulledLayer> => {
+      const base = { layer: i, digest: desc.digest, bytesTotal: desc.size };
+      const layer = pulledLayers[i]!;
+      const arrived = (): void => arrivals[i]!.resolve({ kind: "file", path: layer.path });
+      if (await v.cache.has(desc.digest, desc.size)) {
+        emit(v.opts, { ...base, bytesDone: desc.size, phase: "cached" });
+        arrived();
+        return layer;
+      }
+      if (!ctx.fetcher.blob) throw ctx.notCached(`layer ${i} (${desc.digest})`);
+      emit(v.opts, { ...base, bytesDone: 0, phase: "download" });
+      const onLive = v.opts.onEarly ? (live: LiveBlob) => arrivals[i]!.resolve({ kind: "live", live }) : undefined;
+      const r = await ctx.fetcher.blob(desc, (n) => emit(v.opts, { ...base, bytesDone: n, phase: "download" }), `layer ${i} (${desc.digest}) of ${ref}`, onLive);
+      if (r.outcome !== "downloaded") emit(v.opts, { ...base, bytesDone: desc.size, phase: r.outcome === "cached" ? "cached" : "download" });
+      arrived();
       return layer;
-    }
-    if (!ctx.fetcher.blob) throw ctx.notCached(`layer ${i} (${desc.digest})`);
-    emit(v.opts, { ...base, bytesDone: 0, phase: "download" });
-    const r = await ctx.fetcher.blob(desc, (n) => emit(v.opts, { ...base, bytesDone: n, phase: "download" }), `layer ${i} (${desc.digest}) of ${ref}`);
-    if (r.outcome !== "downloaded") emit(v.opts, { ...base, bytesDone: desc.size, phase: r.outcome === "cached" ? "cached" : "download" });
-    return layer;
-  });
+    });
+  } catch (err) {
+    // Layers not arrived yet never will: whoever waits for them learns why.
+    for (const a of arrivals) a.reject(err);
+    throw err;
+  }
   return {
     ref,
     manifestDigest,
@@ -317,7 +360,7 @@ async function pullFromRegistry(ref: ImageReference, v: ValidatedPullOptions): P
           await cache.putBytes(m.bytes, m.digest);
           return m.bytes;
         },
-        async blob(desc, onBytes, what) {
+        async blob(desc, onBytes, what, onLive) {
           const c = registry();
           const urls = (desc.urls ?? []).flatMap((u) => {
             try {
@@ -339,7 +382,7 @@ async function pullFromRegistry(ref: ImageReference, v: ValidatedPullOptions): P
                 return { stream: r.body, start: r.start };
               }
             },
-            { size: desc.size, signal: opts.signal, onProgress: onBytes, retries: c.retries, retryBaseMs: c.retryBaseMs, isRetryable: (e) => c.isRetryableNet(ref.registry, e), what },
+            { size: desc.size, signal: opts.signal, onProgress: onBytes, retries: c.retries, retryBaseMs: c.retryBaseMs, isRetryable: (e) => c.isRetryableNet(ref.registry, e), what, onLive },
           );
         },
       }
@@ -436,18 +479,68 @@ export function openLayer(layer: LayerBlob): Readable {
     process.nextTick(() => out.destroy(new LayerError(`Cannot open ${what}: ${(err as Error).message}`, {}, { cause: err })));
     return out;
   }
+  decodeLayer(layer, what, head, () => createReadStream(layer.path, { highWaterMark: 256 * 1024 }), out);
+  return out;
+}
+
+/**
+ * @internal Like {@link openLayer}, for a layer that may still be
+ * downloading (pullImage's `onEarly`): its decompressed tar stream as the
+ * bytes arrive. The stream ends only once the blob is verified; it errors with
+ * the download's error when that fails. A zstd layer this Node cannot
+ * decompress itself (the `zstd` command reads a file) waits for the blob.
+ */
+export function openArrivingLayer(layer: PulledLayer, arrival: Promise<LayerArrival>): Readable {
+  const what = `layer ${layer.digest}`;
+  const out = new PassThrough({ highWaterMark: 256 * 1024 });
+  void (async () => {
+    const a = await arrival;
+    const fromFile = (path: string): void => {
+      const inner = openLayer({ ...layer, path });
+      inner.on("error", (e) => out.destroy(e)).pipe(out);
+      out.on("close", () => inner.destroy());
+    };
+    if (a.kind === "file") return fromFile(a.path);
+    const it = a.live.read()[Symbol.asyncIterator]();
+    const first: Buffer[] = [];
+    let got = 0;
+    while (got < 4) {
+      const r = await it.next();
+      if (r.done) break;
+      first.push(r.value);
+      got += r.value.length;
+    }
+    const head = Buffer.concat(first);
+    if (out.destroyed || (sniffCompression(head) === "zstd" && typeof (zlib as unknown as { createZstdDecompress?: unknown }).createZstdDecompress !== "function")) {
+      await it.return(undefined);
+      if (out.destroyed) return;
+      return fromFile(await a.live.path());
+    }
+    const rest = { [Symbol.asyncIterator]: () => it };
+    decodeLayer(layer, what, head, () => Readable.from((async function* () {
+      yield* first;
+      yield* rest;
+    })()), out);
+  })().catch((err: unknown) => {
+    if (!out.destroyed) out.destroy(err instanceof Error ? err : new Error(String(err)));
+  });
+  return out;
+}
+
+/** Pipes the blob's bytes (`open`, whose first bytes are `head`) through its decompressor into `out`. */
+function decodeLayer(layer: LayerBlob, what: string, head: Buffer, open: () => Readable, out: PassThrough): void {
   const declared = layer.compression ?? (layer.mediaType ? layerCompression(layer.mediaType) : undefined);
   const compression = sniffCompression(head) ?? (declared === "gzip" || declared === "zstd" ? declared : "tar");
   const fail = (err: unknown, how: string): void => {
     if (out.destroyed) return;
     out.destroy(err instanceof LayerError || err instanceof MissingAssetError ? err : new LayerError(`Cannot ${how} ${what}: ${(err as Error).message}`, {}, { cause: err }));
   };
-  const src = createReadStream(layer.path, { highWaterMark: 256 * 1024 });
+  const src = open();
   src.on("error", (e) => fail(e, "read"));
   if (compression === "tar") {
     src.pipe(out);
     out.on("close", () => src.destroy());
-    return out;
+    return;
   }
   if (compression === "gzip") {
     // Large output chunks: each chunk is a thread-pool round trip (16 KiB by default).
@@ -458,7 +551,7 @@ export function openLayer(layer: LayerBlob): Readable {
       src.destroy();
       gunzip.destroy();
     });
-    return out;
+    return;
   }
   const zstdStream = (zlib as unknown as { createZstdDecompress?: () => import("node:stream").Transform }).createZstdDecompress;
   if (typeof zstdStream === "function") {
@@ -469,7 +562,7 @@ export function openLayer(layer: LayerBlob): Readable {
       src.destroy();
       dec.destroy();
     });
-    return out;
+    return;
   }
   src.destroy();
   const child = spawn("zstd", ["-d", "-c", "-q", "--no-progress", "--", layer.path], { stdio: ["ignore", "pipe", "pipe"] });
@@ -491,6 +584,6 @@ export function openLayer(layer: LayerBlob): Readable {
   out.on("close", () => {
     if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
   });
-  return out;
+  return;
 }
 
