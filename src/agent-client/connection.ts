@@ -13,6 +13,7 @@
 
 import { randomBytes } from "node:crypto";
 import { connect, type Socket } from "node:net";
+import { deferred, type Deferred } from "../deferred.js";
 import { AgentError, ClosedError, ProtocolError, ResourceLimitError, TimeoutError } from "../errors.js";
 import { ByteQueue } from "./byte-queue.js";
 import { RING_REGION_BYTES, type StreamRing } from "./ring.js";
@@ -119,24 +120,6 @@ export interface ExitInfo {
   peakRssKib: number | null;
 }
 
-/** A promise with its settle functions (Node 20 has no Promise.withResolvers). */
-interface Deferred<T> {
-  readonly promise: Promise<T>;
-  resolve(v: T): void;
-  reject(e: Error): void;
-}
-
-function deferred<T>(): Deferred<T> {
-  let resolve!: (v: T) => void;
-  let reject!: (e: Error) => void;
-  const promise = new Promise<T>((res, rej) => {
-    resolve = res;
-    reject = rej;
-  });
-  // Callers that never look at it must not trigger unhandled rejections.
-  promise.catch(() => undefined);
-  return { promise, resolve, reject };
-}
 
 /** Bytes of one output channel, as the guest sent them. */
 export type OutputChannel = typeof Channel.STDOUT | typeof Channel.STDERR;

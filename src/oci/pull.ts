@@ -20,6 +20,7 @@ import { closeSync, createReadStream, openSync, readSync } from "node:fs";
 import { PassThrough, Readable } from "node:stream";
 import * as zlib from "node:zlib";
 import { AbortError, ImageError, invalidOption, LayerError, MissingAssetError, NotFoundError } from "../errors.js";
+import { deferred } from "../deferred.js";
 import { defaultCacheDir } from "../paths.js";
 import { BlobCache, type IngestResult, type LiveBlob } from "./cache.js";
 import type { Credentials } from "./auth.js";
@@ -177,17 +178,6 @@ function emit(opts: PullOptions, e: PullProgress): void {
   }
 }
 
-/** A promise with its resolve/reject outside; settling twice is a no-op. A rejection nobody awaits is not reported. */
-function deferred<T>(): { promise: Promise<T>; resolve: (v: T) => void; reject: (e: unknown) => void } {
-  let resolve!: (v: T) => void;
-  let reject!: (e: unknown) => void;
-  const promise = new Promise<T>((res, rej) => {
-    resolve = res;
-    reject = rej;
-  });
-  promise.catch(() => undefined);
-  return { promise, resolve, reject };
-}
 
 /** Runs `fn` over items with at most `limit` at once; fails fast. */
 export async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (item: T, i: number) => Promise<R>): Promise<R[]> {

@@ -534,34 +534,51 @@ async function syncDir(path: string): Promise<void> {
  * @throws {AbortError} when `options.signal` fires
  */
 export async function writeErofs(tree: FsTree, out: string, options: WriteErofsOptions = {}): Promise<ErofsImage> {
-  const { inos, buildSec, buildNsec, totalBlocks } = plan(tree);
-  checkContentRefs(inos);
+  const layout = plan(tree);
+  checkContentRefs(layout.inos);
   const tmp = join(dirname(out), `.${basename(out)}.${process.pid}.${randomBytes(6).toString("hex")}.tmp`);
+  await writeImageFile(tmp, "wx", out, layout.totalBlocks, async (fh, src) => {
+    const w = new Out(fh);
+    await w.seek(SB_OFFSET);
+    await w.write(superblockOf(layout, options));
+    await writeInodes(w, src, layout.inos, 0, options.signal);
+    await writeData(w, src, layout.inos, () => false, options.signal);
+    await w.flush();
+  }, () => rm(tmp, { force: true }).catch(() => undefined));
+  return { path: out, sizeBytes: layout.totalBlocks * BLKSZ, inodes: layout.inos.length, blocks: layout.totalBlocks, inPlace: false };
+}
+
+function superblockOf(l: ReturnType<typeof plan>, options: WriteErofsOptions): Buffer {
+  return superblock({ rootNid: l.inos[0]!.nid, inodes: l.inos.length, buildSec: l.buildSec, buildNsec: l.buildNsec, blocks: l.totalBlocks, metaBlkaddr: l.metaBlkaddr, uuid: options.uuid ?? Buffer.alloc(16), volumeName: options.volumeName ?? "" });
+}
+
+/**
+ * Opens `file` (`flags`), lets `body` write the image into it, then sizes it
+ * to `totalBlocks`, makes it 0644, fsyncs it and renames it to `out` (then
+ * fsyncs the directory). On an error the file is closed and `cleanup` runs;
+ * I/O errors become ImageError / DiskFullError.
+ */
+async function writeImageFile(file: string, flags: string, out: string, totalBlocks: number, body: (fh: FileHandle, src: Sources) => Promise<void>, cleanup: () => Promise<unknown>): Promise<void> {
   let fh: FileHandle | undefined;
   const src = new Sources();
   try {
-    fh = await open(tmp, "wx", 0o644);
-    const w = new Out(fh);
-    await w.seek(SB_OFFSET);
-    await w.write(superblock({ rootNid: inos[0]!.nid, inodes: inos.length, buildSec, buildNsec, blocks: totalBlocks, metaBlkaddr: 0, uuid: options.uuid ?? Buffer.alloc(16), volumeName: options.volumeName ?? "" }));
-    await writeInodes(w, src, inos, 0, options.signal);
-    await writeData(w, src, inos, () => false, options.signal);
-    await w.flush();
+    fh = await open(file, flags, 0o644);
+    await body(fh, src);
     await fh.truncate(totalBlocks * BLKSZ);
+    await fh.chmod(0o644);
     await fh.sync();
     await fh.close();
     fh = undefined;
-    await rename(tmp, out);
+    await rename(file, out);
   } catch (err) {
     await fh?.close().catch(() => undefined);
-    await rm(tmp, { force: true }).catch(() => undefined);
+    await cleanup();
     if (err instanceof AbortError || err instanceof ImageError) throw err;
     throw ioError("writing the erofs image", out, err);
   } finally {
     await src.close().catch(() => undefined);
   }
   await syncDir(dirname(out));
-  return { path: out, sizeBytes: totalBlocks * BLKSZ, inodes: inos.length, blocks: totalBlocks, inPlace: false };
 }
 
 /**
@@ -587,36 +604,21 @@ export async function writeErofsInPlace(tree: FsTree, spoolPath: string, spoolSi
     return undefined;
   }
   const inPlace: InPlace = { path: spoolPath, dataEndBlock: Math.ceil(spoolSize / BLKSZ) };
-  const { inos, buildSec, buildNsec, totalBlocks, metaBlkaddr } = plan(tree, inPlace);
+  const layout = plan(tree, inPlace);
+  const { inos, totalBlocks, metaBlkaddr } = layout;
   checkContentRefs(inos);
   const kept = (ino: Ino): boolean => keptInPlace(ino.node, inPlace);
   let live = 0;
   for (const ino of inos) if (kept(ino)) live += ino.blocks * BLKSZ;
   const spooled = (inPlace.dataEndBlock - 1) * BLKSZ;
   if (spooled - live > spooled / 4) return undefined;
-  let fh: FileHandle | undefined;
-  const src = new Sources();
-  try {
-    fh = await open(spoolPath, "r+");
+  await writeImageFile(spoolPath, "r+", out, totalBlocks, async (fh, src) => {
     const w = new Out(fh, inPlace.dataEndBlock * BLKSZ);
     await writeData(w, src, inos, kept, options.signal);
     await writeInodes(w, src, inos, metaBlkaddr * BLKSZ, options.signal);
     await w.flush();
-    const sb = superblock({ rootNid: inos[0]!.nid, inodes: inos.length, buildSec, buildNsec, blocks: totalBlocks, metaBlkaddr, uuid: options.uuid ?? Buffer.alloc(16), volumeName: options.volumeName ?? "" });
+    const sb = superblockOf(layout, options);
     await fh.write(sb, 0, sb.length, SB_OFFSET);
-    await fh.truncate(totalBlocks * BLKSZ);
-    await fh.chmod(0o644);
-    await fh.sync();
-    await fh.close();
-    fh = undefined;
-    await rename(spoolPath, out);
-  } catch (err) {
-    await fh?.close().catch(() => undefined);
-    if (err instanceof AbortError || err instanceof ImageError) throw err;
-    throw ioError("writing the erofs image", out, err);
-  } finally {
-    await src.close().catch(() => undefined);
-  }
-  await syncDir(dirname(out));
+  }, async () => undefined);
   return { path: out, sizeBytes: totalBlocks * BLKSZ, inodes: inos.length, blocks: totalBlocks, inPlace: true };
 }

@@ -18,6 +18,7 @@ import { gzipSync } from "node:zlib";
 import { DigestMismatchError, LayerError } from "../../src/errors.js";
 import { resolveImage, type ImageProgress } from "../../src/image/resolve.js";
 import { extract } from "../fixtures/rootfs/erofs-check.js";
+import { blobFor, serveManifest } from "../fixtures/registry/fake-serve.js";
 import { tar } from "../fixtures/rootfs/tar-writer.js";
 import { removeDir, tempDir } from "../fixtures/oci/util.js";
 
@@ -58,14 +59,8 @@ after(async () => {
 async function serve(img: Img, layer: Layer): Promise<string> {
   let n = 0;
   const server = http.createServer((req, res) => {
-    const url = req.url ?? "";
-    if (url.includes("/manifests/")) {
-      res.writeHead(200, { "content-type": "application/vnd.oci.image.manifest.v1+json", "docker-content-digest": sha(img.manifest), "content-length": img.manifest.length });
-      res.end(req.method === "HEAD" ? undefined : img.manifest);
-      return;
-    }
-    const m = /\/blobs\/(sha256:[a-f0-9]{64})$/.exec(url);
-    const blob = m ? img.blobs.get(m[1]!) : undefined;
+    if (serveManifest(req, res, img.manifest)) return;
+    const blob = blobFor(req, img.blobs);
     if (!blob) {
       res.writeHead(404);
       res.end();

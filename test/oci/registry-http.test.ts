@@ -20,6 +20,7 @@ import { clearTokenCache, parseReference, pullImage, RegistryClient } from "../.
 import { buildTar } from "../fixtures/oci/tar.js";
 import { readAll, removeDir, tempDir } from "../fixtures/oci/util.js";
 import { freePort } from "../fixtures/registry/registry.js";
+import { blobFor, serveManifest } from "../fixtures/registry/fake-serve.js";
 
 const sha = (b: Buffer): string => `sha256:${createHash("sha256").update(b).digest("hex")}`;
 
@@ -74,14 +75,8 @@ function tinyImage(opts: { layerMediaType?: string; urls?: string[] } = {}) {
 }
 
 function serveImage(img: ReturnType<typeof tinyImage>, req: http.IncomingMessage, res: http.ServerResponse): void {
-  const url = req.url ?? "";
-  if (url.includes("/manifests/")) {
-    res.writeHead(200, { "content-type": "application/vnd.oci.image.manifest.v1+json", "docker-content-digest": sha(img.manifest), "content-length": img.manifest.length });
-    res.end(req.method === "HEAD" ? undefined : img.manifest);
-    return;
-  }
-  const m = /\/blobs\/(sha256:[a-f0-9]{64})$/.exec(url);
-  const blob = m ? img.blobs.get(m[1]!) : undefined;
+  if (serveManifest(req, res, img.manifest)) return;
+  const blob = blobFor(req, img.blobs);
   if (!blob) {
     res.writeHead(404, { "content-type": "application/json" });
     res.end(JSON.stringify({ errors: [{ code: "BLOB_UNKNOWN", message: "blob unknown" }] }));
