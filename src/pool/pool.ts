@@ -68,11 +68,12 @@ export interface PoolOptions {
    * every guest code path on first use, which makes the first exec in a
    * fresh VM ~100 ms slower. `true` runs a no-op program (the image's own
    * `true`, else the agent's `--version`) that warms the kernel's process
-   * paths and the image's usual program start-up, except on a VM that a
-   * waiting acquire() takes at once (its own first exec does the same
-   * work); a list of argv runs those too, always (e.g.
-   * [["python3", "-c", "pass"]]). Output is discarded;
-   * effects on the guest's files stay. @default true under TCG, false under KVM
+   * paths and the image's usual program start-up; a list of argv runs that,
+   * then those (e.g. [["python3", "-c", "pass"]]). Neither runs on a VM that
+   * a waiting acquire() takes at once: its own first exec does the same
+   * work, and the prewarm would only delay it. Output is discarded; effects
+   * on the guest's files stay (a warmup, baked into the snapshot, is the
+   * place for setup every VM needs). @default true under TCG, false under KVM
    */
   readonly prewarm?: boolean | readonly (readonly string[])[];
 }
@@ -195,7 +196,8 @@ export class Pool {
     const handoff = image.takeHandoffAsIs();
     if (handoff) {
       handoff.vm.net.setPolicy(p.network);
-      p.offer(handoff.vm, true, handoff.paused);
+      if (p.prewarm.length > 0) void p.prewarmHandoff(handoff.vm, handoff.paused);
+      else p.offer(handoff.vm, true, handoff.paused);
     }
     p.fill();
     // pool() resolves once min VMs are warm (or the first restore failed).
@@ -339,17 +341,11 @@ export class Pool {
       const t0 = performance.now();
       try {
         const vm = await this.image.restore({ timeoutMs: this.restoreTimeoutMs, network: this.network, signal: this.stopping.signal });
-        // A VM that an acquire() already waits for goes to it without the
-        // base prewarm: that caller's own first exec translates the same
-        // paths, and under TCG the prewarm would cost it ≈ 100 ms of CPU
-        // before it gets the VM and ≈ 25 ms more in all (docs/performance.md).
-        // The prewarm pays off for VMs that wait idle.
-        const prewarmed = this.basePrewarm && this.waiters.length === 0;
+        let prewarmed: boolean;
         this.warming.add(vm);
         try {
           if (this.closed) throw new ClosedError("the pool was shut down");
-          if (prewarmed) await basePrewarm(vm, this.restoreTimeoutMs);
-          for (const argv of this.prewarm) await vm.exec({ argv, timeoutMs: this.restoreTimeoutMs, maxOutputBytes: 1 << 20 });
+          prewarmed = await this.runPrewarm(vm);
         } catch (e) {
           await vm.destroy();
           throw e;
@@ -366,6 +362,50 @@ export class Pool {
       this.restoring--;
       this.queue.shift()?.();
     }
+  }
+
+  /**
+   * The prewarm of a VM about to be offered: the base prewarm, then the
+   * `prewarm` argv list. Skipped on a VM that an acquire() already waits
+   * for: that caller's own first exec translates what it needs, and under
+   * TCG the prewarm would cost it the prewarm's time before it gets the VM
+   * and the difference again in CPU (a Python prewarm before a Python task:
+   * ≈ 0.6 s, then ≈ 0.15 s for the task, against ≈ 0.65 s for the task
+   * alone; docs/performance.md). The prewarm pays off for VMs that wait idle.
+   * Returns whether it ran.
+   */
+  private async runPrewarm(vm: Vm): Promise<boolean> {
+    if (this.waiters.length > 0 || (!this.basePrewarm && this.prewarm.length === 0)) return false;
+    if (this.basePrewarm) await basePrewarm(vm, this.restoreTimeoutMs);
+    for (const argv of this.prewarm) await vm.exec({ argv, timeoutMs: this.restoreTimeoutMs, maxOutputBytes: 1 << 20 });
+    return true;
+  }
+
+  /**
+   * The bake's own VM, handed to this pool (the image's first): it ran the
+   * base prewarm before its snapshot, not this pool's argv list, which it
+   * runs now like every restored VM (unless an acquire() waits by then).
+   */
+  private async prewarmHandoff(vm: Vm, paused: boolean): Promise<void> {
+    this.starting++;
+    this.warming.add(vm);
+    try {
+      if (paused) await vm._resume();
+      if (this.closed) throw new ClosedError("the pool was shut down");
+      if (this.waiters.length === 0) for (const argv of this.prewarm) await vm.exec({ argv, timeoutMs: this.restoreTimeoutMs, maxOutputBytes: 1 << 20 });
+    } catch (e) {
+      this.warming.delete(vm);
+      this.starting--;
+      await vm.destroy();
+      if (!this.closed) {
+        this.lastError = e instanceof Error ? e : new Error(String(e));
+        this.fill();
+      }
+      return;
+    }
+    this.warming.delete(vm);
+    this.starting--;
+    this.offer(vm, true);
   }
 
   /**

@@ -3,8 +3,9 @@
  * `true`, else the agent's binary. The order of the two on a fake exec; a
  * real pool of an image that has no `true` (its VMs are still handed out);
  * a real pool skips the base prewarm of a VM a waiting acquire() takes, and
- * runs it for VMs that go idle (supermachine:pool:refill says which);
- * shutdown() does not wait for a prewarm in flight.
+ * runs it for VMs that go idle (supermachine:pool:refill says which), the
+ * argv list likewise; the bake's own VM, handed to the first pool, runs that
+ * pool's argv prewarm; shutdown() does not wait for a prewarm in flight.
  */
 
 import assert from "node:assert/strict";
@@ -124,6 +125,30 @@ describe("the base prewarm and waiting acquires", { timeout: 3 * VM_TEST_TIMEOUT
     }
   });
 
+  it("the argv prewarm too: skipped on a VM a waiting acquire() takes, run on one that waits idle", async () => {
+    const mark: string[][] = [["sh", "-c", "echo warm > /tmp/prewarm-mark"]];
+    const cat = async (vm: Vm) => (await vm.exec({ argv: ["cat", "/tmp/prewarm-mark"] })).stdout.toString();
+    const pool = await image!.pool({ min: 0, max: 1, prewarm: mark });
+    try {
+      refills.length = 0;
+      const vm = await pool.acquire();
+      assert.deepEqual(refills.map((r) => [r.ok, r.prewarmed]), [[true, false]]);
+      assert.equal(await cat(vm), "", "no prewarm ran on it");
+      await vm.release();
+    } finally {
+      await pool.shutdown();
+    }
+    const warm = await image!.pool({ min: 1, max: 1, prewarm: mark });
+    try {
+      await waitFor(() => warm.stats().idle === 1, 120_000, "the idle VM");
+      const vm = await warm.acquire();
+      assert.equal(await cat(vm), "warm\n");
+      await vm.release();
+    } finally {
+      await warm.shutdown();
+    }
+  });
+
   it("shutdown() does not wait for a prewarm: the VM being prewarmed is destroyed, its QEMU gone", async () => {
     const started: string[] = [];
     const onStart = (m: unknown) => void started.push((m as { id: string }).id);
@@ -154,6 +179,45 @@ describe("the base prewarm and waiting acquires", { timeout: 3 * VM_TEST_TIMEOUT
     assert.equal((await vm.exec({ argv: ["echo", "ok"] })).stdout.toString(), "ok\n");
     await vm.release();
     await pool.shutdown();
+    assert.deepEqual(descendantsMatching(/qemu-system/), [], "no QEMU of this process remains");
+  });
+});
+
+describe("the bake's own VM (the first pool's first VM)", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
+  let dir: string;
+
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), "sm-prewarm-handoff-"));
+  });
+
+  after(async () => {
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it("runs the pool's argv prewarm before it is handed out, as restored VMs do", async () => {
+    const booted: string[] = [];
+    const onStart = (m: unknown) => {
+      const e = m as { id: string; how: string };
+      if (e.how === "boot") booted.push(e.id);
+    };
+    subscribe("supermachine:vm:start", onStart);
+    let image: Image | undefined;
+    try {
+      image = await Image.build({ ref: `dir:${await defaultRootfs()}`, snapshotsDir: dir, warmupTag: `prewarm-handoff-${randomBytes(3).toString("hex")}` });
+      assert.equal(booted.length, 1, "the bake booted one VM");
+      const pool = await image.pool({ min: 1, max: 1, prewarm: [["sh", "-c", "echo warm > /tmp/prewarm-mark"]] });
+      try {
+        const vm = await pool.acquire();
+        assert.equal(vm.id, booted[0], "the bake's VM");
+        assert.equal((await vm.exec({ argv: ["cat", "/tmp/prewarm-mark"] })).stdout.toString(), "warm\n");
+        await vm.release();
+      } finally {
+        await pool.shutdown();
+      }
+    } finally {
+      unsubscribe("supermachine:vm:start", onStart);
+      await image?.close();
+    }
     assert.deepEqual(descendantsMatching(/qemu-system/), [], "no QEMU of this process remains");
   });
 });
