@@ -86,7 +86,7 @@ export async function resolveImage(ref: string, o: ResolveImageOptions = {}): Pr
     buildRootfs(manifestDigest, layers, open, { cacheDir, limits: o.limits, signal: stop.signal, onProgress });
   let early: Promise<string> | undefined;
   try {
-    const pullP = pullImage(ref, {
+    const pulling = pullImage(ref, {
       ...pullOpts,
       cacheDir,
       signal: stop.signal,
@@ -98,10 +98,9 @@ export async function resolveImage(ref: string, o: ResolveImageOptions = {}): Pr
         early.catch(() => stop.abort(new AbortError("the image build failed")));
       },
     });
-    pullP.catch(() => undefined);
     let pulled: PulledImage;
     try {
-      pulled = await pullP;
+      pulled = await pulling;
     } catch (err) {
       const built = early ? await early.then(() => undefined, (e: unknown) => e) : undefined;
       // The build's error when it stopped the pull; else the pull's own.

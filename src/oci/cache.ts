@@ -187,7 +187,7 @@ export class LiveBlob {
             continue;
           }
           // Short: the source restarted from 0 and has not written this far again.
-          if (o) throw new Error(`${this.outcome && this.outcome.ok ? this.outcome.path : this.tmpPath} is shorter than its verified size`);
+          if (o) throw new Error(`${o.path} is shorter than its verified size`);
         } else if (o && pos >= o.size) {
           return;
         }

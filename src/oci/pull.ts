@@ -178,7 +178,6 @@ function emit(opts: PullOptions, e: PullProgress): void {
   }
 }
 
-
 /** Runs `fn` over items with at most `limit` at once; fails fast. */
 export async function mapLimit<T, R>(items: readonly T[], limit: number, fn: (item: T, i: number) => Promise<R>): Promise<R[]> {
   const out = new Array<R>(items.length);
@@ -501,7 +500,7 @@ export function openArrivingLayer(layer: PulledLayer, arrival: Promise<LayerArri
       got += r.value.length;
     }
     const head = Buffer.concat(first);
-    if (out.destroyed || (sniffCompression(head) === "zstd" && typeof (zlib as unknown as { createZstdDecompress?: unknown }).createZstdDecompress !== "function")) {
+    if (out.destroyed || (sniffCompression(head) === "zstd" && !nodeZstd())) {
       await it.return(undefined);
       if (out.destroyed) return;
       return fromFile(await a.live.path());
@@ -515,6 +514,12 @@ export function openArrivingLayer(layer: PulledLayer, arrival: Promise<LayerArri
     if (!out.destroyed) out.destroy(err instanceof Error ? err : new Error(String(err)));
   });
   return out;
+}
+
+/** Node's own zstd decompressor, when this Node has one (else the `zstd` command decompresses a file). */
+function nodeZstd(): (() => import("node:stream").Transform) | undefined {
+  const f = (zlib as unknown as { createZstdDecompress?: () => import("node:stream").Transform }).createZstdDecompress;
+  return typeof f === "function" ? f : undefined;
 }
 
 /** Pipes the blob's bytes (`open`, whose first bytes are `head`) through its decompressor into `out`. */
@@ -543,8 +548,8 @@ function decodeLayer(layer: LayerBlob, what: string, head: Buffer, open: () => R
     });
     return;
   }
-  const zstdStream = (zlib as unknown as { createZstdDecompress?: () => import("node:stream").Transform }).createZstdDecompress;
-  if (typeof zstdStream === "function") {
+  const zstdStream = nodeZstd();
+  if (zstdStream) {
     const dec = zstdStream();
     dec.on("error", (e) => fail(e, "decompress (zstd)"));
     src.pipe(dec).pipe(out);
@@ -574,6 +579,5 @@ function decodeLayer(layer: LayerBlob, what: string, head: Buffer, open: () => R
   out.on("close", () => {
     if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
   });
-  return;
 }
 

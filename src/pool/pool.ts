@@ -365,18 +365,15 @@ export class Pool {
   }
 
   /**
-   * The prewarm of a VM about to be offered: the base prewarm, then the
-   * `prewarm` argv list. Skipped on a VM that an acquire() already waits
-   * for: that caller's own first exec translates what it needs, and under
-   * TCG the prewarm would cost it the prewarm's time before it gets the VM
-   * and the difference again in CPU (a Python prewarm before a Python task:
-   * ≈ 0.6 s, then ≈ 0.15 s for the task, against ≈ 0.65 s for the task
-   * alone; docs/performance.md). The prewarm pays off for VMs that wait idle.
-   * Returns whether it ran.
+   * The prewarm of a VM about to be offered: the base prewarm (when `base`),
+   * then the `prewarm` argv list. Skipped on a VM that an acquire() already
+   * waits for: that caller's own first exec translates what it needs, and
+   * under TCG the prewarm would only make it wait, then run its task on top.
+   * The prewarm pays off for VMs that wait idle. Returns whether it ran.
    */
-  private async runPrewarm(vm: Vm): Promise<boolean> {
-    if (this.waiters.length > 0 || (!this.basePrewarm && this.prewarm.length === 0)) return false;
-    if (this.basePrewarm) await basePrewarm(vm, this.restoreTimeoutMs);
+  private async runPrewarm(vm: Vm, base = this.basePrewarm): Promise<boolean> {
+    if (this.waiters.length > 0 || (!base && this.prewarm.length === 0)) return false;
+    if (base) await basePrewarm(vm, this.restoreTimeoutMs);
     for (const argv of this.prewarm) await vm.exec({ argv, timeoutMs: this.restoreTimeoutMs, maxOutputBytes: 1 << 20 });
     return true;
   }
@@ -389,23 +386,27 @@ export class Pool {
   private async prewarmHandoff(vm: Vm, paused: boolean): Promise<void> {
     this.starting++;
     this.warming.add(vm);
+    let error: Error | undefined;
     try {
       if (paused) await vm._resume();
       if (this.closed) throw new ClosedError("the pool was shut down");
-      if (this.waiters.length === 0) for (const argv of this.prewarm) await vm.exec({ argv, timeoutMs: this.restoreTimeoutMs, maxOutputBytes: 1 << 20 });
+      await this.runPrewarm(vm, false);
     } catch (e) {
+      error = e instanceof Error ? e : new Error(String(e));
+    } finally {
       this.warming.delete(vm);
+    }
+    if (!error) {
       this.starting--;
-      await vm.destroy();
-      if (!this.closed) {
-        this.lastError = e instanceof Error ? e : new Error(String(e));
-        this.fill();
-      }
+      this.offer(vm, true);
       return;
     }
-    this.warming.delete(vm);
+    this.dispose(vm);
     this.starting--;
-    this.offer(vm, true);
+    if (!this.closed) {
+      this.lastError = error;
+      this.fill();
+    }
   }
 
   /**

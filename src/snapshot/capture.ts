@@ -137,7 +137,7 @@ async function captureDetached(vm: Vm, stage: string): Promise<{ ram: SnapshotFi
       await saveState(qmp, vm.runtimeDir, statePath, { ignoreShared: true, timeoutMs: SAVE_TIMEOUT_MS });
       // Only the copy happens while the guest is stopped (cp copies the data
       // extents and leaves the holes: ~40 ms for a Python guest's 80 MB of
-      // 256 MiB); the hash is taken from the copy once it runs again (~0.2 s).
+      // 256 MiB); the hash is taken from the copy once it runs again (0.2–0.4 s).
       await sparseCopy(join(vm.runtimeDir, "ram"), ramPath);
       await flattenDisks();
       await qmp.execute("cont");
