@@ -11,7 +11,7 @@
  * again. When the ring is full the bytes go as `DATA` frames: never a wait.
  */
 
-import { closeSync, ftruncateSync, openSync, writeSync } from "node:fs";
+import { closeSync, ftruncateSync, openSync, truncateSync, writeSync } from "node:fs";
 import { join } from "node:path";
 import type { QemuDisk } from "../volumes/disks.js";
 
@@ -38,6 +38,15 @@ export function createRingFile(path: string): void {
   } finally {
     closeSync(fd);
   }
+}
+
+/**
+ * Empties a ring file in place (it becomes holes: reads give zeros), so
+ * that what one holder of a reused QEMU sent never reaches the next guest.
+ */
+export function clearRingFile(path: string): void {
+  truncateSync(path, 0);
+  truncateSync(path, RING_BYTES);
 }
 
 /** A VM's stream ring: an empty file in its runtime dir, attached read-only. */

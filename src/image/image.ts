@@ -323,6 +323,9 @@ async function publish(stage: string, dir: string): Promise<void> {
   }
 }
 
+/** Stopped QEMU processes an image keeps for reuse (Image.recycle). */
+const MAX_RECYCLED = 8;
+
 export class Image {
   /** The snapshot directory. */
   readonly snapshotPath: string;
@@ -338,6 +341,8 @@ export class Image {
   private accelChoice: AcceleratorChoice | undefined;
   /** A QEMU started ahead of the next restore (pools keep one ready). */
   private spare: Promise<StartedQemu> | undefined;
+  /** QEMU processes that VMs of this snapshot ran in, stopped, for the next restores (Vm._recycle). */
+  private recycled: StartedQemu[] = [];
   private spareUsers = 0;
   /** This process's lease on the snapshot (cache-admin.ts): prune keeps it while held. */
   private readonly lease: SnapshotLease;
@@ -642,12 +647,27 @@ export class Image {
   keepSpare(on: boolean): Promise<void> {
     this.spareUsers += on ? 1 : -1;
     if (this.spareUsers > 0) this.prepareSpare();
-    else if (this.spare) {
-      const s = this.spare;
-      this.spare = undefined;
-      // Resolves when the spare QEMU is gone.
-      return s.then(discardQemu, () => undefined);
+    else {
+      const gone = this.recycled.splice(0).map(discardQemu);
+      if (this.spare) {
+        const s = this.spare;
+        this.spare = undefined;
+        gone.push(s.then(discardQemu, () => undefined));
+      }
+      // Resolves when the spare and recycled QEMUs are gone.
+      return Promise.all(gone).then(() => undefined);
     }
+    return Promise.resolve();
+  }
+
+  /**
+   * @internal Takes back the QEMU of a VM of this image that ended
+   * (Vm._recycle), for the next restore while a pool uses the image; at
+   * most {@link MAX_RECYCLED} wait, the others are stopped.
+   */
+  recycle(s: StartedQemu): Promise<void> {
+    if (this.spareUsers <= 0 || this.recycled.length >= MAX_RECYCLED) return discardQemu(s);
+    this.recycled.push(s);
     return Promise.resolve();
   }
 
@@ -663,7 +683,12 @@ export class Image {
   /** @internal Restores one VM from the snapshot (copy-on-write RAM). */
   async restore(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number>; cpu?: Record<string, PhaseCpu>; network?: CompiledPolicy } = {}): Promise<Vm> {
     let started: StartedQemu | undefined;
-    if (this.spare) {
+    while (!started && this.recycled.length > 0) {
+      const r = this.recycled.pop()!;
+      if (r.qemu.exitStatus) void discardQemu(r);
+      else started = r;
+    }
+    if (!started && this.spare) {
       const s = this.spare;
       this.spare = undefined;
       started = await s.catch(() => undefined);
@@ -730,6 +755,7 @@ export class Image {
     const s = this.spare;
     this.spare = undefined;
     this.spareUsers = 0;
+    await Promise.all(this.recycled.splice(0).map(discardQemu));
     if (s) await s.then(discardQemu, () => undefined);
   }
 }

@@ -122,6 +122,10 @@ export class NetworkStack extends EventEmitter implements FlowHost {
   private dnsInflight = 0;
   private names = new NameTable();
   private closed = false;
+  /** Set while the VM changes hands (recycle): nothing goes in or out. */
+  private muted = false;
+  /** Bumped by reset(): a DNS answer looked up for an earlier holder is dropped. */
+  private generation = 0;
   private readonly guestIp = parseIpv4Address(GUEST_NETWORK.address)!;
   private readonly gatewayIp = parseIpv4Address(GUEST_NETWORK.gateway)!;
   private readonly gatewayMac = parseMac(GUEST_NETWORK.gatewayMac);
@@ -225,6 +229,30 @@ export class NetworkStack extends EventEmitter implements FlowHost {
     return { ...this.counters, activeConnections: this.flows.size };
   }
 
+  /**
+   * @internal The VM changes hands in the same QEMU (Vm._recycle): frames
+   * stop flowing both ways, and every connection, DNS name and counter of
+   * the previous holder is dropped. Returns false when frames written for
+   * that holder have not reached the socket yet (they would reach the next
+   * guest: the caller ends the VM instead). {@link unmute} when the next
+   * guest runs.
+   */
+  reset(): boolean {
+    this.muted = true;
+    this.generation++;
+    for (const f of [...this.flows.values()]) f.close(true);
+    this.flows.clear();
+    this.dirty.clear();
+    this.names = new NameTable();
+    this.counters = { connectionsAllowed: 0, connectionsDenied: 0, bytesOut: 0, bytesIn: 0, dnsQueries: 0, dnsDenied: 0 };
+    return !this.link || this.link.writableLength === 0;
+  }
+
+  /** @internal Lets frames flow again after {@link reset}. */
+  unmute(): void {
+    this.muted = false;
+  }
+
   /** Closes the link, every connection and the listener. Idempotent. */
   close(): void {
     if (this.closed) return;
@@ -243,6 +271,7 @@ export class NetworkStack extends EventEmitter implements FlowHost {
   // ------------------------------------------------------------------ input
 
   private frame(f: Buffer): void {
+    if (this.muted) return;
     const eth = parseEthernet(f);
     if (!eth) return;
     if ((eth.src[0]! & 1) === 0) this.guestMac = Buffer.from(eth.src);
@@ -421,6 +450,7 @@ export class NetworkStack extends EventEmitter implements FlowHost {
 
   private async dns(server: Buffer, port: number, msg: Buffer): Promise<void> {
     this.counters.dnsQueries++;
+    const generation = this.generation;
     let q: ReturnType<typeof parseQuery>;
     try {
       q = parseQuery(msg);
@@ -430,7 +460,9 @@ export class NetworkStack extends EventEmitter implements FlowHost {
       }
       return;
     }
-    const answer = (rcode: number, addresses: Buffer[] = []) => this.sendUdp(server, 53, port, buildResponse(q, rcode, addresses, DNS_TTL));
+    const answer = (rcode: number, addresses: Buffer[] = []): void => {
+      if (generation === this.generation) this.sendUdp(server, 53, port, buildResponse(q, rcode, addresses, DNS_TTL));
+    };
     const name = q.question.name;
     if (q.opcode !== 0) return answer(4);
     const d = decideName(this.policy, name);
@@ -458,6 +490,7 @@ export class NetworkStack extends EventEmitter implements FlowHost {
     } finally {
       this.dnsInflight--;
     }
+    if (generation !== this.generation) return;
     if (this.closed || policy !== this.policy) {
       // The policy changed while we looked the name up: decide again.
       if (!decideName(this.policy, name).allow) return answer(RCODE_NXDOMAIN);
@@ -479,7 +512,7 @@ export class NetworkStack extends EventEmitter implements FlowHost {
 
   private send(buf: Buffer): void {
     const l = this.link;
-    if (!l || l.destroyed) return;
+    if (!l || l.destroyed || this.muted) return;
     if (!l.write(buf)) this.linkBlocked = true;
   }
 

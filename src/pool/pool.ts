@@ -12,7 +12,7 @@
 import { ClosedError, PoolError, SupermachineError, TimeoutError, invalidOption } from "../errors.js";
 import type { Image } from "../image/image.js";
 import { leaseSnapshot, type SnapshotLease } from "../image/cache-admin.js";
-import type { Vm } from "../vm/vm.js";
+import { discardQemu, type Vm } from "../vm/vm.js";
 import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
 import { channels, trace } from "../diagnostics.js";
 
@@ -495,10 +495,21 @@ export class Pool {
     this.inUse.delete(vm);
     vm.stopForwarders();
     const released = new ClosedError(`the VM ${vm.id} was released back to its pool; its processes were ended`);
-    if (this.closed || vm.status !== "ready" || this.restoreOnRelease) {
+    if (this.closed || vm.status !== "ready") {
       // Start its replacement first, then tear it down.
       this.fill();
       await vm.destroy(released);
+      this.fill();
+      return;
+    }
+    if (this.restoreOnRelease) {
+      // Its QEMU, stopped, serves the replacement's restore when it can
+      // (docs/qemu-reuse.md); else the VM is destroyed.
+      const recycled = vm._recycle(released).then((s) => (s && !this.closed ? this.image.recycle(s) : s ? discardQemu(s) : undefined));
+      const done = recycled.catch(() => undefined);
+      this.teardown.add(done);
+      void done.then(() => this.teardown.delete(done));
+      await recycled;
       this.fill();
       return;
     }

@@ -228,5 +228,6 @@ export async function restoreSpec(o: RestoreOptions, id: string = randomBytes(4)
 
 /** Restores a VM, on a QEMU started ahead of time when one is given. */
 export async function restoreVm(o: RestoreOptions, started?: StartedQemu): Promise<Vm> {
-  return launchVm(await restoreSpec(o, started?.id), started);
+  // A reused QEMU runs a new VM: it gets an id of its own.
+  return launchVm(await restoreSpec(o, started?.reload ? undefined : started?.id), started);
 }

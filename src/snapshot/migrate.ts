@@ -116,3 +116,39 @@ export async function loadState(qmp: QmpClient, dir: string, file: string, o: { 
   await waitMigration(qmp, "loading the VM state", o.timeoutMs);
   await unlink(sock).catch(() => undefined);
 }
+
+/** The QMP command of QEMU builds with qemu/supermachine-reload.patch. */
+export const RELOAD_COMMAND = "x-supermachine-reload";
+
+/**
+ * Loads `file` (a state saved with `x-ignore-shared`) into the stopped,
+ * running QEMU of a VM that a previous holder used: QEMU's patched command
+ * (qemu/README.md) puts the snapshot's RAM file back under the guest, loads
+ * the device state from a socket this serves, and keeps the translations the
+ * reload leaves valid. The VM stays stopped; `cont` runs it.
+ */
+export async function reloadState(qmp: QmpClient, dir: string, file: string, o: { timeoutMs: number }): Promise<void> {
+  const sock = join(dir, `reload-${process.pid}.sock`);
+  await unlink(sock).catch(() => undefined);
+  let served: Promise<void> | undefined;
+  const server = createServer((s) => {
+    server.close();
+    const rs = createReadStream(file, { highWaterMark: 256 * 1024 });
+    // QEMU closes its end once it has read what it needs.
+    served = pipeline(rs, s).catch(() => undefined);
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(sock, () => resolve());
+  });
+  const timer = setTimeout(() => server.close(), o.timeoutMs);
+  try {
+    await allowQemuConnect(sock);
+    await qmp.execute(RELOAD_COMMAND, { path: sock });
+    await served;
+  } finally {
+    clearTimeout(timer);
+    server.close();
+    await unlink(sock).catch(() => undefined);
+  }
+}

@@ -38,7 +38,7 @@ import { directoryImage } from "../rootfs/cache.js";
 import { chooseAccelerator, warnTcgOnce, type Accelerator, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
 import { QemuProcess, tcgCpuModel } from "../vmm/qemu.js";
 import { QmpClient, connectQmp } from "../vmm/qmp.js";
-import { loadState } from "../snapshot/migrate.js";
+import { RELOAD_COMMAND, loadState, reloadState } from "../snapshot/migrate.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { ExecChild } from "./exec-child.js";
 import { collectOutput } from "./exec-collect.js";
@@ -49,7 +49,7 @@ import { DEFAULT_EXEC_TIMEOUT_MS, validateExec, type ExecOptions, type ExecOutpu
 import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { TcpForwarder } from "./tcp-forwarder.js";
 import { prepareDisks, type QemuDisk } from "../volumes/disks.js";
-import { StreamRing, ringDisk } from "../agent-client/ring.js";
+import { StreamRing, clearRingFile, ringDisk } from "../agent-client/ring.js";
 import { coldBootLaunch, continueFromTemplate } from "./boot-template.js";
 import { sparseCopy } from "../snapshot/files.js";
 import type { DiskPlan } from "../volumes/spec.js";
@@ -221,6 +221,36 @@ export interface StartedQemu {
   net: NetworkStack;
   /** The stream ring's file, when the VM has one. */
   ring?: string;
+  /**
+   * A QEMU a previous VM of the same snapshot ran in (Vm._recycle): stopped,
+   * its QMP connected; the state goes in with `x-supermachine-reload`
+   * instead of an incoming migration (docs/qemu-reuse.md).
+   */
+  reload?: boolean;
+}
+
+/**
+ * @internal Whether QEMU processes are reused from one VM to the next of
+ * the same snapshot (docs/qemu-reuse.md): under TCG, with a QEMU that has
+ * `x-supermachine-reload`. SUPERMACHINE_REUSE_QEMU=0 turns it off.
+ */
+export function reuseQemuFor(accel: "kvm" | "tcg", env: NodeJS.ProcessEnv = process.env): boolean {
+  return accel === "tcg" && env.SUPERMACHINE_REUSE_QEMU !== "0";
+}
+
+/** Per QEMU binary: whether it has the reload command (asked once over QMP). */
+const reloadSupport = new Map<string, Promise<boolean>>();
+
+function hasReload(binary: string, qmp: QmpClient): Promise<boolean> {
+  let p = reloadSupport.get(binary);
+  if (!p) {
+    p = qmp.execute<{ name: string }[]>("query-commands").then(
+      (cmds) => cmds.some((c) => c.name === RELOAD_COMMAND),
+      () => false,
+    );
+    reloadSupport.set(binary, p);
+  }
+  return p;
 }
 
 /**
@@ -311,7 +341,10 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
     const deadline = Date.now() + spec.bootTimeoutMs;
     if (spec.incomingState) {
       if (!qmp) throw new QemuError("a restore needs its QMP connection");
-      await loadState(qmp, dir, spec.incomingState, { ignoreShared: true, timeoutMs: Math.max(1, deadline - Date.now()) });
+      if (s.reload) {
+        await reloadState(qmp, dir, spec.incomingState, { timeoutMs: Math.max(1, deadline - Date.now()) });
+        s.net.unmute();
+      } else await loadState(qmp, dir, spec.incomingState, { ignoreShared: true, timeoutMs: Math.max(1, deadline - Date.now()) });
       const st = await qmp.execute<{ status?: string }>("query-status");
       if (st.status !== "running") await qmp.execute("cont");
       phase("loadState");
@@ -337,7 +370,8 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
     // @internal SUPERMACHINE_STREAM_RING=0: frames only (for benchmarks comparing both).
     if (s.ring && process.env.SUPERMACHINE_STREAM_RING !== "0" && conn.info?.features.includes("ring")) conn._attachRing(StreamRing.open(s.ring));
     const vm = new Vm({
-      id: s.id,
+      // A reused QEMU's VM is a new VM: a name of its own.
+      id: s.reload ? spec.id : s.id,
       accel: spec.accel.accel,
       reason: spec.accel.reason,
       memoryMib: spec.memoryMib,
@@ -1172,6 +1206,62 @@ export class Vm {
     const e = err ?? new ClosedError(`the VM ${this.id} was destroyed`);
     this.closing = this.shutdown(e);
     return this.closing;
+  }
+
+  /**
+   * @internal Ends this VM but keeps its QEMU process for the next VM of
+   * the same snapshot (docs/qemu-reuse.md): the vCPUs stop, everything this
+   * VM's holder had (agent connection, spawned processes, sessions, mounts,
+   * forwarders, network connections, stream ring bytes) ends as in
+   * destroy(), and the QEMU comes back as a StartedQemu to reload. Returns
+   * undefined, having destroyed the VM, when it cannot be reused: not under
+   * TCG with a QEMU that has the reload command, not a plain restore (disks,
+   * a template), not healthy, or reuse turned off.
+   */
+  async _recycle(err: Error): Promise<StartedQemu | undefined> {
+    const l = this.launch;
+    const qmp = this.qmpClient ? await this.qmpClient.catch(() => undefined) : undefined;
+    const reusable =
+      this.state === "ready" &&
+      this.inflight === 0 &&
+      qmp !== undefined &&
+      reuseQemuFor(this.accelerator) &&
+      this.ram.kind === "snapshot" &&
+      l.incomingState !== undefined &&
+      !l.template &&
+      !l.disks?.length &&
+      !this.qemu.exitStatus &&
+      (await hasReload(this.qemu.binary, qmp));
+    if (!reusable || this.state !== "ready") {
+      await this.destroy(err);
+      return undefined;
+    }
+    this.state = "closed";
+    let done!: () => void;
+    // A later close()/destroy() of this object must not touch the QEMU the next VM runs in.
+    this.closing = new Promise<void>((r) => (done = r));
+    try {
+      await qmp.execute("stop");
+      this.pausedLiveness = undefined;
+      for (const f of this.forwarders) f.destroy();
+      this.forwarders.clear();
+      this.conn.onFatal = () => undefined;
+      this.endSessions(err);
+      this.conn.destroy(err);
+      await this._closeMounts();
+      const ring = l.streamRing ? join(this.runtimeDir, "ring") : undefined;
+      if (ring) clearRingFile(ring);
+      if (!this.net.reset()) throw new QemuError("frames for this VM were still queued");
+      return { id: this.id, dir: this.runtimeDir, qemu: this.qemu, qmp, net: this.net, ...(ring ? { ring } : {}), reload: true };
+    } catch {
+      qmp.close();
+      this.net.close();
+      await this.qemu.stop();
+      await removeRuntimeDir(this.runtimeDir);
+      return undefined;
+    } finally {
+      done();
+    }
   }
 
   private async shutdown(err: Error): Promise<void> {

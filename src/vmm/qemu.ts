@@ -263,6 +263,8 @@ export class QemuProcess {
   readonly child: ChildProcess;
   readonly agentSocket: string;
   readonly qmpSocket: string;
+  /** The QEMU binary this runs. */
+  readonly binary: string;
   /** Resolves when QEMU has exited and its cgroup is gone (never rejects). */
   readonly exited: Promise<QemuExit>;
   private tail: Buffer[] = [];
@@ -279,8 +281,9 @@ export class QemuProcess {
   /** Called with each chunk the guest's serial console printed (vm.logs({ console: true })). */
   onConsole: ((chunk: Buffer) => void) | undefined;
 
-  private constructor(child: ChildProcess, l: QemuLaunch, c: ConfinedCommand) {
+  private constructor(child: ChildProcess, l: QemuLaunch, c: ConfinedCommand, binary: string) {
     this.child = child;
+    this.binary = binary;
     this.agentSocket = join(l.dir, "agent.sock");
     this.qmpSocket = join(l.dir, "qmp.sock");
     const onData = (b: Buffer) => {
@@ -366,7 +369,7 @@ export class QemuProcess {
       throw new QemuError(`cannot start QEMU: ${(e as Error).message}`, { cause: e });
     }
     started++;
-    const proc = new QemuProcess(child, launch, c);
+    const proc = new QemuProcess(child, launch, c, qemu);
     live.add(proc);
     await new Promise<void>((resolve, reject) => {
       child.once("spawn", resolve);
