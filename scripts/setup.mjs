@@ -8,6 +8,8 @@
 //   4. the guest agent (static Rust binary)
 //   5. the guest kernel (apt-get download, unpacked into the asset cache)
 //      and the default image
+//   6. QEMU built from Debian's source with qemu/supermachine-reload.patch
+//      (pools reuse QEMU processes under TCG; docs/qemu-reuse.md)
 // Plain JavaScript on purpose: it runs before anything is built.
 
 import { spawnSync } from "node:child_process";
@@ -47,6 +49,8 @@ const RUNTIME = [arm ? "qemu-system-arm" : "qemu-system-x86", "busybox-static", 
 // iproute2: the tests' network namespace (scripts/test.mjs). bubblewrap
 // (above) and runsc: the peers the bench harness's smoke test measures.
 // python3: its pty module drives `supermachine run -it` in test/cli/pty.test.ts.
+// Building QEMU with qemu/supermachine-reload.patch (scripts/qemu.ts).
+const QEMU_BUILD = ["dpkg-dev", "patch", "meson", "ninja-build", "pkg-config", "python3", "libglib2.0-dev", "libpixman-1-dev", "libseccomp-dev", "libfdt-dev", "gcc", "libc6-dev"];
 const TEST = ["iproute2", "erofs-utils", "docker-registry", "skopeo", "umoci", "mmdebstrap", "openssl", "apache2-utils", "tar", "gzip", "runsc", "python3"];
 
 function missingPackages(pkgs) {
@@ -72,7 +76,7 @@ function aptInstall(pkgs) {
 }
 
 if (has("dpkg-query") && has("apt-get")) {
-  const wanted = [...RUNTIME, ...(args.has("--test") ? TEST : [])];
+  const wanted = [...RUNTIME, ...(arm ? [] : QEMU_BUILD), ...(args.has("--test") ? TEST : [])];
   if (!has("cargo")) wanted.push("cargo", "rustc");
   if (!has("cc")) wanted.push("gcc", "libc6-dev");
   const missing = missingPackages(wanted);
@@ -178,4 +182,9 @@ if (!process.env.SUPERMACHINE_AGENT && (!existsSync(agentBin) || statSync(agentB
 // ---------------------------------------------------- 5. kernel and image
 
 run(process.execPath, [join(root, "dist", "scripts", "assets.js")]);
+
+// ------------------------------------------------------------- 6. QEMU build
+
+// The tests need it (process reuse is tested); elsewhere a failed build only warns.
+run(process.execPath, [join(root, "dist", "scripts", "qemu.js"), ...(args.has("--test") ? ["--required"] : [])]);
 log("ready");

@@ -15,6 +15,7 @@
  * agent connection while a request is in flight, `stop()` until QEMU is gone).
  */
 
+import { defaultCacheDir } from "../paths.js";
 import { spawn, type ChildProcess } from "node:child_process";
 import type { Writable } from "node:stream";
 import { existsSync, readFileSync, readdirSync, realpathSync } from "node:fs";
@@ -168,13 +169,27 @@ export function qemuBinaryName(arch: string = process.arch): string {
   return arch === "arm64" ? "qemu-system-aarch64" : "qemu-system-x86_64";
 }
 
-/** Finds the QEMU binary or throws MissingAssetError naming the fix. */
+/**
+ * Where `npm run setup` puts the QEMU it builds with
+ * qemu/supermachine-reload.patch (scripts/qemu.ts; docs/qemu-reuse.md).
+ */
+export function builtQemuDir(env: NodeJS.ProcessEnv = process.env): string {
+  return join(defaultCacheDir(env), "qemu");
+}
+
+/**
+ * Finds the QEMU binary or throws MissingAssetError naming the fix: the
+ * qemuBinary option, else SUPERMACHINE_QEMU, else the build `npm run setup`
+ * made (its pools reuse QEMU processes under TCG), else the host's.
+ */
 export function findQemu(explicit?: string): string {
   const p = explicit ?? process.env.SUPERMACHINE_QEMU;
   if (p) {
     if (!existsSync(p)) throw new MissingAssetError("qemu", `QEMU binary ${p} (from ${explicit ? "the qemuBinary option" : "SUPERMACHINE_QEMU"}) does not exist.`);
     return p;
   }
+  const built = join(builtQemuDir(), "bin", qemuBinaryName());
+  if (existsSync(built)) return built;
   const name = qemuBinaryName();
   const found = which(name);
   if (!found) {

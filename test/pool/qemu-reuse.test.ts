@@ -1,0 +1,176 @@
+/**
+ * Pools reuse a VM's QEMU process for the next VM of the same snapshot
+ * (docs/qemu-reuse.md), with the QEMU `npm run setup` builds with
+ * qemu/supermachine-reload.patch. On real VMs:
+ * - the next VM runs in the same QEMU process and starts from the snapshot:
+ *   files, processes, identity of the previous holder are gone;
+ * - guest code the previous holder changed in place runs as the snapshot
+ *   has it: the reload drops the translations of pages whose bytes it
+ *   changes (a stale translation would run the previous holder's code);
+ * - what the previous holder sent through the stream ring is not readable
+ *   from the ring's disk in the next VM;
+ * - SUPERMACHINE_REUSE_QEMU=0 gives a new process per VM;
+ * - nothing is left running after shutdown().
+ */
+
+import assert from "node:assert/strict";
+import { randomBytes } from "node:crypto";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, it } from "node:test";
+import { Image } from "../../src/image/image.js";
+import { findQemu } from "../../src/vmm/qemu.js";
+import type { Vm } from "../../src/vm/vm.js";
+import { VM_TEST_TIMEOUT, processAlive } from "../helpers.js";
+import { defaultImageRef } from "../../src/guest/default-image.js";
+
+/** A static x86-64 ELF that only exits with `code` (its code page is the file's first page). */
+function exitProgram(code: number): Buffer {
+  const base = 0x400000;
+  const code0 = 64 + 56;
+  // mov edi, code; mov eax, 60; syscall
+  const text = Buffer.from([0xbf, code, 0, 0, 0, 0xb8, 60, 0, 0, 0, 0x0f, 0x05]);
+  const b = Buffer.alloc(code0 + text.length);
+  b.set([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0], 0);
+  b.writeUInt16LE(2, 16); // ET_EXEC
+  b.writeUInt16LE(0x3e, 18); // x86-64
+  b.writeUInt32LE(1, 20);
+  b.writeBigUInt64LE(BigInt(base + code0), 24); // entry
+  b.writeBigUInt64LE(64n, 32); // phoff
+  b.writeUInt16LE(64, 52);
+  b.writeUInt16LE(56, 54);
+  b.writeUInt16LE(1, 56);
+  const ph = 64;
+  b.writeUInt32LE(1, ph); // PT_LOAD
+  b.writeUInt32LE(5, ph + 4); // R+X
+  b.writeBigUInt64LE(0n, ph + 8);
+  b.writeBigUInt64LE(BigInt(base), ph + 16);
+  b.writeBigUInt64LE(BigInt(base), ph + 24);
+  b.writeBigUInt64LE(BigInt(b.length), ph + 32);
+  b.writeBigUInt64LE(BigInt(b.length), ph + 40);
+  b.writeBigUInt64LE(0x1000n, ph + 48);
+  text.copy(b, code0);
+  return b;
+}
+
+async function run(vm: Vm, script: string): Promise<{ code: number; out: string }> {
+  const r = await vm.exec({ argv: ["sh", "-c", script], timeoutMs: 120_000 });
+  return { code: r.exitCode, out: r.stdout.toString() + r.stderr.toString() };
+}
+
+describe("pools reuse QEMU processes (x-supermachine-reload)", { timeout: 4 * VM_TEST_TIMEOUT }, () => {
+  let dir: string;
+  let image: Image | undefined;
+
+  before(async () => {
+    assert.match(findQemu(), /\/qemu\/bin\/qemu-system-x86_64$/, "npm run setup -- --test builds the QEMU with the reload command; the tests need it");
+    dir = await mkdtemp(join(tmpdir(), "sm-reuse-"));
+    image = await Image.build({
+      ref: await defaultImageRef(),
+      snapshotsDir: join(dir, "snapshots"),
+      warmupTag: `reuse-${randomBytes(3).toString("hex")}`,
+      warmup: async (vm) => {
+        await vm.writeFile("/tmp/p", exitProgram(1));
+        const r = await vm.exec({ argv: ["sh", "-c", "chmod 755 /tmp/p && /tmp/p"] });
+        assert.equal(r.exitCode, 1);
+      },
+    });
+  });
+
+  after(async () => {
+    await image?.close();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it("runs the next VM in the same process, from the snapshot, with the snapshot's code", async () => {
+    const pool = await image!.pool({ min: 0, max: 1 });
+    const pids: number[] = [];
+    try {
+      // The image's first VM is the bake's own (its RAM is the bake's file, not the snapshot's): not reused.
+      const bake = await pool.acquire();
+      pids.push(bake.qemu.pid!);
+      await bake.release();
+      const a = await pool.acquire();
+      pids.push(a.qemu.pid!);
+      assert.notEqual(pids[1], pids[0]);
+      const idA = a.id;
+      assert.equal((await run(a, "/tmp/p")).code, 1);
+      // The program's code page, changed in place (same inode, same page), then run.
+      await a.writeFile("/tmp/q", exitProgram(2));
+      const ddA = await run(a, "dd if=/tmp/q of=/tmp/p conv=notrunc 2>/dev/null && /tmp/p; echo rc=$?");
+      assert.equal(ddA.out, "rc=2\n");
+      await a.writeFile("/tmp/left-by-a", Buffer.from("a"));
+      await run(a, "sleep 600 >/dev/null 2>&1 & echo started");
+      const probe = "test -e /tmp/left-by-a && echo file; cat /proc/[0-9]*/comm 2>/dev/null | grep -qx sleep && echo sleeper; echo end";
+      assert.equal((await run(a, probe)).out, "file\nsleeper\nend\n");
+      await a.release();
+
+      const b = await pool.acquire();
+      pids.push(b.qemu.pid!);
+      assert.equal(pids[2], pids[1], "the next VM runs in the previous one's QEMU process");
+      assert.notEqual(b.id, idA);
+      // The snapshot's program, not a stale translation of the one A wrote.
+      assert.equal((await run(b, "/tmp/p")).code, 1);
+      assert.equal((await run(b, probe)).out, "end\n");
+      // B changes it too (A's /tmp/q went with A); C (same process again) gets the snapshot's.
+      await b.writeFile("/tmp/q", exitProgram(2));
+      assert.equal((await run(b, "dd if=/tmp/q of=/tmp/p conv=notrunc 2>/dev/null && /tmp/p")).code, 2);
+      await b.release();
+      const c = await pool.acquire();
+      pids.push(c.qemu.pid!);
+      assert.equal(pids[3], pids[1]);
+      assert.equal((await run(c, "/tmp/p")).code, 1);
+      await c.release();
+    } finally {
+      await pool.shutdown();
+    }
+    for (const pid of new Set(pids)) assert.equal(processAlive(pid), false, `QEMU ${pid} still runs after shutdown()`);
+  });
+
+  it("leaves nothing of the previous holder's stdin on the stream ring's disk", async () => {
+    const pool = await image!.pool({ min: 0, max: 1 });
+    const marker = `ring-marker-${randomBytes(6).toString("hex")}`;
+    try {
+      const a = await pool.acquire();
+      assert.equal(a.conn.info?.features.includes("ring"), true, "the VM has the stream ring");
+      const child = await a.spawn({ argv: ["sh", "-c", "cat > /dev/null"] });
+      // Whole 256 KiB regions go through the ring.
+      const chunk = Buffer.alloc(256 * 1024, `${marker}\n`);
+      for (let i = 0; i < 4; i++) await child.writeStdin(chunk);
+      await child.closeStdin();
+      assert.equal((await child.wait()).exitCode, 0);
+      const ringDev = "for d in /sys/block/vd*; do [ \"$(cat $d/serial 2>/dev/null)\" = sm-ring ] && echo /dev/${d##*/}; done";
+      // The marker is there to find while A holds the VM (the check can fail).
+      const seen = await run(a, `dev=$(${ringDev}); [ -n "$dev" ] || exit 9; grep -c ${marker} $dev`);
+      assert.notEqual(seen.code, 9, "no ring disk found");
+      assert.ok(Number(seen.out.trim()) > 0, `the marker is on A's ring: ${seen.out}`);
+      const pidA = a.qemu.pid;
+      await a.release();
+      const b = await pool.acquire();
+      assert.equal(b.qemu.pid, pidA);
+      const r = await run(b, `dev=$(${ringDev}); [ -n "$dev" ] || exit 9; grep -c ${marker} $dev`);
+      assert.equal(r.code, 1, `B must not find A's bytes on the ring: ${r.out}`);
+      await b.release();
+    } finally {
+      await pool.shutdown();
+    }
+  });
+
+  it("starts a new process per VM with SUPERMACHINE_REUSE_QEMU=0", async () => {
+    process.env.SUPERMACHINE_REUSE_QEMU = "0";
+    const pool = await image!.pool({ min: 0, max: 1 });
+    try {
+      const a = await pool.acquire();
+      const pidA = a.qemu.pid!;
+      await a.release();
+      const b = await pool.acquire();
+      assert.notEqual(b.qemu.pid, pidA);
+      assert.equal(processAlive(pidA), false);
+      await b.release();
+    } finally {
+      delete process.env.SUPERMACHINE_REUSE_QEMU;
+      await pool.shutdown();
+    }
+  });
+});
