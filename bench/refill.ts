@@ -10,7 +10,7 @@
  * (/proc/PID/task/TID/schedstat, ns); Node's is process.cpuUsage().
  *
  *   node dist/bench/refill.js [--refills N] [--cpu-models max,qemu64] [--agents A,B] [--prewarms pool,agent,true,none] [--bake-prewarms on,off]
- *                             [--idle-seconds S] [--idle-vms 1,16] [--no-paused] [--no-idle]
+ *                             [--idle-seconds S] [--idle-vms 1,16] [--no-paused] [--no-idle] [--reuse off,on]
  *
  * Several models, agents or prewarms are compared in one run, interleaved
  * (one refill of each variant in turn), so that the machine's load changes
@@ -45,6 +45,9 @@ const HELP = `usage: node dist/bench/refill.js [options]
                      and as it was before the changes of 2026-11-30 afternoon ("before": the
                      given agent binary, prewarm "agent", no bake prewarm, QEMU's self-announce
                      after each restore: SUPERMACHINE_RESTORE_ANNOUNCE=1)
+  --reuse A,B        "off": each VM's QEMU ends with it (default); "on": it serves the next
+                     restore of the same variant (Vm._recycle; docs/qemu-reuse.md). Both: each
+                     variant twice, with its own image object
   --no-paused        skip the paused-idle comparison (QMP stop, then cont on use)
   --no-idle          skip the idle measurements
 `;
@@ -84,6 +87,8 @@ interface Variant {
   prewarm: Prewarm;
   /** Environment of this variant's restores (set before each one). */
   env?: Record<string, string | undefined>;
+  /** End each VM with Vm._recycle (its QEMU serves the next restore of this image when it can: docs/qemu-reuse.md). */
+  reuse?: boolean;
 }
 
 const PHASES: readonly { key: string; what: string }[] = [
@@ -148,7 +153,10 @@ async function refill(v: Variant): Promise<Refill> {
     const warm = await measured(vm, () => vm.exec({ argv: ["echo", "hi"] }));
     return { cpu, wallMs, tbFlushes: await tbFlushes(vm), warmExecQemuMs: warm.cpu.qemuMs };
   } finally {
-    await vm.destroy();
+    if (v.reuse) {
+      const s = await vm._recycle(new Error("refill measured"));
+      if (s) await v.image.recycle(s);
+    } else await vm.destroy();
   }
 }
 
@@ -256,6 +264,8 @@ async function main(): Promise<void> {
   const bakePrewarms = a.list("bake-prewarms") ?? ["on"];
   for (const w of bakePrewarms) if (w !== "on" && w !== "off") throw new TypeError(`--bake-prewarms: expected on or off, got ${JSON.stringify(w)}`);
   const prewarmLists = prewarms.map(prewarmOf);
+  const reuse = a.list("reuse") ?? ["off"];
+  for (const r of reuse) if (r !== "on" && r !== "off") throw new TypeError(`--reuse: expected on or off, got ${JSON.stringify(r)}`);
   const busybox = await busyboxImage();
   const images: Image[] = [];
   const variants: Variant[] = [];
@@ -289,8 +299,14 @@ async function main(): Promise<void> {
         for (const agent of agents) {
           for (const bakePrewarm of bakePrewarms) {
             const what = [`-cpu ${model}`, ...(agents.length > 1 ? [`agent ${agent}`] : []), ...(bakePrewarms.length > 1 ? [`bake prewarm ${bakePrewarm}`] : [])].join(", ");
-            const image = await bake(model, agent, bakePrewarm === "on", what);
-            prewarms.forEach((p, i) => variants.push({ label: `${what}, prewarm ${p}`, image, prewarm: prewarmLists[i]! }));
+            for (const r of reuse) {
+              const image = await bake(model, agent, bakePrewarm === "on", what);
+              if (r === "on") image.keepSpare(true);
+              const label = `${what}${reuse.length > 1 || r === "on" ? `, QEMU reuse ${r}` : ""}`;
+              prewarms.forEach((p, i) =>
+                variants.push({ label: `${label}, prewarm ${p}`, image, prewarm: prewarmLists[i]!, reuse: r === "on", env: { SUPERMACHINE_REUSE_QEMU: r === "on" ? undefined : "0" } }),
+              );
+            }
           }
         }
       }
@@ -349,6 +365,7 @@ async function main(): Promise<void> {
     console.log(`\nIdle CPU (QEMU, over ${idleSeconds} s, after 2 s settling)\n`);
     console.log(table(["VMs", "ms CPU/s per VM (p50)", "all together, % of one core"], idleRows));
   } finally {
+    delete process.env.SUPERMACHINE_REUSE_QEMU;
     for (const i of images) await i.close();
   }
 }

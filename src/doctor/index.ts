@@ -22,7 +22,7 @@ import { unsupportedHostReason, hostPlatform } from "../platform/host.js";
 import { isCheckout, platformPackageStatus } from "../platform/package.js";
 import { chooseAccelerator, cpuHasVirtualization, probeHost, type AcceleratorChoice } from "../vmm/accel.js";
 import { confinement } from "../vmm/confine.js";
-import { findQemu, qemuBinaryName } from "../vmm/qemu.js";
+import { RELOAD_COMMAND, findQemu, qemuBinaryName } from "../vmm/qemu.js";
 
 /** ok: fine; warn: works, but worse (slower, less confined); fail: cannot run VMs (when required). */
 export type DoctorStatus = "ok" | "warn" | "fail";
@@ -91,6 +91,30 @@ function run(cmd: string, args: readonly string[], timeoutMs = 20_000): Promise<
   return new Promise((res) => {
     execFile(cmd, args, { timeout: timeoutMs, maxBuffer: 1 << 20, env: { PATH: "/usr/sbin:/usr/bin:/sbin:/bin" } }, (err, stdout, stderr) => res({ ok: !err, out: `${stdout}${stderr}` }));
   });
+}
+
+/** Whether pools can reuse QEMU processes (docs/qemu-reuse.md). */
+function checkQemuReuse(accel: "kvm" | "tcg"): DoctorCheck {
+  const title = "QEMU process reuse";
+  if (accel === "kvm") return { id: "qemu-reuse", title, status: "ok", required: false, detail: "not used under KVM (there is no translation to keep): one QEMU process per VM" };
+  if (process.env.SUPERMACHINE_REUSE_QEMU === "0") return { id: "qemu-reuse", title, status: "ok", required: false, detail: "off (SUPERMACHINE_REUSE_QEMU=0): one QEMU process per VM" };
+  let qemu = "";
+  let has = false;
+  try {
+    qemu = findQemu();
+    has = readFileSync(qemu).includes(RELOAD_COMMAND);
+  } catch {
+    /* reported by the QEMU check */
+  }
+  if (has) return { id: "qemu-reuse", title, status: "ok", required: false, detail: `${qemu} has ${RELOAD_COMMAND}: pools run each next VM in the previous one's QEMU process (it keeps its translations)` };
+  return {
+    id: "qemu-reuse",
+    title,
+    status: "warn",
+    required: false,
+    detail: `${qemu} has no ${RELOAD_COMMAND}: under TCG every pool VM starts a QEMU process and translates the guest's code again`,
+    fix: "in a checkout, `npm run setup` builds QEMU with qemu/supermachine-reload.patch; or point SUPERMACHINE_QEMU at such a build (docs/qemu-reuse.md)",
+  };
 }
 
 async function checkQemu(): Promise<DoctorCheck> {
@@ -298,6 +322,7 @@ export async function doctor(o: DoctorOptions = {}): Promise<DoctorReport> {
   } catch (e) {
     checks.push({ id: "accelerator", title: "accelerator", status: "fail", required: true, detail: (e as Error).message, fix: "set SUPERMACHINE_ACCEL to auto, kvm or tcg" });
   }
+  if (accelerator && qemu.status === "ok") checks.push(checkQemuReuse(accelerator.accel));
   try {
     const c = await confinement();
     checks.push({

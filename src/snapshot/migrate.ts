@@ -16,7 +16,7 @@ import { join } from "node:path";
 import { pipeline } from "node:stream/promises";
 import { QemuError, TimeoutError } from "../errors.js";
 import { allowQemuConnect } from "../vmm/confine.js";
-import { MIGRATION_IN_SOCKET } from "../vmm/qemu.js";
+import { MIGRATION_IN_SOCKET, RELOAD_COMMAND } from "../vmm/qemu.js";
 import type { QmpClient } from "../vmm/qmp.js";
 
 interface MigrateStatus {
@@ -117,8 +117,6 @@ export async function loadState(qmp: QmpClient, dir: string, file: string, o: { 
   await unlink(sock).catch(() => undefined);
 }
 
-/** The QMP command of QEMU builds with qemu/supermachine-reload.patch. */
-export const RELOAD_COMMAND = "x-supermachine-reload";
 
 /**
  * Loads `file` (a state saved with `x-ignore-shared`) into the stopped,
@@ -128,11 +126,17 @@ export const RELOAD_COMMAND = "x-supermachine-reload";
  * reload leaves valid. The VM stays stopped; `cont` runs it.
  */
 export async function reloadState(qmp: QmpClient, dir: string, file: string, o: { timeoutMs: number }): Promise<void> {
+  // The stream was saved with x-ignore-shared, which changes its format: a
+  // Vm.snapshot of the previous VM (a full stream) turned it off.
+  await setIgnoreShared(qmp, true);
   const sock = join(dir, `reload-${process.pid}.sock`);
   await unlink(sock).catch(() => undefined);
   let served: Promise<void> | undefined;
   const server = createServer((s) => {
     server.close();
+    // QEMU may close its end with bytes unread (a load it gave up): after
+    // the pipeline has ended, that reset still needs a listener.
+    s.on("error", () => undefined);
     const rs = createReadStream(file, { highWaterMark: 256 * 1024 });
     // QEMU closes its end once it has read what it needs.
     served = pipeline(rs, s).catch(() => undefined);

@@ -36,9 +36,9 @@ import { FILE_LIMIT, MsgType, Tag, WireError } from "../protocol/constants.js";
 import { encodeNetConfig, type GuestNetConfig } from "../protocol/net-config.js";
 import { directoryImage } from "../rootfs/cache.js";
 import { chooseAccelerator, warnTcgOnce, type Accelerator, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
-import { QemuProcess, tcgCpuModel } from "../vmm/qemu.js";
+import { QemuProcess, RELOAD_COMMAND, tcgCpuModel } from "../vmm/qemu.js";
 import { QmpClient, connectQmp } from "../vmm/qmp.js";
-import { RELOAD_COMMAND, loadState, reloadState } from "../snapshot/migrate.js";
+import { loadState, reloadState } from "../snapshot/migrate.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { ExecChild } from "./exec-child.js";
 import { collectOutput } from "./exec-collect.js";
@@ -319,7 +319,8 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
   const started0 = mark;
   // CPU sampling only when a benchmark asks (it reads /proc).
   let nodeMark = spec.cpu ? process.cpuUsage() : undefined;
-  let qemuMark = 0;
+  // A reused QEMU's earlier VMs are not this one's cost.
+  let qemuMark = spec.cpu && started?.reload ? started.qemu.cpuTimeMs() : 0;
   let s: StartedQemu | undefined;
   const phase = (name: string) => {
     const now = performance.now();

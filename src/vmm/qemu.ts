@@ -169,6 +169,9 @@ export function qemuBinaryName(arch: string = process.arch): string {
   return arch === "arm64" ? "qemu-system-aarch64" : "qemu-system-x86_64";
 }
 
+/** The QMP command of QEMU builds with qemu/supermachine-reload.patch (docs/qemu-reuse.md). */
+export const RELOAD_COMMAND = "x-supermachine-reload";
+
 /**
  * Where `npm run setup` puts the QEMU it builds with
  * qemu/supermachine-reload.patch (scripts/qemu.ts; docs/qemu-reuse.md).

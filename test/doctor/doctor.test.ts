@@ -24,8 +24,12 @@ describe("doctor", () => {
     const r = await doctor();
     assert.deepEqual(
       r.checks.map((c) => c.id),
-      ["platform", "qemu", "assets", "kvm", "cpu-virtualization", "accelerator", "cgroup", "bubblewrap", "setpriv", "disk", "busybox", "volumes"],
+      ["platform", "qemu", "assets", "kvm", "cpu-virtualization", "accelerator", "qemu-reuse", "cgroup", "bubblewrap", "setpriv", "disk", "busybox", "volumes"],
     );
+    // Setup built QEMU with the reload command (docs/qemu-reuse.md).
+    const reuse = r.checks.find((c) => c.id === "qemu-reuse")!;
+    if (r.accelerator?.accel === "tcg") assert.match(reuse.detail, /has x-supermachine-reload/);
+    assert.equal(reuse.status, "ok");
     assert.equal(r.ok, true, `this checkout ran setup: ${JSON.stringify(r.checks.filter((c) => c.status === "fail"))}`);
     assert.deepEqual(r.accelerator, chooseAccelerator());
     for (const c of r.checks) {
@@ -36,6 +40,30 @@ describe("doctor", () => {
       r.checks.filter((c) => c.required).map((c) => c.id),
       ["platform", "qemu", "assets"],
     );
+  });
+
+  it("QEMU process reuse: off with SUPERMACHINE_REUSE_QEMU=0; a QEMU without the command is a warning with a fix", async () => {
+    process.env.SUPERMACHINE_REUSE_QEMU = "0";
+    try {
+      const r = await doctor();
+      const reuse = r.checks.find((c) => c.id === "qemu-reuse")!;
+      if (r.accelerator?.accel === "tcg") assert.match(reuse.detail, /^off/);
+    } finally {
+      delete process.env.SUPERMACHINE_REUSE_QEMU;
+    }
+    const saved = process.env.SUPERMACHINE_QEMU;
+    process.env.SUPERMACHINE_QEMU = "/usr/bin/qemu-system-x86_64";
+    try {
+      const r = await doctor();
+      const reuse = r.checks.find((c) => c.id === "qemu-reuse")!;
+      if (r.accelerator?.accel === "tcg") {
+        assert.equal(reuse.status, "warn");
+        assert.match(reuse.fix!, /npm run setup/);
+      }
+    } finally {
+      if (saved === undefined) delete process.env.SUPERMACHINE_QEMU;
+      else process.env.SUPERMACHINE_QEMU = saved;
+    }
   });
 
   it("a low disk threshold warns and names the variables that move the caches", async () => {

@@ -324,3 +324,54 @@ async function waitUntil(cond: () => boolean, timeoutMs = 10_000): Promise<void>
     await new Promise((r) => setTimeout(r, 20));
   }
 }
+
+test("reset() for a reused VM: the previous holder's connections end upstream, nothing flows until unmute(), its DNS answers and names are dropped", async () => {
+  const { server, port, conns } = await echoServer();
+  let release!: (a: string[]) => void;
+  const slow = new Promise<string[]>((r) => (release = r));
+  const { stack, guest } = await setup({
+    policy: compilePolicy({ allow: ["127.0.0.1", "slow.test", "fast.test"] }),
+    lookup: (name) => (name === "slow.test" ? slow : Promise.resolve(["127.0.0.1"])),
+  });
+  try {
+    await handshake(guest, "127.0.0.1", port, 40101);
+    await waitUntil(() => conns.length === 1);
+    // A name the holder resolved: its synthetic address leads upstream until the reset.
+    const fast = await resolve(guest, "fast.test", 7);
+    assert.equal(fast.addresses.length, 1);
+    const fastAddr = fast.addresses[0]!;
+    // A lookup still in flight when the VM changes hands.
+    guest.udp(GUEST_NETWORK.dns, 30008, 53, dnsQuery(8, "slow.test"));
+    await waitUntil(() => stack.stats().dnsQueries === 2);
+    assert.equal(stack.stats().activeConnections, 1);
+
+    assert.equal(stack.reset(), true);
+    assert.equal(stack.stats().activeConnections, 0);
+    assert.equal(stack.stats().dnsQueries, 0);
+    await waitUntil(() => conns[0]!.destroyed || conns[0]!.readableEnded);
+    // Muted: a SYN gets no answer, ARP neither.
+    guest.drain();
+    guest.arpRequest(GUEST_NETWORK.gateway);
+    guest.tcp("127.0.0.1", { srcPort: 40102, dstPort: port, seq: 1, ack: 0, flags: SYN, mss: 1460 });
+    release(["127.0.0.1"]);
+    await new Promise((r) => setTimeout(r, 200));
+    assert.deepEqual(guest.drain(), []);
+    assert.equal(conns.length, 1);
+
+    stack.unmute();
+    // The late answer for the previous holder's query never comes.
+    await assert.rejects(guest.next((x) => x.kind === "udp" && x.udp.dstPort === 30008, 300));
+    // The previous holder's synthetic address means nothing now.
+    guest.tcp(fastAddr, { srcPort: 40103, dstPort: port, seq: 1, ack: 0, flags: SYN, mss: 1460 });
+    const rst = (await guest.next(isTcp(40103))) as TcpR;
+    assert.ok(rst.tcp.flags & RST);
+    // The next guest's traffic flows.
+    const { synAck } = await handshake(guest, "127.0.0.1", port, 40104);
+    assert.equal(synAck.tcp.flags, SYN | ACK);
+    await waitUntil(() => conns.length === 2);
+  } finally {
+    guest.close();
+    stack.close();
+    server.close();
+  }
+});

@@ -15,11 +15,12 @@
 
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { Image } from "../../src/image/image.js";
+import { SupermachineError } from "../../src/errors.js";
 import { findQemu } from "../../src/vmm/qemu.js";
 import type { Vm } from "../../src/vm/vm.js";
 import { VM_TEST_TIMEOUT, processAlive } from "../helpers.js";
@@ -155,6 +156,40 @@ describe("pools reuse QEMU processes (x-supermachine-reload)", { timeout: 4 * VM
     } finally {
       await pool.shutdown();
     }
+  });
+
+  it("a VM that was snapshotted (Vm.snapshot: a full migration stream) is reused too", async () => {
+    const pool = await image!.pool({ min: 0, max: 1 });
+    try {
+      const a = await pool.acquire();
+      const pidA = a.qemu.pid;
+      await a.snapshot(join(dir, `snap-${randomBytes(3).toString("hex")}`));
+      await a.release();
+      const b = await pool.acquire();
+      assert.equal(b.qemu.pid, pidA);
+      assert.equal((await run(b, "echo ok")).out, "ok\n");
+      await b.release();
+    } finally {
+      await pool.shutdown();
+    }
+  });
+
+  it("a reload QEMU refuses (a truncated state file) fails the acquire with the reason, and leaves no process", async () => {
+    const pool = await image!.pool({ min: 0, max: 1, acquireTimeoutMs: 120_000 });
+    const state = join(image!.snapshotPath, "state");
+    const saved = await readFile(state);
+    let pidA: number | undefined;
+    try {
+      const a = await pool.acquire();
+      pidA = a.qemu.pid!;
+      await a.release();
+      await writeFile(state, saved.subarray(0, saved.length >> 1));
+      await assert.rejects(pool.acquire(), (e: unknown) => e instanceof SupermachineError && /Loading the state failed/.test((e as Error).message));
+    } finally {
+      await writeFile(state, saved);
+      await pool.shutdown();
+    }
+    assert.equal(processAlive(pidA!), false);
   });
 
   it("starts a new process per VM with SUPERMACHINE_REUSE_QEMU=0", async () => {
