@@ -121,7 +121,14 @@ async function main(): Promise<void> {
     run("apt-get", [...apt, "update"]);
     const src = join(work, "src");
     mkdirSync(src);
-    run("apt-get", [...apt, "source", "--download-only", `qemu=${version}`], { cwd: src });
+    try {
+      run("apt-get", [...apt, "source", "--download-only", `qemu=${version}`], { cwd: src });
+    } catch (e) {
+      // That revision left the archive (a security update replaced it): the
+      // archive's current 7.2 source takes the same patch.
+      log(`the source of ${version} is not in the archive (${(e as Error).message.split("\n")[0]}); using the current one`);
+      run("apt-get", [...apt, "source", "--download-only", "qemu"], { cwd: src });
+    }
     const dsc = readdirSync(src).find((f) => f.endsWith(".dsc"));
     if (!dsc) throw new Error("apt-get source gave no .dsc");
     run("dpkg-source", ["--no-check", "-x", dsc, "q"], { cwd: src });

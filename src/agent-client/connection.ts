@@ -877,8 +877,8 @@ export interface ConnectOptions {
   /** Overall deadline for connecting and the handshake. */
   timeoutMs: number;
   signal?: AbortSignal;
-  /** Resolves when the other end (QEMU) is gone: connecting stops. */
-  gone?: Promise<unknown>;
+  /** Aborted when the other end (QEMU) is gone: connecting stops (QemuProcess.exitSignal). */
+  gone?: AbortSignal;
   /** Memory budget of the connection. @default DEFAULT_AGENT_LIMITS */
   limits?: Partial<AgentLimits>;
   /** Request deadlines. @default defaultDeadlines() */
@@ -887,16 +887,14 @@ export interface ConnectOptions {
 
 /**
  * Connects to the agent's port socket, retrying while QEMU has not created
- * it yet (or not listened on it yet). Throws ClosedError once `gone`
- * settles (QEMU exited), TimeoutError after `timeoutMs`.
+ * it yet (or not listened on it yet). Throws ClosedError once `gone` is
+ * aborted (QEMU exited), TimeoutError after `timeoutMs`.
  */
-export async function connectAgentSocket(path: string, o: { timeoutMs: number; gone?: Promise<unknown>; signal?: AbortSignal }): Promise<Socket> {
+export async function connectAgentSocket(path: string, o: { timeoutMs: number; gone?: AbortSignal; signal?: AbortSignal }): Promise<Socket> {
   const deadline = Date.now() + o.timeoutMs;
-  let gone = false;
-  o.gone?.then(() => (gone = true), () => (gone = true));
   for (;;) {
     if (o.signal?.aborted) throw o.signal.reason;
-    if (gone) throw new ClosedError("QEMU exited before the agent socket accepted a connection");
+    if (o.gone?.aborted) throw new ClosedError("QEMU exited before the agent socket accepted a connection");
     if (Date.now() > deadline) throw new TimeoutError(`could not connect to the agent socket ${path} within ${o.timeoutMs} ms`, o.timeoutMs);
     try {
       return await new Promise<Socket>((resolve, reject) => {
@@ -1080,7 +1078,7 @@ export class AgentConnection {
   }
 
   /** Sends HELLO and waits for HELLO_ACK. */
-  private handshake(timeoutMs: number, signal?: AbortSignal, gone?: Promise<unknown>): Promise<HelloInfo> {
+  private handshake(timeoutMs: number, signal?: AbortSignal, gone?: AbortSignal): Promise<HelloInfo> {
     return new Promise<HelloInfo>((resolve, reject) => {
       const timer = setTimeout(
         () => reject(new TimeoutError(`the guest agent did not answer within ${timeoutMs} ms of boot (raise bootTimeoutMs)`, timeoutMs)),
@@ -1089,16 +1087,19 @@ export class AgentConnection {
       const cleanup = () => {
         clearTimeout(timer);
         signal?.removeEventListener("abort", onAbort);
+        gone?.removeEventListener("abort", onGone);
       };
       const onAbort = () => {
         cleanup();
         reject(signal!.reason);
       };
-      signal?.addEventListener("abort", onAbort, { once: true });
-      gone?.then(() => {
+      const onGone = () => {
         cleanup();
         reject(new ClosedError("QEMU exited during boot"));
-      }, () => undefined);
+      };
+      signal?.addEventListener("abort", onAbort, { once: true });
+      if (gone?.aborted) queueMicrotask(onGone);
+      else gone?.addEventListener("abort", onGone, { once: true });
       this.hello = (h) => {
         cleanup();
         this.info = h;

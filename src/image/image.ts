@@ -323,8 +323,13 @@ async function publish(stage: string, dir: string): Promise<void> {
   }
 }
 
-/** Stopped QEMU processes an image keeps for reuse (Image.recycle). */
+/** Stopped QEMU processes an image keeps for reuse (Image.recycle), and for how long unused. */
 const MAX_RECYCLED = 8;
+/** @internal SUPERMACHINE_RECYCLED_TTL_MS overrides the 30 s (tests). */
+function recycledTtlMs(): number {
+  const v = Number(process.env.SUPERMACHINE_RECYCLED_TTL_MS);
+  return Number.isInteger(v) && v > 0 ? v : 30_000;
+}
 
 export class Image {
   /** The snapshot directory. */
@@ -668,6 +673,16 @@ export class Image {
   recycle(s: StartedQemu): Promise<void> {
     if (this.spareUsers <= 0 || this.recycled.length >= MAX_RECYCLED) return discardQemu(s);
     this.recycled.push(s);
+    // Not kept for long unused: it holds the previous guest's memory, and a
+    // pool at min 0 that goes quiet should hold no process.
+    const timer = setTimeout(() => {
+      const i = this.recycled.indexOf(s);
+      if (i >= 0) {
+        this.recycled.splice(i, 1);
+        void discardQemu(s);
+      }
+    }, recycledTtlMs());
+    timer.unref();
     return Promise.resolve();
   }
 

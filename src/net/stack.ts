@@ -122,10 +122,8 @@ export class NetworkStack extends EventEmitter implements FlowHost {
   private dnsInflight = 0;
   private names = new NameTable();
   private closed = false;
-  /** Set while the VM changes hands (recycle): nothing goes in or out. */
+  /** Set on a stack that took over a link (handOver) until unmute(): nothing goes in or out. */
   private muted = false;
-  /** Bumped by reset(): a DNS answer looked up for an earlier holder is dropped. */
-  private generation = 0;
   private readonly guestIp = parseIpv4Address(GUEST_NETWORK.address)!;
   private readonly gatewayIp = parseIpv4Address(GUEST_NETWORK.gateway)!;
   private readonly gatewayMac = parseMac(GUEST_NETWORK.gatewayMac);
@@ -138,8 +136,11 @@ export class NetworkStack extends EventEmitter implements FlowHost {
   private readonly linkMss: number;
   private counters = { connectionsAllowed: 0, connectionsDenied: 0, bytesOut: 0, bytesIn: 0, dnsQueries: 0, dnsDenied: 0 };
 
+  private readonly options: NetworkStackOptions;
+
   constructor(o: NetworkStackOptions = {}) {
     super();
+    this.options = o;
     this.policy = o.policy ?? compilePolicy(true);
     this.lookupFn = o.lookup ?? defaultLookup;
     this.connectFn = o.connect ?? defaultConnect;
@@ -230,25 +231,38 @@ export class NetworkStack extends EventEmitter implements FlowHost {
   }
 
   /**
-   * @internal The VM changes hands in the same QEMU (Vm._recycle): frames
-   * stop flowing both ways, and every connection, DNS name and counter of
-   * the previous holder is dropped. Returns false when frames written for
-   * that holder have not reached the socket yet (they would reach the next
-   * guest: the caller ends the VM instead). {@link unmute} when the next
-   * guest runs.
+   * @internal The VM changes hands in the same QEMU (Vm._recycle): a new
+   * stack, with this one's options and policy, takes over the link from
+   * QEMU, muted (no frame in or out) until {@link unmute}. This one ends as
+   * if closed: its connections close, DNS answers still in flight are
+   * dropped, its counters and "denied" listeners stay with it (the previous
+   * holder's `vm.network`). Undefined, and nothing changed, when frames
+   * written for the previous guest have not all reached the socket (they
+   * would reach the next one: the caller ends the VM instead).
    */
-  reset(): boolean {
-    this.muted = true;
-    this.generation++;
-    for (const f of [...this.flows.values()]) f.close(true);
-    this.flows.clear();
-    this.dirty.clear();
-    this.names = new NameTable();
-    this.counters = { connectionsAllowed: 0, connectionsDenied: 0, bytesOut: 0, bytesIn: 0, dnsQueries: 0, dnsDenied: 0 };
-    return !this.link || this.link.writableLength === 0;
+  handOver(): NetworkStack | undefined {
+    if (this.closed || (this.link && this.link.writableLength > 0)) return undefined;
+    const next = new NetworkStack({ ...this.options, policy: this.policy });
+    next.muted = true;
+    next.reader = this.reader; // mid-frame bytes of the stream stay in step
+    next.server = this.server;
+    next.socketPath = this.socketPath;
+    const link = this.link;
+    this.link = undefined;
+    this.server = undefined;
+    this.socketPath = undefined;
+    if (link) {
+      for (const ev of ["data", "drain", "error", "close"]) link.removeAllListeners(ev);
+      next.attach(link);
+    }
+    next.server?.removeAllListeners("connection");
+    const server = next.server;
+    server?.on("connection", (s: Socket) => s.destroy());
+    this.close();
+    return next;
   }
 
-  /** @internal Lets frames flow again after {@link reset}. */
+  /** @internal Lets frames flow on a stack that took over a link ({@link handOver}). */
   unmute(): void {
     this.muted = false;
   }
@@ -450,7 +464,6 @@ export class NetworkStack extends EventEmitter implements FlowHost {
 
   private async dns(server: Buffer, port: number, msg: Buffer): Promise<void> {
     this.counters.dnsQueries++;
-    const generation = this.generation;
     let q: ReturnType<typeof parseQuery>;
     try {
       q = parseQuery(msg);
@@ -460,9 +473,7 @@ export class NetworkStack extends EventEmitter implements FlowHost {
       }
       return;
     }
-    const answer = (rcode: number, addresses: Buffer[] = []): void => {
-      if (generation === this.generation) this.sendUdp(server, 53, port, buildResponse(q, rcode, addresses, DNS_TTL));
-    };
+    const answer = (rcode: number, addresses: Buffer[] = []) => this.sendUdp(server, 53, port, buildResponse(q, rcode, addresses, DNS_TTL));
     const name = q.question.name;
     if (q.opcode !== 0) return answer(4);
     const d = decideName(this.policy, name);
@@ -490,7 +501,6 @@ export class NetworkStack extends EventEmitter implements FlowHost {
     } finally {
       this.dnsInflight--;
     }
-    if (generation !== this.generation) return;
     if (this.closed || policy !== this.policy) {
       // The policy changed while we looked the name up: decide again.
       if (!decideName(this.policy, name).allow) return answer(RCODE_NXDOMAIN);

@@ -495,7 +495,7 @@ export class Pool {
     this.inUse.delete(vm);
     vm.stopForwarders();
     const released = new ClosedError(`the VM ${vm.id} was released back to its pool; its processes were ended`);
-    if (this.closed || vm.status !== "ready") {
+    if (this.closed || vm.status !== "ready" || (this.restoreOnRelease && !vm._mayRecycle())) {
       // Start its replacement first, then tear it down.
       this.fill();
       await vm.destroy(released);

@@ -231,7 +231,7 @@ async function buildTemplate(i: TemplateInputs, stage: string, key: string, inpu
 
 /** The agent's port socket of `q` (retried while QEMU creates it). */
 function agentSocket(q: QemuProcess, deadline: number): Promise<Socket> {
-  return connectAgentSocket(q.agentSocket, { timeoutMs: Math.max(1, deadline - Date.now()), gone: q.exited });
+  return connectAgentSocket(q.agentSocket, { timeoutMs: Math.max(1, deadline - Date.now()), gone: q.exitSignal });
 }
 
 /** Reads lines from the agent until `want`; other lines (repeated "ready") are skipped. */

@@ -238,8 +238,9 @@ export function reuseQemuFor(accel: "kvm" | "tcg", env: NodeJS.ProcessEnv = proc
   return accel === "tcg" && env.SUPERMACHINE_REUSE_QEMU !== "0";
 }
 
-/** Per QEMU binary: whether it has the reload command (asked once over QMP). */
+/** Per QEMU binary: whether it has the reload command (asked once over QMP), and the answer once known. */
 const reloadSupport = new Map<string, Promise<boolean>>();
+const reloadKnown = new Map<string, boolean>();
 
 function hasReload(binary: string, qmp: QmpClient): Promise<boolean> {
   let p = reloadSupport.get(binary);
@@ -249,6 +250,7 @@ function hasReload(binary: string, qmp: QmpClient): Promise<boolean> {
       () => false,
     );
     reloadSupport.set(binary, p);
+    void p.then((v) => reloadKnown.set(binary, v));
   }
   return p;
 }
@@ -356,7 +358,7 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
     }
     const conn = await AgentConnection.connect(q.agentSocket, {
       timeoutMs: Math.max(1, deadline - Date.now()),
-      gone: q.exited,
+      gone: q.exitSignal,
       ...(spec.signal ? { signal: spec.signal } : {}),
     }).catch((e: unknown) => {
       if (e instanceof ClosedError) throw new GuestDiedError(`the VM did not ${spec.incomingState ? "resume" : "boot"}: ${e.message}`, q.consoleTail(), { cause: e });
@@ -498,12 +500,18 @@ export class Vm {
     p.conn.onFatal = (err) => this.died(err);
     p.qemu.onDeviceError = (msg) => this.died(new GuestDiedError(`the VM ${this.id} stopped: QEMU disabled a device the guest misused (${msg})`, this.qemu.consoleTail()));
     p.conn.startLiveness(livenessTimeoutMs(), (e) => this.died(new GuestDiedError(`the VM ${this.id} stopped: ${e.message}`, this.qemu.consoleTail())));
-    void p.qemu.exited.then((ex) => {
+    this.onQemuExit = () => {
+      const ex = this.qemu.exitStatus;
       if (this.state === "ready" || this.state === "closing") {
-        this.died(new GuestDiedError(`the VM ${this.id} stopped: QEMU exited (${ex.signal ?? `code ${ex.code}`})`, this.qemu.consoleTail()));
+        this.died(new GuestDiedError(`the VM ${this.id} stopped: QEMU exited (${ex?.signal ?? `code ${ex?.code}`})`, this.qemu.consoleTail()));
       }
-    });
+    };
+    if (p.qemu.exitSignal.aborted) queueMicrotask(this.onQemuExit);
+    else p.qemu.exitSignal.addEventListener("abort", this.onQemuExit, { once: true });
   }
+
+  /** Reports QEMU's exit while this VM has it (removed when the QEMU goes to the next VM). */
+  private readonly onQemuExit: () => void;
 
   /**
    * Boots a VM from a root filesystem directory or image: QEMU microvm, our
@@ -1219,20 +1227,31 @@ export class Vm {
    * TCG with a QEMU that has the reload command, not a plain restore (disks,
    * a template), not healthy, or reuse turned off.
    */
-  async _recycle(err: Error): Promise<StartedQemu | undefined> {
+  /**
+   * @internal Whether {@link _recycle} may keep this VM's QEMU, as far as
+   * can be told without asking it (its QEMU's support of the reload command
+   * is known after the first ask).
+   */
+  _mayRecycle(): boolean {
     const l = this.launch;
-    const qmp = this.qmpClient ? await this.qmpClient.catch(() => undefined) : undefined;
-    const reusable =
+    return (
       this.state === "ready" &&
       this.inflight === 0 &&
-      qmp !== undefined &&
+      this.qmpClient !== undefined &&
       reuseQemuFor(this.accelerator) &&
       this.ram.kind === "snapshot" &&
       l.incomingState !== undefined &&
       !l.template &&
       !l.disks?.length &&
       !this.qemu.exitStatus &&
-      (await hasReload(this.qemu.binary, qmp));
+      reloadKnown.get(this.qemu.binary) !== false
+    );
+  }
+
+  async _recycle(err: Error): Promise<StartedQemu | undefined> {
+    const l = this.launch;
+    const qmp = this.qmpClient ? await this.qmpClient.catch(() => undefined) : undefined;
+    const reusable = this._mayRecycle() && qmp !== undefined && (await hasReload(this.qemu.binary, qmp));
     if (!reusable || this.state !== "ready") {
       await this.destroy(err);
       return undefined;
@@ -1252,8 +1271,12 @@ export class Vm {
       await this._closeMounts();
       const ring = l.streamRing ? join(this.runtimeDir, "ring") : undefined;
       if (ring) clearRingFile(ring);
-      if (!this.net.reset()) throw new QemuError("frames for this VM were still queued");
-      return { id: this.id, dir: this.runtimeDir, qemu: this.qemu, qmp, net: this.net, ...(ring ? { ring } : {}), reload: true };
+      // The next VM gets a network stack of its own on the same link.
+      const net = this.net.handOver();
+      if (!net) throw new QemuError("frames for this VM were still queued");
+      this.qemu.exitSignal.removeEventListener("abort", this.onQemuExit);
+      this.qemu.onDeviceError = undefined;
+      return { id: this.id, dir: this.runtimeDir, qemu: this.qemu, qmp, net, ...(ring ? { ring } : {}), reload: true };
     } catch {
       qmp.close();
       this.net.close();

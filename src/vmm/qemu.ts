@@ -285,6 +285,13 @@ export class QemuProcess {
   readonly binary: string;
   /** Resolves when QEMU has exited and its cgroup is gone (never rejects). */
   readonly exited: Promise<QemuExit>;
+  /**
+   * Aborted when `exited` resolves. Listeners can be removed, unlike a
+   * promise's: a QEMU that serves many VMs one after another
+   * (docs/qemu-reuse.md) must not keep each of them reachable.
+   */
+  readonly exitSignal: AbortSignal;
+  private readonly exitController = new AbortController();
   private tail: Buffer[] = [];
   private tailBytes = 0;
   private exitInfo: QemuExit | undefined;
@@ -302,6 +309,7 @@ export class QemuProcess {
   private constructor(child: ChildProcess, l: QemuLaunch, c: ConfinedCommand, binary: string) {
     this.child = child;
     this.binary = binary;
+    this.exitSignal = this.exitController.signal;
     this.agentSocket = join(l.dir, "agent.sock");
     this.qmpSocket = join(l.dir, "qmp.sock");
     const onData = (b: Buffer) => {
@@ -326,6 +334,7 @@ export class QemuProcess {
           live.delete(this);
           this.exitInfo = info;
           resolve(info);
+          this.exitController.abort(info);
         })();
       });
     });

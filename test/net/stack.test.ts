@@ -325,18 +325,19 @@ async function waitUntil(cond: () => boolean, timeoutMs = 10_000): Promise<void>
   }
 }
 
-test("reset() for a reused VM: the previous holder's connections end upstream, nothing flows until unmute(), its DNS answers and names are dropped", async () => {
+test("handOver() for a reused VM: a new stack takes the link muted; the old one's connections end, its listeners, counters, names and late DNS answers stay behind", async () => {
   const { server, port, conns } = await echoServer();
   let release!: (a: string[]) => void;
   const slow = new Promise<string[]>((r) => (release = r));
-  const { stack, guest } = await setup({
+  const { stack, guest, denied } = await setup({
     policy: compilePolicy({ allow: ["127.0.0.1", "slow.test", "fast.test"] }),
     lookup: (name) => (name === "slow.test" ? slow : Promise.resolve(["127.0.0.1"])),
   });
+  let next: NetworkStack | undefined;
   try {
     await handshake(guest, "127.0.0.1", port, 40101);
     await waitUntil(() => conns.length === 1);
-    // A name the holder resolved: its synthetic address leads upstream until the reset.
+    // A name the holder resolved: its synthetic address leads upstream until the hand-over.
     const fast = await resolve(guest, "fast.test", 7);
     assert.equal(fast.addresses.length, 1);
     const fastAddr = fast.addresses[0]!;
@@ -345,11 +346,15 @@ test("reset() for a reused VM: the previous holder's connections end upstream, n
     await waitUntil(() => stack.stats().dnsQueries === 2);
     assert.equal(stack.stats().activeConnections, 1);
 
-    assert.equal(stack.reset(), true);
-    assert.equal(stack.stats().activeConnections, 0);
-    assert.equal(stack.stats().dnsQueries, 0);
+    next = stack.handOver();
+    assert.ok(next && next !== stack);
+    const nextDenied: NetworkDeniedEvent[] = [];
+    next.on("denied", (e: NetworkDeniedEvent) => nextDenied.push(e));
+    // The old holder's upstream connection is closed; its counters stay with its object.
     await waitUntil(() => conns[0]!.destroyed || conns[0]!.readableEnded);
-    // Muted: a SYN gets no answer, ARP neither.
+    assert.equal(stack.stats().dnsQueries, 2);
+    assert.equal(next.stats().dnsQueries, 0);
+    // Muted: a SYN gets no answer, ARP neither; the late answer is not sent.
     guest.drain();
     guest.arpRequest(GUEST_NETWORK.gateway);
     guest.tcp("127.0.0.1", { srcPort: 40102, dstPort: port, seq: 1, ack: 0, flags: SYN, mss: 1460 });
@@ -358,19 +363,25 @@ test("reset() for a reused VM: the previous holder's connections end upstream, n
     assert.deepEqual(guest.drain(), []);
     assert.equal(conns.length, 1);
 
-    stack.unmute();
+    next.unmute();
     // The late answer for the previous holder's query never comes.
     await assert.rejects(guest.next((x) => x.kind === "udp" && x.udp.dstPort === 30008, 300));
-    // The previous holder's synthetic address means nothing now.
+    // The previous holder's synthetic address means nothing now: refused, and
+    // the denial goes to the new stack's listeners, not the old one's.
+    const deniedBefore = denied.length;
     guest.tcp(fastAddr, { srcPort: 40103, dstPort: port, seq: 1, ack: 0, flags: SYN, mss: 1460 });
     const rst = (await guest.next(isTcp(40103))) as TcpR;
     assert.ok(rst.tcp.flags & RST);
-    // The next guest's traffic flows.
+    assert.equal(nextDenied.length, 1);
+    assert.equal(denied.length, deniedBefore);
+    // The next guest's traffic flows on the same link.
     const { synAck } = await handshake(guest, "127.0.0.1", port, 40104);
     assert.equal(synAck.tcp.flags, SYN | ACK);
     await waitUntil(() => conns.length === 2);
+    assert.equal(next.stats().activeConnections, 1);
   } finally {
     guest.close();
+    next?.close();
     stack.close();
     server.close();
   }

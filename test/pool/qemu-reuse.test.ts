@@ -55,6 +55,14 @@ function exitProgram(code: number): Buffer {
   return b;
 }
 
+async function waitUntil(cond: () => boolean, timeoutMs = 60_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!cond()) {
+    if (Date.now() > end) throw new Error("condition not met in time");
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
+
 async function run(vm: Vm, script: string): Promise<{ code: number; out: string }> {
   const r = await vm.exec({ argv: ["sh", "-c", script], timeoutMs: 120_000 });
   return { code: r.exitCode, out: r.stdout.toString() + r.stderr.toString() };
@@ -158,6 +166,36 @@ describe("pools reuse QEMU processes (x-supermachine-reload)", { timeout: 4 * VM
     }
   });
 
+  it("the previous holder's vm.network gets none of the next VM's events or counters", async () => {
+    const pool = await image!.pool({ min: 0, max: 1, network: { allow: ["127.0.0.1"] } });
+    try {
+      const a = await pool.acquire();
+      const pidA = a.qemu.pid;
+      const netA = a.network;
+      const seenA: string[] = [];
+      netA.on("denied", (e) => seenA.push(e.address ?? ""));
+      await run(a, "wget -q -T 5 -O- http://192.0.2.1/ 2>&1; true");
+      await waitUntil(() => seenA.length > 0);
+      const statsA = netA.stats();
+      const seenCount = seenA.length;
+      await a.release();
+      const b = await pool.acquire();
+      assert.equal(b.qemu.pid, pidA);
+      const seenB: string[] = [];
+      b.network.on("denied", (e) => seenB.push(e.address ?? ""));
+      await run(b, "wget -q -T 5 -O- http://198.51.100.7/ 2>&1; true");
+      await waitUntil(() => seenB.length > 0);
+      assert.deepEqual(seenB, ["198.51.100.7"]);
+      assert.equal(seenA.length, seenCount);
+      assert.ok(seenA.every((x) => x === "192.0.2.1"));
+      assert.deepEqual(netA.stats(), statsA);
+      assert.equal(b.network.stats().connectionsDenied, 1);
+      await b.release();
+    } finally {
+      await pool.shutdown();
+    }
+  });
+
   it("a VM that was snapshotted (Vm.snapshot: a full migration stream) is reused too", async () => {
     const pool = await image!.pool({ min: 0, max: 1 });
     try {
@@ -190,6 +228,24 @@ describe("pools reuse QEMU processes (x-supermachine-reload)", { timeout: 4 * VM
       await pool.shutdown();
     }
     assert.equal(processAlive(pidA!), false);
+  });
+
+  it("a released VM's process kept for reuse ends when no restore takes it in time (a quiet pool at min 0 holds none)", async () => {
+    process.env.SUPERMACHINE_RECYCLED_TTL_MS = "1500";
+    const pool = await image!.pool({ min: 0, max: 1 });
+    try {
+      const a = await pool.acquire();
+      const pid = a.qemu.pid!;
+      await a.release();
+      assert.equal(processAlive(pid), true, "kept for the next restore");
+      const deadline = Date.now() + 60_000;
+      while (processAlive(pid) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 100));
+      assert.equal(processAlive(pid), false);
+      assert.equal(pool.stats().alive, 0);
+    } finally {
+      delete process.env.SUPERMACHINE_RECYCLED_TTL_MS;
+      await pool.shutdown();
+    }
   });
 
   it("starts a new process per VM with SUPERMACHINE_REUSE_QEMU=0", async () => {

@@ -140,7 +140,7 @@ describe("VM lifecycle", { timeout: VM_TEST_TIMEOUT }, () => {
           raw.destroy();
           await new Promise((r) => setTimeout(r, 200));
         }
-        const conn = await AgentConnection.connect(qemu.agentSocket, { timeoutMs: 120_000, gone: qemu.exited });
+        const conn = await AgentConnection.connect(qemu.agentSocket, { timeoutMs: 120_000, gone: qemu.exitSignal });
         const s = conn.exec({ argv: [Buffer.from("echo"), Buffer.from(`round ${round}`)] });
         let out = "";
         s.onData = (ch, chunk) => {
