@@ -49,8 +49,6 @@ const RUNTIME = [arm ? "qemu-system-arm" : "qemu-system-x86", "busybox-static", 
 // iproute2: the tests' network namespace (scripts/test.mjs). bubblewrap
 // (above) and runsc: the peers the bench harness's smoke test measures.
 // python3: its pty module drives `supermachine run -it` in test/cli/pty.test.ts.
-// Building QEMU with qemu/supermachine-reload.patch (scripts/qemu.ts).
-const QEMU_BUILD = ["dpkg-dev", "patch", "meson", "ninja-build", "pkg-config", "python3", "libglib2.0-dev", "libpixman-1-dev", "libseccomp-dev", "libfdt-dev", "gcc", "libc6-dev"];
 const TEST = ["iproute2", "erofs-utils", "docker-registry", "skopeo", "umoci", "mmdebstrap", "openssl", "apache2-utils", "tar", "gzip", "runsc", "python3"];
 
 function missingPackages(pkgs) {
@@ -76,7 +74,7 @@ function aptInstall(pkgs) {
 }
 
 if (has("dpkg-query") && has("apt-get")) {
-  const wanted = [...RUNTIME, ...(arm ? [] : QEMU_BUILD), ...(args.has("--test") ? TEST : [])];
+  const wanted = [...RUNTIME, ...(args.has("--test") ? TEST : [])];
   if (!has("cargo")) wanted.push("cargo", "rustc");
   if (!has("cc")) wanted.push("gcc", "libc6-dev");
   const missing = missingPackages(wanted);
@@ -185,6 +183,7 @@ run(process.execPath, [join(root, "dist", "scripts", "assets.js")]);
 
 // ------------------------------------------------------------- 6. QEMU build
 
+// Its build packages are installed by the step itself (src/vmm/qemu-build.ts).
 // The tests need it (process reuse is tested); elsewhere a failed build only warns.
 run(process.execPath, [join(root, "dist", "scripts", "qemu.js"), ...(args.has("--test") ? ["--required"] : [])]);
 log("ready");

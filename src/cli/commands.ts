@@ -144,7 +144,11 @@ export const SETUP: CommandSpec = {
   name: "setup",
   usage: "setup [OPTIONS]",
   summary: "Installs what doctor finds missing with apt-get (as root), then runs doctor.",
-  options: [JSON_OPT, { name: "dry-run", type: "boolean", help: "print the commands instead of running them" }],
+  options: [
+    JSON_OPT,
+    { name: "dry-run", type: "boolean", help: "print the commands instead of running them" },
+    { name: "qemu", type: "boolean", help: "also build QEMU with the reload patch from Debian's source (TCG hosts: pools reuse QEMU processes; a few minutes)" },
+  ],
 };
 
 export const COMPLETION: CommandSpec = {

@@ -143,7 +143,7 @@ async function doctorCommand(cmd: "doctor" | "setup", args: string[]): Promise<n
   let report;
   if (cmd === "setup") {
     const { runSetup } = await import("../doctor/setup.js");
-    report = await runSetup({ dryRun: p.values["dry-run"] === true, log: (s) => process.stderr.write(`supermachine setup: ${s}\n`) });
+    report = await runSetup({ dryRun: p.values["dry-run"] === true, qemu: p.values.qemu === true, log: (s) => process.stderr.write(`supermachine setup: ${s}\n`) });
   } else report = await doctor();
   process.stdout.write(p.values.json === true ? `${JSON.stringify(report, null, 2)}\n` : `${formatDoctorReport(report)}\n`);
   return report.ok ? 0 : 1;

@@ -3,13 +3,16 @@
  * manager can provide (Debian/Ubuntu, as root): QEMU, bubblewrap, util-linux
  * (setpriv), busybox-static when no default-image busybox is found, and the
  * unprivileged `supermachine-qemu` user QEMU drops to when Node is root
- * (docs/confinement.md). Never builds anything: an installed package's
- * agent and kernel come prebuilt in its platform package.
+ * (docs/confinement.md). An installed package's agent and kernel come
+ * prebuilt in its platform package; `--qemu` builds QEMU with the reload
+ * patch (docs/qemu-reuse.md), system-wide when root.
  */
 
 import { spawnSync } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
 import { doctor, type DoctorReport } from "./index.js";
+import { buildPatchedQemu } from "../vmm/qemu-build.js";
+import { SYSTEM_BUILT_QEMU_DIR, builtQemuDir } from "../vmm/qemu.js";
 
 export interface SetupPlan {
   /** Debian packages to install. */
@@ -56,7 +59,7 @@ export function setupPlan(report: DoctorReport): SetupPlan {
  * Installs what is missing (when root on Debian/Ubuntu), then runs the
  * doctor again. `dryRun` only prints the commands.
  */
-export async function runSetup(o: { dryRun?: boolean; log: (s: string) => void }): Promise<DoctorReport> {
+export async function runSetup(o: { dryRun?: boolean; qemu?: boolean; log: (s: string) => void }): Promise<DoctorReport> {
   const before = await doctor();
   const plan = setupPlan(before);
   if (plan.cannot && plan.packages.length) {
@@ -77,6 +80,14 @@ export async function runSetup(o: { dryRun?: boolean; log: (s: string) => void }
     const c = ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", "supermachine-qemu"];
     o.log(`${o.dryRun ? "would run" : "running"}: ${c.join(" ")} (QEMU runs as this user when Node is root)`);
     if (!o.dryRun) spawnSync(c[0]!, c.slice(1), { stdio: "inherit" });
+  }
+  if (o.qemu) {
+    const root = typeof process.getuid === "function" && process.getuid() === 0;
+    const r = await buildPatchedQemu({ dest: root ? SYSTEM_BUILT_QEMU_DIR : builtQemuDir(), log: o.log, ...(o.dryRun ? { dryRun: true } : {}) });
+    if (r.status === "built" || r.status === "present") o.log(`QEMU with process reuse${r.status === "present" ? " (already built)" : ""}: ${r.binary}`);
+    else o.log(r.status === "skipped" ? r.reason : `could not build QEMU with process reuse: ${r.reason}`);
+  } else if (before.checks.some((c) => c.id === "qemu-reuse" && c.status === "warn")) {
+    o.log("under TCG, `supermachine setup --qemu` builds QEMU with process reuse (a few minutes; docs/qemu-reuse.md)");
   }
   return o.dryRun ? before : doctor();
 }

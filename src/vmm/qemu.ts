@@ -180,10 +180,14 @@ export function builtQemuDir(env: NodeJS.ProcessEnv = process.env): string {
   return join(defaultCacheDir(env), "qemu");
 }
 
+/** Where `sudo supermachine setup --qemu` puts that QEMU, for every user of the host. */
+export const SYSTEM_BUILT_QEMU_DIR = "/usr/local/lib/supermachine/qemu";
+
 /**
  * Finds the QEMU binary or throws MissingAssetError naming the fix: the
- * qemuBinary option, else SUPERMACHINE_QEMU, else the build `npm run setup`
- * made (its pools reuse QEMU processes under TCG), else the host's.
+ * qemuBinary option, else SUPERMACHINE_QEMU, else a build with the reload
+ * patch (`npm run setup`'s in the cache, then `supermachine setup --qemu`'s
+ * system-wide one: pools reuse QEMU processes under TCG), else the host's.
  */
 export function findQemu(explicit?: string): string {
   const p = explicit ?? process.env.SUPERMACHINE_QEMU;
@@ -191,8 +195,10 @@ export function findQemu(explicit?: string): string {
     if (!existsSync(p)) throw new MissingAssetError("qemu", `QEMU binary ${p} (from ${explicit ? "the qemuBinary option" : "SUPERMACHINE_QEMU"}) does not exist.`);
     return p;
   }
-  const built = join(builtQemuDir(), "bin", qemuBinaryName());
-  if (existsSync(built)) return built;
+  for (const dir of [builtQemuDir(), SYSTEM_BUILT_QEMU_DIR]) {
+    const built = join(dir, "bin", qemuBinaryName());
+    if (existsSync(built)) return built;
+  }
   const name = qemuBinaryName();
   const found = which(name);
   if (!found) {
