@@ -346,6 +346,9 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
       if (!qmp) throw new QemuError("a restore needs its QMP connection");
       if (s.reload) {
         await reloadState(qmp, dir, spec.incomingState, { timeoutMs: Math.max(1, deadline - Date.now()) });
+        // QEMU wrote the previous guest's last frames before it answered; the
+        // rest of this poll phase reads them (into the muted stack) first.
+        await new Promise((r) => setImmediate(r));
         s.net.unmute();
       } else await loadState(qmp, dir, spec.incomingState, { ignoreShared: true, timeoutMs: Math.max(1, deadline - Date.now()) });
       const st = await qmp.execute<{ status?: string }>("query-status");
