@@ -12,6 +12,7 @@ import { spawnSync } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
 import { doctor, type DoctorReport } from "./index.js";
 import { buildPatchedQemu } from "../vmm/qemu-build.js";
+import { missingDebianPackages } from "../platform/debian.js";
 import { SYSTEM_BUILT_QEMU_DIR, builtQemuDir } from "../vmm/qemu.js";
 
 export interface SetupPlan {
@@ -23,14 +24,6 @@ export interface SetupPlan {
   readonly cannot?: string;
 }
 
-/** The Debian packages this host lacks (per dpkg), of those supermachine uses at run time. */
-function missingPackages(wanted: readonly string[]): string[] {
-  return wanted.filter((p) => {
-    const r = spawnSync("dpkg-query", ["-W", "-f=${Status}", p], { encoding: "utf8" });
-    return r.status !== 0 || !r.stdout.includes("install ok installed");
-  });
-}
-
 /** What `setup` would do on this host, given a doctor report. */
 export function setupPlan(report: DoctorReport): SetupPlan {
   const wanted = ["qemu-system-x86", "bubblewrap", "util-linux"];
@@ -39,7 +32,7 @@ export function setupPlan(report: DoctorReport): SetupPlan {
   if (report.checks.some((c) => c.id === "busybox" && c.status !== "ok")) wanted.push("busybox-static");
   const hasApt = existsSync("/usr/bin/apt-get") && existsSync("/usr/bin/dpkg-query");
   const root = typeof process.getuid === "function" && process.getuid() === 0;
-  const packages = hasApt ? missingPackages(wanted) : [];
+  const packages = hasApt ? missingDebianPackages(wanted) : [];
   let hasUser = true;
   try {
     hasUser = readFileSync("/etc/passwd", "utf8").split("\n").some((l) => l.startsWith("supermachine-qemu:"));

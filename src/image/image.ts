@@ -346,8 +346,8 @@ export class Image {
   private accelChoice: AcceleratorChoice | undefined;
   /** A QEMU started ahead of the next restore (pools keep one ready). */
   private spare: Promise<StartedQemu> | undefined;
-  /** QEMU processes that VMs of this snapshot ran in, stopped, for the next restores (Vm._recycle). */
-  private recycled: StartedQemu[] = [];
+  /** QEMU processes that VMs of this snapshot ran in, stopped, for the next restores (Vm._recycle), each with its expiry. */
+  private recycled: { s: StartedQemu; expiry: NodeJS.Timeout }[] = [];
   private spareUsers = 0;
   /** This process's lease on the snapshot (cache-admin.ts): prune keeps it while held. */
   private readonly lease: SnapshotLease;
@@ -652,17 +652,20 @@ export class Image {
   keepSpare(on: boolean): Promise<void> {
     this.spareUsers += on ? 1 : -1;
     if (this.spareUsers > 0) this.prepareSpare();
-    else {
-      const gone = this.recycled.splice(0).map(discardQemu);
-      if (this.spare) {
-        const s = this.spare;
-        this.spare = undefined;
-        gone.push(s.then(discardQemu, () => undefined));
-      }
-      // Resolves when the spare and recycled QEMUs are gone.
-      return Promise.all(gone).then(() => undefined);
-    }
+    else return this.dropStarted();
     return Promise.resolve();
+  }
+
+  /** Stops the spare and the recycled QEMUs; resolves when they are gone. */
+  private async dropStarted(): Promise<void> {
+    const gone = this.recycled.splice(0).map((r) => {
+      clearTimeout(r.expiry);
+      return discardQemu(r.s);
+    });
+    const s = this.spare;
+    this.spare = undefined;
+    if (s) gone.push(s.then(discardQemu, () => undefined));
+    await Promise.all(gone);
   }
 
   /**
@@ -672,17 +675,16 @@ export class Image {
    */
   recycle(s: StartedQemu): Promise<void> {
     if (this.spareUsers <= 0 || this.recycled.length >= MAX_RECYCLED) return discardQemu(s);
-    this.recycled.push(s);
     // Not kept for long unused: it holds the previous guest's memory, and a
     // pool at min 0 that goes quiet should hold no process.
-    const timer = setTimeout(() => {
-      const i = this.recycled.indexOf(s);
-      if (i >= 0) {
-        this.recycled.splice(i, 1);
+    const entry = {
+      s,
+      expiry: setTimeout(() => {
+        this.recycled = this.recycled.filter((r) => r !== entry);
         void discardQemu(s);
-      }
-    }, recycledTtlMs());
-    timer.unref();
+      }, recycledTtlMs()).unref(),
+    };
+    this.recycled.push(entry);
     return Promise.resolve();
   }
 
@@ -700,8 +702,9 @@ export class Image {
     let started: StartedQemu | undefined;
     while (!started && this.recycled.length > 0) {
       const r = this.recycled.pop()!;
-      if (r.qemu.exitStatus) void discardQemu(r);
-      else started = r;
+      clearTimeout(r.expiry);
+      if (r.s.qemu.exitStatus) void discardQemu(r.s);
+      else started = r.s;
     }
     if (!started && this.spare) {
       const s = this.spare;
@@ -767,11 +770,8 @@ export class Image {
     const vm = this.handoff;
     this.handoff = undefined;
     await vm?.destroy();
-    const s = this.spare;
-    this.spare = undefined;
     this.spareUsers = 0;
-    await Promise.all(this.recycled.splice(0).map(discardQemu));
-    if (s) await s.then(discardQemu, () => undefined);
+    await this.dropStarted();
   }
 }
 

@@ -255,9 +255,8 @@ export class NetworkStack extends EventEmitter implements FlowHost {
       for (const ev of ["data", "drain", "error", "close"]) link.removeAllListeners(ev);
       next.attach(link);
     }
-    next.server?.removeAllListeners("connection");
-    const server = next.server;
-    server?.on("connection", (s: Socket) => s.destroy());
+    // QEMU never connects again: the old stack's handler (bound to it) goes.
+    next.server?.removeAllListeners("connection").on("connection", (s: Socket) => s.destroy());
     this.close();
     return next;
   }

@@ -12,7 +12,7 @@
 import { ClosedError, PoolError, SupermachineError, TimeoutError, invalidOption } from "../errors.js";
 import type { Image } from "../image/image.js";
 import { leaseSnapshot, type SnapshotLease } from "../image/cache-admin.js";
-import { discardQemu, type Vm } from "../vm/vm.js";
+import type { Vm } from "../vm/vm.js";
 import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
 import { channels, trace } from "../diagnostics.js";
 
@@ -485,7 +485,15 @@ export class Pool {
 
   /** Destroys a VM nobody waits for; shutdown() waits for it. */
   private dispose(vm: Vm): void {
-    const gone = vm.destroy().catch(() => undefined);
+    this.tearingDown(vm.destroy());
+  }
+
+  /** Teardown work that shutdown() waits for (its failure is the caller's to report). */
+  private tearingDown(work: Promise<unknown>): void {
+    const gone = work.then(
+      () => undefined,
+      () => undefined,
+    );
     this.teardown.add(gone);
     void gone.then(() => this.teardown.delete(gone));
   }
@@ -504,11 +512,10 @@ export class Pool {
     }
     if (this.restoreOnRelease) {
       // Its QEMU, stopped, serves the replacement's restore when it can
-      // (docs/qemu-reuse.md); else the VM is destroyed.
-      const recycled = vm._recycle(released).then((s) => (s && !this.closed ? this.image.recycle(s) : s ? discardQemu(s) : undefined));
-      const done = recycled.catch(() => undefined);
-      this.teardown.add(done);
-      void done.then(() => this.teardown.delete(done));
+      // (docs/qemu-reuse.md; the image stops it when no pool uses it any
+      // more); else the VM is destroyed.
+      const recycled = vm._recycle(released).then((s) => s && this.image.recycle(s));
+      this.tearingDown(recycled);
       await recycled;
       this.fill();
       return;

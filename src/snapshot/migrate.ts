@@ -11,7 +11,7 @@
 
 import { createReadStream, createWriteStream } from "node:fs";
 import { unlink } from "node:fs/promises";
-import { connect, createServer } from "node:net";
+import { connect, createServer, type Socket } from "node:net";
 import { join } from "node:path";
 import { pipeline } from "node:stream/promises";
 import { QemuError, TimeoutError } from "../errors.js";
@@ -40,17 +40,14 @@ export async function setIgnoreShared(qmp: QmpClient, on: boolean): Promise<void
 }
 
 /**
- * Saves the (stopped) VM's migration stream into `file`. With `ignoreShared`
- * the shared-file RAM is left out.
+ * Listens on `sock` for QEMU's one connection (handed to `onConnection`)
+ * while `run` asks QEMU to connect; the socket is gone afterwards.
  */
-export async function saveState(qmp: QmpClient, dir: string, file: string, o: { ignoreShared: boolean; timeoutMs: number }): Promise<void> {
-  await setIgnoreShared(qmp, o.ignoreShared);
-  const sock = join(dir, `mig-out-${process.pid}.sock`);
+async function servingQemu<T>(sock: string, onConnection: (s: Socket) => void, run: () => Promise<T>): Promise<T> {
   await unlink(sock).catch(() => undefined);
-  let received: Promise<void> | undefined;
-  const server = createServer({ pauseOnConnect: false }, (s) => {
+  const server = createServer((s) => {
     server.close();
-    received = pipeline(s, createWriteStream(file));
+    onConnection(s);
   });
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
@@ -59,16 +56,33 @@ export async function saveState(qmp: QmpClient, dir: string, file: string, o: { 
   try {
     // QEMU connects as its own (unprivileged) user.
     await allowQemuConnect(sock);
-    await qmp.execute("migrate", { uri: `unix:${sock}` });
-    await waitMigration(qmp, "saving the VM state", o.timeoutMs);
-    // QEMU has closed its end; the file is complete once the pipe drains.
-    for (let i = 0; !received && i < 100; i++) await new Promise((r) => setTimeout(r, 5));
-    if (!received) throw new QemuError("QEMU reported the state saved but never connected");
-    await received;
+    return await run();
   } finally {
     server.close();
     await unlink(sock).catch(() => undefined);
   }
+}
+
+/**
+ * Saves the (stopped) VM's migration stream into `file`. With `ignoreShared`
+ * the shared-file RAM is left out.
+ */
+export async function saveState(qmp: QmpClient, dir: string, file: string, o: { ignoreShared: boolean; timeoutMs: number }): Promise<void> {
+  await setIgnoreShared(qmp, o.ignoreShared);
+  const sock = join(dir, `mig-out-${process.pid}.sock`);
+  let received: Promise<void> | undefined;
+  await servingQemu(
+    sock,
+    (s) => (received = pipeline(s, createWriteStream(file))),
+    async () => {
+      await qmp.execute("migrate", { uri: `unix:${sock}` });
+      await waitMigration(qmp, "saving the VM state", o.timeoutMs);
+      // QEMU has closed its end; the file is complete once the pipe drains.
+      for (let i = 0; !received && i < 100; i++) await new Promise((r) => setTimeout(r, 5));
+      if (!received) throw new QemuError("QEMU reported the state saved but never connected");
+      await received;
+    },
+  );
 }
 
 /**
@@ -117,7 +131,6 @@ export async function loadState(qmp: QmpClient, dir: string, file: string, o: { 
   await unlink(sock).catch(() => undefined);
 }
 
-
 /**
  * Loads `file` (a state saved with `x-ignore-shared`) into the stopped,
  * running QEMU of a VM that a previous holder used: QEMU's patched command
@@ -130,29 +143,25 @@ export async function reloadState(qmp: QmpClient, dir: string, file: string, o: 
   // Vm.snapshot of the previous VM (a full stream) turned it off.
   await setIgnoreShared(qmp, true);
   const sock = join(dir, `reload-${process.pid}.sock`);
-  await unlink(sock).catch(() => undefined);
   let served: Promise<void> | undefined;
-  const server = createServer((s) => {
-    server.close();
+  const serve = (s: Socket) => {
     // QEMU may close its end with bytes unread (a load it gave up): after
     // the pipeline has ended, that reset still needs a listener.
     s.on("error", () => undefined);
-    const rs = createReadStream(file, { highWaterMark: 256 * 1024 });
     // QEMU closes its end once it has read what it needs.
-    served = pipeline(rs, s).catch(() => undefined);
-  });
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(sock, () => resolve());
-  });
-  const timer = setTimeout(() => server.close(), o.timeoutMs);
-  try {
-    await allowQemuConnect(sock);
-    await qmp.execute(RELOAD_COMMAND, { path: sock });
+    served = pipeline(createReadStream(file, { highWaterMark: 256 * 1024 }), s).catch(() => undefined);
+  };
+  await servingQemu(sock, serve, async () => {
+    // QEMU answers once the state is loaded; a QEMU that never does is ended by the caller.
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new TimeoutError(`reloading the VM state did not finish within ${o.timeoutMs} ms`, o.timeoutMs)), o.timeoutMs);
+    });
+    try {
+      await Promise.race([qmp.execute(RELOAD_COMMAND, { path: sock }), late]);
+    } finally {
+      clearTimeout(timer);
+    }
     await served;
-  } finally {
-    clearTimeout(timer);
-    server.close();
-    await unlink(sock).catch(() => undefined);
-  }
+  });
 }

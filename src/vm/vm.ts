@@ -238,21 +238,20 @@ export function reuseQemuFor(accel: "kvm" | "tcg", env: NodeJS.ProcessEnv = proc
   return accel === "tcg" && env.SUPERMACHINE_REUSE_QEMU !== "0";
 }
 
-/** Per QEMU binary: whether it has the reload command (asked once over QMP), and the answer once known. */
-const reloadSupport = new Map<string, Promise<boolean>>();
-const reloadKnown = new Map<string, boolean>();
+/** Per QEMU binary: whether it has the reload command (asked once over QMP; the answer replaces the question). */
+const reloadSupport = new Map<string, boolean | Promise<boolean>>();
 
-function hasReload(binary: string, qmp: QmpClient): Promise<boolean> {
-  let p = reloadSupport.get(binary);
-  if (!p) {
-    p = qmp.execute<{ name: string }[]>("query-commands").then(
+function hasReload(binary: string, qmp: QmpClient): boolean | Promise<boolean> {
+  let v = reloadSupport.get(binary);
+  if (v === undefined) {
+    v = qmp.execute<{ name: string }[]>("query-commands").then(
       (cmds) => cmds.some((c) => c.name === RELOAD_COMMAND),
       () => false,
     );
-    reloadSupport.set(binary, p);
-    void p.then((v) => reloadKnown.set(binary, v));
+    reloadSupport.set(binary, v);
+    void v.then((known) => reloadSupport.set(binary, known));
   }
-  return p;
+  return v;
 }
 
 /**
@@ -1221,16 +1220,6 @@ export class Vm {
   }
 
   /**
-   * @internal Ends this VM but keeps its QEMU process for the next VM of
-   * the same snapshot (docs/qemu-reuse.md): the vCPUs stop, everything this
-   * VM's holder had (agent connection, spawned processes, sessions, mounts,
-   * forwarders, network connections, stream ring bytes) ends as in
-   * destroy(), and the QEMU comes back as a StartedQemu to reload. Returns
-   * undefined, having destroyed the VM, when it cannot be reused: not under
-   * TCG with a QEMU that has the reload command, not a plain restore (disks,
-   * a template), not healthy, or reuse turned off.
-   */
-  /**
    * @internal Whether {@link _recycle} may keep this VM's QEMU, as far as
    * can be told without asking it (its QEMU's support of the reload command
    * is known after the first ask).
@@ -1247,10 +1236,20 @@ export class Vm {
       !l.template &&
       !l.disks?.length &&
       !this.qemu.exitStatus &&
-      reloadKnown.get(this.qemu.binary) !== false
+      reloadSupport.get(this.qemu.binary) !== false
     );
   }
 
+  /**
+   * @internal Ends this VM but keeps its QEMU process for the next VM of
+   * the same snapshot (docs/qemu-reuse.md): the vCPUs stop, everything this
+   * VM's holder had (agent connection, spawned processes, sessions, mounts,
+   * forwarders, network connections, stream ring bytes) ends as in
+   * destroy(), and the QEMU comes back as a StartedQemu to reload. Returns
+   * undefined, having destroyed the VM, when it cannot be reused: not under
+   * TCG with a QEMU that has the reload command, not a plain restore (disks,
+   * a template), not healthy, or reuse turned off.
+   */
   async _recycle(err: Error): Promise<StartedQemu | undefined> {
     const l = this.launch;
     const qmp = this.qmpClient ? await this.qmpClient.catch(() => undefined) : undefined;
@@ -1266,12 +1265,8 @@ export class Vm {
     try {
       await qmp.execute("stop");
       this.pausedLiveness = undefined;
-      for (const f of this.forwarders) f.destroy();
-      this.forwarders.clear();
-      this.conn.onFatal = () => undefined;
       this.endSessions(err);
-      this.conn.destroy(err);
-      await this._closeMounts();
+      await this.endHolder(err);
       const ring = l.streamRing ? join(this.runtimeDir, "ring") : undefined;
       if (ring) clearRingFile(ring);
       // The next VM gets a network stack of its own on the same link.
@@ -1291,14 +1286,19 @@ export class Vm {
     }
   }
 
-  private async shutdown(err: Error): Promise<void> {
-    this.state = "closed";
+  /** Ends what reaches the guest from this host: forwarders, execPath, the agent connection (requests fail with `err`), mounts. */
+  private async endHolder(err: Error): Promise<void> {
     for (const f of this.forwarders) f.destroy();
     this.forwarders.clear();
     this.conn.onFatal = () => undefined;
     this.proxy?.close();
     this.conn.destroy(err);
     await this._closeMounts();
+  }
+
+  private async shutdown(err: Error): Promise<void> {
+    this.state = "closed";
+    await this.endHolder(err);
     void this.qmpClient?.then((q) => q.close(), () => undefined);
     this.net.close();
     await this.qemu.stop();

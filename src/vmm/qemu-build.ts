@@ -12,10 +12,11 @@
 
 import { spawnSync } from "node:child_process";
 import { createHash } from "node:crypto";
-import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { availableParallelism, tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { PACKAGE_ROOT } from "../guest/assets.js";
+import { missingDebianPackages } from "../platform/debian.js";
 
 /** Debian packages the build needs. */
 export const QEMU_BUILD_PACKAGES = ["dpkg-dev", "patch", "meson", "ninja-build", "pkg-config", "python3", "libglib2.0-dev", "libpixman-1-dev", "libseccomp-dev", "libfdt-dev", "gcc", "libc6-dev", "xz-utils"];
@@ -39,8 +40,10 @@ const CONFIGURE = [
   "--firmwarepath=/usr/share/qemu",
 ];
 
+const APT_ENV = { ...process.env, DEBIAN_FRONTEND: "noninteractive" };
+
 function run(cmd: string, argv: string[], opts: { cwd?: string } = {}): string {
-  const r = spawnSync(cmd, argv, { cwd: opts.cwd, encoding: "utf8", maxBuffer: 64 << 20, env: { ...process.env, DEBIAN_FRONTEND: "noninteractive" } });
+  const r = spawnSync(cmd, argv, { cwd: opts.cwd, encoding: "utf8", maxBuffer: 64 << 20, env: APT_ENV });
   if (r.error) throw new Error(`${cmd}: ${r.error.message}`);
   if (r.status !== 0) throw new Error(`${cmd} ${argv.join(" ")} failed (exit ${r.status}):\n${(r.stderr || r.stdout).slice(-3000)}`);
   return r.stdout;
@@ -82,7 +85,6 @@ function installedSourceVersion(): string | undefined {
   return r.status === 0 && r.stdout.trim() ? r.stdout.trim() : undefined;
 }
 
-
 export type QemuBuildResult = { status: "built"; binary: string } | { status: "present"; binary: string } | { status: "skipped"; reason: string } | { status: "failed"; reason: string };
 
 /**
@@ -111,19 +113,14 @@ export async function buildPatchedQemu(o: { dest: string; log: (s: string) => vo
     }
   }
   if (!version) return { status: "failed", reason: "qemu-system-x86 is not installed (dpkg-query): install it first" };
-  const missingNow = () =>
-    QEMU_BUILD_PACKAGES.filter((p) => {
-      const r = spawnSync("dpkg-query", ["-W", "-f=${Status}", p], { encoding: "utf8" });
-      return r.status !== 0 || !r.stdout.includes("install ok installed");
-    });
-  let missing = missingNow();
+  let missing = missingDebianPackages(QEMU_BUILD_PACKAGES);
   if (missing.length && process.getuid?.() === 0) {
     const cmd = ["apt-get", "install", "-y", "--no-install-recommends", ...missing];
     log(`${o.dryRun ? "would run" : "running"}: ${cmd.join(" ")} (to build QEMU)`);
     if (!o.dryRun) {
-      spawnSync("apt-get", ["update"], { stdio: "ignore", env: { ...process.env, DEBIAN_FRONTEND: "noninteractive" } });
-      spawnSync(cmd[0]!, cmd.slice(1), { stdio: ["ignore", "ignore", "inherit"], env: { ...process.env, DEBIAN_FRONTEND: "noninteractive" } });
-      missing = missingNow();
+      spawnSync("apt-get", ["update"], { stdio: "ignore", env: APT_ENV });
+      spawnSync(cmd[0]!, cmd.slice(1), { stdio: ["ignore", "ignore", "inherit"], env: APT_ENV });
+      missing = missingDebianPackages(QEMU_BUILD_PACKAGES);
     }
   }
   if (missing.length && !o.dryRun) return { status: "failed", reason: `the build needs these Debian packages (as root: apt-get install ${missing.join(" ")})` };
@@ -162,7 +159,7 @@ export async function buildPatchedQemu(o: { dest: string; log: (s: string) => vo
     rmSync(staging, { recursive: true, force: true });
     mkdirSync(join(staging, "bin"), { recursive: true });
     copyFileSync(join(build, "qemu-system-x86_64"), join(staging, "bin", "qemu-system-x86_64"));
-    run("chmod", ["0755", join(staging, "bin", "qemu-system-x86_64")]);
+    chmodSync(join(staging, "bin", "qemu-system-x86_64"), 0o755);
     writeFileSync(join(staging, "build.json"), JSON.stringify({ key, version, patch: "supermachine-reload.patch", configure: CONFIGURE }, null, 2) + "\n");
     rmSync(dest, { recursive: true, force: true });
     mkdirSync(dirname(dest), { recursive: true });
