@@ -43,6 +43,10 @@ struct Cmdline {
     hostname: String,
     cgroups: bool,
     memcg: bool,
+    /// User-space address randomization (`sm.aslr=0` turns it off: under
+    /// TCG, a program at the same addresses reuses the translations of its
+    /// earlier runs; docs/performance.md).
+    aslr: bool,
     disks: DiskConfig,
 }
 
@@ -55,6 +59,7 @@ fn parse_cmdline(text: &str) -> Cmdline {
         hostname: "supermachine".to_string(),
         cgroups: true,
         memcg: true,
+        aslr: true,
         disks: DiskConfig::default(),
     };
     for word in text.split_whitespace() {
@@ -67,6 +72,7 @@ fn parse_cmdline(text: &str) -> Cmdline {
                 "sm.hostname" => c.hostname = v.to_string(),
                 "sm.cgroups" => c.cgroups = v != "0" && v != "off",
                 "sm.memcg" => c.memcg = v != "0" && v != "off",
+                "sm.aslr" => c.aslr = v != "0" && v != "off",
                 "sm.debug" => crate::DEBUG.store(v == "1", std::sync::atomic::Ordering::Relaxed),
                 _ => {
                     c.disks.take(k, v);
@@ -358,6 +364,11 @@ pub fn boot() -> BootReport {
     }
     if let Err(e) = set_hostname(c.hostname.as_bytes()) {
         errors.push(format!("sethostname: {}", e));
+    }
+    if !c.aslr {
+        if let Err(e) = fs::write("/proc/sys/kernel/randomize_va_space", "0") {
+            errors.push(format!("randomize_va_space: {}", e));
+        }
     }
     if let Err(e) = loopback_up() {
         errors.push(format!("loopback: {}", e));

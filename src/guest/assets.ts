@@ -13,6 +13,7 @@ import { MissingAssetError } from "../errors.js";
 import { defaultCacheDir } from "../paths.js";
 import type { Accelerator } from "../vmm/accel.js";
 import { buildCpio, S_IFCHR, S_IFDIR, S_IFREG, type CpioEntry } from "./cpio.js";
+import { isStaticElf } from "./default-image.js";
 import { locateKernel, type KernelAssets } from "./kernel.js";
 import { diskCmdline, type DiskPlan } from "../volumes/spec.js";
 import { missingAssetsHint, platformAssets } from "../platform/package.js";
@@ -83,7 +84,9 @@ export function bootAssets(o: AssetOptions = {}): Promise<BootAssets> {
 
 async function resolveAssets(cacheDir: string, o: AssetOptions): Promise<BootAssets> {
   const k: KernelAssets = locateKernel(cacheDir, { ...(o.kernel ? { kernel: o.kernel } : {}), ...(o.modulesDir ? { modulesDir: o.modulesDir } : {}) });
-  const agent = readFileSync(locateAgent(o.agentPath));
+  const agentFile = locateAgent(o.agentPath);
+  const agent = readFileSync(agentFile);
+  if (!isStaticElf(agent)) throw new MissingAssetError("agent", `the guest agent ${agentFile} is not a static ELF executable: it runs as the guest's /init, before any library exists. Build it static (npm run setup does: cargo build --release with RUSTFLAGS="-C target-feature=+crt-static").`);
   const entries: CpioEntry[] = [
     { name: "dev", mode: S_IFDIR | 0o755 },
     { name: "dev/console", mode: S_IFCHR | 0o600, rdevMajor: 5, rdevMinor: 1 },
@@ -130,6 +133,8 @@ export interface CmdlineOptions {
   disks?: readonly DiskPlan[];
   /** TSC frequency for the guest (TCG); default: the host's, from /proc/cpuinfo. */
   tscKhz?: number | null;
+  /** User-space address randomization in the guest (false: `sm.aslr=0`). @default true */
+  aslr?: boolean;
 }
 
 let tscMemo: number | null | undefined;
@@ -163,6 +168,15 @@ export function hostTscKhz(): number | null {
 }
 
 /** The guest kernel command line. */
+/**
+ * Whether a guest keeps user-space address randomization when the caller
+ * does not say: under TCG a program whose code moves is translated again at
+ * every start (docs/performance.md), under KVM it costs nothing.
+ */
+export function defaultAslr(accel: Accelerator): boolean {
+  return accel !== "tcg";
+}
+
 export function kernelCmdline(o: CmdlineOptions): string {
   const parts = [
     "console=ttyS0",
@@ -190,6 +204,7 @@ export function kernelCmdline(o: CmdlineOptions): string {
   }
   parts.push(`sm.root=${o.hasRootfs ? "/dev/vda" : "none"}`);
   if (o.hostname) parts.push(`sm.hostname=${o.hostname}`);
+  if (o.aslr === false) parts.push("sm.aslr=0");
   if (o.disks) parts.push(...diskCmdline(o.disks));
   // The agent's frame-by-frame trace on the console (consoleTail), for debugging.
   if (process.env.SUPERMACHINE_GUEST_DEBUG === "1") parts.push("sm.debug=1");

@@ -12,7 +12,7 @@ import { copyFile, link, mkdir, open, readFile, rename, rm, stat, writeFile } fr
 import { basename, join, resolve } from "node:path";
 import { promisify } from "node:util";
 import { ImageError, PoolError, SnapshotError, TimeoutError, invalidOption } from "../errors.js";
-import { bootAssets, kernelCmdline } from "../guest/assets.js";
+import { bootAssets, defaultAslr, kernelCmdline } from "../guest/assets.js";
 import { assertSupportedHost } from "../platform/host.js";
 import { DEFAULT_IMAGE_CONFIG } from "../guest/default-image.js";
 import { acquireLock } from "../oci/lock.js";
@@ -124,6 +124,16 @@ export interface BuildOptions {
   readonly snapshotsDir?: string;
   /** (extension) @default "auto" */
   readonly accel?: AcceleratorOption;
+  /**
+   * (extension) User-space address randomization in the guest
+   * (`kernel.randomize_va_space`). Under TCG every program start is
+   * translated again when its code moves, so it is off there by default:
+   * a Python start costs about a third less (docs/performance.md). It guards
+   * the guest's programs against exploits of their own inputs, never the
+   * host, which the VM boundary does; the guest kernel's own KASLR is off
+   * either way (snapshots). @default true under KVM, false under TCG
+   */
+  readonly aslr?: boolean;
   /** (extension) Image/asset cache. @default ~/.cache/supermachine */
   readonly cacheDir?: string;
   /** (extension) Registries reached over plain HTTP (loopback always is). */
@@ -186,6 +196,7 @@ interface ValidBuild {
   network: CompiledPolicy;
   disks: DiskPlan[];
   mounts: ValidMount[];
+  aslr?: boolean;
 }
 
 function validateBuild(o: BuildOptions): ValidBuild {
@@ -220,6 +231,7 @@ function validateBuild(o: BuildOptions): ValidBuild {
   const mounts = validateMounts(o.mounts);
   if (o.warmupTag !== undefined && typeof o.warmupTag !== "string") throw invalidOption("warmupTag", "a string", o.warmupTag);
   if (o.warmup !== undefined && typeof o.warmup !== "function") throw invalidOption("warmup", "an async function (vm) => void", o.warmup);
+  if (o.aslr !== undefined && typeof o.aslr !== "boolean") throw invalidOption("aslr", "a boolean", o.aslr);
   return {
     ref: o.ref.trim(),
     ...(o.name ? { name: o.name } : {}),
@@ -239,6 +251,7 @@ function validateBuild(o: BuildOptions): ValidBuild {
     network: compilePolicy(o.network),
     disks,
     mounts,
+    ...(o.aslr !== undefined ? { aslr: o.aslr } : {}),
   };
 }
 
@@ -414,6 +427,7 @@ export class Image {
     const workloadArgv = v.runWorkload ? (v.cmd ?? [...root.entrypoint, ...root.cmd]) : [];
     const imageCmd = { entrypoint: root.entrypoint, cmd: root.cmd };
     const cpuModel = accel.accel === "tcg" ? tcgCpuModel() : undefined;
+    const aslr = v.aslr ?? defaultAslr(accel.accel);
     // @internal SUPERMACHINE_BAKE_PREWARM=0: no prewarm before the snapshot (for benchmarks).
     const bakePrewarm = process.env.SUPERMACHINE_BAKE_PREWARM !== "0";
     const config: GuestConfig = { ...root.config, env: mergeEnv(root.config.env ?? [], v.env) };
@@ -442,6 +456,7 @@ export class Image {
       disks: v.disks,
       // Only when set, so the keys of existing snapshots stay the same.
       ...(v.runWorkload ? {} : { workload: false }),
+      ...(aslr ? {} : { aslr: false }),
       // Where and how each mount appears, never its host directory.
       ...(v.mounts.length ? { mounts: v.mounts.map((m) => ({ guestTag: m.guestTag, guestPath: m.guestPath ?? null, symlinks: m.symlinks, readOnly: m.readOnly })) } : {}),
     };
@@ -491,7 +506,7 @@ export class Image {
         // its RAM: the snapshot is then taken from that file).
         const boot = await coldBootLaunch({
           template: { accel: accel.accel, memoryMib: v.memoryMib, vcpus: v.vcpus, kernel: assets.kernel, initrd: assets.initrd, ...(cpuModel ? { cpuModel } : {}), cacheDir: v.cacheDir, timeoutMs: bootTimeoutMs },
-          cmdline: kernelCmdline({ accel: accel.accel, hostname: `sm-${id}`, hasRootfs: true, disks: v.disks }),
+          cmdline: kernelCmdline({ accel: accel.accel, hostname: `sm-${id}`, hasRootfs: true, disks: v.disks, aslr }),
           ram: "shared-file",
           useTemplate: v.disks.length === 0,
           ...(options.signal ? { signal: options.signal } : {}),
@@ -725,14 +740,19 @@ export class Image {
   }
 
   /**
-   * @internal This image at another memory size / vCPU count. A snapshot's
-   * RAM size and CPU count are fixed, so the image is baked again at that
-   * size on first use (its Image.build options rerun, warmup included) and
-   * cached like any build: on disk under its own key, here per size.
+   * @internal This image at another memory size / vCPU count, or with a
+   * pool's `prewarm` commands run before its snapshot. A snapshot's RAM size
+   * and CPU count are fixed, so the image is baked again at that size on
+   * first use (its Image.build options rerun, warmup included) and cached
+   * like any build: on disk under its own key, here per variant. A baked
+   * prewarm leaves the programs' pages in the snapshot's page cache, at the
+   * same guest-physical addresses in every restored VM, so under TCG their
+   * translations outlive each VM in a reused QEMU (docs/performance.md).
    */
-  sibling(memoryMib: number, vcpus: number): Promise<Image> {
-    if (memoryMib === this.memoryMib && vcpus === this.vcpus) return Promise.resolve(this);
-    const k = `${memoryMib}x${vcpus}`;
+  sibling(memoryMib: number, vcpus: number, prewarm: readonly (readonly string[])[] = [], timeoutMs = 30_000): Promise<Image> {
+    if (memoryMib === this.memoryMib && vcpus === this.vcpus && prewarm.length === 0) return Promise.resolve(this);
+    const pw = prewarm.length ? createHash("sha256").update(JSON.stringify(prewarm)).digest("hex").slice(0, 12) : "";
+    const k = `${memoryMib}x${vcpus}${pw ? `+${pw}` : ""}`;
     let p = this.siblings.get(k);
     if (p) return p;
     const recipe = this.recipe;
@@ -745,11 +765,35 @@ export class Image {
       );
     }
     const { signal: _signal, ...rest } = recipe;
-    const name = recipe.name ? `${recipe.name}-${memoryMib}m${vcpus}c`.slice(0, 128) : undefined;
-    p = Image.build({ ...rest, memoryMib, vcpus, ...(name ? { name } : {}) });
+    const suffix = `${memoryMib !== this.memoryMib || vcpus !== this.vcpus ? `-${memoryMib}m${vcpus}c` : ""}${pw ? `-pw${pw}` : ""}`;
+    const name = recipe.name ? `${recipe.name.slice(0, 128 - suffix.length)}${suffix}` : undefined;
+    const warmup = recipe.warmup;
+    p = Image.build({
+      ...rest,
+      memoryMib,
+      vcpus,
+      ...(name ? { name } : {}),
+      ...(pw
+        ? {
+            // Part of the snapshot key: another prewarm list is another bake.
+            warmupTag: `${recipe.warmupTag ?? "default"} + prewarm ${JSON.stringify(prewarm)}`,
+            // Only an optimization, like the pool's prewarm: a command that
+            // fails or times out does not fail the bake.
+            warmup: async (vm: WarmupVm) => {
+              if (warmup) await warmup(vm);
+              for (const argv of prewarm) await vm.exec({ argv: [...argv], timeoutMs, maxOutputBytes: 1 << 20 }).catch(() => undefined);
+            },
+          }
+        : {}),
+    });
     this.siblings.set(k, p);
     p.catch(() => this.siblings.delete(k));
     return p;
+  }
+
+  /** @internal Whether sibling() can bake this image again (it came from Image.build). */
+  get _rebakeable(): boolean {
+    return this.recipe !== undefined;
   }
 
   /** A pool of VMs restored from this image's snapshot. */

@@ -73,7 +73,14 @@ export interface PoolOptions {
    * a waiting acquire() takes at once: its own first exec does the same
    * work, and the prewarm would only delay it. Output is discarded; effects
    * on the guest's files stay (a warmup, baked into the snapshot, is the
-   * place for setup every VM needs). @default true under TCG, false under KVM
+   * place for setup every VM needs). A list also runs once before a
+   * snapshot of its own: the pool's first creation bakes the image again
+   * with the commands after its warmup (cached on disk like any build), so
+   * their files are in every restored VM's page cache and, under TCG with
+   * the guest's ASLR off, a reused QEMU keeps their translations
+   * (docs/performance.md). An image that cannot be baked again (loaded
+   * from a snapshot directory) only runs them per VM.
+   * @default true under TCG, false under KVM
    */
   readonly prewarm?: boolean | readonly (readonly string[])[];
 }
@@ -188,12 +195,18 @@ export class Pool {
   /** @internal Use image.pool(). Resolves when `min` VMs are ready. */
   static async create(image: Image, o: PoolOptions): Promise<Pool> {
     let p = new Pool(image, o);
-    // Another size: the image baked at that size (once, then cached).
-    if (p.memoryMib !== image.memoryMib || p.vcpus !== image.vcpus) p = new Pool(await image.sibling(p.memoryMib, p.vcpus), o);
-    image.accelFor();
-    p.snapshotLease = leaseSnapshot(p.image.snapshotPath);
-    void image.keepSpare(true);
-    const handoff = image.takeHandoffAsIs();
+    // Another size, or prewarm commands: the image baked at that size, with
+    // those commands run before its snapshot (once, then cached). An image
+    // that cannot be baked again runs the commands in every VM instead.
+    const bake = p.prewarm.length > 0 && image._rebakeable && process.env.SUPERMACHINE_BAKE_POOL_PREWARM !== "0";
+    if (p.memoryMib !== image.memoryMib || p.vcpus !== image.vcpus || bake) {
+      p = new Pool(await image.sibling(p.memoryMib, p.vcpus, bake ? p.prewarm : [], p.restoreTimeoutMs), o);
+    }
+    const img = p.image;
+    img.accelFor();
+    p.snapshotLease = leaseSnapshot(img.snapshotPath);
+    void img.keepSpare(true);
+    const handoff = img.takeHandoffAsIs();
     if (handoff) {
       handoff.vm.net.setPolicy(p.network);
       if (p.prewarm.length > 0) void p.prewarmHandoff(handoff.vm, handoff.paused);

@@ -28,7 +28,7 @@ import {
   invalidOption,
 } from "../errors.js";
 import type { Image } from "../image/image.js";
-import { bootAssets, kernelCmdline } from "../guest/assets.js";
+import { bootAssets, defaultAslr, kernelCmdline } from "../guest/assets.js";
 import { assertSupportedHost } from "../platform/host.js";
 import { defaultCacheDir } from "../paths.js";
 import { RecordBuilder } from "../protocol/codec.js";
@@ -121,6 +121,8 @@ export interface VmBootOptions {
    * @default true (SUPERMACHINE_BOOT_TEMPLATE=0 makes it false)
    */
   bootTemplate?: boolean;
+  /** (extension) User-space address randomization in the guest (see BuildOptions.aslr). @default true under KVM, false under TCG */
+  aslr?: boolean;
 }
 
 type State = "ready" | "closing" | "closed" | "dead";
@@ -547,11 +549,12 @@ export class Vm {
     const config = o.config ?? {};
     const cpuModel = choice.accel === "tcg" ? tcgCpuModel() : undefined;
     if (o.bootTemplate !== undefined && typeof o.bootTemplate !== "boolean") throw invalidOption("bootTemplate", "a boolean", o.bootTemplate);
+    if (o.aslr !== undefined && typeof o.aslr !== "boolean") throw invalidOption("aslr", "a boolean", o.aslr);
     // A VM with a root filesystem starts from the boot template (its RAM
     // mapped copy-on-write) instead of booting.
     const boot = await coldBootLaunch({
       template: { accel: choice.accel, memoryMib, vcpus, kernel: assets.kernel, initrd: assets.initrd, ...(cpuModel ? { cpuModel } : {}), ...(o.qemuBinary ? { qemuBinary: o.qemuBinary } : {}), cacheDir, timeoutMs: bootTimeoutMs },
-      cmdline: kernelCmdline({ accel: choice.accel, hostname, hasRootfs: rootfsImage !== undefined }),
+      cmdline: kernelCmdline({ accel: choice.accel, hostname, hasRootfs: rootfsImage !== undefined, aslr: o.aslr ?? defaultAslr(choice.accel) }),
       ram: "anonymous",
       useTemplate: rootfsImage !== undefined && o.bootTemplate !== false,
       ...(o.signal ? { signal: o.signal } : {}),

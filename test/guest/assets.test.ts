@@ -8,7 +8,8 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "nod
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, it } from "node:test";
-import { bootAssets, kernelCmdline } from "../../src/guest/assets.js";
+import { bootAssets, defaultAslr, kernelCmdline } from "../../src/guest/assets.js";
+import { MissingAssetError } from "../../src/errors.js";
 import { buildCpio, S_IFREG } from "../../src/guest/cpio.js";
 import { isStaticElf } from "../../src/guest/default-image.js";
 import { fetchDebianKernel, locateKernel } from "../../src/guest/kernel.js";
@@ -113,5 +114,15 @@ describe("guest assets", () => {
     const k = kernelCmdline({ accel: "kvm", hasRootfs: false }).split(" ");
     assert.ok(!k.includes("tsc=reliable"));
     assert.ok(k.includes("sm.root=none"));
+    // Guest ASLR: only a false turns it off; the default follows the accelerator.
+    assert.ok(!t.some((w) => w.startsWith("sm.aslr")));
+    assert.ok(kernelCmdline({ accel: "tcg", hasRootfs: true, aslr: false }).split(" ").includes("sm.aslr=0"));
+    assert.ok(!kernelCmdline({ accel: "tcg", hasRootfs: true, aslr: true }).includes("sm.aslr"));
+    assert.deepEqual([defaultAslr("tcg"), defaultAslr("kvm")], [false, true]);
+  });
+
+  it("a dynamically linked agent is refused with the fix named, before any VM boots", async () => {
+    // /bin/sh on the host names a program interpreter, as a cargo build without crt-static does.
+    await assert.rejects(bootAssets({ agentPath: "/bin/sh" }), (e: Error) => e instanceof MissingAssetError && e.asset === "agent" && /not a static ELF/.test(e.message) && /crt-static/.test(e.message));
   });
 });

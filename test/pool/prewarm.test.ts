@@ -4,8 +4,10 @@
  * real pool of an image that has no `true` (its VMs are still handed out);
  * a real pool skips the base prewarm of a VM a waiting acquire() takes, and
  * runs it for VMs that go idle (supermachine:pool:refill says which), the
- * argv list likewise; the bake's own VM, handed to the first pool, runs that
- * pool's argv prewarm; shutdown() does not wait for a prewarm in flight.
+ * argv list likewise (per VM only for an image loaded from its directory);
+ * a pool's argv list is baked into a snapshot of its own, once per list,
+ * and that bake's VM is the pool's first; shutdown() does not wait for a
+ * prewarm in flight.
  */
 
 import assert from "node:assert/strict";
@@ -125,10 +127,12 @@ describe("the base prewarm and waiting acquires", { timeout: 3 * VM_TEST_TIMEOUT
     }
   });
 
-  it("the argv prewarm too: skipped on a VM a waiting acquire() takes, run on one that waits idle", async () => {
+  it("the argv prewarm too (an image that cannot be baked again): skipped on a VM a waiting acquire() takes, run on one that waits idle", async () => {
     const mark: string[][] = [["sh", "-c", "echo warm > /tmp/prewarm-mark"]];
     const cat = async (vm: Vm) => (await vm.exec({ argv: ["cat", "/tmp/prewarm-mark"] })).stdout.toString();
-    const pool = await image!.pool({ min: 0, max: 1, prewarm: mark });
+    // Loaded from its directory: no recipe to bake the list with, so it runs per VM.
+    const plain = await Image.fromSnapshot(image!.snapshotPath);
+    const pool = await plain.pool({ min: 0, max: 1, prewarm: mark });
     try {
       refills.length = 0;
       const vm = await pool.acquire();
@@ -138,7 +142,7 @@ describe("the base prewarm and waiting acquires", { timeout: 3 * VM_TEST_TIMEOUT
     } finally {
       await pool.shutdown();
     }
-    const warm = await image!.pool({ min: 1, max: 1, prewarm: mark });
+    const warm = await plain.pool({ min: 1, max: 1, prewarm: mark });
     try {
       await waitFor(() => warm.stats().idle === 1, 120_000, "the idle VM");
       const vm = await warm.acquire();
@@ -147,6 +151,7 @@ describe("the base prewarm and waiting acquires", { timeout: 3 * VM_TEST_TIMEOUT
     } finally {
       await warm.shutdown();
     }
+    await plain.close();
   });
 
   it("shutdown() does not wait for a prewarm: the VM being prewarmed is destroyed, its QEMU gone", async () => {
@@ -194,7 +199,7 @@ describe("the bake's own VM (the first pool's first VM)", { timeout: 3 * VM_TEST
     await rm(dir, { recursive: true, force: true });
   });
 
-  it("runs the pool's argv prewarm before it is handed out, as restored VMs do", async () => {
+  it("is the bake of the pool's own snapshot, which ran the pool's argv prewarm", async () => {
     const booted: string[] = [];
     const onStart = (m: unknown) => {
       const e = m as { id: string; how: string };
@@ -208,7 +213,9 @@ describe("the bake's own VM (the first pool's first VM)", { timeout: 3 * VM_TEST
       const pool = await image.pool({ min: 1, max: 1, prewarm: [["sh", "-c", "echo warm > /tmp/prewarm-mark"]] });
       try {
         const vm = await pool.acquire();
-        assert.equal(vm.id, booted[0], "the bake's VM");
+        // The pool baked the image again with its prewarm list: its first VM is that bake's.
+        assert.equal(booted.length, 2, "the pool's bake booted one VM");
+        assert.equal(vm.id, booted[1], "the pool's bake's VM");
         assert.equal((await vm.exec({ argv: ["cat", "/tmp/prewarm-mark"] })).stdout.toString(), "warm\n");
         await vm.release();
       } finally {
@@ -219,5 +226,79 @@ describe("the bake's own VM (the first pool's first VM)", { timeout: 3 * VM_TEST
       await image?.close();
     }
     assert.deepEqual(descendantsMatching(/qemu-system/), [], "no QEMU of this process remains");
+  });
+});
+
+describe("a pool's prewarm list baked into a snapshot of its own", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
+  let dir: string;
+  let image: Image | undefined;
+  const boots: string[] = [];
+  const onStart = (m: unknown) => {
+    const e = m as { id: string; how: string };
+    if (e.how === "boot") boots.push(e.id);
+  };
+
+  before(async () => {
+    dir = await mkdtemp(join(tmpdir(), "sm-prewarm-bake-"));
+    image = await Image.build({ ref: `dir:${await defaultRootfs()}`, snapshotsDir: dir, warmupTag: `prewarm-bake-${randomBytes(3).toString("hex")}` });
+    subscribe("supermachine:vm:start", onStart);
+  });
+
+  after(async () => {
+    unsubscribe("supermachine:vm:start", onStart);
+    await image?.close();
+    await rm(dir, { recursive: true, force: true });
+    assert.deepEqual(descendantsMatching(/qemu-system/), [], "no QEMU of this process remains");
+  });
+
+  // Writes a random id once: a VM restored from a snapshot taken after it ran shows the snapshot's id.
+  const once: string[][] = [["sh", "-c", "[ -e /tmp/pw-id ] || cat /proc/sys/kernel/random/uuid > /tmp/pw-id"]];
+  const id = async (vm: Vm) => (await vm.exec({ argv: ["cat", "/tmp/pw-id"] })).stdout.toString().trim();
+
+  it("every restored VM has what the list did before the snapshot; a second pool with the same list bakes nothing", async () => {
+    const seen: string[] = [];
+    for (let round = 0; round < 2; round++) {
+      const pool = await image!.pool({ min: 1, max: 1, prewarm: once });
+      try {
+        for (let i = 0; i < 2; i++) {
+          const vm = await pool.acquire();
+          seen.push(await id(vm));
+          await vm.release();
+        }
+      } finally {
+        await pool.shutdown();
+      }
+    }
+    assert.match(seen[0]!, /^[0-9a-f-]{36}$/);
+    assert.deepEqual(new Set(seen).size, 1, `one id from the bake in every VM: ${seen.join(", ")}`);
+    assert.equal(boots.length, 1, "one bake, for the first pool");
+  });
+
+  it("another list is another bake; an image loaded from its directory runs the list per VM", async () => {
+    const before = boots.length;
+    const other = [...once, ["true"]];
+    const pool = await image!.pool({ min: 1, max: 1, prewarm: other });
+    await pool.shutdown();
+    assert.equal(boots.length, before + 1, "the new list baked once");
+    const plain = await Image.fromSnapshot(image!.snapshotPath);
+    try {
+      const p = await plain.pool({ min: 1, max: 1, prewarm: once });
+      const ids: string[] = [];
+      try {
+        for (let i = 0; i < 2; i++) {
+          await waitFor(() => p.stats().idle === 1, 120_000, "the idle, prewarmed VM");
+          const vm = await p.acquire();
+          ids.push(await id(vm));
+          await vm.release();
+        }
+      } finally {
+        await p.shutdown();
+      }
+      assert.equal(boots.length, before + 1, "no bake");
+      for (const x of ids) assert.match(x, /^[0-9a-f-]{36}$/, "the list ran in each VM");
+      assert.equal(new Set(ids).size, 2, `each VM ran the list itself: ${ids.join(", ")}`);
+    } finally {
+      await plain.close();
+    }
   });
 });
