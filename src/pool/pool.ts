@@ -106,9 +106,17 @@ interface Waiter {
 interface IdleVm {
   vm: Vm;
   since: number;
-  /** Set when the pool stopped the VM's vCPUs: true once stopped (false: it stayed running). */
+  /** Set when the pool stops the VM's vCPUs: true once stopped (false: it stayed running). */
   paused?: Promise<boolean>;
+  /** While the pool waits for the guest to settle before stopping it: hands it out running instead. */
+  take?: () => void;
 }
+
+/** How long a fresh VM may stay busy (its workload starting, say) before the pool stops it anyway. */
+const SETTLE_MAX_MS = 3_000;
+/** The window over which the guest's CPU use is measured, and what counts as quiet in it. */
+const SETTLE_WINDOW_MS = 25;
+const SETTLE_QUIET_MS = 5;
 
 /**
  * Whether pools stop the vCPUs of the fresh VMs they hold idle (resumed on
@@ -141,6 +149,8 @@ export class Pool {
   /** Whether the base prewarm runs (then the argv of `prewarm`). */
   private readonly basePrewarm: boolean;
   private readonly prewarm: string[][];
+  /** The `prewarm` list ran before this pool's snapshot (Image.sibling). */
+  private prewarmBaked = false;
   private readonly pauseIdle: boolean;
   private readonly network: CompiledPolicy;
   private readonly memoryMib: number;
@@ -201,6 +211,7 @@ export class Pool {
     const bake = p.prewarm.length > 0 && image._rebakeable && process.env.SUPERMACHINE_BAKE_POOL_PREWARM !== "0";
     if (p.memoryMib !== image.memoryMib || p.vcpus !== image.vcpus || bake) {
       p = new Pool(await image.sibling(p.memoryMib, p.vcpus, bake ? p.prewarm : [], p.restoreTimeoutMs), o);
+      p.prewarmBaked = bake;
     }
     const img = p.image;
     img.accelFor();
@@ -300,6 +311,7 @@ export class Pool {
     this.fill();
     let ok = false;
     try {
+      entry.take?.();
       if (await entry.paused) await vm._resume();
       ok = true;
     } catch {
@@ -386,6 +398,10 @@ export class Pool {
    */
   private async runPrewarm(vm: Vm, base = this.basePrewarm): Promise<boolean> {
     if (this.waiters.length > 0 || (!base && this.prewarm.length === 0)) return false;
+    // In a reused QEMU the VMs before this one ran the same programs from the
+    // same snapshot pages (the base prewarm's and a baked list's are in its
+    // page cache), and their translations stay: nothing left to warm.
+    if (vm._reloaded && (this.prewarm.length === 0 || this.prewarmBaked) && process.env.SUPERMACHINE_PREWARM_RELOADED !== "1") return false;
     if (base) await basePrewarm(vm, this.restoreTimeoutMs);
     for (const argv of this.prewarm) await vm.exec({ argv, timeoutMs: this.restoreTimeoutMs, maxOutputBytes: 1 << 20 });
     return true;
@@ -446,8 +462,47 @@ export class Pool {
     const entry: IdleVm = { vm, since: Date.now() };
     // A VM that is already stopped (the bake's) waits as one; acquire resumes it.
     if (stopped) entry.paused = Promise.resolve(true);
-    else if (fresh && this.pauseIdle) entry.paused = vm._pause().then(() => true, () => false);
+    else if (fresh && this.pauseIdle) entry.paused = this.settleThenPause(entry);
     this.idle.push(entry);
+  }
+
+  /**
+   * Stops an idle VM once its guest is quiet. What a restore starts (the
+   * image's workload, say a `python3` that reads its empty stdin and exits)
+   * would otherwise stand stopped and finish on the acquirer's time, beside
+   * its exec. Bounded by SETTLE_MAX_MS; an acquire() meanwhile takes the VM
+   * running (resolves false).
+   */
+  private async settleThenPause(entry: IdleVm): Promise<boolean> {
+    const { vm } = entry;
+    let taken = false;
+    let wake: (() => void) | undefined;
+    entry.take = () => {
+      taken = true;
+      wake?.();
+    };
+    const until = performance.now() + SETTLE_MAX_MS;
+    let last = vm.qemu.cpuTimeMs();
+    while (performance.now() < until) {
+      await new Promise<void>((r) => {
+        const t = setTimeout(r, SETTLE_WINDOW_MS);
+        t.unref();
+        wake = () => {
+          clearTimeout(t);
+          r();
+        };
+      });
+      if (taken || this.closed || vm.status !== "ready") break;
+      const now = vm.qemu.cpuTimeMs();
+      if (now - last <= SETTLE_QUIET_MS) break;
+      last = now;
+    }
+    entry.take = undefined;
+    if (taken || this.closed || vm.status !== "ready") return false;
+    return vm._pause().then(
+      () => true,
+      () => false,
+    );
   }
 
   /**

@@ -391,6 +391,7 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
       net: s.net,
     });
     if (qmp) vm._adoptQmp(qmp);
+    if (s.reload) vm._reloaded = true;
     await vm.configure({
       hostname: spec.hostname,
       ...(spec.config ? { config: spec.config } : {}),
@@ -454,6 +455,11 @@ export class Vm {
   readonly ram: RamBacking;
   /** @internal The launch this VM came from (reused to rebuild it elsewhere). */
   readonly launch: LaunchSpec;
+  /**
+   * @internal Restored into a reused QEMU process (qemu-reuse.md), whose
+   * translations of the snapshot's code the earlier VMs left warm.
+   */
+  _reloaded = false;
   private qmpClient: Promise<QmpClient> | undefined;
   /** Set while paused by _pause(): restarts the liveness check. */
   private pausedLiveness: (() => void) | undefined;
