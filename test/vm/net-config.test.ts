@@ -257,6 +257,10 @@ describe("guest network configuration (real VM, NIC on a test peer)", { timeout:
     const flags = Number(await sh(vm!, "cat /sys/class/net/eth0/flags"));
     assert.equal(flags & 0x1, 0x1, `eth0 is not up (flags ${flags.toString(16)})`);
     assert.equal(Number(await sh(vm!, "cat /sys/class/net/eth0/mtu")), MTU);
+    // IPv4 only on the NIC (no link-local IPv6 autoconfiguration); loopback keeps ::1.
+    assert.equal(await sh(vm!, "cat /proc/sys/net/ipv6/conf/eth0/disable_ipv6"), "1\n");
+    const v6 = (await sh(vm!, "cat /proc/net/if_inet6")).trim().split("\n").map((l) => l.trim().split(/\s+/).at(-1));
+    assert.deepEqual(v6, ["lo"]);
     assert.match(await sh(vm!, "cat /proc/net/fib_trie"), /198\.19\.0\.2\s+\/32 host LOCAL/);
     const routes = (await sh(vm!, "cat /proc/net/route")).split("\n").slice(1).filter(Boolean).map((l) => l.trim().split(/\s+/));
     // Iface Destination Gateway Flags RefCnt Use Metric Mask ...

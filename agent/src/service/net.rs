@@ -291,6 +291,11 @@ impl NetService {
             return Err(fail(format!("read the flags of {} (SIOCGIFFLAGS)", name)));
         }
         if req.ifr_flags & sys::IFF_UP == 0 {
+            // The host's network carries IPv4 only (docs/network.md): without
+            // this, every restore would redo the NIC's IPv6 link-local
+            // autoconfiguration (DAD, router and MLD solicitations), ~60 ms of
+            // emulated kernel work under TCG. Loopback keeps ::1.
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", name), "1");
             req.ifr_flags |= sys::IFF_UP;
             if unsafe { sys::ioctl(fd.raw(), sys::SIOCSIFFLAGS, &mut req as *mut sys::Ifreq) } != 0 {
                 return Err(fail(format!("bring {} up (SIOCSIFFLAGS)", name)));
