@@ -71,7 +71,8 @@ export interface PoolOptions {
    * paths and the image's usual program start-up; a list of argv runs that,
    * then those (e.g. [["python3", "-c", "pass"]]). Neither runs on a VM that
    * a waiting acquire() takes at once: its own first exec does the same
-   * work, and the prewarm would only delay it. Output is discarded; effects
+   * work, and the prewarm would only delay it; nor on a VM reloaded into a
+   * reused QEMU (qemu-reuse.md) when the snapshot ran the list already. Output is discarded; effects
    * on the guest's files stay (a warmup, baked into the snapshot, is the
    * place for setup every VM needs). A list also runs once before a
    * snapshot of its own: the pool's first creation bakes the image again
@@ -114,9 +115,9 @@ interface IdleVm {
 
 /** How long a fresh VM may stay busy (its workload starting, say) before the pool stops it anyway. */
 const SETTLE_MAX_MS = 3_000;
-/** The window over which the guest's CPU use is measured, and what counts as quiet in it. */
-const SETTLE_WINDOW_MS = 25;
-const SETTLE_QUIET_MS = 5;
+/** A guest is quiet when its vCPUs were seen halted this many times in a row, this far apart. */
+const SETTLE_SAMPLE_MS = 8;
+const SETTLE_QUIET_SAMPLES = 3;
 
 /**
  * Whether pools stop the vCPUs of the fresh VMs they hold idle (resumed on
@@ -467,11 +468,12 @@ export class Pool {
   }
 
   /**
-   * Stops an idle VM once its guest is quiet. What a restore starts (the
-   * image's workload, say a `python3` that reads its empty stdin and exits)
-   * would otherwise stand stopped and finish on the acquirer's time, beside
-   * its exec. Bounded by SETTLE_MAX_MS; an acquire() meanwhile takes the VM
-   * running (resolves false).
+   * Stops an idle VM once its guest is quiet (its vCPU threads seen halted;
+   * QemuProcess.vcpusRunning). What a restore starts (the image's workload,
+   * say a `python3` that reads its empty stdin and exits) would otherwise
+   * stand stopped and finish on the acquirer's time, beside its exec.
+   * Bounded by SETTLE_MAX_MS; an acquire() meanwhile takes the VM running
+   * (resolves false).
    */
   private async settleThenPause(entry: IdleVm): Promise<boolean> {
     const { vm } = entry;
@@ -482,10 +484,10 @@ export class Pool {
       wake?.();
     };
     const until = performance.now() + SETTLE_MAX_MS;
-    let last = vm.qemu.cpuTimeMs();
+    let quiet = 0;
     while (performance.now() < until) {
       await new Promise<void>((r) => {
-        const t = setTimeout(r, SETTLE_WINDOW_MS);
+        const t = setTimeout(r, SETTLE_SAMPLE_MS);
         t.unref();
         wake = () => {
           clearTimeout(t);
@@ -493,9 +495,10 @@ export class Pool {
         };
       });
       if (taken || this.closed || vm.status !== "ready") break;
-      const now = vm.qemu.cpuTimeMs();
-      if (now - last <= SETTLE_QUIET_MS) break;
-      last = now;
+      const running = vm.qemu.vcpusRunning();
+      if (running === undefined) break;
+      quiet = running ? 0 : quiet + 1;
+      if (quiet >= SETTLE_QUIET_SAMPLES) break;
     }
     entry.take = undefined;
     if (taken || this.closed || vm.status !== "ready") return false;

@@ -224,7 +224,9 @@ function optPath(p: string): string {
 /** Builds QEMU's argument vector. Pure, for tests. */
 export function qemuArgs(l: QemuLaunch): string[] {
   const a: string[] = [];
-  a.push("-name", `${l.name},process=${l.name.slice(0, 15)}`);
+  // debug-threads: vCPU threads are named "CPU N/TCG" (or /KVM), which
+  // vcpusRunning() looks for.
+  a.push("-name", `${l.name},process=${l.name.slice(0, 15)},debug-threads=on`);
   a.push("-M", "microvm,x-option-roms=off,isa-serial=on,acpi=on");
   if (l.accel === "kvm") a.push("-accel", "kvm", "-cpu", "host");
   // tb-size bounds TCG's translation cache (and so QEMU's RSS).
@@ -303,6 +305,7 @@ export class QemuProcess {
   private exitInfo: QemuExit | undefined;
   private errLine = "";
   private qemuPid: number | undefined;
+  private vcpuTids: string[] | undefined;
   /**
    * Called when QEMU reports on stderr that the guest broke a virtio device
    * ("virtio: zero sized buffers are not allowed", ...): QEMU stops serving
@@ -453,6 +456,31 @@ export class QemuProcess {
     let ms = 0;
     for (const pid of pids) ms += processCpuMs(pid);
     return ms;
+  }
+
+  /**
+   * @internal Whether a vCPU thread is running or waiting for a host CPU
+   * (state R): a halted guest's vCPU threads sleep. Unlike CPU time, not
+   * fooled by a host too busy to run the guest. Undefined when the threads
+   * cannot be read (QEMU gone, or another user's /proc).
+   */
+  vcpusRunning(): boolean | undefined {
+    const pid = this.qemuPid;
+    if (pid === undefined) return undefined;
+    try {
+      if (!this.vcpuTids) {
+        this.vcpuTids = readdirSync(`/proc/${pid}/task`).filter((t) => readFileSync(`/proc/${pid}/task/${t}/comm`, "latin1").startsWith("CPU "));
+      }
+      if (this.vcpuTids.length === 0) return undefined;
+      // The state is the first field after the command name's ")".
+      return this.vcpuTids.some((t) => {
+        const st = readFileSync(`/proc/${pid}/task/${t}/stat`, "latin1");
+        return st[st.lastIndexOf(")") + 2] === "R";
+      });
+    } catch {
+      this.vcpuTids = undefined;
+      return undefined;
+    }
   }
 
   get exitStatus(): QemuExit | undefined {
