@@ -72,8 +72,8 @@ export interface PoolOptions {
    * then those (e.g. [["python3", "-c", "pass"]]). Neither runs on a VM that
    * a waiting acquire() takes at once: its own first exec does the same
    * work, and the prewarm would only delay it; nor on a VM reloaded into a
-   * reused QEMU (qemu-reuse.md) when the snapshot ran the list already. Output is discarded; effects
-   * on the guest's files stay (a warmup, baked into the snapshot, is the
+   * reused QEMU (qemu-reuse.md) when the snapshot ran the list already.
+   * Output is discarded; effects on the guest's files stay (a warmup, baked into the snapshot, is the
    * place for setup every VM needs). A list also runs once before a
    * snapshot of its own: the pool's first creation bakes the image again
    * with the commands after its warmup (cached on disk like any build), so
@@ -209,8 +209,13 @@ export class Pool {
     // Another size, or prewarm commands: the image baked at that size, with
     // those commands run before its snapshot (once, then cached). An image
     // that cannot be baked again runs the commands in every VM instead.
+    // @internal SUPERMACHINE_BAKE_POOL_PREWARM=0: never (for benchmarks).
     const bake = p.prewarm.length > 0 && image._rebakeable && process.env.SUPERMACHINE_BAKE_POOL_PREWARM !== "0";
     if (p.memoryMib !== image.memoryMib || p.vcpus !== image.vcpus || bake) {
+      // The base image's bake VM (its warm handoff) would wait for a pool of
+      // the base image, holding its memory: the sibling brings its own.
+      const unused = image.takeHandoffAsIs();
+      if (unused) void unused.vm.destroy();
       p = new Pool(await image.sibling(p.memoryMib, p.vcpus, bake ? p.prewarm : [], p.restoreTimeoutMs), o);
       p.prewarmBaked = bake;
     }
@@ -221,7 +226,8 @@ export class Pool {
     const handoff = img.takeHandoffAsIs();
     if (handoff) {
       handoff.vm.net.setPolicy(p.network);
-      if (p.prewarm.length > 0) void p.prewarmHandoff(handoff.vm, handoff.paused);
+      // A baked list's handoff is the VM that ran it before the snapshot.
+      if (p.prewarm.length > 0 && !p.prewarmBaked) void p.prewarmHandoff(handoff.vm, handoff.paused);
       else p.offer(handoff.vm, true, handoff.paused);
     }
     p.fill();
@@ -402,6 +408,7 @@ export class Pool {
     // In a reused QEMU the VMs before this one ran the same programs from the
     // same snapshot pages (the base prewarm's and a baked list's are in its
     // page cache), and their translations stay: nothing left to warm.
+    // @internal SUPERMACHINE_PREWARM_RELOADED=1: prewarm them anyway (for benchmarks).
     if (vm._reloaded && (this.prewarm.length === 0 || this.prewarmBaked) && process.env.SUPERMACHINE_PREWARM_RELOADED !== "1") return false;
     if (base) await basePrewarm(vm, this.restoreTimeoutMs);
     for (const argv of this.prewarm) await vm.exec({ argv, timeoutMs: this.restoreTimeoutMs, maxOutputBytes: 1 << 20 });
@@ -409,8 +416,9 @@ export class Pool {
   }
 
   /**
-   * The bake's own VM, handed to this pool (the image's first): it ran the
-   * base prewarm before its snapshot, not this pool's argv list, which it
+   * The bake's own VM, handed to this pool (the image's first), when the
+   * pool's argv list was not baked (an image that cannot be baked again):
+   * it ran the base prewarm before its snapshot, not the list, which it
    * runs now like every restored VM (unless an acquire() waits by then).
    */
   private async prewarmHandoff(vm: Vm, paused: boolean): Promise<void> {
