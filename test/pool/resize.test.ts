@@ -1,7 +1,8 @@
 /**
  * PoolOptions memoryMib / vcpus override the image's without the user
  * re-baking (the seed's table): the guest of a pooled VM sees the pool's
- * size. Real bakes and restores.
+ * size, its first VM too (not the base build's own VM). Real bakes and
+ * restores.
  */
 
 import assert from "node:assert/strict";
@@ -100,5 +101,26 @@ describe("Pool size overrides", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     const rebuilt = await Image.build({ ref: image.manifest.image.ref, snapshotsDir, memoryMib: 512, vcpus: 2, warmupTag: String((image.manifest.inputs as { warmupTag: string }).warmupTag), warmup: async () => undefined });
     assert.equal(rebuilt.baked, false);
     await rebuilt.close();
+  });
+
+  it("the first pool of a fresh build at another size hands out a VM of that size, not the build's own VM", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "sm-resize-first-"));
+    // A new build: its bake VM (256 MiB) waits as the warm handoff.
+    const fresh = await Image.build({ ref: `dir:${await defaultRootfs()}`, snapshotsDir: dir, memoryMib: 256, warmupTag: `resize-first-${randomBytes(3).toString("hex")}` });
+    try {
+      const pool = await fresh.pool({ min: 1, max: 1, memoryMib: 384 });
+      try {
+        const vm = await pool.acquire();
+        const kib = await memTotalKib(vm);
+        assert.ok(kib > 256 * 1024 && kib <= 384 * 1024, `the first VM's guest has ${kib} KiB`);
+        assert.equal(vm.memoryMib, 384);
+        await vm.release();
+      } finally {
+        await pool.shutdown();
+      }
+    } finally {
+      await fresh.close();
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
