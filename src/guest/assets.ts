@@ -167,7 +167,6 @@ export function hostTscKhz(): number | null {
   return tscMemo;
 }
 
-/** The guest kernel command line. */
 /**
  * Whether a guest keeps user-space address randomization when the caller
  * does not say: under TCG a program whose code moves is translated again at
@@ -177,6 +176,7 @@ export function defaultAslr(accel: Accelerator): boolean {
   return accel !== "tcg";
 }
 
+/** The guest kernel command line. */
 export function kernelCmdline(o: CmdlineOptions): string {
   const parts = [
     "console=ttyS0",

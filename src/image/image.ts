@@ -128,7 +128,7 @@ export interface BuildOptions {
    * (extension) User-space address randomization in the guest
    * (`kernel.randomize_va_space`). Under TCG every program start is
    * translated again when its code moves, so it is off there by default:
-   * a Python start costs about a third less (docs/performance.md). It guards
+   * the first Python start in a VM took about 40 % less here (docs/performance.md). It guards
    * the guest's programs against exploits of their own inputs, never the
    * host, which the VM boundary does; the guest kernel's own KASLR is off
    * either way (snapshots). @default true under KVM, false under TCG
