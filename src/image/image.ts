@@ -128,10 +128,11 @@ export interface BuildOptions {
    * (extension) User-space address randomization in the guest
    * (`kernel.randomize_va_space`). Under TCG every program start is
    * translated again when its code moves, so it is off there by default:
-   * the first Python start in a VM took about 40 % less here (docs/performance.md). It guards
-   * the guest's programs against exploits of their own inputs, never the
-   * host, which the VM boundary does; the guest kernel's own KASLR is off
-   * either way (snapshots). @default true under KVM, false under TCG
+   * the first Python start in a VM took about 40 % less here
+   * (docs/performance.md). It guards the guest's programs against exploits
+   * of their own inputs, never the host, which the VM boundary does; the
+   * guest kernel's own KASLR is off either way (snapshots).
+   * @default true under KVM, false under TCG
    */
   readonly aslr?: boolean;
   /** (extension) Image/asset cache. @default ~/.cache/supermachine */
