@@ -345,6 +345,182 @@ function recycledTtlMs(): number {
   return Number.isInteger(v) && v > 0 ? v : 30_000;
 }
 
+/** What Image.build works out before it looks for a snapshot: the inputs, their key, where the snapshot goes. */
+interface BuildPlan {
+  options: BuildOptions;
+  v: ValidBuild;
+  accel: AcceleratorChoice;
+  bootTimeoutMs: number;
+  root: ResolvedRootfs;
+  assets: Awaited<ReturnType<typeof bootAssets>>;
+  qemu: string;
+  files: { guestPath: string; data: Buffer; mode: number; sha256: string }[];
+  imageCmd: { entrypoint: string[]; cmd: string[] };
+  cpuModel: string | undefined;
+  aslr: boolean;
+  bakePrewarm: boolean;
+  config: GuestConfig;
+  inputs: Record<string, unknown>;
+  key: string;
+  name: string;
+  dir: string;
+  workload: WorkloadSpec | null;
+}
+
+async function planBuild(options: BuildOptions): Promise<BuildPlan> {
+  assertSupportedHost();
+  // Progress also goes to diagnostics_channel and NODE_DEBUG (src/diagnostics.ts).
+  if (typeof options === "object" && options !== null) options = { ...options, onProgress: tracedProgress(options.onProgress) };
+  const v = validateBuild(options);
+  await checkHostPaths(v.mounts);
+  const accel = chooseAccelerator(options.accel);
+  warnTcgOnce(accel);
+  const bootTimeoutMs = options.bootTimeoutMs ?? (accel.accel === "tcg" ? 120_000 : 30_000);
+  if (v.disks.length) checkDiskTools();
+  const [root, assets, qemu] = await Promise.all([resolveRootfsFor(v, options), bootAssets({ cacheDir: v.cacheDir }), qemuVersion()]);
+  const files = await Promise.all(
+    v.extraFiles.map(async (f, i) => {
+      const st = await stat(f.hostPath).catch(() => undefined);
+      if (!st?.isFile()) throw new ImageError(`extraFiles[${i}].hostPath ${f.hostPath} is not a readable file`);
+      if (st.size > FILE_LIMIT) throw new ImageError(`extraFiles[${i}] ${f.hostPath} is ${st.size} bytes, over the 4 MiB limit of staged files`);
+      const data = await readFile(f.hostPath);
+      return { ...f, data, mode: f.mode ?? st.mode & 0o7777, sha256: createHash("sha256").update(data).digest("hex") };
+    }),
+  );
+  const workloadArgv = v.runWorkload ? (v.cmd ?? [...root.entrypoint, ...root.cmd]) : [];
+  const imageCmd = { entrypoint: root.entrypoint, cmd: root.cmd };
+  const cpuModel = accel.accel === "tcg" ? tcgCpuModel() : undefined;
+  const aslr = v.aslr ?? defaultAslr(accel.accel);
+  // @internal SUPERMACHINE_BAKE_PREWARM=0: no prewarm before the snapshot (for benchmarks).
+  const bakePrewarm = process.env.SUPERMACHINE_BAKE_PREWARM !== "0";
+  const config: GuestConfig = { ...root.config, env: mergeEnv(root.config.env ?? [], v.env) };
+  const inputs = {
+    format: SNAPSHOT_VERSION,
+    image: root.digest,
+    rootfs: basename(root.rootfsImage),
+    assets: assets.id,
+    qemu,
+    accel: accel.accel,
+    // Keys without a model mean the old default, "max" (those snapshots stay valid).
+    ...(cpuModel && cpuModel !== UNNAMED_TCG_CPU ? { cpuModel } : {}),
+    // Snapshots baked before the prewarm existed are baked again.
+    bakePrewarm,
+    // ...and those without the stream ring disk.
+    streamRing: true,
+    arch: process.arch,
+    memoryMib: v.memoryMib,
+    vcpus: v.vcpus,
+    cmd: v.cmd ?? null,
+    env: v.env,
+    guestPort: v.guestPort,
+    listenerRequired: v.listenerRequired,
+    extraFiles: files.map((f) => ({ guestPath: f.guestPath, sha256: f.sha256, mode: f.mode })),
+    warmupTag: v.warmupTag,
+    disks: v.disks,
+    // Only when set, so the keys of existing snapshots stay the same.
+    ...(v.runWorkload ? {} : { workload: false }),
+    ...(aslr ? {} : { aslr: false }),
+    // Where and how each mount appears, never its host directory.
+    ...(v.mounts.length ? { mounts: v.mounts.map((m) => ({ guestTag: m.guestTag, guestPath: m.guestPath ?? null, symlinks: m.symlinks, readOnly: m.readOnly })) } : {}),
+  };
+  const key = createHash("sha256").update(JSON.stringify(inputs)).digest("hex");
+  const name = v.name ?? `sm-${key.slice(0, 16)}`;
+  const dir = join(v.snapshotsDir, name);
+  const workload: WorkloadSpec | null =
+    workloadArgv.length > 0
+      ? {
+          argv: workloadArgv,
+          env: [...(config.env ?? [])],
+          ...(config.workingDir ? { cwd: config.workingDir } : {}),
+          ...(config.user ? { user: config.user } : {}),
+          startAt: v.listenerRequired ? "bake" : "restore",
+        }
+      : null;
+  if (v.listenerRequired && !workload) throw new ImageError(`listenerRequired needs a workload, but ${v.ref} has no ENTRYPOINT/CMD; pass cmd`);
+  return { options, v, accel, bootTimeoutMs, root, assets, qemu, files, imageCmd, cpuModel, aslr, bakePrewarm, config, inputs, key, name, dir, workload };
+}
+
+function bakePhase(plan: BuildPlan, p: "boot" | "warmup" | "snapshot" | "done"): void {
+  plan.options.onProgress?.({ stage: "bake", phase: p, name: plan.name });
+}
+
+/** The Image of a snapshot Image.build found in the cache. */
+function cachedImage(plan: BuildPlan, m: SnapshotManifest): Image {
+  plan.options.onProgress?.({ stage: "snapshot-cached", name: plan.name });
+  return new Image({ snapshotPath: plan.dir, manifest: m, baked: false, cacheDir: plan.v.cacheDir, bootTimeoutMs: plan.bootTimeoutMs, recipe: plan.options, network: plan.v.network, imageCmd: plan.imageCmd, mounts: plan.v.mounts });
+}
+
+/** A pool's prewarm list, before a snapshot. Only an optimization, like the pool's prewarm: a command that fails or times out does not fail the bake. */
+async function runPrewarmList(vm: Vm, prewarm: readonly (readonly string[])[], timeoutMs: number): Promise<void> {
+  for (const argv of prewarm) await vm.exec({ argv: [...argv], timeoutMs, maxOutputBytes: 1 << 20 }).catch(() => undefined);
+}
+
+/**
+ * Takes the snapshot of a bake VM into `stage`, publishes it as the plan's
+ * directory and returns the Image, the VM living on as its warm handoff (its
+ * workload, if it starts at restore, not started yet: see takeHandoff).
+ */
+async function sealBake(plan: BuildPlan, vm: Vm, stage: string, rootfsSum: Promise<string>): Promise<Image> {
+  const { v, accel, root, qemu, cpuModel, config, workload, inputs, key, name, dir } = plan;
+  bakePhase(plan, "snapshot");
+  const captured = await captureVm(vm, stage);
+  const manifest: SnapshotManifest = {
+    format: SNAPSHOT_FORMAT,
+    version: SNAPSHOT_VERSION,
+    key,
+    name,
+    createdAt: new Date().toISOString(),
+    accel: accel.accel,
+    arch: process.arch,
+    qemuVersion: qemu,
+    ...(cpuModel ? { cpuModel } : {}),
+    streamRing: true,
+    memoryMib: v.memoryMib,
+    vcpus: v.vcpus,
+    image: { ref: root.ref, digest: root.digest },
+    config,
+    workload,
+    guestPort: v.guestPort,
+    listenerRequired: v.listenerRequired,
+    inputs,
+    files: { ram: captured.ram, state: captured.state, rootfs: { size: (await stat(join(stage, "rootfs.erofs"))).size, sha256: await rootfsSum } },
+    ...(captured.disks.length ? { disks: captured.disks } : {}),
+    ...(captured.mounts.length ? { mounts: captured.mounts } : {}),
+  };
+  await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: SNAPSHOT_FILE_MODE });
+  const diskFiles = captured.disks.map(diskFileName);
+  await sealSnapshotDir(stage, diskFiles);
+  for (const f of ["ram", "state", ...diskFiles, "manifest.json"]) await fsyncFile(join(stage, f));
+  await publish(stage, dir);
+  // The stage is gone: the handoff VM's disk (same inode) now lives under dir.
+  vm.launch.rootfsImage = join(dir, "rootfs.erofs");
+  // The bake VM lives on as the first VM handed out (warm handoff); it
+  // must look like a restored one: the warmup's processes detached. Its
+  // workload starts when it is taken (as a restored VM's starts at its
+  // restore), so that until then a pool's prewarm list can still be baked
+  // from it (Image.derive).
+  vm._detachChildren();
+  // Until then it waits stopped where pools stop their idle VMs (TCG): a
+  // running idle VM costs ~5 ms of CPU a second.
+  let handoffPaused = false;
+  if (pauseIdleFor(accel.accel)) handoffPaused = await vm._pause().then(() => true, () => false);
+  bakePhase(plan, "done");
+  return new Image({
+    snapshotPath: dir,
+    manifest,
+    baked: true,
+    cacheDir: v.cacheDir,
+    bootTimeoutMs: plan.bootTimeoutMs,
+    handoff: vm,
+    handoffPaused,
+    handoffWorkload: workload && workload.startAt === "restore" ? workload : null,
+    recipe: plan.options,
+    network: v.network,
+    imageCmd: plan.imageCmd,
+    mounts: v.mounts,
+  });
+}
+
 export class Image {
   /** The snapshot directory. */
   readonly snapshotPath: string;
@@ -357,6 +533,8 @@ export class Image {
   readonly network: CompiledPolicy;
   private handoff: Vm | undefined;
   private readonly handoffPaused: boolean;
+  /** The workload the handoff VM starts when taken (its snapshot was taken before it started). */
+  private readonly handoffWorkload: WorkloadSpec | null;
   private accelChoice: AcceleratorChoice | undefined;
   /** A QEMU started ahead of the next restore (pools keep one ready). */
   private spare: Promise<StartedQemu> | undefined;
@@ -378,7 +556,7 @@ export class Image {
   private siblings = new Map<string, Promise<Image>>();
 
   /** @internal */
-  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm; handoffPaused?: boolean; recipe?: BuildOptions; network?: CompiledPolicy; imageCmd?: { entrypoint: string[]; cmd: string[] }; mounts?: readonly ValidMount[] }) {
+  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm; handoffPaused?: boolean; handoffWorkload?: WorkloadSpec | null; recipe?: BuildOptions; network?: CompiledPolicy; imageCmd?: { entrypoint: string[]; cmd: string[] }; mounts?: readonly ValidMount[] }) {
     this.lease = leaseSnapshot(p.snapshotPath);
     this.imageCmd = p.imageCmd ?? null;
     this.network = p.network ?? compilePolicy(true);
@@ -389,6 +567,7 @@ export class Image {
     this.bootTimeoutMs = p.bootTimeoutMs ?? (p.manifest.accel === "tcg" ? 120_000 : 30_000);
     this.handoff = p.handoff;
     this.handoffPaused = p.handoffPaused ?? false;
+    this.handoffWorkload = p.handoffWorkload ?? null;
     this.recipe = p.recipe;
     this.mountHosts = new Map((p.mounts ?? []).map((m) => [m.guestTag, m.hostPath]));
   }
@@ -406,90 +585,18 @@ export class Image {
    * returns without booting anything.
    */
   static async build(options: BuildOptions): Promise<Image> {
-    assertSupportedHost();
-    // Progress also goes to diagnostics_channel and NODE_DEBUG (src/diagnostics.ts).
-    if (typeof options === "object" && options !== null) options = { ...options, onProgress: tracedProgress(options.onProgress) };
-    const v = validateBuild(options);
-    await checkHostPaths(v.mounts);
-    const accel = chooseAccelerator(options.accel);
-    warnTcgOnce(accel);
-    const bootTimeoutMs = options.bootTimeoutMs ?? (accel.accel === "tcg" ? 120_000 : 30_000);
-    if (v.disks.length) checkDiskTools();
-    const [root, assets, qemu] = await Promise.all([resolveRootfsFor(v, options), bootAssets({ cacheDir: v.cacheDir }), qemuVersion()]);
-    const files = await Promise.all(
-      v.extraFiles.map(async (f, i) => {
-        const st = await stat(f.hostPath).catch(() => undefined);
-        if (!st?.isFile()) throw new ImageError(`extraFiles[${i}].hostPath ${f.hostPath} is not a readable file`);
-        if (st.size > FILE_LIMIT) throw new ImageError(`extraFiles[${i}] ${f.hostPath} is ${st.size} bytes, over the 4 MiB limit of staged files`);
-        const data = await readFile(f.hostPath);
-        return { ...f, data, mode: f.mode ?? st.mode & 0o7777, sha256: createHash("sha256").update(data).digest("hex") };
-      }),
-    );
-    const workloadArgv = v.runWorkload ? (v.cmd ?? [...root.entrypoint, ...root.cmd]) : [];
-    const imageCmd = { entrypoint: root.entrypoint, cmd: root.cmd };
-    const cpuModel = accel.accel === "tcg" ? tcgCpuModel() : undefined;
-    const aslr = v.aslr ?? defaultAslr(accel.accel);
-    // @internal SUPERMACHINE_BAKE_PREWARM=0: no prewarm before the snapshot (for benchmarks).
-    const bakePrewarm = process.env.SUPERMACHINE_BAKE_PREWARM !== "0";
-    const config: GuestConfig = { ...root.config, env: mergeEnv(root.config.env ?? [], v.env) };
-    const inputs = {
-      format: SNAPSHOT_VERSION,
-      image: root.digest,
-      rootfs: basename(root.rootfsImage),
-      assets: assets.id,
-      qemu,
-      accel: accel.accel,
-      // Keys without a model mean the old default, "max" (those snapshots stay valid).
-      ...(cpuModel && cpuModel !== UNNAMED_TCG_CPU ? { cpuModel } : {}),
-      // Snapshots baked before the prewarm existed are baked again.
-      bakePrewarm,
-      // ...and those without the stream ring disk.
-      streamRing: true,
-      arch: process.arch,
-      memoryMib: v.memoryMib,
-      vcpus: v.vcpus,
-      cmd: v.cmd ?? null,
-      env: v.env,
-      guestPort: v.guestPort,
-      listenerRequired: v.listenerRequired,
-      extraFiles: files.map((f) => ({ guestPath: f.guestPath, sha256: f.sha256, mode: f.mode })),
-      warmupTag: v.warmupTag,
-      disks: v.disks,
-      // Only when set, so the keys of existing snapshots stay the same.
-      ...(v.runWorkload ? {} : { workload: false }),
-      ...(aslr ? {} : { aslr: false }),
-      // Where and how each mount appears, never its host directory.
-      ...(v.mounts.length ? { mounts: v.mounts.map((m) => ({ guestTag: m.guestTag, guestPath: m.guestPath ?? null, symlinks: m.symlinks, readOnly: m.readOnly })) } : {}),
-    };
-    const key = createHash("sha256").update(JSON.stringify(inputs)).digest("hex");
-    const name = v.name ?? `sm-${key.slice(0, 16)}`;
-    const dir = join(v.snapshotsDir, name);
+    const plan = await planBuild(options);
+    const { v, accel, bootTimeoutMs, root, assets, files, cpuModel, aslr, bakePrewarm, config, key, name, dir, workload } = plan;
+    options = plan.options;
     const hit = await readManifest(dir, "quick").catch(() => undefined);
-    if (hit && hit.key === key) {
-      options.onProgress?.({ stage: "snapshot-cached", name });
-      return new Image({ snapshotPath: dir, manifest: hit, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network, imageCmd, mounts: v.mounts });
-    }
+    if (hit && hit.key === key) return cachedImage(plan, hit);
     await mkdir(v.snapshotsDir, { recursive: true, mode: SNAPSHOT_DIR_MODE });
     // One baker per snapshot across processes; the others use its result.
     const valid = async () => (await readManifest(dir, "quick").catch(() => undefined))?.key === key;
     const lock = await acquireLock(join(v.snapshotsDir, `.${name}.lock`), { until: valid, staleMs: 10 * 60_000, ...(options.signal ? { signal: options.signal } : {}) });
     try {
       const again = await readManifest(dir, "quick").catch(() => undefined);
-      if (again && again.key === key) {
-        options.onProgress?.({ stage: "snapshot-cached", name });
-        return new Image({ snapshotPath: dir, manifest: again, baked: false, cacheDir: v.cacheDir, bootTimeoutMs, recipe: options, network: v.network, imageCmd, mounts: v.mounts });
-      }
-      const workload: WorkloadSpec | null =
-        workloadArgv.length > 0
-          ? {
-              argv: workloadArgv,
-              env: [...(config.env ?? [])],
-              ...(config.workingDir ? { cwd: config.workingDir } : {}),
-              ...(config.user ? { user: config.user } : {}),
-              startAt: v.listenerRequired ? "bake" : "restore",
-            }
-          : null;
-      if (v.listenerRequired && !workload) throw new ImageError(`listenerRequired needs a workload, but ${v.ref} has no ENTRYPOINT/CMD; pass cmd`);
+      if (again && again.key === key) return cachedImage(plan, again);
       const stage = join(v.snapshotsDir, `.${name}.tmp-${process.pid}-${randomBytes(4).toString("hex")}`);
       await mkdir(stage, { mode: SNAPSHOT_DIR_MODE });
       let vm: Vm | undefined;
@@ -501,8 +608,7 @@ export class Image {
         rootfsSum = rootfsDigest(root.rootfsImage);
         rootfsSum.catch(() => undefined);
         const id = randomBytes(4).toString("hex");
-        const phase = (p: "boot" | "warmup" | "snapshot" | "done") => options.onProgress?.({ stage: "bake", phase: p, name });
-        phase("boot");
+        bakePhase(plan, "boot");
         // Without volumes the bake starts from the boot template (a copy of
         // its RAM: the snapshot is then taken from that file).
         const boot = await coldBootLaunch({
@@ -530,7 +636,7 @@ export class Image {
           ...(options.signal ? { signal: options.signal } : {}),
           origin: { image: { ref: root.ref, digest: root.digest }, config, workload, guestPort: v.guestPort, listenerRequired: v.listenerRequired, cacheDir: v.cacheDir },
         });
-        phase("warmup");
+        bakePhase(plan, "warmup");
         for (const f of files) await vm.conn.writeFile(Buffer.from(f.guestPath), f.data, f.mode, true);
         if (workload && workload.startAt === "bake") {
           await startWorkload(vm, workload);
@@ -544,54 +650,65 @@ export class Image {
         // missing from its /etc/passwd) does not fail the bake; a VM that
         // died fails the capture below, which says so.
         if (bakePrewarm) await basePrewarm(vm, bootTimeoutMs).catch(() => undefined);
-        phase("snapshot");
-        const captured = await captureVm(vm, stage);
-        const manifest: SnapshotManifest = {
-          format: SNAPSHOT_FORMAT,
-          version: SNAPSHOT_VERSION,
-          key,
-          name,
-          createdAt: new Date().toISOString(),
-          accel: accel.accel,
-          arch: process.arch,
-          qemuVersion: qemu,
-          ...(cpuModel ? { cpuModel } : {}),
-          streamRing: true,
-          memoryMib: v.memoryMib,
-          vcpus: v.vcpus,
-          image: { ref: root.ref, digest: root.digest },
-          config,
-          workload,
-          guestPort: v.guestPort,
-          listenerRequired: v.listenerRequired,
-          inputs,
-          files: { ram: captured.ram, state: captured.state, rootfs: { size: (await stat(join(stage, "rootfs.erofs"))).size, sha256: await rootfsSum } },
-          ...(captured.disks.length ? { disks: captured.disks } : {}),
-          ...(captured.mounts.length ? { mounts: captured.mounts } : {}),
-        };
-        await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: SNAPSHOT_FILE_MODE });
-        const diskFiles = captured.disks.map(diskFileName);
-        await sealSnapshotDir(stage, diskFiles);
-        for (const f of ["ram", "state", ...diskFiles, "manifest.json"]) await fsyncFile(join(stage, f));
-        await publish(stage, dir);
-        // The stage is gone: the handoff VM's disk (same inode) now lives under dir.
-        vm.launch.rootfsImage = join(dir, "rootfs.erofs");
-        // The bake VM lives on as the first VM handed out (warm handoff); it
-        // must look like a restored one: the warmup's processes detached.
-        vm._detachChildren();
-        if (workload && workload.startAt === "restore") await startWorkload(vm, workload);
-        // Until a pool takes it, it waits stopped where pools stop their idle
-        // VMs (TCG): a running idle VM costs ~5 ms of CPU a second.
-        let handoffPaused = false;
-        if (pauseIdleFor(accel.accel)) handoffPaused = await vm._pause().then(() => true, () => false);
-        phase("done");
-        return new Image({ snapshotPath: dir, manifest, baked: true, cacheDir: v.cacheDir, bootTimeoutMs, handoff: vm, handoffPaused, recipe: options, network: v.network, imageCmd, mounts: v.mounts });
+        return await sealBake(plan, vm, stage, rootfsSum);
       } catch (e) {
         await vm?.destroy();
         await rootfsSum?.catch(() => undefined);
         await rm(stage, { recursive: true, force: true });
         throw e;
       }
+    } finally {
+      await lock?.release();
+    }
+  }
+
+  /**
+   * @internal A pool's `prewarm` list baked from the warm-handoff VM of the
+   * bake that just made this image (the same size): the VM runs the list and
+   * its snapshot is taken again, under the key a full bake of `options` (the
+   * sibling's recipe) has. Saves that bake's boot and warmup; the snapshot
+   * holds the same steps (files, warmup, base prewarm, the list), with one
+   * more capture between them. A snapshot that is there by now wins.
+   */
+  private static async derive(options: BuildOptions, h: { vm: Vm; paused: boolean }, prewarm: readonly (readonly string[])[], timeoutMs: number): Promise<Image> {
+    const { vm } = h;
+    let plan: BuildPlan;
+    try {
+      plan = await planBuild(options);
+    } catch (e) {
+      await vm.destroy();
+      throw e;
+    }
+    const { v, root, key, name, dir } = plan;
+    const cached = async (m: SnapshotManifest): Promise<Image> => {
+      await vm.destroy();
+      return cachedImage(plan, m);
+    };
+    const hit = await readManifest(dir, "quick").catch(() => undefined);
+    if (hit && hit.key === key) return cached(hit);
+    let lock: Awaited<ReturnType<typeof acquireLock>> | undefined;
+    let stage: string | undefined;
+    let rootfsSum: Promise<string> | undefined;
+    try {
+      await mkdir(v.snapshotsDir, { recursive: true, mode: SNAPSHOT_DIR_MODE });
+      const valid = async () => (await readManifest(dir, "quick").catch(() => undefined))?.key === key;
+      lock = await acquireLock(join(v.snapshotsDir, `.${name}.lock`), { until: valid, staleMs: 10 * 60_000, ...(options.signal ? { signal: options.signal } : {}) });
+      const again = await readManifest(dir, "quick").catch(() => undefined);
+      if (again && again.key === key) return await cached(again);
+      stage = join(v.snapshotsDir, `.${name}.tmp-${process.pid}-${randomBytes(4).toString("hex")}`);
+      await mkdir(stage, { mode: SNAPSHOT_DIR_MODE });
+      await linkOrCopy(root.rootfsImage, join(stage, "rootfs.erofs"));
+      rootfsSum = rootfsDigest(root.rootfsImage);
+      rootfsSum.catch(() => undefined);
+      bakePhase(plan, "warmup");
+      if (h.paused) await vm._resume();
+      await runPrewarmList(vm, prewarm, timeoutMs);
+      return await sealBake(plan, vm, stage, rootfsSum);
+    } catch (e) {
+      await vm.destroy();
+      await rootfsSum?.catch(() => undefined);
+      if (stage) await rm(stage, { recursive: true, force: true });
+      throw e;
     } finally {
       await lock?.release();
     }
@@ -620,18 +737,37 @@ export class Image {
     return here;
   }
 
-  /** @internal The bake's own VM, once (warm handoff), and whether it is stopped (Vm._pause): a pool keeps it so. */
-  takeHandoffAsIs(): { vm: Vm; paused: boolean } | undefined {
+  /**
+   * @internal The bake's own VM, once (warm handoff), running, with its
+   * workload started (what a restore does): a pool takes it as a restored VM.
+   * Undefined when there is none, it died, or its workload would not start
+   * (a pool's next restore then reports the failure).
+   */
+  async takeHandoff(): Promise<Vm | undefined> {
     const vm = this.handoff;
+    const paused = this.handoffPaused;
     this.handoff = undefined;
-    return vm?.status === "ready" ? { vm, paused: this.handoffPaused } : undefined;
+    if (!vm || vm.status !== "ready") return undefined;
+    try {
+      if (paused) await vm._resume();
+      if (this.handoffWorkload) await startWorkload(vm, this.handoffWorkload);
+      return vm;
+    } catch {
+      await vm.destroy();
+      return undefined;
+    }
   }
 
-  /** @internal The bake's own VM, once (warm handoff), running. */
-  async takeHandoff(): Promise<Vm | undefined> {
-    const h = this.takeHandoffAsIs();
-    if (h?.paused) await h.vm._resume();
-    return h?.vm;
+  /** @internal (tests) The warm-handoff VM, left in place, and whether it is stopped. */
+  get _handoff(): { vm: Vm; paused: boolean } | undefined {
+    return this.handoff ? { vm: this.handoff, paused: this.handoffPaused } : undefined;
+  }
+
+  /** @internal Destroys the warm-handoff VM if it is still here (a pool of another variant took over). */
+  async dropHandoff(): Promise<void> {
+    const vm = this.handoff;
+    this.handoff = undefined;
+    await vm?.destroy();
   }
 
   private restoreOptions(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number>; cpu?: Record<string, PhaseCpu>; network?: CompiledPolicy }): RestoreOptions {
@@ -769,7 +905,7 @@ export class Image {
     const suffix = `${memoryMib !== this.memoryMib || vcpus !== this.vcpus ? `-${memoryMib}m${vcpus}c` : ""}${pw ? `-pw${pw}` : ""}`;
     const name = recipe.name ? `${recipe.name.slice(0, 128 - suffix.length)}${suffix}` : undefined;
     const warmup = recipe.warmup;
-    p = Image.build({
+    const options: BuildOptions = {
       ...rest,
       memoryMib,
       vcpus,
@@ -778,15 +914,21 @@ export class Image {
         ? {
             // Part of the snapshot key: another prewarm list is another bake.
             warmupTag: `${recipe.warmupTag ?? "default"} + prewarm ${JSON.stringify(prewarm)}`,
-            // Only an optimization, like the pool's prewarm: a command that
-            // fails or times out does not fail the bake.
             warmup: async (vm: WarmupVm) => {
               if (warmup) await warmup(vm);
-              for (const argv of prewarm) await vm.exec({ argv: [...argv], timeoutMs, maxOutputBytes: 1 << 20 }).catch(() => undefined);
+              await runPrewarmList(vm, prewarm, timeoutMs);
             },
           }
         : {}),
-    });
+    };
+    // Only the list differs and this process's bake VM is still here, its
+    // workload not started: the list is baked from it (Image.derive), not
+    // from a new boot. Not with volumes (their disks were flattened into
+    // this image's snapshot).
+    const vm = this.handoff;
+    const derive = pw && memoryMib === this.memoryMib && vcpus === this.vcpus && vm?.status === "ready" && !this.manifest.disks?.length && process.env.SUPERMACHINE_DERIVE_SIBLING !== "0";
+    if (derive) this.handoff = undefined;
+    p = derive ? Image.derive(options, { vm, paused: this.handoffPaused }, prewarm, timeoutMs) : Image.build(options);
     this.siblings.set(k, p);
     p.catch(() => this.siblings.delete(k));
     return p;

@@ -212,23 +212,24 @@ export class Pool {
     // @internal SUPERMACHINE_BAKE_POOL_PREWARM=0: never (for benchmarks).
     const bake = p.prewarm.length > 0 && image._rebakeable && process.env.SUPERMACHINE_BAKE_POOL_PREWARM !== "0";
     if (p.memoryMib !== image.memoryMib || p.vcpus !== image.vcpus || bake) {
-      // The base image's bake VM (its warm handoff) would wait for a pool of
-      // the base image, holding its memory: the sibling brings its own.
-      const unused = image.takeHandoffAsIs();
-      if (unused) void unused.vm.destroy();
       p = new Pool(await image.sibling(p.memoryMib, p.vcpus, bake ? p.prewarm : [], p.restoreTimeoutMs), o);
       p.prewarmBaked = bake;
+      // The base image's bake VM (its warm handoff), if the sibling did not
+      // take it, would wait for a pool of the base image, holding its
+      // memory: the sibling brings its own.
+      await image.dropHandoff();
     }
     const img = p.image;
     img.accelFor();
     p.snapshotLease = leaseSnapshot(img.snapshotPath);
     void img.keepSpare(true);
-    const handoff = img.takeHandoffAsIs();
+    // The bake's VM, its workload started as a restore starts it.
+    const handoff = await img.takeHandoff();
     if (handoff) {
-      handoff.vm.net.setPolicy(p.network);
+      handoff.net.setPolicy(p.network);
       // A baked list's handoff is the VM that ran it before the snapshot.
-      if (p.prewarm.length > 0 && !p.prewarmBaked) void p.prewarmHandoff(handoff.vm, handoff.paused);
-      else p.offer(handoff.vm, true, handoff.paused);
+      if (p.prewarm.length > 0 && !p.prewarmBaked) void p.prewarmHandoff(handoff);
+      else p.offer(handoff, true);
     }
     p.fill();
     // pool() resolves once min VMs are warm (or the first restore failed).
@@ -421,12 +422,11 @@ export class Pool {
    * it ran the base prewarm before its snapshot, not the list, which it
    * runs now like every restored VM (unless an acquire() waits by then).
    */
-  private async prewarmHandoff(vm: Vm, paused: boolean): Promise<void> {
+  private async prewarmHandoff(vm: Vm): Promise<void> {
     this.starting++;
     this.warming.add(vm);
     let error: Error | undefined;
     try {
-      if (paused) await vm._resume();
       if (this.closed) throw new ClosedError("the pool was shut down");
       await this.runPrewarm(vm, false);
     } catch (e) {
@@ -452,7 +452,7 @@ export class Pool {
    * (restored, never handed out) waits there stopped when pauseIdle is on;
    * one reused dirty keeps running (its holder's processes with it).
    */
-  private offer(vm: Vm, fresh: boolean, stopped = false): void {
+  private offer(vm: Vm, fresh: boolean): void {
     if (this.closed || vm.status !== "ready") {
       this.dispose(vm);
       this.fill();
@@ -462,16 +462,14 @@ export class Pool {
       this.idle = this.idle.filter((i) => i.vm !== vm);
       this.fill();
     };
-    const w = stopped ? undefined : this.waiters.shift();
+    const w = this.waiters.shift();
     if (w) {
       if (w.timer) clearTimeout(w.timer);
       w.resolve(this.lease(vm));
       return;
     }
     const entry: IdleVm = { vm, since: Date.now() };
-    // A VM that is already stopped (the bake's) waits as one; acquire resumes it.
-    if (stopped) entry.paused = Promise.resolve(true);
-    else if (fresh && this.pauseIdle) entry.paused = this.settleThenPause(entry);
+    if (fresh && this.pauseIdle) entry.paused = this.settleThenPause(entry);
     this.idle.push(entry);
   }
 

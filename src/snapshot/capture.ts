@@ -21,8 +21,8 @@ import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { createRuntimeDir, removeRuntimeDir } from "../vm/runtime-dir.js";
 import { launchVm, type LaunchSpec, type StartedQemu, type Vm } from "../vm/vm.js";
 import { ringDisk } from "../agent-client/ring.js";
-import { fileRecord, sparseCopy, stubKernelPath } from "./files.js";
-import { manifestDisks, type SnapshotDisk, type SnapshotFile, type SnapshotManifest, type SnapshotMount } from "./manifest.js";
+import { fileRecord, ramRecord, sparseCopy, stubKernelPath } from "./files.js";
+import { manifestDisks, type RamFile, type SnapshotDisk, type SnapshotFile, type SnapshotManifest, type SnapshotMount } from "./manifest.js";
 import { emptyImagePath, flattenOverlay, overlayPath, type QemuDisk } from "../volumes/disks.js";
 import { diskFileName, diskSerial, type DiskPlan } from "../volumes/spec.js";
 import type { ValidMount } from "../mounts/attach.js";
@@ -81,11 +81,11 @@ async function reconstitute(launch: LaunchSpec, stream: string, ramPath: string,
  * Writes `ram` and `state` of a running VM into `stage`. The VM is paused
  * (and its agent quiet) only while its state is saved; it runs on after.
  */
-export async function captureVm(vm: Vm, stage: string): Promise<{ ram: SnapshotFile; state: SnapshotFile; disks: SnapshotDisk[]; mounts: SnapshotMount[] }> {
+export async function captureVm(vm: Vm, stage: string): Promise<{ ram: RamFile; state: SnapshotFile; disks: SnapshotDisk[]; mounts: SnapshotMount[] }> {
   // Host directories are never part of a snapshot: unmounted in the guest
   // first, mounted again at the same places afterwards (and in every restore).
   const mounts = await vm._detachMounts();
-  let files: { ram: SnapshotFile; state: SnapshotFile; disks: SnapshotDisk[] };
+  let files: { ram: RamFile; state: SnapshotFile; disks: SnapshotDisk[] };
   try {
     files = await captureDetached(vm, stage);
   } finally {
@@ -97,7 +97,7 @@ export async function captureVm(vm: Vm, stage: string): Promise<{ ram: SnapshotF
   };
 }
 
-async function captureDetached(vm: Vm, stage: string): Promise<{ ram: SnapshotFile; state: SnapshotFile; disks: SnapshotDisk[] }> {
+async function captureDetached(vm: Vm, stage: string): Promise<{ ram: RamFile; state: SnapshotFile; disks: SnapshotDisk[] }> {
   const ramPath = join(stage, "ram");
   const statePath = join(stage, "state");
   const plans = vm.launch.disks ?? [];
@@ -142,7 +142,7 @@ async function captureDetached(vm: Vm, stage: string): Promise<{ ram: SnapshotFi
       await flattenDisks();
       await qmp.execute("cont");
       running = true;
-      return { ram: await fileRecord(ramPath), state: await fileRecord(statePath), disks: await diskRecords() };
+      return { ram: await ramRecord(ramPath), state: await fileRecord(statePath), disks: await diskRecords() };
     }
     const stream = join(stage, `state.full-${randomBytes(4).toString("hex")}`);
     try {
@@ -155,7 +155,7 @@ async function captureDetached(vm: Vm, stage: string): Promise<{ ram: SnapshotFi
     } finally {
       await unlink(stream).catch(() => undefined);
     }
-    return { ram: await fileRecord(ramPath), state: await fileRecord(statePath), disks: await diskRecords() };
+    return { ram: await ramRecord(ramPath), state: await fileRecord(statePath), disks: await diskRecords() };
   } finally {
     if (!running) await qmp?.execute("cont").catch(() => undefined);
     // Any frame ends the agent's quiet period. SNAPSHOT_PREPARE stopped

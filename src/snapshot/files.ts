@@ -24,6 +24,50 @@ export async function sealSnapshotDir(dir: string, diskFiles: readonly string[] 
   await chmod(dir, 0o700);
 }
 
+/** The chunk size of sparseSha256File. */
+const SPARSE_CHUNK = 1 << 20;
+
+/**
+ * The digest of a file that is mostly zeros (a snapshot's guest RAM): the
+ * sha256 of a tag, the file's size, and, for each 1 MiB chunk that is not
+ * all zeros, its index and its own sha256. Any change to any byte changes it,
+ * as a plain sha256 would, but the zero chunks (two thirds of a Python
+ * guest's 256 MiB) are compared, not hashed: ~0.13 s instead of ~0.22–0.45.
+ */
+export async function sparseSha256File(path: string): Promise<string> {
+  const f = await open(path, "r");
+  try {
+    const size = (await f.stat()).size;
+    const outer = createHash("sha256").update("supermachine-sparse-sha256-v1\0");
+    const u64 = Buffer.alloc(8);
+    u64.writeBigUInt64LE(BigInt(size));
+    outer.update(u64);
+    const zero = Buffer.alloc(SPARSE_CHUNK);
+    const buf = Buffer.allocUnsafe(CHUNK);
+    for (let off = 0; off < size; ) {
+      const want = Math.min(CHUNK, size - off);
+      // Whole reads (a short one is read on), so chunks start at multiples of SPARSE_CHUNK.
+      let bytesRead = 0;
+      while (bytesRead < want) {
+        const r = await f.read(buf, bytesRead, want - bytesRead, off + bytesRead);
+        if (r.bytesRead === 0) throw new Error(`${path} ended at ${off + bytesRead} of ${size} bytes while it was hashed`);
+        bytesRead += r.bytesRead;
+      }
+      for (let b = 0; b < bytesRead; b += SPARSE_CHUNK) {
+        const c = buf.subarray(b, Math.min(b + SPARSE_CHUNK, bytesRead));
+        if (c.equals(zero.subarray(0, c.length))) continue;
+        u64.writeBigUInt64LE(BigInt((off + b) / SPARSE_CHUNK));
+        outer.update(u64);
+        outer.update(createHash("sha256").update(c).digest());
+      }
+      off += bytesRead;
+    }
+    return outer.digest("hex");
+  } finally {
+    await f.close();
+  }
+}
+
 export function sha256File(path: string): Promise<string> {
   return new Promise((resolve, reject) => {
     const h = createHash("sha256");
@@ -145,6 +189,11 @@ export async function sparseCopyByReading(src: string, dst: string): Promise<voi
 /** Size and sha256 of a file. */
 export async function fileRecord(path: string): Promise<{ size: number; sha256: string }> {
   return { size: (await stat(path)).size, sha256: await sha256File(path) };
+}
+
+/** A snapshot RAM file's record: its size and sparseSha256File digest. */
+export async function ramRecord(path: string): Promise<{ size: number; sparseSha256: string }> {
+  return { size: (await stat(path)).size, sparseSha256: await sparseSha256File(path) };
 }
 
 /** Path of the restore stub kernel in the cache, written once. */

@@ -26,11 +26,12 @@ import { join } from "node:path";
 import { SnapshotError } from "../errors.js";
 import { isCpuModelName } from "../vmm/qemu.js";
 import type { GuestConfig } from "../vm/vm.js";
-import { sha256File } from "./files.js";
+import { sha256File, sparseSha256File } from "./files.js";
 import { diskFileName, MAX_VOLUME_MIB, MAX_VOLUMES } from "../volumes/spec.js";
 
 export const SNAPSHOT_FORMAT = "supermachine-snapshot";
-export const SNAPSHOT_VERSION = 3;
+/** 4: the RAM file's record holds its sparseSha256 (files.ts), not a plain sha256. */
+export const SNAPSHOT_VERSION = 4;
 const MAX_MANIFEST = 1 << 20;
 /** Caps on what a manifest may announce (well above anything we write). */
 const MAX_MEMORY_MIB = 1 << 20;
@@ -45,6 +46,12 @@ export const SNAPSHOT_FILE_MODE = 0o600;
 export interface SnapshotFile {
   size: number;
   sha256: string;
+}
+
+/** The guest RAM file: its digest skips the all-zero chunks (sparseSha256File). */
+export interface RamFile {
+  size: number;
+  sparseSha256: string;
 }
 
 /** A disk of the snapshot's VM (docs/volumes.md): its raw image is `diskFileName(d)`. */
@@ -102,7 +109,7 @@ export interface SnapshotManifest {
   listenerRequired: boolean;
   /** What went into the key, for humans. */
   inputs: Record<string, unknown>;
-  files: { ram: SnapshotFile; state: SnapshotFile; rootfs: SnapshotFile };
+  files: { ram: RamFile; state: SnapshotFile; rootfs: SnapshotFile };
   /** Volumes and the writable layer, in the VM's device order. @default [] */
   disks?: SnapshotDisk[];
   /** Mounts to attach on restore (absent: none). */
@@ -120,6 +127,11 @@ function fail(dir: string, why: string): never {
 
 function isStr(v: unknown): v is string {
   return typeof v === "string";
+}
+
+function isRamFile(v: unknown): v is RamFile {
+  const f = v as RamFile;
+  return typeof v === "object" && v !== null && Number.isSafeInteger(f.size) && f.size >= 0 && isStr(f.sparseSha256) && /^[0-9a-f]{64}$/.test(f.sparseSha256);
 }
 
 function isFile(v: unknown): v is SnapshotFile {
@@ -185,7 +197,7 @@ export function checkManifest(dir: string, m: unknown): SnapshotManifest {
     }
   }
   const f = x.files;
-  if (!f || !isFile(f.ram) || !isFile(f.state) || !isFile(f.rootfs)) fail(dir, "bad files record");
+  if (!f || !isRamFile(f.ram) || !isFile(f.state) || !isFile(f.rootfs)) fail(dir, "bad files record");
   if (x.memoryMib! > MAX_MEMORY_MIB || x.vcpus! > MAX_VCPUS) fail(dir, `memoryMib ${x.memoryMib} or vcpus ${x.vcpus} out of range`);
   if (f.ram.size !== x.memoryMib! * 1024 * 1024) fail(dir, `the manifest's ram size ${f.ram.size} is not memoryMib (${x.memoryMib}) MiB`);
   if (f.state.size > MAX_STATE_BYTES) fail(dir, `the manifest's state size ${f.state.size} is over the ${MAX_STATE_BYTES}-byte cap`);
@@ -249,8 +261,9 @@ export async function readManifest(dir: string, verify: "quick" | "full"): Promi
   const check = verify === "full" ? (["state", "ram", "rootfs"] as const) : (["state"] as const);
   for (const name of check) {
     const file = join(dir, name === "rootfs" ? "rootfs.erofs" : name);
-    const sum = await sha256File(file);
-    if (sum !== m.files[name].sha256) fail(dir, `${name} does not match its checksum (corrupt or changed after the snapshot was taken)`);
+    const f = m.files[name];
+    const sum = "sparseSha256" in f ? await sparseSha256File(file) : await sha256File(file);
+    if (sum !== ("sparseSha256" in f ? f.sparseSha256 : f.sha256)) fail(dir, `${name} does not match its checksum (corrupt or changed after the snapshot was taken)`);
   }
   if (verify === "full") {
     for (const d of manifestDisks(m)) {

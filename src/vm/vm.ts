@@ -1148,7 +1148,7 @@ export class Vm {
         const manifest: SnapshotManifest = {
           format: SNAPSHOT_FORMAT,
           version: SNAPSHOT_VERSION,
-          key: createHash("sha256").update([captured.ram.sha256, captured.state.sha256, ...captured.disks.map((d) => d.sha256)].join(":")).digest("hex"),
+          key: createHash("sha256").update([captured.ram.sparseSha256, captured.state.sha256, ...captured.disks.map((d) => d.sha256)].join(":")).digest("hex"),
           name: basename(dest),
           createdAt: new Date().toISOString(),
           accel: this.accelerator,

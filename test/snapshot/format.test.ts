@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { SnapshotError } from "../../src/errors.js";
-import { sealSnapshotDir, sparseCopy, stubKernel } from "../../src/snapshot/files.js";
+import { sealSnapshotDir, sparseCopy, sparseSha256File, stubKernel } from "../../src/snapshot/files.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, readManifest, type SnapshotManifest } from "../../src/snapshot/manifest.js";
 
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
@@ -26,7 +26,8 @@ let n = 0;
 async function makeSnapshot(edit?: (m: SnapshotManifest) => void): Promise<string> {
   const dir = join(root, `s${n++}`);
   await import("node:fs/promises").then((f) => f.mkdir(dir));
-  const ram = Buffer.alloc(1 << 20);
+  // 3 MiB: one chunk with data, two all zeros (the RAM digest skips those).
+  const ram = Buffer.alloc(3 << 20);
   ram.write("guest memory", 4096);
   const state = Buffer.from("QEVM device state");
   const rootfs = Buffer.from("erofs image bytes");
@@ -42,7 +43,7 @@ async function makeSnapshot(edit?: (m: SnapshotManifest) => void): Promise<strin
     accel: "tcg",
     arch: process.arch,
     qemuVersion: "QEMU emulator version 7.2",
-    memoryMib: 1,
+    memoryMib: 3,
     vcpus: 1,
     image: { ref: "x", digest: "sha256:00" },
     config: { env: ["A=b"] },
@@ -50,7 +51,7 @@ async function makeSnapshot(edit?: (m: SnapshotManifest) => void): Promise<strin
     guestPort: 80,
     listenerRequired: false,
     inputs: {},
-    files: { ram: { size: ram.length, sha256: sha(ram) }, state: { size: state.length, sha256: sha(state) }, rootfs: { size: rootfs.length, sha256: sha(rootfs) } },
+    files: { ram: { size: ram.length, sparseSha256: await sparseSha256File(join(dir, "ram")) }, state: { size: state.length, sha256: sha(state) }, rootfs: { size: rootfs.length, sha256: sha(rootfs) } },
   };
   edit?.(m);
   await writeFile(join(dir, "manifest.json"), JSON.stringify(m));
@@ -69,7 +70,7 @@ async function flipByte(path: string, at: number): Promise<void> {
 describe("snapshot format", () => {
   it("a well-formed snapshot passes quick and full checks", async () => {
     const dir = await makeSnapshot();
-    assert.equal((await readManifest(dir, "quick")).memoryMib, 1);
+    assert.equal((await readManifest(dir, "quick")).memoryMib, 3);
     assert.equal((await readManifest(dir, "full")).vcpus, 1);
   });
 
@@ -129,6 +130,20 @@ describe("snapshot format", () => {
     await readManifest(dir, "quick");
     await rejects(dir, "full", /ram does not match its checksum/);
   });
+  it("a byte written into an all-zero part of the RAM file is caught by the full check", async () => {
+    const dir = await makeSnapshot();
+    await flipByte(join(dir, "ram"), (2 << 20) + 17);
+    await readManifest(dir, "quick");
+    await rejects(dir, "full", /ram does not match its checksum/);
+  });
+  it("a RAM record with a plain sha256 (format 3) is refused as a bad files record", async () =>
+    rejects(
+      await makeSnapshot((m) => {
+        (m.files as { ram: unknown }).ram = { size: m.files.ram.size, sha256: "a".repeat(64) };
+      }),
+      "quick",
+      /bad files record/,
+    ));
   it("a symlinked file (even to a file of the right content) is refused by the quick check", async () => {
     const dir = await makeSnapshot();
     renameSync(join(dir, "ram"), join(root, `ram-elsewhere-${n}`));
@@ -156,17 +171,17 @@ describe("snapshot format", () => {
   });
   it("a swapped RAM file of the same size is refused by the full check", async () => {
     const a = await makeSnapshot();
-    await writeFile(join(a, "ram"), Buffer.alloc(1 << 20, 1));
+    await writeFile(join(a, "ram"), Buffer.alloc(3 << 20, 1));
     await rejects(a, "full", /ram does not match its checksum/);
   });
   it("an altered manifest: a RAM size that is not memoryMib MiB", async () =>
     rejects(await makeSnapshot((m) => (m.files.ram.size = 1000)), "quick", /ram size 1000 is not memoryMib/));
   it("an altered manifest: sizes edited to match a truncated RAM file are still refused", async () => {
     const dir = await makeSnapshot((m) => {
-      m.memoryMib = 2;
-      m.files.ram.size = 2 << 20;
+      m.memoryMib = 4;
+      m.files.ram.size = 4 << 20;
     });
-    await rejects(dir, "quick", /ram is 1048576 bytes, the manifest says 2097152/);
+    await rejects(dir, "quick", /ram is 3145728 bytes, the manifest says 4194304/);
   });
   it("an altered manifest: a checksum that does not match", async () =>
     rejects(await makeSnapshot((m) => (m.files.state.sha256 = "b".repeat(64))), "quick", /state does not match its checksum/));
@@ -194,6 +209,54 @@ describe("snapshot format", () => {
 });
 
 describe("snapshot files", () => {
+  // The RAM digest as docs/snapshots.md defines it, written out here apart from files.ts.
+  const spec = (b: Buffer): string => {
+    const h = createHash("sha256").update("supermachine-sparse-sha256-v1\0");
+    const u64 = (x: number) => {
+      const o = Buffer.alloc(8);
+      o.writeBigUInt64LE(BigInt(x));
+      return o;
+    };
+    h.update(u64(b.length));
+    for (let i = 0; i * (1 << 20) < b.length; i++) {
+      const c = b.subarray(i << 20, (i + 1) << 20);
+      if (c.some((x) => x !== 0)) h.update(u64(i)).update(createHash("sha256").update(c).digest());
+    }
+    return h.digest("hex");
+  };
+  it("the RAM digest: its definition, holes and written zeros alike, every byte and the size counted", async () => {
+    const dir = mkdtempSync(join(root, "digest-"));
+    const b = Buffer.alloc((9 << 20) + 5000);
+    b.write("first", 10);
+    b.write("last", b.length - 10);
+    b.write("middle", (5 << 20) + 3);
+    const written = join(dir, "written");
+    await writeFile(written, b);
+    const d = await sparseSha256File(written);
+    assert.equal(d, spec(b));
+    assert.notEqual(d, sha(b), "not a plain sha256");
+    // The same bytes as a sparse file (holes where the zeros were).
+    const holes = join(dir, "holes");
+    await sparseCopy(written, holes);
+    assert.equal(await sparseSha256File(holes), d);
+    // A byte in a zero chunk, a byte in a data chunk, trailing zeros: each changes it.
+    const seen = new Set([d]);
+    for (const edit of [(x: Buffer) => (x[(3 << 20) + 1] = 1), (x: Buffer) => (x[(5 << 20) + 4] = 0x41), (x: Buffer) => (x[11] = 0)]) {
+      const c = Buffer.from(b);
+      edit(c);
+      await writeFile(written, c);
+      const e = await sparseSha256File(written);
+      assert.equal(e, spec(c));
+      assert.ok(!seen.has(e), "an edit changed the digest");
+      seen.add(e);
+    }
+    await writeFile(written, Buffer.concat([b, Buffer.alloc(4096)]));
+    assert.ok(!seen.has(await sparseSha256File(written)), "trailing zeros changed the digest");
+    // Empty file: the tag and the size only.
+    await writeFile(written, Buffer.alloc(0));
+    assert.equal(await sparseSha256File(written), spec(Buffer.alloc(0)));
+  });
+
   it("sealing makes a snapshot directory 0700 and its files 0600, and a sealed snapshot passes", async () => {
     const dir = await makeSnapshot();
     chmodSync(dir, 0o755);
