@@ -7,10 +7,14 @@
  * boot / warmup / snapshot). Wall times: run it on an idle machine and
  * compare variants of one run (they alternate).
  *
- *   node dist/bench/first-use.js [--runs N] [--overlap on,off]
+ *   node dist/bench/first-use.js [--runs N] [--overlap on,off] [--derive on,off]
  *
  * --overlap compares unpacking while the layers download (on, the default)
- * with unpacking after the pull (off: SUPERMACHINE_PULL_OVERLAP=0).
+ * with unpacking after the pull (off: SUPERMACHINE_PULL_OVERLAP=0). --derive
+ * compares taking the pool's prewarm-list snapshot of the bake's own VM (on,
+ * the default) with baking the image again for it (off:
+ * SUPERMACHINE_DERIVE_SIBLING=0). Each combination is a variant; they
+ * alternate. Each run also measures the same again from its cache ("hit:").
  */
 
 import { mkdir, mkdtemp, rm, symlink } from "node:fs/promises";
@@ -30,13 +34,17 @@ const MARKS = ["pull", "unpack", "pack", "bake:boot", "bake:warmup", "bake:snaps
 async function main(): Promise<void> {
   const a = new Args();
   if (a.has("help")) {
-    console.log("usage: node dist/bench/first-use.js [--runs N] [--overlap on,off]");
+    console.log("usage: node dist/bench/first-use.js [--runs N] [--overlap on,off] [--derive on,off]");
     return;
   }
   enterLoopbackNetns({ what: "bench/first-use" });
   const runs = a.num("runs", 3);
-  const variants = a.list("overlap") ?? ["on"];
-  for (const v of variants) if (v !== "on" && v !== "off") throw new TypeError(`--overlap takes on and/or off, got ${v}`);
+  const onOff = (flag: string): string[] => {
+    const l = a.list(flag) ?? ["on"];
+    for (const v of l) if (v !== "on" && v !== "off") throw new TypeError(`--${flag} takes on and/or off, got ${v}`);
+    return l;
+  };
+  const variants = onOff("overlap").flatMap((o) => onOff("derive").map((d) => `overlap ${o}, derive ${d}`));
   const img = await pythonImage();
   const reg = await startRegistry();
   const work = await mkdtemp(join(tmpdir(), "sm-bench-first-use-"));
@@ -50,7 +58,8 @@ async function main(): Promise<void> {
         const cacheDir = join(work, `c${seq++}`);
         await mkdir(cacheDir, { recursive: true });
         for (const sub of ["kernel", "initramfs", "restore", "boot-templates"]) await symlink(join(defaultCacheDir(), sub), join(cacheDir, sub)).catch(() => undefined);
-        process.env.SUPERMACHINE_PULL_OVERLAP = v === "on" ? "1" : "0";
+        process.env.SUPERMACHINE_PULL_OVERLAP = v.includes("overlap on") ? "1" : "0";
+        process.env.SUPERMACHINE_DERIVE_SIBLING = v.includes("derive on") ? "1" : "0";
         const at = results.get(v)!;
         const mark = (m: string, t: number): void => {
           const l = at.get(m);
@@ -88,12 +97,13 @@ async function main(): Promise<void> {
     }
   } finally {
     delete process.env.SUPERMACHINE_PULL_OVERLAP;
+    delete process.env.SUPERMACHINE_DERIVE_SIBLING;
     await reg.stop();
     await rm(work, { recursive: true, force: true });
   }
   console.log(`\nFirst use of the Debian + python3 image from a local registry: when each phase began, ms from Image.build (\"hit:\" the same again, all cached) (p50 of ${runs}; wall time)\n`);
   const rows = MARKS.map((m) => [m, ...variants.map((v) => fmtMs(summarize(results.get(v)!.get(m)!).p50))]);
-  console.log(table(["phase", ...variants.map((v) => `overlap ${v}`)], rows));
+  console.log(table(["phase", ...variants], rows));
 }
 
 main().catch((e: unknown) => {

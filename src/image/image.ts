@@ -925,6 +925,7 @@ export class Image {
     // workload not started: the list is baked from it (Image.derive), not
     // from a new boot. Not with volumes (their disks were flattened into
     // this image's snapshot).
+    // @internal SUPERMACHINE_DERIVE_SIBLING=0: always bake again (for benchmarks).
     const vm = this.handoff;
     const derive = pw && memoryMib === this.memoryMib && vcpus === this.vcpus && vm?.status === "ready" && !this.manifest.disks?.length && process.env.SUPERMACHINE_DERIVE_SIBLING !== "0";
     if (derive) this.handoff = undefined;

@@ -199,8 +199,9 @@ describe("the bake's own VM (the first pool's first VM)", { timeout: 3 * VM_TEST
     await rm(dir, { recursive: true, force: true });
   });
 
-  it("is the bake of the pool's own snapshot, which ran the pool's argv prewarm", async () => {
+  it("is the bake's VM, which ran the pool's argv prewarm before the pool's own snapshot was taken of it (no second boot)", async () => {
     const booted: string[] = [];
+    const phases: string[] = [];
     const onStart = (m: unknown) => {
       const e = m as { id: string; how: string };
       if (e.how === "boot") booted.push(e.id);
@@ -208,22 +209,82 @@ describe("the bake's own VM (the first pool's first VM)", { timeout: 3 * VM_TEST
     subscribe("supermachine:vm:start", onStart);
     let image: Image | undefined;
     try {
-      image = await Image.build({ ref: `dir:${await defaultRootfs()}`, snapshotsDir: dir, warmupTag: `prewarm-handoff-${randomBytes(3).toString("hex")}` });
+      image = await Image.build({
+        ref: `dir:${await defaultRootfs()}`,
+        snapshotsDir: dir,
+        warmupTag: `prewarm-handoff-${randomBytes(3).toString("hex")}`,
+        onProgress: (p) => void (p.stage === "bake" && phases.push(p.phase)),
+      });
       assert.equal(booted.length, 1, "the bake booted one VM");
+      assert.deepEqual(phases, ["boot", "warmup", "snapshot", "done"]);
       const pool = await image.pool({ min: 1, max: 1, prewarm: [["sh", "-c", "echo warm > /tmp/prewarm-mark"]] });
       try {
         const vm = await pool.acquire();
-        // The pool baked the image again with its prewarm list: its first VM is that bake's.
-        assert.equal(booted.length, 2, "the pool's bake booted one VM");
-        assert.equal(vm.id, booted[1], "the pool's bake's VM");
+        // The list ran in the bake's VM, and the pool's snapshot was taken of it: no boot.
+        assert.equal(booted.length, 1, "no second boot");
+        assert.deepEqual(phases.slice(4), ["warmup", "snapshot", "done"], "the pool's bake: no boot phase");
+        assert.equal(vm.id, booted[0], "the bake's VM");
         assert.equal((await vm.exec({ argv: ["cat", "/tmp/prewarm-mark"] })).stdout.toString(), "warm\n");
         await vm.release();
+        // A restored VM of the pool's snapshot has the mark too.
+        const next = await pool.acquire();
+        assert.notEqual(next.id, booted[0]);
+        assert.equal((await next.exec({ argv: ["cat", "/tmp/prewarm-mark"] })).stdout.toString(), "warm\n");
+        await next.release();
       } finally {
         await pool.shutdown();
+      }
+      const snaps = (await readdir(dir)).filter((n) => n.startsWith("sm-"));
+      assert.equal(snaps.length, 2, `the image's snapshot and the list's: ${snaps.join(", ")}`);
+      // A new Image object of the same build finds both on disk: nothing boots or bakes.
+      const again = await Image.build({ ref: `dir:${await defaultRootfs()}`, snapshotsDir: dir, warmupTag: image.manifest.inputs.warmupTag as string });
+      try {
+        assert.equal(again.baked, false);
+        const p2 = await again.pool({ min: 1, max: 1, prewarm: [["sh", "-c", "echo warm > /tmp/prewarm-mark"]] });
+        try {
+          const vm = await p2.acquire();
+          assert.equal((await vm.exec({ argv: ["cat", "/tmp/prewarm-mark"] })).stdout.toString(), "warm\n");
+          await vm.release();
+        } finally {
+          await p2.shutdown();
+        }
+        assert.equal(booted.length, 1, "nothing booted");
+        assert.equal(phases.length, 7, "nothing baked");
+      } finally {
+        await again.close();
       }
     } finally {
       unsubscribe("supermachine:vm:start", onStart);
       await image?.close();
+    }
+    assert.deepEqual(descendantsMatching(/qemu-system/), [], "no QEMU of this process remains");
+  });
+
+  it("the image's workload starts once in each VM, after the list: in the bake's VM when the pool takes it, in the others at their restore", async () => {
+    // The workload appends a line; the list records whether any was there.
+    const image = await Image.build({
+      ref: `dir:${await defaultRootfs()}`,
+      snapshotsDir: dir,
+      cmd: ["sh", "-c", "echo started >> /tmp/wl"],
+      warmupTag: `prewarm-workload-${randomBytes(3).toString("hex")}`,
+    });
+    try {
+      const pool = await image.pool({ min: 1, max: 1, prewarm: [["sh", "-c", "cat /tmp/wl > /tmp/list-saw 2>/dev/null || echo none > /tmp/list-saw"]] });
+      try {
+        for (let i = 0; i < 2; i++) {
+          const vm = await pool.acquire();
+          const lines = async () => (await vm.exec({ argv: ["sh", "-c", "cat /tmp/wl 2>/dev/null; true"] })).stdout.toString();
+          await waitFor(async () => (await lines()) !== "", 60_000, "the workload's line");
+          await new Promise((r) => setTimeout(r, 300));
+          assert.equal(await lines(), "started\n", `VM ${i}: the workload ran once`);
+          assert.equal((await vm.exec({ argv: ["cat", "/tmp/list-saw"] })).stdout.toString(), "none\n", `VM ${i}: the list ran before it`);
+          await vm.release();
+        }
+      } finally {
+        await pool.shutdown();
+      }
+    } finally {
+      await image.close();
     }
     assert.deepEqual(descendantsMatching(/qemu-system/), [], "no QEMU of this process remains");
   });
@@ -271,7 +332,9 @@ describe("a pool's prewarm list baked into a snapshot of its own", { timeout: 3 
     }
     assert.match(seen[0]!, /^[0-9a-f-]{36}$/);
     assert.deepEqual(new Set(seen).size, 1, `one id from the bake in every VM: ${seen.join(", ")}`);
-    assert.equal(boots.length, 1, "one bake, for the first pool");
+    // Baked from the image's own bake VM (it was still there): no boot.
+    assert.equal(boots.length, 0, "no boot for the first pool's bake");
+    assert.equal((await readdir(dir)).filter((n) => n.startsWith("sm-")).length, 2, "the list's snapshot beside the image's");
   });
 
   it("another list is another bake; an image loaded from its directory runs the list per VM", async () => {
@@ -279,6 +342,7 @@ describe("a pool's prewarm list baked into a snapshot of its own", { timeout: 3 
     const other = [...once, ["true"]];
     const pool = await image!.pool({ min: 1, max: 1, prewarm: other });
     await pool.shutdown();
+    // The bake's VM went to the first list: this one boots a VM of its own.
     assert.equal(boots.length, before + 1, "the new list baked once");
     const plain = await Image.fromSnapshot(image!.snapshotPath);
     try {
