@@ -212,12 +212,13 @@ export class Pool {
     // @internal SUPERMACHINE_BAKE_POOL_PREWARM=0: never (for benchmarks).
     const bake = p.prewarm.length > 0 && image._rebakeable && process.env.SUPERMACHINE_BAKE_POOL_PREWARM !== "0";
     if (p.memoryMib !== image.memoryMib || p.vcpus !== image.vcpus || bake) {
-      p = new Pool(await image.sibling(p.memoryMib, p.vcpus, bake ? p.prewarm : [], p.restoreTimeoutMs), o);
+      // Takes the base image's bake VM (its warm handoff) when it bakes the
+      // list from it (Image.derive). Otherwise that VM would wait for a pool
+      // of the base image, holding its memory: the sibling brings its own.
+      const sibling = image.sibling(p.memoryMib, p.vcpus, bake ? p.prewarm : [], p.restoreTimeoutMs);
+      void image.dropHandoff();
+      p = new Pool(await sibling, o);
       p.prewarmBaked = bake;
-      // The base image's bake VM (its warm handoff), if the sibling did not
-      // take it, would wait for a pool of the base image, holding its
-      // memory: the sibling brings its own.
-      await image.dropHandoff();
     }
     const img = p.image;
     img.accelFor();
