@@ -881,7 +881,9 @@ export class Image {
    * pool's `prewarm` commands run before its snapshot. A snapshot's RAM size
    * and CPU count are fixed, so the image is baked again at that size on
    * first use (its Image.build options rerun, warmup included) and cached
-   * like any build: on disk under its own key, here per variant. A baked
+   * like any build: on disk under its own key, here per variant (a list at
+   * the same size is baked from this image's own bake VM while it is still
+   * here: Image.derive, no second boot). A baked
    * prewarm leaves the programs' pages in the snapshot's page cache, at the
    * same guest-physical addresses in every restored VM, so under TCG their
    * translations outlive each VM in a reused QEMU (docs/performance.md).
