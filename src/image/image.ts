@@ -440,6 +440,43 @@ async function planBuild(options: BuildOptions): Promise<BuildPlan> {
   return { options, v, accel, bootTimeoutMs, root, assets, qemu, files, imageCmd, cpuModel, aslr, bakePrewarm, config, inputs, key, name, dir, workload };
 }
 
+/**
+ * The snapshot of `plan`: the one on disk when it is there (looked for again
+ * under the lock: one baker per snapshot across processes, the others use its
+ * result), else what `bake` makes in a stage directory, the root filesystem
+ * linked in and its digest running meanwhile (sealBake publishes the stage).
+ * A failed bake leaves no stage behind.
+ */
+async function bakeLocked(plan: BuildPlan, cached: (m: SnapshotManifest) => Promise<Image>, bake: (stage: string, rootfsSum: Promise<string>) => Promise<Image>): Promise<Image> {
+  const { v, root, key, name, dir, options } = plan;
+  const hit = await readManifest(dir, "quick").catch(() => undefined);
+  if (hit && hit.key === key) return cached(hit);
+  await mkdir(v.snapshotsDir, { recursive: true, mode: SNAPSHOT_DIR_MODE });
+  const valid = async () => (await readManifest(dir, "quick").catch(() => undefined))?.key === key;
+  const lock = await acquireLock(join(v.snapshotsDir, `.${name}.lock`), { until: valid, staleMs: 10 * 60_000, ...(options.signal ? { signal: options.signal } : {}) });
+  try {
+    const again = await readManifest(dir, "quick").catch(() => undefined);
+    if (again && again.key === key) return await cached(again);
+    const stage = join(v.snapshotsDir, `.${name}.tmp-${process.pid}-${randomBytes(4).toString("hex")}`);
+    await mkdir(stage, { mode: SNAPSHOT_DIR_MODE });
+    let rootfsSum: Promise<string> | undefined;
+    try {
+      await linkOrCopy(root.rootfsImage, join(stage, "rootfs.erofs"));
+      // The image's digest (a read of the whole rootfs, ~0.2 s for 160 MB)
+      // runs while the VM boots; the manifest needs it only at the end.
+      rootfsSum = rootfsDigest(root.rootfsImage);
+      rootfsSum.catch(() => undefined);
+      return await bake(stage, rootfsSum);
+    } catch (e) {
+      await rootfsSum?.catch(() => undefined);
+      await rm(stage, { recursive: true, force: true });
+      throw e;
+    }
+  } finally {
+    await lock?.release();
+  }
+}
+
 function bakePhase(plan: BuildPlan, p: "boot" | "warmup" | "snapshot" | "done"): void {
   plan.options.onProgress?.({ stage: "bake", phase: p, name: plan.name });
 }
@@ -586,27 +623,11 @@ export class Image {
    */
   static async build(options: BuildOptions): Promise<Image> {
     const plan = await planBuild(options);
-    const { v, accel, bootTimeoutMs, root, assets, files, cpuModel, aslr, bakePrewarm, config, key, name, dir, workload } = plan;
+    const { v, accel, bootTimeoutMs, root, assets, files, cpuModel, aslr, bakePrewarm, config, workload } = plan;
     options = plan.options;
-    const hit = await readManifest(dir, "quick").catch(() => undefined);
-    if (hit && hit.key === key) return cachedImage(plan, hit);
-    await mkdir(v.snapshotsDir, { recursive: true, mode: SNAPSHOT_DIR_MODE });
-    // One baker per snapshot across processes; the others use its result.
-    const valid = async () => (await readManifest(dir, "quick").catch(() => undefined))?.key === key;
-    const lock = await acquireLock(join(v.snapshotsDir, `.${name}.lock`), { until: valid, staleMs: 10 * 60_000, ...(options.signal ? { signal: options.signal } : {}) });
-    try {
-      const again = await readManifest(dir, "quick").catch(() => undefined);
-      if (again && again.key === key) return cachedImage(plan, again);
-      const stage = join(v.snapshotsDir, `.${name}.tmp-${process.pid}-${randomBytes(4).toString("hex")}`);
-      await mkdir(stage, { mode: SNAPSHOT_DIR_MODE });
+    return bakeLocked(plan, async (m) => cachedImage(plan, m), async (stage, rootfsSum) => {
       let vm: Vm | undefined;
-      let rootfsSum: Promise<string> | undefined;
       try {
-        await linkOrCopy(root.rootfsImage, join(stage, "rootfs.erofs"));
-        // The image's digest (a read of the whole rootfs, ~0.2 s for 160 MB)
-        // runs while the VM boots; the manifest needs it only at the end.
-        rootfsSum = rootfsDigest(root.rootfsImage);
-        rootfsSum.catch(() => undefined);
         const id = randomBytes(4).toString("hex");
         bakePhase(plan, "boot");
         // Without volumes the bake starts from the boot template (a copy of
@@ -653,13 +674,9 @@ export class Image {
         return await sealBake(plan, vm, stage, rootfsSum);
       } catch (e) {
         await vm?.destroy();
-        await rootfsSum?.catch(() => undefined);
-        await rm(stage, { recursive: true, force: true });
         throw e;
       }
-    } finally {
-      await lock?.release();
-    }
+    });
   }
 
   /**
@@ -672,47 +689,23 @@ export class Image {
    */
   private static async derive(options: BuildOptions, h: { vm: Vm; paused: boolean }, prewarm: readonly (readonly string[])[], timeoutMs: number): Promise<Image> {
     const { vm } = h;
-    let plan: BuildPlan;
+    let baked = false;
     try {
-      plan = await planBuild(options);
-    } catch (e) {
-      await vm.destroy();
-      throw e;
-    }
-    const { v, root, key, name, dir } = plan;
-    const cached = async (m: SnapshotManifest): Promise<Image> => {
-      await vm.destroy();
-      return cachedImage(plan, m);
-    };
-    const hit = await readManifest(dir, "quick").catch(() => undefined);
-    if (hit && hit.key === key) return cached(hit);
-    let lock: Awaited<ReturnType<typeof acquireLock>> | undefined;
-    let stage: string | undefined;
-    let rootfsSum: Promise<string> | undefined;
-    try {
-      await mkdir(v.snapshotsDir, { recursive: true, mode: SNAPSHOT_DIR_MODE });
-      const valid = async () => (await readManifest(dir, "quick").catch(() => undefined))?.key === key;
-      lock = await acquireLock(join(v.snapshotsDir, `.${name}.lock`), { until: valid, staleMs: 10 * 60_000, ...(options.signal ? { signal: options.signal } : {}) });
-      const again = await readManifest(dir, "quick").catch(() => undefined);
-      if (again && again.key === key) return await cached(again);
-      stage = join(v.snapshotsDir, `.${name}.tmp-${process.pid}-${randomBytes(4).toString("hex")}`);
-      await mkdir(stage, { mode: SNAPSHOT_DIR_MODE });
-      await linkOrCopy(root.rootfsImage, join(stage, "rootfs.erofs"));
-      rootfsSum = rootfsDigest(root.rootfsImage);
-      rootfsSum.catch(() => undefined);
-      bakePhase(plan, "warmup");
-      if (h.paused) await vm._resume();
-      await runPrewarmList(vm, prewarm, timeoutMs);
-      return await sealBake(plan, vm, stage, rootfsSum);
-    } catch (e) {
-      await vm.destroy();
-      await rootfsSum?.catch(() => undefined);
-      if (stage) await rm(stage, { recursive: true, force: true });
-      throw e;
+      const plan = await planBuild(options);
+      return await bakeLocked(plan, async (m) => cachedImage(plan, m), async (stage, rootfsSum) => {
+        bakePhase(plan, "warmup");
+        if (h.paused) await vm._resume();
+        await runPrewarmList(vm, prewarm, timeoutMs);
+        const image = await sealBake(plan, vm, stage, rootfsSum);
+        baked = true;
+        return image;
+      });
     } finally {
-      await lock?.release();
+      // A snapshot found on disk, or a failure: the VM has no image to live on in.
+      if (!baked) await vm.destroy();
     }
   }
+
 
   /** Loads a snapshot directory, checking every file against its manifest. */
   static async fromSnapshot(path: string): Promise<Image> {

@@ -76,8 +76,9 @@ export interface PoolOptions {
    * Output is discarded; effects on the guest's files stay (a warmup, baked
    * into the snapshot, is the place for setup every VM needs). A list also
    * runs once before a snapshot of its own: the pool's first creation bakes
-   * the image again with the commands after its warmup (cached on disk like
-   * any build), so their files are in every restored VM's page cache and,
+   * the image again with the commands after its warmup, or runs them in the
+   * image's own bake VM when it was just built (cached on disk like any
+   * build), so their files are in every restored VM's page cache and,
    * under TCG with the guest's ASLR off, a reused QEMU keeps their
    * translations (docs/performance.md). An image that cannot be baked again (loaded
    * from a snapshot directory) only runs them per VM.

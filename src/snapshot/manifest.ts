@@ -262,8 +262,8 @@ export async function readManifest(dir: string, verify: "quick" | "full"): Promi
   for (const name of check) {
     const file = join(dir, name === "rootfs" ? "rootfs.erofs" : name);
     const f = m.files[name];
-    const sum = "sparseSha256" in f ? await sparseSha256File(file) : await sha256File(file);
-    if (sum !== ("sparseSha256" in f ? f.sparseSha256 : f.sha256)) fail(dir, `${name} does not match its checksum (corrupt or changed after the snapshot was taken)`);
+    const [sum, want] = "sparseSha256" in f ? [await sparseSha256File(file), f.sparseSha256] : [await sha256File(file), f.sha256];
+    if (sum !== want) fail(dir, `${name} does not match its checksum (corrupt or changed after the snapshot was taken)`);
   }
   if (verify === "full") {
     for (const d of manifestDisks(m)) {
