@@ -47,10 +47,69 @@ macro_rules! debug {
     }};
 }
 
+/// Host-side helper (`supermachine-agent --data-extents FILE`): prints the
+/// file's size, then one `start end` line per data extent, as lseek's
+/// SEEK_DATA/SEEK_HOLE report them. Everything outside them reads as zeros,
+/// so the host's sparse digest of a snapshot's RAM file reads only these
+/// (Node has no lseek; reading a fresh copy's holes costs the host a page
+/// cache page each). A filesystem without SEEK_DATA reports one extent, the
+/// whole file.
+fn data_extents() -> ! {
+    use std::io::Write;
+    use std::os::unix::io::AsRawFd;
+    const SEEK_DATA: i32 = 3;
+    const SEEK_HOLE: i32 = 4;
+    let fail = |e: String| -> ! {
+        eprintln!("supermachine-agent --data-extents: {}", e);
+        std::process::exit(1)
+    };
+    let path = std::env::args_os().nth(2).unwrap_or_else(|| fail("usage: --data-extents FILE".into()));
+    let f = std::fs::File::open(&path).unwrap_or_else(|e| fail(format!("{}: {}", path.to_string_lossy(), e)));
+    let size = f.metadata().unwrap_or_else(|e| fail(e.to_string())).len() as i64;
+    let fd = f.as_raw_fd();
+    let out = std::io::stdout();
+    let mut w = std::io::BufWriter::new(out.lock());
+    let _ = writeln!(w, "{}", size);
+    let mut off = 0i64;
+    while off < size {
+        let d = unsafe { sys::lseek(fd, off, SEEK_DATA) };
+        if d < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                // No data after off.
+                Some(6) => break,
+                // No SEEK_DATA here: all of it is data.
+                Some(22) => {
+                    let _ = writeln!(w, "{} {}", off, size);
+                    break;
+                }
+                _ => fail(e.to_string()),
+            }
+        }
+        let h = unsafe { sys::lseek(fd, d, SEEK_HOLE) };
+        if h < 0 {
+            fail(std::io::Error::last_os_error().to_string());
+        }
+        let h = h.min(size);
+        if h <= d {
+            break;
+        }
+        let _ = writeln!(w, "{} {}", d, h);
+        off = h;
+    }
+    if w.flush().is_err() {
+        std::process::exit(1);
+    }
+    std::process::exit(0)
+}
+
 fn main() {
     // Before anything reads argv as UTF-8: a program's arguments may be any bytes.
     if std::env::args_os().nth(1).map(|a| a == "--sm-exec").unwrap_or(false) {
         sm_exec();
+    }
+    if std::env::args_os().nth(1).map(|a| a == "--data-extents").unwrap_or(false) {
+        data_extents();
     }
     let args: Vec<String> = std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect();
     if args.iter().any(|a| a == "--version") {

@@ -125,6 +125,7 @@ extern "C" {
     pub fn pipe2(fds: *mut c_int, flags: c_int) -> c_int;
     pub fn read(fd: c_int, buf: *mut c_void, n: usize) -> isize;
     pub fn pread(fd: c_int, buf: *mut c_void, n: usize, off: i64) -> isize;
+    pub fn lseek(fd: c_int, off: i64, whence: c_int) -> i64;
     pub fn write(fd: c_int, buf: *const c_void, n: usize) -> isize;
     pub fn close(fd: c_int) -> c_int;
     pub fn dup(fd: c_int) -> c_int;

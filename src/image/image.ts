@@ -8,7 +8,7 @@
 import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
-import { copyFile, link, mkdir, open, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { copyFile, link, mkdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { basename, join, resolve } from "node:path";
 import { promisify } from "node:util";
 import { ImageError, PoolError, SnapshotError, TimeoutError, invalidOption } from "../errors.js";
@@ -26,7 +26,7 @@ import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/p
 import { tracedProgress } from "../diagnostics.js";
 import type { LayerLimits } from "../rootfs/limits.js";
 import { captureVm, restoreSpec, restoreVm, type RestoreOptions } from "../snapshot/capture.js";
-import { sealSnapshotDir, sha256File } from "../snapshot/files.js";
+import { fsyncFile, sealSnapshotDir, sha256File } from "../snapshot/files.js";
 import { coldBootLaunch } from "../vm/boot-template.js";
 import { readManifest, SNAPSHOT_DIR_MODE, SNAPSHOT_FILE_MODE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { chooseAccelerator, warnTcgOnce, type AcceleratorChoice, type AcceleratorOption } from "../vmm/accel.js";
@@ -313,15 +313,6 @@ async function linkOrCopy(src: string, dst: string): Promise<void> {
     await link(src, dst);
   } catch {
     await copyFile(src, dst);
-  }
-}
-
-async function fsyncFile(path: string): Promise<void> {
-  const f = await open(path, "r");
-  try {
-    await f.sync();
-  } finally {
-    await f.close();
   }
 }
 

@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { SnapshotError } from "../../src/errors.js";
-import { sealSnapshotDir, sparseCopy, sparseSha256File, stubKernel } from "../../src/snapshot/files.js";
+import { dataExtents, parseExtents, sealSnapshotDir, sparseCopy, sparseSha256File, stubKernel } from "../../src/snapshot/files.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, readManifest, type SnapshotManifest } from "../../src/snapshot/manifest.js";
 
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
@@ -255,6 +255,52 @@ describe("snapshot files", () => {
     // Empty file: the tag and the size only.
     await writeFile(written, Buffer.alloc(0));
     assert.equal(await sparseSha256File(written), spec(Buffer.alloc(0)));
+  });
+
+  it("the RAM digest reads only the data extents lseek reports, and is the same without them", async () => {
+    const dir = mkdtempSync(join(root, "extents-"));
+    const file = join(dir, "ram");
+    const size = 64 << 20;
+    const f = await open(file, "w");
+    await f.truncate(size);
+    const at = [0, (3 << 20) + 17, 40 << 20, size - 3];
+    for (const o of at) await f.write(Buffer.from("abc"), 0, Math.min(3, size - o), o);
+    await f.close();
+    const ext = await dataExtents(file, size);
+    assert.ok(ext, "the agent binary reports extents");
+    let covered = 0;
+    for (const [d, h] of ext) covered += h - d;
+    assert.ok(covered < size / 4, `${covered} of ${size} bytes reported as data: the holes are skipped`);
+    for (const o of at) assert.ok(ext.some(([d, h]) => d <= o && o < h), `written byte at ${o} inside an extent`);
+    assert.equal(await dataExtents(file, size + 1), undefined, "another size than the caller's: no answer");
+    const want = spec(await readFile(file));
+    assert.equal(await sparseSha256File(file), want);
+    // Without the helper the whole file is read: the same digest.
+    const saved = process.env.SUPERMACHINE_AGENT;
+    process.env.SUPERMACHINE_AGENT = join(dir, "no-agent-here");
+    try {
+      assert.equal(await dataExtents(file, size), undefined);
+      assert.equal(await sparseSha256File(file), want);
+    } finally {
+      if (saved === undefined) delete process.env.SUPERMACHINE_AGENT;
+      else process.env.SUPERMACHINE_AGENT = saved;
+    }
+    // A byte written into a hole becomes data: seen, and the digest changes.
+    const g = await open(file, "r+");
+    await g.write(Buffer.from("z"), 0, 1, 20 << 20);
+    await g.close();
+    assert.ok((await dataExtents(file, size))!.some(([d, h]) => d <= 20 << 20 && 20 << 20 < h));
+    const changed = await sparseSha256File(file);
+    assert.notEqual(changed, want);
+    assert.equal(changed, spec(await readFile(file)));
+  });
+
+  it("data extents: only an answer that adds up is used", () => {
+    assert.deepEqual(parseExtents("100\n0 10\n20 100\n", 100), [[0, 10], [20, 100]]);
+    assert.deepEqual(parseExtents("100\n", 100), []);
+    for (const bad of ["99\n0 10\n", "100\n0 10", "100\n10 5\n", "100\n0 10\n5 20\n", "100\n0 101\n", "100\n0 10 \n", "100\n-1 10\n", "100\nx y\n", "", "100\n0 10\n\n"]) {
+      assert.equal(parseExtents(bad, 100), undefined, JSON.stringify(bad));
+    }
   });
 
   it("sealing makes a snapshot directory 0700 and its files 0600, and a sealed snapshot passes", async () => {
