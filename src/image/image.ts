@@ -25,7 +25,7 @@ import { directoryImage } from "../rootfs/cache.js";
 import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
 import { tracedProgress } from "../diagnostics.js";
 import type { LayerLimits } from "../rootfs/limits.js";
-import { captureVm, restoreSpec, restoreVm, type RestoreOptions } from "../snapshot/capture.js";
+import { captureVmEarly, restoreSpec, restoreVm, type RestoreOptions } from "../snapshot/capture.js";
 import { fsyncFile, sealSnapshotDir, sha256File } from "../snapshot/files.js";
 import { coldBootLaunch } from "../vm/boot-template.js";
 import { readManifest, SNAPSHOT_DIR_MODE, SNAPSHOT_FILE_MODE, SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
@@ -445,6 +445,7 @@ async function bakeLocked(plan: BuildPlan, cached: (m: SnapshotManifest) => Prom
   await mkdir(v.snapshotsDir, { recursive: true, mode: SNAPSHOT_DIR_MODE });
   const valid = async () => (await readManifest(dir, "quick").catch(() => undefined))?.key === key;
   const lock = await acquireLock(join(v.snapshotsDir, `.${name}.lock`), { until: valid, staleMs: 10 * 60_000, ...(options.signal ? { signal: options.signal } : {}) });
+  let publishing: Promise<void> | undefined;
   try {
     const again = await readManifest(dir, "quick").catch(() => undefined);
     if (again && again.key === key) return await cached(again);
@@ -457,14 +458,22 @@ async function bakeLocked(plan: BuildPlan, cached: (m: SnapshotManifest) => Prom
       // runs while the VM boots; the manifest needs it only at the end.
       rootfsSum = rootfsDigest(root.rootfsImage);
       rootfsSum.catch(() => undefined);
-      return await bake(stage, rootfsSum);
+      const image = await bake(stage, rootfsSum);
+      // Published behind the Image (sealBake's `early`): the lock is held,
+      // and a failure leaves no stage, until it is.
+      publishing = image._publishing?.catch(async (e: unknown) => {
+        await rm(stage, { recursive: true, force: true });
+        throw e;
+      });
+      return image;
     } catch (e) {
       await rootfsSum?.catch(() => undefined);
       await rm(stage, { recursive: true, force: true });
       throw e;
     }
   } finally {
-    await lock?.release();
+    if (publishing) void publishing.then(() => lock?.release(), () => lock?.release());
+    else await lock?.release();
   }
 }
 
@@ -487,11 +496,17 @@ async function runPrewarmList(vm: Vm, prewarm: readonly (readonly string[])[], t
  * Takes the snapshot of a bake VM into `stage`, publishes it as the plan's
  * directory and returns the Image, the VM living on as its warm handoff (its
  * workload, if it starts at restore, not started yet: see takeHandoff).
+ *
+ * `early` (a pool's derived list snapshot, Image.derive): the Image comes
+ * back as soon as the VM runs again, and the rest (hash, manifest, fsync,
+ * publish: ~0.15–0.3 s) goes on behind it as the Image's `_publishing`;
+ * its restores wait for it. Image.build's own result is published before it
+ * resolves: its snapshotPath is a complete snapshot then.
  */
-async function sealBake(plan: BuildPlan, vm: Vm, stage: string, rootfsSum: Promise<string>): Promise<Image> {
+async function sealBake(plan: BuildPlan, vm: Vm, stage: string, rootfsSum: Promise<string>, early = false): Promise<Image> {
   const { v, accel, root, qemu, cpuModel, config, workload, inputs, key, name, dir } = plan;
   bakePhase(plan, "snapshot");
-  const captured = await captureVm(vm, stage);
+  const captured = await captureVmEarly(vm, stage);
   const manifest: SnapshotManifest = {
     format: SNAPSHOT_FORMAT,
     version: SNAPSHOT_VERSION,
@@ -511,17 +526,31 @@ async function sealBake(plan: BuildPlan, vm: Vm, stage: string, rootfsSum: Promi
     guestPort: v.guestPort,
     listenerRequired: v.listenerRequired,
     inputs,
-    files: { ram: captured.ram, state: captured.state, rootfs: { size: (await stat(join(stage, "rootfs.erofs"))).size, sha256: await rootfsSum } },
-    ...(captured.disks.length ? { disks: captured.disks } : {}),
+    // Filled in by finish(), before the manifest is written or restored from.
+    files: { ram: { size: 0, sparseSha256: "" }, state: { size: 0, sha256: "" }, rootfs: { size: 0, sha256: "" } },
     ...(captured.mounts.length ? { mounts: captured.mounts } : {}),
   };
-  await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: SNAPSHOT_FILE_MODE });
-  const diskFiles = captured.disks.map(diskFileName);
-  await sealSnapshotDir(stage, diskFiles);
-  for (const f of ["ram", "state", ...diskFiles, "manifest.json"]) await fsyncFile(join(stage, f));
-  await publish(stage, dir);
-  // The stage is gone: the handoff VM's disk (same inode) now lives under dir.
-  vm.launch.rootfsImage = join(dir, "rootfs.erofs");
+  const finish = async (): Promise<void> => {
+    const files = await captured.files;
+    manifest.files = { ram: files.ram, state: files.state, rootfs: { size: (await stat(join(stage, "rootfs.erofs"))).size, sha256: await rootfsSum } };
+    if (files.disks.length) manifest.disks = files.disks;
+    await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: SNAPSHOT_FILE_MODE });
+    const diskFiles = files.disks.map(diskFileName);
+    await sealSnapshotDir(stage, diskFiles);
+    for (const f of ["ram", "state", ...diskFiles, "manifest.json"]) await fsyncFile(join(stage, f));
+    await publish(stage, dir);
+    // The stage is gone: the handoff VM's disk (same inode) now lives under dir.
+    vm.launch.rootfsImage = join(dir, "rootfs.erofs");
+  };
+  let publishing: Promise<void> | undefined;
+  if (early) {
+    publishing = finish().catch((e: unknown) => {
+      throw new SnapshotError(`The snapshot ${dir} could not be written (${(e as Error).message}); restores from it fail. Free space under ${v.snapshotsDir} or point snapshotsDir elsewhere, then build again.`, { cause: e });
+    });
+    publishing.catch(() => undefined);
+  } else {
+    await finish();
+  }
   // The bake VM lives on as the first VM handed out (warm handoff); it
   // must look like a restored one: the warmup's processes detached. Its
   // workload starts when it is taken (as a restored VM's starts at its
@@ -546,6 +575,7 @@ async function sealBake(plan: BuildPlan, vm: Vm, stage: string, rootfsSum: Promi
     network: v.network,
     imageCmd: plan.imageCmd,
     mounts: v.mounts,
+    ...(publishing ? { publishing } : {}),
   });
 }
 
@@ -553,6 +583,12 @@ export class Image {
   /** The snapshot directory. */
   readonly snapshotPath: string;
   readonly manifest: SnapshotManifest;
+  /**
+   * @internal While a derived snapshot is still being hashed and published
+   * behind its Image (sealBake's `early`): restores wait for it, close()
+   * too. Rejects with what kept it from being published.
+   */
+  readonly _publishing: Promise<void> | undefined;
   /** (extension) True when this Image.build booted a VM (cache miss). */
   readonly baked: boolean;
   /** @internal */ readonly cacheDir: string;
@@ -584,7 +620,8 @@ export class Image {
   private siblings = new Map<string, Promise<Image>>();
 
   /** @internal */
-  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm; handoffPaused?: boolean; handoffWorkload?: WorkloadSpec | null; recipe?: BuildOptions; network?: CompiledPolicy; imageCmd?: { entrypoint: string[]; cmd: string[] }; mounts?: readonly ValidMount[] }) {
+  constructor(p: { snapshotPath: string; manifest: SnapshotManifest; baked: boolean; cacheDir: string; bootTimeoutMs?: number; handoff?: Vm; handoffPaused?: boolean; handoffWorkload?: WorkloadSpec | null; recipe?: BuildOptions; network?: CompiledPolicy; imageCmd?: { entrypoint: string[]; cmd: string[] }; mounts?: readonly ValidMount[]; publishing?: Promise<void> }) {
+    this._publishing = p.publishing;
     this.lease = leaseSnapshot(p.snapshotPath);
     this.imageCmd = p.imageCmd ?? null;
     this.network = p.network ?? compilePolicy(true);
@@ -687,7 +724,7 @@ export class Image {
         bakePhase(plan, "warmup");
         if (h.paused) await vm._resume();
         await runPrewarmList(vm, prewarm, timeoutMs);
-        const image = await sealBake(plan, vm, stage, rootfsSum);
+        const image = await sealBake(plan, vm, stage, rootfsSum, true);
         baked = true;
         return image;
       });
@@ -826,7 +863,9 @@ export class Image {
 
   private prepareSpare(): void {
     if (this.spare || this.spareUsers <= 0) return;
-    const s = restoreSpec(this.restoreOptions({})).then((spec) => startQemu(spec));
+    const s = Promise.resolve(this._publishing)
+      .then(() => restoreSpec(this.restoreOptions({})))
+      .then((spec) => startQemu(spec));
     s.catch(() => {
       if (this.spare === s) this.spare = undefined;
     });
@@ -835,6 +874,7 @@ export class Image {
 
   /** @internal Restores one VM from the snapshot (copy-on-write RAM). */
   async restore(o: { signal?: AbortSignal; timeoutMs?: number; timings?: Record<string, number>; cpu?: Record<string, PhaseCpu>; network?: CompiledPolicy } = {}): Promise<Vm> {
+    if (this._publishing) await this._publishing;
     let started: StartedQemu | undefined;
     while (!started && this.recycled.length > 0) {
       const r = this.recycled.pop()!;
@@ -937,6 +977,8 @@ export class Image {
    * on the snapshot (`prune` may then remove it once no pool uses it).
    */
   async close(): Promise<void> {
+    // Nothing of this object's left running: a derived snapshot is published (or its stage gone) first.
+    await this._publishing?.catch(() => undefined);
     this.lease.release();
     const siblings = [...this.siblings.values()];
     this.siblings.clear();

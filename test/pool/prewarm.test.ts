@@ -12,11 +12,12 @@
 
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { cp, mkdtemp, readdir, rm } from "node:fs/promises";
+import { cp, mkdir, mkdtemp, readdir, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { subscribe, unsubscribe } from "node:diagnostics_channel";
 import { after, before, describe, it } from "node:test";
+import { SnapshotError } from "../../src/errors.js";
 import { Image } from "../../src/image/image.js";
 import { basePrewarm } from "../../src/pool/pool.js";
 import type { ExecOptions, ExecOutput } from "../../src/vm/options.js";
@@ -256,6 +257,45 @@ describe("the bake's own VM (the first pool's first VM)", { timeout: 3 * VM_TEST
     } finally {
       unsubscribe("supermachine:vm:start", onStart);
       await image?.close();
+    }
+    assert.deepEqual(descendantsMatching(/qemu-system/), [], "no QEMU of this process remains");
+  });
+
+  it("the list's snapshot is written behind the pool: when it cannot be, its restores reject with a SnapshotError and no stage or lock is left", async () => {
+    const image = await Image.build({ ref: `dir:${await defaultRootfs()}`, snapshotsDir: dir, warmupTag: `prewarm-early-${randomBytes(3).toString("hex")}` });
+    const list = [["sh", "-c", "echo warm > /tmp/prewarm-mark"]];
+    try {
+      const known = new Set(await readdir(dir));
+      // As soon as the list's stage appears, a directory takes the place of
+      // its manifest.json: writing the manifest fails after the capture.
+      let blocked = "";
+      const watch = (async () => {
+        const deadline = Date.now() + VM_TEST_TIMEOUT;
+        while (!blocked && Date.now() < deadline) {
+          const stage = (await readdir(dir)).find((n) => !known.has(n) && n.includes(".tmp-"));
+          if (stage) {
+            await mkdir(join(dir, stage, "manifest.json"));
+            blocked = stage;
+          } else await new Promise((r) => setTimeout(r, 5));
+        }
+      })();
+      const pool = await image.pool({ min: 1, max: 1, prewarm: list });
+      await watch;
+      assert.ok(blocked, "the list's stage appeared");
+      try {
+        // The bake's VM is handed out all the same: it needs no snapshot.
+        const vm = await pool.acquire();
+        assert.equal((await vm.exec({ argv: ["cat", "/tmp/prewarm-mark"] })).stdout.toString(), "warm\n");
+        const derived = await image.sibling(image.memoryMib, image.vcpus, list);
+        await assert.rejects(derived.restore(), (e: unknown) => e instanceof SnapshotError && /could not be written/.test(e.message) && /snapshotsDir/.test(e.message));
+        await vm.release();
+      } finally {
+        await pool.shutdown();
+      }
+      await waitFor(async () => !(await readdir(dir)).some((n) => n === blocked || n.endsWith(".lock")), 10_000, "the stage and the lock gone");
+      assert.equal((await readdir(dir)).filter((n) => n.startsWith("sm-") && !known.has(n)).length, 0, "nothing published for the list");
+    } finally {
+      await image.close();
     }
     assert.deepEqual(descendantsMatching(/qemu-system/), [], "no QEMU of this process remains");
   });
