@@ -77,9 +77,9 @@ fn data_extents() -> ! {
             let e = std::io::Error::last_os_error();
             match e.raw_os_error() {
                 // No data after off.
-                Some(6) => break,
+                Some(sys::ENXIO) => break,
                 // No SEEK_DATA here: all of it is data.
-                Some(22) => {
+                Some(sys::EINVAL) => {
                     let _ = writeln!(w, "{} {}", off, size);
                     break;
                 }

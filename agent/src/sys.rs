@@ -297,6 +297,8 @@ pub const SYS_FINIT_MODULE: c_long = 273;
 
 pub const EINTR: i32 = 4;
 pub const EIO: i32 = 5;
+pub const ENXIO: i32 = 6;
+pub const EINVAL: i32 = 22;
 pub const EAGAIN: i32 = 11;
 pub const ENOENT: i32 = 2;
 pub const EACCES: i32 = 13;

@@ -537,7 +537,8 @@ async function sealBake(plan: BuildPlan, vm: Vm, stage: string, rootfsSum: Promi
     await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: SNAPSHOT_FILE_MODE });
     const diskFiles = files.disks.map(diskFileName);
     await sealSnapshotDir(stage, diskFiles);
-    for (const f of ["ram", "state", ...diskFiles, "manifest.json"]) await fsyncFile(join(stage, f));
+    // ram and state are on disk already (the capture's records).
+    for (const f of [...diskFiles, "manifest.json"]) await fsyncFile(join(stage, f));
     await publish(stage, dir);
     // The stage is gone: the handoff VM's disk (same inode) now lives under dir.
     vm.launch.rootfsImage = join(dir, "rootfs.erofs");
@@ -733,7 +734,6 @@ export class Image {
       if (!baked) await vm.destroy();
     }
   }
-
 
   /** Loads a snapshot directory, checking every file against its manifest. */
   static async fromSnapshot(path: string): Promise<Image> {

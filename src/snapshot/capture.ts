@@ -175,8 +175,7 @@ async function captureDetached(vm: Vm, stage: string): Promise<{ files: Promise<
     } finally {
       await unlink(stream).catch(() => undefined);
     }
-    const files = await records(ramPath, statePath, diskRecords);
-    return { files: Promise.resolve(files) };
+    return { files: Promise.resolve(await records(ramPath, statePath, diskRecords)) };
   } finally {
     if (!running) await qmp?.execute("cont").catch(() => undefined);
     // Any frame ends the agent's quiet period. SNAPSHOT_PREPARE stopped
@@ -189,9 +188,10 @@ async function captureDetached(vm: Vm, stage: string): Promise<{ files: Promise<
 }
 
 /**
- * The RAM and state files' records, while their data goes to disk: the RAM
+ * The RAM and state files' records, once their data is on disk: the RAM
  * file's fsync (its ~80 MB of a Python guest, ~50–60 ms) overlaps its hash
- * instead of following it (the publish's fsync then finds nothing to write).
+ * instead of following it. A snapshot's publish fsyncs only what is written
+ * after this (the manifest, disk images).
  */
 async function records(ramPath: string, statePath: string, disks: () => Promise<SnapshotDisk[]>): Promise<CapturedFiles> {
   const [ram, state] = await Promise.all([ramRecord(ramPath), fileRecord(statePath), fsyncFile(ramPath), fsyncFile(statePath)]);

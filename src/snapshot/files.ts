@@ -36,7 +36,7 @@ const SPARSE_CHUNK = 1 << 20;
  * guest's 256 MiB) are compared, not hashed, and the chunks the file's data
  * extents do not reach (its holes: see {@link dataExtents}) are not even
  * read. A fresh copy's holes cost the host a zeroed page-cache page per 4 KiB
- * read: in a bake the hash took ~0.3 s reading them, ~0.09 s without.
+ * read: in a bake the hash took 0.30–0.31 s reading them, 0.12–0.15 s without.
  */
 export async function sparseSha256File(path: string): Promise<string> {
   const f = await open(path, "r");
@@ -50,7 +50,7 @@ export async function sparseSha256File(path: string): Promise<string> {
     const buf = Buffer.allocUnsafe(CHUNK);
     for (const [from, to] of chunkRuns(await dataExtents(path, size), size)) {
       for (let off = from; off < to; ) {
-        const want = Math.min(CHUNK, to - off, size - off);
+        const want = Math.min(CHUNK, to - off);
         // Whole reads (a short one is read on), so chunks start at multiples of SPARSE_CHUNK.
         let bytesRead = 0;
         while (bytesRead < want) {
