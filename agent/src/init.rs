@@ -169,8 +169,7 @@ fn template_wait(port_name: &str) -> Result<(String, sys::Fd), String> {
             line.extend_from_slice(&buf[..r as usize]);
             if let Some(end) = line.iter().position(|&b| b == b'\n') {
                 line.truncate(end);
-                let ok = b"SMTPL ok\n";
-                unsafe { sys::write(fd.raw(), ok.as_ptr() as *const _, ok.len()) };
+                say_ok(&fd);
                 return match String::from_utf8(line) {
                     Ok(l) => Ok((l, fd)),
                     Err(_) => Err("template: the command line is not UTF-8".to_string()),
@@ -180,6 +179,33 @@ fn template_wait(port_name: &str) -> Result<(String, sys::Fd), String> {
                 return Err("template: command line too long".to_string());
             }
         }
+    }
+}
+
+/// Answers the host's command line with `SMTPL ok`, the only answer it
+/// waits for. Just restored, the port may not know yet that the host is
+/// connected (the port-open message comes on another queue), and a write then
+/// fails with EAGAIN: it is tried again, each time the port can take it, for
+/// up to 30 s, instead of being dropped and leaving the host to time out.
+fn say_ok(fd: &sys::Fd) {
+    let ok = b"SMTPL ok\n";
+    let mut sent = 0usize;
+    let until = Instant::now() + Duration::from_secs(30);
+    while sent < ok.len() && Instant::now() < until {
+        let r = unsafe { sys::write(fd.raw(), ok[sent..].as_ptr() as *const _, ok.len() - sent) };
+        if r > 0 {
+            sent += r as usize;
+            continue;
+        }
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if !sys::is_would_block(&e) && e.raw_os_error() != Some(sys::EINTR) {
+                log!("template: SMTPL ok: {}", e);
+                return;
+            }
+        }
+        let mut pfd = sys::PollFd { fd: fd.raw(), events: sys::POLLOUT, revents: 0 };
+        unsafe { sys::poll(&mut pfd, 1, 200) };
     }
 }
 

@@ -29,6 +29,7 @@ pub struct PollFd {
     pub revents: i16,
 }
 pub const POLLIN: i16 = 0x1;
+pub const POLLOUT: i16 = 0x4;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
