@@ -437,12 +437,25 @@ impl Agent {
                         return;
                     }
                 };
-                match ring.read(p) {
-                    Ok(bytes) => self.data(id, flags, bytes),
-                    Err(e) => {
-                        log!("{}", e);
-                        self.io.send_error(id, ReqError::BadRequest(e));
+                let got = ring.region(p).and_then(|(off, len)| {
+                    // A process's stdin with nothing queued: the region's
+                    // whole pages go into its pipe without a copy.
+                    let mut moved = 0;
+                    if let Some(fd) = self.exec.stdin_pipe(id, flags) {
+                        moved = ring.splice_into(off, len, fd);
+                        if moved > 0 {
+                            self.exec.spliced(&mut self.io, id, moved);
+                        }
                     }
+                    if moved < len {
+                        let bytes = ring.read_at(off, moved, len)?;
+                        self.data(id, flags, bytes);
+                    }
+                    Ok(())
+                });
+                if let Err(e) = got {
+                    log!("{}", e);
+                    self.io.send_error(id, ReqError::BadRequest(e));
                 }
                 self.ring = Some(ring);
             }

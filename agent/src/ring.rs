@@ -6,7 +6,10 @@
 //! and TCP uploads. The host instead writes large payloads into the backing
 //! file of a read-only virtio-blk disk (serial `sm-ring`) and sends a small
 //! `DATA_REF` frame naming the region; the agent reads it with one O_DIRECT
-//! request and hands the bytes to the same code a `DATA` frame reaches.
+//! request and hands the bytes to the same code a `DATA` frame reaches, or,
+//! for a process's stdin pipe with nothing queued before them, splices the
+//! region's whole pages straight into the pipe (the read lands in pages the
+//! pipe then owns: no copy in the guest).
 //! `RING_ACK` frames tell the host which regions it may write again
 //! (docs/protocol.md, "Stream ring").
 //!
@@ -57,9 +60,10 @@ impl Ring {
         Some(Ring { fd, size, buf, cap, unacked: 0 })
     }
 
-    /// The `len` bytes of the region at `off` (a DATA_REF payload: u64 offset, u32 length).
-    pub fn read(&mut self, p: &[u8]) -> Result<&[u8], String> {
-        // Every DATA_REF is acknowledged once, in order, valid or not.
+    /// The region a DATA_REF payload (u64 offset, u32 length) names, checked
+    /// against the disk. Every DATA_REF is acknowledged once, in order,
+    /// valid or not: this counts it for the next RING_ACK.
+    pub fn region(&mut self, p: &[u8]) -> Result<(u64, usize), String> {
         self.unacked += 1;
         if p.len() != 12 {
             return Err(format!("DATA_REF payload of {} bytes (expected 12)", p.len()));
@@ -70,9 +74,42 @@ impl Ring {
         if len == 0 || padded > self.cap || off % ALIGN as u64 != 0 || off.checked_add(padded as u64).map_or(true, |end| end > self.size) {
             return Err(format!("DATA_REF region {}+{} outside the {}-byte ring", off, len, self.size));
         }
+        Ok((off, len))
+    }
+
+    /// Moves what it can of the region's whole pages into the pipe `fd`
+    /// without blocking: a splice from the O_DIRECT disk reads into fresh
+    /// pages that become the pipe's (the device writes them; the guest CPU
+    /// copies nothing, and nothing else holds them). Returns the bytes moved,
+    /// a multiple of ALIGN: 0 when the pipe is full, closed, or the splice
+    /// fails, and the caller reads the rest with `read_at`.
+    pub fn splice_into(&self, off: u64, len: usize, fd: i32) -> usize {
+        let whole = len / ALIGN * ALIGN;
+        let mut moved = 0;
+        while moved < whole {
+            let mut at = (off + moved as u64) as i64;
+            let n = unsafe { sys::splice(self.fd.raw(), &mut at, fd, std::ptr::null_mut(), whole - moved, sys::SPLICE_F_NONBLOCK) };
+            if n <= 0 {
+                break;
+            }
+            moved += n as usize;
+            if moved % ALIGN != 0 {
+                // Not expected from a direct read; stop where read_at can
+                // still take over (it rereads from the page boundary).
+                break;
+            }
+        }
+        moved
+    }
+
+    /// Bytes `from..len` of the region at `off` (`off` as `region` returned it).
+    pub fn read_at(&mut self, off: u64, from: usize, len: usize) -> Result<&[u8], String> {
+        let start = from / ALIGN * ALIGN;
+        let padded = round_up(len) - start;
+        let at = off + start as u64;
         let mut got = 0;
         while got < padded {
-            let r = unsafe { sys::pread(self.fd.raw(), self.buf.add(got) as *mut _, padded - got, (off + got as u64) as i64) };
+            let r = unsafe { sys::pread(self.fd.raw(), self.buf.add(got) as *mut _, padded - got, (at + got as u64) as i64) };
             if r > 0 {
                 got += r as usize;
                 continue;
@@ -81,9 +118,9 @@ impl Ring {
             if r < 0 && e.raw_os_error() == Some(sys::EINTR) {
                 continue;
             }
-            return Err(format!("stream ring read at {}: {}", off + got as u64, if r == 0 { "end of disk".to_string() } else { e.to_string() }));
+            return Err(format!("stream ring read at {}: {}", at + got as u64, if r == 0 { "end of disk".to_string() } else { e.to_string() }));
         }
-        Ok(unsafe { std::slice::from_raw_parts(self.buf, len) })
+        Ok(unsafe { std::slice::from_raw_parts(self.buf.add(from - start), len - from) })
     }
 }
 

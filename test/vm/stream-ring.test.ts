@@ -1,7 +1,8 @@
 /**
  * The stream ring on real VMs (docs/protocol.md, "Stream ring"): large
  * host → guest payloads (stdin, writeFile) go through the VM's read-only
- * ring disk and arrive byte-exact, small ones as frames, every region is
+ * ring disk and arrive byte-exact (spliced into a stdin pipe when it has
+ * room and nothing is queued, else read and queued), small ones as frames, every region is
  * acknowledged; a restored VM has its own ring; with the ring switched off
  * the same bytes go as frames.
  */
@@ -20,8 +21,8 @@ import { VM_TEST_TIMEOUT, bootDefault, defaultRootfs, waitFor } from "../helpers
 const SIZES = [1, 4095, 16_385, 262_143, 262_144, 262_145, 300_001, 524_289, 1 << 20, 3 << 20];
 
 /** Pipes `parts` into sha256sum in the guest; returns the guest's digest and the host's. */
-async function hashThroughStdin(vm: Vm, parts: Buffer[]): Promise<{ guest: string; host: string }> {
-  const c = await vm.spawn({ argv: ["sha256sum"] });
+async function hashThroughStdin(vm: Vm, parts: Buffer[], argv: string[] = ["sha256sum"]): Promise<{ guest: string; host: string }> {
+  const c = await vm.spawn({ argv });
   const h = createHash("sha256");
   for (const p of parts) {
     h.update(p);
@@ -57,6 +58,19 @@ describe("stream ring", { timeout: VM_TEST_TIMEOUT }, () => {
     const s = vm.conn._ringStats!;
     // At least the 3 MiB part went as 256 KiB regions.
     assert.ok(s.sent - before >= 12, `DATA_REF frames: ${s.sent - before}`);
+    await waitFor(() => vm.conn._ringStats!.pending === 0, 10_000, "every ring region acknowledged");
+  });
+
+  it("stdin to a reader that lags and reads odd sizes: regions spliced into the pipe, split by a full pipe, and queued behind it arrive in order", async () => {
+    // The reader starts after two seconds. The first part fills the 1 MiB
+    // stdin pipe but for two pages, so the next region finds room for only
+    // those (the rest of it is read at an offset and queued), and what
+    // follows queues behind it; then `dd bs=1000` drains the pipe unevenly.
+    const before = vm.conn._ringStats!.sent;
+    const parts = [randomBytes((1 << 20) - 8192), randomBytes(262_144 + 5), randomBytes(3 << 20), randomBytes(4095), randomBytes(1 << 20)];
+    const { guest, host } = await hashThroughStdin(vm, parts, ["sh", "-c", "sleep 2; dd bs=1000 2>/dev/null | sha256sum"]);
+    assert.equal(guest, host);
+    assert.ok(vm.conn._ringStats!.sent - before >= 20, `DATA_REF frames: ${vm.conn._ringStats!.sent - before}`);
     await waitFor(() => vm.conn._ringStats!.pending === 0, 10_000, "every ring region acknowledged");
   });
 

@@ -176,6 +176,23 @@ impl ExecService {
         }
     }
 
+    /// The stdin pipe of exec `id` when bytes for channel `ch` may go into it
+    /// directly (a pipe, not a terminal, open, with nothing queued before them).
+    pub fn stdin_pipe(&self, id: u32, ch: u8) -> Option<i32> {
+        let e = self.streams.get(&id)?;
+        if ch != 0 || e.tty.is_some() || e.stdin_eof || e.stdin_pos != e.stdin_buf.len() {
+            return None;
+        }
+        e.stdin.as_ref().map(|fd| fd.raw())
+    }
+
+    /// `n` bytes went into exec `id`'s stdin pipe by splice: credit the host.
+    pub fn spliced(&mut self, io: &mut Io, id: u32, n: usize) {
+        if self.streams.contains_key(&id) {
+            io.send_window(id, 0, n);
+        }
+    }
+
     pub fn eof(&mut self, io: &mut Io, id: u32, ch: u8) {
         if ch != 0 {
             return;
