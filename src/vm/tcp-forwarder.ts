@@ -8,6 +8,12 @@ import { createServer, type Server, type Socket } from "node:net";
 import { ByteQueue } from "../agent-client/byte-queue.js";
 import type { AgentConnection, TcpStream } from "../agent-client/connection.js";
 
+/**
+ * Host → guest bytes of one connection held while a write to the guest is in
+ * flight; at this many the socket pauses. Four stream-ring regions.
+ */
+const UPLOAD_COALESCE_BYTES = 1 << 20;
+
 export class TcpForwarder {
   /** e.g. "127.0.0.1:54321" */
   readonly localAddr: string;
@@ -104,16 +110,41 @@ export class TcpForwarder {
     );
     tcp.connected.then(
       () => {
-        // Host → guest: pause the socket while the guest's window is full.
-        sock.on("data", (chunk: Buffer) => {
-          sock.pause();
-          tcp.write(chunk).then(
-            () => sock.resume(),
+        // Host → guest: one write in flight at a time; what the socket
+        // delivers meanwhile is coalesced (up to UPLOAD_COALESCE_BYTES, then
+        // the socket pauses until the write completes), so a fast sender's
+        // bytes go as stream-ring regions instead of one frame per 64 KiB
+        // chunk (docs/protocol.md, "Stream ring"). A lone chunk goes at once.
+        const upload = new ByteQueue();
+        let uploading = false;
+        let uploadEnd = false;
+        const pumpUp = (): void => {
+          if (uploading) return;
+          if (upload.length === 0) {
+            if (uploadEnd) {
+              uploadEnd = false;
+              tcp.end().catch(() => undefined);
+            }
+            return;
+          }
+          uploading = true;
+          tcp.write(upload.shift()).then(
+            () => {
+              uploading = false;
+              if (sock.isPaused() && !sock.readableEnded) sock.resume();
+              pumpUp();
+            },
             () => sock.destroy(),
           );
+        };
+        sock.on("data", (chunk: Buffer) => {
+          upload.push(chunk);
+          if (upload.length >= UPLOAD_COALESCE_BYTES) sock.pause();
+          pumpUp();
         });
         sock.on("end", () => {
-          tcp.end().catch(() => undefined);
+          uploadEnd = true;
+          pumpUp();
         });
         sock.resume();
       },

@@ -106,10 +106,11 @@ describe("vm.exposeTcp on a real VM", { timeout: VM_TEST_TIMEOUT }, () => {
     assert.equal(web.activeConnections, 0);
   });
 
-  it("a 32 MiB body round-trips intact through a guest echo server (half-close ends it)", async () => {
+  it("a 32 MiB body round-trips intact through a guest echo server (half-close ends it); the upload, coalesced, used the stream ring", async () => {
     const fwd = await vm.exposeTcp(0, 9000);
     try {
       const body = randomBytes(32 << 20);
+      const regionsBefore = vm.conn._ringStats!.sent;
       let r = await exchange(hostPort(fwd), body);
       // nc may not listen yet on the first try: that connection is reset.
       for (let i = 0; r.how !== "eof" && i < 50; i++) {
@@ -119,6 +120,10 @@ describe("vm.exposeTcp on a real VM", { timeout: VM_TEST_TIMEOUT }, () => {
       assert.equal(r.how, "eof");
       assert.equal(r.data.length, body.length);
       assert.equal(createHash("sha256").update(r.data).digest("hex"), createHash("sha256").update(body).digest("hex"));
+      // The socket's 64 KiB chunks, coalesced while a write is in flight,
+      // went as 256 KiB ring regions (without coalescing: none at all).
+      const regions = vm.conn._ringStats!.sent - regionsBefore;
+      assert.ok(regions >= 8, `ring regions during the upload: ${regions}`);
     } finally {
       await fwd.stop();
     }
