@@ -13,6 +13,12 @@ import type { AgentConnection, TcpStream } from "../agent-client/connection.js";
  * flight; at this many the socket pauses. Four stream-ring regions.
  */
 const UPLOAD_COALESCE_BYTES = 1 << 20;
+/**
+ * Host → guest bytes all of a forwarder's connections may hold (queued and in
+ * flight) before each pauses after every chunk, as without coalescing: host
+ * memory stays bounded however many connections upload at once.
+ */
+const UPLOAD_BUDGET_BYTES = 8 << 20;
 
 export class TcpForwarder {
   /** e.g. "127.0.0.1:54321" */
@@ -20,6 +26,8 @@ export class TcpForwarder {
   private server: Server;
   private sockets = new Set<Socket>();
   private stopped = false;
+  /** Host → guest bytes its connections hold (UPLOAD_BUDGET_BYTES). */
+  private uploadHeld = 0;
 
   private constructor(server: Server, localAddr: string) {
     this.server = server;
@@ -128,19 +136,30 @@ export class TcpForwarder {
             return;
           }
           uploading = true;
-          tcp.write(upload.shift()).then(
+          const b = upload.shift();
+          tcp.write(b).then(
             () => {
+              this.uploadHeld -= b.length;
               uploading = false;
               if (sock.isPaused() && !sock.readableEnded) sock.resume();
               pumpUp();
             },
-            () => sock.destroy(),
+            () => {
+              this.uploadHeld -= b.length;
+              sock.destroy();
+            },
           );
         };
         sock.on("data", (chunk: Buffer) => {
           upload.push(chunk);
-          if (upload.length >= UPLOAD_COALESCE_BYTES) sock.pause();
+          this.uploadHeld += chunk.length;
+          if (upload.length >= UPLOAD_COALESCE_BYTES || this.uploadHeld >= UPLOAD_BUDGET_BYTES) sock.pause();
           pumpUp();
+        });
+        sock.once("close", () => {
+          // Bytes queued but never written go with the connection.
+          this.uploadHeld -= upload.length;
+          upload.takeAll();
         });
         sock.on("end", () => {
           uploadEnd = true;
@@ -171,6 +190,11 @@ export class TcpForwarder {
       // connections, which we let finish without waiting for them.
       setImmediate(resolve);
     });
+  }
+
+  /** @internal Host → guest bytes the connections hold now (tests). */
+  get _uploadHeld(): number {
+    return this.uploadHeld;
   }
 
   /** @internal Stops and drops every connection (VM released). */

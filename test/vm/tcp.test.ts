@@ -12,7 +12,7 @@ import { connect, type Socket } from "node:net";
 import { after, before, describe, it } from "node:test";
 import type { TcpForwarder } from "../../src/vm/tcp-forwarder.js";
 import type { Vm } from "../../src/vm/vm.js";
-import { VM_TEST_TIMEOUT, bootDefault } from "../helpers.js";
+import { VM_TEST_TIMEOUT, bootDefault, waitFor } from "../helpers.js";
 
 const BIG = 8 << 20;
 
@@ -161,6 +161,47 @@ describe("vm.exposeTcp on a real VM", { timeout: VM_TEST_TIMEOUT }, () => {
     await fwd.stop();
     // The VM's other forwarder is untouched.
     assert.equal((await httpGet(hostPort(web), "/index.html")).status, 200);
+  });
+
+  it("uploads to a guest that does not read hold a bounded amount of host memory, and let go of it when the guest side closes", async () => {
+    // Each connection's `sleep` never reads its socket: the guest's buffers
+    // and the window fill, and the rest waits on the host.
+    await vm.spawn({ argv: ["nc", "-ll", "-p", "9100", "-e", "sleep", "600"] });
+    const fwd = await vm.exposeTcp(0, 9100);
+    const socks: Socket[] = [];
+    try {
+      const chunk = randomBytes(256 << 10);
+      for (let i = 0; i < 24; i++) {
+        const s = connect({ host: "127.0.0.1", port: hostPort(fwd) });
+        s.on("error", () => undefined);
+        s.on("connect", () => {
+          // 8 MiB each, far more than the guest takes.
+          for (let k = 0; k < 32; k++) s.write(chunk);
+        });
+        socks.push(s);
+      }
+      // Until the forwarder holds what it will hold (it grows, then stays).
+      let most = 0;
+      let last = -1;
+      const deadline = Date.now() + 60_000;
+      while (Date.now() < deadline) {
+        await new Promise((r) => setTimeout(r, 1000));
+        most = Math.max(most, fwd._uploadHeld);
+        if (fwd._uploadHeld === last && last > 0) break;
+        last = fwd._uploadHeld;
+      }
+      assert.ok(most > 0, "the uploads reached the forwarder");
+      // The budget (8 MiB) plus, per connection, one socket chunk queued and
+      // one write in flight (at most 64 KiB each) over it.
+      assert.ok(most <= (8 << 20) + 24 * 2 * (64 << 10), `held ${most} bytes`);
+      // The guest's readers go away: every connection ends, and what the
+      // host held for them is let go.
+      assert.equal((await vm.exec({ argv: ["sh", "-c", "kill $(pidof sleep)"] })).exitCode, 0);
+      await waitFor(() => fwd._uploadHeld === 0 && fwd.activeConnections === 0, 60_000, "the ended connections hold nothing");
+    } finally {
+      for (const s of socks) s.destroy();
+      await fwd.stop();
+    }
   });
 
   it("a guest port with no listener resets that one connection, nothing else", async () => {
