@@ -443,9 +443,8 @@ impl Agent {
                     let mut moved = 0;
                     if let Some(fd) = self.exec.stdin_pipe(id, flags) {
                         moved = ring.splice_into(off, len, fd);
-                        if moved > 0 {
-                            self.exec.spliced(&mut self.io, id, moved);
-                        }
+                        // Credited as bytes written into the pipe are.
+                        self.io.send_window(id, 0, moved);
                     }
                     if moved < len {
                         let bytes = ring.read_at(off, moved, len)?;

@@ -186,13 +186,6 @@ impl ExecService {
         e.stdin.as_ref().map(|fd| fd.raw())
     }
 
-    /// `n` bytes went into exec `id`'s stdin pipe by splice: credit the host.
-    pub fn spliced(&mut self, io: &mut Io, id: u32, n: usize) {
-        if self.streams.contains_key(&id) {
-            io.send_window(id, 0, n);
-        }
-    }
-
     pub fn eof(&mut self, io: &mut Io, id: u32, ch: u8) {
         if ch != 0 {
             return;
