@@ -167,6 +167,9 @@ async function main(): Promise<void> {
     ];
     for (const [id, fn] of steps) {
       if (!only.has(id)) continue;
+      // The images' bake VMs wait (stopped) for a pool until the run closes
+      // the images: what runs before a workload is not its leftover.
+      const before = new Set(qemuChildren());
       try {
         workloads.push(await fn(ctx));
       } catch (e) {
@@ -181,8 +184,8 @@ async function main(): Promise<void> {
           seconds: 0,
         });
       }
-      const left = qemuChildren();
-      if (left.length) log(`warning: ${left.length} QEMU process(es) still running after ${id}`);
+      const left = qemuChildren().filter((p) => !before.has(p));
+      if (left.length) log(`warning: ${left.length} QEMU process(es) started by ${id} still running after it: ${left.join(", ")}`);
     }
     results = {
       schema: 1,

@@ -15,7 +15,7 @@ import { openLayer, pullImage } from "../src/oci/index.js";
 import { defaultCacheDir } from "../src/paths.js";
 import { pushLayout, startRegistry } from "../test/fixtures/registry/registry.js";
 import type { BenchImage, BenchImages } from "./images.js";
-import { Bubblewrap, type Gvisor, type Supermachine, type System, type SystemId, mapLimit, qemuChildren } from "./systems.js";
+import { Bubblewrap, type Gvisor, type Supermachine, type System, type SystemId, mapLimit } from "./systems.js";
 import { check } from "./proc.js";
 import { type Summary, sleep, sumPssKib, summarize } from "./stats.js";
 
@@ -675,9 +675,6 @@ export async function workload6(ctx: Ctx): Promise<WorkloadResult> {
     for (const c of closers) await c().catch(() => undefined);
     await reg.stop();
     await rm(work, { recursive: true, force: true });
-    // No QEMU may outlive a workload.
-    const left = qemuChildren();
-    if (left.length) ctx.log(`  warning: QEMU processes still running after w6: ${left.join(", ")}`);
   }
   return {
     id: "w6",
