@@ -51,7 +51,7 @@ import { TcpForwarder } from "./tcp-forwarder.js";
 import { prepareDisks, type QemuDisk } from "../volumes/disks.js";
 import { StreamRing, clearRingFile, ringDisk } from "../agent-client/ring.js";
 import { coldBootLaunch, continueFromTemplate } from "./boot-template.js";
-import { sparseCopy } from "../snapshot/files.js";
+import { fsyncFile, sparseCopy } from "../snapshot/files.js";
 import type { DiskPlan } from "../volumes/spec.js";
 import { NetworkStack, guestNetConfig } from "../net/stack.js";
 import { channels, trace } from "../diagnostics.js";
@@ -1139,7 +1139,13 @@ export class Vm {
       await mkdir(stage, { recursive: true, mode: 0o700 });
       try {
         const rootfs = join(stage, "rootfs.erofs");
-        if (this.launch.rootfsImage) await link(this.launch.rootfsImage, rootfs).catch(() => copyFile(this.launch.rootfsImage!, rootfs));
+        // A hard link shares the image's data (on disk since it was built); a copy is new data.
+        let rootfsCopied = false;
+        if (this.launch.rootfsImage)
+          await link(this.launch.rootfsImage, rootfs).catch(async () => {
+            await copyFile(this.launch.rootfsImage!, rootfs);
+            rootfsCopied = true;
+          });
         else throw new SnapshotError("this VM has no root filesystem image to snapshot");
         const captured = await captureVm(this, stage);
         const { diskFileName } = await import("../volumes/spec.js");
@@ -1170,7 +1176,12 @@ export class Vm {
           ...(captured.mounts.length ? { mounts: captured.mounts } : {}),
         };
         await writeFile(join(stage, "manifest.json"), JSON.stringify(manifest, null, 2) + "\n", { mode: 0o600 });
-        await sealSnapshotDir(stage, captured.disks.map(diskFileName));
+        const diskFiles = captured.disks.map(diskFileName);
+        await sealSnapshotDir(stage, diskFiles);
+        // As a bake publishes (image.ts sealBake): everything written after
+        // the capture's records is on disk before the directory gets its name,
+        // so a crash leaves no manifest that names data which never landed.
+        for (const f of [...diskFiles, ...(rootfsCopied ? ["rootfs.erofs"] : []), "manifest.json"]) await fsyncFile(join(stage, f));
         await rename(stage, dest);
         return new Image({ snapshotPath: dest, manifest, baked: false, cacheDir: o.cacheDir });
       } catch (e) {
