@@ -369,6 +369,8 @@ export function markdown(r: BenchResults, chartRel: string, jsonRel: string): st
       "first-use": ["system", "n cold / hit", "cold p50 ms", "cold min–max ms", "hit p50 ms", "hit p99 ms", "build or resolve p50 ms, cold / hit"],
     };
     out.push(table(heads[w.kind], detail));
+    const floors = floorLine(w);
+    if (floors) out.push("", floors);
     const ours = w.results.find((s) => s.system === "supermachine");
     if (ours?.extra && w.kind === "latency" && "acquire" in ours.extra) {
       const e = ours.extra as { acquire: Summary; exec: Summary; release: Summary; tasksThatWaitedForARestore: number; tasks: number };
@@ -388,6 +390,23 @@ export function markdown(r: BenchResults, chartRel: string, jsonRel: string): st
   );
   out.push("");
   return out.join("\n");
+}
+
+/** Workload 2's in-environment floors (SystemResult.extra.floor), with what each exec costs above its own. */
+function floorLine(w: WorkloadResult): string | undefined {
+  const parts: string[] = [];
+  for (const id of ORDER) {
+    const x = w.results.find((s) => s.system === id);
+    const f = x?.extra?.floor as { ms: number; runs: number[] } | { error: string } | undefined;
+    if (!x || !f) continue;
+    if ("error" in f) {
+      parts.push(`${SHORT[id]}: not measured (${f.error})`);
+      continue;
+    }
+    const above = x.summary ? `; exec p50 − floor = ${fmtMs(x.summary.p50 - f.ms)} ms` : "";
+    parts.push(`${SHORT[id]} ${fmtMs(f.ms)} ms (runs ${f.runs.map(fmtMs).join(", ")}${above})`);
+  }
+  return parts.length ? `Each environment's own fork + exec + wait of /bin/echo (the floor), per exec: ${parts.join("; ")}.` : undefined;
 }
 
 // --------------------------------------------------------------------- chart

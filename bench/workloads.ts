@@ -15,7 +15,7 @@ import { openLayer, pullImage } from "../src/oci/index.js";
 import { defaultCacheDir } from "../src/paths.js";
 import { pushLayout, startRegistry } from "../test/fixtures/registry/registry.js";
 import type { BenchImage, BenchImages } from "./images.js";
-import { Bubblewrap, type Gvisor, type Supermachine, type System, type SystemId, mapLimit } from "./systems.js";
+import { Bubblewrap, type Gvisor, type HeldEnv, type Supermachine, type System, type SystemId, mapLimit } from "./systems.js";
 import { check } from "./proc.js";
 import { type Summary, sleep, sumPssKib, summarize } from "./stats.js";
 
@@ -41,6 +41,8 @@ export interface BenchConfig {
   chunk: number;
   /** Workload 5: idle environments. */
   idle: number;
+  /** Workload 2: execs per floor loop (its shell's fork + exec + wait of /bin/echo). */
+  floorLoops: number;
   /** Workload 6: cold first uses and cache hits per system. */
   coldSamples: number;
   hitSamples: number;
@@ -291,13 +293,38 @@ export function workload3(ctx: Ctx): Promise<WorkloadResult> {
 
 // ------------------------------------------------- workload 2: held environment
 
+/** Workload 2's floor: loops per environment. */
+const FLOOR_RUNS = 3;
+
+/** A shell loop of `n` fork + exec + wait of /bin/echo, bracketed by /proc/uptime (read by the shell: no fork). */
+export function floorLoop(n: number): string {
+  return `read s _ </proc/uptime; i=0; while [ $i -lt ${n} ]; do /bin/echo hi >/dev/null || exit 3; i=$((i+1)); done; read e _ </proc/uptime; echo "$s $e"`;
+}
+
+/** Milliseconds per exec from floorLoop's output ("start end", seconds); throws on anything else. */
+export function parseFloorRun(out: string, n: number): number {
+  const m = /^(\d+(?:\.\d+)?) (\d+(?:\.\d+)?)\n?$/.exec(out);
+  if (!m) throw new Error(`the floor loop printed ${JSON.stringify(out.slice(0, 200))}, not two uptimes`);
+  const ms = ((Number(m[2]) - Number(m[1])) * 1000) / n;
+  if (!(ms >= 0)) throw new Error(`the floor loop's uptime went backwards: ${out.trim()}`);
+  return ms;
+}
+
+function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
+}
+
 export async function workload2(ctx: Ctx): Promise<WorkloadResult> {
   const started = performance.now();
   ctx.log("w2: `echo hi` in an already running environment");
   const lanes: Lane[] = [];
   const closers: (() => Promise<void>)[] = [];
   const failed: SystemResult[] = [];
+  const floors = new Map<SystemId, { ms: number; runs: number[] } | { error: string }>();
+  const loops = ctx.cfg.floorLoops;
   try {
+    const envs: [SystemId, HeldEnv][] = [];
     for (const sys of ctx.systems) {
       try {
         const held = await sys.hold(ctx.images.busybox, 1, ECHO);
@@ -306,11 +333,23 @@ export async function workload2(ctx: Ctx): Promise<WorkloadResult> {
         // Warm every system the same way (TCG translates code on first use).
         for (let i = 0; i < 20; i++) await env.exec(ECHO);
         lanes.push({ system: sys.id, n: ctx.cfg.samples, block: 1, paced: false, task: async () => expectOut(await env.exec(ECHO), ECHO_OUT, sys.id), settle: async () => undefined, samples: [] });
+        envs.push([sys.id, env]);
       } catch (e) {
         failed.push({ system: sys.id, status: "failed", reason: `setup: ${errText(e)}` });
       }
     }
     await interleave(lanes, 0, ctx.log);
+    // Each environment's own floor, after the samples: its shell forks and
+    // execs the same /bin/echo, no host in the loop.
+    for (const [id, env] of envs) {
+      try {
+        const runs: number[] = [];
+        for (let k = 0; k < FLOOR_RUNS; k++) runs.push(parseFloorRun(await env.exec(["sh", "-c", floorLoop(loops)]), loops));
+        floors.set(id, { ms: median(runs), runs });
+      } catch (e) {
+        floors.set(id, { error: errText(e) });
+      }
+    }
   } finally {
     for (const c of closers) await c().catch(() => undefined);
   }
@@ -323,8 +362,9 @@ export async function workload2(ctx: Ctx): Promise<WorkloadResult> {
       "supermachine: vm.exec on a VM acquired from a pool and held; naive VM: vm.exec on a VM from Vm.boot (the same guest agent path).",
       "bubblewrap: `nsenter -t PID -a -r -w echo hi` into a running sandbox (what `docker exec` does); gVisor: `runsc exec`; host: a plain spawn (there is no environment to enter).",
       "20 unrecorded warm-up execs per system; samples interleaved one by one.",
+      `Floor: after the samples, each environment's own shell runs \`/bin/echo hi >/dev/null\` ${loops} times (fork + exec + wait, nothing from outside), timed by its /proc/uptime (10 ms ticks); median of ${FLOOR_RUNS} runs, per exec. What an exec costs above it is the way in and out (for supermachine: the host, the transport and the guest agent).`,
     ],
-    results: [...lanes.map((l) => laneResult(l)), ...failed, ...unavailableResults(ctx, ["supermachine", "naive-vm", "bwrap", "gvisor", "host"])],
+    results: [...lanes.map((l) => laneResult(l, { floor: floors.get(l.system) })), ...failed, ...unavailableResults(ctx, ["supermachine", "naive-vm", "bwrap", "gvisor", "host"])],
     seconds: (performance.now() - started) / 1000,
   };
 }

@@ -59,6 +59,15 @@ describe("bench harness (quick)", { timeout: VM_TEST_TIMEOUT }, () => {
       const w2 = res.workloads.find((w) => w.id === "w2")!.results.find((x) => x.system === "supermachine")!;
       // The table shows this run's p50, not a number from elsewhere.
       assert.ok(md.includes(`**${fmtMs(w2.summary!.p50)}**`), `BENCHMARKS.md shows the measured p50 ${fmtMs(w2.summary!.p50)}`);
+      // Workload 2's floor: measured in the VM and on the host, shown with what the exec costs above it.
+      for (const id of ["supermachine", "host"] as const) {
+        const x = res.workloads.find((w) => w.id === "w2")!.results.find((s) => s.system === id)!;
+        const f = x.extra?.floor as { ms: number; runs: number[] } | { error: string } | undefined;
+        assert.ok(f && "ms" in f, `w2 ${id}: floor ${JSON.stringify(f)}`);
+        assert.equal(f.runs.length, 3);
+        assert.ok(f.runs.every((v) => Number.isFinite(v) && v >= 0) && f.runs.some((v) => v > 0), `w2 ${id}: floor runs ${f.runs}`);
+        assert.ok(md.includes(`${fmtMs(f.ms)} ms (runs ${f.runs.map(fmtMs).join(", ")}; exec p50 − floor = ${fmtMs(x.summary!.p50 - f.ms)} ms)`), `BENCHMARKS.md shows w2 ${id}'s floor`);
+      }
       assert.match(r.stdout, /\| target \|/);
     } finally {
       await rm(out, { recursive: true, force: true });
