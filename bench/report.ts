@@ -371,6 +371,12 @@ export function markdown(r: BenchResults, chartRel: string, jsonRel: string): st
     out.push(table(heads[w.kind], detail));
     const floors = floorLine(w);
     if (floors) out.push("", floors);
+    const split = w.results.find((x) => x.system === "supermachine")?.extra?.split as Record<"cold" | "hit", Record<string, number>> | undefined;
+    if (w.kind === "first-use" && split) {
+      const names: Record<string, string> = { build: "Image.build", pool: "pool() (the bake's VM or a restore, and the prewarm list)", task: "acquire + exec + release", close: "shutdown + close" };
+      const one = (p: Record<string, number>) => Object.entries(p).map(([k, v]) => `${names[k] ?? k} ${fmtMs(v)}`).join(", ");
+      out.push("", `supermachine's first use, split (p50 of each phase, ms): cold: ${one(split.cold)}; cache hit: ${one(split.hit)}.`);
+    }
     const ours = w.results.find((s) => s.system === "supermachine");
     if (ours?.extra && w.kind === "latency" && "acquire" in ours.extra) {
       const e = ours.extra as { acquire: Summary; exec: Summary; release: Summary; tasksThatWaitedForARestore: number; tasks: number };

@@ -291,6 +291,12 @@ export function workload3(ctx: Ctx): Promise<WorkloadResult> {
   });
 }
 
+/** Per phase, the p50 of workload 6's cold and cache-hit samples (ms). */
+function splitP50(s: { cold: Record<string, number>[]; hit: Record<string, number>[] }): Record<"cold" | "hit", Record<string, number>> {
+  const p50 = (rows: Record<string, number>[]) => Object.fromEntries(Object.keys(rows[0] ?? {}).map((k) => [k, summarize(rows.map((r) => r[k]!)).p50]));
+  return { cold: p50(s.cold), hit: p50(s.hit) };
+}
+
 // ------------------------------------------------- workload 2: held environment
 
 /** Workload 2's floor: loops per environment. */
@@ -310,10 +316,6 @@ export function parseFloorRun(out: string, n: number): number {
   return ms;
 }
 
-function median(xs: number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2]! : (s[s.length / 2 - 1]! + s[s.length / 2]!) / 2;
-}
 
 export async function workload2(ctx: Ctx): Promise<WorkloadResult> {
   const started = performance.now();
@@ -345,7 +347,7 @@ export async function workload2(ctx: Ctx): Promise<WorkloadResult> {
       try {
         const runs: number[] = [];
         for (let k = 0; k < FLOOR_RUNS; k++) runs.push(parseFloorRun(await env.exec(["sh", "-c", floorLoop(loops)]), loops));
-        floors.set(id, { ms: median(runs), runs });
+        floors.set(id, { ms: summarize(runs).p50, runs });
       } catch (e) {
         floors.set(id, { error: errText(e) });
       }
@@ -569,33 +571,52 @@ export async function workload6(ctx: Ctx): Promise<WorkloadResult> {
       hitMs: number[];
       coldBuild: number[];
       hitBuild: number[];
+      /** The phases of the last cold() or hit() (supermachine), and those of the timed ones. */
+      phases?: () => Record<string, number> | undefined;
+      split: { cold: Record<string, number>[]; hit: Record<string, number>[] };
       error?: string;
     }
     const lanes: FLane[] = [];
-    const add = (system: SystemId, cold: FLane["cold"], hit: FLane["hit"]) =>
-      lanes.push({ system, cold, hit, coldMs: [], hitMs: [], coldBuild: [], hitBuild: [] });
+    const add = (system: SystemId, cold: FLane["cold"], hit: FLane["hit"], phases?: FLane["phases"]) =>
+      lanes.push({ system, cold, hit, coldMs: [], hitMs: [], coldBuild: [], hitBuild: [], ...(phases ? { phases } : {}), split: { cold: [], hit: [] } });
     const have = (id: SystemId) => ctx.systems.some((s) => s.id === id);
 
     if (have("supermachine")) {
       // First use = Image.build (pull + erofs + bake) → pool → acquire → exec → release.
+      // Where each sample's time went (ms): Image.build, pool() (its restore
+      // or the bake's VM, and the prewarm list), acquire + exec + release,
+      // shutdown + close.
+      let last: Record<string, number> | undefined;
       const use = async (cacheDir: string, snapshotsDir: string): Promise<number> => {
         const t = performance.now();
+        const phases: Record<string, number> = {};
+        let mark = t;
+        const phase = (name: string) => {
+          const now = performance.now();
+          phases[name] = now - mark;
+          mark = now;
+        };
         const image = await Image.build({ ref, cacheDir, snapshotsDir });
         const built = performance.now() - t;
+        phase("build");
         try {
           const pool = await image.pool({ min: 1, max: 1, prewarm: [[...PY]] });
+          phase("pool");
           try {
             const vm = await pool.acquire();
             try {
               expectOut((await vm.exec({ argv: PY, timeoutMs: 60_000 })).stdout.toString(), PY_OUT, "supermachine");
             } finally {
               await vm.release();
+              phase("task");
             }
           } finally {
             await pool.shutdown();
           }
         } finally {
           await image.close();
+          phase("close");
+          last = phases;
         }
         return built;
       };
@@ -614,6 +635,7 @@ export async function workload6(ctx: Ctx): Promise<WorkloadResult> {
           }
           return use(warm.cacheDir, warm.snapshotsDir);
         },
+        () => last,
       );
     }
     if (have("naive-vm")) {
@@ -686,6 +708,8 @@ export async function workload6(ctx: Ctx): Promise<WorkloadResult> {
             const build = await lane[phase]();
             (phase === "cold" ? lane.coldMs : lane.hitMs).push(performance.now() - t);
             if (typeof build === "number") (phase === "cold" ? lane.coldBuild : lane.hitBuild).push(build);
+            const phases = lane.phases?.();
+            if (phases) lane.split[phase].push(phases);
           } catch (e) {
             lane.error = `${phase}: ${errText(e)}`;
             ctx.log(`  ${lane.system} failed: ${lane.error}`);
@@ -707,6 +731,7 @@ export async function workload6(ctx: Ctx): Promise<WorkloadResult> {
           ...(l.coldBuild.length ? { coldBuild: { samples: l.coldBuild, summary: summarize(l.coldBuild) } } : {}),
           ...(l.hitBuild.length ? { hitBuild: { samples: l.hitBuild, summary: summarize(l.hitBuild) } } : {}),
         },
+        ...(l.split.cold.length && l.split.hit.length ? { extra: { split: splitP50(l.split) } } : {}),
       };
       results.push(sr);
     }

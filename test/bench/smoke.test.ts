@@ -47,7 +47,17 @@ describe("bench harness (quick)", { timeout: VM_TEST_TIMEOUT }, () => {
         }
         if (w.kind === "throughput") assert.ok(ours.throughput!.tasksPerSec > 0);
         if (w.kind === "memory") assert.ok(ours.memory!.pssMibPerEnv > 1, "an idle VM holds some memory");
-        if (w.kind === "first-use") assert.ok(ours.firstUse!.cold.samples.length >= 1 && ours.firstUse!.hit.samples.length >= 1);
+        if (w.kind === "first-use") {
+          assert.ok(ours.firstUse!.cold.samples.length >= 1 && ours.firstUse!.hit.samples.length >= 1);
+          // The split's phases (p50 of each) are this run's and fit in the samples they split.
+          const split = ours.extra?.split as Record<"cold" | "hit", Record<string, number>>;
+          for (const k of ["cold", "hit"] as const) {
+            assert.deepEqual(Object.keys(split[k]), ["build", "pool", "task", "close"], `${k}: ${JSON.stringify(split[k])}`);
+            const sum = Object.values(split[k]).reduce((a, b) => a + b, 0);
+            const { min, max } = ours.firstUse![k].summary;
+            assert.ok(Object.values(split[k]).every((v) => v > 0) && sum <= max && sum > min / 2, `${k}: split ${JSON.stringify(split[k])} of samples ${min}–${max} ms`);
+          }
+        }
       }
       // A peer that did not run says why.
       for (const s of res.systems) if (!s.available) assert.ok(s.reason && s.reason.length > 5, `${s.id} not run without a reason`);
@@ -59,6 +69,7 @@ describe("bench harness (quick)", { timeout: VM_TEST_TIMEOUT }, () => {
       const w2 = res.workloads.find((w) => w.id === "w2")!.results.find((x) => x.system === "supermachine")!;
       // The table shows this run's p50, not a number from elsewhere.
       assert.ok(md.includes(`**${fmtMs(w2.summary!.p50)}**`), `BENCHMARKS.md shows the measured p50 ${fmtMs(w2.summary!.p50)}`);
+      assert.match(md, /supermachine's first use, split \(p50 of each phase, ms\): cold: Image\.build [\d.]+, pool\(\)/);
       // Workload 2's floor: measured in the VM and on the host, shown with what the exec costs above it.
       for (const id of ["supermachine", "host"] as const) {
         const x = res.workloads.find((w) => w.id === "w2")!.results.find((s) => s.system === id)!;
