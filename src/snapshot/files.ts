@@ -5,7 +5,7 @@
 
 import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
-import { createReadStream, existsSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { chmod, mkdir, open, rename, stat, unlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -136,14 +136,27 @@ export function parseExtents(text: string, size: number): [number, number][] | u
   return out;
 }
 
-export function sha256File(path: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const h = createHash("sha256");
-    createReadStream(path, { highWaterMark: CHUNK })
-      .on("data", (b) => h.update(b))
-      .on("end", () => resolve(h.digest("hex")))
-      .on("error", reject);
-  });
+/**
+ * A file's sha256, read into one reused buffer: a read stream allocates and
+ * copies each chunk, and hashed a bake's 173 MB root image in 220–280 ms of
+ * CPU against 120 ms this way (on the CPU a bake's boot needs at the same
+ * time).
+ */
+export async function sha256File(path: string): Promise<string> {
+  const h = createHash("sha256");
+  const f = await open(path, "r");
+  try {
+    const buf = Buffer.allocUnsafe(CHUNK);
+    for (let off = 0; ; ) {
+      const { bytesRead } = await f.read(buf, 0, CHUNK, off);
+      if (bytesRead === 0) break;
+      h.update(buf.subarray(0, bytesRead));
+      off += bytesRead;
+    }
+  } finally {
+    await f.close();
+  }
+  return h.digest("hex");
 }
 
 /**

@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { SnapshotError } from "../../src/errors.js";
-import { dataExtents, parseExtents, sealSnapshotDir, sparseCopy, sparseSha256File, stubKernel } from "../../src/snapshot/files.js";
+import { dataExtents, parseExtents, sealSnapshotDir, sha256File, sparseCopy, sparseSha256File, stubKernel } from "../../src/snapshot/files.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, readManifest, type SnapshotManifest } from "../../src/snapshot/manifest.js";
 
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
@@ -209,6 +209,24 @@ describe("snapshot format", () => {
 });
 
 describe("snapshot files", () => {
+  it("sha256File is the sha256 of the whole file, at and around its read size", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "sm-sha-"));
+    try {
+      const chunk = 4 << 20;
+      for (const size of [0, 1, 4095, chunk - 1, chunk, chunk + 1, 2 * chunk + 12345]) {
+        const data = Buffer.alloc(size);
+        for (let i = 0; i < size; i += 4093) data[i] = (i * 7 + size) & 255;
+        if (size) data[size - 1] = 0xa5;
+        const f = join(dir, `f${size}`);
+        await writeFile(f, data);
+        assert.equal(await sha256File(f), createHash("sha256").update(data).digest("hex"), `size ${size}`);
+      }
+      await assert.rejects(sha256File(join(dir, "missing")), /ENOENT/);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
   // The RAM digest as docs/snapshots.md defines it, written out here apart from files.ts.
   const spec = (b: Buffer): string => {
     const h = createHash("sha256").update("supermachine-sparse-sha256-v1\0");
