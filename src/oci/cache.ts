@@ -87,6 +87,9 @@ function diskFull(path: string, cacheDir: string, err: unknown): DiskFullError {
 }
 
 /** Writes all of `buf` at file offset `pos` (positional: a restart from 0 after truncate(0) writes at 0). */
+/** A download's bytes go to its file in writes of about this size. */
+const WRITE_BATCH = 1 << 20;
+
 async function writeAll(fh: FileHandle, buf: Uint8Array, pos: number): Promise<void> {
   let off = 0;
   while (off < buf.length) {
@@ -363,7 +366,23 @@ export class BlobCache {
         opts.onLive(live);
       }
       let digester = new Digester(algorithm);
+      // Bytes in the file; those received after them wait in `pending` and
+      // go in one write per WRITE_BATCH (a write per socket chunk cost the
+      // main thread ≈ 0.1 s per 50 MB layer).
       let written = 0;
+      const pending: Buffer[] = [];
+      let pendingBytes = 0;
+      const flushPending = async (): Promise<void> => {
+        if (pendingBytes === 0) return;
+        const n = pendingBytes;
+        const b = pending.length === 1 ? pending[0]! : Buffer.concat(pending, n);
+        pending.length = 0;
+        pendingBytes = 0;
+        await writeAll(fh!, b, written);
+        written += n;
+        live?.grow(written);
+        report(false);
+      };
       let lastReport = 0;
       const report = (force: boolean): void => {
         if (!opts.onProgress) return;
@@ -390,7 +409,7 @@ export class BlobCache {
           try {
             for await (const chunk of stream) {
               const b = chunk as Buffer;
-              if (opts.size !== undefined && written + b.length > opts.size) {
+              if (opts.size !== undefined && written + pendingBytes + b.length > opts.size) {
                 throw new DigestMismatchError(
                   `${what} is longer than the ${opts.size} bytes its descriptor says; it was discarded`,
                   digest,
@@ -398,19 +417,21 @@ export class BlobCache {
                 );
               }
               digester.update(b);
-              await writeAll(fh, b, written);
-              written += b.length;
-              live?.grow(written);
-              report(false);
+              pending.push(b);
+              pendingBytes += b.length;
+              if (pendingBytes >= WRITE_BATCH) await flushPending();
             }
           } finally {
             stream.destroy();
           }
+          await flushPending();
           break;
         } catch (err) {
           const retries = opts.retries ?? 0;
           if (err instanceof DigestMismatchError || err instanceof AbortError || isDiskFull(err)) throw err;
           if (attempt >= retries || !opts.isRetryable?.(err)) throw err;
+          // What arrived before the break is good (it is in the digest): the resume starts after it.
+          await flushPending();
           await delay(backoffMs(attempt, opts.retryBaseMs ?? 200), opts.signal);
         }
       }

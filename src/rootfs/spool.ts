@@ -12,6 +12,8 @@ import type { ContentRef } from "./tree.js";
 
 /** Alignment of each file's first byte in the spool. */
 export const SPOOL_ALIGN = 4096;
+/** Padding between files (put() copies it: one shared buffer of zeros). */
+const ZERO_PAD = Buffer.alloc(SPOOL_ALIGN);
 const BUFFER_BYTES = 1 << 20;
 
 /** Turns ENOSPC/EDQUOT into {@link DiskFullError}, anything else into ImageError. */
@@ -68,7 +70,7 @@ export class Spool {
       return null;
     }
     const pad = (SPOOL_ALIGN - (this.size % SPOOL_ALIGN)) % SPOOL_ALIGN;
-    if (pad > 0) await this.put(Buffer.alloc(pad));
+    if (pad > 0) await this.put(ZERO_PAD.subarray(0, pad));
     const offset = this.size;
     let got = 0;
     for await (const c of chunks) {

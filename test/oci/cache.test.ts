@@ -52,6 +52,42 @@ describe("blob cache", () => {
     assert.deepEqual(await blobDirEntries(dir), [digest.slice(7)]);
   });
 
+  test("a download of several write batches, broken once, resumes right after the bytes it received", async () => {
+    const dir = await cacheDir();
+    const cache = new BlobCache(dir);
+    const data = randomBytes(3 * 1024 * 1024 + 777);
+    const breakAt = 2 * 1024 * 1024 + 64 * 1024 + 5;
+    const offsets: number[] = [];
+    let broke = false;
+    const open = async (offset: number) => {
+      offsets.push(offset);
+      const parts: Buffer[] = [];
+      for (let i = offset; i < data.length; i += 65_536) parts.push(data.subarray(i, Math.min(data.length, i + 65_536)));
+      if (broke) return { stream: Readable.from(parts), start: offset };
+      broke = true;
+      // The first attempt delivers up to breakAt (mid-chunk), then the connection breaks.
+      async function* cut() {
+        let sent = offset;
+        for (const p of parts) {
+          if (sent + p.length > breakAt) {
+            yield p.subarray(0, breakAt - sent);
+            throw Object.assign(new Error("connection reset"), { code: "ECONNRESET" });
+          }
+          sent += p.length;
+          yield p;
+        }
+      }
+      return { stream: Readable.from(cut()), start: offset };
+    };
+    const progress: number[] = [];
+    const r = await cache.ingest(digestOf(data), open, { size: data.length, retries: 1, retryBaseMs: 1, isRetryable: () => true, onProgress: (n) => progress.push(n) });
+    assert.equal(r.outcome, "downloaded");
+    assert.deepEqual(offsets, [0, breakAt]);
+    assert.ok((await readFile(r.path)).equals(data), "the blob is byte-exact");
+    assert.equal(progress.at(-1), data.length);
+    assert.ok(progress.every((n, i) => i === 0 || n >= progress[i - 1]!), `progress never goes back: ${progress}`);
+  });
+
   test("a digest mismatch or a wrong size discards the bytes and leaves nothing", async () => {
     const dir = await cacheDir();
     const cache = new BlobCache(dir);
