@@ -86,10 +86,10 @@ function diskFull(path: string, cacheDir: string, err: unknown): DiskFullError {
   );
 }
 
-/** Writes all of `buf` at file offset `pos` (positional: a restart from 0 after truncate(0) writes at 0). */
 /** A download's bytes go to its file in writes of about this size. */
 const WRITE_BATCH = 1 << 20;
 
+/** Writes all of `buf` at file offset `pos` (positional: a restart from 0 after truncate(0) writes at 0). */
 async function writeAll(fh: FileHandle, buf: Uint8Array, pos: number): Promise<void> {
   let off = 0;
   while (off < buf.length) {
