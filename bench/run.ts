@@ -29,7 +29,7 @@ const HELP = `usage: node dist/bench/run.js [options]
   --tasks N               workload 4 tasks per system (default 200; quick 4)
   --naive-tasks N         workload 4 tasks of the naive VM (default 20; quick 2)
   --idle N                workload 5 idle environments (default 16; quick 2)
-  --floor-loops N         workload 2 execs per in-environment floor loop (default 200; quick 20)
+  --floor-loops N         workload 2 execs per in-environment floor loop (default 200; quick 100)
   --cold N / --hits N     workload 6 cold first uses / cache hits (default 5 / 10; quick 1 / 2)
   --pool N                pool size (min = max) for one-shot tasks and throughput (default 2)
   --only w1,w2,...        run only these workloads
@@ -56,7 +56,7 @@ function config(a: Args): BenchConfig {
     naiveThroughputTasks: a.num("naive-tasks", q(20, 2)),
     chunk: q(50, 2),
     idle: a.num("idle", q(16, 2)),
-    floorLoops: a.num("floor-loops", q(200, 20)),
+    floorLoops: a.num("floor-loops", q(200, 100)),
     coldSamples: a.num("cold", q(5, 1)),
     hitSamples: a.num("hits", q(10, 2)),
     poolSize: a.num("pool", 2),
