@@ -369,14 +369,7 @@ export function markdown(r: BenchResults, chartRel: string, jsonRel: string): st
       "first-use": ["system", "n cold / hit", "cold p50 ms", "cold min–max ms", "hit p50 ms", "hit p99 ms", "build or resolve p50 ms, cold / hit"],
     };
     out.push(table(heads[w.kind], detail));
-    const floors = floorLine(w);
-    if (floors) out.push("", floors);
-    const split = w.results.find((x) => x.system === "supermachine")?.extra?.split as Record<"cold" | "hit", Record<string, number>> | undefined;
-    if (w.kind === "first-use" && split) {
-      const names: Record<string, string> = { build: "Image.build", pool: "pool() (the bake's VM or a restore, and the prewarm list)", task: "acquire + exec + release", close: "shutdown + close" };
-      const one = (p: Record<string, number>) => Object.entries(p).map(([k, v]) => `${names[k] ?? k} ${fmtMs(v)}`).join(", ");
-      out.push("", `supermachine's first use, split (p50 of each phase, ms): cold: ${one(split.cold)}; cache hit: ${one(split.hit)}.`);
-    }
+    for (const line of [floorLine(w), splitLine(w)]) if (line) out.push("", line);
     const ours = w.results.find((s) => s.system === "supermachine");
     if (ours?.extra && w.kind === "latency" && "acquire" in ours.extra) {
       const e = ours.extra as { acquire: Summary; exec: Summary; release: Summary; tasksThatWaitedForARestore: number; tasks: number };
@@ -413,6 +406,15 @@ function floorLine(w: WorkloadResult): string | undefined {
     parts.push(`${SHORT[id]} ${fmtMs(f.ms)} ms (runs ${f.runs.map(fmtMs).join(", ")}${above})`);
   }
   return parts.length ? `Each environment's own fork + exec + wait of /bin/echo (the floor), per exec: ${parts.join("; ")}.` : undefined;
+}
+
+/** Workload 6's split of supermachine's first use (SystemResult.extra.split). */
+function splitLine(w: WorkloadResult): string | undefined {
+  const split = w.results.find((x) => x.system === "supermachine")?.extra?.split as Record<"cold" | "hit", Record<string, number>> | undefined;
+  if (w.kind !== "first-use" || !split) return undefined;
+  const names: Record<string, string> = { build: "Image.build", pool: "pool() (the bake's VM or a restore, and the prewarm list)", task: "acquire + exec + release", close: "shutdown + close" };
+  const one = (p: Record<string, number>) => Object.entries(p).map(([k, v]) => `${names[k] ?? k} ${fmtMs(v)}`).join(", ");
+  return `supermachine's first use, split (p50 of each phase, ms): cold: ${one(split.cold)}; cache hit: ${one(split.hit)}.`;
 }
 
 // --------------------------------------------------------------------- chart

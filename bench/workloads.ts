@@ -291,15 +291,9 @@ export function workload3(ctx: Ctx): Promise<WorkloadResult> {
   });
 }
 
-/** Per phase, the p50 of workload 6's cold and cache-hit samples (ms). */
-function splitP50(s: { cold: Record<string, number>[]; hit: Record<string, number>[] }): Record<"cold" | "hit", Record<string, number>> {
-  const p50 = (rows: Record<string, number>[]) => Object.fromEntries(Object.keys(rows[0] ?? {}).map((k) => [k, summarize(rows.map((r) => r[k]!)).p50]));
-  return { cold: p50(s.cold), hit: p50(s.hit) };
-}
-
 // ------------------------------------------------- workload 2: held environment
 
-/** Workload 2's floor: loops per environment. */
+/** Workload 2's floor: runs of the loop per environment. */
 const FLOOR_RUNS = 3;
 
 /** A shell loop of `n` fork + exec + wait of /bin/echo, bracketed by /proc/uptime (read by the shell: no fork). */
@@ -315,7 +309,6 @@ export function parseFloorRun(out: string, n: number): number {
   if (!(ms >= 0)) throw new Error(`the floor loop's uptime went backwards: ${out.trim()}`);
   return ms;
 }
-
 
 export async function workload2(ctx: Ctx): Promise<WorkloadResult> {
   const started = performance.now();
@@ -548,6 +541,12 @@ async function pullAndExtract(ref: string, cacheDir: string, dir: string): Promi
   }
 }
 
+/** Per phase, the p50 of workload 6's cold and cache-hit samples (ms). */
+function splitP50(s: { cold: Record<string, number>[]; hit: Record<string, number>[] }): Record<"cold" | "hit", Record<string, number>> {
+  const p50 = (rows: Record<string, number>[]) => Object.fromEntries(Object.keys(rows[0] ?? {}).map((k) => [k, summarize(rows.map((r) => r[k]!)).p50]));
+  return { cold: p50(s.cold), hit: p50(s.hit) };
+}
+
 export async function workload6(ctx: Ctx): Promise<WorkloadResult> {
   const started = performance.now();
   const { cfg } = ctx;
@@ -597,7 +596,6 @@ export async function workload6(ctx: Ctx): Promise<WorkloadResult> {
           mark = now;
         };
         const image = await Image.build({ ref, cacheDir, snapshotsDir });
-        const built = performance.now() - t;
         phase("build");
         try {
           const pool = await image.pool({ min: 1, max: 1, prewarm: [[...PY]] });
@@ -618,7 +616,7 @@ export async function workload6(ctx: Ctx): Promise<WorkloadResult> {
           phase("close");
           last = phases;
         }
-        return built;
+        return phases.build!;
       };
       let warm: { cacheDir: string; snapshotsDir: string } | undefined;
       add(
