@@ -63,15 +63,19 @@ async function main(): Promise<void> {
   }
 }
 
-/** Guest CPU so far, in ns: PID 1 (the agent) and all CPUs busy (not idle). */
-async function guestCpu(vm: Vm): Promise<{ agentNs: number; busyNs: number }> {
+/**
+ * Guest counters so far: PID 1's (the agent's) CPU and all CPUs busy (not
+ * idle), in ns; context switches and interrupts (/proc/stat).
+ */
+async function guestCpu(vm: Vm): Promise<{ agentNs: number; busyNs: number; ctxt: number; intr: number }> {
   const r = await vm.exec({ argv: ["cat", "/proc/1/schedstat", "/proc/stat"] });
   const lines = r.stdout.toString().split("\n");
   const agentNs = Number(lines[0]!.split(" ")[0]);
   // cpu  user nice system idle iowait irq softirq steal (USER_HZ ticks)
   const f = lines.find((l) => l.startsWith("cpu "))!.trim().split(/\s+/).slice(1).map(Number);
   const busyNs = (f.reduce((a, b) => a + b, 0) - f[3]! - f[4]!) * 1e7;
-  return { agentNs, busyNs };
+  const count = (key: string) => Number(lines.find((l) => l.startsWith(`${key} `))!.split(" ")[1]);
+  return { agentNs, busyNs, ctxt: count("ctxt"), intr: count("intr") };
 }
 
 /**
@@ -97,6 +101,8 @@ async function execShare(vm: Vm, runs: number): Promise<void> {
   // n echo execs and the one that read the counters.
   const agentMs = (b.agentNs - a.agentNs) / 1e6 / (n + 1);
   const busyMs = (b.busyNs - a.busyNs) / 1e6 / (n + 1);
+  const ctxt = (b.ctxt - a.ctxt) / (n + 1);
+  const intr = (b.intr - a.intr) / (n + 1);
   const hostP50 = summarize(viaHost).p50;
   const guestP50 = summarize(inGuest).p50;
   console.log(`\nExec on a held VM against its floor — ${runs} runs, milliseconds (guest times in the guest's clock)\n`);
@@ -109,6 +115,8 @@ async function execShare(vm: Vm, runs: number): Promise<void> {
         ["round trip minus the guest's own fork + exec", fmtMs(hostP50 - guestP50)],
         ["agent (PID 1) CPU per `echo hi` exec (schedstat)", fmtMs(agentMs)],
         ["guest CPU busy per `echo hi` exec (/proc/stat, 10 ms ticks)", fmtMs(busyMs)],
+        ["guest context switches per `echo hi` exec (/proc/stat ctxt; a count, not ms)", ctxt.toFixed(1)],
+        ["guest interrupts per `echo hi` exec (/proc/stat intr; a count, not ms)", intr.toFixed(1)],
       ],
     ),
   );

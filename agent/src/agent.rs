@@ -315,35 +315,9 @@ impl Agent {
     }
 
     fn flush(&mut self) {
-        if self.io.quiesced {
-            return;
+        if self.port.is_some() {
+            self.io.flush();
         }
-        let fd = match &self.port {
-            Some(fd) => fd.raw(),
-            None => return,
-        };
-        while self.io.out_pos < self.io.out.len() {
-            let rest = &self.io.out[self.io.out_pos..];
-            let r = unsafe { sys::write(fd, rest.as_ptr() as *const _, rest.len()) };
-            if r > 0 {
-                self.io.out_pos += r as usize;
-                continue;
-            }
-            let e = io::Error::last_os_error();
-            match e.raw_os_error() {
-                Some(sys::EINTR) => continue,
-                // EPOLLOUT (edge) tells us when to try again.
-                Some(sys::EAGAIN) => return,
-                _ => {
-                    // No host to write to: output of this session is lost.
-                    self.io.out.clear();
-                    self.io.out_pos = 0;
-                    return;
-                }
-            }
-        }
-        self.io.out.clear();
-        self.io.out_pos = 0;
     }
 
     // ------------------------------------------------------------ dispatch

@@ -1,17 +1,18 @@
 //! Starting processes: PATH resolution, environment merging, pipes or a pty,
 //! a cgroup per exec, and the spawn itself.
 //!
-//! Root processes start with posix_spawn (glibc implements it with
-//! CLONE_VM|CLONE_VFORK: no page-table copy, the cheapest start under TCG);
-//! processes of another user need setuid/setgid, which posix_spawn cannot do,
-//! and start through fork + execve.
+//! Root processes start with clone(CLONE_VM|CLONE_VFORK), as glibc's
+//! posix_spawn does (no page-table copy, the cheapest start under TCG) but
+//! without its per-call stack mapping and signal loop (spawn_vfork);
+//! processes of another user need setuid/setgid and start through fork +
+//! execve.
 
 use crate::sys::{self, cstring, Fd};
 use crate::users::Identity;
 use std::ffi::{CStr, CString};
 use std::fs;
 use std::io;
-use std::os::raw::{c_char, c_int};
+use std::os::raw::{c_char, c_int, c_void};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -184,7 +185,7 @@ fn ptr_array(v: &[CString]) -> Vec<*const c_char> {
 /// and an empty signal mask.
 pub fn spawn(spec: &SpawnSpec) -> io::Result<i32> {
     if spec.identity.uid == 0 && spec.identity.gid == 0 {
-        spawn_posix(spec)
+        spawn_vfork(spec)
     } else {
         spawn_fork(spec)
     }
@@ -224,64 +225,116 @@ pub fn kill_session(sid: i32) {
     }
 }
 
-fn spawn_posix(spec: &SpawnSpec) -> io::Result<i32> {
+/// What the child of [`spawn_vfork`] reads. It shares the agent's memory
+/// until it execs, so it only reads this, and writes `err`.
+struct VforkChild<'a> {
+    spec: &'a SpawnSpec<'a>,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+    devnull: &'a CStr,
+    /// errno of the step that failed (0: none).
+    err: c_int,
+}
+
+/// The child's stack (its frames are small; execve copies argv and env from
+/// the agent's heap). Only the agent's one thread spawns, and the agent is
+/// suspended while the child uses it (CLONE_VFORK).
+#[repr(C, align(16))]
+struct VforkStack([u8; 64 * 1024]);
+static mut VFORK_STACK: VforkStack = VforkStack([0; 64 * 1024]);
+
+/// Runs in the child of [`spawn_vfork`]: raw system calls only (no
+/// allocation, no lock: the agent's memory is shared and it is suspended).
+extern "C" fn vfork_child(arg: *mut c_void) -> c_int {
+    unsafe {
+        let c = &mut *(arg as *mut VforkChild);
+        let fail = |c: &mut VforkChild, code: c_int| -> ! {
+            std::ptr::write_volatile(&mut c.err, *errno_ptr());
+            sys::_exit(code)
+        };
+        let empty = sys::empty_sigset();
+        sys::sigprocmask(sys::SIG_SETMASK, &empty, std::ptr::null_mut());
+        // execve resets handled signals; SIGPIPE is the one the agent ignores
+        // (init.rs), and an ignored signal would stay ignored.
+        sys::signal(sys::SIGPIPE, 0);
+        // The agent runs as SCHED_BATCH (main.rs); its processes do not.
+        let param = sys::SchedParam { priority: 0 };
+        sys::sched_setscheduler(0, sys::SCHED_OTHER, &param);
+        sys::setsid();
+        match &c.spec.stdio {
+            Stdio::Pipes { stdin, stdout, stderr } => {
+                let in_fd = match stdin {
+                    Some(fd) => *fd,
+                    None => sys::open(c.devnull.as_ptr(), sys::O_RDONLY | sys::O_CLOEXEC),
+                };
+                if in_fd < 0 || sys::dup2(in_fd, 0) < 0 || sys::dup2(*stdout, 1) < 0 || sys::dup2(*stderr, 2) < 0 {
+                    fail(c, 126);
+                }
+            }
+            Stdio::Tty { slave } => {
+                // A session leader opening a tty acquires it as its
+                // controlling terminal.
+                let fd = sys::open(slave.as_ptr(), sys::O_RDWR | sys::O_CLOEXEC);
+                if fd < 0 || sys::dup2(fd, 0) < 0 || sys::dup2(fd, 1) < 0 || sys::dup2(fd, 2) < 0 {
+                    fail(c, 126);
+                }
+            }
+            Stdio::Detached { out } => {
+                let fd = sys::open(c.devnull.as_ptr(), sys::O_RDONLY | sys::O_CLOEXEC);
+                if fd < 0 || sys::dup2(fd, 0) < 0 || sys::dup2(*out, 1) < 0 || sys::dup2(*out, 2) < 0 {
+                    fail(c, 126);
+                }
+            }
+        }
+        if sys::chdir(c.spec.cwd.as_ptr()) != 0 {
+            fail(c, 126);
+        }
+        sys::execve(c.spec.program.as_ptr(), c.argv, c.envp);
+        fail(c, 127)
+    }
+}
+
+/// Starts a root process with clone(CLONE_VM | CLONE_VFORK), as posix_spawn
+/// does, but without its per-call costs, which under emulation are most of
+/// the agent's share of an exec: a fresh stack mapped and unmapped (the
+/// munmap flushes the software TLB), a sigaction for each of the 64 signals
+/// and a getrlimit for each file action. Returns once the child has exec'd;
+/// a failure before or in execve comes back as its errno. The child's fds
+/// the agent opened are all close-on-exec.
+fn spawn_vfork(spec: &SpawnSpec) -> io::Result<i32> {
+    extern "C" {
+        fn clone(f: extern "C" fn(*mut c_void) -> c_int, stack: *mut c_void, flags: c_int, arg: *mut c_void, ...) -> c_int;
+    }
+    const CLONE_VM: c_int = 0x100;
+    const CLONE_VFORK: c_int = 0x4000;
     let argv = ptr_array(spec.argv);
     let envp = ptr_array(spec.env);
     let devnull = CString::new("/dev/null").unwrap();
-    unsafe {
-        let mut fa: sys::FileActions = std::mem::zeroed();
-        let mut attr: sys::SpawnAttr = std::mem::zeroed();
-        sys::posix_spawn_file_actions_init(&mut fa);
-        sys::posix_spawnattr_init(&mut attr);
-        match &spec.stdio {
-            Stdio::Pipes { stdin, stdout, stderr } => {
-                match stdin {
-                    Some(fd) => sys::posix_spawn_file_actions_adddup2(&mut fa, *fd, 0),
-                    None => sys::posix_spawn_file_actions_addopen(&mut fa, 0, devnull.as_ptr(), sys::O_RDONLY, 0),
-                };
-                sys::posix_spawn_file_actions_adddup2(&mut fa, *stdout, 1);
-                sys::posix_spawn_file_actions_adddup2(&mut fa, *stderr, 2);
-            }
-            Stdio::Tty { slave } => {
-                // A session leader opening a tty without O_NOCTTY acquires it
-                // as its controlling terminal.
-                sys::posix_spawn_file_actions_addopen(&mut fa, 0, slave.as_ptr(), sys::O_RDWR, 0);
-                sys::posix_spawn_file_actions_adddup2(&mut fa, 0, 1);
-                sys::posix_spawn_file_actions_adddup2(&mut fa, 0, 2);
-            }
-            Stdio::Detached { out } => {
-                sys::posix_spawn_file_actions_addopen(&mut fa, 0, devnull.as_ptr(), sys::O_RDONLY, 0);
-                sys::posix_spawn_file_actions_adddup2(&mut fa, *out, 1);
-                sys::posix_spawn_file_actions_adddup2(&mut fa, *out, 2);
-            }
-        }
-        sys::posix_spawn_file_actions_addchdir_np(&mut fa, spec.cwd.as_ptr());
-        let empty = sys::empty_sigset();
-        let full = sys::full_sigset();
-        sys::posix_spawnattr_setsigmask(&mut attr, &empty);
-        sys::posix_spawnattr_setsigdefault(&mut attr, &full);
-        sys::posix_spawnattr_setflags(
-            &mut attr,
-            sys::POSIX_SPAWN_SETSID | sys::POSIX_SPAWN_SETSIGMASK | sys::POSIX_SPAWN_SETSIGDEF,
-        );
-        // The child inherits the cgroup of its parent at clone time: the agent
-        // steps into the exec's cgroup for the duration of the spawn.
-        let joined = match spec.cgroup {
-            Some(cg) => fs::write(cg.join("cgroup.procs"), b"0").is_ok(),
-            None => false,
-        };
-        let mut pid: sys::pid_t = 0;
-        let r = sys::posix_spawn(&mut pid, spec.program.as_ptr(), &fa, &attr, argv.as_ptr(), envp.as_ptr());
-        if joined {
-            let _ = fs::write("/sys/fs/cgroup/cgroup.procs", b"0");
-        }
-        sys::posix_spawn_file_actions_destroy(&mut fa);
-        sys::posix_spawnattr_destroy(&mut attr);
-        if r != 0 {
-            return Err(io::Error::from_raw_os_error(r));
-        }
-        Ok(pid)
+    let mut child = VforkChild { spec, argv: argv.as_ptr(), envp: envp.as_ptr(), devnull: &devnull, err: 0 };
+    // The child inherits the cgroup of its parent at clone time: the agent
+    // steps into the exec's cgroup for the duration of the spawn.
+    let joined = match spec.cgroup {
+        Some(cg) => fs::write(cg.join("cgroup.procs"), b"0").is_ok(),
+        None => false,
+    };
+    let pid = unsafe {
+        let top = (std::ptr::addr_of_mut!(VFORK_STACK) as *mut u8).add(std::mem::size_of::<VforkStack>());
+        clone(vfork_child, top as *mut c_void, CLONE_VM | CLONE_VFORK | sys::SIGCHLD, &mut child as *mut VforkChild as *mut c_void)
+    };
+    let clone_err = io::Error::last_os_error();
+    if joined {
+        let _ = fs::write("/sys/fs/cgroup/cgroup.procs", b"0");
     }
+    if pid < 0 {
+        return Err(clone_err);
+    }
+    let err = unsafe { std::ptr::read_volatile(&child.err) };
+    if err != 0 {
+        let mut status = 0;
+        unsafe { sys::waitpid(pid, &mut status, 0) };
+        return Err(io::Error::from_raw_os_error(err));
+    }
+    Ok(pid)
 }
 
 fn spawn_fork(spec: &SpawnSpec) -> io::Result<i32> {
@@ -326,6 +379,9 @@ fn spawn_fork(spec: &SpawnSpec) -> io::Result<i32> {
             };
             let empty = sys::empty_sigset();
             sys::sigprocmask(sys::SIG_SETMASK, &empty, std::ptr::null_mut());
+            // The agent runs as SCHED_BATCH (main.rs); its processes do not.
+            let param = sys::SchedParam { priority: 0 };
+            sys::sched_setscheduler(0, sys::SCHED_OTHER, &param);
             for sig in 1..32 {
                 sys::signal(sig, 0);
             }

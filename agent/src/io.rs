@@ -93,6 +93,36 @@ impl Io {
         self.quiesced = false;
     }
 
+    /// Writes the queued frames to the port, as far as it takes them; the
+    /// rest waits for EPOLLOUT (edge). Nothing is written while quiesced.
+    pub fn flush(&mut self) {
+        if self.quiesced || self.port_fd < 0 {
+            return;
+        }
+        while self.out_pos < self.out.len() {
+            let rest = &self.out[self.out_pos..];
+            let r = unsafe { sys::write(self.port_fd, rest.as_ptr() as *const _, rest.len()) };
+            if r > 0 {
+                self.out_pos += r as usize;
+                continue;
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(sys::EINTR) => continue,
+                // EPOLLOUT (edge) tells us when to try again.
+                Some(sys::EAGAIN) => return,
+                _ => {
+                    // No host to write to: output of this session is lost.
+                    self.out.clear();
+                    self.out_pos = 0;
+                    return;
+                }
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+    }
+
     pub fn send(&mut self, t: u8, flags: u8, stream: u32, payload: &[u8]) {
         proto::encode_frame(&mut self.out, t, flags, stream, payload);
     }

@@ -118,6 +118,20 @@ fn main() {
     }
     let is_init = unsafe { sys::getpid() } == 1;
     let boot = if is_init { init::boot() } else { init::BootReport::not_init() };
+    if is_init {
+        // A batch task's wakeups do not preempt the running task: the process
+        // that wrote output or exited runs on until it blocks or exits, and
+        // the agent then finds its output, pipe hangups and SIGCHLD in one
+        // round (one reply to the host) instead of a context switch for each.
+        // Under emulation a switch between address spaces flushes the
+        // software TLB. The cost: while a guest task spins, a request waits
+        // for the scheduler tick (4 ms at HZ=250). The processes the agent
+        // starts are put back to SCHED_OTHER (exec::spawn).
+        let p = sys::SchedParam { priority: 0 };
+        if unsafe { sys::sched_setscheduler(0, sys::SCHED_BATCH, &p) } != 0 {
+            log!("SCHED_BATCH: {}", std::io::Error::last_os_error());
+        }
+    }
     if let Some(e) = &boot.error {
         log!("boot problem: {}", e);
     }

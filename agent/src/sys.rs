@@ -37,17 +37,6 @@ pub struct SigSet {
     _v: [u64; 16],
 }
 
-/// glibc's posix_spawn_file_actions_t is 80 bytes and posix_spawnattr_t 336;
-/// both are reserved generously here and only touched through libc calls.
-#[repr(C, align(8))]
-pub struct FileActions {
-    _v: [u8; 512],
-}
-#[repr(C, align(8))]
-pub struct SpawnAttr {
-    _v: [u8; 512],
-}
-
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct Timespec {
@@ -112,6 +101,14 @@ pub struct Rtentry {
     pub rt_irtt: u16,
 }
 
+/// sched_setscheduler(2)'s parameter.
+#[repr(C)]
+pub struct SchedParam {
+    pub priority: c_int,
+}
+pub const SCHED_OTHER: c_int = 0;
+pub const SCHED_BATCH: c_int = 3;
+
 extern "C" {
     pub fn epoll_create1(flags: c_int) -> c_int;
     pub fn epoll_ctl(epfd: c_int, op: c_int, fd: c_int, event: *mut EpollEvent) -> c_int;
@@ -133,30 +130,6 @@ extern "C" {
     pub fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
     pub fn ioctl(fd: c_int, req: c_ulong, ...) -> c_int;
     pub fn open(path: *const c_char, flags: c_int, ...) -> c_int;
-    pub fn posix_spawn(
-        pid: *mut pid_t,
-        path: *const c_char,
-        fa: *const FileActions,
-        attr: *const SpawnAttr,
-        argv: *const *const c_char,
-        envp: *const *const c_char,
-    ) -> c_int;
-    pub fn posix_spawn_file_actions_init(fa: *mut FileActions) -> c_int;
-    pub fn posix_spawn_file_actions_destroy(fa: *mut FileActions) -> c_int;
-    pub fn posix_spawn_file_actions_adddup2(fa: *mut FileActions, fd: c_int, newfd: c_int) -> c_int;
-    pub fn posix_spawn_file_actions_addopen(
-        fa: *mut FileActions,
-        fd: c_int,
-        path: *const c_char,
-        oflag: c_int,
-        mode: c_uint,
-    ) -> c_int;
-    pub fn posix_spawn_file_actions_addchdir_np(fa: *mut FileActions, path: *const c_char) -> c_int;
-    pub fn posix_spawnattr_init(attr: *mut SpawnAttr) -> c_int;
-    pub fn posix_spawnattr_destroy(attr: *mut SpawnAttr) -> c_int;
-    pub fn posix_spawnattr_setflags(attr: *mut SpawnAttr, flags: c_short) -> c_int;
-    pub fn posix_spawnattr_setsigmask(attr: *mut SpawnAttr, set: *const SigSet) -> c_int;
-    pub fn posix_spawnattr_setsigdefault(attr: *mut SpawnAttr, set: *const SigSet) -> c_int;
     pub fn waitpid(pid: pid_t, status: *mut c_int, options: c_int) -> pid_t;
     pub fn kill(pid: pid_t, sig: c_int) -> c_int;
     pub fn mount(
@@ -190,6 +163,7 @@ extern "C" {
     pub fn dup2(fd: c_int, newfd: c_int) -> c_int;
     pub fn _exit(code: c_int) -> !;
     pub fn getpid() -> pid_t;
+    pub fn sched_setscheduler(pid: pid_t, policy: c_int, param: *const SchedParam) -> c_int;
     pub fn sync();
     pub fn splice(fd_in: c_int, off_in: *mut i64, fd_out: c_int, off_out: *mut i64, len: usize, flags: c_uint) -> isize;
 }
@@ -256,9 +230,6 @@ pub const MS_BIND: c_ulong = 4096;
 pub const MS_MOVE: c_ulong = 8192;
 pub const MS_REC: c_ulong = 16384;
 
-pub const POSIX_SPAWN_SETSIGDEF: c_short = 0x04;
-pub const POSIX_SPAWN_SETSIGMASK: c_short = 0x08;
-pub const POSIX_SPAWN_SETSID: c_short = 0x80;
 
 pub const TIOCSCTTY: c_ulong = 0x540E;
 pub const TIOCSWINSZ: c_ulong = 0x5414;

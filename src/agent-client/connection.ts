@@ -257,6 +257,14 @@ class Sender {
   }
 }
 
+/**
+ * Consumed bytes of one channel are credited back to the guest once they
+ * reach this much (a quarter of the window): the guest always keeps at least
+ * three quarters of its window, and a short output (most execs) costs the
+ * guest no WINDOW frame, so no wakeup.
+ */
+const CREDIT_BATCH = INITIAL_WINDOW / 4;
+
 /** Receiver accounting for one guest → host channel. */
 class Receiver {
   /** Bytes the guest may still send (granted minus received). */
@@ -1370,8 +1378,9 @@ export class AgentConnection {
   _credit(stream: number, ch: number, n: number): void {
     if (this.error || n <= 0) return;
     const k = stream * 4 + ch;
-    this.credits.set(k, (this.credits.get(k) ?? 0) + n);
-    this.scheduleCredits();
+    const pending = (this.credits.get(k) ?? 0) + n;
+    this.credits.set(k, pending);
+    if (pending >= CREDIT_BATCH) this.scheduleCredits();
   }
 
   private scheduleCredits(): void {

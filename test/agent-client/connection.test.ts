@@ -187,8 +187,8 @@ describe("agent connection: hostile guest", () => {
 });
 
 describe("agent connection: flow control", () => {
-  it("collects output only as it is acknowledged", async () => {
-    let windowGranted = 0;
+  it("collects output only as it is acknowledged, crediting it in batches of a quarter window", async () => {
+    const grants: number[] = [];
     const { conn, server } = await connectTo(async (sock, frames) => {
       const f = (await frames.next()).value as Frame;
       // Fill the window exactly, then wait for credit before sending more.
@@ -196,8 +196,8 @@ describe("agent connection: flow control", () => {
       for (;;) {
         const g = (await frames.next()).value as Frame;
         if (g.type === MsgType.WINDOW && g.flags === 1) {
-          windowGranted += g.payload.readUInt32LE(0);
-          if (windowGranted >= 1000) break;
+          grants.push(g.payload.readUInt32LE(0));
+          break;
         }
       }
       sock.write(encodeFrame(MsgType.DATA, 1, f.stream, Buffer.alloc(1000, 2)));
@@ -208,14 +208,72 @@ describe("agent connection: flow control", () => {
     try {
       const s = conn.exec({ argv: [Buffer.from("x")] });
       let got = 0;
+      let acked = 0;
       s.onData = (ch, chunk) => {
         got += chunk.length;
-        // Acknowledge only part: the fake agent may send exactly that much more.
-        setTimeout(() => s.ack(ch, 1000), 10);
+        // Acknowledge 64 KiB at a time, each on a later turn of the event loop.
+        let left = chunk.length;
+        const step = (): void => {
+          const k = Math.min(64 * 1024, left);
+          left -= k;
+          acked += k;
+          s.ack(ch, k);
+          if (left > 0) setTimeout(step, 2);
+        };
+        setTimeout(step, 2);
       };
       const exit = await s.exit;
       assert.equal(exit.exitCode, 0);
       assert.equal(got, INITIAL_WINDOW + 1000);
+      // Credit went back once a quarter of the window was consumed, not per ack.
+      assert.deepEqual(grants, [INITIAL_WINDOW / 4]);
+      assert.ok(acked >= INITIAL_WINDOW / 4);
+    } finally {
+      conn.destroy(new Error("done"));
+      server.close();
+    }
+  });
+
+  it("a short output costs the guest no WINDOW frame", async () => {
+    const types: number[] = [];
+    let sawSecond!: () => void;
+    const second = new Promise<void>((r) => (sawSecond = r));
+    let outputTaken!: () => void;
+    const taken = new Promise<void>((r) => (outputTaken = r));
+    const { conn, server } = await connectTo(async (sock, frames) => {
+      for (let execs = 0; ; ) {
+        const f = (await frames.next()).value as Frame;
+        if (f.type !== MsgType.EXEC) {
+          types.push(f.type);
+          continue;
+        }
+        // The second EXEC is sent after the first exec's output was taken:
+        // every frame the host sent about that output came before it.
+        if (++execs === 2) return sawSecond();
+        sock.write(encodeFrame(MsgType.DATA, 1, f.stream, Buffer.from("hi\n")));
+        sock.write(encodeFrame(MsgType.DATA, 2, f.stream, Buffer.from("warn\n")));
+        // The exit comes later, as a process's does: the host has had its
+        // turns to credit the output before the stream ends.
+        await taken;
+        sock.write(encodeFrame(MsgType.EOF, 1, f.stream));
+        sock.write(encodeFrame(MsgType.EOF, 2, f.stream));
+        sock.write(encodeFrame(MsgType.EXIT, 0, f.stream, new RecordBuilder().i32(Tag.EXIT.exit_code, 0).build()));
+      }
+    });
+    try {
+      const s = conn.exec({ argv: [Buffer.from("echo")] });
+      const out: Buffer[] = [];
+      s.onData = (ch, chunk) => {
+        out.push(Buffer.from(chunk));
+        s.ack(ch, chunk.length);
+        if (Buffer.concat(out).length === 8) setTimeout(outputTaken, 20);
+      };
+      assert.equal((await s.exit).exitCode, 0);
+      assert.equal(Buffer.concat(out).toString(), "hi\nwarn\n");
+      await new Promise((r) => setImmediate(r));
+      conn.exec({ argv: [Buffer.from("true")] }).exit.catch(() => undefined);
+      await second;
+      assert.deepEqual(types.filter((t) => t === MsgType.WINDOW), []);
     } finally {
       conn.destroy(new Error("done"));
       server.close();

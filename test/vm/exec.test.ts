@@ -109,6 +109,39 @@ describe("Vm.exec on a real VM", { timeout: VM_TEST_TIMEOUT }, () => {
     assert.equal(bad.exitCode, 4);
   });
 
+  it("a process starts as a session leader with an empty signal mask, nothing ignored, SCHED_OTHER and only fds 0-2, however it is started", async () => {
+    // The agent itself runs as SCHED_BATCH (its wakeups do not preempt).
+    const agent = await vm.exec({ argv: ["cut", "-d", " ", "-f", "41", "/proc/1/stat"] });
+    assert.equal(agent.stdout.toString(), "3\n");
+    const ways = [{}, { cwd: "/tmp" }, { user: "65534" }, { isolateTree: true }, { user: "65534", isolateTree: true }, { tty: true }];
+    const lines = async (argv: string[], way: object) => {
+      const r = await vm.exec({ argv, ...way });
+      assert.equal(r.exitCode, 0, `${argv.join(" ")} ${JSON.stringify(way)}: ${r.stderr.toString()}`);
+      return r.stdout.toString().replace(/\r/g, "").trim().split("\n");
+    };
+    for (const way of ways) {
+      const what = JSON.stringify(way);
+      // Each program is the process the agent started (no shell in between).
+      const [pid, sid, policy] = (await lines(["cut", "-d", " ", "-f", "1,6,41", "/proc/self/stat"], way))[0]!.split(" ");
+      assert.equal(sid, pid, `session leader ${what}`);
+      assert.equal(policy, "0", `SCHED_OTHER ${what}`);
+      assert.deepEqual(await lines(["grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"], way), ["SigBlk:\t0000000000000000", "SigIgn:\t0000000000000000"], what);
+      // ls's own fds: 0-2 and the directory it reads.
+      assert.deepEqual(await lines(["ls", "-1", "/proc/self/fd"], way), ["0", "1", "2", "3"], what);
+    }
+  });
+
+  it("outputs around the agent's first-read size arrive whole and in order", async () => {
+    for (const n of [16383, 16384, 16385, 40000]) {
+      const r = await vm.exec({ argv: ["sh", "-c", `head -c ${n} /dev/zero | tr '\\0' x; echo end`] });
+      assert.equal(r.stdout.toString(), "x".repeat(n) + "end\n", `${n} bytes`);
+    }
+    // Exactly the first read's size, then more after a pause.
+    const r = await vm.exec({ argv: ["sh", "-c", "head -c 16384 /dev/zero | tr '\\0' y; sleep 0.3; echo later; echo err >&2"] });
+    assert.equal(r.stdout.toString(), "y".repeat(16384) + "later\n");
+    assert.equal(r.stderr.toString(), "err\n");
+  });
+
   it("16 MiB of stdout arrives intact", async () => {
     const r = await vm.exec({ argv: ["sh", "-c", "head -c 16777216 /dev/urandom > /tmp/big && sha256sum /tmp/big >&2 && cat /tmp/big && rm /tmp/big"], timeoutMs: 300_000 });
     assert.equal(r.exitCode, 0);

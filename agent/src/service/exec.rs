@@ -31,6 +31,9 @@ impl OutCh {
     }
 }
 
+/// The first read of a pump round copies at most this much (see pump_out).
+const SMALL_READ: usize = 16 * 1024;
+
 pub struct Exec {
     pid: i32,
     /// The pid of the process started last (kept after it is reaped): the
@@ -457,19 +460,32 @@ impl ExecService {
                 None => return,
             };
             let mut reads = 0;
+            // A round starts by copying at most SMALL_READ bytes into a queued
+            // frame: a short output (most execs) then leaves with the frames
+            // that follow it (EOF, EXIT) in one write to the port. Only a pipe
+            // that fills it is spliced from then on.
+            let mut small = out.pipe;
             while out.credit > 0 && reads < 8 {
                 reads += 1;
-                if out.pipe {
+                if out.pipe && !small {
+                    // splice_data needs an empty queue (frames stay in order).
+                    io.flush();
                     let moved = io.splice_data(fd, ch, id, (out.credit as usize).min(SPLICE_MAX));
                     if moved > 0 {
                         out.credit -= moved as u32;
                         continue;
                     }
                 }
-                let want = (out.credit as usize).min(CHUNK);
+                let want = (out.credit as usize).min(if small { SMALL_READ } else { CHUNK });
                 let r = io.read_into_data(fd, ch, id, want);
                 if r > 0 {
                     out.credit -= r as u32;
+                    if small && r as usize == want {
+                        small = false;
+                    } else if small && !exited {
+                        // Drained for now; the pipe reports again when written.
+                        break;
+                    }
                     continue;
                 }
                 if r == 0 {
