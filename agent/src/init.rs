@@ -98,6 +98,18 @@ fn mkdir_p(path: &str) {
     let _ = fs::create_dir_all(path);
 }
 
+/// Parameters for a module of the initramfs (its file name). virtio_net
+/// without TX NAPI releases a sent packet from its socket's buffer at once:
+/// with TX NAPI, a raw-frame flood now and then left completed TX buffers
+/// unreclaimed and the sender blocked for good (docs/networking-guest.md).
+fn module_params(name: &str) -> &'static str {
+    if name.starts_with("virtio_net.") {
+        "napi_tx=0"
+    } else {
+        ""
+    }
+}
+
 /// Loads the modules listed in /lib/modules/order (dependency order, one file
 /// name per line) with finit_module. Already-loaded modules are fine.
 fn load_modules() -> Result<(), String> {
@@ -119,8 +131,8 @@ fn load_modules() -> Result<(), String> {
                 continue;
             }
         };
-        let empty = CString::new("").unwrap();
-        let r = unsafe { sys::syscall(sys::SYS_FINIT_MODULE, fd.raw() as i64, empty.as_ptr(), 0i64) };
+        let params = CString::new(module_params(name)).unwrap_or_default();
+        let r = unsafe { sys::syscall(sys::SYS_FINIT_MODULE, fd.raw() as i64, params.as_ptr(), 0i64) };
         if r != 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(sys::EEXIST) {

@@ -286,6 +286,9 @@ describe("VM network", { timeout: 4 * VM_TEST_TIMEOUT }, () => {
       assert.ok(st.connectionsDenied > 0, JSON.stringify(st));
       // The attacker itself still works.
       assert.equal((await sh(attacker, "echo alive")).out, "alive\n");
+      // Without TX NAPI (the agent's module parameter), the flood's raw sends
+      // could block for good on TX buffers the driver never reclaimed.
+      assert.equal((await sh(attacker, "cat /sys/module/virtio_net/parameters/napi_tx")).out, "N\n");
     } finally {
       await attacker.destroy();
       await bystander.destroy();
