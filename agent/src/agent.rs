@@ -124,7 +124,7 @@ impl Agent {
         loop {
             self.read_port();
             self.adopt_orphans();
-            self.flush();
+            self.io.flush();
             let idle_work = self.exec.cgroups.has_idle_work();
             let timeout = if idle_work { 0 } else { self.next_timeout() };
             let n = unsafe { sys::epoll_wait(self.io.ep.raw(), events.as_mut_ptr(), events.len() as i32, timeout) };
@@ -314,12 +314,6 @@ impl Agent {
         }
     }
 
-    fn flush(&mut self) {
-        if self.port.is_some() {
-            self.io.flush();
-        }
-    }
-
     // ------------------------------------------------------------ dispatch
 
     /// Whether a stream id is taken by any service.
@@ -369,7 +363,7 @@ impl Agent {
                 debug!("snapshot: {} process(es) stopped", n);
                 self.io.send_record(ty::OK, id, Record::new().u32(tag::snapshot_prepare_ok::STOPPED, n as u32));
                 // Flush the OK, then stay silent until the host speaks again.
-                self.flush();
+                self.io.flush();
                 self.io.quiesced = true;
                 // A clone restored from this snapshot talks to a new host,
                 // whose HELLO is found by its signature.
