@@ -1,6 +1,6 @@
 /**
  * Setup step (run by scripts/setup.mjs after the TypeScript build): builds
- * QEMU with qemu/supermachine-reload.patch into the cache
+ * QEMU with the patches in qemu/ (qemu/README.md) into the cache
  * (`<cache>/qemu/bin/qemu-system-x86_64`, src/vmm/qemu-build.ts), where
  * findQemu() looks before PATH.
  *
@@ -17,8 +17,8 @@ const log = (s: string) => console.log(`setup: ${s}`);
 
 async function main(): Promise<void> {
   const r = await buildPatchedQemu({ dest: builtQemuDir(), log });
-  if (r.status === "present") log(`QEMU with process reuse already built: ${r.binary}`);
-  else if (r.status === "built") log(`QEMU with process reuse: ${r.binary}`);
+  if (r.status === "present") log(`QEMU with the qemu/ patches already built: ${r.binary}`);
+  else if (r.status === "built") log(`QEMU with the qemu/ patches: ${r.binary}`);
   else if (r.status === "skipped") log(`${r.reason}; using the host's QEMU`);
   else {
     if (process.argv.includes("--required")) throw new Error(`could not build QEMU with process reuse: ${r.reason}`);

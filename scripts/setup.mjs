@@ -8,8 +8,9 @@
 //   4. the guest agent (static Rust binary)
 //   5. the guest kernel (apt-get download, unpacked into the asset cache)
 //      and the default image
-//   6. QEMU built from Debian's source with qemu/supermachine-reload.patch
-//      (pools reuse QEMU processes under TCG; docs/qemu-reuse.md)
+//   6. QEMU built from Debian's source with the patches in qemu/ (pools
+//      reuse QEMU processes under TCG, docs/qemu-reuse.md; rep string
+//      instructions a page at a time; qemu/README.md)
 // Plain JavaScript on purpose: it runs before anything is built.
 
 import { spawnSync } from "node:child_process";

@@ -113,7 +113,7 @@ function checkQemuReuse(accel: "kvm" | "tcg"): DoctorCheck {
     status: "warn",
     required: false,
     detail: `${qemu} has no ${RELOAD_COMMAND}: under TCG every pool VM starts a QEMU process and translates the guest's code again`,
-    fix: "`sudo npx supermachine setup --qemu` builds QEMU with qemu/supermachine-reload.patch (in a checkout, `npm run setup` does); or point SUPERMACHINE_QEMU at such a build (docs/qemu-reuse.md)",
+    fix: "`sudo npx supermachine setup --qemu` builds QEMU with the patches in qemu/ (in a checkout, `npm run setup` does); or point SUPERMACHINE_QEMU at such a build (docs/qemu-reuse.md)",
   };
 }
 

@@ -1,8 +1,10 @@
 /**
- * Building QEMU with qemu/supermachine-reload.patch (docs/qemu-reuse.md):
- * Debian's own source of the QEMU this host has installed (`apt-get
- * source`, from the deb-src twin of each of the host's apt sources, in
- * private package lists), the patch, a configure limited to the x86_64
+ * Building QEMU with the patches in qemu/ (qemu/README.md):
+ * supermachine-reload.patch (process reuse, docs/qemu-reuse.md) and
+ * supermachine-rep-string.patch (`rep movs`/`rep stos` a page at a time
+ * under TCG). Debian's own source of the QEMU this host has installed
+ * (`apt-get source`, from the deb-src twin of each of the host's apt
+ * sources, in private package lists), the patches, a configure limited to the x86_64
  * system emulator, `ninja`. The binary goes to `<dir>/bin`, which
  * findQemu() looks in: the cache (`npm run setup` in a checkout, or a user
  * without root) or, for root, /usr/local/lib/supermachine/qemu (`sudo
@@ -21,9 +23,16 @@ import { missingDebianPackages } from "../platform/debian.js";
 /** Debian packages the build needs. */
 export const QEMU_BUILD_PACKAGES = ["dpkg-dev", "patch", "meson", "ninja-build", "pkg-config", "python3", "libglib2.0-dev", "libpixman-1-dev", "libseccomp-dev", "libfdt-dev", "gcc", "libc6-dev", "xz-utils"];
 
-/** The patch, shipped with the package (`qemu/` at its root). */
+/** The process-reuse patch, shipped with the package (`qemu/` at its root). */
 export function reloadPatchFile(): string {
   return join(PACKAGE_ROOT, "qemu", "supermachine-reload.patch");
+}
+
+/** The patches the build applies, in order (qemu/README.md). */
+export const QEMU_PATCHES = ["supermachine-reload.patch", "supermachine-rep-string.patch"] as const;
+
+export function qemuPatchFiles(): string[] {
+  return QEMU_PATCHES.map((p) => join(PACKAGE_ROOT, "qemu", p));
 }
 
 /** Configure flags: the system emulator only, what the VMs use (docs/qemu-reuse.md). */
@@ -95,11 +104,13 @@ export async function buildPatchedQemu(o: { dest: string; log: (s: string) => vo
   const { dest, log } = o;
   const binary = join(dest, "bin", "qemu-system-x86_64");
   if (process.arch !== "x64") return { status: "skipped", reason: "the QEMU build with process reuse is x86_64-only for now" };
-  const patchFile = reloadPatchFile();
-  if (!existsSync(patchFile)) return { status: "failed", reason: `${patchFile} is missing` };
+  const patchFiles = qemuPatchFiles();
+  const missingPatch = patchFiles.find((f) => !existsSync(f));
+  if (missingPatch) return { status: "failed", reason: `${missingPatch} is missing` };
   const version = installedSourceVersion();
-  const key = createHash("sha256")
-    .update(readFileSync(patchFile))
+  const hash = createHash("sha256");
+  for (const f of patchFiles) hash.update(readFileSync(f));
+  const key = hash
     .update(CONFIGURE.join(" "))
     .update(version ?? "")
     .digest("hex")
@@ -124,10 +135,11 @@ export async function buildPatchedQemu(o: { dest: string; log: (s: string) => vo
     }
   }
   if (missing.length && !o.dryRun) return { status: "failed", reason: `the build needs these Debian packages (as root: apt-get install ${missing.join(" ")})` };
-  if (o.dryRun) return { status: "skipped", reason: `would build QEMU ${version} with qemu/supermachine-reload.patch into ${dest}` };
+  const patchNames = QEMU_PATCHES.map((p) => `qemu/${p}`).join(" and ");
+  if (o.dryRun) return { status: "skipped", reason: `would build QEMU ${version} with ${patchNames} into ${dest}` };
   const work = mkdtempSync(join(tmpdir(), "sm-qemu-build-"));
   try {
-    log(`building QEMU ${version} with qemu/supermachine-reload.patch (a few minutes, once)`);
+    log(`building QEMU ${version} with ${patchNames} (a few minutes, once)`);
     const lines = sourceLines();
     if (lines.length === 0) throw new Error("no apt sources found to derive deb-src entries from");
     const list = join(work, "sources.list");
@@ -150,7 +162,7 @@ export async function buildPatchedQemu(o: { dest: string; log: (s: string) => vo
     if (!dsc) throw new Error("apt-get source gave no .dsc");
     run("dpkg-source", ["--no-check", "-x", dsc, "q"], { cwd: src });
     const tree = join(src, "q");
-    run("patch", ["-p1", "--batch", "--forward", "-i", patchFile], { cwd: tree });
+    for (const f of patchFiles) run("patch", ["-p1", "--batch", "--forward", "-i", f], { cwd: tree });
     const build = join(tree, "b");
     mkdirSync(build);
     run(join(tree, "configure"), CONFIGURE, { cwd: build });
@@ -160,7 +172,7 @@ export async function buildPatchedQemu(o: { dest: string; log: (s: string) => vo
     mkdirSync(join(staging, "bin"), { recursive: true });
     copyFileSync(join(build, "qemu-system-x86_64"), join(staging, "bin", "qemu-system-x86_64"));
     chmodSync(join(staging, "bin", "qemu-system-x86_64"), 0o755);
-    writeFileSync(join(staging, "build.json"), JSON.stringify({ key, version, patch: "supermachine-reload.patch", configure: CONFIGURE }, null, 2) + "\n");
+    writeFileSync(join(staging, "build.json"), JSON.stringify({ key, version, patches: QEMU_PATCHES, configure: CONFIGURE }, null, 2) + "\n");
     rmSync(dest, { recursive: true, force: true });
     mkdirSync(dirname(dest), { recursive: true });
     renameSync(staging, dest);

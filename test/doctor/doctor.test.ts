@@ -14,7 +14,7 @@ import { describe, it } from "node:test";
 import { promisify } from "node:util";
 import { doctor, type DoctorReport } from "../../src/doctor/index.js";
 import { chooseAccelerator } from "../../src/vmm/accel.js";
-import { buildPatchedQemu, reloadPatchFile } from "../../src/vmm/qemu-build.js";
+import { buildPatchedQemu, qemuPatchFiles, reloadPatchFile } from "../../src/vmm/qemu-build.js";
 import { builtQemuDir } from "../../src/vmm/qemu.js";
 import { REPO_ROOT } from "../helpers.js";
 
@@ -104,6 +104,7 @@ describe("doctor", () => {
 
   it("setup --qemu: the build setup made is found as present (same patch and version); --dry-run says what it would build and where", async () => {
     assert.ok(existsSync(reloadPatchFile()), "the patch ships at the package root");
+    for (const f of qemuPatchFiles()) assert.ok(existsSync(f), `${f} ships at the package root`);
     const logs: string[] = [];
     const r = await buildPatchedQemu({ dest: builtQemuDir(), log: (s) => logs.push(s) });
     assert.equal(r.status, "present");
@@ -113,7 +114,7 @@ describe("doctor", () => {
     try {
       const argv = [join(REPO_ROOT, "bin", "supermachine.js"), "setup", "--qemu", "--dry-run", "--json"];
       const { stderr } = await execFileP(process.execPath, argv, { env: { ...process.env, HOME: home, SUPERMACHINE_CACHE_DIR: join(home, "cache") }, timeout: 120_000 }).catch((e: { stderr: string }) => e);
-      assert.match(stderr, /would build QEMU \S+ with qemu\/supermachine-reload\.patch into (\/usr\/local\/lib\/supermachine\/qemu|\S+\/cache\/qemu)/);
+      assert.match(stderr, /would build QEMU \S+ with qemu\/supermachine-reload\.patch and qemu\/supermachine-rep-string\.patch into (\/usr\/local\/lib\/supermachine\/qemu|\S+\/cache\/qemu)/);
     } finally {
       await rm(home, { recursive: true, force: true });
     }
