@@ -93,20 +93,36 @@ function run(cmd: string, args: readonly string[], timeoutMs = 20_000): Promise<
   });
 }
 
-/** Whether pools can reuse QEMU processes (docs/qemu-reuse.md). */
+/** A helper's name that QEMU builds with qemu/supermachine-rep-string.patch carry (TCG's helper table). */
+const REP_STRING_HELPER = "rep_movs64";
+
+/** Whether pools can reuse QEMU processes (docs/qemu-reuse.md), and whether the build has the later patch too. */
 function checkQemuReuse(accel: "kvm" | "tcg"): DoctorCheck {
   const title = "QEMU process reuse";
   if (accel === "kvm") return { id: "qemu-reuse", title, status: "ok", required: false, detail: "not used under KVM (there is no translation to keep): one QEMU process per VM" };
   if (process.env.SUPERMACHINE_REUSE_QEMU === "0") return { id: "qemu-reuse", title, status: "ok", required: false, detail: "off (SUPERMACHINE_REUSE_QEMU=0): one QEMU process per VM" };
   let qemu = "";
   let has = false;
+  let repString = false;
   try {
     qemu = findQemu();
-    has = readFileSync(qemu).includes(RELOAD_COMMAND);
+    const bytes = readFileSync(qemu);
+    has = bytes.includes(RELOAD_COMMAND);
+    repString = bytes.includes(REP_STRING_HELPER);
   } catch {
     /* reported by the QEMU check */
   }
-  if (has) return { id: "qemu-reuse", title, status: "ok", required: false, detail: `${qemu} has ${RELOAD_COMMAND}: pools run each next VM in the previous one's QEMU process (it keeps its translations)` };
+  if (has && !repString) {
+    return {
+      id: "qemu-reuse",
+      title,
+      status: "warn",
+      required: false,
+      detail: `${qemu} has ${RELOAD_COMMAND} but was built before qemu/supermachine-rep-string.patch: the guest's rep movs/stos copy an element at a time`,
+      fix: "run `sudo npx supermachine setup --qemu` again (in a checkout, `npm run setup`): the build's key covers both patches in qemu/, so it rebuilds (qemu/README.md)",
+    };
+  }
+  if (has) return { id: "qemu-reuse", title, status: "ok", required: false, detail: `${qemu} has ${RELOAD_COMMAND}: pools run each next VM in the previous one's QEMU process (it keeps its translations); rep movs/stos run a page at a time` };
   return {
     id: "qemu-reuse",
     title,

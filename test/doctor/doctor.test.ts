@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { existsSync, statSync } from "node:fs";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, it } from "node:test";
@@ -65,6 +65,36 @@ describe("doctor", () => {
     } finally {
       if (saved === undefined) delete process.env.SUPERMACHINE_QEMU;
       else process.env.SUPERMACHINE_QEMU = saved;
+    }
+  });
+
+  it("a QEMU built before the rep-string patch (reload command, no rep helper) is a warning that says to build again", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "sm-doctor-qemu-"));
+    const saved = process.env.SUPERMACHINE_QEMU;
+    try {
+      // A stand-in for an older setup build: runs Debian's QEMU and carries
+      // the reload command's name, as such a build's binary does.
+      const fake = join(dir, "qemu-system-x86_64");
+      await writeFile(fake, "#!/bin/sh\n# x-supermachine-reload\nexec /usr/bin/qemu-system-x86_64 \"$@\"\n", { mode: 0o755 });
+      process.env.SUPERMACHINE_QEMU = fake;
+      const r = await doctor();
+      assert.equal(r.checks.find((c) => c.id === "qemu")!.status, "ok");
+      const reuse = r.checks.find((c) => c.id === "qemu-reuse")!;
+      if (r.accelerator?.accel === "tcg") {
+        assert.equal(reuse.status, "warn");
+        assert.match(reuse.detail, /built before qemu\/supermachine-rep-string\.patch/);
+        assert.match(reuse.fix!, /setup --qemu/);
+      }
+      // The setup build has both.
+      if (saved === undefined) delete process.env.SUPERMACHINE_QEMU;
+      else process.env.SUPERMACHINE_QEMU = saved;
+      const ok = (await doctor()).checks.find((c) => c.id === "qemu-reuse")!;
+      assert.equal(ok.status, "ok");
+      if (r.accelerator?.accel === "tcg") assert.match(ok.detail, /rep movs\/stos run a page at a time/);
+    } finally {
+      if (saved === undefined) delete process.env.SUPERMACHINE_QEMU;
+      else process.env.SUPERMACHINE_QEMU = saved;
+      await rm(dir, { recursive: true, force: true });
     }
   });
 
