@@ -50,7 +50,8 @@ const RUNTIME = [arm ? "qemu-system-arm" : "qemu-system-x86", "busybox-static", 
 // iproute2: the tests' network namespace (scripts/test.mjs). bubblewrap
 // (above) and runsc: the peers the bench harness's smoke test measures.
 // python3: its pty module drives `supermachine run -it` in test/cli/pty.test.ts.
-const TEST = ["iproute2", "erofs-utils", "docker-registry", "skopeo", "umoci", "mmdebstrap", "openssl", "apache2-utils", "tar", "gzip", "runsc", "python3"];
+// gcc and libc6-dev: test/vm/rep-string.test.ts compiles a static guest program.
+const TEST = ["iproute2", "erofs-utils", "docker-registry", "skopeo", "umoci", "mmdebstrap", "openssl", "apache2-utils", "tar", "gzip", "runsc", "python3", "gcc", "libc6-dev"];
 
 function missingPackages(pkgs) {
   return pkgs.filter((p) => {
