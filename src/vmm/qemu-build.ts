@@ -23,12 +23,7 @@ import { missingDebianPackages } from "../platform/debian.js";
 /** Debian packages the build needs. */
 export const QEMU_BUILD_PACKAGES = ["dpkg-dev", "patch", "meson", "ninja-build", "pkg-config", "python3", "libglib2.0-dev", "libpixman-1-dev", "libseccomp-dev", "libfdt-dev", "gcc", "libc6-dev", "xz-utils"];
 
-/** The process-reuse patch, shipped with the package (`qemu/` at its root). */
-export function reloadPatchFile(): string {
-  return join(PACKAGE_ROOT, "qemu", "supermachine-reload.patch");
-}
-
-/** The patches the build applies, in order (qemu/README.md). */
+/** The patches the build applies, in order, shipped with the package (`qemu/` at its root; qemu/README.md). */
 export const QEMU_PATCHES = ["supermachine-reload.patch", "supermachine-rep-string.patch"] as const;
 
 export function qemuPatchFiles(): string[] {

@@ -14,7 +14,7 @@ import { describe, it } from "node:test";
 import { promisify } from "node:util";
 import { doctor, type DoctorReport } from "../../src/doctor/index.js";
 import { chooseAccelerator } from "../../src/vmm/accel.js";
-import { buildPatchedQemu, qemuPatchFiles, reloadPatchFile } from "../../src/vmm/qemu-build.js";
+import { buildPatchedQemu, qemuPatchFiles } from "../../src/vmm/qemu-build.js";
 import { builtQemuDir } from "../../src/vmm/qemu.js";
 import { REPO_ROOT } from "../helpers.js";
 
@@ -133,7 +133,6 @@ describe("doctor", () => {
   });
 
   it("setup --qemu: the build setup made is found as present (same patch and version); --dry-run says what it would build and where", async () => {
-    assert.ok(existsSync(reloadPatchFile()), "the patch ships at the package root");
     for (const f of qemuPatchFiles()) assert.ok(existsSync(f), `${f} ships at the package root`);
     const logs: string[] = [];
     const r = await buildPatchedQemu({ dest: builtQemuDir(), log: (s) => logs.push(s) });
