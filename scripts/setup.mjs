@@ -10,7 +10,8 @@
 //      and the default image
 //   6. QEMU built from Debian's source with the patches in qemu/ (pools
 //      reuse QEMU processes under TCG, docs/qemu-reuse.md; rep string
-//      instructions a page at a time; qemu/README.md)
+//      instructions a page at a time; pretranslation, docs/pretranslate.md;
+//      qemu/README.md)
 // Plain JavaScript on purpose: it runs before anything is built.
 
 import { spawnSync } from "node:child_process";

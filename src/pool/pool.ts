@@ -381,6 +381,10 @@ export class Pool {
         try {
           if (this.closed) throw new ClosedError("the pool was shut down");
           prewarmed = await this.runPrewarm(vm);
+          // The first fresh VM of a snapshot to finish its prewarm leaves
+          // the keys of what its QEMU translated for the next fresh ones
+          // (src/vmm/pretranslate.ts); a failure only costs their speed.
+          if (prewarmed) await vm._recordTbHints().catch(() => 0);
         } catch (e) {
           await vm.destroy();
           throw e;

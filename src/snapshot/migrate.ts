@@ -43,7 +43,7 @@ export async function setIgnoreShared(qmp: QmpClient, on: boolean): Promise<void
  * Listens on `sock` for QEMU's one connection (handed to `onConnection`)
  * while `run` asks QEMU to connect; the socket is gone afterwards.
  */
-async function servingQemu<T>(sock: string, onConnection: (s: Socket) => void, run: () => Promise<T>): Promise<T> {
+export async function servingQemu<T>(sock: string, onConnection: (s: Socket) => void, run: () => Promise<T>): Promise<T> {
   await unlink(sock).catch(() => undefined);
   const server = createServer((s) => {
     server.close();

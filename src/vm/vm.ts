@@ -11,7 +11,7 @@
 import { randomBytes, randomUUID } from "node:crypto";
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
-import { copyFile, link, mkdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import { copyFile, link, lstat, mkdir, rename, rm, stat, writeFile } from "node:fs/promises";
 import { basename, join, resolve } from "node:path";
 import { AgentConnection, type ExecStream } from "../agent-client/connection.js";
 import {
@@ -39,6 +39,7 @@ import { chooseAccelerator, warnTcgOnce, type Accelerator, type AcceleratorChoic
 import { QemuProcess, RELOAD_COMMAND, tcgCpuModel } from "../vmm/qemu.js";
 import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { loadState, reloadState } from "../snapshot/migrate.js";
+import { PRETRANSLATE_COMMAND, TB_HINTS_SAVE_COMMAND, deprioritizePretranslator, pretranslate, readTbHints, saveTbHints, tbHintsPath } from "../vmm/pretranslate.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { ExecChild } from "./exec-child.js";
 import { collectOutput } from "./exec-collect.js";
@@ -240,20 +241,47 @@ export function reuseQemuFor(accel: "kvm" | "tcg", env: NodeJS.ProcessEnv = proc
   return accel === "tcg" && env.SUPERMACHINE_REUSE_QEMU !== "0";
 }
 
-/** Per QEMU binary: whether it has the reload command (asked once over QMP; the answer replaces the question). */
-const reloadSupport = new Map<string, boolean | Promise<boolean>>();
+/** Per QEMU binary: its QMP commands (asked once; the answer replaces the question). */
+const qmpCommands = new Map<string, ReadonlySet<string> | Promise<ReadonlySet<string>>>();
 
-function hasReload(binary: string, qmp: QmpClient): boolean | Promise<boolean> {
-  let v = reloadSupport.get(binary);
+async function hasCommand(binary: string, qmp: QmpClient, name: string): Promise<boolean> {
+  let v = qmpCommands.get(binary);
   if (v === undefined) {
-    v = qmp.execute<{ name: string }[]>("query-commands").then(
-      (cmds) => cmds.some((c) => c.name === RELOAD_COMMAND),
-      () => false,
+    const asked = qmp.execute<{ name: string }[]>("query-commands").then(
+      (cmds) => new Set(cmds.map((c) => c.name)),
+      () => new Set<string>(),
     );
-    reloadSupport.set(binary, v);
-    void v.then((known) => reloadSupport.set(binary, known));
+    qmpCommands.set(binary, asked);
+    void asked.then((known) => qmpCommands.set(binary, known));
+    v = asked;
   }
-  return v;
+  return (await v).has(name);
+}
+
+const hasReload = (binary: string, qmp: QmpClient) => hasCommand(binary, qmp, RELOAD_COMMAND);
+
+/** Whether `binary` is known (already asked) to lack the QMP command `name`. */
+function knownWithout(binary: string, name: string): boolean {
+  const v = qmpCommands.get(binary);
+  return v !== undefined && !(v instanceof Promise) && !v.has(name);
+}
+
+/**
+ * A fresh restore's pretranslation (src/vmm/pretranslate.ts): under TCG,
+ * when the snapshot has a hints file and QEMU the command. Never fails the
+ * restore: without it the guest only translates for itself.
+ */
+async function startPretranslation(spec: LaunchSpec, s: StartedQemu, qmp: QmpClient): Promise<boolean> {
+  if (spec.accel.accel !== "tcg" || !spec.incomingState || spec.template || process.env.SUPERMACHINE_PRETRANSLATE === "0") return false;
+  const hints = await readTbHints(tbHintsPath(spec.incomingState));
+  if (!hints || !(await hasCommand(s.qemu.binary, qmp, PRETRANSLATE_COMMAND))) return false;
+  try {
+    await pretranslate(qmp, s.dir, hints);
+  } catch {
+    return false;
+  }
+  if (s.qemu.pid !== undefined) await deprioritizePretranslator(s.qemu.pid);
+  return true;
 }
 
 /**
@@ -341,6 +369,7 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
   s.net.setPolicy(spec.network ?? compilePolicy(true));
   phase("qemu");
   const { dir, qemu: q, qmp } = s;
+  let pretranslating: Promise<boolean> | undefined;
   try {
     const deadline = Date.now() + spec.bootTimeoutMs;
     if (spec.incomingState) {
@@ -354,6 +383,7 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
       } else await loadState(qmp, dir, spec.incomingState, { ignoreShared: true, timeoutMs: Math.max(1, deadline - Date.now()) });
       const st = await qmp.execute<{ status?: string }>("query-status");
       if (st.status !== "running") await qmp.execute("cont");
+      if (!s.reload) pretranslating = startPretranslation(spec, s, qmp);
       phase("loadState");
       if (spec.template) {
         await continueFromTemplate(q, spec.template.line, deadline);
@@ -392,6 +422,7 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
     });
     if (qmp) vm._adoptQmp(qmp);
     if (s.reload) vm._reloaded = true;
+    if (pretranslating) vm._pretranslated = pretranslating;
     await vm.configure({
       hostname: spec.hostname,
       ...(spec.config ? { config: spec.config } : {}),
@@ -460,6 +491,8 @@ export class Vm {
    * translations of the snapshot's code the earlier VMs left warm.
    */
   _reloaded = false;
+  /** @internal Whether this fresh restore's QEMU got the snapshot's block keys to pretranslate. */
+  _pretranslated: Promise<boolean> = Promise.resolve(false);
   private qmpClient: Promise<QmpClient> | undefined;
   /** Set while paused by _pause(): restarts the liveness check. */
   private pausedLiveness: (() => void) | undefined;
@@ -705,6 +738,24 @@ export class Vm {
     this.qmpClient.catch(() => (this.qmpClient = undefined));
     return this.qmpClient;
   }
+  /**
+   * @internal Under TCG, a fresh restore that ran without pretranslation
+   * writes the keys of the blocks its QEMU translated so far into the
+   * snapshot's hints file (src/vmm/pretranslate.ts), unless there is one.
+   * A pool calls this after a VM's prewarm. Returns the key count, or 0
+   * when nothing was written.
+   */
+  async _recordTbHints(): Promise<number> {
+    const l = this.launch;
+    if (this.accelerator !== "tcg" || this._reloaded || !l.incomingState || l.template || process.env.SUPERMACHINE_PRETRANSLATE === "0") return 0;
+    if (await this._pretranslated) return 0;
+    const file = tbHintsPath(l.incomingState);
+    if (await lstat(file).then(() => true, () => false)) return 0;
+    const qmp = await this.qmp();
+    if (!(await hasCommand(this.qemu.binary, qmp, TB_HINTS_SAVE_COMMAND))) return 0;
+    return saveTbHints(qmp, this.runtimeDir, file);
+  }
+
 
   /** The image, config and workload this VM was made from. */
   get origin(): VmOrigin {
@@ -1256,7 +1307,7 @@ export class Vm {
       !l.template &&
       !l.disks?.length &&
       !this.qemu.exitStatus &&
-      reloadSupport.get(this.qemu.binary) !== false
+      !knownWithout(this.qemu.binary, RELOAD_COMMAND)
     );
   }
 

@@ -1,8 +1,10 @@
 /**
  * Building QEMU with the patches in qemu/ (qemu/README.md):
- * supermachine-reload.patch (process reuse, docs/qemu-reuse.md) and
+ * supermachine-reload.patch (process reuse, docs/qemu-reuse.md),
  * supermachine-rep-string.patch (`rep movs`/`rep stos` a page at a time
- * under TCG). Debian's own source of the QEMU this host has installed
+ * under TCG) and supermachine-pretranslate.patch (a fresh process
+ * translates a snapshot's known blocks in a thread of its own,
+ * docs/pretranslate.md). Debian's own source of the QEMU this host has installed
  * (`apt-get source`, from the deb-src twin of each of the host's apt
  * sources, in private package lists), the patches, a configure limited to the x86_64
  * system emulator, `ninja`. The binary goes to `<dir>/bin`, which
@@ -24,7 +26,7 @@ import { missingDebianPackages } from "../platform/debian.js";
 export const QEMU_BUILD_PACKAGES = ["dpkg-dev", "patch", "meson", "ninja-build", "pkg-config", "python3", "libglib2.0-dev", "libpixman-1-dev", "libseccomp-dev", "libfdt-dev", "gcc", "libc6-dev", "xz-utils"];
 
 /** The patches the build applies, in order, shipped with the package (`qemu/` at its root; qemu/README.md). */
-export const QEMU_PATCHES = ["supermachine-reload.patch", "supermachine-rep-string.patch"] as const;
+export const QEMU_PATCHES = ["supermachine-reload.patch", "supermachine-rep-string.patch", "supermachine-pretranslate.patch"] as const;
 
 export function qemuPatchFiles(): string[] {
   return QEMU_PATCHES.map((p) => join(PACKAGE_ROOT, "qemu", p));

@@ -1,0 +1,291 @@
+/**
+ * Pretranslation (docs/pretranslate.md; qemu/supermachine-pretranslate.patch):
+ * a fresh restore's QEMU translates the blocks an earlier fresh restore of
+ * the same snapshot made, in a thread of its own, while the guest runs.
+ * On real VMs under TCG, with the QEMU setup build:
+ * - a pool's first fresh VM records the keys after its prewarm, once;
+ * - a later fresh restore gets them, translates them, and its guest runs
+ *   as before (programs give their results);
+ * - a block whose guest code changed between its translation and the
+ *   moment it would become visible is thrown away: the guest runs its
+ *   new code (a held pretranslation makes that moment the test's);
+ * - a hostile key list is refused whole (bad header) or key by key
+ *   (outside RAM, other CPU modes, other compile flags), and the guest
+ *   runs on;
+ * - nothing is left running.
+ */
+
+import assert from "node:assert/strict";
+import { createHash, randomBytes } from "node:crypto";
+import { chmod, lstat, mkdtemp, readFile, rm, symlink, unlink, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, it } from "node:test";
+import { Image } from "../../src/image/image.js";
+import { defaultImageRef } from "../../src/guest/default-image.js";
+import { chooseAccelerator } from "../../src/vmm/accel.js";
+import { findQemu } from "../../src/vmm/qemu.js";
+import {
+  type PretranslateInfo,
+  TB_HINTS_FILE,
+  checkTbHints,
+  pretranslate,
+  pretranslateInfo,
+  readTbHints,
+  releasePretranslation,
+} from "../../src/vmm/pretranslate.js";
+import type { Vm } from "../../src/vm/vm.js";
+import { VM_TEST_TIMEOUT, descendantsMatching } from "../helpers.js";
+
+const tcg = chooseAccelerator().accel === "tcg";
+
+/** A static x86-64 ELF that only exits with `code` (its code page is the file's first page). */
+function exitProgram(code: number): Buffer {
+  const base = 0x400000;
+  const code0 = 64 + 56;
+  // mov edi, code; mov eax, 60; syscall
+  const text = Buffer.from([0xbf, code, 0, 0, 0, 0xb8, 60, 0, 0, 0, 0x0f, 0x05]);
+  const b = Buffer.alloc(code0 + text.length);
+  b.set([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0], 0);
+  b.writeUInt16LE(2, 16); // ET_EXEC
+  b.writeUInt16LE(0x3e, 18); // x86-64
+  b.writeUInt32LE(1, 20);
+  b.writeBigUInt64LE(BigInt(base + code0), 24); // entry
+  b.writeBigUInt64LE(64n, 32); // phoff
+  b.writeUInt16LE(64, 52);
+  b.writeUInt16LE(56, 54);
+  b.writeUInt16LE(1, 56);
+  const ph = 64;
+  b.writeUInt32LE(1, ph); // PT_LOAD
+  b.writeUInt32LE(5, ph + 4); // R+X
+  b.writeBigUInt64LE(0n, ph + 8);
+  b.writeBigUInt64LE(BigInt(base), ph + 16);
+  b.writeBigUInt64LE(BigInt(base), ph + 24);
+  b.writeBigUInt64LE(BigInt(b.length), ph + 32);
+  b.writeBigUInt64LE(BigInt(b.length), ph + 40);
+  b.writeBigUInt64LE(0x1000n, ph + 48);
+  text.copy(b, code0);
+  return b;
+}
+
+async function run(vm: Vm, script: string): Promise<{ code: number; out: string }> {
+  const r = await vm.exec({ argv: ["sh", "-c", script], timeoutMs: 120_000 });
+  return { code: r.exitCode, out: r.stdout.toString() + r.stderr.toString() };
+}
+
+/** Waits until QEMU's pretranslator is done and the vCPU has processed every batch handed to it. */
+async function settled(vm: Vm, o: { held?: boolean } = {}): Promise<PretranslateInfo> {
+  const qmp = await vm.qmp();
+  const end = Date.now() + 5 * 60_000;
+  for (;;) {
+    const info = await pretranslateInfo(qmp);
+    if (!info.running && info.pending === 0 && (o.held || info.held === 0)) return info;
+    if (Date.now() > end) throw new Error(`pretranslation did not settle: ${JSON.stringify(info)}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+/** What the guest computes must not depend on who translated its code. */
+async function guestWorks(vm: Vm): Promise<void> {
+  const want = createHash("md5")
+    .update(Array.from({ length: 3000 }, (_, i) => `${i + 1}\n`).join(""))
+    .digest("hex");
+  const r = await run(vm, "seq 1 3000 | md5sum; /tmp/p; echo rc=$?");
+  assert.equal(r.out, `${want}  -\nrc=1\n`);
+}
+
+describe("pretranslation of a snapshot's blocks (x-supermachine-pretranslate)", { timeout: 6 * VM_TEST_TIMEOUT }, () => {
+  let dir: string;
+  let image: Image | undefined;
+  let hintsFile: string;
+
+  before(async () => {
+    if (!tcg) return;
+    assert.match(findQemu(), /\/qemu\/bin\/qemu-system-x86_64$/, "npm run setup -- --test builds the QEMU with the pretranslation commands; the tests need it");
+    dir = await mkdtemp(join(tmpdir(), "sm-pretranslate-"));
+    image = await Image.build({
+      ref: await defaultImageRef(),
+      snapshotsDir: join(dir, "snapshots"),
+      warmupTag: `pretranslate-${randomBytes(3).toString("hex")}`,
+      warmup: async (vm) => {
+        await vm.writeFile("/tmp/p", exitProgram(1));
+        assert.equal((await run(vm, "chmod 755 /tmp/p && /tmp/p; echo rc=$?")).out, "rc=1\n");
+      },
+    });
+    hintsFile = join(image.snapshotPath, TB_HINTS_FILE);
+  });
+
+  after(async () => {
+    await image?.close();
+    if (dir) await rm(dir, { recursive: true, force: true });
+    assert.deepEqual(descendantsMatching(/qemu-system/), [], "no QEMU of this process remains");
+  });
+
+  it("a pool's first fresh VM records the keys of its blocks after its prewarm, once", async (t) => {
+    if (!tcg) return t.skip("KVM: the guest's code runs on the CPU, nothing is translated");
+    await assert.rejects(lstat(hintsFile), "no key list before a fresh restore");
+    // The image's first VM is the bake's own (not a restore); the second is a fresh restore.
+    const pool = await image!.pool({ min: 2, max: 2 });
+    try {
+      const end = Date.now() + 5 * 60_000;
+      while (!(await lstat(hintsFile).then(() => true, () => false))) {
+        if (Date.now() > end) throw new Error("the pool wrote no key list");
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    } finally {
+      await pool.shutdown();
+    }
+    const st = await lstat(hintsFile);
+    assert.equal(st.mode & 0o777, 0o600);
+    const n = checkTbHints(await readFile(hintsFile));
+    assert.ok(n > 1000, `${n} keys`);
+  });
+
+  it("a fresh restore without a list records one (Vm._recordTbHints), and only then", async (t) => {
+    if (!tcg) return t.skip("KVM: nothing is translated");
+    await unlink(hintsFile);
+    const vm = await image!.restore();
+    try {
+      assert.equal(await vm._pretranslated, false, "no list: no pretranslation");
+      assert.equal((await run(vm, "/tmp/p; echo rc=$?")).out, "rc=1\n");
+      const n = await vm._recordTbHints();
+      assert.ok(n > 1000, `${n} keys`);
+      assert.equal(checkTbHints(await readFile(hintsFile)), n);
+      assert.equal(await vm._recordTbHints(), 0, "a list exists: not written again");
+    } finally {
+      await vm.destroy();
+    }
+  });
+
+  it("a later fresh restore translates the list ahead of the guest, which runs as before", async (t) => {
+    if (!tcg) return t.skip("KVM: nothing is translated");
+    const vm = await image!.restore();
+    try {
+      assert.equal(await vm._pretranslated, true);
+      await guestWorks(vm);
+      const info = await settled(vm);
+      t.diagnostic(JSON.stringify(info));
+      assert.ok(info.linked > 1000, JSON.stringify(info));
+      assert.equal(info.invalid, 0, JSON.stringify(info));
+      assert.equal(info.stale, 0, JSON.stringify(info));
+      assert.ok(info.linked <= info.translated, JSON.stringify(info));
+      assert.equal(await vm._recordTbHints(), 0, "a pretranslated VM does not record");
+      await guestWorks(vm);
+    } finally {
+      await vm.destroy();
+    }
+  });
+
+  it("throws away a block whose guest code changed before it became visible", async (t) => {
+    if (!tcg) return t.skip("KVM: nothing is translated");
+    const hints = await readTbHints(hintsFile);
+    assert.ok(hints, "the list recorded above");
+    process.env.SUPERMACHINE_PRETRANSLATE = "0";
+    let vm: Vm;
+    try {
+      vm = await image!.restore();
+    } finally {
+      delete process.env.SUPERMACHINE_PRETRANSLATE;
+    }
+    try {
+      assert.equal(await vm._pretranslated, false);
+      const qmp = await vm.qmp();
+      await pretranslate(qmp, vm.runtimeDir, hints, { hold: true });
+      const made = await settled(vm, { held: true });
+      assert.ok(made.held > 0 && made.linked === 0, JSON.stringify(made));
+      // /tmp/p's code page changes in place (same inode, same page cache page):
+      // the held block of its entry was made from the old bytes.
+      await vm.writeFile("/tmp/q", exitProgram(2));
+      assert.equal((await run(vm, "dd if=/tmp/q of=/tmp/p conv=notrunc 2>/dev/null; echo done")).out, "done\n");
+      await releasePretranslation(qmp);
+      const info = await settled(vm);
+      // What the vCPU translated for itself while they were held is not linked twice.
+      assert.equal((await run(vm, "/tmp/p; echo rc=$?")).out, "rc=2\n", "the new code runs, not the block made from the old");
+      assert.ok(info.linked > 0, JSON.stringify(info));
+      assert.ok(info.stale >= 1, JSON.stringify(info));
+    } finally {
+      await vm.destroy();
+    }
+  });
+
+  it("refuses a hostile key list whole or key by key; the guest runs on", async (t) => {
+    if (!tcg) return t.skip("KVM: nothing is translated");
+    const good = (await readTbHints(hintsFile))!;
+    process.env.SUPERMACHINE_PRETRANSLATE = "0";
+    let vm: Vm;
+    try {
+      vm = await image!.restore();
+    } finally {
+      delete process.env.SUPERMACHINE_PRETRANSLATE;
+    }
+    try {
+      const qmp = await vm.qmp();
+      // Whole: bad magic, a count the length does not match.
+      const badMagic = Buffer.from(good);
+      badMagic.write("XXXXXXXX", 0, "latin1");
+      await assert.rejects(pretranslate(qmp, vm.runtimeDir, badMagic), /block key list/);
+      const badCount = Buffer.from(good.subarray(0, 16 + 32 * 10));
+      badCount.writeUInt32LE(11, 8);
+      await assert.rejects(pretranslate(qmp, vm.runtimeDir, badCount), /block key list/);
+      // Key by key: take real keys and break one field each.
+      const rec = (i: number) => Buffer.from(good.subarray(16 + 32 * i, 16 + 32 * (i + 1)));
+      const bad: Buffer[] = [];
+      let r = rec(0);
+      r.writeBigUInt64LE(1n << 40n, 16); // code page outside guest RAM
+      bad.push(r);
+      r = rec(1);
+      r.writeUInt32LE((r.readUInt32LE(24) & ~(1 << 15)) >>> 0, 24); // not 64-bit code (HF_CS64)
+      bad.push(r);
+      r = rec(2);
+      r.writeUInt32LE((r.readUInt32LE(24) | (1 << 17)) >>> 0, 24); // vm86
+      bad.push(r);
+      r = rec(3);
+      r.writeUInt32LE((r.readUInt32LE(28) ^ 0x100) >>> 0, 28); // other compile flags
+      bad.push(r);
+      r = rec(4);
+      r.writeBigUInt64LE(r.readBigUInt64LE(16) + 1n, 16); // page offset unlike the pc's
+      bad.push(r);
+      // Valid keys at pcs the guest never runs: translated from whatever bytes are there.
+      const junk: Buffer[] = [];
+      for (let i = 0; i < 64; i++) {
+        r = rec(5 + i);
+        const shift = BigInt(1 + (i % 7));
+        r.writeBigUInt64LE(r.readBigUInt64LE(0) + shift, 0);
+        r.writeBigUInt64LE(r.readBigUInt64LE(16) + shift, 16);
+        junk.push(r);
+      }
+      const keys = [...bad, ...junk, ...Array.from({ length: 200 }, (_, i) => rec(100 + i))];
+      const head = Buffer.from(good.subarray(0, 16));
+      head.writeUInt32LE(keys.length, 8);
+      await pretranslate(qmp, vm.runtimeDir, Buffer.concat([head, ...keys]));
+      const info = await settled(vm);
+      assert.equal(info.hints, keys.length, JSON.stringify(info));
+      assert.equal(info.invalid, bad.length, JSON.stringify(info));
+      await guestWorks(vm);
+      await assert.rejects(pretranslate(qmp, vm.runtimeDir, good), /pretranslated already/);
+      await guestWorks(vm);
+    } finally {
+      await vm.destroy();
+    }
+  });
+
+  it("reads only a regular file of ours, not writable by others, well formed", async (t) => {
+    if (!tcg) return t.skip("KVM: nothing is translated");
+    const good = await readFile(hintsFile);
+    const d = await mkdtemp(join(dir, "files-"));
+    const f = join(d, "h");
+    await writeFile(f, good, { mode: 0o600 });
+    assert.ok(await readTbHints(f));
+    await chmod(f, 0o666);
+    assert.equal(await readTbHints(f), undefined, "writable by others");
+    await chmod(f, 0o600);
+    const l = join(d, "link");
+    await symlink(f, l);
+    assert.equal(await readTbHints(l), undefined, "a symlink");
+    await writeFile(f, good.subarray(0, good.length - 1));
+    assert.equal(await readTbHints(f), undefined, "truncated");
+    await writeFile(f, Buffer.alloc(16 + (1 << 17) * 32 + 32));
+    assert.equal(await readTbHints(f), undefined, "over the cap");
+    assert.equal(await readTbHints(join(d, "missing")), undefined);
+  });
+});
