@@ -211,7 +211,7 @@ export async function runCommand(args: string[]): Promise<number> {
       view.done();
       const handoff = await img.takeHandoff();
       vm = handoff ?? (await img.restore({ signal: controller.signal }));
-      debug(`vm ${vm.id} ${handoff ? `booted (baked snapshot ${img.manifest.name})` : `restored from snapshot ${img.manifest.name}`} in ${Date.now() - t0} ms`);
+      debug(`vm ${vm.id} ${handoff ? `booted (baked snapshot ${img.manifest.name})` : `restored from snapshot ${img.manifest.name}`} in ${Date.now() - t0} ms${(await vm._pretranslated) ? ", pretranslating" : ""}`);
       const ic = img.imageCmd ?? { entrypoint: [], cmd: [] };
       const ep = entrypoint !== undefined ? (entrypoint === "" ? [] : [entrypoint]) : [...ic.entrypoint];
       argv = [...ep, ...(command.length > 0 ? command : entrypoint !== undefined ? [] : [...ic.cmd])];
@@ -258,6 +258,10 @@ export async function runCommand(args: string[]): Promise<number> {
     }
     const [res] = await Promise.all([c.wait(), ...pumps]);
     if (onWinch) process.removeListener("SIGWINCH", onWinch);
+    // Under TCG, the first run of a snapshot leaves the keys of what its
+    // QEMU translated, so that the next run's QEMU translates them ahead of
+    // the guest (docs/pretranslate.md); a no-op once they exist.
+    if (!interruptedBy) await vm._recordTbHints().catch(() => 0);
     if (interruptedBy && res.signal === null && res.exitCode === -1) return interruptedBy;
     if (res.timedOut) return 124;
     if (res.signal !== null) return 128 + res.signal;

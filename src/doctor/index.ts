@@ -23,6 +23,7 @@ import { isCheckout, platformPackageStatus } from "../platform/package.js";
 import { chooseAccelerator, cpuHasVirtualization, probeHost, type AcceleratorChoice } from "../vmm/accel.js";
 import { confinement } from "../vmm/confine.js";
 import { RELOAD_COMMAND, findQemu, qemuBinaryName } from "../vmm/qemu.js";
+import { PRETRANSLATE_COMMAND } from "../vmm/pretranslate.js";
 
 /** ok: fine; warn: works, but worse (slower, less confined); fail: cannot run VMs (when required). */
 export type DoctorStatus = "ok" | "warn" | "fail";
@@ -104,25 +105,31 @@ function checkQemuReuse(accel: "kvm" | "tcg"): DoctorCheck {
   let qemu = "";
   let has = false;
   let repString = false;
+  let pretranslation = false;
   try {
     qemu = findQemu();
     const bytes = readFileSync(qemu);
     has = bytes.includes(RELOAD_COMMAND);
     repString = bytes.includes(REP_STRING_HELPER);
+    pretranslation = bytes.includes(PRETRANSLATE_COMMAND);
   } catch {
     /* reported by the QEMU check */
   }
-  if (has && !repString) {
+  const missing = [
+    ...(repString ? [] : ["qemu/supermachine-rep-string.patch (the guest's rep movs/stos copy an element at a time)"]),
+    ...(pretranslation ? [] : ["qemu/supermachine-pretranslate.patch (a fresh QEMU translates everything itself, docs/pretranslate.md)"]),
+  ];
+  if (has && missing.length > 0) {
     return {
       id: "qemu-reuse",
       title,
       status: "warn",
       required: false,
-      detail: `${qemu} has ${RELOAD_COMMAND} but was built before qemu/supermachine-rep-string.patch: the guest's rep movs/stos copy an element at a time`,
-      fix: "run `sudo npx supermachine setup --qemu` again (in a checkout, `npm run setup`): the build's key covers both patches in qemu/, so it rebuilds (qemu/README.md)",
+      detail: `${qemu} has ${RELOAD_COMMAND} but was built before ${missing.join(" and ")}`,
+      fix: "run `sudo npx supermachine setup --qemu` again (in a checkout, `npm run setup`): the build's key covers every patch in qemu/, so it rebuilds (qemu/README.md)",
     };
   }
-  if (has) return { id: "qemu-reuse", title, status: "ok", required: false, detail: `${qemu} has ${RELOAD_COMMAND}: pools run each next VM in the previous one's QEMU process (it keeps its translations); rep movs/stos run a page at a time` };
+  if (has) return { id: "qemu-reuse", title, status: "ok", required: false, detail: `${qemu} has ${RELOAD_COMMAND}: pools run each next VM in the previous one's QEMU process (it keeps its translations); a fresh one pretranslates a snapshot's known blocks; rep movs/stos run a page at a time` };
   return {
     id: "qemu-reuse",
     title,

@@ -8,6 +8,9 @@
  *   rootfs.erofs    the root filesystem image the VM's disk points at
  *   disk.img        (diskMib) the writable layer's ext4 image, raw, sparse
  *   vol-NAME.img    (volumes) each volume's ext4 image, raw, sparse
+ *   tb-hints        (optional, TCG) block keys for pretranslation, written
+ *                   after the fact by a restore; not in the manifest, read
+ *                   with checks of its own (src/vmm/pretranslate.ts)
  *
  * A snapshot is validated in one place ({@link readManifest}) before QEMU
  * sees it, Firecracker-style: the directory is ours and not writable by

@@ -85,12 +85,21 @@ describe("doctor", () => {
         assert.match(reuse.detail, /built before qemu\/supermachine-rep-string\.patch/);
         assert.match(reuse.fix!, /setup --qemu/);
       }
-      // The setup build has both.
+      // One with the rep-string helper but not the pretranslation commands.
+      await writeFile(fake, "#!/bin/sh\n# x-supermachine-reload rep_movs64\nexec /usr/bin/qemu-system-x86_64 \"$@\"\n", { mode: 0o755 });
+      const r2 = await doctor();
+      const reuse2 = r2.checks.find((c) => c.id === "qemu-reuse")!;
+      if (r2.accelerator?.accel === "tcg") {
+        assert.equal(reuse2.status, "warn");
+        assert.match(reuse2.detail, /built before qemu\/supermachine-pretranslate\.patch/);
+        assert.doesNotMatch(reuse2.detail, /rep-string/);
+      }
+      // The setup build has them all.
       if (saved === undefined) delete process.env.SUPERMACHINE_QEMU;
       else process.env.SUPERMACHINE_QEMU = saved;
       const ok = (await doctor()).checks.find((c) => c.id === "qemu-reuse")!;
       assert.equal(ok.status, "ok");
-      if (r.accelerator?.accel === "tcg") assert.match(ok.detail, /rep movs\/stos run a page at a time/);
+      if (r.accelerator?.accel === "tcg") assert.match(ok.detail, /pretranslates a snapshot's known blocks; rep movs\/stos run a page at a time/);
     } finally {
       if (saved === undefined) delete process.env.SUPERMACHINE_QEMU;
       else process.env.SUPERMACHINE_QEMU = saved;
@@ -143,7 +152,7 @@ describe("doctor", () => {
     try {
       const argv = [join(REPO_ROOT, "bin", "supermachine.js"), "setup", "--qemu", "--dry-run", "--json"];
       const { stderr } = await execFileP(process.execPath, argv, { env: { ...process.env, HOME: home, SUPERMACHINE_CACHE_DIR: join(home, "cache") }, timeout: 120_000 }).catch((e: { stderr: string }) => e);
-      assert.match(stderr, /would build QEMU \S+ with qemu\/supermachine-reload\.patch and qemu\/supermachine-rep-string\.patch into (\/usr\/local\/lib\/supermachine\/qemu|\S+\/cache\/qemu)/);
+      assert.match(stderr, /would build QEMU \S+ with qemu\/supermachine-reload\.patch and qemu\/supermachine-rep-string\.patch and qemu\/supermachine-pretranslate\.patch into (\/usr\/local\/lib\/supermachine\/qemu|\S+\/cache\/qemu)/);
     } finally {
       await rm(home, { recursive: true, force: true });
     }
