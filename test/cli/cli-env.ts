@@ -6,7 +6,7 @@
  */
 
 import { spawn, spawnSync, type ChildProcess, type SpawnSyncReturns } from "node:child_process";
-import { mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { defaultCacheDir } from "../../src/paths.js";
@@ -39,6 +39,8 @@ export function cliEnv(name: string): CliEnv {
   mkdirSync(cacheDir, { recursive: true });
   mkdirSync(runtimeDir);
   symlinkSync(join(defaultCacheDir(), "kernel"), join(cacheDir, "kernel"));
+  // The QEMU setup built (when it did), as a user's cache has it.
+  if (existsSync(join(defaultCacheDir(), "qemu"))) symlinkSync(join(defaultCacheDir(), "qemu"), join(cacheDir, "qemu"));
   const env: NodeJS.ProcessEnv = {
     ...process.env,
     SUPERMACHINE_CACHE_DIR: cacheDir,
