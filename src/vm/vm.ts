@@ -11,7 +11,7 @@
 import { randomBytes, randomUUID } from "node:crypto";
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
-import { copyFile, link, lstat, mkdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import { copyFile, link, mkdir, rename, rm, stat, writeFile } from "node:fs/promises";
 import { basename, join, resolve } from "node:path";
 import { AgentConnection, type ExecStream } from "../agent-client/connection.js";
 import {
@@ -750,7 +750,8 @@ export class Vm {
     if (this.accelerator !== "tcg" || this._reloaded || !l.incomingState || l.template || process.env.SUPERMACHINE_PRETRANSLATE === "0") return 0;
     if (await this._pretranslated) return 0;
     const file = tbHintsPath(l.incomingState);
-    if (await lstat(file).then(() => true, () => false)) return 0;
+    // A usable list stays; one that is not (corrupt, someone else's) is replaced.
+    if (await readTbHints(file)) return 0;
     const qmp = await this.qmp();
     if (!(await hasCommand(this.qemu.binary, qmp, TB_HINTS_SAVE_COMMAND))) return 0;
     return saveTbHints(qmp, this.runtimeDir, file);

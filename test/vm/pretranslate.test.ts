@@ -269,6 +269,24 @@ describe("pretranslation of a snapshot's blocks (x-supermachine-pretranslate)", 
     }
   });
 
+  it("a corrupt list is not used (the restore goes on), and the next recording replaces it", async (t) => {
+    if (!tcg) return t.skip("KVM: nothing is translated");
+    const good = await readFile(hintsFile);
+    const bad = Buffer.from(good);
+    bad.write("XXXXXXXX", 0, "latin1");
+    await writeFile(hintsFile, bad, { mode: 0o600 });
+    const vm = await image!.restore();
+    try {
+      assert.equal(await vm._pretranslated, false, "QEMU refused the list");
+      await guestWorks(vm);
+      const n = await vm._recordTbHints();
+      assert.ok(n > 1000, `${n} keys`);
+      assert.ok(await readTbHints(hintsFile), "a usable list again");
+    } finally {
+      await vm.destroy();
+    }
+  });
+
   it("reads only a regular file of ours, not writable by others, well formed", async (t) => {
     if (!tcg) return t.skip("KVM: nothing is translated");
     const good = await readFile(hintsFile);
