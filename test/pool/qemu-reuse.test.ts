@@ -25,35 +25,7 @@ import { findQemu } from "../../src/vmm/qemu.js";
 import type { Vm } from "../../src/vm/vm.js";
 import { VM_TEST_TIMEOUT, processAlive } from "../helpers.js";
 import { defaultImageRef } from "../../src/guest/default-image.js";
-
-/** A static x86-64 ELF that only exits with `code` (its code page is the file's first page). */
-function exitProgram(code: number): Buffer {
-  const base = 0x400000;
-  const code0 = 64 + 56;
-  // mov edi, code; mov eax, 60; syscall
-  const text = Buffer.from([0xbf, code, 0, 0, 0, 0xb8, 60, 0, 0, 0, 0x0f, 0x05]);
-  const b = Buffer.alloc(code0 + text.length);
-  b.set([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0], 0);
-  b.writeUInt16LE(2, 16); // ET_EXEC
-  b.writeUInt16LE(0x3e, 18); // x86-64
-  b.writeUInt32LE(1, 20);
-  b.writeBigUInt64LE(BigInt(base + code0), 24); // entry
-  b.writeBigUInt64LE(64n, 32); // phoff
-  b.writeUInt16LE(64, 52);
-  b.writeUInt16LE(56, 54);
-  b.writeUInt16LE(1, 56);
-  const ph = 64;
-  b.writeUInt32LE(1, ph); // PT_LOAD
-  b.writeUInt32LE(5, ph + 4); // R+X
-  b.writeBigUInt64LE(0n, ph + 8);
-  b.writeBigUInt64LE(BigInt(base), ph + 16);
-  b.writeBigUInt64LE(BigInt(base), ph + 24);
-  b.writeBigUInt64LE(BigInt(b.length), ph + 32);
-  b.writeBigUInt64LE(BigInt(b.length), ph + 40);
-  b.writeBigUInt64LE(0x1000n, ph + 48);
-  text.copy(b, code0);
-  return b;
-}
+import { exitProgram } from "../fixtures/exit-elf.js";
 
 async function waitUntil(cond: () => boolean, timeoutMs = 60_000): Promise<void> {
   const end = Date.now() + timeoutMs;

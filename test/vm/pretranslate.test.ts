@@ -36,41 +36,23 @@ import {
 } from "../../src/vmm/pretranslate.js";
 import type { Vm } from "../../src/vm/vm.js";
 import { VM_TEST_TIMEOUT, descendantsMatching } from "../helpers.js";
+import { exitProgram } from "../fixtures/exit-elf.js";
 
 const tcg = chooseAccelerator().accel === "tcg";
-
-/** A static x86-64 ELF that only exits with `code` (its code page is the file's first page). */
-function exitProgram(code: number): Buffer {
-  const base = 0x400000;
-  const code0 = 64 + 56;
-  // mov edi, code; mov eax, 60; syscall
-  const text = Buffer.from([0xbf, code, 0, 0, 0, 0xb8, 60, 0, 0, 0, 0x0f, 0x05]);
-  const b = Buffer.alloc(code0 + text.length);
-  b.set([0x7f, 0x45, 0x4c, 0x46, 2, 1, 1, 0], 0);
-  b.writeUInt16LE(2, 16); // ET_EXEC
-  b.writeUInt16LE(0x3e, 18); // x86-64
-  b.writeUInt32LE(1, 20);
-  b.writeBigUInt64LE(BigInt(base + code0), 24); // entry
-  b.writeBigUInt64LE(64n, 32); // phoff
-  b.writeUInt16LE(64, 52);
-  b.writeUInt16LE(56, 54);
-  b.writeUInt16LE(1, 56);
-  const ph = 64;
-  b.writeUInt32LE(1, ph); // PT_LOAD
-  b.writeUInt32LE(5, ph + 4); // R+X
-  b.writeBigUInt64LE(0n, ph + 8);
-  b.writeBigUInt64LE(BigInt(base), ph + 16);
-  b.writeBigUInt64LE(BigInt(base), ph + 24);
-  b.writeBigUInt64LE(BigInt(b.length), ph + 32);
-  b.writeBigUInt64LE(BigInt(b.length), ph + 40);
-  b.writeBigUInt64LE(0x1000n, ph + 48);
-  text.copy(b, code0);
-  return b;
-}
 
 async function run(vm: Vm, script: string): Promise<{ code: number; out: string }> {
   const r = await vm.exec({ argv: ["sh", "-c", script], timeoutMs: 120_000 });
   return { code: r.exitCode, out: r.stdout.toString() + r.stderr.toString() };
+}
+
+/** A fresh restore whose QEMU gets no list (the test hands it one over QMP). */
+async function restoreWithoutPretranslation(image: Image): Promise<Vm> {
+  process.env.SUPERMACHINE_PRETRANSLATE = "0";
+  try {
+    return await image.restore();
+  } finally {
+    delete process.env.SUPERMACHINE_PRETRANSLATE;
+  }
 }
 
 /** Waits until QEMU's pretranslator is done and the vCPU has processed every batch handed to it. */
@@ -162,13 +144,14 @@ describe("pretranslation of a snapshot's blocks (x-supermachine-pretranslate)", 
     const vm = await image!.restore();
     try {
       assert.equal(await vm._pretranslated, true);
-      await guestWorks(vm);
+      // The VM idles while the thread works (at nice 19, however busy the
+      // host is): most keys are its to make, whatever the guest reached first.
       const info = await settled(vm);
       t.diagnostic(JSON.stringify(info));
       assert.ok(info.linked > 1000, JSON.stringify(info));
       assert.equal(info.invalid, 0, JSON.stringify(info));
-      assert.equal(info.stale, 0, JSON.stringify(info));
       assert.ok(info.linked <= info.translated, JSON.stringify(info));
+      await guestWorks(vm);
       assert.equal(await vm._recordTbHints(), 0, "a pretranslated VM does not record");
       await guestWorks(vm);
     } finally {
@@ -180,13 +163,7 @@ describe("pretranslation of a snapshot's blocks (x-supermachine-pretranslate)", 
     if (!tcg) return t.skip("KVM: nothing is translated");
     const hints = await readTbHints(hintsFile);
     assert.ok(hints, "the list recorded above");
-    process.env.SUPERMACHINE_PRETRANSLATE = "0";
-    let vm: Vm;
-    try {
-      vm = await image!.restore();
-    } finally {
-      delete process.env.SUPERMACHINE_PRETRANSLATE;
-    }
+    const vm = await restoreWithoutPretranslation(image!);
     try {
       assert.equal(await vm._pretranslated, false);
       const qmp = await vm.qmp();
@@ -211,13 +188,7 @@ describe("pretranslation of a snapshot's blocks (x-supermachine-pretranslate)", 
   it("refuses a hostile key list whole or key by key; the guest runs on", async (t) => {
     if (!tcg) return t.skip("KVM: nothing is translated");
     const good = (await readTbHints(hintsFile))!;
-    process.env.SUPERMACHINE_PRETRANSLATE = "0";
-    let vm: Vm;
-    try {
-      vm = await image!.restore();
-    } finally {
-      delete process.env.SUPERMACHINE_PRETRANSLATE;
-    }
+    const vm = await restoreWithoutPretranslation(image!);
     try {
       const qmp = await vm.qmp();
       // Whole: bad magic, a count the length does not match.
