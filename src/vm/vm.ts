@@ -738,6 +738,7 @@ export class Vm {
     this.qmpClient.catch(() => (this.qmpClient = undefined));
     return this.qmpClient;
   }
+
   /**
    * @internal Under TCG, a fresh restore that ran without pretranslation
    * writes the keys of the blocks its QEMU translated so far into the
@@ -756,7 +757,6 @@ export class Vm {
     if (!(await hasCommand(this.qemu.binary, qmp, TB_HINTS_SAVE_COMMAND))) return 0;
     return saveTbHints(qmp, this.runtimeDir, file);
   }
-
 
   /** The image, config and workload this VM was made from. */
   get origin(): VmOrigin {
