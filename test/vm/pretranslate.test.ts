@@ -185,6 +185,49 @@ describe("pretranslation of a snapshot's blocks (x-supermachine-pretranslate)", 
     }
   });
 
+  it("a block made before a reload from code the reload puts back is thrown away (pools reuse the process)", async (t) => {
+    if (!tcg) return t.skip("KVM: nothing is translated");
+    const hints = (await readTbHints(hintsFile))!;
+    // No list for the pool's VMs: this test hands one over itself.
+    process.env.SUPERMACHINE_PRETRANSLATE = "0";
+    let pool: Awaited<ReturnType<Image["pool"]>> | undefined;
+    try {
+      pool = await image!.pool({ min: 0, max: 1 });
+      // A must be a fresh restore (its QEMU has not run /tmp/p): the image's
+      // bake VM, if it is still there, is not a restore.
+      let a = await pool.acquire();
+      if (!a.launch.incomingState || a.launch.template) {
+        await a.release();
+        a = await pool.acquire();
+      }
+      assert.equal(a._reloaded, false, "A runs in a fresh QEMU process");
+      // A changes /tmp/p's code in place (without running it), then its QEMU
+      // translates the list (/tmp/p's entry from A's bytes) and holds the blocks.
+      await a.writeFile("/tmp/q", exitProgram(2));
+      assert.equal((await run(a, "dd if=/tmp/q of=/tmp/p conv=notrunc 2>/dev/null; cmp /tmp/p /tmp/q && echo same")).out, "same\n");
+      const pid = a.qemu.pid;
+      await pretranslate(await a.qmp(), a.runtimeDir, hints, { hold: true });
+      const made = await settled(a, { held: true });
+      assert.ok(made.held > 0, JSON.stringify(made));
+      await a.release();
+      // B runs in the same process, reloaded from the snapshot (/tmp/p exits 1 again).
+      const b = await pool.acquire();
+      try {
+        assert.equal(b.qemu.pid, pid, "the next VM runs in A's QEMU process");
+        await releasePretranslation(await b.qmp());
+        const info = await settled(b);
+        assert.equal((await run(b, "/tmp/p; echo rc=$?")).out, "rc=1\n", "the snapshot's code runs, not a block made from A's");
+        assert.ok(info.stale >= 1, JSON.stringify(info));
+        await guestWorks(b);
+      } finally {
+        await b.release();
+      }
+    } finally {
+      delete process.env.SUPERMACHINE_PRETRANSLATE;
+      await pool?.shutdown();
+    }
+  });
+
   it("refuses a hostile key list whole or key by key; the guest runs on", async (t) => {
     if (!tcg) return t.skip("KVM: nothing is translated");
     const good = (await readTbHints(hintsFile))!;
