@@ -10,14 +10,17 @@
  * (/proc/PID/task/TID/schedstat, ns); Node's is process.cpuUsage().
  *
  *   node dist/bench/refill.js [--refills N] [--cpu-models max,qemu64] [--agents A,B] [--prewarms pool,agent,true,none] [--bake-prewarms on,off]
- *                             [--idle-seconds S] [--idle-vms 1,16] [--no-paused] [--no-idle] [--reuse off,on]
+ *                             [--idle-seconds S] [--idle-vms 1,16] [--no-paused] [--no-idle] [--reuse off,on] [--pretranslate off,on]
  *
  * Several models, agents or prewarms are compared in one run, interleaved
  * (one refill of each variant in turn), so that the machine's load changes
  * hit every variant alike.
  */
 
+import { rm } from "node:fs/promises";
+import { join } from "node:path";
 import { Image } from "../src/index.js";
+import { TB_HINTS_FILE } from "../src/vmm/pretranslate.js";
 import { DEFAULT_TCG_CPU } from "../src/vmm/qemu.js";
 import { basePrewarm } from "../src/pool/pool.js";
 import type { PhaseCpu, Vm } from "../src/vm/vm.js";
@@ -48,6 +51,10 @@ const HELP = `usage: node dist/bench/refill.js [options]
   --reuse A,B        "off": each VM's QEMU ends with it (default); "on": it serves the next
                      restore of the same variant (Vm._recycle; docs/qemu-reuse.md). Both: each
                      variant twice, with its own image object
+  --pretranslate A,B "off": restores get no block key list (default); "on": each fresh QEMU
+                     pretranslates the list an earlier restore of the snapshot recorded
+                     (docs/pretranslate.md; recorded once before the measured refills). QEMU's
+                     CPU then includes the pretranslate thread's
   --no-paused        skip the paused-idle comparison (QMP stop, then cont on use)
   --no-idle          skip the idle measurements
 `;
@@ -132,6 +139,22 @@ async function tbFlushes(vm: Vm): Promise<number | undefined> {
 }
 
 const prewarm = PREWARMS.pool!;
+
+/** Gives `image`'s snapshot a block key list as a pool's first fresh VM would (docs/pretranslate.md). */
+async function recordTbHints(image: Image): Promise<void> {
+  process.env.SUPERMACHINE_PRETRANSLATE = "0";
+  const vm = await image.restore({ timeoutMs: 120_000 });
+  delete process.env.SUPERMACHINE_PRETRANSLATE;
+  try {
+    await prewarm(vm);
+    await rm(join(image.snapshotPath, TB_HINTS_FILE), { force: true });
+    const n = await vm._recordTbHints();
+    if (n === 0) throw new Error("no block key list recorded: is this the QEMU setup build (qemu/supermachine-pretranslate.patch)?");
+    process.stderr.write(`pretranslation: ${n} block keys recorded\n`);
+  } finally {
+    await vm.destroy();
+  }
+}
 
 async function refill(v: Variant): Promise<Refill> {
   for (const [k, val] of Object.entries(v.env ?? {})) {
@@ -266,6 +289,8 @@ async function main(): Promise<void> {
   const prewarmLists = prewarms.map(prewarmOf);
   const reuse = a.list("reuse") ?? ["off"];
   for (const r of reuse) if (r !== "on" && r !== "off") throw new TypeError(`--reuse: expected on or off, got ${JSON.stringify(r)}`);
+  const pretranslate = a.list("pretranslate") ?? ["off"];
+  for (const r of pretranslate) if (r !== "on" && r !== "off") throw new TypeError(`--pretranslate: expected on or off, got ${JSON.stringify(r)}`);
   const busybox = await busyboxImage();
   const images: Image[] = [];
   const variants: Variant[] = [];
@@ -303,9 +328,19 @@ async function main(): Promise<void> {
               const image = await bake(model, agent, bakePrewarm === "on", what);
               if (r === "on") image.keepSpare(true);
               const label = `${what}${reuse.length > 1 || r === "on" ? `, QEMU reuse ${r}` : ""}`;
-              prewarms.forEach((p, i) =>
-                variants.push({ label: `${label}, prewarm ${p}`, image, prewarm: prewarmLists[i]!, reuse: r === "on", env: { SUPERMACHINE_REUSE_QEMU: r === "on" ? undefined : "0" } }),
-              );
+              if (pretranslate.includes("on")) await recordTbHints(image);
+              for (const pt of pretranslate) {
+                const ptLabel = pretranslate.length > 1 || pt === "on" ? `, pretranslation ${pt}` : "";
+                prewarms.forEach((p, i) =>
+                  variants.push({
+                    label: `${label}${ptLabel}, prewarm ${p}`,
+                    image,
+                    prewarm: prewarmLists[i]!,
+                    reuse: r === "on",
+                    env: { SUPERMACHINE_REUSE_QEMU: r === "on" ? undefined : "0", SUPERMACHINE_PRETRANSLATE: pt === "on" ? undefined : "0" },
+                  }),
+                );
+              }
             }
           }
         }
