@@ -143,8 +143,12 @@ const prewarm = PREWARMS.pool!;
 /** Gives `image`'s snapshot a block key list as a pool's first fresh VM would (docs/pretranslate.md). */
 async function recordTbHints(image: Image): Promise<void> {
   process.env.SUPERMACHINE_PRETRANSLATE = "0";
-  const vm = await image.restore({ timeoutMs: 120_000 });
-  delete process.env.SUPERMACHINE_PRETRANSLATE;
+  let vm: Vm;
+  try {
+    vm = await image.restore({ timeoutMs: 120_000 });
+  } finally {
+    delete process.env.SUPERMACHINE_PRETRANSLATE;
+  }
   try {
     await prewarm(vm);
     await rm(join(image.snapshotPath, TB_HINTS_FILE), { force: true });

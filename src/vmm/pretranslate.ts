@@ -18,7 +18,7 @@
  * translated from. A missing or refused file costs nothing but the speed.
  */
 
-import { lstat, open, readdir, readFile, rename, unlink } from "node:fs/promises";
+import { lstat, open, readdir, readFile, rename, unlink, writeFile } from "node:fs/promises";
 import { constants as osConstants, setPriority } from "node:os";
 import type { Socket } from "node:net";
 import { dirname, join } from "node:path";
@@ -168,12 +168,7 @@ export async function saveTbHints(qmp: QmpClient, dir: string, file: string): Pr
   const n = checkTbHints(buf);
   const tmp = `${file}.${process.pid}.tmp`;
   try {
-    const fh = await open(tmp, "wx", 0o600);
-    try {
-      await fh.writeFile(buf);
-    } finally {
-      await fh.close();
-    }
+    await writeFile(tmp, buf, { flag: "wx", mode: 0o600 });
     await rename(tmp, file);
   } catch (e) {
     await unlink(tmp).catch(() => undefined);
