@@ -7,7 +7,8 @@
  *   supermachine:vm:death     { id, code, message }       (died on its own)
  *   supermachine:pool:acquire { waitedMs, from: "idle" | "wait" }
  *   supermachine:pool:refill  { ms, ok, prewarmed?, message? } (one restore + prewarm;
- *                             prewarmed: the base prewarm ran, not skipped for a waiting acquire)
+ *                             prewarmed: the prewarm ran (false: skipped for a waiting acquire
+ *                             or a reused QEMU; "pretranslating": QEMU's thread does its work)
  *   supermachine:image        ImageProgress               (pull, unpack, pack, bake phases)
  *
  * Publishing costs nothing when nobody subscribes and NODE_DEBUG is unset.

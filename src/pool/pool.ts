@@ -9,6 +9,7 @@
  * and a released lease cannot touch a VM that someone else holds now.
  */
 
+import { createHash } from "node:crypto";
 import { ClosedError, PoolError, SupermachineError, TimeoutError, invalidOption } from "../errors.js";
 import type { Image } from "../image/image.js";
 import { leaseSnapshot, type SnapshotLease } from "../image/cache-admin.js";
@@ -72,7 +73,9 @@ export interface PoolOptions {
    * then those (e.g. [["python3", "-c", "pass"]]). Neither runs on a VM that
    * a waiting acquire() takes at once: its own first exec does the same
    * work, and the prewarm would only delay it; nor on a VM reloaded into a
-   * reused QEMU (qemu-reuse.md) when the snapshot ran the list already.
+   * reused QEMU (qemu-reuse.md) when the snapshot ran the list already,
+   * nor on a fresh QEMU that translates the blocks an earlier VM of such
+   * a pool recorded after it, in a thread of its own (pretranslate.md).
    * Output is discarded; effects on the guest's files stay (a warmup, baked
    * into the snapshot, is the place for setup every VM needs). A list also
    * runs once before a snapshot of its own: the pool's first creation bakes
@@ -153,6 +156,8 @@ export class Pool {
   private readonly prewarm: string[][];
   /** The `prewarm` list ran before this pool's snapshot (Image.sibling). */
   private prewarmBaked = false;
+  /** Names this pool's prewarm on the block lists its VMs record (src/vmm/pretranslate.ts). */
+  private readonly prewarmLabel: string;
   private readonly pauseIdle: boolean;
   private readonly network: CompiledPolicy;
   private readonly memoryMib: number;
@@ -198,6 +203,7 @@ export class Pool {
     }
     this.basePrewarm = pw !== false;
     this.prewarm = typeof pw === "boolean" ? [] : pw.map((a) => [...a]);
+    this.prewarmLabel = createHash("sha256").update(JSON.stringify({ base: this.basePrewarm, list: this.prewarm })).digest("hex").slice(0, 32);
     this.pauseIdle = pauseIdleFor(image.manifest.accel);
     this.network = o.network === undefined ? image.network : compilePolicy(o.network);
     this.memoryMib = int(o.memoryMib, "memoryMib", image.memoryMib, 32);
@@ -376,7 +382,7 @@ export class Pool {
       const t0 = performance.now();
       try {
         const vm = await this.image.restore({ timeoutMs: this.restoreTimeoutMs, network: this.network, signal: this.stopping.signal });
-        let prewarmed: boolean;
+        let prewarmed: boolean | "pretranslating";
         this.warming.add(vm);
         try {
           if (this.closed) throw new ClosedError("the pool was shut down");
@@ -384,7 +390,7 @@ export class Pool {
           // The first fresh VM of a snapshot to finish its prewarm leaves
           // the keys of what its QEMU translated for the next fresh ones
           // (src/vmm/pretranslate.ts); a failure only costs their speed.
-          if (prewarmed) await vm._recordTbHints().catch(() => 0);
+          if (prewarmed === true) await vm._recordTbHints(this.prewarmLabel).catch(() => 0);
         } catch (e) {
           await vm.destroy();
           throw e;
@@ -408,15 +414,28 @@ export class Pool {
    * then the `prewarm` argv list. Skipped on a VM that an acquire() already
    * waits for: that caller's own first exec translates what it needs, and
    * under TCG the prewarm would only make it wait, then run its task on top.
-   * The prewarm pays off for VMs that wait idle. Returns whether it ran.
+   * The prewarm pays off for VMs that wait idle. Returns whether it ran,
+   * or "pretranslating" when QEMU's thread does its work instead.
    */
-  private async runPrewarm(vm: Vm, base = this.basePrewarm): Promise<boolean> {
+  private async runPrewarm(vm: Vm, base = this.basePrewarm): Promise<boolean | "pretranslating"> {
     if (this.waiters.length > 0 || (!base && this.prewarm.length === 0)) return false;
+    // Whether the prewarm has effects of its own to leave in this VM: none
+    // when it is the base one (a no-op program) and a baked list (its
+    // effects are in the snapshot).
+    const translationOnly = this.prewarm.length === 0 || this.prewarmBaked;
     // In a reused QEMU the VMs before this one ran the same programs from the
     // same snapshot pages (the base prewarm's and a baked list's are in its
     // page cache), and their translations stay: nothing left to warm.
     // @internal SUPERMACHINE_PREWARM_RELOADED=1: prewarm them anyway (for benchmarks).
-    if (vm._reloaded && (this.prewarm.length === 0 || this.prewarmBaked) && process.env.SUPERMACHINE_PREWARM_RELOADED !== "1") return false;
+    if (vm._reloaded && translationOnly && process.env.SUPERMACHINE_PREWARM_RELOADED !== "1") return false;
+    // A fresh QEMU that got the block list a VM of this pool recorded after
+    // this same prewarm translates those blocks in a thread of its own, on
+    // another core: the VM is offered at once, and its first exec finds
+    // what the thread made by then (docs/pretranslate.md, "Instead of the
+    // prewarm"). Running the prewarm on the vCPU as well would only make it
+    // wait, and translate in a race with that thread.
+    // @internal SUPERMACHINE_PREWARM_PRETRANSLATED=1: prewarm them anyway (for benchmarks).
+    if (translationOnly && process.env.SUPERMACHINE_PREWARM_PRETRANSLATED !== "1" && (await vm._pretranslatedBy) === this.prewarmLabel) return "pretranslating";
     if (base) await basePrewarm(vm, this.restoreTimeoutMs);
     for (const argv of this.prewarm) await vm.exec({ argv, timeoutMs: this.restoreTimeoutMs, maxOutputBytes: 1 << 20 });
     return true;

@@ -39,7 +39,7 @@ import { chooseAccelerator, warnTcgOnce, type Accelerator, type AcceleratorChoic
 import { QemuProcess, RELOAD_COMMAND, tcgCpuModel } from "../vmm/qemu.js";
 import { QmpClient, connectQmp } from "../vmm/qmp.js";
 import { loadState, reloadState } from "../snapshot/migrate.js";
-import { PRETRANSLATE_COMMAND, TB_HINTS_SAVE_COMMAND, deprioritizePretranslator, pretranslate, readTbHints, saveTbHints, tbHintsPath } from "../vmm/pretranslate.js";
+import { PRETRANSLATE_COMMAND, TB_HINTS_SAVE_COMMAND, deprioritizePretranslator, pretranslate, readTbHints, readTbHintsLabel, saveTbHints, tbHintsPath } from "../vmm/pretranslate.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, type SnapshotManifest, type WorkloadSpec } from "../snapshot/manifest.js";
 import { ExecChild } from "./exec-child.js";
 import { collectOutput } from "./exec-collect.js";
@@ -269,11 +269,13 @@ function knownWithout(binary: string, name: string): boolean {
 /**
  * A fresh restore's pretranslation (src/vmm/pretranslate.ts): under TCG,
  * when the snapshot has a hints file and QEMU the command. Never fails the
- * restore: without it the guest only translates for itself.
+ * restore: without it the guest only translates for itself. Resolves to
+ * the list's label ("" without one), or false when nothing started.
  */
-async function startPretranslation(spec: LaunchSpec, s: StartedQemu, qmp: QmpClient): Promise<boolean> {
+async function startPretranslation(spec: LaunchSpec, s: StartedQemu, qmp: QmpClient): Promise<string | false> {
   if (spec.accel.accel !== "tcg" || !spec.incomingState || spec.template || process.env.SUPERMACHINE_PRETRANSLATE === "0") return false;
-  const hints = await readTbHints(tbHintsPath(spec.incomingState));
+  const file = tbHintsPath(spec.incomingState);
+  const [hints, label] = await Promise.all([readTbHints(file), readTbHintsLabel(file)]);
   if (!hints || !(await hasCommand(s.qemu.binary, qmp, PRETRANSLATE_COMMAND))) return false;
   try {
     await pretranslate(qmp, s.dir, hints);
@@ -281,7 +283,7 @@ async function startPretranslation(spec: LaunchSpec, s: StartedQemu, qmp: QmpCli
     return false;
   }
   if (s.qemu.pid !== undefined) await deprioritizePretranslator(s.qemu.pid);
-  return true;
+  return label ?? "";
 }
 
 /**
@@ -369,7 +371,7 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
   s.net.setPolicy(spec.network ?? compilePolicy(true));
   phase("qemu");
   const { dir, qemu: q, qmp } = s;
-  let pretranslating: Promise<boolean> | undefined;
+  let pretranslating: Promise<string | false> | undefined;
   try {
     const deadline = Date.now() + spec.bootTimeoutMs;
     if (spec.incomingState) {
@@ -422,7 +424,10 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
     });
     if (qmp) vm._adoptQmp(qmp);
     if (s.reload) vm._reloaded = true;
-    if (pretranslating) vm._pretranslated = pretranslating;
+    if (pretranslating) {
+      vm._pretranslated = pretranslating.then((l) => l !== false);
+      vm._pretranslatedBy = pretranslating.then((l) => (l === false ? undefined : l));
+    }
     await vm.configure({
       hostname: spec.hostname,
       ...(spec.config ? { config: spec.config } : {}),
@@ -493,6 +498,8 @@ export class Vm {
   _reloaded = false;
   /** @internal Whether this fresh restore's QEMU got the snapshot's block keys to pretranslate. */
   _pretranslated: Promise<boolean> = Promise.resolve(false);
+  /** @internal The label of the list it got ("" without one; src/vmm/pretranslate.ts), undefined without a list. */
+  _pretranslatedBy: Promise<string | undefined> = Promise.resolve(undefined);
   private qmpClient: Promise<QmpClient> | undefined;
   /** Set while paused by _pause(): restarts the liveness check. */
   private pausedLiveness: (() => void) | undefined;
@@ -740,22 +747,29 @@ export class Vm {
   }
 
   /**
-   * @internal Under TCG, a fresh restore that ran without pretranslation
-   * writes the keys of the blocks its QEMU translated so far into the
-   * snapshot's hints file (src/vmm/pretranslate.ts), unless there is one.
-   * A pool calls this after a VM's prewarm. Returns the key count, or 0
-   * when nothing was written.
+   * @internal Under TCG, a fresh restore writes the keys of the blocks its
+   * QEMU translated so far into the snapshot's hints file
+   * (src/vmm/pretranslate.ts), unless there is one. A pool calls this after
+   * a VM's prewarm, with its prewarm's `label`: then only a list with that
+   * label stays, and a VM pretranslated from another list records what
+   * its QEMU has made by then (its own blocks and the thread's). Returns the key count, or 0 when
+   * nothing was written.
    */
-  async _recordTbHints(): Promise<number> {
+  async _recordTbHints(label?: string): Promise<number> {
     const l = this.launch;
     if (this.accelerator !== "tcg" || this._reloaded || !l.incomingState || l.template || process.env.SUPERMACHINE_PRETRANSLATE === "0") return 0;
-    if (await this._pretranslated) return 0;
     const file = tbHintsPath(l.incomingState);
-    // A usable list stays; one that is not (corrupt, someone else's) is replaced.
-    if (await readTbHints(file)) return 0;
+    if (label === undefined) {
+      if (await this._pretranslated) return 0;
+      // A usable list stays; one that is not (corrupt, someone else's) is replaced.
+      if (await readTbHints(file)) return 0;
+    } else {
+      if ((await this._pretranslatedBy) === label) return 0;
+      if ((await readTbHintsLabel(file)) === label && (await readTbHints(file))) return 0;
+    }
     const qmp = await this.qmp();
     if (!(await hasCommand(this.qemu.binary, qmp, TB_HINTS_SAVE_COMMAND))) return 0;
-    return saveTbHints(qmp, this.runtimeDir, file);
+    return saveTbHints(qmp, this.runtimeDir, file, label);
   }
 
   /** The image, config and workload this VM was made from. */

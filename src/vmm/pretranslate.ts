@@ -31,6 +31,13 @@ export const PRETRANSLATE_QUERY = "x-query-supermachine-pretranslate";
 export const PRETRANSLATE_RELEASE_COMMAND = "x-supermachine-pretranslate-release";
 /** The hints file, in a snapshot's directory. */
 export const TB_HINTS_FILE = "tb-hints";
+/**
+ * Beside it, what the recording VM had run when it recorded: a pool's
+ * digest of its prewarm (Pool: the list is then known to cover it). A list
+ * without one (recorded by `supermachine run`) covers only the command.
+ */
+export const TB_HINTS_LABEL_FILE = "tb-hints.by";
+const LABEL = /^[0-9a-f]{16,64}$/;
 const MAGIC = "SMTBHNT1";
 const HEADER = 16;
 const RECORD = 32;
@@ -58,6 +65,11 @@ export interface PretranslateInfo {
 /** The hints file of the snapshot whose device state is `stateFile`. */
 export function tbHintsPath(stateFile: string): string {
   return join(dirname(stateFile), TB_HINTS_FILE);
+}
+
+/** The label file of the hints file `file`. */
+export function tbHintsLabelPath(file: string): string {
+  return join(dirname(file), TB_HINTS_LABEL_FILE);
 }
 
 /** Checks a hints file's header and length; returns its key count. */
@@ -93,6 +105,21 @@ export async function readTbHints(file: string): Promise<Buffer | undefined> {
   } finally {
     await fh.close();
   }
+}
+
+/**
+ * The label of hints file `file` (see TB_HINTS_LABEL_FILE), read with the
+ * same care as the list; undefined when it has none or it is refused.
+ */
+export async function readTbHintsLabel(file: string): Promise<string | undefined> {
+  const path = tbHintsLabelPath(file);
+  const st = await lstat(path).catch(() => undefined);
+  if (!st || !st.isFile() || st.size > 128) return undefined;
+  if (typeof process.getuid === "function" && st.uid !== process.getuid()) return undefined;
+  if (st.mode & 0o022) return undefined;
+  const text = await readFile(path, "latin1").catch(() => "");
+  const label = text.trim();
+  return LABEL.test(label) ? label : undefined;
 }
 
 /**
@@ -142,9 +169,11 @@ export function pretranslateInfo(qmp: QmpClient): Promise<PretranslateInfo> {
 /**
  * Asks the VM's QEMU for the keys of the blocks it translated and writes
  * them to `file` (a temporary name, then a rename: a reader never sees
- * half a file). Returns the number of keys.
+ * half a file), then `label` beside it (none: the old label goes first, so
+ * that no reader pairs the new list with it). Returns the number of keys.
  */
-export async function saveTbHints(qmp: QmpClient, dir: string, file: string): Promise<number> {
+export async function saveTbHints(qmp: QmpClient, dir: string, file: string, label?: string): Promise<number> {
+  if (label !== undefined && !LABEL.test(label)) throw new Error(`bad block list label ${JSON.stringify(label)}`);
   const sock = join(dir, `tb-hints-${process.pid}.sock`);
   const chunks: Buffer[] = [];
   let size = 0;
@@ -166,13 +195,21 @@ export async function saveTbHints(qmp: QmpClient, dir: string, file: string): Pr
   await done;
   const buf = Buffer.concat(chunks);
   const n = checkTbHints(buf);
+  const labelFile = tbHintsLabelPath(file);
+  await unlink(labelFile).catch(() => undefined);
+  await replaceFile(file, buf);
+  if (label !== undefined) await replaceFile(labelFile, `${label}\n`);
+  return n;
+}
+
+/** Writes `data` to a new temporary file, then renames it over `file`. */
+async function replaceFile(file: string, data: Buffer | string): Promise<void> {
   const tmp = `${file}.${process.pid}.tmp`;
   try {
-    await writeFile(tmp, buf, { flag: "wx", mode: 0o600 });
+    await writeFile(tmp, data, { flag: "wx", mode: 0o600 });
     await rename(tmp, file);
   } catch (e) {
     await unlink(tmp).catch(() => undefined);
     throw e;
   }
-  return n;
 }

@@ -3,7 +3,9 @@
  * a fresh restore's QEMU translates the blocks an earlier fresh restore of
  * the same snapshot made, in a thread of its own, while the guest runs.
  * On real VMs under TCG, with the QEMU setup build:
- * - a pool's first fresh VM records the keys after its prewarm, once;
+ * - a pool's first fresh VM records the keys after its prewarm, once,
+ *   under its prewarm's label; a later fresh VM of such a pool, given that
+ *   list, is offered without running the prewarm;
  * - a later fresh restore gets them, translates them, and its guest runs
  *   as before (programs give their results);
  * - a block whose guest code changed between its translation and the
@@ -20,6 +22,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { chmod, lstat, mkdtemp, readFile, rm, symlink, unlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { subscribe, unsubscribe } from "node:diagnostics_channel";
 import { after, before, describe, it } from "node:test";
 import { Image } from "../../src/image/image.js";
 import { defaultImageRef } from "../../src/guest/default-image.js";
@@ -28,10 +31,12 @@ import { findQemu } from "../../src/vmm/qemu.js";
 import {
   type PretranslateInfo,
   TB_HINTS_FILE,
+  TB_HINTS_LABEL_FILE,
   checkTbHints,
   pretranslate,
   pretranslateInfo,
   readTbHints,
+  readTbHintsLabel,
   releasePretranslation,
 } from "../../src/vmm/pretranslate.js";
 import type { Vm } from "../../src/vm/vm.js";
@@ -300,6 +305,51 @@ describe("pretranslation of a snapshot's blocks (x-supermachine-pretranslate)", 
     }
   });
 
+  it("a pool offers a fresh VM pretranslated from the list its own prewarm left without running the prewarm", async (t) => {
+    if (!tcg) return t.skip("KVM: nothing is translated");
+    // The list is now one a restore recorded (above): no label.
+    assert.equal(await readTbHintsLabel(hintsFile), undefined);
+    const refills: { prewarmed?: unknown }[] = [];
+    const onRefill = (m: unknown) => void refills.push(m as { prewarmed?: unknown });
+    subscribe("supermachine:pool:refill", onRefill);
+    const vmOf = async (): Promise<{ prewarmed: unknown; by: string | undefined }> => {
+      refills.length = 0;
+      const pool = await image!.pool({ min: 1, max: 1 });
+      try {
+        const vm = await pool.acquire();
+        try {
+          assert.equal(vm._reloaded, false, "a fresh QEMU");
+          await guestWorks(vm);
+          return { prewarmed: refills[0]?.prewarmed, by: await vm._pretranslatedBy };
+        } finally {
+          await vm.release();
+        }
+      } finally {
+        await pool.shutdown();
+      }
+    };
+    try {
+      // Another's list: the VM is pretranslated from it, runs the prewarm,
+      // and records what its QEMU made by then under the pool's label.
+      const a = await vmOf();
+      assert.deepEqual(a, { prewarmed: true, by: "" });
+      const label = await readTbHintsLabel(hintsFile);
+      assert.match(label ?? "", /^[0-9a-f]{32}$/);
+      assert.ok(checkTbHints(await readFile(hintsFile)) > 1000, "a list again");
+      // The pool's own list: no prewarm on the vCPU, the thread does its work.
+      const b = await vmOf();
+      assert.deepEqual(b, { prewarmed: "pretranslating", by: label });
+      // A pool with another prewarm (none) does not take the list as its own.
+      refills.length = 0;
+      const pool = await image!.pool({ min: 1, max: 1, prewarm: false });
+      await pool.shutdown();
+      assert.equal(refills[0]?.prewarmed, false);
+      assert.equal(await readTbHintsLabel(hintsFile), label, "nothing recorded without a prewarm");
+    } finally {
+      unsubscribe("supermachine:pool:refill", onRefill);
+    }
+  });
+
   it("reads only a regular file of ours, not writable by others, well formed", async (t) => {
     if (!tcg) return t.skip("KVM: nothing is translated");
     const good = await readFile(hintsFile);
@@ -318,5 +368,16 @@ describe("pretranslation of a snapshot's blocks (x-supermachine-pretranslate)", 
     await writeFile(f, Buffer.alloc(16 + (1 << 17) * 32 + 32));
     assert.equal(await readTbHints(f), undefined, "over the cap");
     assert.equal(await readTbHints(join(d, "missing")), undefined);
+    // Its label, beside it: the same checks, and only a hex digest.
+    const lf = join(d, TB_HINTS_LABEL_FILE);
+    await writeFile(lf, "0123456789abcdef0123456789abcdef\n", { mode: 0o600 });
+    assert.equal(await readTbHintsLabel(f), "0123456789abcdef0123456789abcdef");
+    await chmod(lf, 0o666);
+    assert.equal(await readTbHintsLabel(f), undefined, "writable by others");
+    await chmod(lf, 0o600);
+    await writeFile(lf, "../../etc/passwd\n");
+    assert.equal(await readTbHintsLabel(f), undefined, "not a digest");
+    await writeFile(lf, "a".repeat(200));
+    assert.equal(await readTbHintsLabel(f), undefined, "too long");
   });
 });
