@@ -606,6 +606,8 @@ export class Image {
   /** QEMU processes that VMs of this snapshot ran in, stopped, for the next restores (Vm._recycle), each with its expiry. */
   private recycled: { s: StartedQemu; expiry: NodeJS.Timeout }[] = [];
   private spareUsers = 0;
+  /** Per user of keepSpare, whether it may still need a new QEMU process. */
+  private readonly spareWants = new Set<() => boolean>();
   /** This process's lease on the snapshot (cache-admin.ts): prune keeps it while held. */
   private readonly lease: SnapshotLease;
   /**
@@ -820,10 +822,16 @@ export class Image {
   /**
    * @internal Keeps one QEMU process started ahead of the next restore while
    * a pool uses this image: QEMU's own start-up (~35 ms under TCG) leaves
-   * the restore path.
+   * the restore path. `wants` tells whether that user may still need a new
+   * process (a pool below its `max`; with reused processes, one at its
+   * `max` does not): a spare nobody will take only costs the CPU of its
+   * start-up, beside the VMs that are running. Give the same `wants` to
+   * the call that turns it off.
    */
-  keepSpare(on: boolean): Promise<void> {
+  keepSpare(on: boolean, wants: () => boolean = always): Promise<void> {
     this.spareUsers += on ? 1 : -1;
+    if (on) this.spareWants.add(wants);
+    else this.spareWants.delete(wants);
     if (this.spareUsers > 0) this.prepareSpare();
     else return this.dropStarted();
     return Promise.resolve();
@@ -862,7 +870,7 @@ export class Image {
   }
 
   private prepareSpare(): void {
-    if (this.spare || this.spareUsers <= 0) return;
+    if (this.spare || this.spareUsers <= 0 || ![...this.spareWants].some((w) => w())) return;
     const s = Promise.resolve(this._publishing)
       .then(() => restoreSpec(this.restoreOptions({})))
       .then((spec) => startQemu(spec));
@@ -987,9 +995,12 @@ export class Image {
     this.handoff = undefined;
     await vm?.destroy();
     this.spareUsers = 0;
+    this.spareWants.clear();
     await this.dropStarted();
   }
 }
+
+const always = (): boolean => true;
 
 /** Starts the image's workload under the agent (detached from every stream). */
 export async function startWorkload(vm: Vm, w: WorkloadSpec): Promise<number> {

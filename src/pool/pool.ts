@@ -13,7 +13,7 @@ import { createHash } from "node:crypto";
 import { ClosedError, PoolError, SupermachineError, TimeoutError, invalidOption } from "../errors.js";
 import type { Image } from "../image/image.js";
 import { leaseSnapshot, type SnapshotLease } from "../image/cache-admin.js";
-import type { Vm } from "../vm/vm.js";
+import { reuseQemuFor, type Vm } from "../vm/vm.js";
 import { compilePolicy, type CompiledPolicy, type NetworkOption } from "../net/policy.js";
 import { channels, trace } from "../diagnostics.js";
 
@@ -156,6 +156,16 @@ export class Pool {
   private readonly prewarm: string[][];
   /** The `prewarm` list ran before this pool's snapshot (Image.sibling). */
   private prewarmBaked = false;
+  /**
+   * Whether a released VM's QEMU process serves the next restore
+   * (docs/qemu-reuse.md): expected under TCG, then as last seen.
+   */
+  private processesReused: boolean;
+  /**
+   * Whether this pool may still need a new QEMU process (Image.keepSpare):
+   * below `max`, or at every refill when processes are not reused.
+   */
+  private readonly wantsSpare = (): boolean => !this.closed && (this.alive < this.max || !this.processesReused);
   /** Names this pool's prewarm on the block lists its VMs record (src/vmm/pretranslate.ts). */
   private readonly prewarmLabel: string;
   private readonly pauseIdle: boolean;
@@ -206,6 +216,7 @@ export class Pool {
     this.prewarmLabel = createHash("sha256").update(JSON.stringify({ base: this.basePrewarm, list: this.prewarm })).digest("hex").slice(0, 32);
     this.pauseIdle = pauseIdleFor(image.manifest.accel);
     this.network = o.network === undefined ? image.network : compilePolicy(o.network);
+    this.processesReused = reuseQemuFor(image.manifest.accel);
     this.memoryMib = int(o.memoryMib, "memoryMib", image.memoryMib, 32);
     this.vcpus = int(o.vcpus, "vcpus", image.vcpus, 1);
   }
@@ -230,7 +241,6 @@ export class Pool {
     const img = p.image;
     img.accelFor();
     p.snapshotLease = leaseSnapshot(img.snapshotPath);
-    void img.keepSpare(true);
     // The bake's VM, its workload started as a restore starts it.
     const handoff = await img.takeHandoff();
     if (handoff) {
@@ -239,6 +249,8 @@ export class Pool {
       if (p.prewarm.length > 0 && !p.prewarmBaked) void p.prewarmHandoff(handoff);
       else p.offer(handoff, true);
     }
+    // After the handoff: a pool it fills wants no spare.
+    void img.keepSpare(true, p.wantsSpare);
     p.fill();
     // pool() resolves once min VMs are warm (or the first restore failed).
     while (p.idle.length < p.min && !p.closed) {
@@ -259,7 +271,7 @@ export class Pool {
   /** Synchronous and exact. */
   stats(): PoolStats {
     return {
-      alive: this.idle.length + this.inUse.size + this.starting + this.resuming,
+      alive: this.alive,
       inUse: this.inUse.size,
       idle: this.idle.length,
       waiting: this.waiters.length,
@@ -268,6 +280,7 @@ export class Pool {
     };
   }
 
+  /** VMs of this pool: idle, checked out, being restored or resumed. */
   private get alive(): number {
     return this.idle.length + this.inUse.size + this.starting + this.resuming;
   }
@@ -606,6 +619,7 @@ export class Pool {
     vm.stopForwarders();
     const released = new ClosedError(`the VM ${vm.id} was released back to its pool; its processes were ended`);
     if (this.closed || vm.status !== "ready" || (this.restoreOnRelease && !vm._mayRecycle())) {
+      if (!this.closed && vm.status === "ready" && this.restoreOnRelease) this.processesReused = false;
       // Start its replacement first, then tear it down.
       this.fill();
       await vm.destroy(released);
@@ -616,7 +630,10 @@ export class Pool {
       // Its QEMU, stopped, serves the replacement's restore when it can
       // (docs/qemu-reuse.md; the image stops it when no pool uses it any
       // more); else the VM is destroyed.
-      const recycled = vm._recycle(released).then((s) => s && this.image.recycle(s));
+      const recycled = vm._recycle(released).then((s) => {
+        this.processesReused = s !== undefined;
+        return s && this.image.recycle(s);
+      });
       this.tearingDown(recycled);
       await recycled;
       this.fill();
@@ -643,7 +660,7 @@ export class Pool {
     if (this.closed) return;
     this.closed = true;
     this.snapshotLease?.release();
-    const spareGone = this.image.keepSpare(false);
+    const spareGone = this.image.keepSpare(false, this.wantsSpare);
     if (this.evictTimer) clearInterval(this.evictTimer);
     for (const w of this.waiters.splice(0)) {
       if (w.timer) clearTimeout(w.timer);

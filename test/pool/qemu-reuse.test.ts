@@ -9,6 +9,8 @@
  *   changes (a stale translation would run the previous holder's code);
  * - what the previous holder sent through the stream ring is not readable
  *   from the ring's disk in the next VM;
+ * - a pool at its max starts no spare process; below it, or without
+ *   reuse, one waits for the next restore;
  * - SUPERMACHINE_REUSE_QEMU=0 gives a new process per VM;
  * - nothing is left running after shutdown().
  */
@@ -17,13 +19,14 @@ import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
 import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { readlinkSync } from "node:fs";
+import { basename, join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { Image } from "../../src/image/image.js";
 import { SupermachineError } from "../../src/errors.js";
 import { findQemu } from "../../src/vmm/qemu.js";
 import type { Vm } from "../../src/vm/vm.js";
-import { VM_TEST_TIMEOUT, processAlive } from "../helpers.js";
+import { VM_TEST_TIMEOUT, descendantsMatching, processAlive } from "../helpers.js";
 import { defaultImageRef } from "../../src/guest/default-image.js";
 import { exitProgram } from "../fixtures/exit-elf.js";
 
@@ -33,6 +36,17 @@ async function waitUntil(cond: () => boolean, timeoutMs = 60_000): Promise<void>
     if (Date.now() > end) throw new Error("condition not met in time");
     await new Promise((r) => setTimeout(r, 20));
   }
+}
+
+/** This process's QEMU processes (not the sandbox wrappers whose command lines name it). */
+function qemus(): number[] {
+  return descendantsMatching(/qemu-system/).filter((pid) => {
+    try {
+      return basename(readlinkSync(`/proc/${pid}/exe`)).startsWith("qemu-system");
+    } catch {
+      return false;
+    }
+  });
 }
 
 async function run(vm: Vm, script: string): Promise<{ code: number; out: string }> {
@@ -220,12 +234,44 @@ describe("pools reuse QEMU processes (x-supermachine-reload)", { timeout: 4 * VM
     }
   });
 
-  it("starts a new process per VM with SUPERMACHINE_REUSE_QEMU=0", async () => {
+  it("a pool at its max keeps no spare process (its next VM takes the ended one's); below its max it keeps one", async () => {
+    const full = await image!.pool({ min: 1, max: 1 });
+    try {
+      const a = await full.acquire();
+      // A spare starts right after a restore; none may appear.
+      for (let end = Date.now() + 3000; Date.now() < end; ) {
+        assert.deepEqual(qemus(), [a.qemu.pid], "only the VM's own process");
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      const pid = a.qemu.pid;
+      await a.release();
+      const b = await full.acquire();
+      assert.equal(b.qemu.pid, pid, "the next VM runs in the ended one's process");
+      await b.release();
+    } finally {
+      await full.shutdown();
+    }
+    const growing = await image!.pool({ min: 1, max: 2 });
+    try {
+      await waitUntil(() => qemus().length === 2);
+      const [a, b] = [await growing.acquire(), await growing.acquire()];
+      assert.notEqual(a.qemu.pid, b.qemu.pid);
+      assert.deepEqual(qemus().sort(), [a.qemu.pid, b.qemu.pid].sort(), "the second VM took the spare");
+      await a.release();
+      await b.release();
+    } finally {
+      await growing.shutdown();
+    }
+  });
+
+  it("starts a new process per VM with SUPERMACHINE_REUSE_QEMU=0 (from a spare started ahead)", async () => {
     process.env.SUPERMACHINE_REUSE_QEMU = "0";
     const pool = await image!.pool({ min: 0, max: 1 });
     try {
       const a = await pool.acquire();
       const pidA = a.qemu.pid!;
+      // Every VM needs a new process: one waits, started ahead.
+      await waitUntil(() => qemus().length === 2);
       await a.release();
       const b = await pool.acquire();
       assert.notEqual(b.qemu.pid, pidA);
