@@ -607,7 +607,7 @@ export class Image {
   private recycled: { s: StartedQemu; expiry: NodeJS.Timeout }[] = [];
   private spareUsers = 0;
   /** Per user of keepSpare, whether it may still need a new QEMU process. */
-  private readonly spareWants = new Set<() => boolean>();
+  private readonly spareWants = new Map<() => boolean, number>();
   /** This process's lease on the snapshot (cache-admin.ts): prune keeps it while held. */
   private readonly lease: SnapshotLease;
   /**
@@ -830,7 +830,8 @@ export class Image {
    */
   keepSpare(on: boolean, wants: () => boolean = always): Promise<void> {
     this.spareUsers += on ? 1 : -1;
-    if (on) this.spareWants.add(wants);
+    const n = (this.spareWants.get(wants) ?? 0) + (on ? 1 : -1);
+    if (n > 0) this.spareWants.set(wants, n);
     else this.spareWants.delete(wants);
     if (this.spareUsers > 0) this.prepareSpare();
     else return this.dropStarted();
@@ -870,7 +871,7 @@ export class Image {
   }
 
   private prepareSpare(): void {
-    if (this.spare || this.spareUsers <= 0 || ![...this.spareWants].some((w) => w())) return;
+    if (this.spare || this.spareUsers <= 0 || ![...this.spareWants.keys()].some((w) => w())) return;
     const s = Promise.resolve(this._publishing)
       .then(() => restoreSpec(this.restoreOptions({})))
       .then((spec) => startQemu(spec));
