@@ -282,7 +282,8 @@ async function startPretranslation(spec: LaunchSpec, s: StartedQemu, qmp: QmpCli
   } catch {
     return false;
   }
-  if (s.qemu.pid !== undefined) await deprioritizePretranslator(s.qemu.pid);
+  // Best effort, and nothing waits for it.
+  if (s.qemu.pid !== undefined) void deprioritizePretranslator(s.qemu.pid);
   return label ?? "";
 }
 

@@ -146,16 +146,23 @@ export async function releasePretranslation(qmp: QmpClient): Promise<void> {
  * host do not need, not time from them (measured: at nice 0 it kept the
  * vCPU waiting for a core ≈ 90 ms per fresh VM on two cores).
  */
-export async function deprioritizePretranslator(pid: number): Promise<boolean> {
-  const tids = await readdir(`/proc/${pid}/task`).catch(() => [] as string[]);
-  for (const tid of tids) {
-    const comm = await readFile(`/proc/${pid}/task/${tid}/comm`, "latin1").catch(() => "");
-    if (comm.trim() !== "pretranslate") continue;
-    try {
-      setPriority(Number(tid), osConstants.priority.PRIORITY_LOW);
-      return true;
-    } catch {
-      return false;
+export async function deprioritizePretranslator(pid: number, o: { tries?: number; intervalMs?: number } = {}): Promise<boolean> {
+  // QEMU's threads name themselves once they run: the command's answer can
+  // come before the new thread has (on a busy host), so look a few times.
+  const tries = o.tries ?? 25;
+  for (let i = 0; i < tries; i++) {
+    if (i > 0) await new Promise((r) => setTimeout(r, o.intervalMs ?? 2));
+    const tids = await readdir(`/proc/${pid}/task`).catch(() => undefined);
+    if (!tids) return false;
+    for (const tid of tids) {
+      const comm = await readFile(`/proc/${pid}/task/${tid}/comm`, "latin1").catch(() => "");
+      if (comm.trim() !== "pretranslate") continue;
+      try {
+        setPriority(Number(tid), osConstants.priority.PRIORITY_LOW);
+        return true;
+      } catch {
+        return false;
+      }
     }
   }
   return false;

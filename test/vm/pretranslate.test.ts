@@ -18,6 +18,7 @@
  */
 
 import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { chmod, lstat, mkdtemp, readFile, rm, symlink, unlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -33,6 +34,7 @@ import {
   TB_HINTS_FILE,
   TB_HINTS_LABEL_FILE,
   checkTbHints,
+  deprioritizePretranslator,
   pretranslate,
   pretranslateInfo,
   readTbHints,
@@ -347,6 +349,22 @@ describe("pretranslation of a snapshot's blocks (x-supermachine-pretranslate)", 
       assert.equal(await readTbHintsLabel(hintsFile), label, "nothing recorded without a prewarm");
     } finally {
       unsubscribe("supermachine:pool:refill", onRefill);
+    }
+  });
+
+  it("lowers the pretranslator thread to nice 19, also when it names itself after the command's answer", async () => {
+    // A stand-in: a process whose (only) thread takes the name a moment later.
+    const child = spawn("sh", ["-c", "sleep 0.2; printf pretranslate > /proc/$$/comm; while :; do sleep 1; done"], { stdio: "ignore" });
+    try {
+      const pid = child.pid!;
+      const niceOf = async () => Number((await readFile(`/proc/${pid}/stat`, "latin1")).split(") ")[1]!.split(" ")[16]);
+      assert.equal(await niceOf(), 0);
+      assert.equal(await deprioritizePretranslator(pid, { tries: 1 }), false, "not named yet");
+      assert.equal(await deprioritizePretranslator(pid, { tries: 400, intervalMs: 5 }), true);
+      assert.equal(await niceOf(), 19);
+      assert.equal(await deprioritizePretranslator(999_999_999), false, "no such process");
+    } finally {
+      child.kill();
     }
   });
 
