@@ -163,9 +163,10 @@ export class Pool {
   private processesReused: boolean;
   /**
    * Whether this pool may still need a new QEMU process (Image.keepSpare):
-   * below `max`, or at every refill when processes are not reused.
+   * below `max`, or at every refill when a released VM's process is not
+   * reused (a VM kept as it is, `restoreOnRelease: false`, needs none).
    */
-  private readonly wantsSpare = (): boolean => !this.closed && (this.alive < this.max || !this.processesReused);
+  private readonly wantsSpare = (): boolean => !this.closed && (this.alive < this.max || (this.restoreOnRelease && !this.processesReused));
   /** Names this pool's prewarm on the block lists its VMs record (src/vmm/pretranslate.ts). */
   private readonly prewarmLabel: string;
   private readonly pauseIdle: boolean;
