@@ -253,7 +253,8 @@ export class Pool {
     // After the handoff: a pool it fills wants no spare.
     void img.keepSpare(true, p.wantsSpare);
     p.fill();
-    // pool() resolves once min VMs are warm (or the first restore failed).
+    // pool() resolves once min VMs are ready: prewarmed, or pretranslating
+    // (runPrewarm), or the first restore failed.
     while (p.idle.length < p.min && !p.closed) {
       if (p.lastError) {
         const e = p.lastError;
