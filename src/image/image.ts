@@ -605,8 +605,7 @@ export class Image {
   private spare: Promise<StartedQemu> | undefined;
   /** QEMU processes that VMs of this snapshot ran in, stopped, for the next restores (Vm._recycle), each with its expiry. */
   private recycled: { s: StartedQemu; expiry: NodeJS.Timeout }[] = [];
-  private spareUsers = 0;
-  /** Per user of keepSpare, whether it may still need a new QEMU process. */
+  /** The users of keepSpare, by whether each may still need a new QEMU process (the count of its calls). */
   private readonly spareWants = new Map<() => boolean, number>();
   /** This process's lease on the snapshot (cache-admin.ts): prune keeps it while held. */
   private readonly lease: SnapshotLease;
@@ -829,11 +828,10 @@ export class Image {
    * the call that turns it off.
    */
   keepSpare(on: boolean, wants: () => boolean = always): Promise<void> {
-    this.spareUsers += on ? 1 : -1;
     const n = (this.spareWants.get(wants) ?? 0) + (on ? 1 : -1);
     if (n > 0) this.spareWants.set(wants, n);
     else this.spareWants.delete(wants);
-    if (this.spareUsers > 0) this.prepareSpare();
+    if (this.spareWants.size > 0) this.prepareSpare();
     else return this.dropStarted();
     return Promise.resolve();
   }
@@ -856,7 +854,7 @@ export class Image {
    * most {@link MAX_RECYCLED} wait, the others are stopped.
    */
   recycle(s: StartedQemu): Promise<void> {
-    if (this.spareUsers <= 0 || this.recycled.length >= MAX_RECYCLED) return discardQemu(s);
+    if (this.spareWants.size === 0 || this.recycled.length >= MAX_RECYCLED) return discardQemu(s);
     // Not kept for long unused: it holds the previous guest's memory, and a
     // pool at min 0 that goes quiet should hold no process.
     const entry = {
@@ -871,7 +869,7 @@ export class Image {
   }
 
   private prepareSpare(): void {
-    if (this.spare || this.spareUsers <= 0 || ![...this.spareWants.keys()].some((w) => w())) return;
+    if (this.spare || ![...this.spareWants.keys()].some((w) => w())) return;
     const s = Promise.resolve(this._publishing)
       .then(() => restoreSpec(this.restoreOptions({})))
       .then((spec) => startQemu(spec));
@@ -995,7 +993,6 @@ export class Image {
     const vm = this.handoff;
     this.handoff = undefined;
     await vm?.destroy();
-    this.spareUsers = 0;
     this.spareWants.clear();
     await this.dropStarted();
   }

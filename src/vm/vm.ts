@@ -425,10 +425,7 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
     });
     if (qmp) vm._adoptQmp(qmp);
     if (s.reload) vm._reloaded = true;
-    if (pretranslating) {
-      vm._pretranslated = pretranslating.then((l) => l !== false);
-      vm._pretranslatedBy = pretranslating.then((l) => (l === false ? undefined : l));
-    }
+    if (pretranslating) vm._pretranslatedBy = pretranslating.then((l) => (l === false ? undefined : l));
     await vm.configure({
       hostname: spec.hostname,
       ...(spec.config ? { config: spec.config } : {}),
@@ -497,10 +494,12 @@ export class Vm {
    * translations of the snapshot's code the earlier VMs left warm.
    */
   _reloaded = false;
-  /** @internal Whether this fresh restore's QEMU got the snapshot's block keys to pretranslate. */
-  _pretranslated: Promise<boolean> = Promise.resolve(false);
-  /** @internal The label of the list it got ("" without one; src/vmm/pretranslate.ts), undefined without a list. */
+  /** @internal The label of the block key list this fresh restore's QEMU got to pretranslate ("" without one; src/vmm/pretranslate.ts), undefined without a list. */
   _pretranslatedBy: Promise<string | undefined> = Promise.resolve(undefined);
+  /** @internal Whether this fresh restore's QEMU got the snapshot's block keys to pretranslate. */
+  get _pretranslated(): Promise<boolean> {
+    return this._pretranslatedBy.then((l) => l !== undefined);
+  }
   private qmpClient: Promise<QmpClient> | undefined;
   /** Set while paused by _pause(): restarts the liveness check. */
   private pausedLiveness: (() => void) | undefined;

@@ -83,23 +83,21 @@ export function checkTbHints(buf: Buffer): number {
 }
 
 /**
- * Reads `file` if it is a usable hints file: a regular file (not a link)
- * owned by this user, not writable by others, under the cap, well formed.
- * Undefined when it is missing or refused.
+ * The bytes of `path` if it is a regular file (not a link) owned by this
+ * user, not writable by group or others, of `min`..`max` bytes; undefined
+ * when it is missing or refused.
  */
-export async function readTbHints(file: string): Promise<Buffer | undefined> {
-  const st = await lstat(file).catch(() => undefined);
-  if (!st || !st.isFile() || st.size > MAX_BYTES || st.size < HEADER) return undefined;
+async function readGuarded(path: string, min: number, max: number): Promise<Buffer | undefined> {
+  const st = await lstat(path).catch(() => undefined);
+  if (!st || !st.isFile() || st.size > max || st.size < min) return undefined;
   if (typeof process.getuid === "function" && st.uid !== process.getuid()) return undefined;
   if (st.mode & 0o022) return undefined;
-  const fh = await open(file, "r").catch(() => undefined);
+  const fh = await open(path, "r").catch(() => undefined);
   if (!fh) return undefined;
   try {
     const buf = Buffer.alloc(st.size);
     const { bytesRead } = await fh.read(buf, 0, st.size, 0);
-    if (bytesRead !== st.size) return undefined;
-    checkTbHints(buf);
-    return buf;
+    return bytesRead === st.size ? buf : undefined;
   } catch {
     return undefined;
   } finally {
@@ -108,18 +106,28 @@ export async function readTbHints(file: string): Promise<Buffer | undefined> {
 }
 
 /**
+ * Reads `file` if it is a usable hints file: a regular file (not a link)
+ * owned by this user, not writable by others, under the cap, well formed.
+ * Undefined when it is missing or refused.
+ */
+export async function readTbHints(file: string): Promise<Buffer | undefined> {
+  const buf = await readGuarded(file, HEADER, MAX_BYTES);
+  if (!buf) return undefined;
+  try {
+    checkTbHints(buf);
+    return buf;
+  } catch {
+    return undefined;
+  }
+}
+
+/**
  * The label of hints file `file` (see TB_HINTS_LABEL_FILE), read with the
  * same care as the list; undefined when it has none or it is refused.
  */
 export async function readTbHintsLabel(file: string): Promise<string | undefined> {
-  const path = tbHintsLabelPath(file);
-  const st = await lstat(path).catch(() => undefined);
-  if (!st || !st.isFile() || st.size > 128) return undefined;
-  if (typeof process.getuid === "function" && st.uid !== process.getuid()) return undefined;
-  if (st.mode & 0o022) return undefined;
-  const text = await readFile(path, "latin1").catch(() => "");
-  const label = text.trim();
-  return LABEL.test(label) ? label : undefined;
+  const label = (await readGuarded(tbHintsLabelPath(file), 0, 128))?.toString("latin1").trim();
+  return label !== undefined && LABEL.test(label) ? label : undefined;
 }
 
 /**
