@@ -4,9 +4,13 @@
  */
 
 import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
 import { readFileSync, readdirSync } from "node:fs";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
 import { ensureDefaultImage, DEFAULT_IMAGE_CONFIG } from "../src/guest/default-image.js";
 import { defaultCacheDir } from "../src/paths.js";
 import { GuestDiedError } from "../src/errors.js";
@@ -19,6 +23,21 @@ export const VM_TEST_TIMEOUT = 10 * 60_000;
 
 export async function defaultRootfs(): Promise<string> {
   return ensureDefaultImage(defaultCacheDir());
+}
+
+/**
+ * Compiles test/fixtures/guest/NAME.c into a static program for the guest
+ * (setup installs gcc and libc6-dev: scripts/setup.mjs) and returns its bytes.
+ */
+export async function compileGuestProgram(name: string): Promise<Buffer> {
+  const dir = await mkdtemp(join(tmpdir(), "sm-guest-prog-"));
+  try {
+    const out = join(dir, name);
+    await promisify(execFile)("cc", ["-O1", "-static", "-o", out, join(REPO_ROOT, "test", "fixtures", "guest", `${name}.c`)]);
+    return await readFile(out);
+  } finally {
+    await rm(dir, { recursive: true, force: true });
+  }
 }
 
 /** Boots a VM of the default image. Always pair with `await vm.destroy()` in `after`/`finally`. */

@@ -78,8 +78,8 @@ export const DEFAULT_AGENT_LIMITS: AgentLimits = Object.freeze({
 /**
  * How long the host waits for the agent's answer to each kind of request
  * before it rejects with TimeoutError (and abandons the stream with CANCEL).
- * `SUPERMACHINE_REQUEST_TIMEOUT_MS` overrides requestMs, startedMs and
- * pingMs, and sets fileMs to twice its value.
+ * `SUPERMACHINE_REQUEST_TIMEOUT_MS` overrides requestMs, startedMs,
+ * connectMs and pingMs, and sets fileMs to twice its value.
  */
 export interface AgentDeadlines {
   /**
@@ -90,8 +90,16 @@ export interface AgentDeadlines {
   readonly requestMs: number;
   /** READ_FILE and WRITE_FILE, from the request to the final OK. @default 120000 */
   readonly fileMs: number;
-  /** STARTED of a spawned process and of a TCP_CONNECT. @default 60000 */
+  /** STARTED of a spawned process. @default 60000 */
   readonly startedMs: number;
+  /**
+   * STARTED of a TCP_CONNECT: the guest kernel's connect, which waits out a
+   * busy listener's full backlog with SYN retransmits (1, 3, 7 ... 63 s) and
+   * gives up by itself after ≈ 127 s (Linux's default `tcp_syn_retries`).
+   * Longer than that, so a connection through a forwarder fails when the
+   * guest's own connect would, not before. @default 150000
+   */
+  readonly connectMs: number;
   /** An explicit ping() (liveness pings have their own timeout). @default 30000 */
   readonly pingMs: number;
 }
@@ -99,8 +107,8 @@ export interface AgentDeadlines {
 /** The default deadlines, with SUPERMACHINE_REQUEST_TIMEOUT_MS applied. */
 export function defaultDeadlines(): AgentDeadlines {
   const v = Number(process.env.SUPERMACHINE_REQUEST_TIMEOUT_MS);
-  if (Number.isInteger(v) && v > 0) return { requestMs: v, fileMs: 2 * v, startedMs: v, pingMs: v };
-  return { requestMs: 60_000, fileMs: 120_000, startedMs: 60_000, pingMs: 30_000 };
+  if (Number.isInteger(v) && v > 0) return { requestMs: v, fileMs: 2 * v, startedMs: v, connectMs: v, pingMs: v };
+  return { requestMs: 60_000, fileMs: 120_000, startedMs: 60_000, connectMs: 150_000, pingMs: 30_000 };
 }
 
 const DEADLINE_HINT = "the guest agent is not answering (raise SUPERMACHINE_REQUEST_TIMEOUT_MS if the guest is only slow)";
@@ -1589,7 +1597,7 @@ export class AgentConnection {
     const r = new RecordBuilder().u32(Tag.TCP_CONNECT.port, port);
     if (addr) r.bytes(Tag.TCP_CONNECT.addr, addr);
     const s = this.open((id) => new TcpStream(this, id));
-    s.armDeadline(this.deadlines.startedMs, "TCP_CONNECT: STARTED");
+    s.armDeadline(this.deadlines.connectMs, "TCP_CONNECT: STARTED");
     this._send(MsgType.TCP_CONNECT, 0, s.id, r.build());
     return s;
   }

@@ -306,7 +306,8 @@ describe("host limits: every request has a deadline", () => {
   it("a guest that answers nothing: each request type rejects with TimeoutError within its deadline, and its stream is cancelled", { timeout: 60_000 }, async () => {
     const { path, server, got } = await silentAgent();
     const ms = 300;
-    const conn = await AgentConnection.connect(path, { timeoutMs: 5000, deadlines: { requestMs: ms, fileMs: ms, startedMs: ms, pingMs: ms } });
+    // TCP_CONNECT's deadline is its own (connectMs), longer than a spawn's.
+    const conn = await AgentConnection.connect(path, { timeoutMs: 5000, deadlines: { requestMs: ms, fileMs: ms, startedMs: ms, connectMs: 2 * ms, pingMs: ms } });
     try {
       const base = retained();
       const cases: [string, number, () => Promise<unknown>][] = [
@@ -318,7 +319,7 @@ describe("host limits: every request has a deadline", () => {
         ["READ_FILE", ms, () => conn.readFile(Buffer.from("/etc/hostname"), 4096)],
         ["WRITE_FILE", ms, () => conn.writeFile(Buffer.from("/tmp/x"), Buffer.from("hello"), 0o644, true)],
         ["spawn's STARTED", ms, () => conn.exec({ argv, stdin: true, reportStarted: true }).started],
-        ["TCP_CONNECT's STARTED", ms, () => conn.tcpConnect(80).connected],
+        ["TCP_CONNECT's STARTED", 2 * ms, () => conn.tcpConnect(80).connected],
         ["PING", ms, () => conn.ping()],
       ];
       for (const [name, deadline, start] of cases) {

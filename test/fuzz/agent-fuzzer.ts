@@ -201,7 +201,7 @@ class Session {
         cb();
       },
     });
-    this.conn = AgentConnection._overStream(this.sock as unknown as Socket, { limits: { maxStreams: 64 }, deadlines: { requestMs: 0, fileMs: 0, startedMs: 0, pingMs: 0 } });
+    this.conn = AgentConnection._overStream(this.sock as unknown as Socket, { limits: { maxStreams: 64 }, deadlines: { requestMs: 0, fileMs: 0, startedMs: 0, connectMs: 0, pingMs: 0 } });
     const c = this.conn;
     const keep = (p: Promise<unknown>) => this.pending.push(p.catch(() => undefined));
     const e1: ExecStream = c.exec({ argv: [Buffer.from("x")] });

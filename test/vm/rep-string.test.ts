@@ -8,34 +8,22 @@
  */
 
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
 import { existsSync, readFileSync } from "node:fs";
-import { mkdtemp, readFile, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
-import { promisify } from "node:util";
 import { after, before, describe, it } from "node:test";
 import { chooseAccelerator } from "../../src/vmm/accel.js";
 import { findQemu } from "../../src/vmm/qemu.js";
 import { Vm } from "../../src/vm/vm.js";
-import { REPO_ROOT, VM_TEST_TIMEOUT, defaultRootfs, descendantsMatching } from "../helpers.js";
-
-const execFileP = promisify(execFile);
+import { VM_TEST_TIMEOUT, compileGuestProgram, defaultRootfs, descendantsMatching } from "../helpers.js";
 
 describe("rep movs / rep stos in the guest", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
-  let dir: string;
   let program: Buffer;
 
   before(async () => {
-    dir = await mkdtemp(join(tmpdir(), "sm-rep-"));
-    const out = join(dir, "rep-string");
-    // setup installs gcc and libc6-dev (scripts/setup.mjs).
-    await execFileP("cc", ["-O1", "-static", "-o", out, join(REPO_ROOT, "test", "fixtures", "guest", "rep-string.c")]);
-    program = await readFile(out);
+    program = await compileGuestProgram("rep-string");
   });
 
-  after(async () => {
-    await rm(dir, { recursive: true, force: true });
+  after(() => {
     assert.deepEqual(descendantsMatching(/qemu-system/), [], "no QEMU of this process remains");
   });
 
