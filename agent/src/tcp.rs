@@ -14,6 +14,9 @@ pub struct Conn {
     /// Bytes from the host waiting to be written to the socket.
     pending: Vec<u8>,
     pending_pos: usize,
+    /// Bytes `queue` wrote straight to the socket, not yet credited to the
+    /// host (the next `on_event` does).
+    written_direct: usize,
     host_eof: bool,
     shut_wr: bool,
     sock_eof: bool,
@@ -75,6 +78,7 @@ impl Conn {
             credit: proto::INITIAL_WINDOW,
             pending: Vec::new(),
             pending_pos: 0,
+            written_direct: 0,
             host_eof: false,
             shut_wr: false,
             sock_eof: false,
@@ -101,9 +105,26 @@ impl Conn {
         ev
     }
 
+    /// Bytes from the host for the socket: with nothing queued before them,
+    /// as much as the socket takes now goes straight from `data` (no copy
+    /// into `pending`: for a stream-ring region, `data` is the ring's
+    /// buffer); the rest waits in `pending`.
     pub fn queue(&mut self, data: &[u8]) {
-        self.pending_pos = crate::io::compact_written(&mut self.pending, self.pending_pos);
-        self.pending.extend_from_slice(data);
+        let mut from = 0;
+        if self.connected && self.pending_pos == self.pending.len() {
+            while from < data.len() {
+                match self.sock.write(&data[from..]) {
+                    Ok(n) if n > 0 => from += n,
+                    // Would block, or an error on_event meets again.
+                    _ => break,
+                }
+            }
+            self.written_direct += from;
+        }
+        if from < data.len() {
+            self.pending_pos = crate::io::compact_written(&mut self.pending, self.pending_pos);
+            self.pending.extend_from_slice(&data[from..]);
+        }
     }
 
     pub fn host_eof(&mut self) {
@@ -142,7 +163,7 @@ impl Conn {
             io.send_record(ty::STARTED, id, Record::new());
         }
         // Host -> guest.
-        let mut written = 0usize;
+        let mut written = std::mem::take(&mut self.written_direct);
         while self.pending_pos < self.pending.len() {
             match self.sock.write(&self.pending[self.pending_pos..]) {
                 Ok(n) => {

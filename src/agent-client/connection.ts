@@ -16,7 +16,7 @@ import { connect, type Socket } from "node:net";
 import { deferred, type Deferred } from "../deferred.js";
 import { AgentError, ClosedError, ProtocolError, ResourceLimitError, TimeoutError } from "../errors.js";
 import { ByteQueue } from "./byte-queue.js";
-import { RING_REGION_BYTES, type StreamRing } from "./ring.js";
+import { RING_MAX_REGION_BYTES, RING_REGION_BYTES, type StreamRing } from "./ring.js";
 import { guestText } from "../guest-text.js";
 import { DecodeError, FrameReader, RecordBuilder, RecordReader, encodeFrame, type Frame } from "../protocol/codec.js";
 import {
@@ -1002,17 +1002,18 @@ export class AgentConnection {
   private ring: StreamRing | undefined;
   /** @internal Largest payload a Sender puts in one DATA or DATA_REF frame. */
   get _dataChunk(): number {
-    return this.ring ? Math.max(DATA_CHUNK, RING_REGION_BYTES) : DATA_CHUNK;
+    return this.ring ? Math.max(DATA_CHUNK, RING_MAX_REGION_BYTES) : DATA_CHUNK;
   }
   /** @internal The payload that goes through the stream ring (0: no ring). */
   get _ringMin(): number {
     return this.ring ? RING_REGION_BYTES : 0;
   }
-  /** @internal DATA_REF frames sent, and ring regions not acknowledged yet (for tests). */
-  get _ringStats(): { sent: number; pending: number } | undefined {
-    return this.ring ? { sent: this.ringSent, pending: this.ring.pending } : undefined;
+  /** @internal DATA_REF frames sent, the bytes they named, and ring regions not acknowledged yet (for tests). */
+  get _ringStats(): { sent: number; bytes: number; pending: number } | undefined {
+    return this.ring ? { sent: this.ringSent, bytes: this.ringBytes, pending: this.ring.pending } : undefined;
   }
   private ringSent = 0;
+  private ringBytes = 0;
 
   /**
    * @internal Bulk host → guest bytes go through the VM's stream ring from
@@ -1033,6 +1034,7 @@ export class AgentConnection {
         p.writeUInt32LE(bytes.length, 8);
         this._send(MsgType.DATA_REF, channel, stream, p);
         this.ringSent++;
+        this.ringBytes += bytes.length;
         return;
       }
     }

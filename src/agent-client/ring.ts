@@ -18,13 +18,22 @@ import type { QemuDisk } from "../volumes/disks.js";
 /** Size of each VM's ring file (sparse: pages are used only when written). */
 export const RING_BYTES = 2 << 20;
 /**
- * What goes through the ring: payloads of exactly this size (a large write
- * cut into regions); anything smaller goes as DATA frames. Under TCG a disk
+ * What goes through the ring: payloads of at least this size (a large write
+ * cut into pieces); anything smaller goes as DATA frames. Under TCG a disk
  * request costs the guest about as much as 32 page-sized port reads
  * (measured: 64 and 128 KiB payloads were as fast or faster as frames,
  * 256 KiB ones 20–40 % faster through the ring; docs/performance.md).
  */
 export const RING_REGION_BYTES = 256 * 1024;
+/**
+ * The largest region: a piece of a large write up to this size goes as one
+ * region (the agent reads up to MAX_PAYLOAD at once). Each region costs the
+ * guest a blocking read, and under TCG the task switches around it (each a
+ * full flush of QEMU's software TLB) cost more than the bytes: in the guest,
+ * a region read and written to a loopback socket moved 230 MiB/s with
+ * 256 KiB regions, 300 with 512 KiB and 380 with 1 MiB.
+ */
+export const RING_MAX_REGION_BYTES = 1 << 20;
 /** The disk's serial, which the agent looks for. */
 export const RING_SERIAL = "sm-ring";
 /** Regions start at multiples of this (the agent reads them with O_DIRECT). */

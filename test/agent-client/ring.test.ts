@@ -9,13 +9,14 @@
 
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
+import { readFileSync } from "node:fs";
 import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import type { Server, Socket } from "node:net";
 import { AgentConnection } from "../../src/agent-client/connection.js";
-import { RING_BYTES, RING_REGION_BYTES, StreamRing, createRingFile } from "../../src/agent-client/ring.js";
+import { RING_BYTES, RING_MAX_REGION_BYTES, RING_REGION_BYTES, StreamRing, createRingFile } from "../../src/agent-client/ring.js";
 import { ProtocolError } from "../../src/errors.js";
 import { encodeFrame, type Frame } from "../../src/protocol/codec.js";
 import { MsgType } from "../../src/protocol/constants.js";
@@ -100,6 +101,12 @@ describe("stream ring over a fake agent", () => {
     await rm(dir, { recursive: true, force: true });
   });
 
+  /** The bytes a DATA_REF payload (u64 offset, u32 length) names in the ring file, read now. */
+  function ringBytes(ringFile: string, p: Buffer): Buffer {
+    const off = Number(p.readBigUInt64LE(0));
+    return readFileSync(ringFile).subarray(off, off + p.readUInt32LE(8));
+  }
+
   /** A connection to a fake agent that hands every frame after HELLO to `onFrame`, with a ring attached. */
   async function ringConnection(name: string, onFrame: (sock: Socket, f: Frame) => void): Promise<{ conn: AgentConnection; ringFile: string; fatal: Promise<Error>; server: Server }> {
     const path = join(dir, `${name}.sock`);
@@ -114,30 +121,39 @@ describe("stream ring over a fake agent", () => {
     return { conn, ringFile, fatal, server };
   }
 
-  it("a large stdin write goes as DATA_REF regions holding its bytes, small ones as DATA; acknowledged regions are reused", async () => {
+  it("a large stdin write goes as DATA_REF regions holding its bytes (up to RING_MAX_REGION_BYTES each, none under RING_REGION_BYTES), small ones as DATA; acknowledged regions are reused", async () => {
     const got: { type: number; payload: Buffer }[] = [];
     const { conn, ringFile, server } = await ringConnection("ok", (sock, f) => {
       if (f.type === MsgType.EXEC) return;
       if (f.type === MsgType.DATA || f.type === MsgType.DATA_REF) {
-        got.push({ type: f.type, payload: Buffer.from(f.payload) });
+        // A snapshot of the region's bytes as the guest would read them now.
+        const region = f.type === MsgType.DATA_REF ? ringBytes(ringFile, f.payload) : undefined;
+        got.push({ type: f.type, payload: region ?? Buffer.from(f.payload) });
+        const n = f.type === MsgType.DATA_REF ? f.payload.readUInt32LE(8) : f.payload.length;
         if (f.type === MsgType.DATA_REF) sock.write(encodeFrame(MsgType.RING_ACK, 0, 0, Buffer.from([1, 0, 0, 0])));
+        // The guest took the bytes: their credit comes back.
+        const w = Buffer.alloc(4);
+        w.writeUInt32LE(n);
+        sock.write(encodeFrame(MsgType.WINDOW, 0, f.stream, w));
       }
     });
     try {
       const s = conn.exec({ argv: [Buffer.from("cat")], stdin: true });
-      const big = randomBytes(RING_REGION_BYTES + 1000);
+      // One region of the largest size, one of the rest (over the least).
+      const big = randomBytes(RING_MAX_REGION_BYTES + RING_REGION_BYTES + 1000);
       await s.writeStdin(big);
+      // Under the least: frames.
+      const under = randomBytes(RING_REGION_BYTES - 4096);
+      await s.writeStdin(under);
       await s.writeStdin(Buffer.from("small"));
-      await waitUntil(() => got.length >= 3);
-      assert.deepEqual(got.map((g) => g.type), [MsgType.DATA_REF, MsgType.DATA, MsgType.DATA]);
-      const off = Number(got[0]!.payload.readBigUInt64LE(0));
-      const len = got[0]!.payload.readUInt32LE(8);
-      assert.equal(len, RING_REGION_BYTES);
-      assert.deepEqual((await readFile(ringFile)).subarray(off, off + len), big.subarray(0, RING_REGION_BYTES));
-      assert.deepEqual(got[1]!.payload, big.subarray(RING_REGION_BYTES));
-      assert.equal(got[2]!.payload.toString(), "small");
+      await waitUntil(() => got.length >= 5);
+      assert.deepEqual(got.map((g) => g.type), [MsgType.DATA_REF, MsgType.DATA_REF, MsgType.DATA, MsgType.DATA, MsgType.DATA]);
+      assert.deepEqual(got[0]!.payload, big.subarray(0, RING_MAX_REGION_BYTES));
+      assert.deepEqual(got[1]!.payload, big.subarray(RING_MAX_REGION_BYTES));
+      assert.deepEqual(Buffer.concat([got[2]!.payload, got[3]!.payload]), under);
+      assert.equal(got[4]!.payload.toString(), "small");
       await waitUntil(() => conn._ringStats!.pending === 0);
-      assert.equal(conn._ringStats!.sent, 1);
+      assert.equal(conn._ringStats!.sent, 2);
     } finally {
       conn.destroy(new Error("done"));
       server.close();
