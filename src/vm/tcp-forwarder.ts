@@ -10,7 +10,8 @@ import type { AgentConnection, TcpStream } from "../agent-client/connection.js";
 
 /**
  * Host → guest bytes of one connection held while a write to the guest is in
- * flight; at this many the socket pauses. Four stream-ring regions.
+ * flight; at this many the socket pauses. One stream-ring region of the
+ * largest size (RING_MAX_REGION_BYTES).
  */
 const UPLOAD_COALESCE_BYTES = 1 << 20;
 /**
