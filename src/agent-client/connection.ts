@@ -16,7 +16,7 @@ import { connect, type Socket } from "node:net";
 import { deferred, type Deferred } from "../deferred.js";
 import { AgentError, ClosedError, ProtocolError, ResourceLimitError, TimeoutError } from "../errors.js";
 import { ByteQueue } from "./byte-queue.js";
-import { RING_MAX_REGION_BYTES, RING_REGION_BYTES, type StreamRing } from "./ring.js";
+import { RING_MAX_REGION_BYTES, RING_MIN_REGION_BYTES, type StreamRing } from "./ring.js";
 import { guestText } from "../guest-text.js";
 import { DecodeError, FrameReader, RecordBuilder, RecordReader, encodeFrame, type Frame } from "../protocol/codec.js";
 import {
@@ -242,8 +242,8 @@ class Sender {
     while (off < data.length) {
       if (this.failed) throw this.failed;
       if (this.closed) throw new ClosedError("stdin was already closed");
-      // With the stream ring, a large write waits for the credit of a whole
-      // region instead of trickling out in small frames (the window is at
+      // With the stream ring, a large write waits for the credit of the
+      // smallest region instead of trickling out in small frames (the window is at
       // least 1 MiB, so that credit always comes once the guest reads).
       const ringMin = this.conn._ringMin;
       if (this.credit === 0 || (ringMin > 0 && data.length - off >= ringMin && this.credit < ringMin)) {
@@ -1006,7 +1006,7 @@ export class AgentConnection {
   }
   /** @internal The payload that goes through the stream ring (0: no ring). */
   get _ringMin(): number {
-    return this.ring ? RING_REGION_BYTES : 0;
+    return this.ring ? RING_MIN_REGION_BYTES : 0;
   }
   /** @internal DATA_REF frames sent, the bytes they named, and ring regions not acknowledged yet (for tests). */
   get _ringStats(): { sent: number; bytes: number; pending: number } | undefined {
@@ -1026,7 +1026,7 @@ export class AgentConnection {
 
   /** @internal Flow-controlled bytes for a stream: a DATA_REF into the ring when they are many and it has room, else a DATA frame. */
   _sendData(channel: number, stream: number, bytes: Uint8Array): void {
-    if (this.ring && bytes.length >= RING_REGION_BYTES && !this.error) {
+    if (this.ring && bytes.length >= RING_MIN_REGION_BYTES && !this.error) {
       const off = this.ring.place(bytes);
       if (off !== undefined) {
         const p = Buffer.allocUnsafe(12);

@@ -3,8 +3,9 @@
  *
  * The agent's virtio-serial port hands the guest one page per read, so bulk
  * host → guest bytes (stdin, file uploads, TCP uploads) cost the guest an
- * interrupt and a read every 4 KiB. Payloads of {@link RING_REGION_BYTES}
- * (large writes: stdin, file uploads) are instead written into the backing file
+ * interrupt and a read every 4 KiB. Payloads of {@link RING_MIN_REGION_BYTES}
+ * to {@link RING_MAX_REGION_BYTES} (pieces of large writes: stdin, file and
+ * TCP uploads) are instead written into the backing file
  * of a small read-only virtio-blk disk, and a `DATA_REF` frame names the
  * region; the agent reads it with one request. The agent acknowledges every
  * `DATA_REF` once, in order (`RING_ACK`), and only then is its region written
@@ -24,7 +25,7 @@ export const RING_BYTES = 2 << 20;
  * (measured: 64 and 128 KiB payloads were as fast or faster as frames,
  * 256 KiB ones 20–40 % faster through the ring; docs/performance.md).
  */
-export const RING_REGION_BYTES = 256 * 1024;
+export const RING_MIN_REGION_BYTES = 256 * 1024;
 /**
  * The largest region: a piece of a large write up to this size goes as one
  * region (the agent reads up to MAX_PAYLOAD at once). Each region costs the

@@ -16,7 +16,7 @@ import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import type { Server, Socket } from "node:net";
 import { AgentConnection } from "../../src/agent-client/connection.js";
-import { RING_BYTES, RING_MAX_REGION_BYTES, RING_REGION_BYTES, StreamRing, createRingFile } from "../../src/agent-client/ring.js";
+import { RING_BYTES, RING_MAX_REGION_BYTES, RING_MIN_REGION_BYTES, StreamRing, createRingFile } from "../../src/agent-client/ring.js";
 import { ProtocolError } from "../../src/errors.js";
 import { encodeFrame, type Frame } from "../../src/protocol/codec.js";
 import { MsgType } from "../../src/protocol/constants.js";
@@ -121,7 +121,7 @@ describe("stream ring over a fake agent", () => {
     return { conn, ringFile, fatal, server };
   }
 
-  it("a large stdin write goes as DATA_REF regions holding its bytes (up to RING_MAX_REGION_BYTES each, none under RING_REGION_BYTES), small ones as DATA; acknowledged regions are reused", async () => {
+  it("a large stdin write goes as DATA_REF regions holding its bytes (up to RING_MAX_REGION_BYTES each, none under RING_MIN_REGION_BYTES), small ones as DATA; acknowledged regions are reused", async () => {
     const got: { type: number; payload: Buffer }[] = [];
     const { conn, ringFile, server } = await ringConnection("ok", (sock, f) => {
       if (f.type === MsgType.EXEC) return;
@@ -140,10 +140,10 @@ describe("stream ring over a fake agent", () => {
     try {
       const s = conn.exec({ argv: [Buffer.from("cat")], stdin: true });
       // One region of the largest size, one of the rest (over the least).
-      const big = randomBytes(RING_MAX_REGION_BYTES + RING_REGION_BYTES + 1000);
+      const big = randomBytes(RING_MAX_REGION_BYTES + RING_MIN_REGION_BYTES + 1000);
       await s.writeStdin(big);
       // Under the least: frames.
-      const under = randomBytes(RING_REGION_BYTES - 4096);
+      const under = randomBytes(RING_MIN_REGION_BYTES - 4096);
       await s.writeStdin(under);
       await s.writeStdin(Buffer.from("small"));
       await waitUntil(() => got.length >= 5);
