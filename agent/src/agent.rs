@@ -4,7 +4,7 @@
 //! own their state; it owns only the port and the session's framing.
 
 use crate::init::BootReport;
-use crate::io::{Io, ReqError, TK_DRAIN, TK_IN, TK_KIND, TK_OUT, TK_PORT, TK_SIG, TK_TCP};
+use crate::io::{Io, ReqError, TK_DRAIN, TK_IN, TK_KIND, TK_OUT, TK_PORT, TK_RING, TK_SIG, TK_TCP};
 use crate::proto::{self, tag, ty, Record};
 use crate::ring::Ring;
 use crate::service::exec::{self as exec_service, ExecService};
@@ -45,6 +45,9 @@ pub struct Agent {
     logs: LogService,
     /// The stream ring disk, when the host attached one (ring.rs).
     ring: Option<Ring>,
+    /// Frames wait in `rbuf` behind region reads in flight (the port is
+    /// not read until they are handed on).
+    frames_held: bool,
 }
 
 fn find_port(name: &str) -> io::Result<PathBuf> {
@@ -101,8 +104,12 @@ pub fn run(boot: &BootReport) -> io::Result<()> {
         mounts: MountService::new(),
         logs: LogService::new(),
         ring: Ring::open(),
+        frames_held: false,
     };
     a.io.add(a.sig.raw(), sys::EPOLLIN, TK_SIG);
+    if let Some(fd) = a.ring.as_ref().and_then(|r| r.event_fd()) {
+        a.io.add(fd, sys::EPOLLIN, TK_RING);
+    }
     a.open_port()?;
     a.event_loop()
 }
@@ -161,6 +168,7 @@ impl Agent {
                     TK_DRAIN => self.logs.event(&mut self.io, tok & 0xffff_ffff_ffff),
                     TK_FUSE => self.mounts.event(&mut self.io, stream),
                     TK_MOUNT_JOB => self.mounts.job_event(&mut self.io, stream),
+                    TK_RING => self.ring_reads_done(),
                     _ => {}
                 }
             }
@@ -229,6 +237,9 @@ impl Agent {
             Some(fd) => fd.raw(),
             None => return,
         };
+        if self.frames_held {
+            return;
+        }
         loop {
             if self.rbuf.capacity() - self.rbuf.len() < 64 * 1024 {
                 // A frame is never larger than RBUF; compact happened below.
@@ -262,6 +273,7 @@ impl Agent {
     }
 
     fn process_frames(&mut self) {
+        self.frames_held = false;
         let buf = std::mem::take(&mut self.rbuf);
         let mut pos = 0;
         if self.resync {
@@ -284,6 +296,10 @@ impl Agent {
         loop {
             match proto::parse_frame(&buf[pos..]) {
                 Ok(Some((f, used))) => {
+                    if self.held_by_reads(f.ty, f.flags, f.stream, f.payload) {
+                        self.frames_held = true;
+                        break;
+                    }
                     pos += used;
                     debug!("frame type {:#x} stream {} len {}", f.ty, f.stream, f.payload.len());
                     if self.io.quiesced {
@@ -305,12 +321,55 @@ impl Agent {
         let mut buf = buf;
         buf.drain(..pos);
         self.rbuf = buf;
-        // One acknowledgement for the ring regions this batch read.
+        self.send_ring_ack();
+    }
+
+    /// One acknowledgement for the ring regions read since the last.
+    fn send_ring_ack(&mut self) {
         if let Some(r) = self.ring.as_mut() {
             if r.unacked > 0 {
                 self.io.send(ty::RING_ACK, 0, 0, &r.unacked.to_le_bytes());
                 r.unacked = 0;
             }
+        }
+    }
+
+    /// Whether a frame must wait for the region reads in flight: every
+    /// frame does, in order, except a valid DATA_REF whose read can be
+    /// submitted too (stream order, and the order of RING_ACK counts, stay
+    /// the order of the frames).
+    fn held_by_reads(&self, t: u8, flags: u8, id: u32, p: &[u8]) -> bool {
+        let ring = match self.ring.as_ref() {
+            Some(r) if r.reads_in_flight() => r,
+            _ => return false,
+        };
+        !(t == ty::DATA_REF && ring.can_submit() && ring.region(p).is_ok() && self.exec.stdin_pipe(id, flags).is_none())
+    }
+
+    /// Hands on the region reads that completed, oldest first, then goes on
+    /// with the frames that waited for them.
+    fn ring_reads_done(&mut self) {
+        let mut ring = match self.ring.take() {
+            Some(r) => r,
+            None => return,
+        };
+        ring.reap();
+        while let Some((id, ch, got)) = ring.front_done() {
+            match got {
+                Ok(bytes) => self.data(id, ch, bytes),
+                Err(e) => {
+                    log!("{}", e);
+                    self.io.send_error(id, ReqError::BadRequest(e));
+                }
+            }
+            ring.pop_front();
+            ring.unacked += 1;
+        }
+        let resume = !ring.reads_in_flight() || ring.can_submit();
+        self.ring = Some(ring);
+        self.send_ring_ack();
+        if self.frames_held && resume {
+            self.process_frames();
         }
     }
 
@@ -405,6 +464,7 @@ impl Agent {
                         return;
                     }
                 };
+                let mut read_later = false;
                 let got = ring.region(p).and_then(|(off, len)| {
                     // A process's stdin with nothing queued: the region's
                     // whole pages go into its pipe without a copy.
@@ -413,6 +473,11 @@ impl Agent {
                         moved = ring.splice_into(off, len, fd);
                         // Credited as bytes written into the pipe are.
                         self.io.send_window(id, 0, moved);
+                    } else if ring.submit(id, flags, off, len) {
+                        // Handed on (and acknowledged) when the read
+                        // completes: ring_reads_done.
+                        read_later = true;
+                        return Ok(());
                     }
                     if moved < len {
                         let bytes = ring.read_at(off, moved, len)?;
@@ -420,6 +485,9 @@ impl Agent {
                     }
                     Ok(())
                 });
+                if !read_later {
+                    ring.unacked += 1;
+                }
                 if let Err(e) = got {
                     log!("{}", e);
                     self.io.send_error(id, ReqError::BadRequest(e));

@@ -47,6 +47,10 @@ struct Cmdline {
     /// TCG, a program at the same addresses reuses the translations of its
     /// earlier runs; docs/performance.md).
     aslr: bool,
+    /// Whether a woken task may preempt the running one (`sm.wakeup_preempt=0`
+    /// turns it off: under TCG each switch between address spaces flushes
+    /// QEMU's software TLB; docs/performance.md).
+    wakeup_preempt: bool,
     disks: DiskConfig,
 }
 
@@ -60,6 +64,7 @@ fn parse_cmdline(text: &str) -> Cmdline {
         cgroups: true,
         memcg: true,
         aslr: true,
+        wakeup_preempt: true,
         disks: DiskConfig::default(),
     };
     for word in text.split_whitespace() {
@@ -73,6 +78,7 @@ fn parse_cmdline(text: &str) -> Cmdline {
                 "sm.cgroups" => c.cgroups = v != "0" && v != "off",
                 "sm.memcg" => c.memcg = v != "0" && v != "off",
                 "sm.aslr" => c.aslr = v != "0" && v != "off",
+                "sm.wakeup_preempt" => c.wakeup_preempt = v != "0" && v != "off",
                 "sm.debug" => crate::DEBUG.store(v == "1", std::sync::atomic::Ordering::Relaxed),
                 _ => {
                     c.disks.take(k, v);
@@ -92,6 +98,24 @@ pub fn mount(src: &str, target: &str, fstype: &str, flags: c_ulong, data: &str) 
     sys::cvt(unsafe { sys::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, dp) })
         .map(|_| ())
         .map_err(|e| io::Error::new(e.kind(), format!("mount {} on {} ({}): {}", src, target, fstype, e)))
+}
+
+/// Turns the scheduler's wakeup preemption off (the `NO_WAKEUP_PREEMPTION`
+/// feature, which the kernel only exposes in debugfs): a task that wakes
+/// runs when the running one blocks or its slice ends, not at once. Under
+/// TCG every switch between two processes flushes QEMU's whole software
+/// TLB and jump cache, and a writer into a loopback socket was preempted by
+/// its reader once per 64 KiB segment (≈ 16 switches per MiB). debugfs is
+/// mounted only for the write: guest programs never see it.
+fn no_wakeup_preemption() -> Result<(), String> {
+    const AT: &str = "/sys/kernel/debug";
+    mount("debugfs", AT, "debugfs", sys::MS_NOSUID | sys::MS_NODEV | sys::MS_NOEXEC, "").map_err(|e| e.to_string())?;
+    let r = fs::write(format!("{}/sched/features", AT), "NO_WAKEUP_PREEMPTION").map_err(|e| format!("sched/features: {}", e));
+    let t = cstring(AT.as_bytes()).map_err(|e| e.to_string())?;
+    if unsafe { sys::umount2(t.as_ptr(), 0) } != 0 {
+        return Err(format!("umount {}: {}", AT, io::Error::last_os_error()));
+    }
+    r
 }
 
 fn mkdir_p(path: &str) {
@@ -406,6 +430,12 @@ pub fn boot() -> BootReport {
     if !c.aslr {
         if let Err(e) = fs::write("/proc/sys/kernel/randomize_va_space", "0") {
             errors.push(format!("randomize_va_space: {}", e));
+        }
+    }
+    if !c.wakeup_preempt {
+        // A tuning only: without it the guest runs as before.
+        if let Err(e) = no_wakeup_preemption() {
+            log!("wakeup preemption stays on: {}", e);
         }
     }
     if let Err(e) = loopback_up() {

@@ -13,6 +13,8 @@ pub const TK_OUT: u64 = 3 << 56;
 pub const TK_IN: u64 = 4 << 56;
 pub const TK_TCP: u64 = 5 << 56;
 pub const TK_DRAIN: u64 = 6 << 56;
+/// The stream ring's completed region reads (mounts use 7 and 8).
+pub const TK_RING: u64 = 9 << 56;
 pub const TK_KIND: u64 = 0xff << 56;
 
 /// Largest DATA payload the agent sends by copying.

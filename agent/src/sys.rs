@@ -165,6 +165,8 @@ extern "C" {
     pub fn getpid() -> pid_t;
     pub fn sched_setscheduler(pid: pid_t, policy: c_int, param: *const SchedParam) -> c_int;
     pub fn sync();
+    pub fn umount2(target: *const c_char, flags: c_int) -> c_int;
+    pub fn eventfd(initval: c_uint, flags: c_int) -> c_int;
     pub fn splice(fd_in: c_int, off_in: *mut i64, fd_out: c_int, off_out: *mut i64, len: usize, flags: c_uint) -> isize;
 }
 
@@ -264,6 +266,21 @@ pub const CLOCK_MONOTONIC: c_int = 1;
 
 #[cfg(target_arch = "x86_64")]
 pub const SYS_FINIT_MODULE: c_long = 313;
+// Linux AIO (the stream ring's region reads).
+#[cfg(target_arch = "x86_64")]
+pub const SYS_IO_SETUP: c_long = 206;
+#[cfg(target_arch = "x86_64")]
+pub const SYS_IO_GETEVENTS: c_long = 208;
+#[cfg(target_arch = "x86_64")]
+pub const SYS_IO_SUBMIT: c_long = 209;
+#[cfg(target_arch = "aarch64")]
+pub const SYS_IO_SETUP: c_long = 0;
+#[cfg(target_arch = "aarch64")]
+pub const SYS_IO_SUBMIT: c_long = 2;
+#[cfg(target_arch = "aarch64")]
+pub const SYS_IO_GETEVENTS: c_long = 4;
+pub const EFD_NONBLOCK: c_int = 0o4000;
+pub const EFD_CLOEXEC: c_int = 0o2000000;
 #[cfg(target_arch = "aarch64")]
 pub const SYS_FINIT_MODULE: c_long = 273;
 

@@ -20,6 +20,8 @@ pub struct Conn {
     host_eof: bool,
     shut_wr: bool,
     sock_eof: bool,
+    /// Granted EXTRA_WINDOW (crate::service::tcp) over the initial window.
+    pub extra: bool,
 }
 
 fn parse_ipv4(s: &[u8]) -> Option<u32> {
@@ -63,10 +65,8 @@ impl Conn {
         }
         let sa = sys::SockaddrIn { sin_family: sys::AF_INET as u16, sin_port: (port as u16).to_be(), sin_addr: addr, sin_zero: [0; 8] };
         let r = unsafe { sys::connect(fd, &sa as *const sys::SockaddrIn as *const _, std::mem::size_of::<sys::SockaddrIn>() as u32) };
-        let mut connected = false;
-        if r == 0 {
-            connected = true;
-        } else {
+        // Connected at once or not, the first EPOLLOUT says STARTED (on_event).
+        if r != 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(sys::EINPROGRESS) {
                 return Err(ReqError::Refused(format!("connect to guest port {}: {}", port, e)));
@@ -74,7 +74,7 @@ impl Conn {
         }
         let c = Conn {
             sock,
-            connected,
+            connected: false,
             credit: proto::INITIAL_WINDOW,
             pending: Vec::new(),
             pending_pos: 0,
@@ -82,8 +82,13 @@ impl Conn {
             host_eof: false,
             shut_wr: false,
             sock_eof: false,
+            extra: false,
         };
         Ok(c)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected
     }
 
     pub fn fd(&self) -> i32 {

@@ -190,6 +190,8 @@ abstract class StreamBase {
 class Sender {
   credit = INITIAL_WINDOW;
   private outstanding = INITIAL_WINDOW;
+  /** Bytes sent and not credited back yet. */
+  private sentUncredited = 0;
   private waiters: (() => void)[] = [];
   private chain: Promise<void> = Promise.resolve();
   failed: Error | undefined;
@@ -205,11 +207,21 @@ class Sender {
     // mean. The host uses at most maxSendWindowBytes of it (doWrite).
     if (this.outstanding + n > 0xffffffff) return `window overflow (outstanding credit ${this.outstanding} + ${n} is over 4 GiB)`;
     this.outstanding += n;
+    this.sentUncredited = Math.max(0, this.sentUncredited - n);
     this.credit = Math.min(this.credit + n, Math.max(INITIAL_WINDOW, this.conn.limits.maxSendWindowBytes));
     const w = this.waiters;
     this.waiters = [];
     for (const f of w) f();
+    this.onGrant();
     return undefined;
+  }
+
+  /** Called after each grant from the guest. */
+  onGrant: () => void = () => undefined;
+
+  /** Bytes sent and not credited back yet. */
+  get inFlight(): number {
+    return this.sentUncredited;
   }
 
   fail(e: Error): void {
@@ -246,7 +258,9 @@ class Sender {
       // smallest region instead of trickling out in small frames (the window is at
       // least 1 MiB, so that credit always comes once the guest reads).
       const ringMin = this.conn._ringMin;
-      if (this.credit === 0 || (ringMin > 0 && data.length - off >= ringMin && this.credit < ringMin)) {
+      const left = data.length - off;
+      const whole = ringMin > 0 && this.credit + this.sentUncredited >= 2 * this.conn._dataChunk ? Math.min(left, this.conn._dataChunk) : 0;
+      if (this.credit === 0 || (ringMin > 0 && left >= ringMin && this.credit < ringMin) || (whole >= ringMin && this.credit < whole)) {
         await new Promise<void>((r) => this.waiters.push(r));
         continue;
       }
@@ -259,6 +273,7 @@ class Sender {
       this.conn._sendData(Channel.STDIN, this.id, data.subarray(off, off + n));
       this.credit -= n;
       this.outstanding -= n;
+      this.sentUncredited += n;
       off += n;
     }
     if (this.failed) throw this.failed;

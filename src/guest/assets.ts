@@ -177,6 +177,17 @@ export function defaultAslr(accel: Accelerator): boolean {
 }
 
 /** The guest kernel command line. */
+/**
+ * Whether the guest scheduler lets a woken task preempt the running one.
+ * Not under TCG, where every switch between guest processes flushes QEMU's
+ * software TLB: a woken task waits for the running one to block or for its
+ * slice to end (docs/performance.md, "Wakeup preemption").
+ * @internal SUPERMACHINE_WAKEUP_PREEMPTION=1 keeps the kernel's default (for benchmarks).
+ */
+export function wakeupPreemption(accel: Accelerator): boolean {
+  return accel !== "tcg" || process.env.SUPERMACHINE_WAKEUP_PREEMPTION === "1";
+}
+
 export function kernelCmdline(o: CmdlineOptions): string {
   const parts = [
     "console=ttyS0",
@@ -201,6 +212,7 @@ export function kernelCmdline(o: CmdlineOptions): string {
     parts.push("tsc=reliable", "no_timer_check");
     const khz = o.tscKhz === undefined ? hostTscKhz() : o.tscKhz;
     if (khz) parts.push(`tsc_early_khz=${khz}`);
+    if (!wakeupPreemption(o.accel)) parts.push("sm.wakeup_preempt=0");
   }
   parts.push(`sm.root=${o.hasRootfs ? "/dev/vda" : "none"}`);
   if (o.hostname) parts.push(`sm.hostname=${o.hostname}`);

@@ -12,7 +12,7 @@ import { copyFile, link, mkdir, readFile, rename, rm, stat, writeFile } from "no
 import { basename, join, resolve } from "node:path";
 import { promisify } from "node:util";
 import { ImageError, PoolError, SnapshotError, TimeoutError, invalidOption } from "../errors.js";
-import { bootAssets, defaultAslr, kernelCmdline } from "../guest/assets.js";
+import { bootAssets, defaultAslr, kernelCmdline, wakeupPreemption } from "../guest/assets.js";
 import { assertSupportedHost } from "../platform/host.js";
 import { DEFAULT_IMAGE_CONFIG } from "../guest/default-image.js";
 import { acquireLock } from "../oci/lock.js";
@@ -411,6 +411,8 @@ async function planBuild(options: BuildOptions): Promise<BuildPlan> {
     // Only when set, so the keys of existing snapshots stay the same.
     ...(v.runWorkload ? {} : { workload: false }),
     ...(aslr ? {} : { aslr: false }),
+    // Only when it differs from the accelerator's default (TCG: off).
+    ...(accel.accel === "tcg" && wakeupPreemption(accel.accel) ? { wakeupPreemption: true } : {}),
     // Where and how each mount appears, never its host directory.
     ...(v.mounts.length ? { mounts: v.mounts.map((m) => ({ guestTag: m.guestTag, guestPath: m.guestPath ?? null, symlinks: m.symlinks, readOnly: m.readOnly })) } : {}),
   };

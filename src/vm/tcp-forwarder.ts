@@ -136,8 +136,9 @@ export class TcpForwarder {
             }
             return;
           }
+          if (!uploadEnd && upload.length < UPLOAD_COALESCE_BYTES && tcp.sender.inFlight >= UPLOAD_COALESCE_BYTES) return;
           uploading = true;
-          const b = upload.shift();
+          const b = upload.shift(UPLOAD_COALESCE_BYTES);
           tcp.write(b).then(
             () => {
               this.uploadHeld -= b.length;
@@ -151,6 +152,7 @@ export class TcpForwarder {
             },
           );
         };
+        tcp.sender.onGrant = pumpUp;
         sock.on("data", (chunk: Buffer) => {
           upload.push(chunk);
           this.uploadHeld += chunk.length;

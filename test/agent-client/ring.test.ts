@@ -14,12 +14,13 @@ import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import type { Server, Socket } from "node:net";
+import { connect, type Server, type Socket } from "node:net";
 import { AgentConnection } from "../../src/agent-client/connection.js";
 import { RING_BYTES, RING_MAX_REGION_BYTES, RING_MIN_REGION_BYTES, StreamRing, createRingFile } from "../../src/agent-client/ring.js";
 import { ProtocolError } from "../../src/errors.js";
 import { encodeFrame, type Frame } from "../../src/protocol/codec.js";
 import { MsgType } from "../../src/protocol/constants.js";
+import { TcpForwarder } from "../../src/vm/tcp-forwarder.js";
 import { listenFakeAgent } from "./fake-agent.js";
 
 describe("StreamRing", () => {
@@ -155,6 +156,85 @@ describe("stream ring over a fake agent", () => {
       await waitUntil(() => conn._ringStats!.pending === 0);
       assert.equal(conn._ringStats!.sent, 2);
     } finally {
+      conn.destroy(new Error("done"));
+      server.close();
+    }
+  });
+
+  /**
+   * A fake agent's side of one TCP connection that grants 1 MiB more than
+   * the initial window (2 MiB in all, as the real agent does) and credits
+   * each region back in two halves, `ms` and 2 × `ms` later, as a guest
+   * socket takes a region in parts (a DATA frame's in one piece, 2 × `ms`
+   * later). Records each DATA_REF's and DATA frame's size.
+   */
+  function tcpGuest(ms: number): { onFrame: (sock: Socket, f: Frame) => void; refs: number[]; frames: number[]; eof: () => boolean; bytes: () => number } {
+    const refs: number[] = [];
+    const frames: number[] = [];
+    let eof = false;
+    const credit = (sock: Socket, stream: number, n: number) => {
+      const w = Buffer.alloc(4);
+      w.writeUInt32LE(n);
+      if (!sock.destroyed) sock.write(encodeFrame(MsgType.WINDOW, 0, stream, w));
+    };
+    const onFrame = (sock: Socket, f: Frame) => {
+      if (f.type === MsgType.TCP_CONNECT) {
+        sock.write(encodeFrame(MsgType.STARTED, 0, f.stream, Buffer.alloc(0)));
+        credit(sock, f.stream, 1 << 20);
+      } else if (f.type === MsgType.DATA_REF) {
+        const n = f.payload.readUInt32LE(8);
+        refs.push(n);
+        sock.write(encodeFrame(MsgType.RING_ACK, 0, 0, Buffer.from([1, 0, 0, 0])));
+        setTimeout(() => credit(sock, f.stream, n >> 1), ms);
+        setTimeout(() => credit(sock, f.stream, n - (n >> 1)), 2 * ms);
+      } else if (f.type === MsgType.DATA) {
+        const n = f.payload.length;
+        frames.push(n);
+        setTimeout(() => credit(sock, f.stream, n), 2 * ms);
+      } else if (f.type === MsgType.EOF) eof = true;
+    };
+    const sum = (a: number[]) => a.reduce((x, y) => x + y, 0);
+    return { onFrame, refs, frames, eof: () => eof, bytes: () => sum(refs) + sum(frames) };
+  }
+
+  it("with a window of two regions, a large TCP write waits for a whole region's credit instead of sending the half that came back", async () => {
+    const g = tcpGuest(20);
+    const { conn, server } = await ringConnection("tcp-whole", g.onFrame);
+    try {
+      const tcp = conn.tcpConnect(80);
+      await tcp.connected;
+      await tcp.write(randomBytes(4 * RING_MAX_REGION_BYTES));
+      await waitUntil(() => g.bytes() === 4 * RING_MAX_REGION_BYTES);
+      assert.deepEqual(g.refs, [1, 1, 1, 1].map(() => RING_MAX_REGION_BYTES));
+      assert.deepEqual(g.frames, []);
+    } finally {
+      conn.destroy(new Error("done"));
+      server.close();
+    }
+  });
+
+  it("a forwarder whose guest has a whole region in flight coalesces the socket's chunks into whole regions", async () => {
+    // A guest slower than the client (here: 1 MiB per 200 ms), as under
+    // emulation; a guest that keeps up gets each chunk at once.
+    const g = tcpGuest(100);
+    const { conn, server } = await ringConnection("tcp-fwd", g.onFrame);
+    const fwd = await TcpForwarder.listen(() => conn, 0, 80);
+    try {
+      const body = randomBytes(8 * RING_MAX_REGION_BYTES);
+      const c = connect(Number(fwd.localAddr.split(":")[1]), "127.0.0.1");
+      c.on("error", () => undefined);
+      c.end(body);
+      await waitUntil(() => g.eof());
+      assert.equal(g.bytes(), body.length);
+      // Until a region's worth is in flight, chunks go at once (frames);
+      // from then on only whole regions, the last one excepted.
+      const framed = g.frames.reduce((x, y) => x + y, 0);
+      assert.ok(framed <= RING_MAX_REGION_BYTES + 128 * 1024, `bytes sent as DATA frames: ${framed}`);
+      assert.ok(g.refs.slice(0, -1).every((n) => n === RING_MAX_REGION_BYTES), `regions: ${g.refs.join(" ")}`);
+      assert.ok(g.refs.length >= 6, `regions: ${g.refs.join(" ")}`);
+      c.destroy();
+    } finally {
+      fwd.destroy();
       conn.destroy(new Error("done"));
       server.close();
     }

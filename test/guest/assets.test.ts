@@ -8,7 +8,7 @@ import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "nod
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, it } from "node:test";
-import { bootAssets, defaultAslr, kernelCmdline } from "../../src/guest/assets.js";
+import { bootAssets, defaultAslr, kernelCmdline, wakeupPreemption } from "../../src/guest/assets.js";
 import { MissingAssetError } from "../../src/errors.js";
 import { buildCpio, S_IFREG } from "../../src/guest/cpio.js";
 import { isStaticElf } from "../../src/guest/default-image.js";
@@ -119,6 +119,19 @@ describe("guest assets", () => {
     assert.ok(kernelCmdline({ accel: "tcg", hasRootfs: true, aslr: false }).split(" ").includes("sm.aslr=0"));
     assert.ok(!kernelCmdline({ accel: "tcg", hasRootfs: true, aslr: true }).includes("sm.aslr"));
     assert.deepEqual([defaultAslr("tcg"), defaultAslr("kvm")], [false, true]);
+    // Wakeup preemption: off under TCG only, unless SUPERMACHINE_WAKEUP_PREEMPTION=1.
+    assert.ok(t.includes("sm.wakeup_preempt=0"));
+    assert.ok(!k.some((w) => w.startsWith("sm.wakeup_preempt")));
+    const saved = process.env.SUPERMACHINE_WAKEUP_PREEMPTION;
+    process.env.SUPERMACHINE_WAKEUP_PREEMPTION = "1";
+    try {
+      assert.ok(!kernelCmdline({ accel: "tcg", hasRootfs: true }).includes("sm.wakeup_preempt"));
+      assert.deepEqual([wakeupPreemption("tcg"), wakeupPreemption("kvm")], [true, true]);
+    } finally {
+      if (saved === undefined) delete process.env.SUPERMACHINE_WAKEUP_PREEMPTION;
+      else process.env.SUPERMACHINE_WAKEUP_PREEMPTION = saved;
+    }
+    assert.deepEqual([wakeupPreemption("tcg"), wakeupPreemption("kvm")], [false, true]);
   });
 
   it("a dynamically linked agent is refused with the fix named, before any VM boots", async () => {

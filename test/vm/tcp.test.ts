@@ -11,6 +11,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { get, type IncomingMessage } from "node:http";
 import { connect, type Socket } from "node:net";
 import { after, before, describe, it } from "node:test";
+import { RING_MAX_REGION_BYTES } from "../../src/agent-client/ring.js";
 import type { TcpForwarder } from "../../src/vm/tcp-forwarder.js";
 import type { Vm } from "../../src/vm/vm.js";
 import { VM_TEST_TIMEOUT, bootDefault, compileGuestProgram, waitFor } from "../helpers.js";
@@ -141,6 +142,37 @@ describe("vm.exposeTcp on a real VM", { timeout: VM_TEST_TIMEOUT }, () => {
     } finally {
       await fwd.stop();
     }
+  });
+
+  it("the agent grants a connection a window of two ring regions (one in flight while the next fills), to at most 8 connections at once", async () => {
+    const open = async (n: number) => {
+      const conns = Array.from({ length: n }, () => vm.conn.tcpConnect(8080));
+      await Promise.all(conns.map((c) => c.connected));
+      return conns;
+    };
+    const windows = (conns: { sender: { credit: number } }[]) => conns.map((c) => c.sender.credit / RING_MAX_REGION_BYTES).sort();
+    const ten = await open(10);
+    try {
+      // The extra credit comes right after STARTED.
+      await waitFor(() => windows(ten).filter((w) => w === 2).length === 8, 30_000, "8 connections with the extra grant");
+      assert.deepEqual(windows(ten), [1, 1, 2, 2, 2, 2, 2, 2, 2, 2]);
+    } finally {
+      for (const c of ten) c.reset();
+    }
+    // Closed connections give their extra back.
+    await waitFor(
+      async () => {
+        const [one] = await open(1);
+        try {
+          await new Promise((r) => setTimeout(r, 200));
+          return one!.sender.credit === 2 * RING_MAX_REGION_BYTES;
+        } finally {
+          one!.reset();
+        }
+      },
+      30_000,
+      "a new connection's extra grant after the others closed",
+    );
   });
 
   it("stop() during a slow download lets it finish and refuses new connections; stop() is idempotent", async () => {

@@ -6,13 +6,34 @@ use crate::proto::ty;
 use crate::tcp::Conn;
 use std::collections::HashMap;
 
+/// Host → guest credit each connection gets over the initial window (1 MiB):
+/// one more stream-ring region of the largest size, so that one region is
+/// in flight while the agent writes the last to the socket (without it the
+/// guest waited for every region; docs/performance.md, "TCP upload").
+const EXTRA_WINDOW: usize = 1 << 20;
+/// The most extra credit all connections hold at once: what a connection's
+/// window allows may wait in the agent's memory (its reader is slow), so
+/// past this many connections the others keep the initial window.
+const EXTRA_BUDGET: usize = 8 << 20;
+
 pub struct TcpService {
     conns: HashMap<u32, Conn>,
+    /// Extra credit granted to the open connections (at most EXTRA_BUDGET).
+    extra: usize,
 }
 
 impl TcpService {
     pub fn new() -> TcpService {
-        TcpService { conns: HashMap::new() }
+        TcpService { conns: HashMap::new(), extra: 0 }
+    }
+
+    fn forget(&mut self, io: &mut Io, id: u32) -> Option<Conn> {
+        let c = self.conns.remove(&id)?;
+        io.remove(c.fd());
+        if c.extra {
+            self.extra -= EXTRA_WINDOW;
+        }
+        Some(c)
     }
 
     pub fn owns(&self, id: u32) -> bool {
@@ -23,6 +44,7 @@ impl TcpService {
         for (_, c) in self.conns.drain() {
             io.remove(c.fd());
         }
+        self.extra = 0;
     }
 
     pub fn connect(&mut self, io: &mut Io, id: u32, p: &[u8]) {
@@ -36,8 +58,7 @@ impl TcpService {
     }
 
     pub fn cancel(&mut self, io: &mut Io, id: u32) {
-        if let Some(c) = self.conns.remove(&id) {
-            io.remove(c.fd());
+        if let Some(c) = self.forget(io, id) {
             c.reset();
             io.send(ty::RESET, 0, id, &[]);
         }
@@ -80,11 +101,16 @@ impl TcpService {
             None => return,
         };
         if let Some(interest) = outcome {
-            if let Some(c) = self.conns.get(&id) {
+            if let Some(c) = self.conns.get_mut(&id) {
+                if c.is_connected() && !c.extra && self.extra + EXTRA_WINDOW <= EXTRA_BUDGET {
+                    c.extra = true;
+                    self.extra += EXTRA_WINDOW;
+                    io.send_window(id, 0, EXTRA_WINDOW);
+                }
                 io.modify(c.fd(), interest, token(TK_TCP, id, 0));
             }
-        } else if let Some(c) = self.conns.remove(&id) {
-            io.remove(c.fd());
+        } else {
+            self.forget(io, id);
         }
     }
 }
