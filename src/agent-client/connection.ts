@@ -637,10 +637,6 @@ class ReadFileStream extends RequestStream {
   }
 }
 
-/**
- * A TCP connection to a port inside the guest. As with ExecStream, the chunk
- * given to `onData` is a view valid only during the call.
- */
 /** Longest guest path a MOUNTED frame may carry. */
 const MAX_MOUNT_PATH = 4096;
 
@@ -796,6 +792,13 @@ export class LogStream extends StreamBase {
   }
 }
 
+/**
+ * A TCP connection to a port inside the guest. The chunk given to `onData`
+ * is a frame's payload: a view of a buffer that nothing writes again (a
+ * frame body of its own, or part of one read of the agent connection), so
+ * it may be kept; a small one pins the whole read it came in (up to 64 KiB),
+ * so copy small ones (the forwarder keeps only payloads of 32 KiB or more).
+ */
 export class TcpStream extends StreamBase {
   readonly connected: Promise<void>;
   /** Resolves when the stream has ended: "closed" (both sides done) or "reset". */

@@ -5,7 +5,7 @@
  */
 
 import { createServer, type Server, type Socket } from "node:net";
-import { ByteQueue } from "../agent-client/byte-queue.js";
+import { ByteQueue, ChunkQueue } from "../agent-client/byte-queue.js";
 import type { AgentConnection, TcpStream } from "../agent-client/connection.js";
 
 /**
@@ -20,6 +20,12 @@ const UPLOAD_COALESCE_BYTES = 1 << 20;
  * memory stays bounded however many connections upload at once.
  */
 const UPLOAD_BUDGET_BYTES = 8 << 20;
+/**
+ * Guest → host payloads of at least this size, with nothing queued, go to
+ * the socket as they are (kept until written) instead of copied into the
+ * queue and out again. The agent's frames carry up to 256 KiB.
+ */
+const DIRECT_WRITE_BYTES = 32 * 1024;
 
 export class TcpForwarder {
   /** e.g. "127.0.0.1:54321" */
@@ -96,6 +102,19 @@ export class TcpForwarder {
       });
     };
     tcp.onData = (chunk) => {
+      // A large payload is a buffer of its own (a frame's body, or most of
+      // one socket read of the agent connection): with nothing queued it is
+      // written as it is, no copy.
+      if (!writing && pending.length === 0 && chunk.length >= DIRECT_WRITE_BYTES && !sock.destroyed) {
+        writing = true;
+        sock.write(chunk, (err) => {
+          writing = false;
+          if (err) return;
+          tcp.ack(chunk.length);
+          pump();
+        });
+        return;
+      }
       pending.push(chunk);
       pump();
     };
@@ -124,7 +143,9 @@ export class TcpForwarder {
         // the socket pauses until the write completes), so a fast sender's
         // bytes go as stream-ring regions instead of one frame per 64 KiB
         // chunk (docs/protocol.md, "Stream ring"). A lone chunk goes at once.
-        const upload = new ByteQueue();
+        // The socket's reads are buffers of their own: kept by reference,
+        // and a region one read covers goes without a copy.
+        const upload = new ChunkQueue();
         let uploading = false;
         let uploadEnd = false;
         const pumpUp = (): void => {
@@ -138,7 +159,7 @@ export class TcpForwarder {
           }
           if (!uploadEnd && upload.length < UPLOAD_COALESCE_BYTES && tcp.sender.inFlight >= UPLOAD_COALESCE_BYTES) return;
           uploading = true;
-          const b = upload.shift(UPLOAD_COALESCE_BYTES);
+          const b = upload.take(UPLOAD_COALESCE_BYTES);
           tcp.write(b).then(
             () => {
               this.uploadHeld -= b.length;
@@ -162,7 +183,7 @@ export class TcpForwarder {
         sock.once("close", () => {
           // Bytes queued but never written go with the connection.
           this.uploadHeld -= upload.length;
-          upload.takeAll();
+          upload.clear();
         });
         sock.on("end", () => {
           uploadEnd = true;

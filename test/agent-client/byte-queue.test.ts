@@ -1,11 +1,12 @@
 /**
- * ByteQueue: the contiguous FIFO that holds guest output. Checked against a
- * plain reference (concatenated Buffers) under random pushes and shifts.
+ * ByteQueue: the contiguous FIFO that holds guest output. ChunkQueue: the
+ * FIFO of a host socket's reads, kept by reference. Both checked against a
+ * plain reference (concatenated Buffers) under random pushes and takes.
  */
 
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { ByteQueue } from "../../src/agent-client/byte-queue.js";
+import { ByteQueue, ChunkQueue } from "../../src/agent-client/byte-queue.js";
 
 describe("ByteQueue", () => {
   it("returns exactly the bytes pushed, in order, under random pushes and shifts", () => {
@@ -54,5 +55,70 @@ describe("ByteQueue", () => {
     q.push(Buffer.alloc(1 << 20));
     q.shift();
     assert.ok(q.capacity <= 64 * 1024, `capacity ${q.capacity} after draining`);
+  });
+});
+
+describe("ChunkQueue", () => {
+  it("returns exactly the bytes pushed, in order, under random pushes and takes", () => {
+    let seed = 11;
+    const rnd = (n: number) => {
+      seed = (seed * 1103515245 + 12345) >>> 0;
+      return seed % n;
+    };
+    const q = new ChunkQueue();
+    let ref = Buffer.alloc(0);
+    let counter = 0;
+    for (let i = 0; i < 20_000; i++) {
+      if (rnd(3) > 0) {
+        const n = rnd(5) === 0 ? rnd(200_000) : rnd(40);
+        const b = Buffer.alloc(n);
+        for (let j = 0; j < n; j++) b[j] = counter++ & 0xff;
+        q.push(b);
+        ref = Buffer.concat([ref, b]);
+      } else {
+        const max = rnd(4) === 0 ? Infinity : rnd(300_000);
+        const got = q.take(max);
+        const n = Math.min(max, ref.length);
+        assert.ok(got.equals(ref.subarray(0, n)), `take ${i}`);
+        ref = ref.subarray(n);
+      }
+      assert.equal(q.length, ref.length);
+    }
+    assert.ok(q.take().equals(ref));
+    assert.equal(q.length, 0);
+  });
+
+  it("a take that one large chunk covers is that chunk's memory, not a copy; small chunks are copied in", () => {
+    const q = new ChunkQueue();
+    const big = Buffer.alloc(100_000, 1);
+    q.push(big);
+    const a = q.take(60_000);
+    assert.equal(a.buffer, big.buffer);
+    const b = q.take(60_000);
+    assert.equal(b.buffer, big.buffer);
+    assert.equal(b.length, 40_000);
+    const small = Buffer.from("abc");
+    q.push(small);
+    small.write("xyz");
+    assert.equal(q.take().toString(), "abc");
+  });
+
+  it("bytes taken stay as they were while small chunks keep coming", () => {
+    const q = new ChunkQueue();
+    q.push(Buffer.from("hello"));
+    const a = q.take(3);
+    q.push(Buffer.from("world"));
+    assert.equal(a.toString(), "hel");
+    assert.equal(q.take().toString(), "loworld");
+  });
+
+  it("a million 1-byte pushes cost about a megabyte of buffers, not an object each", () => {
+    const q = new ChunkQueue();
+    const one = Buffer.from("x");
+    const before = process.memoryUsage().arrayBuffers;
+    for (let i = 0; i < 1_000_000; i++) q.push(one);
+    assert.equal(q.length, 1_000_000);
+    assert.ok(process.memoryUsage().arrayBuffers - before < 4 << 20, "arrayBuffers grew by under 4 MiB");
+    assert.equal(q.take().length, 1_000_000);
   });
 });
