@@ -86,13 +86,8 @@ export class TcpForwarder {
     const pending = new ByteQueue();
     let writing = false;
     let eof = false;
-    const pump = (): void => {
-      if (writing || sock.destroyed) return;
-      if (pending.length === 0) {
-        if (eof && !sock.writableEnded) sock.end();
-        return;
-      }
-      const b = pending.shift();
+    /** Writes `b` (the one write in flight); the guest gets its credit once the socket took it. */
+    const write = (b: Buffer): void => {
       writing = true;
       sock.write(b, (err) => {
         writing = false;
@@ -101,20 +96,19 @@ export class TcpForwarder {
         pump();
       });
     };
+    const pump = (): void => {
+      if (writing || sock.destroyed) return;
+      if (pending.length === 0) {
+        if (eof && !sock.writableEnded) sock.end();
+        return;
+      }
+      write(pending.shift());
+    };
     tcp.onData = (chunk) => {
       // A large payload is a buffer of its own (a frame's body, or most of
       // one socket read of the agent connection): with nothing queued it is
       // written as it is, no copy.
-      if (!writing && pending.length === 0 && chunk.length >= DIRECT_WRITE_BYTES && !sock.destroyed) {
-        writing = true;
-        sock.write(chunk, (err) => {
-          writing = false;
-          if (err) return;
-          tcp.ack(chunk.length);
-          pump();
-        });
-        return;
-      }
+      if (!writing && pending.length === 0 && chunk.length >= DIRECT_WRITE_BYTES && !sock.destroyed) return write(chunk);
       pending.push(chunk);
       pump();
     };

@@ -8,32 +8,41 @@ import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { ByteQueue, ChunkQueue } from "../../src/agent-client/byte-queue.js";
 
+/**
+ * 20,000 random pushes (mostly under 40 bytes, one in five up to `largest`)
+ * and takes (up to `maxTake`, or everything), each checked against a plain
+ * concatenation; returns what the reference still holds.
+ */
+function againstReference(seed: number, largest: number, maxTake: number, push: (b: Buffer) => void, take: (max: number) => Buffer, length: () => number): Buffer {
+  const rnd = (n: number) => {
+    seed = (seed * 1103515245 + 12345) >>> 0;
+    return seed % n;
+  };
+  let ref = Buffer.alloc(0);
+  let counter = 0;
+  for (let i = 0; i < 20_000; i++) {
+    if (rnd(3) > 0) {
+      const n = rnd(5) === 0 ? rnd(largest) : rnd(40);
+      const b = Buffer.alloc(n);
+      for (let j = 0; j < n; j++) b[j] = counter++ & 0xff;
+      push(b);
+      ref = Buffer.concat([ref, b]);
+    } else {
+      const max = rnd(4) === 0 ? Infinity : rnd(maxTake);
+      const got = take(max);
+      const n = Math.min(max, ref.length);
+      assert.ok(got.equals(ref.subarray(0, n)), `take ${i}`);
+      ref = ref.subarray(n);
+    }
+    assert.equal(length(), ref.length);
+  }
+  return ref;
+}
+
 describe("ByteQueue", () => {
   it("returns exactly the bytes pushed, in order, under random pushes and shifts", () => {
-    let seed = 7;
-    const rnd = (n: number) => {
-      seed = (seed * 1103515245 + 12345) >>> 0;
-      return seed % n;
-    };
     const q = new ByteQueue();
-    let ref = Buffer.alloc(0);
-    let counter = 0;
-    for (let i = 0; i < 20_000; i++) {
-      if (rnd(3) > 0) {
-        const n = rnd(5) === 0 ? rnd(70_000) : rnd(40);
-        const b = Buffer.alloc(n);
-        for (let j = 0; j < n; j++) b[j] = counter++ & 0xff;
-        q.push(b);
-        ref = Buffer.concat([ref, b]);
-      } else {
-        const max = rnd(4) === 0 ? Infinity : rnd(100_000);
-        const got = q.shift(max);
-        const n = Math.min(max, ref.length);
-        assert.ok(got.equals(ref.subarray(0, n)), `shift ${i}`);
-        ref = ref.subarray(n);
-      }
-      assert.equal(q.length, ref.length);
-    }
+    const ref = againstReference(7, 70_000, 100_000, (b) => q.push(b), (max) => q.shift(max), () => q.length);
     assert.ok(q.takeAll().equals(ref));
     assert.equal(q.length, 0);
     assert.equal(q.capacity, 0);
@@ -60,30 +69,8 @@ describe("ByteQueue", () => {
 
 describe("ChunkQueue", () => {
   it("returns exactly the bytes pushed, in order, under random pushes and takes", () => {
-    let seed = 11;
-    const rnd = (n: number) => {
-      seed = (seed * 1103515245 + 12345) >>> 0;
-      return seed % n;
-    };
     const q = new ChunkQueue();
-    let ref = Buffer.alloc(0);
-    let counter = 0;
-    for (let i = 0; i < 20_000; i++) {
-      if (rnd(3) > 0) {
-        const n = rnd(5) === 0 ? rnd(200_000) : rnd(40);
-        const b = Buffer.alloc(n);
-        for (let j = 0; j < n; j++) b[j] = counter++ & 0xff;
-        q.push(b);
-        ref = Buffer.concat([ref, b]);
-      } else {
-        const max = rnd(4) === 0 ? Infinity : rnd(300_000);
-        const got = q.take(max);
-        const n = Math.min(max, ref.length);
-        assert.ok(got.equals(ref.subarray(0, n)), `take ${i}`);
-        ref = ref.subarray(n);
-      }
-      assert.equal(q.length, ref.length);
-    }
+    const ref = againstReference(11, 200_000, 300_000, (b) => q.push(b), (max) => q.take(max), () => q.length);
     assert.ok(q.take().equals(ref));
     assert.equal(q.length, 0);
   });
