@@ -266,6 +266,8 @@ pub const CLOCK_MONOTONIC: c_int = 1;
 
 #[cfg(target_arch = "x86_64")]
 pub const SYS_FINIT_MODULE: c_long = 313;
+#[cfg(target_arch = "aarch64")]
+pub const SYS_FINIT_MODULE: c_long = 273;
 // Linux AIO (the stream ring's region reads).
 #[cfg(target_arch = "x86_64")]
 pub const SYS_IO_SETUP: c_long = 206;
@@ -281,8 +283,6 @@ pub const SYS_IO_SUBMIT: c_long = 2;
 pub const SYS_IO_GETEVENTS: c_long = 4;
 pub const EFD_NONBLOCK: c_int = 0o4000;
 pub const EFD_CLOEXEC: c_int = 0o2000000;
-#[cfg(target_arch = "aarch64")]
-pub const SYS_FINIT_MODULE: c_long = 273;
 
 pub const EINTR: i32 = 4;
 pub const EIO: i32 = 5;

@@ -190,8 +190,8 @@ abstract class StreamBase {
 class Sender {
   credit = INITIAL_WINDOW;
   private outstanding = INITIAL_WINDOW;
-  /** Bytes sent and not credited back yet. */
-  private sentUncredited = 0;
+  /** Bytes sent and not credited back yet (credit + inFlight is the window the guest grants). */
+  inFlight = 0;
   private waiters: (() => void)[] = [];
   private chain: Promise<void> = Promise.resolve();
   failed: Error | undefined;
@@ -207,7 +207,7 @@ class Sender {
     // mean. The host uses at most maxSendWindowBytes of it (doWrite).
     if (this.outstanding + n > 0xffffffff) return `window overflow (outstanding credit ${this.outstanding} + ${n} is over 4 GiB)`;
     this.outstanding += n;
-    this.sentUncredited = Math.max(0, this.sentUncredited - n);
+    this.inFlight = Math.max(0, this.inFlight - n);
     this.credit = Math.min(this.credit + n, Math.max(INITIAL_WINDOW, this.conn.limits.maxSendWindowBytes));
     const w = this.waiters;
     this.waiters = [];
@@ -218,11 +218,6 @@ class Sender {
 
   /** Called after each grant from the guest. */
   onGrant: () => void = () => undefined;
-
-  /** Bytes sent and not credited back yet. */
-  get inFlight(): number {
-    return this.sentUncredited;
-  }
 
   fail(e: Error): void {
     this.failed = e;
@@ -256,11 +251,15 @@ class Sender {
       if (this.closed) throw new ClosedError("stdin was already closed");
       // With the stream ring, a large write waits for the credit of the
       // smallest region instead of trickling out in small frames (the window is at
-      // least 1 MiB, so that credit always comes once the guest reads).
+      // least 1 MiB, so that credit always comes once the guest reads). When
+      // the window holds two of the largest regions (the agent grants TCP
+      // connections that), it waits for a whole one: one region is in flight
+      // while the next waits, and none goes out in halves.
       const ringMin = this.conn._ringMin;
       const left = data.length - off;
-      const whole = ringMin > 0 && this.credit + this.sentUncredited >= 2 * this.conn._dataChunk ? Math.min(left, this.conn._dataChunk) : 0;
-      if (this.credit === 0 || (ringMin > 0 && left >= ringMin && this.credit < ringMin) || (whole >= ringMin && this.credit < whole)) {
+      const twoRegions = ringMin > 0 && this.credit + this.inFlight >= 2 * this.conn._dataChunk;
+      const need = twoRegions ? Math.min(left, this.conn._dataChunk) : left >= ringMin ? ringMin : 0;
+      if (this.credit === 0 || (ringMin > 0 && need >= ringMin && this.credit < need)) {
         await new Promise<void>((r) => this.waiters.push(r));
         continue;
       }
@@ -273,7 +272,7 @@ class Sender {
       this.conn._sendData(Channel.STDIN, this.id, data.subarray(off, off + n));
       this.credit -= n;
       this.outstanding -= n;
-      this.sentUncredited += n;
+      this.inFlight += n;
       off += n;
     }
     if (this.failed) throw this.failed;

@@ -176,7 +176,6 @@ export function defaultAslr(accel: Accelerator): boolean {
   return accel !== "tcg";
 }
 
-/** The guest kernel command line. */
 /**
  * Whether the guest scheduler lets a woken task preempt the running one.
  * Not under TCG, where every switch between guest processes flushes QEMU's
@@ -188,6 +187,7 @@ export function wakeupPreemption(accel: Accelerator): boolean {
   return accel !== "tcg" || process.env.SUPERMACHINE_WAKEUP_PREEMPTION === "1";
 }
 
+/** The guest kernel command line. */
 export function kernelCmdline(o: CmdlineOptions): string {
   const parts = [
     "console=ttyS0",

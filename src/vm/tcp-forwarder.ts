@@ -151,6 +151,8 @@ export class TcpForwarder {
             }
             return;
           }
+          // The guest has a whole region's worth to work on: gather a whole
+          // region (a grant or more data calls again).
           if (!uploadEnd && upload.length < UPLOAD_COALESCE_BYTES && tcp.sender.inFlight >= UPLOAD_COALESCE_BYTES) return;
           uploading = true;
           const b = upload.take(UPLOAD_COALESCE_BYTES);
