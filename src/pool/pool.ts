@@ -179,6 +179,8 @@ export class Pool {
   private restoring = 0;
   /** Taken from idle by acquire(), being resumed. */
   private resuming = 0;
+  /** shutdown() waiting for `starting` and `resuming` to reach 0 (quiet()). */
+  private quietWaiters: (() => void)[] = [];
   private queue: (() => void)[] = [];
   private waiters: Waiter[] = [];
   private closed = false;
@@ -352,6 +354,7 @@ export class Pool {
     }
     if (!ok || this.closed || vm.status !== "ready") {
       this.dispose(vm);
+      this.quiet();
       return this.acquire();
     }
     const leased = this.lease(vm);
@@ -373,6 +376,7 @@ export class Pool {
         this.starting--;
         this.lastError = undefined;
         this.offer(vm, true);
+        this.quiet();
       },
       (e: unknown) => {
         this.starting--;
@@ -384,8 +388,14 @@ export class Pool {
           if (w.timer) clearTimeout(w.timer);
           w.reject(err instanceof SupermachineError ? err : new PoolError(`restoring a VM failed: ${err.message}`, { cause: err }));
         }
+        this.quiet();
       },
     );
+  }
+
+  /** Wakes shutdown() once no restore or resume is in flight (their VMs are offered or torn down by then). */
+  private quiet(): void {
+    if (this.starting === 0 && this.resuming === 0) for (const r of this.quietWaiters.splice(0)) r();
   }
 
   private async restoreOne(): Promise<Vm> {
@@ -477,6 +487,7 @@ export class Pool {
     if (!error) {
       this.starting--;
       this.offer(vm, true);
+      this.quiet();
       return;
     }
     this.dispose(vm);
@@ -485,6 +496,7 @@ export class Pool {
       this.lastError = error;
       this.fill();
     }
+    this.quiet();
   }
 
   /**
@@ -676,7 +688,7 @@ export class Pool {
     this.inUse.clear();
     await Promise.all(all.map((vm) => vm.destroy()));
     // Restores still in flight destroy their VM when they end (offer()).
-    while (this.starting > 0 || this.resuming > 0) await new Promise((r) => setTimeout(r, 10));
+    if (this.starting > 0 || this.resuming > 0) await new Promise<void>((r) => this.quietWaiters.push(r));
     // Resolved only when every QEMU of the pool is gone.
     await Promise.all([spareGone, ...this.teardown]);
   }

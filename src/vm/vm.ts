@@ -373,7 +373,13 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
   phase("qemu");
   const { dir, qemu: q, qmp } = s;
   let pretranslating: Promise<string | false> | undefined;
+  // An abort ends the start where it is: QEMU is killed at once, so a state
+  // load or QMP command in flight fails now rather than running to its end
+  // (a pool's shutdown waits for its restores).
+  const onAbort = () => q.kill("SIGKILL");
+  spec.signal?.addEventListener("abort", onAbort, { once: true });
   try {
+    if (spec.signal?.aborted) throw new AbortError("VM start aborted", { cause: spec.signal.reason });
     const deadline = Date.now() + spec.bootTimeoutMs;
     if (spec.incomingState) {
       if (!qmp) throw new QemuError("a restore needs its QMP connection");
@@ -449,6 +455,8 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
     await discardQemu(s);
     if (spec.signal?.aborted) throw new AbortError("VM start aborted", { cause: spec.signal.reason });
     throw e;
+  } finally {
+    spec.signal?.removeEventListener("abort", onAbort);
   }
 }
 

@@ -14,7 +14,7 @@ import { ClosedError, GuestDiedError, PoolError, TimeoutError } from "../../src/
 import { Image } from "../../src/image/image.js";
 import type { Pool, PoolStats } from "../../src/pool/pool.js";
 import type { Vm } from "../../src/vm/vm.js";
-import { VM_TEST_TIMEOUT, defaultRootfs, killQemuUnderExec, waitFor } from "../helpers.js";
+import { VM_TEST_TIMEOUT, defaultRootfs, descendantsMatching, killQemuUnderExec, processAlive, waitFor } from "../helpers.js";
 
 function expectStats(pool: Pool, want: Partial<PoolStats>, what: string): void {
   const got = pool.stats();
@@ -93,6 +93,22 @@ describe("Pool", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     await assert.rejects(p1.exec({ argv: ["true"] }), (e: unknown) => e instanceof ClosedError || e instanceof GuestDiedError);
     await held.release();
     await pool.shutdown();
+  });
+
+  it("shutdown() with the replacement's restore in flight ends it where it is: the pool's QEMU is gone when it resolves", async () => {
+    const before = new Set(descendantsMatching(/qemu-system/));
+    const pool = await image.pool({ min: 1, max: 1 });
+    const vm = await pool.acquire();
+    const mine = descendantsMatching(/qemu-system/).filter((p) => !before.has(p));
+    assert.ok(mine.length >= 1, "the pool's VM runs a QEMU of its own");
+    // The release starts the replacement's restore (into the same QEMU when
+    // reused); shutdown() aborts it and resolves only once it has ended.
+    await vm.release();
+    assert.ok(pool.stats().alive >= 1, `a restore is in flight (${JSON.stringify(pool.stats())})`);
+    await pool.shutdown();
+    expectStats(pool, { alive: 0, inUse: 0, idle: 0, waiting: 0 }, "after shutdown");
+    assert.deepEqual(mine.filter(processAlive), [], "no QEMU of the pool is left");
+    await assert.rejects(pool.acquire(), PoolError);
   });
 
   it("idle VMs above min are evicted after idleTimeoutMs", async () => {
