@@ -35,6 +35,8 @@ const BLKSZ = 4096;
 const SB_OFFSET = 1024;
 const META_START = SB_OFFSET + 128;
 const DIRENT_SIZE = 12;
+/** An inode's inline xattr header (erofs_xattr_ibody_header). */
+const XATTR_IBODY_HEADER_SIZE = 12;
 const LAYOUT_FLAT_PLAIN = 0;
 const LAYOUT_FLAT_INLINE = 2;
 const MAX_BLOCKS = 0xffffffff;
@@ -138,11 +140,11 @@ function encodeXattrSet(set: ReadonlyMap<string, Buffer>): Buffer {
     items.push({ index: key.index, name: nameToBytes(key.suffix), value });
   }
   items.sort((a, b) => a.index - b.index || Buffer.compare(a.name, b.name));
-  let size = 12;
+  let size = XATTR_IBODY_HEADER_SIZE;
   for (const it of items) size += align(4 + it.name.length + it.value.length, 4);
-  if ((size - 12) / 4 + 1 > 0xffff) throw new ImageError("xattrs of one file exceed erofs' inline xattr limit (about 256 KiB)");
+  if ((size - XATTR_IBODY_HEADER_SIZE) / 4 + 1 > 0xffff) throw new ImageError("xattrs of one file exceed erofs' inline xattr limit (about 256 KiB)");
   const buf = Buffer.alloc(size);
-  let p = 12; // ibody header: h_reserved(4) h_shared_count(1)=0 reserved(7)
+  let p = XATTR_IBODY_HEADER_SIZE; // h_reserved(4) h_shared_count(1)=0 reserved(7)
   for (const it of items) {
     buf.writeUInt8(it.name.length, p);
     buf.writeUInt8(it.index, p + 1);
@@ -378,6 +380,11 @@ function plan(tree: FsTree, inPlace?: InPlace): { inos: Ino[]; buildSec: number;
     ino.tail = ino.inline ? tail : 0;
     pos += base + ino.tail;
   }
+  // erofs-utils' fsck (1.5) reads an xattr header after every inode, one
+  // without xattrs too: the metadata keeps room for it after the last inode,
+  // so that no image ends exactly where an inode does (the in-place layout,
+  // metadata last, did whenever its last inode filled a block).
+  pos += XATTR_IBODY_HEADER_SIZE;
   let blk = inPlace ? inPlace.dataEndBlock : Math.ceil(pos / BLKSZ);
   for (const ino of inos) {
     ino.blocks = ino.inline ? Math.floor(ino.size / BLKSZ) : Math.ceil(ino.size / BLKSZ);

@@ -185,6 +185,22 @@ test("a real Debian-tar layer pair (GNU tar output, whiteout added by hand) buil
   assert.equal(readFileSync(join(x, "usr/share/doc/doc-150"), "utf8"), "doc 150\n".repeat(150));
 });
 
+test("an image whose last inode fills its block still has room after it (fsck.erofs reads an xattr header after every inode)", async (t) => {
+  // Found by hand: with the in-place layout (metadata last), these trees put
+  // the last inode's end exactly at the end of a block, so the image ended
+  // there and fsck.erofs 1.5 read past it.
+  for (const [n, mtimes] of [[170, false], [102, true], [205, true]] as const) {
+    const dir = scratch(t);
+    const specs = Array.from({ length: n }, (_, i) => ({ name: `f${i}`, data: "x", ...(mtimes ? { mtime: 1_600_000_000 + i } : {}) }));
+    const img = await buildRootfsImage({ source: { kind: "layers", layers: [Readable.from([tar(specs)])], spoolPath: join(dir, "spool") }, out: join(dir, "img") });
+    assert.equal(img.inPlace, true, `${n} files: the in-place layout`);
+    await fsck(img.path);
+    const x = await extract(img.path);
+    t.after(() => rmSync(x, { recursive: true, force: true }));
+    assert.equal(readdirSync(x).length, n);
+  }
+});
+
 test("invalid options are TypeErrors naming the option", async () => {
   await assert.rejects(buildRootfsImage({ source: { kind: "directory", path: "/" }, out: "" }), (e) => e instanceof TypeError && /out/.test(e.message));
   await assert.rejects(buildRootfsImage({ source: { kind: "nope" } as never, out: "/tmp/x" }), (e) => e instanceof TypeError && /source.kind/.test(e.message));
