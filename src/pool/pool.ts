@@ -181,6 +181,8 @@ export class Pool {
   private resuming = 0;
   /** shutdown() waiting for `starting` and `resuming` to reach 0 (quiet()). */
   private quietWaiters: (() => void)[] = [];
+  /** create() waiting for a restore to end (quiet()) or the pool to close. */
+  private restoreWaiters: (() => void)[] = [];
   private queue: (() => void)[] = [];
   private waiters: Waiter[] = [];
   private closed = false;
@@ -263,7 +265,7 @@ export class Pool {
         await p.shutdown();
         throw e;
       }
-      await new Promise((r) => setTimeout(r, 5));
+      await new Promise<void>((r) => p.restoreWaiters.push(r));
     }
     if (p.idleTimeoutMs !== undefined) {
       p.evictTimer = setInterval(() => p.evictIdle(), Math.max(10, Math.min(1000, p.idleTimeoutMs / 4)));
@@ -393,8 +395,12 @@ export class Pool {
     );
   }
 
-  /** Wakes shutdown() once no restore or resume is in flight (their VMs are offered or torn down by then). */
+  /**
+   * After a restore or resume ended (its VM offered or torn down by then):
+   * wakes create(), and shutdown() once none is in flight.
+   */
   private quiet(): void {
+    for (const r of this.restoreWaiters.splice(0)) r();
     if (this.starting === 0 && this.resuming === 0) for (const r of this.quietWaiters.splice(0)) r();
   }
 
@@ -673,6 +679,7 @@ export class Pool {
   async shutdown(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    for (const r of this.restoreWaiters.splice(0)) r();
     this.snapshotLease?.release();
     const spareGone = this.image.keepSpare(false, this.wantsSpare);
     if (this.evictTimer) clearInterval(this.evictTimer);
