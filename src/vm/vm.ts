@@ -292,9 +292,11 @@ async function startPretranslation(spec: LaunchSpec, s: StartedQemu, qmp: QmpCli
  * connection), ready for {@link launchVm}. Pools start one ahead of need.
  */
 export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
+  if (spec.signal?.aborted) throw new AbortError("VM start aborted", { cause: spec.signal.reason });
   const dir = createRuntimeDir();
   let qemu: QemuProcess | undefined;
   let net: NetworkStack | undefined;
+  let onAbort: (() => void) | undefined;
   try {
     net = await NetworkStack.listen(join(dir, "net.sock"), { policy: spec.network ?? compilePolicy(true) });
     const disks: QemuDisk[] = spec.disks?.length ? await prepareDisks(dir, spec.disks, spec.diskBases) : [];
@@ -326,13 +328,25 @@ export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
       name: `sm-${spec.id}`,
       ...(spec.cpuModel ? { cpuModel: spec.cpuModel } : {}),
     });
+    // An abort (a pool's shutdown) ends the start where it is: QEMU is
+    // killed, so the wait for its QMP greeting fails now, not once QEMU's
+    // start-up is over (launchVm takes over from here).
+    if (spec.signal) {
+      const q = qemu;
+      onAbort = () => q.kill("SIGKILL");
+      spec.signal.addEventListener("abort", onAbort, { once: true });
+      if (spec.signal.aborted) onAbort();
+    }
     const qmp = spec.incomingState ? await connectQmp(qemu, Date.now() + spec.bootTimeoutMs) : undefined;
     return { id: spec.id, dir, qemu, net, ...(qmp ? { qmp } : {}), ...(ring ? { ring: ring.file } : {}) };
   } catch (e) {
     net?.close();
     if (qemu) await qemu.stop();
     await removeRuntimeDir(dir);
+    if (spec.signal?.aborted) throw new AbortError("VM start aborted", { cause: spec.signal.reason });
     throw e;
+  } finally {
+    if (onAbort) spec.signal?.removeEventListener("abort", onAbort);
   }
 }
 

@@ -10,7 +10,8 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { ClosedError, GuestDiedError, PoolError, TimeoutError } from "../../src/errors.js";
+import { AbortError, ClosedError, GuestDiedError, PoolError, TimeoutError } from "../../src/errors.js";
+import { qemuStartCount } from "../../src/vmm/qemu.js";
 import { Image } from "../../src/image/image.js";
 import type { Pool, PoolStats } from "../../src/pool/pool.js";
 import type { Vm } from "../../src/vm/vm.js";
@@ -24,10 +25,11 @@ function expectStats(pool: Pool, want: Partial<PoolStats>, what: string): void {
 describe("Pool", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
   let snapshotsDir: string;
   let image: Image;
+  const warmupTag = `pool-${randomBytes(3).toString("hex")}`;
 
   before(async () => {
     snapshotsDir = await mkdtemp(join(tmpdir(), "sm-pool-"));
-    image = await Image.build({ ref: `dir:${await defaultRootfs()}`, snapshotsDir, warmupTag: `pool-${randomBytes(3).toString("hex")}` });
+    image = await Image.build({ ref: `dir:${await defaultRootfs()}`, snapshotsDir, warmupTag });
     await image.close();
   });
 
@@ -109,6 +111,25 @@ describe("Pool", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     expectStats(pool, { alive: 0, inUse: 0, idle: 0, waiting: 0 }, "after shutdown");
     assert.deepEqual(mine.filter(processAlive), [], "no QEMU of the pool is left");
     await assert.rejects(pool.acquire(), PoolError);
+  });
+
+  it("a restore aborted before it starts starts no QEMU; one aborted while its QEMU starts rejects with AbortError, its QEMU gone", async () => {
+    // A fresh Image object: no QEMU of an earlier pool to reuse.
+    const img = await Image.build({ ref: `dir:${await defaultRootfs()}`, snapshotsDir, warmupTag });
+    try {
+      const starts = qemuStartCount();
+      await assert.rejects(img.restore({ signal: AbortSignal.abort() }), AbortError);
+      assert.equal(qemuStartCount(), starts, "no QEMU started for a restore aborted before it began");
+      const before = new Set(descendantsMatching(/qemu-system/));
+      const ac = new AbortController();
+      const restoring = img.restore({ signal: ac.signal });
+      await waitFor(() => qemuStartCount() > starts, 60_000, "the restore's QEMU to start");
+      ac.abort();
+      await assert.rejects(restoring, AbortError);
+      assert.deepEqual(descendantsMatching(/qemu-system/).filter((p) => !before.has(p) && processAlive(p)), [], "no QEMU of the aborted restore is left");
+    } finally {
+      await img.close();
+    }
   });
 
   it("idle VMs above min are evicted after idleTimeoutMs", async () => {
