@@ -291,12 +291,30 @@ async function startPretranslation(spec: LaunchSpec, s: StartedQemu, qmp: QmpCli
  * @internal Starts the QEMU process of `spec` (and, for a restore, its QMP
  * connection), ready for {@link launchVm}. Pools start one ahead of need.
  */
+/** Throws the start's AbortError once `signal` has aborted. */
+function throwIfAborted(signal: AbortSignal | undefined): void {
+  if (signal?.aborted) throw new AbortError("VM start aborted", { cause: signal.reason });
+}
+
+/**
+ * Kills `q` when `signal` aborts (at once if it has), so that whatever the
+ * start waits for (QMP's greeting, a state load, the agent) fails now, not
+ * when it is over: a pool's shutdown waits for its restores. Returns the undo.
+ */
+function killOnAbort(signal: AbortSignal | undefined, q: QemuProcess): () => void {
+  if (!signal) return () => undefined;
+  const kill = () => q.kill("SIGKILL");
+  signal.addEventListener("abort", kill, { once: true });
+  if (signal.aborted) kill();
+  return () => signal.removeEventListener("abort", kill);
+}
+
 export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
-  if (spec.signal?.aborted) throw new AbortError("VM start aborted", { cause: spec.signal.reason });
+  throwIfAborted(spec.signal);
   const dir = createRuntimeDir();
   let qemu: QemuProcess | undefined;
   let net: NetworkStack | undefined;
-  let onAbort: (() => void) | undefined;
+  let unwatch: (() => void) | undefined;
   try {
     net = await NetworkStack.listen(join(dir, "net.sock"), { policy: spec.network ?? compilePolicy(true) });
     const disks: QemuDisk[] = spec.disks?.length ? await prepareDisks(dir, spec.disks, spec.diskBases) : [];
@@ -328,25 +346,18 @@ export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
       name: `sm-${spec.id}`,
       ...(spec.cpuModel ? { cpuModel: spec.cpuModel } : {}),
     });
-    // An abort (a pool's shutdown) ends the start where it is: QEMU is
-    // killed, so the wait for its QMP greeting fails now, not once QEMU's
-    // start-up is over (launchVm takes over from here).
-    if (spec.signal) {
-      const q = qemu;
-      onAbort = () => q.kill("SIGKILL");
-      spec.signal.addEventListener("abort", onAbort, { once: true });
-      if (spec.signal.aborted) onAbort();
-    }
+    // Until launchVm watches the signal itself.
+    unwatch = killOnAbort(spec.signal, qemu);
     const qmp = spec.incomingState ? await connectQmp(qemu, Date.now() + spec.bootTimeoutMs) : undefined;
     return { id: spec.id, dir, qemu, net, ...(qmp ? { qmp } : {}), ...(ring ? { ring: ring.file } : {}) };
   } catch (e) {
     net?.close();
     if (qemu) await qemu.stop();
     await removeRuntimeDir(dir);
-    if (spec.signal?.aborted) throw new AbortError("VM start aborted", { cause: spec.signal.reason });
+    throwIfAborted(spec.signal);
     throw e;
   } finally {
-    if (onAbort) spec.signal?.removeEventListener("abort", onAbort);
+    unwatch?.();
   }
 }
 
@@ -387,13 +398,9 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
   phase("qemu");
   const { dir, qemu: q, qmp } = s;
   let pretranslating: Promise<string | false> | undefined;
-  // An abort ends the start where it is: QEMU is killed at once, so a state
-  // load or QMP command in flight fails now rather than running to its end
-  // (a pool's shutdown waits for its restores).
-  const onAbort = () => q.kill("SIGKILL");
-  spec.signal?.addEventListener("abort", onAbort, { once: true });
+  const unwatch = killOnAbort(spec.signal, q);
   try {
-    if (spec.signal?.aborted) throw new AbortError("VM start aborted", { cause: spec.signal.reason });
+    throwIfAborted(spec.signal);
     const deadline = Date.now() + spec.bootTimeoutMs;
     if (spec.incomingState) {
       if (!qmp) throw new QemuError("a restore needs its QMP connection");
@@ -467,10 +474,10 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
     return vm;
   } catch (e) {
     await discardQemu(s);
-    if (spec.signal?.aborted) throw new AbortError("VM start aborted", { cause: spec.signal.reason });
+    throwIfAborted(spec.signal);
     throw e;
   } finally {
-    spec.signal?.removeEventListener("abort", onAbort);
+    unwatch();
   }
 }
 
