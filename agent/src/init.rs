@@ -51,6 +51,10 @@ struct Cmdline {
     /// turns it off: under TCG each switch between address spaces flushes
     /// QEMU's software TLB; docs/performance.md).
     wakeup_preempt: bool,
+    /// The root image's size in bytes (`sm.rootsize`, from the host after
+    /// a boot template): the root becomes a partition of that size on the
+    /// template's root disk (see root_partition), 0: not given.
+    root_size: u64,
     disks: DiskConfig,
 }
 
@@ -65,6 +69,7 @@ fn parse_cmdline(text: &str) -> Cmdline {
         memcg: true,
         aslr: true,
         wakeup_preempt: true,
+        root_size: 0,
         disks: DiskConfig::default(),
     };
     for word in text.split_whitespace() {
@@ -79,6 +84,7 @@ fn parse_cmdline(text: &str) -> Cmdline {
                 "sm.memcg" => c.memcg = v != "0" && v != "off",
                 "sm.aslr" => c.aslr = v != "0" && v != "off",
                 "sm.wakeup_preempt" => c.wakeup_preempt = v != "0" && v != "off",
+                "sm.rootsize" => c.root_size = v.parse().unwrap_or(0),
                 "sm.debug" => crate::DEBUG.store(v == "1", std::sync::atomic::Ordering::Relaxed),
                 _ => {
                     c.disks.take(k, v);
@@ -245,6 +251,40 @@ fn say_ok(fd: &sys::Fd) {
     }
 }
 
+/// The root after a boot template, without probing the disk again: the
+/// template's root disk is a sparse placeholder larger than any root image
+/// (src/vm/boot-template.ts), and its VMs put their own image in its place
+/// at the same device. The kernel still has the placeholder's size and
+/// cached blocks for `disk`; a partition from byte 0 of the image's `size`
+/// is a new block device with the image's bounds and its own empty cache.
+/// Adding it (BLKPG) costs the guest about a millisecond; the unbind and
+/// bind of the device it replaces cost 60-100 ms under TCG
+/// (docs/boot-templates.md). Err (an old template's small placeholder, a
+/// kernel that refuses): the caller probes the disk again instead.
+fn root_partition(disk: &str, size: u64) -> Result<String, String> {
+    if size == 0 || size % 512 != 0 || size > i64::MAX as u64 {
+        return Err(format!("root size {} is not a whole number of sectors", size));
+    }
+    let path = cstring(disk.as_bytes()).map_err(|e| e.to_string())?;
+    let fd = sys::open_path(&path, sys::O_RDONLY, 0).map_err(|e| format!("open {}: {}", disk, e))?;
+    let mut part = sys::BlkpgPartition { start: 0, length: size as i64, pno: 1, devname: [0; 64], volname: [0; 64] };
+    let mut arg = sys::BlkpgIoctlArg {
+        op: sys::BLKPG_ADD_PARTITION,
+        flags: 0,
+        datalen: std::mem::size_of::<sys::BlkpgPartition>() as i32,
+        data: &mut part,
+    };
+    sys::cvt(unsafe { sys::ioctl(fd.raw(), sys::BLKPG, &mut arg as *mut sys::BlkpgIoctlArg) }).map_err(|e| format!("add a partition to {}: {}", disk, e))?;
+    // The kernel's name for it: "vda" -> "vda1" (a name ending in a digit takes a "p").
+    let sep = if disk.ends_with(|c: char| c.is_ascii_digit()) { "p" } else { "" };
+    let part_path = format!("{}{}1", disk, sep);
+    // devtmpfs makes the node before the ioctl returns; a short wait in case.
+    if !wait_for(&part_path, Duration::from_secs(1)) {
+        return Err(format!("{} did not appear", part_path));
+    }
+    Ok(part_path)
+}
+
 /// The template's root disk was a placeholder: unbind and bind its virtio
 /// device so the kernel reads the real disk's size (and drops the
 /// placeholder's cached blocks with the old disk).
@@ -272,17 +312,24 @@ fn wait_for(path: &str, timeout: Duration) -> bool {
     Path::new(path).exists()
 }
 
-fn mount_root(c: &Cmdline) -> Result<(), String> {
+/// Mounts the root image (on `known`, a device found already, else the disk
+/// with the root's serial) under the writable layer and moves into it.
+fn mount_root(c: &Cmdline, known: Option<&str>) -> Result<(), String> {
     if c.root == "none" {
         return Ok(());
     }
-    if !wait_for(&c.root, Duration::from_secs(10)) {
-        return Err(format!("root disk {} did not appear", c.root));
-    }
-    // With several disks the root is not necessarily the first one probed:
-    // the host names it by its serial.
-    let root = volumes::find_by_serial(volumes::ROOT_SERIAL, Duration::from_secs(if c.disks.disk.is_some() || !c.disks.volumes.is_empty() { 10 } else { 1 }))
-        .unwrap_or_else(|| c.root.clone());
+    let root = match known {
+        Some(dev) => dev.to_string(),
+        None => {
+            if !wait_for(&c.root, Duration::from_secs(10)) {
+                return Err(format!("root disk {} did not appear", c.root));
+            }
+            // With several disks the root is not necessarily the first one
+            // probed: the host names it by its serial.
+            volumes::find_by_serial(volumes::ROOT_SERIAL, Duration::from_secs(if c.disks.disk.is_some() || !c.disks.volumes.is_empty() { 10 } else { 1 }))
+                .unwrap_or_else(|| c.root.clone())
+        }
+    };
     mkdir_p("/mnt/lower");
     mkdir_p("/mnt/rw");
     mkdir_p("/mnt/root");
@@ -402,22 +449,34 @@ pub fn boot() -> BootReport {
     if let Err(e) = load_modules() {
         errors.push(e);
     }
+    // The root device when a template's VM has its own image in place (a partition of the placeholder disk).
+    let mut root_dev: Option<String> = None;
     if c.template {
+        // The placeholder's /dev name, found while the template is made: its
+        // VMs have the same devices in the same order.
+        let placeholder = if c.root != "none" { volumes::find_by_serial(volumes::ROOT_SERIAL, Duration::from_secs(10)) } else { None };
         match template_wait(&c.port) {
             Ok((line, fd)) => {
                 TEMPLATE_PORT.store(fd.raw(), std::sync::atomic::Ordering::SeqCst);
                 std::mem::forget(fd);
                 c = parse_cmdline(&line);
                 if c.root != "none" {
-                    if let Err(e) = reprobe_disk(volumes::ROOT_SERIAL) {
-                        errors.push(e);
+                    let part = match &placeholder {
+                        Some(disk) if c.root_size > 0 => root_partition(disk, c.root_size).map_err(|e| log!("template: the root goes on the disk probed again: {}", e)).ok(),
+                        _ => None,
+                    };
+                    if part.is_none() {
+                        if let Err(e) = reprobe_disk(volumes::ROOT_SERIAL) {
+                            errors.push(e);
+                        }
                     }
+                    root_dev = part;
                 }
             }
             Err(e) => errors.push(e),
         }
     }
-    if let Err(e) = mount_root(&c) {
+    if let Err(e) = mount_root(&c, root_dev.as_deref()) {
         errors.push(format!("root filesystem: {}", e));
     }
     errors.extend(mount_runtime_dirs());

@@ -74,6 +74,25 @@ pub struct Ifreq {
     pub _pad: [u8; 22],
 }
 
+/// struct blkpg_partition (linux/blkpg.h): a partition by its byte offset and length.
+#[repr(C)]
+pub struct BlkpgPartition {
+    pub start: i64,
+    pub length: i64,
+    pub pno: c_int,
+    pub devname: [u8; 64],
+    pub volname: [u8; 64],
+}
+
+/// struct blkpg_ioctl_arg (linux/blkpg.h), 64-bit layout.
+#[repr(C)]
+pub struct BlkpgIoctlArg {
+    pub op: c_int,
+    pub flags: c_int,
+    pub datalen: c_int,
+    pub data: *mut BlkpgPartition,
+}
+
 /// struct ifreq with the union read as a sockaddr_in (SIOCSIFADDR,
 /// SIOCSIFNETMASK) or an int (SIOCSIFMTU: its first 4 bytes).
 #[repr(C)]
@@ -237,6 +256,9 @@ pub const TIOCSCTTY: c_ulong = 0x540E;
 pub const TIOCSWINSZ: c_ulong = 0x5414;
 pub const SIOCGIFFLAGS: c_ulong = 0x8913;
 pub const SIOCSIFFLAGS: c_ulong = 0x8914;
+/// _IO(0x12, 105): partition table changes (linux/fs.h).
+pub const BLKPG: c_ulong = 0x1269;
+pub const BLKPG_ADD_PARTITION: c_int = 1;
 pub const SIOCSIFADDR: c_ulong = 0x8916;
 pub const SIOCSIFNETMASK: c_ulong = 0x891c;
 pub const SIOCSIFMTU: c_ulong = 0x8922;

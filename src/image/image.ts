@@ -703,6 +703,7 @@ export class Image {
         // missing from its /etc/passwd) does not fail the bake; a VM that
         // died fails the capture below, which says so.
         if (bakePrewarm) await basePrewarm(vm, bootTimeoutMs).catch(() => undefined);
+        await vm._recordTbHints().catch(() => 0);
         return await sealBake(plan, vm, stage, rootfsSum);
       } catch (e) {
         await vm?.destroy();

@@ -20,7 +20,7 @@
 
 import { createHash, randomBytes } from "node:crypto";
 import { realpathSync, statSync } from "node:fs";
-import { mkdir, readFile, readdir, rename, rm, stat, writeFile } from "node:fs/promises";
+import { mkdir, readFile, readdir, rename, rm, stat, truncate, writeFile } from "node:fs/promises";
 import type { Socket } from "node:net";
 import { join } from "node:path";
 import { GuestDiedError, QemuError, TimeoutError } from "../errors.js";
@@ -37,7 +37,9 @@ import { createRuntimeDir, removeRuntimeDir } from "./runtime-dir.js";
 import { ringDisk } from "../agent-client/ring.js";
 
 /** Bumped when what a template holds changes (the agent's template protocol). */
-const TEMPLATE_VERSION = 1;
+const TEMPLATE_VERSION = 2;
+/** The template's root disk: 1 TiB of holes (a partition on it cannot be larger). */
+const PLACEHOLDER_BYTES = 2 ** 40;
 /** A lock on a template build older than this is stale. */
 const BUILD_LOCK_STALE_MS = 600_000;
 const READY = "SMTPL ready";
@@ -179,9 +181,12 @@ async function buildTemplate(i: TemplateInputs, stage: string, key: string, inpu
   const rt = createRuntimeDir();
   let q: QemuProcess | undefined;
   try {
-    // The root disk's place: the VMs put their own image there.
+    // The root disk's place: the VMs put their own image there, and the
+    // guest mounts it as a partition of the image's size on this disk
+    // (sm.rootsize): a sparse placeholder larger than any image.
     const placeholder = join(rt, "root.placeholder");
-    await writeFile(placeholder, Buffer.alloc(4096));
+    await writeFile(placeholder, Buffer.alloc(0));
+    await truncate(placeholder, PLACEHOLDER_BYTES);
     const deadline = Date.now() + i.timeoutMs;
     q = await QemuProcess.start({
       ...(i.qemuBinary ? { qemuBinary: i.qemuBinary } : {}),

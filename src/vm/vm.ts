@@ -273,7 +273,7 @@ function knownWithout(binary: string, name: string): boolean {
  * the list's label ("" without one), or false when nothing started.
  */
 async function startPretranslation(spec: LaunchSpec, s: StartedQemu, qmp: QmpClient): Promise<string | false> {
-  if (spec.accel.accel !== "tcg" || !spec.incomingState || spec.template || process.env.SUPERMACHINE_PRETRANSLATE === "0") return false;
+  if (spec.accel.accel !== "tcg" || !spec.incomingState || process.env.SUPERMACHINE_PRETRANSLATE === "0") return false;
   const file = tbHintsPath(spec.incomingState);
   const [hints, label] = await Promise.all([readTbHints(file), readTbHintsLabel(file)]);
   if (!hints || !(await hasCommand(s.qemu.binary, qmp, PRETRANSLATE_COMMAND))) return false;
@@ -416,7 +416,12 @@ export async function launchVm(spec: LaunchSpec, started?: StartedQemu): Promise
       if (!s.reload) pretranslating = startPretranslation(spec, s, qmp);
       phase("loadState");
       if (spec.template) {
-        await continueFromTemplate(q, spec.template.line, deadline);
+        // The root image's size: the guest mounts it as a partition of the
+        // template's placeholder disk (docs/boot-templates.md). Without it
+        // (@internal SUPERMACHINE_TEMPLATE_ROOTSIZE=0, for the test of that
+        // path) the guest probes the disk again, as an older host has it do.
+        const rootSize = spec.rootfsImage && process.env.SUPERMACHINE_TEMPLATE_ROOTSIZE !== "0" ? (await stat(spec.rootfsImage)).size : 0;
+        await continueFromTemplate(q, rootSize > 0 ? `${spec.template.line} sm.rootsize=${rootSize}` : spec.template.line, deadline);
         phase("template");
       }
     }
@@ -786,7 +791,7 @@ export class Vm {
    */
   async _recordTbHints(label?: string): Promise<number> {
     const l = this.launch;
-    if (this.accelerator !== "tcg" || this._reloaded || !l.incomingState || l.template || process.env.SUPERMACHINE_PRETRANSLATE === "0") return 0;
+    if (this.accelerator !== "tcg" || this._reloaded || !l.incomingState || (l.template && label !== undefined) || process.env.SUPERMACHINE_PRETRANSLATE === "0") return 0;
     const file = tbHintsPath(l.incomingState);
     if (label === undefined) {
       if (await this._pretranslated) return 0;

@@ -1,19 +1,29 @@
 /**
  * Boot templates (docs/boot-templates.md) on real VMs: a cold boot after
  * the first restores the machine's template and boots on as itself (its
- * own hostname, its own root disk at its real size); VMs from one template
+ * own hostname, its own root image as a partition of the template's
+ * placeholder disk, or the disk probed again when the host gives no size;
+ * under TCG pretranslated from the blocks a bake recorded beside the template);
+ * VMs from one template
  * share nothing; a template whose files were tampered with is rebuilt, not
  * used; bootTemplate: false and SUPERMACHINE_BOOT_TEMPLATE=0 boot cold.
  */
 
 import assert from "node:assert/strict";
-import { mkdtemp, readdir, rm, symlink, writeFile } from "node:fs/promises";
+import { createHash, randomBytes } from "node:crypto";
+import { lstat, mkdtemp, readFile, readdir, rm, stat, symlink, writeFile } from "node:fs/promises";
 import { subscribe, unsubscribe } from "node:diagnostics_channel";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
+import { defaultImageRef } from "../../src/guest/default-image.js";
+import { Image } from "../../src/image/image.js";
 import { defaultCacheDir } from "../../src/paths.js";
+import { chooseAccelerator } from "../../src/vmm/accel.js";
+import { TB_HINTS_FILE, checkTbHints } from "../../src/vmm/pretranslate.js";
 import { VM_TEST_TIMEOUT, bootDefault } from "../helpers.js";
+
+const tcg = chooseAccelerator().accel === "tcg";
 
 interface Start {
   id: string;
@@ -56,10 +66,13 @@ describe("boot templates", { timeout: VM_TEST_TIMEOUT }, () => {
       assert.deepEqual(starts.map((s) => [s.how, s.template === true]), [["boot", true], ["boot", true], ["boot", true]]);
       assert.equal((await a.exec({ argv: ["hostname"] })).stdout.toString(), "vm-a\n");
       assert.equal((await b.exec({ argv: ["hostname"] })).stdout.toString(), "vm-b\n");
-      // The root disk has its real size (the template's was a 4 KiB placeholder) and is mounted.
-      const size = await a.exec({ argv: ["sh", "-c", "cat /sys/block/vda/size; ls /bin/busybox"] });
+      // The root is a partition of the placeholder disk with the image's
+      // own size (in 512-byte sectors), and it is what is mounted; the
+      // agent did not fall back to probing the disk again.
+      const size = await a.exec({ argv: ["sh", "-c", "cat /sys/block/vda/vda1/size; ls /bin/busybox"] });
       assert.equal(size.exitCode, 0, size.stderr.toString());
-      assert.ok(Number(size.stdout.toString().split("\n")[0]) > 8, size.stdout.toString());
+      assert.equal(Number(size.stdout.toString().split("\n")[0]) * 512, (await stat(a.launch.rootfsImage!)).size, size.stdout.toString());
+      assert.doesNotMatch(a.qemu.consoleTail(), /probed again/);
       assert.match((await a.exec({ argv: ["cat", "/proc/cmdline"] })).stdout.toString(), /sm\.template=1/);
       await a.writeFile("/tmp/only-a", Buffer.from("a"));
       assert.equal((await b.exec({ argv: ["test", "-e", "/tmp/only-a"] })).exitCode, 1, "VMs of one template share no files");
@@ -68,6 +81,28 @@ describe("boot templates", { timeout: VM_TEST_TIMEOUT }, () => {
     } finally {
       await a.destroy();
       await b.destroy();
+    }
+  });
+
+  it("a template line without the root's size (an older host's) has the guest probe the disk again", async () => {
+    process.env.SUPERMACHINE_TEMPLATE_ROOTSIZE = "0";
+    try {
+      starts.length = 0;
+      const vm = await bootDefault({ cacheDir, hostname: "probed" });
+      try {
+        assert.equal(starts[0]?.template, true);
+        // No partition: the whole disk, probed again, has the image's size and is the root.
+        const r = await vm.exec({ argv: ["sh", "-c", "cat /sys/block/vda/size; test -e /sys/block/vda/vda1 && echo partition; ls /bin/busybox; hostname"] });
+        assert.equal(r.exitCode, 0, r.stderr.toString());
+        const [sectors, next] = r.stdout.toString().split("\n");
+        assert.equal(Number(sectors) * 512, (await stat(vm.launch.rootfsImage!)).size, r.stdout.toString());
+        assert.equal(next, "/bin/busybox", r.stdout.toString());
+        assert.match(r.stdout.toString(), /probed\n$/);
+      } finally {
+        await vm.destroy();
+      }
+    } finally {
+      delete process.env.SUPERMACHINE_TEMPLATE_ROOTSIZE;
     }
   });
 
@@ -82,6 +117,29 @@ describe("boot templates", { timeout: VM_TEST_TIMEOUT }, () => {
       assert.equal(starts[0]?.template, true, "booted from the rebuilt template");
     } finally {
       await vm.destroy();
+    }
+  });
+
+  it("a bake records the template's blocks beside it; later template VMs are pretranslated from them and run as before", async (t) => {
+    if (!tcg) return t.skip("KVM: the guest's code runs on the CPU, nothing is translated");
+    const image = await Image.build({ ref: await defaultImageRef(), cacheDir, snapshotsDir: join(cacheDir, "snapshots"), warmupTag: `tpl-hints-${randomBytes(3).toString("hex")}` });
+    try {
+      const root = join(cacheDir, "boot-templates");
+      const [key] = (await readdir(root)).filter((n) => /^[0-9a-f]{64}$/.test(n));
+      const file = join(root, key!, TB_HINTS_FILE);
+      assert.equal((await lstat(file)).mode & 0o777, 0o600);
+      assert.ok(checkTbHints(await readFile(file)) > 1000);
+      const vm = await bootDefault({ cacheDir });
+      try {
+        assert.equal(await vm._pretranslated, true, "pretranslated from the template's list");
+        const r = await vm.exec({ argv: ["sh", "-c", "seq 1 3000 | md5sum"] });
+        assert.equal(r.stdout.toString(), `${createHash("md5").update(Array.from({ length: 3000 }, (_, i) => `${i + 1}\n`).join("")).digest("hex")}  -\n`);
+        assert.equal(await vm._recordTbHints(), 0, "a pretranslated VM does not record");
+      } finally {
+        await vm.destroy();
+      }
+    } finally {
+      await image.close();
     }
   });
 
