@@ -15,6 +15,14 @@ export const SPOOL_ALIGN = 4096;
 /** Padding between files (put() copies it: one shared buffer of zeros). */
 const ZERO_PAD = Buffer.alloc(SPOOL_ALIGN);
 const BUFFER_BYTES = 1 << 20;
+/**
+ * Written bytes after which the spool asks the kernel to write them to disk
+ * (an fdatasync on the thread pool, not awaited). The spool usually becomes
+ * the image, which is fsynced before it is renamed into the cache; without
+ * this the whole image was written back by that fsync (≈ 0.12 s for a
+ * 160 MB image here), after the last layer, on the way to the first boot.
+ */
+const WRITEBACK_BYTES = 16 << 20;
 
 /** Turns ENOSPC/EDQUOT into {@link DiskFullError}, anything else into ImageError. */
 export function ioError(what: string, path: string, err: unknown): Error {
@@ -31,6 +39,10 @@ export class Spool {
   /** File offset of buf[0]. */
   private bufStart = 0;
   private closed = false;
+  /** File offset up to which a writeback was started. */
+  private writebackFrom = 0;
+  private writeback: Promise<void> | undefined;
+  private writebackError: unknown;
 
   private constructor(readonly path: string, private readonly fh: FileHandle) {}
 
@@ -116,9 +128,31 @@ export class Spool {
     await this.writeAt(this.buf.subarray(0, this.used), this.bufStart);
     this.bufStart += this.used;
     this.used = 0;
+    this.startWriteback();
   }
 
-  /** Flushes and closes the file (idempotent). References stay valid. */
+  /**
+   * Starts writing the file's dirty pages to disk once WRITEBACK_BYTES more
+   * were written, one at a time, so that the final fsync finds little left.
+   * Its error is kept for close(): the image's fsync runs on another
+   * descriptor, opened later, and would not see it.
+   */
+  private startWriteback(): void {
+    if (this.writeback || this.writebackError || this.bufStart - this.writebackFrom < WRITEBACK_BYTES) return;
+    this.writebackFrom = this.bufStart;
+    this.writeback = this.fh.datasync().then(
+      () => void (this.writeback = undefined),
+      (e: unknown) => {
+        this.writeback = undefined;
+        this.writebackError = e;
+      },
+    );
+  }
+
+  /**
+   * Flushes and closes the file (idempotent). References stay valid. Throws
+   * what an early writeback (startWriteback) met.
+   */
   async close(): Promise<void> {
     if (this.closed) return;
     try {
@@ -126,8 +160,10 @@ export class Spool {
     } finally {
       this.closed = true;
       this.buf = Buffer.alloc(0);
+      await this.writeback;
       await this.fh.close();
     }
+    if (this.writebackError !== undefined) throw ioError("writing the spool file", this.path, this.writebackError);
   }
 
   /** Closes and deletes the spool file. */
