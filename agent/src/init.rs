@@ -55,6 +55,8 @@ struct Cmdline {
     /// a boot template): the root becomes a partition of that size on the
     /// template's root disk (see root_partition), 0: not given.
     root_size: u64,
+    /// A boot template zeroes the guest's free memory before it is saved (`sm.zerofree=0`: not; see zero_free_memory).
+    zero_free: bool,
     disks: DiskConfig,
 }
 
@@ -70,6 +72,7 @@ fn parse_cmdline(text: &str) -> Cmdline {
         aslr: true,
         wakeup_preempt: true,
         root_size: 0,
+        zero_free: true,
         disks: DiskConfig::default(),
     };
     for word in text.split_whitespace() {
@@ -85,6 +88,7 @@ fn parse_cmdline(text: &str) -> Cmdline {
                 "sm.aslr" => c.aslr = v != "0" && v != "off",
                 "sm.wakeup_preempt" => c.wakeup_preempt = v != "0" && v != "off",
                 "sm.rootsize" => c.root_size = v.parse().unwrap_or(0),
+                "sm.zerofree" => c.zero_free = v != "0" && v != "off",
                 "sm.debug" => crate::DEBUG.store(v == "1", std::sync::atomic::Ordering::Relaxed),
                 _ => {
                     c.disks.take(k, v);
@@ -176,6 +180,39 @@ fn load_modules() -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("kernel modules failed to load: {}", failures.join("; ")))
+    }
+}
+
+/// Memory a template leaves free while it zeroes the rest (see zero_free_memory).
+const ZERO_KEEP_FREE: u64 = 8 << 20;
+
+/// Zeroes the guest's free memory before a boot template is saved: free
+/// pages still hold what the boot left in them (the compressed kernel, the
+/// initramfs image, early allocations), and the template's RAM file, and
+/// every snapshot baked from it, carried those bytes (their sparse copies
+/// skip only zero blocks). A child takes all free memory but a margin
+/// (anonymous pages, zeroed by the kernel as it hands them out) and exits,
+/// leaving them free and zero. The child is the OOM killer's first choice;
+/// a failure only leaves the bytes there.
+fn zero_free_memory() {
+    let free_kib: u64 = fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemFree:").and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()))
+        .unwrap_or(0);
+    let len = (free_kib * 1024).saturating_sub(ZERO_KEEP_FREE) as usize;
+    if len == 0 {
+        return;
+    }
+    let pid = unsafe { sys::fork() };
+    if pid == 0 {
+        let _ = fs::write("/proc/self/oom_score_adj", "1000");
+        let p = unsafe { sys::mmap(std::ptr::null_mut(), len, sys::PROT_READ | sys::PROT_WRITE, sys::MAP_PRIVATE | sys::MAP_ANONYMOUS | sys::MAP_NORESERVE | sys::MAP_POPULATE, -1, 0) };
+        unsafe { sys::_exit(if p as isize == -1 { 1 } else { 0 }) };
+    }
+    if pid > 0 {
+        let mut status = 0;
+        unsafe { sys::waitpid(pid, &mut status, 0) };
     }
 }
 
@@ -455,6 +492,9 @@ pub fn boot() -> BootReport {
         // The placeholder's /dev name, found while the template is made: its
         // VMs have the same devices in the same order.
         let placeholder = if c.root != "none" { volumes::find_by_serial(volumes::ROOT_SERIAL, Duration::from_secs(10)) } else { None };
+        if c.zero_free {
+            zero_free_memory();
+        }
         match template_wait(&c.port) {
             Ok((line, fd)) => {
                 TEMPLATE_PORT.store(fd.raw(), std::sync::atomic::Ordering::SeqCst);

@@ -173,6 +173,7 @@ extern "C" {
     pub fn unlockpt(fd: c_int) -> c_int;
     pub fn ptsname_r(fd: c_int, buf: *mut c_char, len: usize) -> c_int;
     pub fn fork() -> pid_t;
+    pub fn mmap(addr: *mut c_void, len: usize, prot: c_int, flags: c_int, fd: c_int, off: i64) -> *mut c_void;
     pub fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int;
     pub fn setsid() -> pid_t;
     pub fn setuid(uid: uid_t) -> c_int;
@@ -259,6 +260,12 @@ pub const SIOCSIFFLAGS: c_ulong = 0x8914;
 /// _IO(0x12, 105): partition table changes (linux/fs.h).
 pub const BLKPG: c_ulong = 0x1269;
 pub const BLKPG_ADD_PARTITION: c_int = 1;
+pub const PROT_READ: c_int = 1;
+pub const PROT_WRITE: c_int = 2;
+pub const MAP_PRIVATE: c_int = 0x02;
+pub const MAP_ANONYMOUS: c_int = 0x20;
+pub const MAP_NORESERVE: c_int = 0x4000;
+pub const MAP_POPULATE: c_int = 0x8000;
 pub const SIOCSIFADDR: c_ulong = 0x8916;
 pub const SIOCSIFNETMASK: c_ulong = 0x891c;
 pub const SIOCSIFMTU: c_ulong = 0x8922;

@@ -91,8 +91,19 @@ function fileId(p: string): string {
   return `${real}:${st.size}:${st.mtimeMs}`;
 }
 
+/**
+ * Whether a template's guest zeroes its free memory before it is saved
+ * (agent/src/init.rs, zero_free_memory): its RAM file, and every snapshot
+ * baked from it, then holds no leftovers of the boot. @internal
+ * SUPERMACHINE_TEMPLATE_ZERO=0 builds templates without (tests, comparisons).
+ */
+function zeroFree(): boolean {
+  return process.env.SUPERMACHINE_TEMPLATE_ZERO !== "0";
+}
+
 function templateKey(i: TemplateInputs): { key: string; inputs: unknown } {
   const inputs = {
+    ...(zeroFree() ? {} : { zeroFree: false }),
     version: TEMPLATE_VERSION,
     accel: i.accel,
     memoryMib: i.memoryMib,
@@ -195,7 +206,7 @@ async function buildTemplate(i: TemplateInputs, stage: string, key: string, inpu
       vcpus: i.vcpus,
       kernel: i.kernel,
       initrd: i.initrd,
-      cmdline: `${i.baseCmdline} sm.template=1`,
+      cmdline: `${i.baseCmdline} sm.template=1${zeroFree() ? "" : " sm.zerofree=0"}`,
       rootfs: placeholder,
       disks: [ringDisk(rt)],
       memoryFile: { path: join(rt, "ram"), share: true },

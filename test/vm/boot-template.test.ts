@@ -3,7 +3,8 @@
  * the first restores the machine's template and boots on as itself (its
  * own hostname, its own root image as a partition of the template's
  * placeholder disk, or the disk probed again when the host gives no size;
- * under TCG pretranslated from the blocks a bake recorded beside the template);
+ * under TCG pretranslated from the blocks a bake recorded beside the template;
+ * a template's guest zeroes its free memory first, so its RAM holds less);
  * VMs from one template
  * share nothing; a template whose files were tampered with is rebuilt, not
  * used; bootTemplate: false and SUPERMACHINE_BOOT_TEMPLATE=0 boot cold.
@@ -153,6 +154,39 @@ describe("boot templates", { timeout: VM_TEST_TIMEOUT }, () => {
       await vm.destroy();
     }
     await assert.rejects(bootDefault({ cacheDir, bootTemplate: "no" as unknown as boolean }), (e: unknown) => e instanceof TypeError && /bootTemplate/.test((e as Error).message));
+  });
+
+  it("a template's guest zeroes its free memory before it is saved: its RAM holds less data than one built without", async (t) => {
+    const root = join(cacheDir, "boot-templates");
+    const before = new Set((await readdir(root)).filter((n) => /^[0-9a-f]{64}$/.test(n)));
+    process.env.SUPERMACHINE_TEMPLATE_ZERO = "0";
+    let unzeroed: string | undefined;
+    try {
+      const vm = await bootDefault({ cacheDir });
+      try {
+        assert.equal((await vm.exec({ argv: ["echo", "ok"] })).stdout.toString(), "ok\n");
+        unzeroed = (await readdir(root)).find((n) => /^[0-9a-f]{64}$/.test(n) && !before.has(n));
+        assert.ok(unzeroed, "a template of its own (the setting is part of the key)");
+        assert.match((await vm.exec({ argv: ["cat", "/proc/cmdline"] })).stdout.toString(), /sm\.zerofree=0/);
+      } finally {
+        await vm.destroy();
+      }
+    } finally {
+      delete process.env.SUPERMACHINE_TEMPLATE_ZERO;
+    }
+    const zeroed = [...before][0]!;
+    /** Bytes in 4 KiB blocks that are not all zeros. */
+    const data = async (key: string) => {
+      const b = await readFile(join(root, key, "ram"));
+      const zero = Buffer.alloc(4096);
+      let n = 0;
+      for (let o = 0; o < b.length; o += 4096) if (!b.subarray(o, o + 4096).equals(zero)) n += 4096;
+      return n;
+    };
+    const [z, u] = [await data(zeroed), await data(unzeroed!)];
+    t.diagnostic(`RAM data: zeroed ${z >> 20} MiB, not ${u >> 20} MiB`);
+    assert.ok(z + (8 << 20) < u, `zeroed ${z} bytes vs ${u}`);
+    await rm(join(root, unzeroed!), { recursive: true, force: true });
   });
 
   it("SUPERMACHINE_BOOT_TEMPLATE=0 boots cold", async () => {
