@@ -75,6 +75,9 @@ describe("boot templates", { timeout: VM_TEST_TIMEOUT }, () => {
       assert.equal(Number(size.stdout.toString().split("\n")[0]) * 512, (await stat(a.launch.rootfsImage!)).size, size.stdout.toString());
       assert.doesNotMatch(a.qemu.consoleTail(), /probed again/);
       assert.match((await a.exec({ argv: ["cat", "/proc/cmdline"] })).stdout.toString(), /sm\.template=1/);
+      // Loopback came up in the template (IFF_UP), and works.
+      assert.equal(Number((await a.exec({ argv: ["cat", "/sys/class/net/lo/flags"] })).stdout.toString().trim()) & 1, 1);
+      assert.equal((await a.exec({ argv: ["ping", "-c", "1", "-W", "5", "127.0.0.1"] })).exitCode, 0);
       await a.writeFile("/tmp/only-a", Buffer.from("a"));
       assert.equal((await b.exec({ argv: ["test", "-e", "/tmp/only-a"] })).exitCode, 1, "VMs of one template share no files");
       const ids = await Promise.all([a, b].map(async (v) => (await v.exec({ argv: ["cat", "/proc/sys/kernel/random/boot_id"] })).stdout.toString()));
