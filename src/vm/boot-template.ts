@@ -9,9 +9,13 @@
  * its port (`sm.template=1`); the host saves that VM like a snapshot, into
  * the cache. Every later cold boot (`Vm.boot`, a bake) restores the template
  * with its own root filesystem disk, sends the agent the rest of its kernel
- * command line (`sm.root`, `sm.hostname`, ...), and the agent goes on from
- * there: re-probes the root disk (the template's was a placeholder), mounts
- * it and serves as after a boot.
+ * command line (`sm.root`, `sm.hostname`, ..., `sm.rootsize`), and the
+ * agent goes on from there: mounts the image as a partition of the
+ * template's placeholder disk (a 1 TiB sparse file; the disk is probed
+ * again only when no size comes), and serves as after a boot. The
+ * template's guest zeroed its free memory before it was saved; under TCG
+ * its VMs are pretranslated from the block list the first bake recorded
+ * beside it.
  *
  * Only VMs whose disks are the root filesystem and the stream ring use one
  * (volumes and a writable layer disk are devices the template lacks).
