@@ -294,9 +294,9 @@ fn say_ok(fd: &sys::Fd) {
 /// at the same device. The kernel still has the placeholder's size and
 /// cached blocks for `disk`; a partition from byte 0 of the image's `size`
 /// is a new block device with the image's bounds and its own empty cache.
-/// Adding it (BLKPG) costs the guest about a millisecond; the unbind and
-/// bind of the device it replaces cost 60-100 ms under TCG
-/// (docs/boot-templates.md). Err (an old template's small placeholder, a
+/// Adding it (BLKPG) costs the guest about a millisecond; finding the disk
+/// by its serial, then unbinding and binding its device, which it replaces,
+/// cost 100-120 ms under TCG (docs/boot-templates.md). Err (an old template's small placeholder, a
 /// kernel that refuses): the caller probes the disk again instead.
 fn root_partition(disk: &str, size: u64) -> Result<String, String> {
     if size == 0 || size % 512 != 0 || size > i64::MAX as u64 {

@@ -703,6 +703,9 @@ export class Image {
         // missing from its /etc/passwd) does not fail the bake; a VM that
         // died fails the capture below, which says so.
         if (bakePrewarm) await basePrewarm(vm, bootTimeoutMs).catch(() => undefined);
+        // The first bake from a boot template (TCG) leaves the blocks its QEMU
+        // translated beside the template, for the VMs started from it later
+        // (docs/boot-templates.md); later bakes find the list and skip this.
         await vm._recordTbHints().catch(() => 0);
         return await sealBake(plan, vm, stage, rootfsSum);
       } catch (e) {

@@ -184,8 +184,8 @@ async function captureDetached(vm: Vm, stage: string): Promise<{ files: Promise<
     // clock. This VM keeps its hostname, machine-id and boot_id. Sent, not
     // waited for (its failure was always ignored): the agent handles frames
     // in order, so whatever this VM is asked next runs after it. A pool's
-    // derived snapshot hands the VM on without that round trip (≈ 40–70 ms
-    // under TCG).
+    // derived snapshot hands the VM on without that round trip (≈ 25 ms of
+    // its capture under TCG, docs/performance.md).
     void vm
       .configure({ identity: "reseed" })
       .catch(() => undefined)

@@ -287,10 +287,6 @@ async function startPretranslation(spec: LaunchSpec, s: StartedQemu, qmp: QmpCli
   return label ?? "";
 }
 
-/**
- * @internal Starts the QEMU process of `spec` (and, for a restore, its QMP
- * connection), ready for {@link launchVm}. Pools start one ahead of need.
- */
 /** Throws the start's AbortError once `signal` has aborted. */
 function throwIfAborted(signal: AbortSignal | undefined): void {
   if (signal?.aborted) throw new AbortError("VM start aborted", { cause: signal.reason });
@@ -309,6 +305,10 @@ function killOnAbort(signal: AbortSignal | undefined, q: QemuProcess): () => voi
   return () => signal.removeEventListener("abort", kill);
 }
 
+/**
+ * @internal Starts the QEMU process of `spec` (and, for a restore, its QMP
+ * connection), ready for {@link launchVm}. Pools start one ahead of need.
+ */
 export async function startQemu(spec: LaunchSpec): Promise<StartedQemu> {
   throwIfAborted(spec.signal);
   const dir = createRuntimeDir();
