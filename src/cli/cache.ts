@@ -109,6 +109,8 @@ export async function buildCommand(args: string[]): Promise<number> {
   };
   const img = await Image.build(o);
   try {
+    // The snapshot is written behind the Image: the command reports it once it is on disk.
+    await img.saved();
     view.done();
     const m = img.manifest;
     if (v.json) process.stdout.write(`${JSON.stringify({ name: m.name, path: img.snapshotPath, baked: img.baked, ref: m.image.ref, digest: m.image.digest, memoryMib: m.memoryMib, vcpus: m.vcpus }, null, 2)}\n`);

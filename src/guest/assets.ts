@@ -5,7 +5,7 @@
  */
 
 import { createHash } from "node:crypto";
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, readFileSync, statSync } from "node:fs";
 import { mkdir, rename, writeFile, unlink } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -61,6 +61,9 @@ export interface AssetOptions {
   agentPath?: string;
 }
 
+/** What a module in the modules directory's `order` file may be called. */
+const MODULE_NAME = /^[A-Za-z0-9_.-]+\.ko$/;
+
 /** Bumped when the initramfs layout changes. */
 const INITRAMFS_FORMAT = 1;
 
@@ -82,9 +85,85 @@ export function bootAssets(o: AssetOptions = {}): Promise<BootAssets> {
   return p;
 }
 
+/**
+ * A file's identity for the initramfs index: path, device, inode, size,
+ * mtime and ctime (ns). Rewriting or replacing the file changes its ctime,
+ * which nobody can set back.
+ */
+function statKey(path: string): string {
+  const s = statSync(path, { bigint: true });
+  return [path, s.dev, s.ino, s.size, s.mtimeNs, s.ctimeNs].join(":");
+}
+
+/** The initramfs inputs' identity (INITRAMFS_FORMAT, the agent, the modules' order file and each module): the index's key. */
+function initramfsInputsKey(agentFile: string, modulesDir: string | undefined): string | undefined {
+  try {
+    const keys = [`initramfs-inputs-v${INITRAMFS_FORMAT}`, statKey(agentFile)];
+    if (modulesDir) {
+      const orderFile = join(modulesDir, "order");
+      if (existsSync(orderFile)) {
+        keys.push(statKey(orderFile));
+        for (const name of readFileSync(orderFile, "utf8").split("\n").map((l) => l.trim()).filter(Boolean)) {
+          // A name the build refuses: no key, so the build says so.
+          if (!MODULE_NAME.test(name)) return undefined;
+          keys.push(statKey(join(modulesDir, name)));
+        }
+      } else keys.push(`no order in ${modulesDir}`);
+    }
+    return createHash("sha256").update(keys.join("\0")).digest("hex");
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * The initramfs built from these inputs before (by any process with this
+ * cache): `initramfs/index/<inputs key>` holds its content hash and size.
+ * Saves the first bootAssets() of each process reading the agent and the
+ * modules (~6 MB) and building the archive to find its name (~50–90 ms of
+ * the main thread here). A line that does not parse, or a file that is gone
+ * or of another size, is a miss: the archive is built as before.
+ */
+function indexedInitramfs(dir: string, inputsKey: string | undefined): { hash: string; initrd: string } | undefined {
+  if (!inputsKey) return undefined;
+  try {
+    const m = /^([0-9a-f]{64}) ([0-9]{1,12})\n$/.exec(readFileSync(join(dir, "index", inputsKey.slice(0, 32)), "latin1"));
+    if (!m) return undefined;
+    const initrd = join(dir, `${m[1]!.slice(0, 32)}.cpio`);
+    const st = statSync(initrd);
+    return st.isFile() && st.size === Number(m[2]) ? { hash: m[1]!, initrd } : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+/** Writes the index entry (atomically; only an optimization, so a failure is ignored). */
+async function indexInitramfs(dir: string, inputsKey: string | undefined, hash: string, size: number): Promise<void> {
+  if (!inputsKey) return;
+  const file = join(dir, "index", inputsKey.slice(0, 32));
+  const tmp = `${file}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`;
+  try {
+    await mkdir(join(dir, "index"), { recursive: true });
+    await writeFile(tmp, `${hash} ${size}\n`);
+    await rename(tmp, file);
+  } catch {
+    await unlink(tmp).catch(() => undefined);
+  }
+}
+
+/** @internal (tests) Forgets what bootAssets() resolved in this process. */
+export function _forgetBootAssets(): void {
+  memo.clear();
+}
+
 async function resolveAssets(cacheDir: string, o: AssetOptions): Promise<BootAssets> {
   const k: KernelAssets = locateKernel(cacheDir, { ...(o.kernel ? { kernel: o.kernel } : {}), ...(o.modulesDir ? { modulesDir: o.modulesDir } : {}) });
   const agentFile = locateAgent(o.agentPath);
+  const dir = join(cacheDir, "initramfs");
+  // Taken before the files are read: a file changed meanwhile makes a key that matches nothing.
+  const inputsKey = initramfsInputsKey(agentFile, k.modulesDir);
+  const known = indexedInitramfs(dir, inputsKey);
+  if (known) return { kernel: k.kernel, initrd: known.initrd, id: assetsId(k.id, known.hash), kernelId: k.id };
   const agent = readFileSync(agentFile);
   if (!isStaticElf(agent)) throw new MissingAssetError("agent", `the guest agent ${agentFile} is not a static ELF executable: it runs as the guest's /init, before any library exists. Build it static (npm run setup does: cargo build --release with RUSTFLAGS="-C target-feature=+crt-static").`);
   const entries: CpioEntry[] = [
@@ -101,14 +180,13 @@ async function resolveAssets(cacheDir: string, o: AssetOptions): Promise<BootAss
     const orderFile = join(k.modulesDir, "order");
     const order = existsSync(orderFile) ? readFileSync(orderFile, "utf8").split("\n").map((s) => s.trim()).filter(Boolean) : [];
     for (const name of order) {
-      if (!/^[A-Za-z0-9_.-]+\.ko$/.test(name)) throw new MissingAssetError("kernel", `bad module name ${JSON.stringify(name)} in ${orderFile}`);
+      if (!MODULE_NAME.test(name)) throw new MissingAssetError("kernel", `bad module name ${JSON.stringify(name)} in ${orderFile}`);
       entries.push({ name: `lib/modules/${name}`, mode: S_IFREG | 0o644, data: readFileSync(join(k.modulesDir, name)) });
     }
     entries.push({ name: "lib/modules/order", mode: S_IFREG | 0o644, data: Buffer.from(order.join("\n") + "\n") });
   }
   const cpio = buildCpio(entries);
   const hash = createHash("sha256").update(`initramfs-v${INITRAMFS_FORMAT}\0`).update(cpio).digest("hex");
-  const dir = join(cacheDir, "initramfs");
   const initrd = join(dir, `${hash.slice(0, 32)}.cpio`);
   if (!existsSync(initrd)) {
     await mkdir(dir, { recursive: true });
@@ -121,8 +199,13 @@ async function resolveAssets(cacheDir: string, o: AssetOptions): Promise<BootAss
       throw e;
     }
   }
-  const id = createHash("sha256").update(k.id).update("\0").update(hash).digest("hex").slice(0, 32);
-  return { kernel: k.kernel, initrd, id, kernelId: k.id };
+  await indexInitramfs(dir, inputsKey, hash, cpio.length);
+  return { kernel: k.kernel, initrd, id: assetsId(k.id, hash), kernelId: k.id };
+}
+
+/** BootAssets.id: the kernel's id and the initramfs content hash. */
+function assetsId(kernelId: string, initramfsHash: string): string {
+  return createHash("sha256").update(kernelId).update("\0").update(initramfsHash).digest("hex").slice(0, 32);
 }
 
 export interface CmdlineOptions {

@@ -442,6 +442,8 @@ async function planBuild(options: BuildOptions): Promise<BuildPlan> {
  */
 async function bakeLocked(plan: BuildPlan, cached: (m: SnapshotManifest) => Promise<Image>, bake: (stage: string, rootfsSum: Promise<string>) => Promise<Image>): Promise<Image> {
   const { v, root, key, name, dir, options } = plan;
+  // This process may be writing that very snapshot (a build that returned before its files were on disk).
+  await publishingHere.get(dir)?.catch(() => undefined);
   const hit = await readManifest(dir, "quick").catch(() => undefined);
   if (hit && hit.key === key) return cached(hit);
   await mkdir(v.snapshotsDir, { recursive: true, mode: SNAPSHOT_DIR_MODE });
@@ -461,7 +463,7 @@ async function bakeLocked(plan: BuildPlan, cached: (m: SnapshotManifest) => Prom
       rootfsSum = rootfsDigest(root.rootfsImage);
       rootfsSum.catch(() => undefined);
       const image = await bake(stage, rootfsSum);
-      // Published behind the Image (sealBake's `early`): the lock is held,
+      // Published behind the Image (sealBake): the lock is held,
       // and a failure leaves no stage, until it is.
       publishing = image._publishing?.catch(async (e: unknown) => {
         await rm(stage, { recursive: true, force: true });
@@ -495,17 +497,26 @@ async function runPrewarmList(vm: Vm, prewarm: readonly (readonly string[])[], t
 }
 
 /**
+ * The snapshots this process is still writing (sealBake), by directory:
+ * Image.fromSnapshot and Image.build wait for them instead of finding no
+ * directory or baking the same key again.
+ */
+const publishingHere = new Map<string, Promise<void>>();
+
+/**
  * Takes the snapshot of a bake VM into `stage`, publishes it as the plan's
  * directory and returns the Image, the VM living on as its warm handoff (its
  * workload, if it starts at restore, not started yet: see takeHandoff).
  *
- * `early` (a pool's derived list snapshot, Image.derive): the Image comes
- * back as soon as the VM runs again, and the rest (hash, manifest, fsync,
- * publish: ~0.15–0.3 s) goes on behind it as the Image's `_publishing`;
- * its restores wait for it. Image.build's own result is published before it
- * resolves: its snapshotPath is a complete snapshot then.
+ * The Image comes back as soon as the VM runs again, and the rest (the RAM
+ * and rootfs digests, on the hashing thread; manifest, fsync, publish:
+ * ~0.15–0.3 s) goes on behind it as the Image's `_publishing`, as the
+ * original's "background disk save" does: restores and `saved()` wait for
+ * it, and so do Image.fromSnapshot and Image.build of that directory in this
+ * process (publishingHere). Meanwhile a pool's first VM (the handoff, and a
+ * derived prewarm list) runs beside it.
  */
-async function sealBake(plan: BuildPlan, vm: Vm, stage: string, rootfsSum: Promise<string>, early = false): Promise<Image> {
+async function sealBake(plan: BuildPlan, vm: Vm, stage: string, rootfsSum: Promise<string>): Promise<Image> {
   const { v, accel, root, qemu, cpuModel, config, workload, inputs, key, name, dir } = plan;
   bakePhase(plan, "snapshot");
   const captured = await captureVmEarly(vm, stage);
@@ -542,18 +553,19 @@ async function sealBake(plan: BuildPlan, vm: Vm, stage: string, rootfsSum: Promi
     // ram and state are on disk already (the capture's records).
     for (const f of [...diskFiles, "manifest.json"]) await fsyncFile(join(stage, f));
     await publish(stage, dir);
-    // The stage is gone: the handoff VM's disk (same inode) now lives under dir.
-    vm.launch.rootfsImage = join(dir, "rootfs.erofs");
+    // The stage is gone: the handoff VM's disk (same inode) now lives under
+    // dir (unless a later snapshot of that VM, a derived list, moved it on).
+    if (vm.launch.rootfsImage === join(stage, "rootfs.erofs")) vm.launch.rootfsImage = join(dir, "rootfs.erofs");
   };
-  let publishing: Promise<void> | undefined;
-  if (early) {
-    publishing = finish().catch((e: unknown) => {
-      throw new SnapshotError(`The snapshot ${dir} could not be written (${(e as Error).message}); restores from it fail. Free space under ${v.snapshotsDir} or point snapshotsDir elsewhere, then build again.`, { cause: e });
-    });
-    publishing.catch(() => undefined);
-  } else {
-    await finish();
-  }
+  const publishing = finish().catch((e: unknown) => {
+    throw new SnapshotError(`The snapshot ${dir} could not be written (${(e as Error).message}); restores from it fail. Free space under ${v.snapshotsDir} or point snapshotsDir elsewhere, then build again.`, { cause: e });
+  });
+  publishing.catch(() => undefined);
+  publishingHere.set(dir, publishing);
+  const forget = (): void => {
+    if (publishingHere.get(dir) === publishing) publishingHere.delete(dir);
+  };
+  publishing.then(forget, forget);
   // The bake VM lives on as the first VM handed out (warm handoff); it
   // must look like a restored one: the warmup's processes detached. Its
   // workload starts when it is taken (as a restored VM's starts at its
@@ -578,7 +590,7 @@ async function sealBake(plan: BuildPlan, vm: Vm, stage: string, rootfsSum: Promi
     network: v.network,
     imageCmd: plan.imageCmd,
     mounts: v.mounts,
-    ...(publishing ? { publishing } : {}),
+    publishing,
   });
 }
 
@@ -587,11 +599,25 @@ export class Image {
   readonly snapshotPath: string;
   readonly manifest: SnapshotManifest;
   /**
-   * @internal While a derived snapshot is still being hashed and published
-   * behind its Image (sealBake's `early`): restores wait for it, close()
-   * too. Rejects with what kept it from being published.
+   * @internal While a baked snapshot is still being hashed and published
+   * behind its Image (sealBake): restores wait for it, close() too. Rejects
+   * with what kept it from being published.
    */
   readonly _publishing: Promise<void> | undefined;
+
+  /**
+   * (extension) Resolves once the snapshot is complete on disk at
+   * `snapshotPath`. Image.build returns as soon as the VM is captured, and
+   * its files are hashed, synced and renamed into place in the background
+   * (the original's "background disk save"); restores, pools, `close()`,
+   * and Image.fromSnapshot / Image.build of the same directory in this
+   * process wait for it by themselves. Await it before another process
+   * reads the directory. Rejects with SnapshotError when the snapshot could
+   * not be written (the Image's VMs cannot be restored then; build again).
+   */
+  saved(): Promise<void> {
+    return this._publishing ?? Promise.resolve();
+  }
   /** (extension) True when this Image.build booted a VM (cache miss). */
   readonly baked: boolean;
   /** @internal */ readonly cacheDir: string;
@@ -732,7 +758,7 @@ export class Image {
         bakePhase(plan, "warmup");
         if (h.paused) await vm._resume();
         await runPrewarmList(vm, prewarm, timeoutMs);
-        const image = await sealBake(plan, vm, stage, rootfsSum, true);
+        const image = await sealBake(plan, vm, stage, rootfsSum);
         baked = true;
         return image;
       });
@@ -747,6 +773,8 @@ export class Image {
     assertSupportedHost();
     if (typeof path !== "string" || path === "") throw invalidOption("path", "a snapshot directory", path);
     const dir = resolve(path);
+    // A build of this process may still be writing it (Image.build returns before its snapshot is on disk).
+    await publishingHere.get(dir)?.catch(() => undefined);
     const manifest = await readManifest(dir, "full");
     return new Image({ snapshotPath: dir, manifest, baked: false, cacheDir: defaultCacheDir() });
   }

@@ -640,10 +640,11 @@ export class Pool {
     const released = new ClosedError(`the VM ${vm.id} was released back to its pool; its processes were ended`);
     if (this.closed || vm.status !== "ready" || (this.restoreOnRelease && !vm._mayRecycle())) {
       if (!this.closed && vm.status === "ready" && this.restoreOnRelease) this.processesReused = false;
-      // Start its replacement first, then tear it down.
+      // Start its replacement first, then tear it down. The holder's lease
+      // ends here: the teardown (QEMU's exit, its files; 40–60 ms under TCG)
+      // goes on behind release(), and shutdown() waits for it.
       this.fill();
-      await vm.destroy(released);
-      this.fill();
+      this.tearingDown(vm.destroy(released).then(() => this.fill()));
       return;
     }
     if (this.restoreOnRelease) {

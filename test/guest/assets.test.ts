@@ -4,11 +4,11 @@
  */
 
 import assert from "node:assert/strict";
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, it } from "node:test";
-import { bootAssets, defaultAslr, kernelCmdline, wakeupPreemption } from "../../src/guest/assets.js";
+import { _forgetBootAssets, bootAssets, defaultAslr, kernelCmdline, locateAgent, wakeupPreemption } from "../../src/guest/assets.js";
 import { MissingAssetError } from "../../src/errors.js";
 import { buildCpio, S_IFREG } from "../../src/guest/cpio.js";
 import { isStaticElf } from "../../src/guest/default-image.js";
@@ -99,6 +99,51 @@ describe("guest assets", () => {
     for (const m of order) assert.ok(files.has(`lib/modules/${m}`), `${m} listed but not packed`);
     // Same inputs, same archive: the cache key is stable.
     assert.equal((await bootAssets()).initrd, a.initrd);
+  });
+
+  it("the initramfs index: a later process finds the archive by its inputs' identity, and a changed agent or a bad entry is a miss", async () => {
+    const k = locateKernel(defaultCacheDir());
+    const cacheDir = mkdtempSync(join(tmpdir(), "sm-assets-index-"));
+    try {
+      const agentPath = join(cacheDir, "agent");
+      copyFileSync(locateAgent(), agentPath);
+      const o = { cacheDir, agentPath, kernel: k.kernel, ...(k.modulesDir ? { modulesDir: k.modulesDir } : {}) };
+      const a = await bootAssets(o);
+      const indexDir = join(cacheDir, "initramfs", "index");
+      const entries = readdirSync(indexDir);
+      assert.equal(entries.length, 1);
+      const entry = join(indexDir, entries[0]!);
+      const [hash, size] = readFileSync(entry, "latin1").trim().split(" ");
+      assert.equal(Number(size), statSync(a.initrd).size);
+      assert.ok(a.initrd.endsWith(`${hash!.slice(0, 32)}.cpio`));
+      // Another process (the memo forgotten) takes the entry's archive without building one:
+      // an entry pointing at another archive of that size proves it.
+      const other = "f".repeat(64);
+      copyFileSync(a.initrd, join(cacheDir, "initramfs", `${other.slice(0, 32)}.cpio`));
+      writeFileSync(entry, `${other} ${size}\n`);
+      _forgetBootAssets();
+      const b = await bootAssets(o);
+      assert.equal(b.initrd, join(cacheDir, "initramfs", `${other.slice(0, 32)}.cpio`));
+      assert.notEqual(b.id, a.id, "the id follows the archive's hash");
+      // The agent rewritten (same bytes, new ctime): a miss, built again, the entry rewritten.
+      writeFileSync(agentPath, readFileSync(agentPath));
+      _forgetBootAssets();
+      const c = await bootAssets(o);
+      assert.equal(c.initrd, a.initrd);
+      assert.equal(c.id, a.id);
+      // Entries that do not hold: a line that does not parse, an archive of another size, a missing archive.
+      const fresh = readdirSync(indexDir).map((f) => join(indexDir, f));
+      for (const bad of ["garbage\n", `${other} ${Number(size) + 1}\n`, `${"e".repeat(64)} ${size}\n`]) {
+        for (const f of fresh) writeFileSync(f, bad);
+        _forgetBootAssets();
+        const d = await bootAssets(o);
+        assert.equal(d.initrd, a.initrd, `entry ${JSON.stringify(bad)}`);
+        assert.equal(d.id, a.id);
+      }
+    } finally {
+      _forgetBootAssets();
+      rmSync(cacheDir, { recursive: true, force: true });
+    }
   });
 
   it("cpio entries are 4-byte aligned and terminated", () => {

@@ -72,6 +72,7 @@ describe("Image.build and restores", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
   it("bakes once: the second build with the same options boots nothing", async () => {
     assert.equal(image.baked, true);
     assert.equal(image.memoryMib, 256);
+    await image.saved();
     assertPrivateSnapshot(image.snapshotPath);
     assert.equal(image.vcpus, 1);
     const starts = qemuStartCount();
@@ -231,6 +232,32 @@ describe("Image.build and restores", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     );
     assert.equal(existsSync(join(snapshotsDir, "never-listens")), false);
     assert.deepEqual(readdirSync(snapshotsDir).filter((f) => f.includes("never-listens") && !f.endsWith(".lock")), []);
+  });
+
+  it("Image.build returns before its snapshot is on disk: saved() resolves once it is; fromSnapshot and a build of the same key in this process wait for it", async () => {
+    const name = `early-${randomBytes(3).toString("hex")}`;
+    const warmupTag = `early-${randomBytes(3).toString("hex")}`;
+    const fresh = await Image.build({ ref, snapshotsDir, name, warmupTag });
+    try {
+      assert.equal(fresh.baked, true);
+      const dir = fresh.snapshotPath;
+      // The RAM digest alone takes tens of ms: the build's Image is back first.
+      assert.equal(existsSync(join(dir, "manifest.json")), false, "the snapshot is published behind the Image");
+      const [loaded, again] = await Promise.all([Image.fromSnapshot(dir), Image.build({ ref, snapshotsDir, name, warmupTag })]);
+      try {
+        assert.equal(again.baked, false, "the same key in this process is a cache hit, not a second bake");
+        assert.equal(loaded.manifest.key, fresh.manifest.key);
+        assert.deepEqual(loaded.manifest.files, fresh.manifest.files);
+      } finally {
+        await loaded.close();
+        await again.close();
+      }
+      await fresh.saved();
+      assertPrivateSnapshot(dir);
+      assert.deepEqual(readdirSync(snapshotsDir).filter((f) => f.startsWith(`.${name}.tmp-`)), [], "no stage left");
+    } finally {
+      await fresh.close();
+    }
   });
 
   it("a failing warmup leaves no entry that looks valid; the next build bakes", async () => {

@@ -113,6 +113,30 @@ describe("Pool", { timeout: 3 * VM_TEST_TIMEOUT }, () => {
     await assert.rejects(pool.acquire(), PoolError);
   });
 
+  it("release() of a VM whose QEMU cannot be reused returns without waiting for that QEMU's exit; shutdown() waits for it", async () => {
+    // A fresh bake: the pool's first VM is the bake's own, started from the
+    // boot template, whose QEMU cannot take a restore (Vm._mayRecycle).
+    const img = await Image.build({ ref: `dir:${await defaultRootfs()}`, snapshotsDir, warmupTag: `${warmupTag}-teardown` });
+    try {
+      const pool = await img.pool({ min: 1, max: 1 });
+      const vm = await pool.acquire();
+      assert.equal((await vm.exec({ argv: ["echo", "ok"] })).stdout.toString(), "ok\n");
+      const qemu = vm.qemu;
+      assert.equal(qemu.exitStatus, undefined);
+      await vm.release();
+      // No event-loop turn since release() resolved: had it waited for the
+      // teardown, QEMU's exit would have been seen.
+      assert.equal(qemu.exitStatus, undefined, "release() resolved before the VM's QEMU exited");
+      assert.equal(vm.status, "closed");
+      await pool.shutdown();
+      assert.notEqual(qemu.exitStatus, undefined, "shutdown() resolved after that QEMU's exit");
+      assert.equal(processAlive(qemu.pid!), false, "the released VM's QEMU is gone");
+      expectStats(pool, { alive: 0, inUse: 0, idle: 0, waiting: 0 }, "after shutdown");
+    } finally {
+      await img.close();
+    }
+  });
+
   it("a restore aborted before it starts starts no QEMU; one aborted while its QEMU starts rejects with AbortError, its QEMU gone", async () => {
     // A fresh Image object: no QEMU of an earlier pool to reuse.
     const img = await Image.build({ ref: `dir:${await defaultRootfs()}`, snapshotsDir, warmupTag });

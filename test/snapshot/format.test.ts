@@ -5,13 +5,15 @@
 
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
+import { spawnSync } from "node:child_process";
 import { chmodSync, chownSync, copyFileSync, mkdtempSync, renameSync, rmSync, symlinkSync } from "node:fs";
 import { open, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { SnapshotError } from "../../src/errors.js";
-import { dataExtents, parseExtents, sealSnapshotDir, sha256File, sparseCopy, sparseSha256File, stubKernel } from "../../src/snapshot/files.js";
+import { dataExtents, parseExtents, sealSnapshotDir, sha256File, sha256FileHere, sparseCopy, sparseSha256File, sparseSha256Here, stubKernel } from "../../src/snapshot/files.js";
+import { _hashThreadJobs } from "../../src/snapshot/hash-thread.js";
 import { SNAPSHOT_FORMAT, SNAPSHOT_VERSION, readManifest, type SnapshotManifest } from "../../src/snapshot/manifest.js";
 
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
@@ -273,6 +275,26 @@ describe("snapshot files", () => {
     // Empty file: the tag and the size only.
     await writeFile(written, Buffer.alloc(0));
     assert.equal(await sparseSha256File(written), spec(Buffer.alloc(0)));
+  });
+
+  it("the digests are taken on the hash thread, the same as on this thread; a failed read rejects; an idle thread does not keep a script alive", async () => {
+    const dir = mkdtempSync(join(root, "thread-"));
+    const b = Buffer.alloc((3 << 20) + 77);
+    b.write("thread", (2 << 20) + 9);
+    const file = join(dir, "f");
+    await writeFile(file, b);
+    const before = _hashThreadJobs();
+    assert.equal(await sparseSha256File(file), spec(b));
+    assert.equal(await sha256File(file), sha(b));
+    assert.equal(_hashThreadJobs(), before + 2, "both answered by the hash thread");
+    assert.equal(await sparseSha256Here(file, b.length, undefined), spec(b));
+    assert.equal(await sha256FileHere(file), sha(b));
+    await assert.rejects(sha256File(join(dir, "missing")), /ENOENT/);
+    // A script that hashed and has nothing else to do exits by itself.
+    const script = `import { sha256File } from ${JSON.stringify(new URL("../../src/snapshot/files.js", import.meta.url).href)};\nconsole.log(await sha256File(${JSON.stringify(file)}));\n`;
+    const r = spawnSync(process.execPath, ["--input-type=module", "-e", script], { encoding: "utf8", timeout: 60_000 });
+    assert.equal(r.status, 0, r.stderr);
+    assert.equal(r.stdout.trim(), sha(b));
   });
 
   it("the RAM digest reads only the data extents lseek reports, and is the same without them", async () => {
