@@ -566,6 +566,10 @@ async function sealBake(plan: BuildPlan, vm: Vm, stage: string, rootfsSum: Promi
     if (publishingHere.get(dir) === publishing) publishingHere.delete(dir);
   };
   publishing.then(forget, forget);
+  // With disks (volumes, diskMib) the manifest's disk records (the flattened
+  // images' sizes and digests) are part of what the Image is: such a build
+  // returns once its snapshot is written.
+  if (vm.launch.disks?.length) await publishing;
   // The bake VM lives on as the first VM handed out (warm handoff); it
   // must look like a restored one: the warmup's processes detached. Its
   // workload starts when it is taken (as a restored VM's starts at its
@@ -612,8 +616,11 @@ export class Image {
    * (the original's "background disk save"); restores, pools, `close()`,
    * and Image.fromSnapshot / Image.build of the same directory in this
    * process wait for it by themselves. Await it before another process
-   * reads the directory. Rejects with SnapshotError when the snapshot could
-   * not be written (the Image's VMs cannot be restored then; build again).
+   * reads the directory. Until then `manifest.files` holds zero sizes and
+   * empty digests (filled in as the files are hashed). Rejects with
+   * SnapshotError when the snapshot could not be written (the Image's VMs
+   * cannot be restored then; build again). A build with volumes or
+   * `diskMib` returns only once it is written.
    */
   saved(): Promise<void> {
     return this._publishing ?? Promise.resolve();

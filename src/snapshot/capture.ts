@@ -185,11 +185,14 @@ async function captureDetached(vm: Vm, stage: string): Promise<{ files: Promise<
     // waited for (its failure was always ignored): the agent handles frames
     // in order, so whatever this VM is asked next runs after it. A pool's
     // derived snapshot hands the VM on without that round trip (≈ 25 ms of
-    // its capture under TCG, docs/performance.md).
-    void vm
-      .configure({ identity: "reseed" })
-      .catch(() => undefined)
-      .then(resume);
+    // its capture under TCG, docs/performance.md); a pause of the VM waits
+    // for it (Vm._pause).
+    vm._afterCapture(
+      vm
+        .configure({ identity: "reseed" })
+        .catch(() => undefined)
+        .then(resume),
+    );
   }
 }
 

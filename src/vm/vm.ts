@@ -745,6 +745,10 @@ export class Vm {
    * until {@link Vm._resume}.
    */
   async _pause(): Promise<void> {
+    // A capture's closing CONFIGURE answered first: a request left waiting
+    // on a stopped guest would hold the event loop (the bake's VM is stopped
+    // right after its capture).
+    if (this.captureSettling) await this.captureSettling;
     const resumeLiveness = this.conn.pauseLiveness();
     try {
       await (await this.qmp()).execute("stop");
@@ -753,6 +757,17 @@ export class Vm {
       throw e;
     }
     this.pausedLiveness = resumeLiveness;
+  }
+
+  /** The closing CONFIGURE of a capture (src/snapshot/capture.ts), until it is answered. */
+  private captureSettling: Promise<void> | undefined;
+
+  /** @internal A capture's closing CONFIGURE, sent without waiting for its answer: _pause() waits for it. */
+  _afterCapture(settled: Promise<void>): void {
+    this.captureSettling = settled;
+    void settled.then(() => {
+      if (this.captureSettling === settled) this.captureSettling = undefined;
+    });
   }
 
   /**
