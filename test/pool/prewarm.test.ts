@@ -265,6 +265,8 @@ describe("the bake's own VM (the first pool's first VM)", { timeout: 3 * VM_TEST
     const image = await Image.build({ ref: `dir:${await defaultRootfs()}`, snapshotsDir: dir, warmupTag: `prewarm-early-${randomBytes(3).toString("hex")}` });
     const list = [["sh", "-c", "echo warm > /tmp/prewarm-mark"]];
     try {
+      // The image's own snapshot is published behind it too: on disk before the listing.
+      await image.saved();
       const known = new Set(await readdir(dir));
       // As soon as the list's stage appears, a directory takes the place of
       // its manifest.json: writing the manifest fails after the capture.
