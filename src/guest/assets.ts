@@ -120,8 +120,8 @@ function initramfsInputsKey(agentFile: string, modulesDir: string | undefined): 
  * The initramfs built from these inputs before (by any process with this
  * cache): `initramfs/index/<inputs key>` holds its content hash and size.
  * Saves the first bootAssets() of each process reading the agent and the
- * modules (~6 MB) and building the archive to find its name (~50–90 ms of
- * the main thread here). A line that does not parse, or a file that is gone
+ * modules (~6 MB) and building the archive to find its name (≈ 90 ms of
+ * the main thread in one cold sample's profile). A line that does not parse, or a file that is gone
  * or of another size, is a miss: the archive is built as before.
  */
 function indexedInitramfs(dir: string, inputsKey: string | undefined): { hash: string; initrd: string } | undefined {
@@ -129,7 +129,7 @@ function indexedInitramfs(dir: string, inputsKey: string | undefined): { hash: s
   try {
     const m = /^([0-9a-f]{64}) ([0-9]{1,12})\n$/.exec(readFileSync(join(dir, "index", inputsKey.slice(0, 32)), "latin1"));
     if (!m) return undefined;
-    const initrd = join(dir, `${m[1]!.slice(0, 32)}.cpio`);
+    const initrd = join(dir, initrdName(m[1]!));
     const st = statSync(initrd);
     return st.isFile() && st.size === Number(m[2]) ? { hash: m[1]!, initrd } : undefined;
   } catch {
@@ -140,14 +140,25 @@ function indexedInitramfs(dir: string, inputsKey: string | undefined): { hash: s
 /** Writes the index entry (atomically; only an optimization, so a failure is ignored). */
 async function indexInitramfs(dir: string, inputsKey: string | undefined, hash: string, size: number): Promise<void> {
   if (!inputsKey) return;
-  const file = join(dir, "index", inputsKey.slice(0, 32));
+  await writeReplacing(join(dir, "index"), inputsKey.slice(0, 32), `${hash} ${size}\n`).catch(() => undefined);
+}
+
+/** The initramfs file of a content hash, in the cache's initramfs directory. */
+function initrdName(hash: string): string {
+  return `${hash.slice(0, 32)}.cpio`;
+}
+
+/** Writes `data` as `dir/name` through a temp file renamed over it (readers never see part of it). */
+async function writeReplacing(dir: string, name: string, data: string | Buffer): Promise<void> {
+  await mkdir(dir, { recursive: true });
+  const file = join(dir, name);
   const tmp = `${file}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`;
   try {
-    await mkdir(join(dir, "index"), { recursive: true });
-    await writeFile(tmp, `${hash} ${size}\n`);
+    await writeFile(tmp, data);
     await rename(tmp, file);
-  } catch {
+  } catch (e) {
     await unlink(tmp).catch(() => undefined);
+    throw e;
   }
 }
 
@@ -187,18 +198,8 @@ async function resolveAssets(cacheDir: string, o: AssetOptions): Promise<BootAss
   }
   const cpio = buildCpio(entries);
   const hash = createHash("sha256").update(`initramfs-v${INITRAMFS_FORMAT}\0`).update(cpio).digest("hex");
-  const initrd = join(dir, `${hash.slice(0, 32)}.cpio`);
-  if (!existsSync(initrd)) {
-    await mkdir(dir, { recursive: true });
-    const tmp = `${initrd}.${process.pid}.${Math.random().toString(36).slice(2)}.tmp`;
-    try {
-      await writeFile(tmp, cpio);
-      await rename(tmp, initrd);
-    } catch (e) {
-      await unlink(tmp).catch(() => undefined);
-      throw e;
-    }
-  }
+  const initrd = join(dir, initrdName(hash));
+  if (!existsSync(initrd)) await writeReplacing(dir, initrdName(hash), cpio);
   await indexInitramfs(dir, inputsKey, hash, cpio.length);
   return { kernel: k.kernel, initrd, id: assetsId(k.id, hash), kernelId: k.id };
 }

@@ -89,17 +89,17 @@ function diskFull(path: string, cacheDir: string, err: unknown): DiskFullError {
 /** A download's bytes go to its file in writes of about this size. */
 const WRITE_BATCH = 1 << 20;
 
-/** Writes all of `buf` at file offset `pos` (positional: a restart from 0 after truncate(0) writes at 0). */
 /**
  * Writes `bufs` at `pos` in one writev (no copy into one buffer: that
  * allocation and copy per 1 MiB batch showed in the pull's profile); a short
  * write (rare on a regular file) writes the rest with writeAll.
  */
 async function writevAll(fh: FileHandle, bufs: readonly Buffer[], total: number, pos: number): Promise<void> {
-  const { bytesWritten } = bufs.length === 1 ? await fh.write(bufs[0]!, 0, total, pos) : await fh.writev(bufs, pos);
+  const { bytesWritten } = await fh.writev(bufs, pos);
   if (bytesWritten < total) await writeAll(fh, Buffer.concat(bufs, total).subarray(bytesWritten), pos + bytesWritten);
 }
 
+/** Writes all of `buf` at file offset `pos` (positional: a restart from 0 after truncate(0) writes at 0). */
 async function writeAll(fh: FileHandle, buf: Uint8Array, pos: number): Promise<void> {
   let off = 0;
   while (off < buf.length) {

@@ -641,7 +641,7 @@ export class Pool {
     if (this.closed || vm.status !== "ready" || (this.restoreOnRelease && !vm._mayRecycle())) {
       if (!this.closed && vm.status === "ready" && this.restoreOnRelease) this.processesReused = false;
       // Start its replacement first, then tear it down. The holder's lease
-      // ends here: the teardown (QEMU's exit, its files; 40–60 ms under TCG)
+      // ends here: the teardown (QEMU's exit, its files; 50–80 ms under TCG)
       // goes on behind release(), and shutdown() waits for it.
       this.fill();
       this.tearingDown(vm.destroy(released).then(() => this.fill()));

@@ -5,7 +5,8 @@
  * run beside the first pool VM's prewarm instead of on the main thread,
  * which that VM's exec and the derived bake's plan need at the same time.
  *
- * One worker per process, started on first use (~30 ms), kept while the
+ * One worker per process, started on first use (its first answer
+ * 80–110 ms after the start here), kept while the
  * process lives but never holding its event loop when idle (unref'd; ref'd
  * while a hash is pending, so a script that returns does not exit before
  * its snapshot is published). A worker that cannot start or dies fails over
